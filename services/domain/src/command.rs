@@ -1,0 +1,239 @@
+//! Commands: what callers ask for, in the imperative. Each is a struct of its own (the
+//! body of one endpoint of the command service) and a variant of [`Command`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{CommandId, DaemonId, JobId, Label, ProjectId};
+use crate::model::{
+    DaemonSettings, Deployment, JobSize, MovePhase, MAX_DAEMON_FILTER, MAX_LABELS, MAX_REASON,
+    MAX_SHARDS,
+};
+use crate::rejection::Invalid;
+
+/// Register a backup daemon (it takes jobs once registered and up).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterDaemon {
+    pub daemon: DaemonId,
+    pub settings: DaemonSettings,
+}
+
+/// Replace a daemon's settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigureDaemon {
+    pub daemon: DaemonId,
+    pub settings: DaemonSettings,
+}
+
+/// Remove a daemon that owns no job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveDaemon {
+    pub daemon: DaemonId,
+}
+
+/// Record that a daemon stopped (or resumed) answering heartbeats.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportDaemonLiveness {
+    pub daemon: DaemonId,
+    pub up: bool,
+}
+
+/// Create or change a project's job configuration: which daemons its jobs may use.
+/// An empty filter allows every daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigureProject {
+    pub project: ProjectId,
+    #[serde(default)]
+    pub daemon_filter: Vec<DaemonId>,
+    #[serde(default)]
+    pub label_filter: Vec<Label>,
+}
+
+/// Start backing up a deployment: creates its jobs and binds each to a daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBackupJobs {
+    pub project: ProjectId,
+    pub deployment: Deployment,
+}
+
+/// Move every job of one daemon to another ("Move all heads").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveJobs {
+    pub from: DaemonId,
+    pub to: DaemonId,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Check and plan only; append nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Move one job to another daemon ("Move head").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveJob {
+    pub job: JobId,
+    pub to: DaemonId,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The destination reports where its rebuild of a moving job stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportJobMovePhase {
+    pub job: JobId,
+    pub move_id: CommandId,
+    pub epoch: u64,
+    pub phase: MovePhase,
+}
+
+/// The destination rebuilt the job's head and took it over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteJobMove {
+    pub job: JobId,
+    pub move_id: CommandId,
+    pub epoch: u64,
+}
+
+/// The move of a job failed (THEFT_FAILED); the job goes back to its previous owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailJobMove {
+    pub job: JobId,
+    pub move_id: CommandId,
+    pub epoch: u64,
+    pub reason: String,
+}
+
+/// Every command the domain decides on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Command {
+    RegisterDaemon(RegisterDaemon),
+    ConfigureDaemon(ConfigureDaemon),
+    RemoveDaemon(RemoveDaemon),
+    ReportDaemonLiveness(ReportDaemonLiveness),
+    ConfigureProject(ConfigureProject),
+    CreateBackupJobs(CreateBackupJobs),
+    MoveJobs(MoveJobs),
+    MoveJob(MoveJob),
+    ReportJobMovePhase(ReportJobMovePhase),
+    CompleteJobMove(CompleteJobMove),
+    FailJobMove(FailJobMove),
+}
+
+fn check_reason(field: &'static str, reason: &str, required: bool) -> Result<(), Invalid> {
+    if required && reason.trim().is_empty() {
+        return Err(Invalid::new(field, "must not be empty"));
+    }
+    if reason.chars().count() > MAX_REASON {
+        return Err(Invalid::new(
+            field,
+            format!("must be at most {MAX_REASON} characters"),
+        ));
+    }
+    if reason.chars().any(|c| c.is_control()) {
+        return Err(Invalid::new(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+impl Command {
+    /// The command's name, as its endpoint is named.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::RegisterDaemon(_) => "RegisterDaemon",
+            Command::ConfigureDaemon(_) => "ConfigureDaemon",
+            Command::RemoveDaemon(_) => "RemoveDaemon",
+            Command::ReportDaemonLiveness(_) => "ReportDaemonLiveness",
+            Command::ConfigureProject(_) => "ConfigureProject",
+            Command::CreateBackupJobs(_) => "CreateBackupJobs",
+            Command::MoveJobs(_) => "MoveJobs",
+            Command::MoveJob(_) => "MoveJob",
+            Command::ReportJobMovePhase(_) => "ReportJobMovePhase",
+            Command::CompleteJobMove(_) => "CompleteJobMove",
+            Command::FailJobMove(_) => "FailJobMove",
+        }
+    }
+
+    /// Checks what the types alone do not: ranges, lengths, duplicates. Ids were checked
+    /// when they were built.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        match self {
+            Command::RegisterDaemon(c) => c.settings.validate(),
+            Command::ConfigureDaemon(c) => c.settings.validate(),
+            Command::RemoveDaemon(_) | Command::ReportDaemonLiveness(_) => Ok(()),
+            Command::ConfigureProject(c) => {
+                if c.daemon_filter.len() > MAX_DAEMON_FILTER {
+                    return Err(Invalid::new(
+                        "daemon_filter",
+                        format!("at most {MAX_DAEMON_FILTER} daemons"),
+                    ));
+                }
+                if c.label_filter.len() > MAX_LABELS {
+                    return Err(Invalid::new(
+                        "label_filter",
+                        format!("at most {MAX_LABELS} labels"),
+                    ));
+                }
+                Ok(())
+            }
+            Command::CreateBackupJobs(c) => match &c.deployment {
+                Deployment::ReplicaSet { size, .. } => size.validate(),
+                Deployment::ShardedCluster {
+                    shards,
+                    config_servers,
+                    ..
+                } => {
+                    if shards.is_empty() || shards.len() > MAX_SHARDS {
+                        return Err(Invalid::new(
+                            "shards",
+                            format!("a sharded cluster has 1 to {MAX_SHARDS} shards"),
+                        ));
+                    }
+                    let mut names: Vec<&str> = shards.iter().map(|s| s.name.as_str()).collect();
+                    names.sort_unstable();
+                    if names.windows(2).any(|w| w[0] == w[1]) {
+                        return Err(Invalid::new("shards", "shard names must be unique"));
+                    }
+                    if names.contains(&"config") {
+                        return Err(Invalid::new(
+                            "shards",
+                            "'config' names the config servers' job; choose another shard name",
+                        ));
+                    }
+                    shards
+                        .iter()
+                        .map(|s| &s.size)
+                        .chain(std::iter::once(config_servers))
+                        .try_for_each(JobSize::validate)
+                }
+            },
+            Command::MoveJobs(c) => {
+                check_reason("reason", c.reason.as_deref().unwrap_or(""), false)
+            }
+            Command::MoveJob(c) => check_reason("reason", c.reason.as_deref().unwrap_or(""), false),
+            Command::ReportJobMovePhase(c) => {
+                if c.phase.is_final() {
+                    return Err(Invalid::new(
+                        "phase",
+                        "final phases are reported by CompleteJobMove or FailJobMove",
+                    ));
+                }
+                Ok(())
+            }
+            Command::CompleteJobMove(_) => Ok(()),
+            Command::FailJobMove(c) => check_reason("reason", &c.reason, true),
+        }
+    }
+}

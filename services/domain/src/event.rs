@@ -1,0 +1,220 @@
+//! Events: what happened, in the past tense. The event stream is the source of truth; the
+//! state and every view are folds of it.
+//!
+//! Each event belongs to one aggregate (a daemon, a project, a job or a move), which
+//! becomes its subject in the event log, so each aggregate can be read and guarded on its
+//! own. A command that touches several aggregates appends one event to each, atomically.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{CommandId, DaemonId, JobId, Label, ProjectId};
+use crate::model::{DaemonSettings, JobSize, JobTarget, MovePhase, MoveScope};
+
+/// A job handed to a daemon, with the epoch it must attach to everything it writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignedJob {
+    pub job: JobId,
+    pub epoch: u64,
+}
+
+/// Why a daemon was given jobs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AssignmentCause {
+    /// A new job was bound to the daemon.
+    Placement,
+    /// The daemon is the destination of a move: rebuild the jobs' heads.
+    Move { move_id: CommandId },
+    /// A move away from the daemon failed; the jobs are its own again.
+    MoveFailed { move_id: CommandId },
+}
+
+/// Everything that can happen. Version 1 of each; see `Event::VERSION`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum Event {
+    DaemonRegistered {
+        daemon: DaemonId,
+        settings: DaemonSettings,
+    },
+    DaemonConfigured {
+        daemon: DaemonId,
+        settings: DaemonSettings,
+    },
+    DaemonRemoved {
+        daemon: DaemonId,
+    },
+    /// DAEMON_DOWN.
+    DaemonDown {
+        daemon: DaemonId,
+    },
+    /// DAEMON_UP.
+    DaemonUp {
+        daemon: DaemonId,
+    },
+    ProjectConfigured {
+        project: ProjectId,
+        daemon_filter: BTreeSet<DaemonId>,
+        label_filter: BTreeSet<Label>,
+    },
+    BackupJobCreated {
+        job: JobId,
+        project: ProjectId,
+        target: JobTarget,
+        size: JobSize,
+        daemon: DaemonId,
+        epoch: u64,
+    },
+    /// Addressed to one daemon: these jobs are now its own (or being rebuilt by it).
+    JobsAssigned {
+        daemon: DaemonId,
+        cause: AssignmentCause,
+        jobs: Vec<AssignedJob>,
+    },
+    MoveStarted {
+        move_id: CommandId,
+        scope: MoveScope,
+        from: DaemonId,
+        to: DaemonId,
+        reason: Option<String>,
+        /// How many jobs the move covers.
+        jobs: u32,
+    },
+    JobMoveStarted {
+        job: JobId,
+        move_id: CommandId,
+        from: DaemonId,
+        to: DaemonId,
+        /// The destination's epoch for the job.
+        epoch: u64,
+    },
+    JobMovePhaseReported {
+        job: JobId,
+        move_id: CommandId,
+        phase: MovePhase,
+    },
+    JobMoveCompleted {
+        job: JobId,
+        move_id: CommandId,
+        daemon: DaemonId,
+        epoch: u64,
+    },
+    /// THEFT_FAILED: the job went back to its previous owner with a new epoch.
+    JobMoveFailed {
+        job: JobId,
+        move_id: CommandId,
+        reason: String,
+        returned_to: DaemonId,
+        epoch: u64,
+    },
+}
+
+/// The aggregate an event belongs to, and so its subject in the event log.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Aggregate {
+    Daemon(DaemonId),
+    Project(ProjectId),
+    Job(JobId),
+    Move(CommandId),
+}
+
+impl Event {
+    /// The current version of every event's data; readers upcast older ones.
+    pub const VERSION: u32 = 1;
+
+    pub fn aggregate(&self) -> Aggregate {
+        use Event::*;
+        match self {
+            DaemonRegistered { daemon, .. }
+            | DaemonConfigured { daemon, .. }
+            | DaemonRemoved { daemon }
+            | DaemonDown { daemon }
+            | DaemonUp { daemon }
+            | JobsAssigned { daemon, .. } => Aggregate::Daemon(daemon.clone()),
+            ProjectConfigured { project, .. } => Aggregate::Project(project.clone()),
+            BackupJobCreated { job, .. }
+            | JobMoveStarted { job, .. }
+            | JobMovePhaseReported { job, .. }
+            | JobMoveCompleted { job, .. }
+            | JobMoveFailed { job, .. } => Aggregate::Job(job.clone()),
+            MoveStarted { move_id, .. } => Aggregate::Move(move_id.clone()),
+        }
+    }
+
+    /// The event's type name, as written on the wire.
+    pub fn type_name(&self) -> &'static str {
+        use Event::*;
+        match self {
+            DaemonRegistered { .. } => "DaemonRegistered",
+            DaemonConfigured { .. } => "DaemonConfigured",
+            DaemonRemoved { .. } => "DaemonRemoved",
+            DaemonDown { .. } => "DaemonDown",
+            DaemonUp { .. } => "DaemonUp",
+            ProjectConfigured { .. } => "ProjectConfigured",
+            BackupJobCreated { .. } => "BackupJobCreated",
+            JobsAssigned { .. } => "JobsAssigned",
+            MoveStarted { .. } => "MoveStarted",
+            JobMoveStarted { .. } => "JobMoveStarted",
+            JobMovePhaseReported { .. } => "JobMovePhaseReported",
+            JobMoveCompleted { .. } => "JobMoveCompleted",
+            JobMoveFailed { .. } => "JobMoveFailed",
+        }
+    }
+
+    /// Every daemon the event concerns, for history by daemon.
+    pub fn daemons(&self) -> Vec<&DaemonId> {
+        use Event::*;
+        match self {
+            DaemonRegistered { daemon, .. }
+            | DaemonConfigured { daemon, .. }
+            | DaemonRemoved { daemon }
+            | DaemonDown { daemon }
+            | DaemonUp { daemon }
+            | JobsAssigned { daemon, .. }
+            | BackupJobCreated { daemon, .. }
+            | JobMoveCompleted { daemon, .. } => vec![daemon],
+            MoveStarted { from, to, .. } | JobMoveStarted { from, to, .. } => vec![from, to],
+            JobMoveFailed { returned_to, .. } => vec![returned_to],
+            ProjectConfigured { .. } | JobMovePhaseReported { .. } => vec![],
+        }
+    }
+
+    /// Every job the event concerns, for history by job.
+    pub fn jobs(&self) -> Vec<&JobId> {
+        use Event::*;
+        match self {
+            BackupJobCreated { job, .. }
+            | JobMoveStarted { job, .. }
+            | JobMovePhaseReported { job, .. }
+            | JobMoveCompleted { job, .. }
+            | JobMoveFailed { job, .. } => vec![job],
+            JobsAssigned { jobs, .. } => jobs.iter().map(|j| &j.job).collect(),
+            MoveStarted {
+                scope: MoveScope::OneJob { job },
+                ..
+            } => vec![job],
+            _ => vec![],
+        }
+    }
+
+    /// What distinguishes this event among the events of one command, stable when the
+    /// command is decided again (a continuation after a partial append): the aggregate,
+    /// plus the first job for an event that lists jobs. Part of the idempotency key.
+    pub fn key_within_command(&self) -> String {
+        let base = match self.aggregate() {
+            Aggregate::Daemon(d) => format!("daemon:{d}"),
+            Aggregate::Project(p) => format!("project:{p}"),
+            Aggregate::Job(j) => format!("job:{j}"),
+            Aggregate::Move(m) => format!("move:{m}"),
+        };
+        match self {
+            Event::JobsAssigned { jobs, .. } => match jobs.first() {
+                Some(first) => format!("{base}:{}", first.job),
+                None => base,
+            },
+            _ => base,
+        }
+    }
+}

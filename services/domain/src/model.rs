@@ -1,0 +1,208 @@
+//! The values that commands and events carry: daemon settings, deployments, job and move
+//! phases. Ops Manager's names throughout.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{DaemonId, DeploymentName, Label};
+use crate::rejection::Invalid;
+
+/// Largest byte count accepted anywhere (1 EiB): keeps sums far from overflow.
+pub const MAX_BYTES: u64 = 1 << 60;
+/// Most labels a daemon or a project filter may carry.
+pub const MAX_LABELS: usize = 32;
+/// Most daemons a project's daemon filter may list.
+pub const MAX_DAEMON_FILTER: usize = 256;
+/// Most shards a sharded cluster may have.
+pub const MAX_SHARDS: usize = 256;
+/// Longest reason an operator may give for a move.
+pub const MAX_REASON: usize = 1024;
+/// Most workers a daemon may run.
+pub const MAX_WORKERS: u32 = 1024;
+/// Oplog rate from which a job may go to an SSD daemon when an HDD daemon could take it
+/// (Ops Manager: 1 GB per hour).
+pub const SSD_OPLOG_RATE_BYTES_PER_HOUR: u64 = 1_000_000_000;
+
+/// A daemon's head disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HeadDiskType {
+    Hdd,
+    Ssd,
+}
+
+/// A daemon's configuration, with the Admin API's names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSettings {
+    /// Takes new jobs (initial placement and moves).
+    pub assignment_enabled: bool,
+    /// Runs backup jobs.
+    pub backup_jobs_enabled: bool,
+    /// Runs restore jobs.
+    pub restore_jobs_enabled: bool,
+    /// Runs garbage collection of its heads.
+    pub garbage_collection_enabled: bool,
+    pub head_disk_type: HeadDiskType,
+    #[serde(default)]
+    pub labels: BTreeSet<Label>,
+    /// How many jobs (rebuilds included) it works on at once.
+    pub num_workers: u32,
+    /// The size of the head disk; free = this minus the heads of the jobs it owns.
+    pub head_space_bytes: u64,
+}
+
+impl DaemonSettings {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.labels.len() > MAX_LABELS {
+            return Err(Invalid::new(
+                "labels",
+                format!("at most {MAX_LABELS} labels"),
+            ));
+        }
+        if self.num_workers == 0 || self.num_workers > MAX_WORKERS {
+            return Err(Invalid::new(
+                "num_workers",
+                format!("must be 1 to {MAX_WORKERS}"),
+            ));
+        }
+        check_bytes("head_space_bytes", self.head_space_bytes)
+    }
+}
+
+impl Default for DaemonSettings {
+    /// A daemon ready to take work: every kind of job enabled, HDD, one worker, no space.
+    fn default() -> Self {
+        Self {
+            assignment_enabled: true,
+            backup_jobs_enabled: true,
+            restore_jobs_enabled: true,
+            garbage_collection_enabled: true,
+            head_disk_type: HeadDiskType::Hdd,
+            labels: BTreeSet::new(),
+            num_workers: 1,
+            head_space_bytes: 0,
+        }
+    }
+}
+
+pub(crate) fn check_bytes(field: &'static str, value: u64) -> Result<(), Invalid> {
+    if value > MAX_BYTES {
+        return Err(Invalid::new(field, format!("must be at most {MAX_BYTES}")));
+    }
+    Ok(())
+}
+
+/// Whether a daemon answers heartbeats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    Up,
+    /// DAEMON_DOWN: no heartbeat for the threshold.
+    Down,
+}
+
+/// What one job needs from a daemon: its head size and how fast its oplog grows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSize {
+    pub head_size_bytes: u64,
+    #[serde(default)]
+    pub oplog_bytes_per_hour: u64,
+}
+
+impl JobSize {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        check_bytes("head_size_bytes", self.head_size_bytes)?;
+        check_bytes("oplog_bytes_per_hour", self.oplog_bytes_per_hour)
+    }
+}
+
+/// A shard of a sharded cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shard {
+    pub name: DeploymentName,
+    #[serde(flatten)]
+    pub size: JobSize,
+}
+
+/// A deployment to back up: one job per replica set; one per shard plus one for the
+/// config servers of a sharded cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Deployment {
+    ReplicaSet {
+        name: DeploymentName,
+        #[serde(flatten)]
+        size: JobSize,
+    },
+    ShardedCluster {
+        name: DeploymentName,
+        shards: Vec<Shard>,
+        config_servers: JobSize,
+    },
+}
+
+impl Deployment {
+    pub fn name(&self) -> &DeploymentName {
+        match self {
+            Deployment::ReplicaSet { name, .. } | Deployment::ShardedCluster { name, .. } => name,
+        }
+    }
+}
+
+/// What a job backs up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobTarget {
+    ReplicaSet {
+        name: DeploymentName,
+    },
+    Shard {
+        cluster: DeploymentName,
+        shard: DeploymentName,
+    },
+    ConfigServers {
+        cluster: DeploymentName,
+    },
+}
+
+/// Ops Manager's job states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Provisioning,
+    Active,
+    Stopped,
+    Inactive,
+    Terminating,
+}
+
+/// Where one job's move stands. The last two are final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MovePhase {
+    Requested,
+    RestoringSnapshot,
+    ReplayingOplog,
+    Completed,
+    Failed,
+}
+
+impl MovePhase {
+    pub fn is_final(self) -> bool {
+        matches!(self, MovePhase::Completed | MovePhase::Failed)
+    }
+}
+
+/// What a move covers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MoveScope {
+    /// Every job of the source daemon ("Move all heads").
+    AllJobsOf { daemon: DaemonId },
+    /// One job ("Move head").
+    OneJob { job: crate::ids::JobId },
+}

@@ -1,0 +1,205 @@
+//! Why a command was refused. A rejection is a domain answer, never an infrastructure
+//! failure: the caller reads the reason, fixes the request or the fleet, and may send a
+//! new command. Each variant says how a caller should react.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::ids::{CommandId, DaemonId, JobId, Label, ProjectId};
+
+/// A field that does not have the form it must have. Fix the request; never retry as is.
+#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+#[error("invalid {field}: {reason}")]
+pub struct Invalid {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Invalid {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The kinds of thing a command may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Daemon,
+    Project,
+    Job,
+    Move,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Daemon => "daemon",
+            Kind::Project => "project",
+            Kind::Job => "job",
+            Kind::Move => "move",
+        })
+    }
+}
+
+/// Why a command was refused. Nothing was appended.
+#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Rejection {
+    /// The request is malformed. Fix it; retrying as is gives the same answer.
+    #[error(transparent)]
+    Invalid(Invalid),
+
+    /// The command names something that does not exist. Check the id.
+    #[error("unknown {kind} {id}")]
+    NotFound { kind: Kind, id: String },
+
+    /// The thing to create already exists. Nothing to do, or choose another id.
+    #[error("{kind} {id} already exists")]
+    AlreadyExists { kind: Kind, id: String },
+
+    /// Another move of this job is in progress. Wait for it or fail it first.
+    #[error("cannot move job {job}: it is already moving in move {move_id}")]
+    JobAlreadyMoving { job: JobId, move_id: CommandId },
+
+    /// The report names a move that is not the job's current move (finished, failed,
+    /// or superseded). The reporter has lost the job; it must stop working on it.
+    #[error("job {job} is not moving in move {move_id}")]
+    MoveNotInProgress { job: JobId, move_id: CommandId },
+
+    /// The reporter writes with an epoch older than the job's: it no longer owns the job.
+    #[error("stale epoch for job {job}: reported {reported}, current {current}")]
+    StaleEpoch {
+        job: JobId,
+        reported: u64,
+        current: u64,
+    },
+
+    /// The source and the destination are the same daemon.
+    #[error("cannot move jobs: {daemon} is both source and destination")]
+    MoveToSelf { daemon: DaemonId },
+
+    /// The source daemon owns no job.
+    #[error("cannot move jobs: {daemon} has no jobs")]
+    NothingToMove { daemon: DaemonId },
+
+    /// The daemon was removed; it takes no jobs and cannot be changed.
+    #[error("daemon {daemon} was removed")]
+    DaemonRemoved { daemon: DaemonId },
+
+    /// The destination is down (no heartbeat). Choose another or wait for it.
+    #[error("cannot move jobs: destination {daemon} is down")]
+    DestinationDown { daemon: DaemonId },
+
+    /// The destination has assignment disabled. Enable it or choose another.
+    #[error("cannot move jobs: destination {daemon} has assignment disabled")]
+    AssignmentDisabled { daemon: DaemonId },
+
+    /// The destination lacks head space: it must have more free than the jobs use.
+    #[error(
+        "cannot move jobs: destination {daemon} has {free_bytes} bytes of head space free, \
+         needs more than {needed_bytes}"
+    )]
+    InsufficientHeadSpace {
+        daemon: DaemonId,
+        free_bytes: u64,
+        needed_bytes: u64,
+    },
+
+    /// The destination is not in the project's daemon filter.
+    #[error("cannot move job {job}: project {project}'s daemon filter excludes {daemon}")]
+    DaemonFilterMismatch {
+        job: JobId,
+        project: ProjectId,
+        daemon: DaemonId,
+    },
+
+    /// The destination lacks labels the project's label filter asks for.
+    #[error(
+        "cannot move job {job}: {daemon} lacks label(s) {missing:?} required by project {project}"
+    )]
+    LabelMismatch {
+        job: JobId,
+        project: ProjectId,
+        daemon: DaemonId,
+        missing: Vec<Label>,
+    },
+
+    /// No daemon can take a new job (Ops Manager's bind failure).
+    #[error("bind failure for job {job}: {detail}")]
+    BindFailure { job: JobId, detail: String },
+
+    /// A daemon that still owns jobs cannot be removed. Move its jobs first.
+    #[error("cannot remove daemon {daemon}: it still owns {jobs} job(s); move them first")]
+    DaemonHasJobs { daemon: DaemonId, jobs: usize },
+}
+
+impl From<Invalid> for Rejection {
+    fn from(invalid: Invalid) -> Self {
+        Rejection::Invalid(invalid)
+    }
+}
+
+/// The families of rejection, which become the wire's error codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectionClass {
+    /// Malformed request.
+    Validation,
+    /// Unknown id.
+    NotFound,
+    /// The state changed under the command, or another command holds the job.
+    Conflict,
+    /// The fleet cannot take the work: a check of the move or the placement failed.
+    Refused,
+}
+
+impl Rejection {
+    pub fn class(&self) -> RejectionClass {
+        use Rejection::*;
+        match self {
+            Invalid(_) => RejectionClass::Validation,
+            NotFound { .. } => RejectionClass::NotFound,
+            AlreadyExists { .. }
+            | JobAlreadyMoving { .. }
+            | MoveNotInProgress { .. }
+            | StaleEpoch { .. } => RejectionClass::Conflict,
+            MoveToSelf { .. }
+            | NothingToMove { .. }
+            | DaemonRemoved { .. }
+            | DestinationDown { .. }
+            | AssignmentDisabled { .. }
+            | InsufficientHeadSpace { .. }
+            | DaemonFilterMismatch { .. }
+            | LabelMismatch { .. }
+            | BindFailure { .. }
+            | DaemonHasJobs { .. } => RejectionClass::Refused,
+        }
+    }
+
+    /// The snake_case name of the variant, stable on the wire.
+    pub fn reason_code(&self) -> &'static str {
+        use Rejection::*;
+        match self {
+            Invalid(_) => "invalid",
+            NotFound { .. } => "not_found",
+            AlreadyExists { .. } => "already_exists",
+            JobAlreadyMoving { .. } => "job_already_moving",
+            MoveNotInProgress { .. } => "move_not_in_progress",
+            StaleEpoch { .. } => "stale_epoch",
+            MoveToSelf { .. } => "move_to_self",
+            NothingToMove { .. } => "nothing_to_move",
+            DaemonRemoved { .. } => "daemon_removed",
+            DestinationDown { .. } => "destination_down",
+            AssignmentDisabled { .. } => "assignment_disabled",
+            InsufficientHeadSpace { .. } => "insufficient_head_space",
+            DaemonFilterMismatch { .. } => "daemon_filter_mismatch",
+            LabelMismatch { .. } => "label_mismatch",
+            BindFailure { .. } => "bind_failure",
+            DaemonHasJobs { .. } => "daemon_has_jobs",
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The state that decisions are made against, and `evolve`, which folds one event into it.
+//! `evolve` is total: the stream is the truth, so an event never fails to apply; an event
+//! that names something unknown (which `decide` never emits) changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::Event;
+use crate::ids::{CommandId, DaemonId, JobId, Label, ProjectId};
+use crate::model::{DaemonSettings, JobSize, JobStatus, JobTarget, Liveness, MovePhase, MoveScope};
+
+/// A daemon is active (up or down) until it is removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", content = "liveness", rename_all = "snake_case")]
+pub enum DaemonStatus {
+    Active(Liveness),
+    Removed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Daemon {
+    pub settings: DaemonSettings,
+    pub status: DaemonStatus,
+    /// The jobs it owns, those being rebuilt on it included.
+    pub jobs: BTreeSet<JobId>,
+    /// Head space its jobs use: the sum of their head sizes.
+    pub used_bytes: u64,
+}
+
+impl Daemon {
+    pub fn free_bytes(&self) -> u64 {
+        self.settings
+            .head_space_bytes
+            .saturating_sub(self.used_bytes)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.status == DaemonStatus::Active(Liveness::Up)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Project {
+    /// Empty: every daemon allowed.
+    pub daemon_filter: BTreeSet<DaemonId>,
+    /// Every label here must be on the daemon.
+    pub label_filter: BTreeSet<Label>,
+}
+
+/// Who has a job. During a move the destination owns it (it holds the current epoch);
+/// the source keeps nothing but the right to get the job back if the move fails.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Assignment {
+    Assigned {
+        daemon: DaemonId,
+    },
+    Moving {
+        from: DaemonId,
+        to: DaemonId,
+        move_id: CommandId,
+        phase: MovePhase,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub project: ProjectId,
+    pub target: JobTarget,
+    pub size: JobSize,
+    pub status: JobStatus,
+    /// Grows with every assignment; the owner attaches it to everything it writes.
+    pub epoch: u64,
+    pub assignment: Assignment,
+}
+
+impl Job {
+    /// The one daemon that owns the job.
+    pub fn owner(&self) -> &DaemonId {
+        match &self.assignment {
+            Assignment::Assigned { daemon } => daemon,
+            Assignment::Moving { to, .. } => to,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub scope: MoveScope,
+    pub from: DaemonId,
+    pub to: DaemonId,
+    pub reason: Option<String>,
+    pub planned: u32,
+    /// Each started job's phase.
+    pub jobs: BTreeMap<JobId, MovePhase>,
+}
+
+/// Everything `decide` needs to know.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub daemons: BTreeMap<DaemonId, Daemon>,
+    pub projects: BTreeMap<ProjectId, Project>,
+    pub jobs: BTreeMap<JobId, Job>,
+    pub moves: BTreeMap<CommandId, Move>,
+}
+
+/// The state before any event.
+pub fn initial() -> State {
+    State::default()
+}
+
+/// Folds one event into the state.
+pub fn evolve(mut state: State, event: &Event) -> State {
+    state.apply(event);
+    state
+}
+
+impl State {
+    /// Folds one event into the state, in place.
+    pub fn apply(&mut self, event: &Event) {
+        match event {
+            Event::DaemonRegistered { daemon, settings } => {
+                self.daemons.insert(
+                    daemon.clone(),
+                    Daemon {
+                        settings: settings.clone(),
+                        status: DaemonStatus::Active(Liveness::Up),
+                        jobs: BTreeSet::new(),
+                        used_bytes: 0,
+                    },
+                );
+            }
+            Event::DaemonConfigured { daemon, settings } => {
+                if let Some(d) = self.daemons.get_mut(daemon) {
+                    d.settings = settings.clone();
+                }
+            }
+            Event::DaemonRemoved { daemon } => {
+                if let Some(d) = self.daemons.get_mut(daemon) {
+                    d.status = DaemonStatus::Removed;
+                }
+            }
+            Event::DaemonDown { daemon } | Event::DaemonUp { daemon } => {
+                let liveness = match event {
+                    Event::DaemonDown { .. } => Liveness::Down,
+                    _ => Liveness::Up,
+                };
+                if let Some(d) = self.daemons.get_mut(daemon) {
+                    if let DaemonStatus::Active(_) = d.status {
+                        d.status = DaemonStatus::Active(liveness);
+                    }
+                }
+            }
+            Event::ProjectConfigured {
+                project,
+                daemon_filter,
+                label_filter,
+            } => {
+                self.projects.insert(
+                    project.clone(),
+                    Project {
+                        daemon_filter: daemon_filter.clone(),
+                        label_filter: label_filter.clone(),
+                    },
+                );
+            }
+            Event::BackupJobCreated {
+                job,
+                project,
+                target,
+                size,
+                daemon,
+                epoch,
+            } => {
+                if self.jobs.contains_key(job) {
+                    return;
+                }
+                self.jobs.insert(
+                    job.clone(),
+                    Job {
+                        project: project.clone(),
+                        target: target.clone(),
+                        size: *size,
+                        status: JobStatus::Active,
+                        epoch: *epoch,
+                        assignment: Assignment::Assigned {
+                            daemon: daemon.clone(),
+                        },
+                    },
+                );
+                self.take(daemon, job, size.head_size_bytes);
+            }
+            Event::JobsAssigned { .. } => {
+                // A notice addressed to the daemon; the job events carry the state.
+            }
+            Event::MoveStarted {
+                move_id,
+                scope,
+                from,
+                to,
+                reason,
+                jobs,
+            } => {
+                self.moves.entry(move_id.clone()).or_insert_with(|| Move {
+                    scope: scope.clone(),
+                    from: from.clone(),
+                    to: to.clone(),
+                    reason: reason.clone(),
+                    planned: *jobs,
+                    jobs: BTreeMap::new(),
+                });
+            }
+            Event::JobMoveStarted {
+                job,
+                move_id,
+                from,
+                to,
+                epoch,
+            } => {
+                let Some(j) = self.jobs.get_mut(job) else {
+                    return;
+                };
+                let size = j.size.head_size_bytes;
+                let owner = j.owner().clone();
+                j.assignment = Assignment::Moving {
+                    from: from.clone(),
+                    to: to.clone(),
+                    move_id: move_id.clone(),
+                    phase: MovePhase::Requested,
+                };
+                j.epoch = *epoch;
+                self.release(&owner, job, size);
+                self.take(to, job, size);
+                if let Some(m) = self.moves.get_mut(move_id) {
+                    m.jobs.insert(job.clone(), MovePhase::Requested);
+                }
+            }
+            Event::JobMovePhaseReported {
+                job,
+                move_id,
+                phase,
+            } => self.set_phase(job, move_id, *phase),
+            Event::JobMoveCompleted {
+                job,
+                move_id,
+                daemon,
+                ..
+            } => {
+                if let Some(j) = self.jobs.get_mut(job) {
+                    j.assignment = Assignment::Assigned {
+                        daemon: daemon.clone(),
+                    };
+                }
+                self.set_move_phase(job, move_id, MovePhase::Completed);
+            }
+            Event::JobMoveFailed {
+                job,
+                move_id,
+                returned_to,
+                epoch,
+                ..
+            } => {
+                let Some(j) = self.jobs.get_mut(job) else {
+                    return;
+                };
+                let size = j.size.head_size_bytes;
+                let owner = j.owner().clone();
+                j.assignment = Assignment::Assigned {
+                    daemon: returned_to.clone(),
+                };
+                j.epoch = *epoch;
+                self.release(&owner, job, size);
+                self.take(returned_to, job, size);
+                self.set_move_phase(job, move_id, MovePhase::Failed);
+            }
+        }
+    }
+
+    fn take(&mut self, daemon: &DaemonId, job: &JobId, size: u64) {
+        if let Some(d) = self.daemons.get_mut(daemon) {
+            if d.jobs.insert(job.clone()) {
+                d.used_bytes = d.used_bytes.saturating_add(size);
+            }
+        }
+    }
+
+    fn release(&mut self, daemon: &DaemonId, job: &JobId, size: u64) {
+        if let Some(d) = self.daemons.get_mut(daemon) {
+            if d.jobs.remove(job) {
+                d.used_bytes = d.used_bytes.saturating_sub(size);
+            }
+        }
+    }
+
+    fn set_phase(&mut self, job: &JobId, move_id: &CommandId, phase: MovePhase) {
+        if let Some(Job {
+            assignment:
+                Assignment::Moving {
+                    move_id: current,
+                    phase: p,
+                    ..
+                },
+            ..
+        }) = self.jobs.get_mut(job)
+        {
+            if current == move_id {
+                *p = phase;
+            }
+        }
+        self.set_move_phase(job, move_id, phase);
+    }
+
+    fn set_move_phase(&mut self, job: &JobId, move_id: &CommandId, phase: MovePhase) {
+        if let Some(m) = self.moves.get_mut(move_id) {
+            if let Some(p) = m.jobs.get_mut(job) {
+                *p = phase;
+            }
+        }
+    }
+
+    /// Jobs currently moving away from `daemon`.
+    pub fn jobs_moving_from<'a>(&'a self, daemon: &'a DaemonId) -> impl Iterator<Item = &'a JobId> {
+        self.jobs
+            .iter()
+            .filter_map(move |(id, j)| match &j.assignment {
+                Assignment::Moving { from, .. } if from == daemon => Some(id),
+                _ => None,
+            })
+    }
+}

@@ -1,0 +1,331 @@
+//! The event log: one JetStream stream holding every handoff event, one subject per
+//! aggregate (see `handoff_protocol::subjects`).
+//!
+//! # Guarantees
+//! - **Nothing is ever dropped**: file storage, `deny_delete`, `deny_purge`, no message,
+//!   byte or age limit.
+//! - **Optimistic concurrency per aggregate**: every message carries
+//!   `Nats-Expected-Last-Subject-Sequence`, the last sequence of its subject that the
+//!   decision was made on (0 for a new aggregate). A stale decision is a
+//!   [`AppendError::Conflict`].
+//! - **Atomic appends**: [`EventLog::append`] writes its messages as one JetStream atomic
+//!   batch (server 2.12+, `allow_atomic`): all are stored, contiguously, or none. A batch
+//!   holds at most [`MAX_BATCH`] messages and each subject once.
+//! - **Idempotency**: every message carries `Nats-Msg-Id`. A retry of an append whose
+//!   acknowledgement was lost is recognised as already applied
+//!   ([`Appended::duplicate`]): a cluster answers it with `duplicate: true`, a single
+//!   server with a wrong-last-sequence error (10071) or, for a batch, a duplicate message
+//!   id error (10201); after either, the first subject's last message is read and its
+//!   `Nats-Msg-Id` compared with ours.
+//!
+//! # Layout
+//! - [`EventLog`]: open (creating or updating the stream), append, read.
+//! - [`reader`]: ordered reads of the stream from a sequence, for folds and replays.
+
+pub mod reader;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use serde::Deserialize;
+use thiserror::Error;
+
+pub use reader::{EventReader, ReadError, Recorded};
+
+/// The most messages in one atomic batch (nats-server's limit).
+pub const MAX_BATCH: usize = 1000;
+
+/// JetStream's error code for a failed expected-last-subject-sequence check.
+const WRONG_LAST_SEQUENCE: u64 = 10071;
+/// JetStream's error code for an atomic batch holding a `Nats-Msg-Id` already stored
+/// (nats-server 2.14+ checks this before the expected sequences).
+const BATCH_DUPLICATE_MSG_ID: u64 = 10201;
+
+/// How the event stream is set up.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Stream name.
+    pub stream: String,
+    /// Subjects the stream captures.
+    pub subjects: Vec<String>,
+    /// Copies kept in a cluster (3 in production, 1 on a single server).
+    pub replicas: usize,
+    /// How long `Nats-Msg-Id` values are remembered.
+    pub duplicate_window: Duration,
+    /// How long to wait for an acknowledgement.
+    pub ack_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            stream: handoff_protocol::subjects::STREAM.to_owned(),
+            subjects: vec![handoff_protocol::subjects::ALL_EVENTS.to_owned()],
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            ack_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One message to append.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub subject: String,
+    pub payload: Bytes,
+    /// Unique per event: the same id is never stored twice within the duplicate window.
+    pub msg_id: String,
+    /// The subject's last sequence the decision saw; 0 when it must be empty.
+    pub expected_last_subject_seq: u64,
+}
+
+/// Where an append landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The first message's stream sequence; the others follow contiguously.
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Already stored by an earlier attempt; nothing new was written.
+    pub duplicate: bool,
+}
+
+/// Why opening the log failed.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    #[error("cannot create or update stream {stream}: {source}")]
+    Stream {
+        stream: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Why an append failed. Nothing was stored in either case.
+#[derive(Debug, Error)]
+pub enum AppendError {
+    /// A subject moved past the expected sequence: another command changed an aggregate
+    /// since the decision. Reload the state and decide again.
+    #[error("conflict: an aggregate changed since the decision ({description})")]
+    Conflict { description: String },
+    /// The server refused the append for another reason (a bug or a misconfiguration):
+    /// do not retry as is.
+    #[error("the event log refused the append: {description} (code {code})")]
+    Refused { code: u64, description: String },
+    /// The server could not be reached or did not answer in time; the append may or may
+    /// not be stored. Retry the same messages: a stored one is recognised.
+    #[error("the event log is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The event log.
+#[derive(Clone)]
+pub struct EventLog {
+    client: Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    config: Config,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+struct PubAckReply {
+    #[serde(default)]
+    error: Option<ApiError>,
+    #[serde(default)]
+    seq: u64,
+    #[serde(default)]
+    duplicate: bool,
+    #[serde(default)]
+    count: u64,
+}
+
+impl EventLog {
+    /// Opens the log, creating the stream or bringing its settings up to date.
+    pub async fn open(client: Client, config: Config) -> Result<Self, OpenError> {
+        let js = jetstream::new(client.clone());
+        let stream_config = stream::Config {
+            name: config.stream.clone(),
+            subjects: config.subjects.clone(),
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            num_replicas: config.replicas,
+            duplicate_window: config.duplicate_window,
+            deny_delete: true,
+            deny_purge: true,
+            allow_direct: true,
+            allow_atomic_publish: true,
+            // No max_messages/max_bytes/max_age: a limit would silently delete history.
+            ..Default::default()
+        };
+        let err = |e: Box<dyn std::error::Error + Send + Sync>| OpenError::Stream {
+            stream: config.stream.clone(),
+            source: e,
+        };
+        let stream = match js.get_stream(&config.stream).await {
+            Ok(_) => {
+                js.update_stream(&stream_config)
+                    .await
+                    .map_err(|e| err(e.into()))?;
+                js.get_stream(&config.stream)
+                    .await
+                    .map_err(|e| err(e.into()))?
+            }
+            Err(_) => js
+                .get_or_create_stream(stream_config)
+                .await
+                .map_err(|e| err(e.into()))?,
+        };
+        Ok(EventLog {
+            client,
+            js,
+            stream,
+            config,
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn stream_name(&self) -> &str {
+        &self.config.stream
+    }
+
+    /// The last sequence in the stream (0 when empty).
+    pub async fn last_sequence(&self) -> Result<u64, AppendError> {
+        let mut stream = self.stream.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| AppendError::Unavailable(e.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Reads the stream in order from `start` (1 for the beginning).
+    pub async fn read_from(&self, start: u64) -> Result<EventReader, ReadError> {
+        EventReader::open(&self.stream, start, None).await
+    }
+
+    /// Reads in order from `start` only the subjects matching `filter`.
+    pub async fn read_filtered(&self, start: u64, filter: &str) -> Result<EventReader, ReadError> {
+        EventReader::open(&self.stream, start, Some(filter.to_owned())).await
+    }
+
+    /// Appends the messages atomically: all or none. At most [`MAX_BATCH`] messages,
+    /// each subject at most once.
+    pub async fn append(&self, messages: &[Outgoing]) -> Result<Appended, AppendError> {
+        assert!(
+            !messages.is_empty() && messages.len() <= MAX_BATCH,
+            "an append holds 1 to {MAX_BATCH} messages"
+        );
+        let reply = self.publish(messages).await?;
+        let n = messages.len() as u64;
+        match reply.error {
+            None => {
+                if n > 1 && reply.count != n && !reply.duplicate {
+                    return Err(AppendError::Refused {
+                        code: 0,
+                        description: format!(
+                            "batch of {n} acknowledged with count {}",
+                            reply.count
+                        ),
+                    });
+                }
+                Ok(Appended {
+                    first_seq: reply.seq + 1 - n,
+                    last_seq: reply.seq,
+                    duplicate: reply.duplicate,
+                })
+            }
+            Some(e)
+                if e.err_code == WRONG_LAST_SEQUENCE || e.err_code == BATCH_DUPLICATE_MSG_ID =>
+            {
+                // Either someone else wrote, or our own earlier attempt was stored and its
+                // acknowledgement lost: the first subject's last message tells which.
+                match self.already_stored(&messages[0]).await? {
+                    Some(first_seq) => Ok(Appended {
+                        first_seq,
+                        last_seq: first_seq + n - 1,
+                        duplicate: true,
+                    }),
+                    None => Err(AppendError::Conflict {
+                        description: e.description,
+                    }),
+                }
+            }
+            Some(e) => Err(AppendError::Refused {
+                code: e.err_code,
+                description: e.description,
+            }),
+        }
+    }
+
+    async fn publish(&self, messages: &[Outgoing]) -> Result<PubAckReply, AppendError> {
+        let batch_id = (messages.len() > 1).then(|| ulid::Ulid::new().to_string());
+        let last = messages.len() - 1;
+        for (i, m) in messages.iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", m.msg_id.as_str());
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                m.expected_last_subject_seq.to_string().as_str(),
+            );
+            if let Some(id) = &batch_id {
+                headers.insert("Nats-Batch-Id", id.as_str());
+                headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+                if i == last {
+                    headers.insert("Nats-Batch-Commit", "1");
+                }
+            }
+            if i < last {
+                self.client
+                    .publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+                    .await
+                    .map_err(|e| AppendError::Unavailable(e.to_string()))?;
+            } else {
+                let request = async_nats::Request::new()
+                    .headers(headers)
+                    .payload(m.payload.clone())
+                    .timeout(Some(self.config.ack_timeout));
+                let reply = self
+                    .client
+                    .send_request(m.subject.clone(), request)
+                    .await
+                    .map_err(|e| AppendError::Unavailable(e.to_string()))?;
+                return serde_json::from_slice(&reply.payload).map_err(|e| {
+                    AppendError::Unavailable(format!("unreadable acknowledgement: {e}"))
+                });
+            }
+        }
+        unreachable!("the loop returns on the last message")
+    }
+
+    /// The sequence of `message` if the stream already holds it as its subject's last.
+    async fn already_stored(&self, message: &Outgoing) -> Result<Option<u64>, AppendError> {
+        let last = self
+            .stream
+            .get_last_raw_message_by_subject(&message.subject)
+            .await;
+        match last {
+            Ok(m) => {
+                let id = m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned());
+                Ok((id.as_deref() == Some(message.msg_id.as_str())).then_some(m.sequence))
+            }
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(AppendError::Unavailable(e.to_string())),
+        }
+    }
+}

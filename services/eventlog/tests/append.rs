@@ -1,0 +1,98 @@
+//! The event log's contract against a real nats-server: atomic batches, optimistic
+//! concurrency per subject, and recognising a retried append.
+
+use anyhow::Result;
+use handoff_eventlog::{AppendError, Config, EventLog, Outgoing};
+use handoff_testkit::NatsServer;
+
+fn msg(subject: &str, id: &str, expected: u64) -> Outgoing {
+    Outgoing {
+        subject: format!("handoff.evt.{subject}"),
+        payload: bytes::Bytes::from(format!("{{\"id\":\"{id}\"}}")),
+        msg_id: id.to_owned(),
+        expected_last_subject_seq: expected,
+    }
+}
+
+async fn open(server: &NatsServer) -> Result<EventLog> {
+    Ok(EventLog::open(server.connect().await?, Config::default()).await?)
+}
+
+/// A batch is stored contiguously, and one stale expectation refuses all of it.
+#[tokio::test]
+async fn a_batch_is_all_or_nothing() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let log = open(&server).await?;
+    let a = log
+        .append(&[msg("job.a", "c1:a", 0), msg("job.b", "c1:b", 0)])
+        .await?;
+    assert_eq!((a.first_seq, a.last_seq, a.duplicate), (1, 2, false));
+
+    // job.a is at 1; expecting 0 is stale, so job.c must not be stored either.
+    let err = log
+        .append(&[msg("job.c", "c2:c", 0), msg("job.a", "c2:a", 0)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AppendError::Conflict { .. }), "{err:?}");
+    assert_eq!(log.last_sequence().await?, 2);
+
+    let b = log
+        .append(&[msg("job.c", "c3:c", 0), msg("job.a", "c3:a", 1)])
+        .await?;
+    assert_eq!((b.first_seq, b.last_seq), (3, 4));
+    Ok(())
+}
+
+/// Sending the same append again (its acknowledgement lost) stores nothing new and is
+/// reported as a duplicate, for a single message and for a batch.
+#[tokio::test]
+async fn a_retried_append_is_recognised() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let log = open(&server).await?;
+    let one = [msg("daemon.d", "c1:d", 0)];
+    let first = log.append(&one).await?;
+    let again = log.append(&one).await?;
+    assert!(again.duplicate);
+    assert_eq!(again.first_seq, first.first_seq);
+
+    let batch = [
+        msg("job.x", "c2:x", 0),
+        msg("job.y", "c2:y", 0),
+        msg("daemon.d", "c2:d", 1),
+    ];
+    let first = log.append(&batch).await?;
+    let again = log.append(&batch).await?;
+    assert!(again.duplicate);
+    assert_eq!(
+        (again.first_seq, again.last_seq),
+        (first.first_seq, first.last_seq)
+    );
+    assert_eq!(log.last_sequence().await?, 4);
+    Ok(())
+}
+
+/// A batch of the largest allowed size is stored whole.
+#[tokio::test]
+async fn a_full_batch_is_stored() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let log = open(&server).await?;
+    let batch: Vec<Outgoing> = (0..handoff_eventlog::MAX_BATCH)
+        .map(|i| msg(&format!("job.j{i}"), &format!("c1:{i}"), 0))
+        .collect();
+    let a = log.append(&batch).await?;
+    assert_eq!((a.first_seq, a.last_seq), (1, 1000));
+    Ok(())
+}
+
+/// The stream refuses deletes: history cannot be removed.
+#[tokio::test]
+async fn history_cannot_be_deleted() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let log = open(&server).await?;
+    log.append(&[msg("job.a", "c1:a", 0)]).await?;
+    let stream = log.jetstream().get_stream(log.stream_name()).await?;
+    assert!(stream.delete_message(1).await.is_err());
+    assert!(stream.purge().await.is_err());
+    assert_eq!(log.last_sequence().await?, 1);
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! Requests and replies of the command service, and their error codes.
+//!
+//! A request to `handoff.cmd.<endpoint>` is `{"id": ULID, "actor": NAME, "command": {..}}`
+//! where `command` is the endpoint's command body. The reply is either
+//! `{"ok": Applied}` or `{"error": ErrorBody}`.
+
+use handoff_domain::{
+    command::*, Command, CommandId, DaemonId, JobId, MovePlan, Rejection, RejectionClass,
+};
+use serde::{Deserialize, Serialize};
+
+/// Requests larger than this are refused before they are parsed.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A command as sent to its endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRequest<C> {
+    /// Chosen by the caller; resending the same id is safe and changes nothing.
+    pub id: CommandId,
+    pub actor: handoff_domain::Actor,
+    pub command: C,
+}
+
+/// One endpoint of the command service.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoint {
+    /// The last token of its subject.
+    pub name: &'static str,
+    /// Parses a request body into a command request.
+    pub parse: fn(&[u8]) -> Result<CommandRequest<Command>, serde_json::Error>,
+}
+
+macro_rules! endpoints {
+    ($($name:literal => $variant:ident),* $(,)?) => {
+        /// Every command endpoint.
+        pub const ENDPOINTS: &[Endpoint] = &[
+            $(Endpoint {
+                name: $name,
+                parse: |bytes| {
+                    let r: CommandRequest<$variant> = serde_json::from_slice(bytes)?;
+                    Ok(CommandRequest { id: r.id, actor: r.actor, command: Command::$variant(r.command) })
+                },
+            }),*
+        ];
+
+        /// The endpoint of a command.
+        pub fn endpoint_of(command: &Command) -> &'static str {
+            match command {
+                $(Command::$variant(_) => $name),*
+            }
+        }
+    };
+}
+
+endpoints! {
+    "register-daemon" => RegisterDaemon,
+    "configure-daemon" => ConfigureDaemon,
+    "remove-daemon" => RemoveDaemon,
+    "report-daemon-liveness" => ReportDaemonLiveness,
+    "configure-project" => ConfigureProject,
+    "create-backup-jobs" => CreateBackupJobs,
+    "move-jobs" => MoveJobs,
+    "move-job" => MoveJob,
+    "report-job-move-phase" => ReportJobMovePhase,
+    "complete-job-move" => CompleteJobMove,
+    "fail-job-move" => FailJobMove,
+}
+
+/// Serializes a request for the command's endpoint.
+pub fn encode_request(id: &CommandId, actor: &handoff_domain::Actor, command: &Command) -> Vec<u8> {
+    let body = serde_json::to_value(command).expect("commands always serialize");
+    // The tagged form carries "type"; the endpoint already says which command it is.
+    let mut body = body;
+    if let Some(map) = body.as_object_mut() {
+        map.remove("type");
+    }
+    serde_json::to_vec(&serde_json::json!({ "id": id, "actor": actor, "command": body }))
+        .expect("json values always serialize")
+}
+
+/// An event appended by a command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendedEvent {
+    pub seq: u64,
+    pub subject: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// A command that was applied (or, for a dry run, planned).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub command: CommandId,
+    /// The events the command appended, in stream order. Empty for a dry run or a
+    /// command that changed nothing (e.g. reporting a liveness the daemon already has).
+    pub events: Vec<AppendedEvent>,
+    /// True when this id was already applied: nothing was appended this time, and
+    /// `events` lists what the first time appended.
+    #[serde(default)]
+    pub duplicate: bool,
+    #[serde(default)]
+    pub dry_run: bool,
+    /// A move's plan: its jobs, the checks passed and the head space before and after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<MovePlan>,
+}
+
+/// The families of error, stable on the wire. How to react is in each variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Malformed request: fix it. Retrying as is gives the same answer.
+    Validation,
+    /// An id names nothing.
+    NotFound,
+    /// The state changed under the command, or another command holds the job.
+    Conflict,
+    /// The fleet cannot take the work (a check of rule 3, a bind failure).
+    Refused,
+    /// The caller may not do this.
+    Forbidden,
+    /// The event log could not be reached in time: retry with the same id.
+    Unavailable,
+    /// A bug: report it. Retrying with the same id is safe.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The NATS micro service status for the code (HTTP-like).
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::Validation => 400,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::Conflict => 409,
+            ErrorCode::Refused => 422,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+/// Why a command was not applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    /// A finer, stable reason (e.g. `assignment_disabled`, `malformed_json`).
+    pub reason: String,
+    /// For people: lower case, says what and why.
+    pub message: String,
+    /// The domain rejection, when there is one, with its fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection: Option<Rejection>,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+            message: message.into(),
+            rejection: None,
+        }
+    }
+}
+
+impl From<Rejection> for ErrorBody {
+    fn from(r: Rejection) -> Self {
+        let code = match r.class() {
+            RejectionClass::Validation => ErrorCode::Validation,
+            RejectionClass::NotFound => ErrorCode::NotFound,
+            RejectionClass::Conflict => ErrorCode::Conflict,
+            RejectionClass::Refused => ErrorCode::Refused,
+        };
+        ErrorBody {
+            code,
+            reason: r.reason_code().to_owned(),
+            message: r.to_string(),
+            rejection: Some(r),
+        }
+    }
+}
+
+/// The reply to every command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Ok(Applied),
+    Error(ErrorBody),
+}
+
+impl Reply {
+    pub fn into_result(self) -> Result<Applied, ErrorBody> {
+        match self {
+            Reply::Ok(a) => Ok(a),
+            Reply::Error(e) => Err(e),
+        }
+    }
+}
+
+/// Queries answered by the projector from its views.
+pub mod query {
+    use super::*;
+
+    /// `handoff.query.job`: one job's view.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ByJob {
+        pub job: JobId,
+    }
+
+    /// `handoff.query.daemon` and `handoff.query.assignments`.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ByDaemon {
+        pub daemon: DaemonId,
+    }
+
+    /// `handoff.query.move`.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ByMove {
+        pub move_id: CommandId,
+    }
+
+    /// `handoff.query.history`: events of one job or daemon, oldest first.
+    #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct History {
+        #[serde(default)]
+        pub job: Option<JobId>,
+        #[serde(default)]
+        pub daemon: Option<DaemonId>,
+    }
+}

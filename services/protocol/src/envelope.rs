@@ -1,0 +1,131 @@
+//! An event as stored in the stream: `{"type", "version", "data", "command", "actor",
+//! "at", "last", "digest"}` as JSON.
+//!
+//! Versioning: every event type has a data version (`Event::VERSION`). A change that
+//! only adds an optional field keeps the version; any other change bumps it and adds a
+//! step to [`upcast`], which turns old data into the current shape before it is decoded.
+//! Stored events are never rewritten.
+
+use handoff_domain::{Actor, CommandId, Event};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+/// One stored event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventEnvelope {
+    #[serde(flatten)]
+    pub event: Event,
+    pub version: u32,
+    /// The command that appended it (a ULID chosen by the caller).
+    pub command: CommandId,
+    /// Who asked for the command.
+    pub actor: Actor,
+    /// When the command service decided it, in milliseconds since the Unix epoch.
+    pub at: u64,
+    /// Set on the last event of its command: the command is fully applied.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub last: bool,
+    /// A digest of the command, so a command id reused for another command is caught.
+    pub digest: String,
+}
+
+/// An event that cannot be read.
+#[derive(Debug, Error)]
+pub enum DecodeError {
+    #[error("malformed event: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error(
+        "event {kind} has version {version}, newer than this build reads ({current}); upgrade"
+    )]
+    NewerVersion {
+        kind: String,
+        version: u32,
+        current: u32,
+    },
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    #[serde(rename = "type")]
+    kind: String,
+    version: u32,
+    data: Value,
+    command: CommandId,
+    actor: Actor,
+    at: u64,
+    #[serde(default)]
+    last: bool,
+    digest: String,
+}
+
+/// Turns the data of an older version of an event into the current shape. Version 1 is
+/// current for every event, so there is nothing to do yet; a future version 2 of, say,
+/// `JobMoveStarted` adds `("JobMoveStarted", 1) => { ...; 2 }` here.
+fn upcast(kind: &str, version: u32, data: Value) -> Result<Value, DecodeError> {
+    if version > Event::VERSION {
+        return Err(DecodeError::NewerVersion {
+            kind: kind.to_owned(),
+            version,
+            current: Event::VERSION,
+        });
+    }
+    Ok(data)
+}
+
+impl EventEnvelope {
+    pub fn encode(&self) -> Vec<u8> {
+        // Safe: every field serializes (no maps with non-string keys, no floats).
+        serde_json::to_vec(self).expect("an event envelope always serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let raw: Raw = serde_json::from_slice(bytes)?;
+        let data = upcast(&raw.kind, raw.version, raw.data)?;
+        let event: Event =
+            serde_json::from_value(serde_json::json!({ "type": raw.kind, "data": data }))?;
+        Ok(EventEnvelope {
+            event,
+            version: Event::VERSION,
+            command: raw.command,
+            actor: raw.actor,
+            at: raw.at,
+            last: raw.last,
+            digest: raw.digest,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use handoff_domain::DaemonId;
+
+    fn sample() -> EventEnvelope {
+        EventEnvelope {
+            event: Event::DaemonRemoved {
+                daemon: DaemonId::new("h:/d/").unwrap(),
+            },
+            version: Event::VERSION,
+            command: CommandId::new("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap(),
+            actor: Actor::new("alice").unwrap(),
+            at: 1,
+            last: true,
+            digest: "00".into(),
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let e = sample();
+        assert_eq!(EventEnvelope::decode(&e.encode()).unwrap(), e);
+    }
+
+    #[test]
+    fn refuses_a_newer_version() {
+        let mut v: Value = serde_json::from_slice(&sample().encode()).unwrap();
+        v["version"] = 99.into();
+        let err = EventEnvelope::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(matches!(err, DecodeError::NewerVersion { version: 99, .. }));
+    }
+}

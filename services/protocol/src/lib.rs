@@ -1,0 +1,16 @@
+//! What travels on the wire, shared by the services, the CLI and other clients: subjects,
+//! the event envelope, command requests and replies, queries, and error codes.
+//!
+//! # Layout
+//! - [`subjects`]: the event stream's subjects (one per aggregate) and the command and
+//!   query endpoints.
+//! - [`envelope`]: an event as stored: type, version, data and who/when/which command;
+//!   decoding reads older versions (upcasting).
+//! - [`api`]: command requests, replies and error codes; query requests and answers.
+
+pub mod api;
+pub mod envelope;
+pub mod subjects;
+
+pub use api::{Applied, CommandRequest, ErrorBody, ErrorCode, Reply};
+pub use envelope::{DecodeError, EventEnvelope};

@@ -1,0 +1,97 @@
+//! Subjects. Events live on `handoff.evt.<aggregate>.<token>`; each aggregate has one
+//! subject, so its history is one subject filter and its optimistic concurrency one
+//! expected sequence.
+//!
+//! | aggregate | subject |
+//! |-----------|---------|
+//! | daemon    | `handoff.evt.daemon.<encoded daemon id>` |
+//! | project   | `handoff.evt.project.<project>` |
+//! | job       | `handoff.evt.job.<project>/<deployment>[/<shard>]` |
+//! | move      | `handoff.evt.move.<move id>` |
+//!
+//! A daemon id (`host.example.net:/data/backup/`) holds dots, which separate subject
+//! tokens, so it is percent-encoded: every byte outside `[A-Za-z0-9_-]` becomes `%XX`.
+
+use handoff_domain::{Aggregate, DaemonId};
+
+/// The event stream.
+pub const STREAM: &str = "HANDOFF_EVENTS";
+/// Every event subject starts with this.
+pub const EVENTS: &str = "handoff.evt";
+/// Every event, as a filter.
+pub const ALL_EVENTS: &str = "handoff.evt.>";
+/// The command service's endpoints are `handoff.cmd.<command>`.
+pub const COMMANDS: &str = "handoff.cmd";
+/// The query service's endpoints are `handoff.query.<query>`.
+pub const QUERIES: &str = "handoff.query";
+
+/// Encodes a daemon id into one subject token.
+pub fn daemon_token(id: &DaemonId) -> String {
+    let mut out = String::with_capacity(id.as_str().len() + 16);
+    for b in id.as_str().bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes a daemon token back into the id, if it is one.
+pub fn daemon_from_token(token: &str) -> Option<DaemonId> {
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = token.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    DaemonId::new(String::from_utf8(out).ok()?).ok()
+}
+
+/// The subject of an aggregate's events.
+pub fn aggregate(aggregate: &Aggregate) -> String {
+    match aggregate {
+        Aggregate::Daemon(d) => daemon(d),
+        Aggregate::Project(p) => format!("{EVENTS}.project.{p}"),
+        Aggregate::Job(j) => format!("{EVENTS}.job.{j}"),
+        Aggregate::Move(m) => format!("{EVENTS}.move.{m}"),
+    }
+}
+
+/// The subject of a daemon's events: its settings, liveness and the jobs assigned to it.
+/// A daemon consumes only this subject.
+pub fn daemon(id: &DaemonId) -> String {
+    format!("{EVENTS}.daemon.{}", daemon_token(id))
+}
+
+/// The endpoint subject of a command, e.g. `handoff.cmd.move-jobs`.
+pub fn command(endpoint: &str) -> String {
+    format!("{COMMANDS}.{endpoint}")
+}
+
+/// The endpoint subject of a query, e.g. `handoff.query.jobs`.
+pub fn query(endpoint: &str) -> String {
+    format!("{QUERIES}.{endpoint}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemon_tokens_round_trip_and_hold_no_separator() {
+        let id = DaemonId::new("backup-1.example.net:/data/backup_2/").unwrap();
+        let token = daemon_token(&id);
+        assert!(!token.contains('.') && !token.contains('*') && !token.contains('>'));
+        assert_eq!(daemon_from_token(&token), Some(id));
+        assert_eq!(daemon_from_token("%zz"), None);
+    }
+}
