@@ -1,1 +1,184 @@
+//! The command service: the only writer of the event stream.
+//!
+//! It is a NATS micro service (`handoff-command`, discoverable with `$SRV.PING` and
+//! reporting stats) with one endpoint per command under `handoff.cmd.` (see
+//! `handoff_protocol::api::ENDPOINTS`). Any number of instances may run: they share a
+//! queue group, and optimistic concurrency on the stream keeps them consistent.
+//!
+//! # How a command flows
+//! 1. The endpoint refuses an oversize or malformed request with a `validation` error.
+//! 2. The [`executor`] catches its [`model`] up with what it appended before, and
+//!    answers a command id it already applied with the events of the first time.
+//! 3. `handoff_domain::decide` returns the events (in atomic units) or a rejection.
+//! 4. Each unit is appended as one atomic batch, every event expecting its subject's
+//!    last sequence as the model saw it. On a conflict the model catches up with the
+//!    stream and the command is decided again.
+//! 5. The reply goes out only after JetStream acknowledged every event.
+//!
+//! # Layout
+//! - [`model`]: the fold of the stream the decisions are made on.
+//! - [`executor`]: one command at a time: decide, append, retry on conflict.
 
+pub mod executor;
+pub mod model;
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::service::ServiceExt;
+use async_nats::Client;
+use bytes::Bytes;
+use futures::StreamExt;
+use handoff_eventlog::EventLog;
+use handoff_protocol::api::{Endpoint, ENDPOINTS, MAX_REQUEST_BYTES};
+use handoff_protocol::{subjects, ErrorBody, ErrorCode, Reply};
+use thiserror::Error;
+use tracing::Instrument;
+
+pub use executor::Executor;
+
+/// The micro service's name.
+pub const SERVICE_NAME: &str = "handoff-command";
+
+/// The command service's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub event_log: handoff_eventlog::Config,
+    /// How long to wait for the stream to deliver an event the service knows exists.
+    pub read_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            event_log: handoff_eventlog::Config::default(),
+            read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Open(#[from] handoff_eventlog::OpenError),
+    #[error(transparent)]
+    Read(#[from] handoff_eventlog::ReadError),
+    #[error("cannot start the micro service: {0}")]
+    Service(String),
+}
+
+/// A started command service: its model is loaded and its endpoints are listening.
+pub struct CommandService {
+    executor: Executor,
+    service: async_nats::service::Service,
+    endpoints: Vec<(Endpoint, async_nats::service::endpoint::Endpoint)>,
+}
+
+/// Loads the model from the stream and registers the endpoints.
+pub async fn start(client: Client, config: Config) -> Result<CommandService, Error> {
+    let log = EventLog::open(client.clone(), config.event_log.clone()).await?;
+    let executor = Executor::start(log, config.read_timeout).await?;
+    let service = client
+        .service_builder()
+        .description(
+            "handoff commands: register daemons, configure projects, create jobs, move jobs",
+        )
+        .queue_group("handoff-command")
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| Error::Service(e.to_string()))?;
+    let group = service.group(subjects::COMMANDS);
+    let mut endpoints = Vec::new();
+    for e in ENDPOINTS {
+        let listening = group
+            .endpoint(e.name)
+            .await
+            .map_err(|err| Error::Service(err.to_string()))?;
+        endpoints.push((*e, listening));
+    }
+    Ok(CommandService {
+        executor,
+        service,
+        endpoints,
+    })
+}
+
+impl CommandService {
+    /// Serves commands until `shutdown` completes, then stops the endpoints.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let CommandService {
+            mut executor,
+            service,
+            endpoints,
+        } = self;
+        let mut requests = futures::stream::select_all(
+            endpoints
+                .into_iter()
+                .map(|(def, ep)| ep.map(move |r| (def, r)).boxed()),
+        );
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                next = requests.next() => {
+                    let Some((endpoint, request)) = next else { break };
+                    let reply = handle(&mut executor, endpoint, &request.message.payload).await;
+                    let body = serde_json::to_vec(&reply).expect("replies always serialize");
+                    if let Err(e) = request.respond(Ok(Bytes::from(body))).await {
+                        tracing::warn!(error = %e, "could not send a reply");
+                    }
+                }
+                folded = executor.fold_next() => folded?,
+            }
+        }
+        // Ignored: stopping only unsubscribes; the process is going away either way.
+        let _ = service.stop().await;
+        Ok(())
+    }
+}
+
+async fn handle(executor: &mut Executor, endpoint: Endpoint, payload: &[u8]) -> Reply {
+    if payload.len() > MAX_REQUEST_BYTES {
+        return Reply::Error(ErrorBody::new(
+            ErrorCode::Validation,
+            "too_large",
+            format!(
+                "request of {} bytes is larger than the limit of {MAX_REQUEST_BYTES}",
+                payload.len()
+            ),
+        ));
+    }
+    let request = match (endpoint.parse)(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            return Reply::Error(ErrorBody::new(
+                ErrorCode::Validation,
+                "malformed",
+                format!("malformed {} request: {e}", endpoint.name),
+            ))
+        }
+    };
+    let span = tracing::info_span!(
+        "command",
+        command = %request.id,
+        kind = request.command.name(),
+        actor = %request.actor
+    );
+    let result = executor.execute(request).instrument(span.clone()).await;
+    let _entered = span.enter();
+    match result {
+        Ok(applied) => {
+            tracing::info!(
+                events = applied.events.len(),
+                duplicate = applied.duplicate,
+                "applied"
+            );
+            Reply::Ok(applied)
+        }
+        Err(error) => {
+            tracing::info!(code = ?error.code, reason = %error.reason, "not applied");
+            Reply::Error(error)
+        }
+    }
+}

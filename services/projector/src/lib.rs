@@ -1,1 +1,290 @@
+//! The projector: folds the event stream into views in sled and answers queries from them.
+//!
+//! # How an event flows
+//! 1. A durable pull consumer (`handoff-projector-<name>`) delivers events from the
+//!    store's checkpoint + 1. The checkpoint in sled, not the consumer, decides where to
+//!    resume: sled may lose its last unflushed batches in a crash, so at every start the
+//!    consumer is created again from the checkpoint.
+//! 2. Each event must be checkpoint + 1. A gap is an error, never skipped: the consumer is
+//!    created again from the checkpoint.
+//! 3. The [`views`] fold the events the consumer has ready (up to a batch) and the
+//!    records they touched are written with the new checkpoint in one atomic batch
+//!    ([`store`]). Killed at any point, the store holds the views of a prefix of the
+//!    stream, and the projector goes on from there: its views equal a rebuild.
+//! 4. The [`query`] micro service (`handoff-query`, endpoints under `handoff.query.`)
+//!    answers from the store.
+//!
+//! `rebuild` clears the store first and folds the whole stream again.
 
+pub mod query;
+pub mod store;
+pub mod views;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::Client;
+use futures::StreamExt;
+use handoff_eventlog::{EventLog, Recorded};
+use handoff_protocol::{subjects, EventEnvelope};
+use thiserror::Error;
+use tokio::sync::watch;
+
+pub use store::{SledStore, StoreError, ViewStore};
+pub use views::Views;
+
+/// The most events folded into one sled batch.
+pub const MAX_BATCH: usize = 1000;
+
+/// The projector's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Names this projector's consumer; each projector has its own store.
+    pub name: String,
+    /// The sled directory.
+    pub store_dir: PathBuf,
+    /// Clear the views and fold the whole stream again.
+    pub rebuild: bool,
+    pub event_log: handoff_eventlog::Config,
+    /// Serve queries (off for a rebuild-only run).
+    pub serve_queries: bool,
+}
+
+impl Config {
+    pub fn new(store_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            name: "main".to_owned(),
+            store_dir: store_dir.into(),
+            rebuild: false,
+            event_log: handoff_eventlog::Config::default(),
+            serve_queries: true,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Open(#[from] handoff_eventlog::OpenError),
+    #[error("cannot consume the event stream: {0}")]
+    Consumer(String),
+    #[error("event {seq} cannot be decoded: {source}")]
+    Decode {
+        seq: u64,
+        #[source]
+        source: handoff_protocol::DecodeError,
+    },
+    #[error("cannot start the query service: {0}")]
+    Query(String),
+}
+
+/// A started projector.
+pub struct Projector {
+    config: Config,
+    log: EventLog,
+    store: SledStore,
+    views: Views,
+    checkpoint: watch::Sender<u64>,
+    queries: Option<query::QueryService>,
+}
+
+/// Opens the store (clearing it for a rebuild), loads the views and, unless told not to,
+/// starts answering queries.
+pub async fn start(client: Client, config: Config) -> Result<Projector, Error> {
+    let log = EventLog::open(client.clone(), config.event_log.clone()).await?;
+    let store = SledStore::open_or_reset(&config.store_dir)?;
+    if config.rebuild {
+        store.clear()?;
+    }
+    let views = match Views::load(&store) {
+        Ok(v) => v,
+        Err(StoreError::Corrupt { detail, .. }) => {
+            tracing::warn!(%detail, "views unreadable; rebuilding from the stream");
+            store.clear()?;
+            Views::default()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (checkpoint, _) = watch::channel(store.checkpoint()?);
+    let queries = if config.serve_queries {
+        Some(
+            query::QueryService::start(client, store.clone(), checkpoint.subscribe())
+                .await
+                .map_err(|e| Error::Query(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    Ok(Projector {
+        config,
+        log,
+        store,
+        views,
+        checkpoint,
+        queries,
+    })
+}
+
+/// Why the fold of a consumer's messages stopped.
+enum Stop {
+    Shutdown,
+    Gap {
+        expected: u64,
+        got: u64,
+    },
+    /// Rebuild finished: caught up with the stream's end as it was at start.
+    CaughtUp,
+}
+
+impl Projector {
+    /// The checkpoint as it advances.
+    pub fn checkpoint(&self) -> watch::Receiver<u64> {
+        self.checkpoint.subscribe()
+    }
+
+    /// Folds events until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        self.fold(shutdown, None).await
+    }
+
+    /// Folds events until the views include the stream's last event as it is now.
+    pub async fn run_until_caught_up(self) -> Result<u64, Error> {
+        let end = self
+            .log
+            .last_sequence()
+            .await
+            .map_err(|e| Error::Consumer(e.to_string()))?;
+        let rx = self.checkpoint.subscribe();
+        self.fold(std::future::pending(), Some(end)).await?;
+        let at = *rx.borrow();
+        Ok(at)
+    }
+
+    async fn fold(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+        until: Option<u64>,
+    ) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        loop {
+            if until.is_some_and(|end| *self.checkpoint.borrow() >= end) {
+                break;
+            }
+            match self.consume(&mut shutdown, until).await? {
+                Stop::Shutdown | Stop::CaughtUp => break,
+                Stop::Gap { expected, got } => {
+                    tracing::warn!(
+                        expected,
+                        got,
+                        "gap in the event stream; consuming again from the checkpoint"
+                    );
+                }
+            }
+        }
+        self.store.flush()?;
+        if let Some(q) = self.queries.take() {
+            q.stop().await;
+        }
+        Ok(())
+    }
+
+    async fn consume(
+        &mut self,
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+        until: Option<u64>,
+    ) -> Result<Stop, Error> {
+        let from = *self.checkpoint.borrow() + 1;
+        let stream = self
+            .log
+            .jetstream()
+            .get_stream(self.log.stream_name())
+            .await
+            .map_err(|e| Error::Consumer(e.to_string()))?;
+        let durable = format!("handoff-projector-{}", self.config.name);
+        // The store's checkpoint, not the consumer's position, says where to resume.
+        if let Err(e) = stream.delete_consumer(&durable).await {
+            tracing::debug!(error = %e, "no consumer to delete");
+        }
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(durable),
+                description: Some("handoff projector: folds events into sled views".into()),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ack_policy: AckPolicy::None,
+                filter_subject: subjects::ALL_EVENTS.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Consumer(e.to_string()))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(MAX_BATCH)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .map_err(|e| Error::Consumer(e.to_string()))?;
+        let mut chunks = messages.ready_chunks(MAX_BATCH);
+        loop {
+            let chunk = tokio::select! {
+                biased;
+                _ = &mut *shutdown => return Ok(Stop::Shutdown),
+                chunk = chunks.next() => match chunk {
+                    Some(c) => c,
+                    None => return Err(Error::Consumer("the consumer ended".into())),
+                },
+            };
+            let mut checkpoint = *self.checkpoint.borrow();
+            let mut writes = Vec::new();
+            let mut gap = None;
+            for message in chunk {
+                let message = match message {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "consumer hiccup");
+                        continue;
+                    }
+                };
+                let seq = message
+                    .info()
+                    .map_err(|e| Error::Consumer(e.to_string()))?
+                    .stream_sequence;
+                if seq <= checkpoint {
+                    continue; // Delivered again; already in the views.
+                }
+                if seq != checkpoint + 1 {
+                    gap = Some(Stop::Gap {
+                        expected: checkpoint + 1,
+                        got: seq,
+                    });
+                    break;
+                }
+                let envelope = EventEnvelope::decode(&message.payload)
+                    .map_err(|source| Error::Decode { seq, source })?;
+                let recorded = Recorded {
+                    seq,
+                    subject: message.subject.to_string(),
+                    envelope,
+                };
+                self.views.apply(&recorded, &mut writes);
+                checkpoint = seq;
+            }
+            if checkpoint > *self.checkpoint.borrow() {
+                self.views.drain(&mut writes);
+                self.store.commit(writes, checkpoint)?;
+                self.checkpoint.send_replace(checkpoint);
+            }
+            if let Some(stop) = gap {
+                return Ok(stop);
+            }
+            if until.is_some_and(|end| checkpoint >= end) {
+                return Ok(Stop::CaughtUp);
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The query micro service (`handoff-query`): answers from the views, never from the
+//! stream. Replies are `{"ok": ..}` or `{"error": {"code", "reason", "message"}}`.
+//!
+//! | endpoint | request | answer |
+//! |----------|---------|--------|
+//! | `status` | `{}` | `{"checkpoint": N}` |
+//! | `daemons` | `{}` | every daemon view |
+//! | `daemon` | `{"daemon"}` | one daemon view |
+//! | `assignments` | `{"daemon"}` | the jobs the daemon owns |
+//! | `projects` | `{}` | every project view |
+//! | `jobs` | `{"daemon"?, "project"?, "moving"?}` | job views |
+//! | `job` | `{"job"}` | one job view |
+//! | `moves` | `{}` | every move view, newest first |
+//! | `move` | `{"move_id"}` | one move view |
+//! | `history` | `{"job"}` or `{"daemon"}` | history entries, oldest first |
+
+use async_nats::service::ServiceExt;
+use async_nats::Client;
+use bytes::Bytes;
+use futures::StreamExt;
+use handoff_domain::state::Assignment;
+use handoff_domain::{DaemonId, ProjectId};
+use handoff_protocol::api::query::{ByDaemon, ByJob, ByMove, History};
+use handoff_protocol::api::MAX_REQUEST_BYTES;
+use handoff_protocol::{subjects, ErrorBody, ErrorCode};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{oneshot, watch};
+
+use crate::store::{SledStore, ViewStore};
+use crate::views::{self, JobView, MoveView};
+
+pub const SERVICE_NAME: &str = "handoff-query";
+
+const ENDPOINTS: &[&str] = &[
+    "status",
+    "daemons",
+    "daemon",
+    "assignments",
+    "projects",
+    "jobs",
+    "job",
+    "moves",
+    "move",
+    "history",
+];
+
+/// `jobs` filters; all optional.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobsFilter {
+    #[serde(default)]
+    daemon: Option<DaemonId>,
+    #[serde(default)]
+    project: Option<ProjectId>,
+    #[serde(default)]
+    moving: Option<bool>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {}
+
+/// The running query service.
+pub struct QueryService {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl QueryService {
+    pub async fn start(
+        client: Client,
+        store: SledStore,
+        checkpoint: watch::Receiver<u64>,
+    ) -> Result<Self, async_nats::Error> {
+        let service = client
+            .service_builder()
+            .description(
+                "handoff queries: daemons, jobs, moves and history from the projector's views",
+            )
+            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await?;
+        let group = service.group(subjects::QUERIES);
+        let mut endpoints = Vec::new();
+        for name in ENDPOINTS {
+            let ep = group.endpoint(*name).await?;
+            endpoints.push(ep.map(move |r| (*name, r)).boxed());
+        }
+        let (stop, mut stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut requests = futures::stream::select_all(endpoints);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    next = requests.next() => {
+                        let Some((name, request)) = next else { break };
+                        let answer = match answer(&store, &checkpoint, name, &request.message.payload) {
+                            Ok(v) => json!({ "ok": v }),
+                            Err(e) => json!({ "error": e }),
+                        };
+                        let body = serde_json::to_vec(&answer).expect("json values serialize");
+                        if let Err(e) = request.respond(Ok(Bytes::from(body))).await {
+                            tracing::warn!(error = %e, "could not answer a query");
+                        }
+                    }
+                }
+            }
+            // Ignored: stopping only unsubscribes; the task is ending either way.
+            let _ = service.stop().await;
+        });
+        Ok(QueryService { stop, task })
+    }
+
+    pub async fn stop(self) {
+        // Ignored: the task may have ended already, which is what we want.
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Parses a query whose fields are all optional: an empty body is the default.
+fn parse<T: DeserializeOwned + Default>(name: &str, payload: &[u8]) -> Result<T, ErrorBody> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    parse_required(name, payload)
+}
+
+fn internal(e: impl std::fmt::Display) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Internal,
+        "store",
+        format!("the view store failed: {e}"),
+    )
+}
+
+fn values(store: &SledStore, prefix: &[u8]) -> Result<Vec<Value>, ErrorBody> {
+    store
+        .scan(prefix)
+        .map_err(internal)?
+        .into_iter()
+        .map(|(_, v)| serde_json::from_slice(&v).map_err(internal))
+        .collect()
+}
+
+fn one(store: &SledStore, key: &[u8], kind: &str, id: &str) -> Result<Value, ErrorBody> {
+    match store.get(key).map_err(internal)? {
+        Some(v) => serde_json::from_slice(&v).map_err(internal),
+        None => Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            "not_found",
+            format!("unknown {kind} {id}"),
+        )),
+    }
+}
+
+fn answer(
+    store: &SledStore,
+    checkpoint: &watch::Receiver<u64>,
+    name: &str,
+    payload: &[u8],
+) -> Result<Value, ErrorBody> {
+    match name {
+        "status" => {
+            parse::<Empty>(name, payload)?;
+            Ok(json!({ "checkpoint": *checkpoint.borrow() }))
+        }
+        "daemons" => {
+            parse::<Empty>(name, payload)?;
+            Ok(Value::Array(values(store, &views::prefix(&["daemon"]))?))
+        }
+        "projects" => {
+            parse::<Empty>(name, payload)?;
+            Ok(Value::Array(values(store, &views::prefix(&["project"]))?))
+        }
+        "daemon" => {
+            let q: ByDaemon = parse_required(name, payload)?;
+            one(
+                store,
+                &views::daemon_key(&q.daemon),
+                "daemon",
+                q.daemon.as_str(),
+            )
+        }
+        "assignments" => {
+            let q: ByDaemon = parse_required(name, payload)?;
+            one(
+                store,
+                &views::daemon_key(&q.daemon),
+                "daemon",
+                q.daemon.as_str(),
+            )?;
+            Ok(Value::Array(values(
+                store,
+                &views::prefix(&["assign", q.daemon.as_str()]),
+            )?))
+        }
+        "jobs" => {
+            let f: JobsFilter = parse(name, payload)?;
+            let mut out = Vec::new();
+            for v in values(store, &views::prefix(&["job"]))? {
+                let job: JobView = serde_json::from_value(v.clone()).map_err(internal)?;
+                let moving = matches!(job.state.assignment, Assignment::Moving { .. });
+                let involved = |d: &DaemonId| {
+                    job.owner == *d
+                        || matches!(&job.state.assignment, Assignment::Moving { from, .. } if from == d)
+                };
+                if f.daemon.as_ref().is_some_and(|d| !involved(d))
+                    || f.project.as_ref().is_some_and(|p| job.state.project != *p)
+                    || f.moving.is_some_and(|m| m != moving)
+                {
+                    continue;
+                }
+                out.push(v);
+            }
+            Ok(Value::Array(out))
+        }
+        "job" => {
+            let q: ByJob = parse_required(name, payload)?;
+            one(store, &views::job_key(&q.job), "job", q.job.as_str())
+        }
+        "moves" => {
+            parse::<Empty>(name, payload)?;
+            let mut moves: Vec<MoveView> = values(store, &views::prefix(&["move"]))?
+                .into_iter()
+                .map(|v| serde_json::from_value(v).map_err(internal))
+                .collect::<Result<_, _>>()?;
+            moves.sort_by(|a, b| b.move_id.cmp(&a.move_id));
+            serde_json::to_value(moves).map_err(internal)
+        }
+        "move" => {
+            let q: ByMove = parse_required(name, payload)?;
+            one(
+                store,
+                &views::move_key(&q.move_id),
+                "move",
+                q.move_id.as_str(),
+            )
+        }
+        "history" => {
+            let q: History = parse(name, payload)?;
+            let prefix = match (&q.job, &q.daemon) {
+                (Some(j), None) => views::prefix(&["hist", "job", j.as_str()]),
+                (None, Some(d)) => views::prefix(&["hist", "daemon", d.as_str()]),
+                _ => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Validation,
+                        "malformed",
+                        "history needs exactly one of job or daemon",
+                    ))
+                }
+            };
+            Ok(Value::Array(values(store, &prefix)?))
+        }
+        other => Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            "unknown_query",
+            format!("unknown query {other}"),
+        )),
+    }
+}
+
+/// Parses a query whose fields are required (an empty body is malformed).
+fn parse_required<T: DeserializeOwned>(name: &str, payload: &[u8]) -> Result<T, ErrorBody> {
+    if payload.len() > MAX_REQUEST_BYTES {
+        return Err(ErrorBody::new(
+            ErrorCode::Validation,
+            "too_large",
+            format!(
+                "query of {} bytes is larger than the limit of {MAX_REQUEST_BYTES}",
+                payload.len()
+            ),
+        ));
+    }
+    serde_json::from_slice(payload).map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::Validation,
+            "malformed",
+            format!("malformed {name} query: {e}"),
+        )
+    })
+}

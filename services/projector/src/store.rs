@@ -1,0 +1,141 @@
+//! Where views are kept: a small trait, so sled (0.34, effectively unmaintained) stays
+//! replaceable, and its sled implementation.
+//!
+//! Everything lives in one sled tree, so one `apply_batch` writes the views and the
+//! stream checkpoint atomically: after any crash the store holds the views of exactly the
+//! events up to its checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// The key of the stream checkpoint: the last sequence folded into the views.
+const CHECKPOINT: &[u8] = b"meta\0checkpoint";
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The store's files are damaged: rebuild the views from the stream.
+    #[error("the view store at {path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("view store i/o failed: {0}")]
+    Io(String),
+}
+
+/// A write of one key: a value, or `None` to delete it.
+pub type Write = (Vec<u8>, Option<Vec<u8>>);
+
+/// The view store's contract.
+pub trait ViewStore: Clone + Send + Sync + 'static {
+    /// The last stream sequence the views include (0 for none).
+    fn checkpoint(&self) -> Result<u64, StoreError>;
+    /// Writes the views and the new checkpoint atomically.
+    fn commit(&self, writes: Vec<Write>, checkpoint: u64) -> Result<(), StoreError>;
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every key starting with `prefix`, in key order.
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    /// Removes everything, checkpoint included.
+    fn clear(&self) -> Result<(), StoreError>;
+    /// Makes every commit so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// The sled view store.
+#[derive(Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`. One process per directory.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| classify(dir, e))?;
+        Ok(SledStore {
+            db,
+            path: dir.to_owned(),
+        })
+    }
+
+    /// Opens the store, or, when it is corrupt, moves it aside and starts empty so the
+    /// views are rebuilt from the stream.
+    pub fn open_or_reset(dir: &Path) -> Result<Self, StoreError> {
+        match Self::open(dir) {
+            Err(StoreError::Corrupt { detail, .. }) => {
+                let aside = dir.with_extension(format!("corrupt-{}", std::process::id()));
+                tracing::warn!(%detail, aside = %aside.display(), "view store corrupt; rebuilding from the stream");
+                std::fs::rename(dir, &aside).map_err(|e| StoreError::Io(e.to_string()))?;
+                Self::open(dir)
+            }
+            other => other,
+        }
+    }
+
+    fn err(&self, e: sled::Error) -> StoreError {
+        classify(&self.path, e)
+    }
+}
+
+fn classify(path: &Path, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Corruption { .. } => StoreError::Corrupt {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        },
+        other => StoreError::Io(other.to_string()),
+    }
+}
+
+impl ViewStore for SledStore {
+    fn checkpoint(&self) -> Result<u64, StoreError> {
+        match self.db.get(CHECKPOINT).map_err(|e| self.err(e))? {
+            None => Ok(0),
+            Some(b) => <[u8; 8]>::try_from(b.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    detail: format!("checkpoint has {} bytes, not 8", b.len()),
+                }),
+        }
+    }
+
+    fn commit(&self, writes: Vec<Write>, checkpoint: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch.insert(CHECKPOINT, &checkpoint.to_be_bytes());
+        self.db.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .db
+            .get(key)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.db
+            .scan_prefix(prefix)
+            .map(|r| {
+                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(|e| self.err(e))
+            })
+            .collect()
+    }
+
+    fn clear(&self) -> Result<(), StoreError> {
+        self.db.clear().map_err(|e| self.err(e))
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(|e| self.err(e))
+    }
+}
