@@ -1,1 +1,363 @@
+//! What the end-to-end tests share: a stack of real parts (a nats-server from the test
+//! kit, the command service, a projector) and helpers to send commands and queries and to
+//! read the stream back.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use handoff_domain::command::*;
+use handoff_domain::model::{DaemonSettings, Deployment, HeadDiskType, JobSize};
+use handoff_domain::{Actor, Command, CommandId, DaemonId, Event, JobId, Label, ProjectId};
+use handoff_eventlog::{EventLog, Recorded};
+use handoff_protocol::api::{encode_request, endpoint_of};
+use handoff_protocol::{Applied, ErrorBody, Reply};
+use handoff_testkit::NatsServer;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// How long any wait in a test may take before it fails.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A command service running in this process.
+pub struct CommandService {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), handoff_command::Error>>,
+}
+
+impl CommandService {
+    /// Starts a command service connected to `url`; returns once its endpoints listen.
+    pub async fn start(url: &str, config: handoff_command::Config) -> Result<Self> {
+        let client = async_nats::connect(url).await?;
+        let service = handoff_command::start(client, config).await?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(service.run(async {
+            // Ignored: a dropped sender stops the service too.
+            let _ = stopped.await;
+        }));
+        Ok(CommandService {
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Stops it and waits until it has.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            // Ignored: the service may have stopped already.
+            let _ = s.send(());
+        }
+        (&mut self.task).await??;
+        Ok(())
+    }
+
+    /// Stops it at once, as a crash would: whatever it was doing is cut off.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for CommandService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A nats-server with a command service, and a client for the test.
+pub struct Stack {
+    pub server: NatsServer,
+    pub client: async_nats::Client,
+    pub commands: Option<CommandService>,
+    pub actor: Actor,
+}
+
+impl Stack {
+    /// A fresh server and one command service.
+    pub async fn start() -> Result<Self> {
+        let server = NatsServer::start().await?;
+        let commands = CommandService::start(&server.url(), Default::default()).await?;
+        let client = server.connect().await?;
+        Ok(Stack {
+            server,
+            client,
+            commands: Some(commands),
+            actor: Actor::new("admin").expect("a valid actor"),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub async fn log(&self) -> Result<EventLog> {
+        Ok(EventLog::open(self.client.clone(), Default::default()).await?)
+    }
+
+    /// The stream's last sequence.
+    pub async fn last_seq(&self) -> Result<u64> {
+        Ok(self.log().await?.last_sequence().await?)
+    }
+
+    /// Every event in the stream, in order.
+    pub async fn events(&self) -> Result<Vec<Recorded>> {
+        let log = self.log().await?;
+        let end = log.last_sequence().await?;
+        let mut reader = log.read_from(1).await?;
+        let mut out = Vec::new();
+        while (out.len() as u64) < end {
+            out.push(tokio::time::timeout(TIMEOUT, reader.next()).await??);
+        }
+        Ok(out)
+    }
+
+    /// Sends a command with a new id; the service's reply.
+    pub async fn send(&self, command: Command) -> Result<Result<Applied, ErrorBody>> {
+        self.send_as(&new_id(), &command).await
+    }
+
+    /// Sends a command with the given id.
+    pub async fn send_as(
+        &self,
+        id: &CommandId,
+        command: &Command,
+    ) -> Result<Result<Applied, ErrorBody>> {
+        let body = encode_request(id, &self.actor, command);
+        self.send_raw(endpoint_of(command), body).await
+    }
+
+    /// Sends raw bytes to a command endpoint.
+    pub async fn send_raw(
+        &self,
+        endpoint: &str,
+        body: Vec<u8>,
+    ) -> Result<Result<Applied, ErrorBody>> {
+        request(&self.client, endpoint, body).await
+    }
+
+    /// Sends a command that must be applied.
+    pub async fn apply(&self, command: Command) -> Result<Applied> {
+        let name = command.name();
+        self.send(command)
+            .await?
+            .map_err(|e| anyhow!("{name} refused: {} ({})", e.message, e.reason))
+    }
+}
+
+/// Sends raw bytes to a command endpoint over `client`.
+pub async fn request(
+    client: &async_nats::Client,
+    endpoint: &str,
+    body: Vec<u8>,
+) -> Result<Result<Applied, ErrorBody>> {
+    let subject = handoff_protocol::subjects::command(endpoint);
+    let reply = tokio::time::timeout(TIMEOUT, client.request(subject, body.into()))
+        .await
+        .context("command timed out")??;
+    let reply: Reply = serde_json::from_slice(&reply.payload).with_context(|| {
+        format!(
+            "unreadable reply: {}",
+            String::from_utf8_lossy(&reply.payload)
+        )
+    })?;
+    Ok(reply.into_result())
+}
+
+/// Asks the projector's query service.
+pub async fn query(
+    client: &async_nats::Client,
+    name: &str,
+    body: Value,
+) -> Result<Result<Value, Value>> {
+    let subject = handoff_protocol::subjects::query(name);
+    let reply = tokio::time::timeout(
+        TIMEOUT,
+        client.request(subject, serde_json::to_vec(&body)?.into()),
+    )
+    .await
+    .context("query timed out")??;
+    let mut v: Value = serde_json::from_slice(&reply.payload)?;
+    if let Some(ok) = v.get_mut("ok") {
+        return Ok(Ok(ok.take()));
+    }
+    Ok(Err(v["error"].take()))
+}
+
+/// Polls `check` until it returns `Some`, failing after [`TIMEOUT`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the projector's views include sequence `seq`.
+pub async fn wait_for_checkpoint(client: &async_nats::Client, seq: u64) -> Result<u64> {
+    wait_for(&format!("the projector to reach {seq}"), || async move {
+        Ok(match query(client, "status", serde_json::json!({})).await {
+            Ok(Ok(v)) => v["checkpoint"].as_u64().filter(|c| *c >= seq),
+            _ => None,
+        })
+    })
+    .await
+}
+
+pub fn new_id() -> CommandId {
+    CommandId::new(ulid::Ulid::new().to_string()).expect("a ULID is a valid command id")
+}
+
+pub fn daemon(n: usize) -> DaemonId {
+    DaemonId::new(format!("backup{n}.example.net:/data/backup/")).expect("a valid daemon id")
+}
+
+pub fn project(name: &str) -> ProjectId {
+    ProjectId::new(name).expect("a valid project id")
+}
+
+pub fn job(id: &str) -> JobId {
+    JobId::new(id).expect("a valid job id")
+}
+
+pub fn label(l: &str) -> Label {
+    Label::new(l).expect("a valid label")
+}
+
+/// Settings of an HDD daemon that takes work, with `gib` GiB of head space.
+pub fn settings(gib: u64) -> DaemonSettings {
+    DaemonSettings {
+        head_space_bytes: gib << 30,
+        num_workers: 4,
+        head_disk_type: HeadDiskType::Hdd,
+        ..DaemonSettings::default()
+    }
+}
+
+pub fn register(n: usize, settings: DaemonSettings) -> Command {
+    Command::RegisterDaemon(RegisterDaemon {
+        daemon: daemon(n),
+        settings,
+    })
+}
+
+pub fn configure_project(name: &str) -> Command {
+    Command::ConfigureProject(ConfigureProject {
+        project: project(name),
+        daemon_filter: vec![],
+        label_filter: vec![],
+    })
+}
+
+/// A replica set of `gib` GiB of head.
+pub fn replica_set(project_name: &str, name: &str, gib: u64) -> Command {
+    Command::CreateBackupJobs(CreateBackupJobs {
+        project: project(project_name),
+        deployment: Deployment::ReplicaSet {
+            name: handoff_domain::ids::DeploymentName::new(name).expect("a valid name"),
+            size: JobSize {
+                head_size_bytes: gib << 30,
+                oplog_bytes_per_hour: 1 << 20,
+            },
+        },
+    })
+}
+
+pub fn move_jobs(from: usize, to: usize) -> Command {
+    Command::MoveJobs(MoveJobs {
+        from: daemon(from),
+        to: daemon(to),
+        reason: Some("server lost".into()),
+        dry_run: false,
+    })
+}
+
+pub fn move_job(j: &str, to: usize) -> Command {
+    Command::MoveJob(MoveJob {
+        job: job(j),
+        to: daemon(to),
+        reason: None,
+        dry_run: false,
+    })
+}
+
+/// The events of a kind, in stream order.
+pub fn of_type<'a>(events: &'a [Recorded], kind: &str) -> Vec<&'a Event> {
+    events
+        .iter()
+        .map(|r| &r.envelope.event)
+        .filter(|e| e.type_name() == kind)
+        .collect()
+}
+
+/// The `handoff` binary, built beside the test binary (`cargo build` builds it; the
+/// test command does).
+pub fn handoff_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test binary location {}", exe.display()))?;
+    let bin = dir.join("handoff");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it with `cargo build -p handoff`",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A projector running as its own process, so it can be killed like a real one.
+pub struct ProjectorProcess {
+    child: Child,
+}
+
+impl ProjectorProcess {
+    pub fn spawn(url: &str, dir: &Path, extra: &[&str]) -> Result<Self> {
+        let child = Process::new(handoff_bin()?)
+            .args(["--nats-url", url, "projector", "--data"])
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(ProjectorProcess { child })
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit by itself and returns whether it succeeded.
+    pub fn wait(mut self) -> Result<bool> {
+        Ok(self.child.wait()?.success())
+    }
+}
+
+impl Drop for ProjectorProcess {
+    fn drop(&mut self) {
+        // Ignored: the child may have exited already.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every key and value of a view store, for comparing two stores.
+pub fn dump_views(dir: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    use handoff_projector::ViewStore;
+    let store = handoff_projector::SledStore::open(dir)?;
+    Ok(store.scan(b"")?)
+}

@@ -155,11 +155,14 @@ impl Executor {
                 .unwrap_or_default();
             let units = decision.units.len();
             let mut conflict = false;
+            // An earlier attempt whose acknowledgement was lost stored this unit already.
+            let mut duplicate = false;
             for (u, unit) in decision.units.iter().enumerate() {
                 let is_last_unit = u + 1 == units;
                 let messages = self.messages(&ctx, &digest, unit, is_last_unit);
                 match self.log.append(&messages).await {
                     Ok(a) => {
+                        duplicate |= a.duplicate;
                         self.appended = self.appended.max(a.last_seq);
                         appended_events.extend(unit.iter().zip(&messages).enumerate().map(
                             |(i, (event, m))| AppendedEvent {
@@ -198,7 +201,7 @@ impl Executor {
             return Ok(Applied {
                 command: request.id.clone(),
                 events: if dry_run { vec![] } else { appended_events },
-                duplicate: false,
+                duplicate,
                 dry_run,
                 plan: decision.plan,
             });

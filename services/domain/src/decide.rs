@@ -576,9 +576,12 @@ fn move_jobs(c: &MoveJobs, ctx: &Context, state: &State) -> Result<Decision, Rej
     let source = daemon(state, &c.from)?;
     // Decided again after a partial append, the move goes on with the jobs not yet moving.
     let continuing = !c.dry_run && state.moves.contains_key(&ctx.command);
+    // Its jobs, and those already moving away from it (which the checks then refuse:
+    // another move holds them).
     let jobs: Vec<&JobId> = source
         .jobs
         .iter()
+        .chain(state.jobs_moving_from(&c.from))
         .filter(|j| {
             !(continuing
                 && matches!(&state.jobs[*j].assignment,

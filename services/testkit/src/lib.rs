@@ -9,6 +9,8 @@
 //! The binary is `$NATS_SERVER_BIN`, else the project's `.tools/bin/nats-server` (put there
 //! by `scripts/install-nats`), else `nats-server` on `PATH`.
 
+pub mod proxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -84,6 +86,11 @@ impl NatsServer {
         self.kill();
         self.spawn(Some(self.port))?;
         self.wait_ready().await
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The directory holding the server's store and configuration.
