@@ -341,6 +341,17 @@ impl ProjectorProcess {
         Ok(())
     }
 
+    /// SIGTERM, then waits: whether it stopped cleanly.
+    pub fn terminate(self) -> Result<bool> {
+        let status = Process::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        self.wait()
+    }
+
     /// Waits for the process to exit by itself and returns whether it succeeded.
     pub fn wait(mut self) -> Result<bool> {
         Ok(self.child.wait()?.success())

@@ -1,1 +1,8 @@
+//! End-to-end tests: the command service, the projector and the `handoff` binary against a
+//! real nats-server per test (ephemeral port, temporary store, `sync_interval: always`).
 
+mod bad_input;
+mod concurrency;
+mod idempotency;
+mod moves;
+mod projector;

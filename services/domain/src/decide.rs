@@ -484,17 +484,30 @@ fn check_destination(
     Ok((checks, needed, free))
 }
 
-/// Builds the plan and the events of a move of `jobs` from `from` to `to`.
+/// A move to plan: which jobs, from where to where.
+struct MoveRequest<'a> {
+    scope: MoveScope,
+    from: &'a DaemonId,
+    to: &'a DaemonId,
+    jobs: Vec<&'a JobId>,
+    reason: &'a Option<String>,
+    dry_run: bool,
+}
+
+/// Builds the plan and the events of a move.
 fn start_move(
     state: &State,
     ctx: &Context,
-    scope: MoveScope,
-    from: &DaemonId,
-    to: &DaemonId,
-    jobs: Vec<&JobId>,
-    reason: &Option<String>,
-    dry_run: bool,
+    request: MoveRequest<'_>,
 ) -> Result<Decision, Rejection> {
+    let MoveRequest {
+        scope,
+        from,
+        to,
+        jobs,
+        reason,
+        dry_run,
+    } = request;
     let (checks, needed, free) = check_destination(state, from, to, &jobs)?;
     let planned: Vec<PlannedJob> = jobs
         .iter()
@@ -604,14 +617,16 @@ fn move_jobs(c: &MoveJobs, ctx: &Context, state: &State) -> Result<Decision, Rej
     start_move(
         state,
         ctx,
-        MoveScope::AllJobsOf {
-            daemon: c.from.clone(),
+        MoveRequest {
+            scope: MoveScope::AllJobsOf {
+                daemon: c.from.clone(),
+            },
+            from: &c.from,
+            to: &c.to,
+            jobs,
+            reason: &c.reason,
+            dry_run: c.dry_run,
         },
-        &c.from,
-        &c.to,
-        jobs,
-        &c.reason,
-        c.dry_run,
     )
 }
 
@@ -623,15 +638,23 @@ fn move_job(c: &MoveJob, ctx: &Context, state: &State) -> Result<Decision, Rejec
     if !c.dry_run && state.moves.contains_key(&ctx.command) {
         return Ok(Decision::default());
     }
+    if let Assignment::Moving { move_id, .. } = &job.assignment {
+        return Err(Rejection::JobAlreadyMoving {
+            job: c.job.clone(),
+            move_id: move_id.clone(),
+        });
+    }
     let from = job.owner().clone();
     start_move(
         state,
         ctx,
-        MoveScope::OneJob { job: c.job.clone() },
-        &from,
-        &c.to,
-        vec![&c.job],
-        &c.reason,
-        c.dry_run,
+        MoveRequest {
+            scope: MoveScope::OneJob { job: c.job.clone() },
+            from: &from,
+            to: &c.to,
+            jobs: vec![&c.job],
+            reason: &c.reason,
+            dry_run: c.dry_run,
+        },
     )
 }

@@ -47,7 +47,7 @@ impl std::fmt::Display for Kind {
 
 /// Why a command was refused. Nothing was appended.
 #[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
-#[serde(tag = "reason", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Rejection {
     /// The request is malformed. Fix it; retrying as is gives the same answer.
     #[error(transparent)]

@@ -372,8 +372,7 @@ proptest! {
             let c = ctx(n as u64 + 1);
             let first = decide(&command, &c, &state);
             prop_assert_eq!(&first, &decide(&command, &c, &state), "decide is not deterministic");
-            match first {
-                Ok(decision) => {
+            if let Ok(decision) = first {
                     for unit in &decision.units {
                         prop_assert!(!unit.is_empty() && unit.len() <= MAX_EVENTS_PER_UNIT);
                         let mut aggregates: Vec<_> = unit.iter().map(Event::aggregate).collect();
@@ -386,8 +385,6 @@ proptest! {
                         state.apply(e);
                         events.push(e.clone());
                     }
-                }
-                Err(_) => {}
             }
             check_invariants(&state)?;
         }

@@ -254,8 +254,8 @@ impl EventLog {
                 if e.err_code == WRONG_LAST_SEQUENCE || e.err_code == BATCH_DUPLICATE_MSG_ID =>
             {
                 // Either someone else wrote, or our own earlier attempt was stored and its
-                // acknowledgement lost: the first subject's last message tells which.
-                match self.already_stored(&messages[0]).await? {
+                // acknowledgement lost: the stored messages tell which.
+                match self.already_stored(messages).await? {
                     Some(first_seq) => Ok(Appended {
                         first_seq,
                         last_seq: first_seq + n - 1,
@@ -313,19 +313,41 @@ impl EventLog {
         unreachable!("the loop returns on the last message")
     }
 
-    /// The sequence of `message` if the stream already holds it as its subject's last.
-    async fn already_stored(&self, message: &Outgoing) -> Result<Option<u64>, AppendError> {
-        let last = self
+    /// The first sequence of `messages` if the stream already holds exactly them, stored
+    /// together by an earlier attempt. The first subject's last message must be ours, and
+    /// so must every message after it up to the batch's length: a later attempt may
+    /// share its first message with an earlier, different batch.
+    async fn already_stored(&self, messages: &[Outgoing]) -> Result<Option<u64>, AppendError> {
+        let first = match self
             .stream
-            .get_last_raw_message_by_subject(&message.subject)
-            .await;
-        match last {
-            Ok(m) => {
-                let id = m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned());
-                Ok((id.as_deref() == Some(message.msg_id.as_str())).then_some(m.sequence))
+            .get_last_raw_message_by_subject(&messages[0].subject)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None)
             }
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(AppendError::Unavailable(e.to_string())),
+            Err(e) => return Err(AppendError::Unavailable(e.to_string())),
+        };
+        if msg_id(&first.headers).as_deref() != Some(messages[0].msg_id.as_str()) {
+            return Ok(None);
         }
+        for (i, m) in messages.iter().enumerate().skip(1) {
+            let stored = match self.stream.get_raw_message(first.sequence + i as u64).await {
+                Ok(s) => s,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(AppendError::Unavailable(e.to_string())),
+            };
+            if msg_id(&stored.headers).as_deref() != Some(m.msg_id.as_str()) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(first.sequence))
     }
+}
+
+fn msg_id(headers: &HeaderMap) -> Option<String> {
+    headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned())
 }

@@ -96,3 +96,20 @@ async fn history_cannot_be_deleted() -> Result<()> {
     assert_eq!(log.last_sequence().await?, 1);
     Ok(())
 }
+
+/// A retry that shares its first message with a stored batch but is not that batch is a
+/// conflict, not a duplicate: nothing of it is stored.
+#[tokio::test]
+async fn a_different_batch_sharing_a_first_message_is_not_a_duplicate() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let log = open(&server).await?;
+    log.append(&[msg("job.a", "c1:a", 0), msg("job.b", "c1:b", 0)])
+        .await?;
+    let err = log
+        .append(&[msg("job.a", "c1:a", 0), msg("job.c", "c1:c", 0)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AppendError::Conflict { .. }), "{err:?}");
+    assert_eq!(log.last_sequence().await?, 2);
+    Ok(())
+}

@@ -23,6 +23,8 @@ pub enum StoreError {
 
 /// A write of one key: a value, or `None` to delete it.
 pub type Write = (Vec<u8>, Option<Vec<u8>>);
+/// A stored key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
 
 /// The view store's contract.
 pub trait ViewStore: Clone + Send + Sync + 'static {
@@ -32,7 +34,7 @@ pub trait ViewStore: Clone + Send + Sync + 'static {
     fn commit(&self, writes: Vec<Write>, checkpoint: u64) -> Result<(), StoreError>;
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every key starting with `prefix`, in key order.
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
     /// Removes everything, checkpoint included.
     fn clear(&self) -> Result<(), StoreError>;
     /// Makes every commit so far durable.
@@ -121,7 +123,7 @@ impl ViewStore for SledStore {
             .map(|v| v.to_vec()))
     }
 
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
         self.db
             .scan_prefix(prefix)
             .map(|r| {

@@ -151,7 +151,7 @@ pub struct ErrorBody {
     pub message: String,
     /// The domain rejection, when there is one, with its fields.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rejection: Option<Rejection>,
+    pub rejection: Option<Box<Rejection>>,
 }
 
 impl ErrorBody {
@@ -177,7 +177,7 @@ impl From<Rejection> for ErrorBody {
             code,
             reason: r.reason_code().to_owned(),
             message: r.to_string(),
-            rejection: Some(r),
+            rejection: Some(Box::new(r)),
         }
     }
 }

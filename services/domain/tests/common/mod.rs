@@ -38,6 +38,7 @@ pub fn settings(gib: u64) -> DaemonSettings {
 }
 
 /// A state and a counter for command ids.
+#[derive(Default)]
 pub struct World {
     pub state: State,
     pub next: u64,
@@ -46,8 +47,8 @@ pub struct World {
 impl World {
     pub fn new() -> Self {
         World {
-            state: State::default(),
             next: 1,
+            ..World::default()
         }
     }
 

@@ -1,0 +1,193 @@
+//! The projector as a real process: killed with SIGKILL mid-stream it resumes, and its
+//! views equal a rebuild from the stream; queries answer from its views.
+
+use anyhow::Result;
+use handoff_domain::command::*;
+use handoff_domain::Command;
+use handoff_tests::*;
+use serde_json::json;
+
+use crate::moves::fleet;
+
+/// Moves every job of `from` to `to` and completes each.
+async fn move_and_complete(stack: &Stack, from: usize, to: usize) -> Result<()> {
+    let applied = stack.apply(move_jobs(from, to)).await?;
+    let plan = applied.plan.expect("a move has a plan");
+    for j in plan.jobs {
+        stack
+            .apply(Command::CompleteJobMove(CompleteJobMove {
+                job: j.job,
+                move_id: plan.move_id.clone(),
+                epoch: j.epoch,
+            }))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Killed with SIGKILL three times while events keep coming, the projector resumes each
+/// time from its own checkpoint; at the end its views equal, key for key, a rebuild
+/// from the stream into a fresh store.
+#[tokio::test]
+async fn a_projector_killed_mid_stream_resumes_and_equals_a_rebuild() -> Result<()> {
+    let stack = Stack::start().await?;
+    let dir = tempfile::tempdir()?;
+    let live = dir.path().join("live");
+    fleet(&stack).await?;
+    for n in 0..20 {
+        stack
+            .apply(replica_set("p1", &format!("extra{n}"), 1))
+            .await?;
+    }
+    let mut observed = Vec::new();
+    for round in 0..3 {
+        let projector = ProjectorProcess::spawn(&stack.url(), &live, &[])?;
+        // Let it fold part of the stream, then keep writing and kill it mid-way.
+        let reached = wait_for_checkpoint(&stack.client, 1).await?;
+        let (from, to) = [(1, 2), (2, 3), (3, 1)][round];
+        move_and_complete(&stack, from, to).await?;
+        projector.kill()?;
+        observed.push((reached, stack.last_seq().await?));
+    }
+    let end = stack.last_seq().await?;
+    assert!(
+        observed
+            .iter()
+            .all(|(reached, end_then)| reached < end_then),
+        "each kill came mid-stream: {observed:?}"
+    );
+
+    // Resumed, it catches up; stopped cleanly (SIGTERM) its last batch is flushed.
+    let projector = ProjectorProcess::spawn(&stack.url(), &live, &[])?;
+    wait_for_checkpoint(&stack.client, end).await?;
+    assert!(projector.terminate()?, "the projector did not stop cleanly");
+
+    let rebuilt = dir.path().join("rebuilt");
+    let rebuild = ProjectorProcess::spawn(
+        &stack.url(),
+        &rebuilt,
+        &["--name", "rebuild", "--rebuild", "--exit-when-caught-up"],
+    )?;
+    assert!(rebuild.wait()?, "the rebuild failed");
+
+    let (a, b) = (dump_views(&live)?, dump_views(&rebuilt)?);
+    assert!(a.len() > 100, "the views hold the fleet ({} keys)", a.len());
+    let keys = |v: &[(Vec<u8>, Vec<u8>)]| -> std::collections::BTreeSet<String> {
+        v.iter()
+            .map(|(k, _)| String::from_utf8_lossy(k).replace('\0', "|"))
+            .collect()
+    };
+    let (ka, kb) = (keys(&a), keys(&b));
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "only live: {:?}; only rebuilt: {:?}",
+        ka.difference(&kb).collect::<Vec<_>>(),
+        kb.difference(&ka).collect::<Vec<_>>()
+    );
+    for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
+        assert_eq!(
+            (String::from_utf8_lossy(ka), String::from_utf8_lossy(va)),
+            (String::from_utf8_lossy(kb), String::from_utf8_lossy(vb))
+        );
+    }
+    Ok(())
+}
+
+/// Queries answer from the views: assignments per daemon, jobs by daemon and moving,
+/// moves with per-job phases, history by job and by daemon.
+#[tokio::test]
+async fn queries_answer_from_the_views() -> Result<()> {
+    let stack = Stack::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _projector = ProjectorProcess::spawn(&stack.url(), dir.path(), &[])?;
+    fleet(&stack).await?;
+    let applied = stack.apply(move_job("p1/rs0", 2)).await?;
+    let move_id = applied.plan.expect("plan").move_id;
+    wait_for_checkpoint(&stack.client, stack.last_seq().await?).await?;
+
+    let c = &stack.client;
+    let assignments = query(c, "assignments", json!({ "daemon": daemon(1) }))
+        .await?
+        .expect("answered");
+    assert_eq!(assignments.as_array().map(Vec::len), Some(2));
+    let incoming = query(c, "assignments", json!({ "daemon": daemon(2) }))
+        .await?
+        .expect("answered");
+    assert_eq!(incoming[0]["moving_in"], json!(move_id));
+    assert_eq!(incoming[0]["epoch"], json!(2));
+
+    let moving = query(c, "jobs", json!({ "moving": true }))
+        .await?
+        .expect("answered");
+    assert_eq!(moving.as_array().map(Vec::len), Some(1));
+    let on_1 = query(c, "jobs", json!({ "daemon": daemon(1) }))
+        .await?
+        .expect("answered");
+    assert_eq!(
+        on_1.as_array().map(Vec::len),
+        Some(3),
+        "the moving job still involves its source"
+    );
+
+    let mv = query(c, "move", json!({ "move_id": move_id }))
+        .await?
+        .expect("answered");
+    assert_eq!(mv["status"], "in_progress");
+    assert_eq!(mv["jobs"]["p1/rs0"], "requested");
+    assert_eq!(mv["actor"], "admin");
+
+    let history = query(c, "history", json!({ "job": "p1/rs0" }))
+        .await?
+        .expect("answered");
+    let kinds: Vec<_> = history
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|h| h["type"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "BackupJobCreated",
+            "JobsAssigned",
+            "MoveStarted",
+            "JobMoveStarted",
+            "JobsAssigned"
+        ]
+    );
+    let by_daemon = query(c, "history", json!({ "daemon": daemon(2) }))
+        .await?
+        .expect("answered");
+    assert!(by_daemon
+        .as_array()
+        .expect("a list")
+        .iter()
+        .any(|h| h["type"] == "JobMoveStarted"));
+
+    let unknown = query(c, "job", json!({ "job": "p1/nope" }))
+        .await?
+        .expect_err("unknown");
+    assert_eq!(unknown["code"], "not_found");
+    let malformed = query(c, "job", json!({ "job": "a.b" }))
+        .await?
+        .expect_err("malformed");
+    assert_eq!(malformed["code"], "validation");
+
+    // The daemon view reflects the head space taken by the incoming job.
+    let d2 = query(c, "daemon", json!({ "daemon": daemon(2) }))
+        .await?
+        .expect("answered");
+    assert_eq!(d2["used_bytes"], json!(10u64 << 30));
+    // Removing daemons shows up too.
+    stack.apply(register(7, settings(1))).await?;
+    stack
+        .apply(Command::RemoveDaemon(RemoveDaemon { daemon: daemon(7) }))
+        .await?;
+    wait_for_checkpoint(c, stack.last_seq().await?).await?;
+    let d7 = query(c, "daemon", json!({ "daemon": daemon(7) }))
+        .await?
+        .expect("answered");
+    assert_eq!(d7["status"]["status"], "removed");
+    Ok(())
+}
