@@ -12,6 +12,7 @@ use crate::rejection::Invalid;
 
 /// Register a backup daemon (it takes jobs once registered and up).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RegisterDaemon {
     pub daemon: DaemonId,
@@ -20,6 +21,7 @@ pub struct RegisterDaemon {
 
 /// Replace a daemon's settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ConfigureDaemon {
     pub daemon: DaemonId,
@@ -28,6 +30,7 @@ pub struct ConfigureDaemon {
 
 /// Remove a daemon that owns no job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RemoveDaemon {
     pub daemon: DaemonId,
@@ -35,6 +38,7 @@ pub struct RemoveDaemon {
 
 /// Record that a daemon stopped (or resumed) answering heartbeats.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReportDaemonLiveness {
     pub daemon: DaemonId,
@@ -44,6 +48,7 @@ pub struct ReportDaemonLiveness {
 /// Create or change a project's job configuration: which daemons its jobs may use.
 /// An empty filter allows every daemon.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ConfigureProject {
     pub project: ProjectId,
@@ -55,6 +60,7 @@ pub struct ConfigureProject {
 
 /// Start backing up a deployment: creates its jobs and binds each to a daemon.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateBackupJobs {
     pub project: ProjectId,
@@ -63,6 +69,7 @@ pub struct CreateBackupJobs {
 
 /// Move every job of one daemon to another ("Move all heads").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MoveJobs {
     pub from: DaemonId,
@@ -76,6 +83,7 @@ pub struct MoveJobs {
 
 /// Move one job to another daemon ("Move head").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MoveJob {
     pub job: JobId,
@@ -88,6 +96,7 @@ pub struct MoveJob {
 
 /// The destination reports where its rebuild of a moving job stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReportJobMovePhase {
     pub job: JobId,
@@ -98,6 +107,7 @@ pub struct ReportJobMovePhase {
 
 /// The destination rebuilt the job's head and took it over.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CompleteJobMove {
     pub job: JobId,
@@ -107,6 +117,7 @@ pub struct CompleteJobMove {
 
 /// The move of a job failed (THEFT_FAILED); the job goes back to its previous owner.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FailJobMove {
     pub job: JobId,
@@ -117,6 +128,7 @@ pub struct FailJobMove {
 
 /// Every command the domain decides on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type")]
 pub enum Command {
     RegisterDaemon(RegisterDaemon),

@@ -20,6 +20,7 @@ pub const MAX_EVENTS_PER_UNIT: usize = 1000;
 
 /// Who asks, and when. Supplied by the command service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Context {
     pub command: CommandId,
     pub actor: Actor,
@@ -57,6 +58,7 @@ impl Decision {
 
 /// One job of a move plan.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PlannedJob {
     pub job: JobId,
     pub head_size_bytes: u64,
@@ -66,6 +68,7 @@ pub struct PlannedJob {
 
 /// A check of MISSION rule 3 that the move passed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Check {
     pub name: String,
     pub detail: String,
@@ -73,6 +76,7 @@ pub struct Check {
 
 /// What a move will do, shown by a dry run and returned with a real one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MovePlan {
     pub move_id: CommandId,
     pub scope: MoveScope,

@@ -14,6 +14,7 @@ use crate::model::{DaemonSettings, JobSize, JobTarget, MovePhase, MoveScope};
 
 /// A job handed to a daemon, with the epoch it must attach to everything it writes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct AssignedJob {
     pub job: JobId,
     pub epoch: u64,
@@ -21,6 +22,7 @@ pub struct AssignedJob {
 
 /// Why a daemon was given jobs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AssignmentCause {
     /// A new job was bound to the daemon.
@@ -33,6 +35,7 @@ pub enum AssignmentCause {
 
 /// Everything that can happen. Version 1 of each; see `Event::VERSION`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", content = "data")]
 pub enum Event {
     DaemonRegistered {

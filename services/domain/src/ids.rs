@@ -31,7 +31,7 @@ fn check_token(field: &'static str, value: &str, max: usize) -> Result<(), Inval
 }
 
 macro_rules! string_id {
-    ($(#[$doc:meta])* $name:ident, $check:expr) => {
+    ($(#[$doc:meta])* $name:ident, $pattern:literal, $check:expr) => {
         $(#[$doc])*
         #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
@@ -69,6 +69,17 @@ macro_rules! string_id {
                 f.write_str(&self.0)
             }
         }
+
+        #[cfg(feature = "schema")]
+        impl schemars::JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({ "type": "string", "pattern": $pattern })
+            }
+        }
     };
 }
 
@@ -76,6 +87,7 @@ string_id!(
     /// A backup daemon, named as Ops Manager names it: the machine and the head root
     /// directory, `host:/data/backup/` (the directory starts and ends with a slash).
     DaemonId,
+    "^[A-Za-z0-9._-]+:/([A-Za-z0-9/._-]*/)?$",
     |v| {
         const FIELD: &str = "daemon";
         if v.len() > 255 {
@@ -122,18 +134,21 @@ string_id!(
 string_id!(
     /// A project (Ops Manager's group): owns deployments and may filter daemons.
     ProjectId,
+    "^[A-Za-z0-9_-]{1,64}$",
     |v| check_token("project", v, 64)
 );
 
 string_id!(
     /// A label on a daemon, matched against a project's label filter.
     Label,
+    "^[A-Za-z0-9_-]{1,64}$",
     |v| check_token("label", v, 64)
 );
 
 string_id!(
     /// A replica set, a sharded cluster, or a shard of one.
     DeploymentName,
+    "^[A-Za-z0-9_-]{1,64}$",
     |v| check_token("deployment", v, 64)
 );
 
@@ -141,6 +156,7 @@ string_id!(
     /// A backup job: `project/replica-set`, `project/cluster/shard` or
     /// `project/cluster/config` for a sharded cluster's config servers.
     JobId,
+    "^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){1,2}$",
     |v| {
         let parts: Vec<&str> = v.split('/').collect();
         if !(2..=3).contains(&parts.len()) {
@@ -157,6 +173,7 @@ string_id!(
     /// A command's id, a ULID chosen by the client: retrying with the same id is safe.
     /// A move's id is the id of the command that started it.
     CommandId,
+    "^[0-7][0-9A-HJKMNP-TV-Z]{25}$",
     check_ulid
 );
 
@@ -179,6 +196,7 @@ string_id!(
     /// Who asked for a command. Verified by the command service (roles come with the
     /// security work); written on every event.
     Actor,
+    "^[A-Za-z0-9._@-]{1,128}$",
     |v| {
         if v.is_empty() || v.len() > 128 {
             return Err(Invalid::new("actor", "must be 1 to 128 characters"));

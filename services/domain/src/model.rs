@@ -26,6 +26,7 @@ pub const SSD_OPLOG_RATE_BYTES_PER_HOUR: u64 = 1_000_000_000;
 
 /// A daemon's head disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum HeadDiskType {
     Hdd,
@@ -34,6 +35,7 @@ pub enum HeadDiskType {
 
 /// A daemon's configuration, with the Admin API's names.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DaemonSettings {
     /// Takes new jobs (initial placement and moves).
@@ -96,6 +98,7 @@ pub(crate) fn check_bytes(field: &'static str, value: u64) -> Result<(), Invalid
 
 /// Whether a daemon answers heartbeats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Liveness {
     Up,
@@ -105,6 +108,7 @@ pub enum Liveness {
 
 /// What one job needs from a daemon: its head size and how fast its oplog grows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JobSize {
     pub head_size_bytes: u64,
@@ -121,6 +125,7 @@ impl JobSize {
 
 /// A shard of a sharded cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Shard {
     pub name: DeploymentName,
@@ -131,6 +136,7 @@ pub struct Shard {
 /// A deployment to back up: one job per replica set; one per shard plus one for the
 /// config servers of a sharded cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Deployment {
     ReplicaSet {
@@ -155,6 +161,7 @@ impl Deployment {
 
 /// What a job backs up.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobTarget {
     ReplicaSet {
@@ -171,6 +178,7 @@ pub enum JobTarget {
 
 /// Ops Manager's job states.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Provisioning,
@@ -182,6 +190,7 @@ pub enum JobStatus {
 
 /// Where one job's move stands. The last two are final.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum MovePhase {
     Requested,
@@ -199,6 +208,7 @@ impl MovePhase {
 
 /// What a move covers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MoveScope {
     /// Every job of the source daemon ("Move all heads").

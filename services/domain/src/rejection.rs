@@ -9,6 +9,7 @@ use crate::ids::{CommandId, DaemonId, JobId, Label, ProjectId};
 
 /// A field that does not have the form it must have. Fix the request; never retry as is.
 #[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[error("invalid {field}: {reason}")]
 pub struct Invalid {
     pub field: String,
@@ -26,6 +27,7 @@ impl Invalid {
 
 /// The kinds of thing a command may name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     Daemon,
@@ -47,6 +49,7 @@ impl std::fmt::Display for Kind {
 
 /// Why a command was refused. Nothing was appended.
 #[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Rejection {
     /// The request is malformed. Fix it; retrying as is gives the same answer.
@@ -145,6 +148,7 @@ impl From<Invalid> for Rejection {
 
 /// The families of rejection, which become the wire's error codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RejectionClass {
     /// Malformed request.

@@ -12,6 +12,7 @@ use crate::model::{DaemonSettings, JobSize, JobStatus, JobTarget, Liveness, Move
 
 /// A daemon is active (up or down) until it is removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "status", content = "liveness", rename_all = "snake_case")]
 pub enum DaemonStatus {
     Active(Liveness),
@@ -19,6 +20,7 @@ pub enum DaemonStatus {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Daemon {
     pub settings: DaemonSettings,
     pub status: DaemonStatus,
@@ -41,6 +43,7 @@ impl Daemon {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Project {
     /// Empty: every daemon allowed.
     pub daemon_filter: BTreeSet<DaemonId>,
@@ -51,6 +54,7 @@ pub struct Project {
 /// Who has a job. During a move the destination owns it (it holds the current epoch);
 /// the source keeps nothing but the right to get the job back if the move fails.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Assignment {
     Assigned {
@@ -65,6 +69,7 @@ pub enum Assignment {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Job {
     pub project: ProjectId,
     pub target: JobTarget,
@@ -86,6 +91,7 @@ impl Job {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Move {
     pub scope: MoveScope,
     pub from: DaemonId,
@@ -98,6 +104,7 @@ pub struct Move {
 
 /// Everything `decide` needs to know.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct State {
     pub daemons: BTreeMap<DaemonId, Daemon>,
     pub projects: BTreeMap<ProjectId, Project>,

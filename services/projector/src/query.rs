@@ -19,12 +19,11 @@ use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
 use handoff_domain::state::Assignment;
-use handoff_domain::{DaemonId, ProjectId};
-use handoff_protocol::api::query::{ByDaemon, ByJob, ByMove, History};
+use handoff_domain::DaemonId;
+use handoff_protocol::api::query::{ByDaemon, ByJob, ByMove, Empty, History, Jobs as JobsFilter};
 use handoff_protocol::api::MAX_REQUEST_BYTES;
 use handoff_protocol::{subjects, ErrorBody, ErrorCode};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
@@ -45,22 +44,6 @@ const ENDPOINTS: &[&str] = &[
     "move",
     "history",
 ];
-
-/// `jobs` filters; all optional.
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JobsFilter {
-    #[serde(default)]
-    daemon: Option<DaemonId>,
-    #[serde(default)]
-    project: Option<ProjectId>,
-    #[serde(default)]
-    moving: Option<bool>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Empty {}
 
 /// The running query service.
 pub struct QueryService {

@@ -19,11 +19,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use handoff_domain::model::{MovePhase, MoveScope};
-use handoff_domain::state::{Assignment, Daemon, Job, Project};
+use handoff_domain::model::MovePhase;
+use handoff_domain::state::Assignment;
 use handoff_domain::{CommandId, DaemonId, Event, JobId, ProjectId, State};
 use handoff_eventlog::Recorded;
-use serde::{Deserialize, Serialize};
+pub use handoff_protocol::views::{
+    AssignmentView, DaemonView, HistoryEntry, JobView, MoveStatus, MoveView, ProjectView,
+};
+use serde::Serialize;
 
 use crate::store::{StoreError, ViewStore, Write};
 
@@ -59,75 +62,6 @@ pub fn prefix(parts: &[&str]) -> Vec<u8> {
     let mut k = key(parts);
     k.push(0);
     k
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DaemonView {
-    pub daemon: DaemonId,
-    #[serde(flatten)]
-    pub state: Daemon,
-    pub free_bytes: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProjectView {
-    pub project: ProjectId,
-    #[serde(flatten)]
-    pub state: Project,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobView {
-    pub job: JobId,
-    pub owner: DaemonId,
-    #[serde(flatten)]
-    pub state: Job,
-}
-
-/// Where a move stands as a whole.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MoveStatus {
-    InProgress,
-    Completed,
-    Failed,
-    /// Finished, with some jobs completed and some failed.
-    PartlyFailed,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MoveView {
-    pub move_id: CommandId,
-    pub scope: MoveScope,
-    pub from: DaemonId,
-    pub to: DaemonId,
-    pub reason: Option<String>,
-    pub actor: String,
-    pub started_at: u64,
-    pub updated_at: u64,
-    pub planned: u32,
-    pub jobs: BTreeMap<JobId, MovePhase>,
-    pub status: MoveStatus,
-}
-
-/// A job a daemon owns; `moving_in` while the daemon rebuilds it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AssignmentView {
-    pub daemon: DaemonId,
-    pub job: JobId,
-    pub epoch: u64,
-    pub moving_in: Option<CommandId>,
-}
-
-/// One event in a job's or a daemon's history.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    pub seq: u64,
-    pub at: u64,
-    pub actor: String,
-    pub command: CommandId,
-    #[serde(flatten)]
-    pub event: Event,
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// A command as sent to its endpoint.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandRequest<C> {
     /// Chosen by the caller; resending the same id is safe and changes nothing.
@@ -43,6 +43,11 @@ macro_rules! endpoints {
                 },
             }),*
         ];
+
+        /// The JSON Schema of each endpoint's request, by endpoint name.
+        pub fn request_schemas() -> Vec<(&'static str, schemars::Schema)> {
+            vec![$(($name, schemars::schema_for!(CommandRequest<$variant>))),*]
+        }
 
         /// The endpoint of a command.
         pub fn endpoint_of(command: &Command) -> &'static str {
@@ -80,7 +85,7 @@ pub fn encode_request(id: &CommandId, actor: &handoff_domain::Actor, command: &C
 }
 
 /// An event appended by a command.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AppendedEvent {
     pub seq: u64,
     pub subject: String,
@@ -89,7 +94,7 @@ pub struct AppendedEvent {
 }
 
 /// A command that was applied (or, for a dry run, planned).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Applied {
     pub command: CommandId,
     /// The events the command appended, in stream order. Empty for a dry run or a
@@ -107,7 +112,7 @@ pub struct Applied {
 }
 
 /// The families of error, stable on the wire. How to react is in each variant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// Malformed request: fix it. Retrying as is gives the same answer.
@@ -142,7 +147,7 @@ impl ErrorCode {
 }
 
 /// Why a command was not applied.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ErrorBody {
     pub code: ErrorCode,
     /// A finer, stable reason (e.g. `assignment_disabled`, `malformed_json`).
@@ -183,7 +188,7 @@ impl From<Rejection> for ErrorBody {
 }
 
 /// The reply to every command.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     Ok(Applied),
@@ -204,28 +209,61 @@ pub mod query {
     use super::*;
 
     /// `handoff.query.job`: one job's view.
-    #[derive(Clone, Debug, Serialize, Deserialize)]
+    #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
     #[serde(deny_unknown_fields)]
     pub struct ByJob {
         pub job: JobId,
     }
 
     /// `handoff.query.daemon` and `handoff.query.assignments`.
-    #[derive(Clone, Debug, Serialize, Deserialize)]
+    #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
     #[serde(deny_unknown_fields)]
     pub struct ByDaemon {
         pub daemon: DaemonId,
     }
 
     /// `handoff.query.move`.
-    #[derive(Clone, Debug, Serialize, Deserialize)]
+    #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
     #[serde(deny_unknown_fields)]
     pub struct ByMove {
         pub move_id: CommandId,
     }
 
+    /// `handoff.query.jobs`: job views, filtered; every filter is optional.
+    #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct Jobs {
+        #[serde(default)]
+        pub daemon: Option<DaemonId>,
+        #[serde(default)]
+        pub project: Option<handoff_domain::ProjectId>,
+        #[serde(default)]
+        pub moving: Option<bool>,
+    }
+
+    /// A query without parameters (`status`, `daemons`, `projects`, `moves`): `{}` or
+    /// an empty body.
+    #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct Empty {}
+
+    /// `handoff.query.status`.
+    #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
+    pub struct Status {
+        /// The last stream sequence folded into the views.
+        pub checkpoint: u64,
+    }
+
+    /// The reply to every query.
+    #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum QueryReply<T> {
+        Ok(T),
+        Error(ErrorBody),
+    }
+
     /// `handoff.query.history`: events of one job or daemon, oldest first.
-    #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+    #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
     #[serde(deny_unknown_fields)]
     pub struct History {
         #[serde(default)]

@@ -12,7 +12,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 /// One stored event.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EventEnvelope {
     #[serde(flatten)]
     pub event: Event,

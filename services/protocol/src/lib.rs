@@ -6,11 +6,15 @@
 //!   query endpoints.
 //! - [`envelope`]: an event as stored: type, version, data and who/when/which command;
 //!   decoding reads older versions (upcasting).
-//! - [`api`]: command requests, replies and error codes; query requests and answers.
+//! - [`api`]: command requests, replies and error codes; query requests.
+//! - [`views`]: what queries answer.
+//! - [`schemas`]: the JSON Schema of everything above, as written to `schemas/`.
 
 pub mod api;
 pub mod envelope;
+pub mod schemas;
 pub mod subjects;
+pub mod views;
 
 pub use api::{Applied, CommandRequest, ErrorBody, ErrorCode, Reply};
 pub use envelope::{DecodeError, EventEnvelope};

@@ -1,0 +1,77 @@
+//! The projector's views, as the query service answers them.
+
+use std::collections::BTreeMap;
+
+use handoff_domain::model::{MovePhase, MoveScope};
+use handoff_domain::state::{Daemon, Job, Project};
+use handoff_domain::{CommandId, DaemonId, Event, JobId, ProjectId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct DaemonView {
+    pub daemon: DaemonId,
+    #[serde(flatten)]
+    pub state: Daemon,
+    pub free_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ProjectView {
+    pub project: ProjectId,
+    #[serde(flatten)]
+    pub state: Project,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct JobView {
+    pub job: JobId,
+    pub owner: DaemonId,
+    #[serde(flatten)]
+    pub state: Job,
+}
+
+/// Where a move stands as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveStatus {
+    InProgress,
+    Completed,
+    Failed,
+    /// Finished, with some jobs completed and some failed.
+    PartlyFailed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct MoveView {
+    pub move_id: CommandId,
+    pub scope: MoveScope,
+    pub from: DaemonId,
+    pub to: DaemonId,
+    pub reason: Option<String>,
+    pub actor: String,
+    pub started_at: u64,
+    pub updated_at: u64,
+    pub planned: u32,
+    pub jobs: BTreeMap<JobId, MovePhase>,
+    pub status: MoveStatus,
+}
+
+/// A job a daemon owns; `moving_in` while the daemon rebuilds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AssignmentView {
+    pub daemon: DaemonId,
+    pub job: JobId,
+    pub epoch: u64,
+    pub moving_in: Option<CommandId>,
+}
+
+/// One event in a job's or a daemon's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct HistoryEntry {
+    pub seq: u64,
+    pub at: u64,
+    pub actor: String,
+    pub command: CommandId,
+    #[serde(flatten)]
+    pub event: Event,
+}
