@@ -1,24 +1,60 @@
-//! The `handoff` binary's wiring: argument parsing, logging, and the services it runs.
-//! `main.rs` only calls [`main`].
+//! The `handoff` binary: the operator's command line, the services, and a local stack.
+//! `main.rs` only parses the arguments and calls [`run`].
+//!
+//! # Layout
+//! - [`client`]: commands, queries and the event stream over NATS.
+//! - [`cmd`]: one module per group of subcommands (fleet, moves, history).
+//! - [`stack`]: `handoff up`: a nats-server child, the services and a sample fleet.
+//! - [`demo`]: `handoff demo`: the story of a lost daemon, told on a local stack.
+//! - [`output`]: tables, sizes and times for people; `--json` prints the wire values.
+//!
+//! Exit codes: 0 done, 1 refused by the service (the reason is printed), 2 usage or
+//! connection error.
+
+pub mod client;
+pub mod cmd;
+pub mod demo;
+pub mod output;
+pub mod stack;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use handoff_protocol::ErrorBody;
 
-/// Keeps backup jobs on healthy backup daemons and moves a lost daemon's jobs.
+/// The default NATS URL when neither --nats-url nor HANDOFF_NATS_URL is given.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+const EXAMPLES: &str = "\
+Examples:
+  handoff up                                      # a local stack with a sample fleet
+  handoff daemons                                 # every daemon, its liveness and head space
+  handoff move-jobs --from backup1.example.net:/data/backup/ \\
+                    --to backup3.example.net:/data/backup/ --dry-run
+  handoff move-jobs --from A --to B --reason \"server lost\" --wait
+  handoff move-job sales/orders --to backup2.example.net:/data/backup/
+  handoff history --job sales/orders              # the audit trail, from the event stream
+  handoff watch --daemon backup2.example.net:/data/backup/ --json
+  handoff demo                                    # the whole story on a throwaway stack
+
+Exit codes: 0 done, 1 refused by handoff (the reason is printed), 2 usage or connection error.";
+
+/// Keeps MongoDB-style backup jobs on healthy backup daemons and moves a lost daemon's
+/// jobs to another one, over NATS JetStream.
 #[derive(Debug, Parser)]
-#[command(name = "handoff", version, about)]
+#[command(name = "handoff", version, about, after_help = EXAMPLES)]
 pub struct Cli {
-    /// The NATS server to use.
-    #[arg(
-        long,
-        env = "HANDOFF_NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        global = true
-    )]
-    pub nats_url: String,
-    /// Log format.
+    /// The NATS server [default: nats://127.0.0.1:4222; `up` and `demo` start their own].
+    #[arg(long, env = "HANDOFF_NATS_URL", global = true)]
+    pub nats_url: Option<String>,
+    /// Print JSON (the values on the wire) instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Who is asking; written on every event.
+    #[arg(long, env = "HANDOFF_ACTOR", default_value = "operator", global = true)]
+    pub actor: String,
+    /// Log format (logs go to stderr; RUST_LOG sets the level).
     #[arg(long, value_enum, default_value = "text", global = true)]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -33,39 +69,103 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
+    /// List daemons: liveness, settings, jobs and head space.
+    Daemons,
+    /// Register, configure, remove or show a daemon.
+    #[command(subcommand)]
+    Daemon(cmd::fleet::DaemonCmd),
+    /// List projects and their filters.
+    Projects,
+    /// Configure a project's daemon and label filters.
+    #[command(subcommand)]
+    Project(cmd::fleet::ProjectCmd),
+    /// List backup jobs.
+    Jobs(cmd::fleet::JobsArgs),
+    /// Create backup jobs.
+    #[command(subcommand)]
+    Job(cmd::fleet::JobCmd),
+    /// Move every job of one daemon to another ("Move all heads").
+    MoveJobs(cmd::moves::MoveJobsArgs),
+    /// Move one job to another daemon ("Move head").
+    MoveJob(cmd::moves::MoveJobArgs),
+    /// Moves in progress and recent, with each job's phase.
+    Moves,
+    /// The audit trail of a job or a daemon, read from the event stream itself.
+    History(cmd::history::HistoryArgs),
+    /// Print events as they happen.
+    Watch(cmd::history::WatchArgs),
+    /// Run a local stack: nats-server, command service, projector and a sample fleet.
+    Up(stack::UpArgs),
+    /// Play the story of a lost daemon on a throwaway local stack.
+    Demo(demo::DemoArgs),
     /// Run the command service (the only writer of the event stream).
     CommandService,
     /// Run a projector: fold the event stream into sled views and answer queries.
-    Projector {
-        /// The directory of its sled views.
-        #[arg(long, default_value = ".handoff/views")]
-        data: PathBuf,
-        /// Names its consumer; run each projector with its own name and directory.
-        #[arg(long, default_value = "main")]
-        name: String,
-        /// Clear the views and fold the whole stream again, then keep running.
-        #[arg(long)]
-        rebuild: bool,
-        /// With --rebuild: stop once the views include the stream's last event.
-        #[arg(long, requires = "rebuild")]
-        exit_when_caught_up: bool,
-    },
+    Projector(ProjectorArgs),
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+#[derive(Debug, Args)]
+pub struct ProjectorArgs {
+    /// The directory of its sled views.
+    #[arg(long, default_value = ".handoff/views")]
+    pub data: PathBuf,
+    /// Names its consumer; run each projector with its own name and directory.
+    #[arg(long, default_value = "main")]
+    pub name: String,
+    /// Clear the views and fold the whole stream again, then keep running.
+    #[arg(long)]
+    pub rebuild: bool,
+    /// With --rebuild: stop once the views include the stream's last event.
+    #[arg(long, requires = "rebuild")]
+    pub exit_when_caught_up: bool,
+}
+
+/// Why a subcommand did not succeed, and so its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// handoff refused: exit 1.
+    #[error("{}", .0.message)]
+    Refused(ErrorBody),
+    /// Bad arguments, or handoff could not be reached: exit 2.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Usage(format!("{e:#}"))
     }
 }
 
+/// Global settings every subcommand gets.
+pub struct Context {
+    pub url: String,
+    pub url_given: bool,
+    pub json: bool,
+    pub actor: handoff_domain::Actor,
+}
+
+impl Context {
+    pub async fn api(&self) -> Result<client::Api, Failure> {
+        client::Api::connect(&self.url, self.actor.clone()).await
+    }
+}
+
+fn init_logging(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Ignored: a second initialisation (in tests) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
 /// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler only fails outside a Tokio runtime");
     tokio::select! {
@@ -74,47 +174,94 @@ async fn shutdown_signal() {
     }
 }
 
-async fn connect(url: &str) -> Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .name("handoff")
-        .connect(url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {url}"))
+/// Runs the command line and returns the process's exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let services = matches!(
+        cli.command,
+        Cmd::CommandService | Cmd::Projector(_) | Cmd::Up(_)
+    );
+    init_logging(cli.log_format, if services { "info" } else { "warn" });
+    let json = cli.json;
+    let result = match handoff_domain::Actor::new(cli.actor.clone()) {
+        Err(e) => Err(Failure::Usage(format!("--actor: {e}"))),
+        Ok(actor) => {
+            let ctx = Context {
+                url_given: cli.nats_url.is_some(),
+                url: cli
+                    .nats_url
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned()),
+                json,
+                actor,
+            };
+            dispatch(cli.command, &ctx).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Refused(e)) => {
+            if json {
+                println!("{}", serde_json::json!({ "error": e }));
+            } else {
+                eprintln!("refused: {} ({})", e.message, e.reason);
+            }
+            ExitCode::from(1)
+        }
+        Err(Failure::Usage(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
-/// Runs the command line.
-pub async fn main(cli: Cli) -> Result<()> {
-    init_logging(cli.log_format);
-    match cli.command {
+async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
+    match command {
+        Cmd::Daemons => cmd::fleet::daemons(ctx).await,
+        Cmd::Daemon(c) => cmd::fleet::daemon(ctx, c).await,
+        Cmd::Projects => cmd::fleet::projects(ctx).await,
+        Cmd::Project(c) => cmd::fleet::project(ctx, c).await,
+        Cmd::Jobs(a) => cmd::fleet::jobs(ctx, a).await,
+        Cmd::Job(c) => cmd::fleet::job(ctx, c).await,
+        Cmd::MoveJobs(a) => cmd::moves::move_jobs(ctx, a).await,
+        Cmd::MoveJob(a) => cmd::moves::move_job(ctx, a).await,
+        Cmd::Moves => cmd::moves::moves(ctx).await,
+        Cmd::History(a) => cmd::history::history(ctx, a).await,
+        Cmd::Watch(a) => cmd::history::watch(ctx, a).await,
+        Cmd::Up(a) => stack::up(ctx, a).await,
+        Cmd::Demo(a) => demo::demo(ctx, a).await,
         Cmd::CommandService => {
-            let client = connect(&cli.nats_url).await?;
+            let client = ctx.api().await?.client;
             let service = handoff_command::start(client, handoff_command::Config::default())
                 .await
-                .context("starting the command service")?;
+                .map_err(|e| Failure::Usage(format!("starting the command service: {e}")))?;
             tracing::info!("command service ready");
-            service.run(shutdown_signal()).await?;
+            service
+                .run(shutdown_signal())
+                .await
+                .map_err(|e| Failure::Usage(e.to_string()))
         }
-        Cmd::Projector {
-            data,
-            name,
-            rebuild,
-            exit_when_caught_up,
-        } => {
-            let client = connect(&cli.nats_url).await?;
-            let mut config = handoff_projector::Config::new(data);
-            config.name = name;
-            config.rebuild = rebuild;
+        Cmd::Projector(a) => {
+            let client = ctx.api().await?.client;
+            let mut config = handoff_projector::Config::new(a.data);
+            config.name = a.name;
+            config.rebuild = a.rebuild;
             let projector = handoff_projector::start(client, config)
                 .await
-                .context("starting the projector")?;
+                .map_err(|e| Failure::Usage(format!("starting the projector: {e}")))?;
             tracing::info!("projector ready");
-            if exit_when_caught_up {
-                let at = projector.run_until_caught_up().await?;
+            if a.exit_when_caught_up {
+                let at = projector
+                    .run_until_caught_up()
+                    .await
+                    .map_err(|e| Failure::Usage(e.to_string()))?;
                 tracing::info!(checkpoint = at, "views rebuilt");
+                Ok(())
             } else {
-                projector.run(shutdown_signal()).await?;
+                projector
+                    .run(shutdown_signal())
+                    .await
+                    .map_err(|e| Failure::Usage(e.to_string()))
             }
         }
     }
-    Ok(())
 }

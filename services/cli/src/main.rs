@@ -1,6 +1,6 @@
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    handoff::main(handoff::Cli::parse()).await
+async fn main() -> std::process::ExitCode {
+    handoff::run(handoff::Cli::parse()).await
 }

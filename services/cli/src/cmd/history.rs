@@ -1,0 +1,237 @@
+//! `history` (the audit replay, read from the event stream itself, not from any view)
+//! and `watch` (events as they happen).
+
+use clap::Args;
+use handoff_domain::model::MoveScope;
+use handoff_domain::{DaemonId, Event, JobId};
+use handoff_eventlog::Recorded;
+use serde_json::json;
+
+use super::fleet::{daemon_id, job_id};
+use crate::output::{bytes, parse_since, time};
+use crate::{Context, Failure};
+
+/// Which events to show.
+#[derive(Debug, Args)]
+pub struct Filter {
+    /// Only events about this job.
+    #[arg(long, value_parser = job_id)]
+    pub job: Option<JobId>,
+    /// Only events about this daemon.
+    #[arg(long, value_parser = daemon_id)]
+    pub daemon: Option<DaemonId>,
+}
+
+impl Filter {
+    fn matches(&self, e: &Event) -> bool {
+        self.job.as_ref().is_none_or(|j| e.jobs().contains(&j))
+            && self
+                .daemon
+                .as_ref()
+                .is_none_or(|d| e.daemons().contains(&d))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub filter: Filter,
+    /// Only events from this time on: RFC 3339, or an age like 30m, 2h, 7d.
+    #[arg(long)]
+    pub since: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub filter: Filter,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+pub async fn history(ctx: &Context, a: HistoryArgs) -> Result<(), Failure> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let since = a
+        .since
+        .as_deref()
+        .map(|s| parse_since(s, now))
+        .transpose()
+        .map_err(|e| Failure::Usage(format!("--since: {e}")))?;
+    let api = ctx.api().await?;
+    let log = api.log().await?;
+    let end = log
+        .last_sequence()
+        .await
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    if end == 0 {
+        return Ok(());
+    }
+    let mut reader = log
+        .read_from(1)
+        .await
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    loop {
+        let r = reader
+            .next()
+            .await
+            .map_err(|e| Failure::Usage(e.to_string()))?;
+        if a.filter.matches(&r.envelope.event) && since.is_none_or(|s| r.envelope.at >= s) {
+            print_event(ctx, &r);
+        }
+        if r.seq >= end {
+            return Ok(());
+        }
+    }
+}
+
+pub async fn watch(ctx: &Context, a: WatchArgs) -> Result<(), Failure> {
+    let api = ctx.api().await?;
+    let log = api.log().await?;
+    let end = log
+        .last_sequence()
+        .await
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let mut reader = log
+        .read_from(end + 1)
+        .await
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    if !ctx.json {
+        eprintln!("watching events after #{end} (Ctrl-C to stop)");
+    }
+    let mut shown = 0;
+    while a.limit.is_none_or(|l| shown < l) {
+        let r = tokio::select! {
+            r = reader.next() => r.map_err(|e| Failure::Usage(e.to_string()))?,
+            _ = crate::shutdown_signal() => return Ok(()),
+        };
+        if a.filter.matches(&r.envelope.event) {
+            print_event(ctx, &r);
+            shown += 1;
+        }
+    }
+    Ok(())
+}
+
+fn print_event(ctx: &Context, r: &Recorded) {
+    if ctx.json {
+        let mut v = serde_json::to_value(&r.envelope).expect("envelopes serialize");
+        v["seq"] = json!(r.seq);
+        v["subject"] = json!(r.subject);
+        println!("{v}");
+    } else {
+        println!(
+            "{}  #{:<6} {:<12} {:<22} {}",
+            time(r.envelope.at),
+            r.seq,
+            r.envelope.actor,
+            r.envelope.event.type_name(),
+            describe(&r.envelope.event)
+        );
+    }
+}
+
+/// One line for people about an event.
+pub fn describe(e: &Event) -> String {
+    match e {
+        Event::DaemonRegistered { daemon, settings } => format!(
+            "{daemon} registered: {} {} head space, assignment {}",
+            bytes(settings.head_space_bytes),
+            crate::output::name(&settings.head_disk_type),
+            if settings.assignment_enabled {
+                "enabled"
+            } else {
+                "disabled"
+            }
+        ),
+        Event::DaemonConfigured { daemon, settings } => format!(
+            "{daemon} configured: {} head space, assignment {}",
+            bytes(settings.head_space_bytes),
+            if settings.assignment_enabled {
+                "enabled"
+            } else {
+                "disabled"
+            }
+        ),
+        Event::DaemonRemoved { daemon } => format!("{daemon} removed"),
+        Event::DaemonDown { daemon } => format!("{daemon} is down (DAEMON_DOWN)"),
+        Event::DaemonUp { daemon } => format!("{daemon} is up (DAEMON_UP)"),
+        Event::ProjectConfigured {
+            project,
+            daemon_filter,
+            label_filter,
+        } => format!(
+            "project {project} configured: {} daemon(s) in its filter, labels {:?}",
+            daemon_filter.len(),
+            label_filter.iter().map(|l| l.as_str()).collect::<Vec<_>>()
+        ),
+        Event::BackupJobCreated {
+            job, daemon, size, ..
+        } => format!(
+            "job {job} created on {daemon} ({} head)",
+            bytes(size.head_size_bytes)
+        ),
+        Event::JobsAssigned {
+            daemon,
+            cause,
+            jobs,
+        } => format!(
+            "{daemon} assigned {} job(s) ({})",
+            jobs.len(),
+            match cause {
+                handoff_domain::event::AssignmentCause::Placement => "new".to_owned(),
+                handoff_domain::event::AssignmentCause::Move { move_id } =>
+                    format!("move {move_id}"),
+                handoff_domain::event::AssignmentCause::MoveFailed { move_id } =>
+                    format!("move {move_id} failed, returned"),
+            }
+        ),
+        Event::MoveStarted {
+            move_id,
+            scope,
+            from,
+            to,
+            reason,
+            jobs,
+        } => format!(
+            "move {move_id} of {} from {from} to {to}: {jobs} job(s){}",
+            match scope {
+                MoveScope::AllJobsOf { .. } => "all jobs".to_owned(),
+                MoveScope::OneJob { job } => format!("job {job}"),
+            },
+            reason
+                .as_deref()
+                .map(|r| format!(", reason: {r}"))
+                .unwrap_or_default()
+        ),
+        Event::JobMoveStarted {
+            job,
+            from,
+            to,
+            epoch,
+            ..
+        } => {
+            format!("job {job} moving from {from} to {to} (epoch {epoch})")
+        }
+        Event::JobMovePhaseReported { job, phase, .. } => {
+            format!("job {job}: {}", crate::output::name(&phase))
+        }
+        Event::JobMoveCompleted {
+            job, daemon, epoch, ..
+        } => {
+            format!("job {job} now on {daemon} (epoch {epoch})")
+        }
+        Event::JobMoveFailed {
+            job,
+            reason,
+            returned_to,
+            epoch,
+            ..
+        } => format!(
+            "job {job} move failed (THEFT_FAILED): {reason}; back on {returned_to} (epoch {epoch})"
+        ),
+    }
+}

@@ -1,0 +1,299 @@
+//! Moves: `move-jobs`, `move-job` (with `--dry-run` and `--wait`) and `moves`.
+
+use std::collections::BTreeMap;
+
+use clap::Args;
+use handoff_domain::command::{MoveJob, MoveJobs};
+use handoff_domain::model::MovePhase;
+use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, MovePlan};
+use handoff_protocol::views::MoveView;
+use handoff_protocol::{Applied, ErrorBody, ErrorCode};
+use serde_json::json;
+
+use super::fleet::{daemon_id, job_id};
+use super::{command_id, print_json};
+use crate::output::{bytes, time, Table};
+use crate::{Context, Failure};
+
+#[derive(Debug, Args)]
+pub struct MoveOptions {
+    /// Check and print the plan; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Why (recorded in the history).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// The command id (a ULID); give the same one to retry safely.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Follow the move until every job is completed or failed.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MoveJobsArgs {
+    /// The daemon whose jobs move (usually a lost one).
+    #[arg(long, value_parser = daemon_id)]
+    pub from: DaemonId,
+    /// The daemon that takes them.
+    #[arg(long, value_parser = daemon_id)]
+    pub to: DaemonId,
+    #[command(flatten)]
+    pub options: MoveOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct MoveJobArgs {
+    #[arg(value_parser = job_id)]
+    pub job: JobId,
+    #[arg(long, value_parser = daemon_id)]
+    pub to: DaemonId,
+    #[command(flatten)]
+    pub options: MoveOptions,
+}
+
+pub async fn move_jobs(ctx: &Context, a: MoveJobsArgs) -> Result<(), Failure> {
+    let command = Command::MoveJobs(MoveJobs {
+        from: a.from,
+        to: a.to,
+        reason: a.options.reason.clone(),
+        dry_run: a.options.dry_run,
+    });
+    run_move(ctx, command, a.options).await
+}
+
+pub async fn move_job(ctx: &Context, a: MoveJobArgs) -> Result<(), Failure> {
+    let command = Command::MoveJob(MoveJob {
+        job: a.job,
+        to: a.to,
+        reason: a.options.reason.clone(),
+        dry_run: a.options.dry_run,
+    });
+    run_move(ctx, command, a.options).await
+}
+
+async fn run_move(ctx: &Context, command: Command, options: MoveOptions) -> Result<(), Failure> {
+    let api = ctx.api().await?;
+    let id = command_id(options.id)?;
+    let applied = api.command(&id, &command).await?;
+    if ctx.json && !options.wait {
+        print_json(&applied);
+        return Ok(());
+    }
+    if !ctx.json {
+        print_applied(&applied);
+    }
+    if options.wait {
+        let plan = applied.plan.clone();
+        let jobs: Vec<JobId> = match &plan {
+            Some(p) => p.jobs.iter().map(|j| j.job.clone()).collect(),
+            // A retried command is answered without its plan: follow what it started.
+            None => started_jobs(&api, &id, &applied).await?,
+        };
+        let from = applied.events.first().map_or(1, |e| e.seq);
+        return wait(ctx, &api, &id, jobs, from).await;
+    }
+    Ok(())
+}
+
+fn print_applied(applied: &Applied) {
+    if let Some(plan) = &applied.plan {
+        print_plan(plan, applied.dry_run);
+    }
+    if applied.dry_run {
+        println!("dry run: nothing changed");
+    } else if applied.duplicate {
+        println!(
+            "move {} was already applied ({} events); nothing changed",
+            applied.command,
+            applied.events.len()
+        );
+    } else {
+        println!(
+            "move {} started: {} events appended",
+            applied.command,
+            applied.events.len()
+        );
+    }
+}
+
+fn print_plan(plan: &MovePlan, dry_run: bool) {
+    println!(
+        "move {}{}: {} job(s) from {} to {}",
+        plan.move_id,
+        if dry_run { " (dry run)" } else { "" },
+        plan.jobs.len(),
+        plan.from,
+        plan.to
+    );
+    let mut t = Table::new(&["  JOB", "HEAD", "NEW EPOCH"]);
+    for j in &plan.jobs {
+        t.row(vec![
+            format!("  {}", j.job),
+            bytes(j.head_size_bytes),
+            j.epoch.to_string(),
+        ]);
+    }
+    t.print();
+    println!("checks passed:");
+    for c in &plan.checks {
+        println!("  ok  {:<24} {}", c.name, c.detail);
+    }
+    println!(
+        "head space on {}: {} free before, {} after (the jobs use {})",
+        plan.to,
+        bytes(plan.destination_free_before),
+        bytes(plan.destination_free_after),
+        bytes(plan.needed_bytes)
+    );
+}
+
+/// The jobs a move started, read from the stream.
+async fn started_jobs(
+    api: &crate::client::Api,
+    id: &CommandId,
+    applied: &Applied,
+) -> Result<Vec<JobId>, Failure> {
+    let log = api.log().await?;
+    let mut reader = log
+        .read_from(applied.events.first().map_or(1, |e| e.seq))
+        .await
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let mut jobs = Vec::new();
+    for _ in &applied.events {
+        let r = reader
+            .next()
+            .await
+            .map_err(|e| Failure::Usage(e.to_string()))?;
+        if let Event::JobMoveStarted { job, move_id, .. } = &r.envelope.event {
+            if move_id == id {
+                jobs.push(job.clone());
+            }
+        }
+    }
+    Ok(jobs)
+}
+
+/// Follows the move's job events on the stream until every job is final.
+async fn wait(
+    ctx: &Context,
+    api: &crate::client::Api,
+    id: &CommandId,
+    jobs: Vec<JobId>,
+    from_seq: u64,
+) -> Result<(), Failure> {
+    let log = api.log().await?;
+    let mut reader = log
+        .read_filtered(from_seq, "handoff.evt.job.>")
+        .await
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let mut phases: BTreeMap<JobId, MovePhase> = jobs
+        .into_iter()
+        .map(|j| (j, MovePhase::Requested))
+        .collect();
+    if !ctx.json {
+        println!(
+            "waiting for {} job(s) to be rebuilt on the destination...",
+            phases.len()
+        );
+    }
+    while phases.values().any(|p| !p.is_final()) {
+        let r = reader
+            .next()
+            .await
+            .map_err(|e| Failure::Usage(e.to_string()))?;
+        let (job, phase, detail) = match &r.envelope.event {
+            Event::JobMovePhaseReported {
+                job,
+                move_id,
+                phase,
+            } if move_id == id => (job, *phase, String::new()),
+            Event::JobMoveCompleted {
+                job,
+                move_id,
+                daemon,
+                epoch,
+            } if move_id == id => (
+                job,
+                MovePhase::Completed,
+                format!(" on {daemon}, epoch {epoch}"),
+            ),
+            Event::JobMoveFailed {
+                job,
+                move_id,
+                reason,
+                returned_to,
+                ..
+            } if move_id == id => (
+                job,
+                MovePhase::Failed,
+                format!(" (THEFT_FAILED: {reason}); back on {returned_to}"),
+            ),
+            _ => continue,
+        };
+        if let Some(p) = phases.get_mut(job) {
+            *p = phase;
+            if ctx.json {
+                println!("{}", json!({ "seq": r.seq, "job": job, "phase": phase }));
+            } else {
+                println!("  {job:<32} {}{detail}", crate::output::name(&phase));
+            }
+        }
+    }
+    let failed = phases.values().filter(|p| **p == MovePhase::Failed).count();
+    if failed > 0 {
+        return Err(Failure::Refused(ErrorBody::new(
+            ErrorCode::Refused,
+            "theft_failed",
+            format!(
+                "move {id} finished with {failed} of {} job(s) failed (THEFT_FAILED)",
+                phases.len()
+            ),
+        )));
+    }
+    if !ctx.json {
+        println!(
+            "move {id} completed: {} job(s) on their new daemon",
+            phases.len()
+        );
+    }
+    Ok(())
+}
+
+pub async fn moves(ctx: &Context) -> Result<(), Failure> {
+    let list: Vec<MoveView> = ctx.api().await?.query("moves", json!({})).await?;
+    if ctx.json {
+        print_json(&list);
+        return Ok(());
+    }
+    let mut t = Table::new(&[
+        "MOVE", "STARTED", "STATUS", "FROM", "TO", "JOBS", "BY", "REASON",
+    ]);
+    for m in &list {
+        let done = m.jobs.values().filter(|p| p.is_final()).count();
+        t.row(vec![
+            m.move_id.to_string(),
+            time(m.started_at),
+            crate::output::name(&m.status),
+            m.from.to_string(),
+            m.to.to_string(),
+            format!("{done}/{}", m.planned),
+            m.actor.clone(),
+            m.reason.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    t.print();
+    for m in list
+        .iter()
+        .filter(|m| m.jobs.values().any(|p| !p.is_final()))
+    {
+        println!("\nmove {} in progress:", m.move_id);
+        let mut t = Table::new(&["  JOB", "PHASE"]);
+        for (job, phase) in &m.jobs {
+            t.row(vec![format!("  {job}"), crate::output::name(&phase)]);
+        }
+        t.print();
+    }
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! `handoff up`: everything in one foreground process. A nats-server child (its data in a
+//! local directory, stopped with the stack) unless `--nats-url` names a running server,
+//! the command service, a projector, and a sample fleet.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use handoff_domain::command::*;
+use handoff_domain::ids::DeploymentName;
+use handoff_domain::model::{DaemonSettings, Deployment, HeadDiskType, JobSize, Shard};
+use handoff_domain::{Command, CommandId, DaemonId, Label, ProjectId};
+use handoff_natsd::NatsProcess;
+use tokio::sync::oneshot;
+
+use crate::{Context, Failure};
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where the stack keeps its data: the NATS store and the projector's views.
+    #[arg(long, default_value = ".handoff")]
+    pub data: PathBuf,
+    /// Client port of the nats-server it starts (0: any free port).
+    #[arg(long, default_value_t = 4222)]
+    pub port: u16,
+    /// Do not create the sample fleet.
+    #[arg(long)]
+    pub no_sample: bool,
+}
+
+/// A running stack.
+pub struct Stack {
+    pub url: String,
+    nats: Option<NatsProcess>,
+    stops: Vec<oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+impl Stack {
+    /// Starts the stack with its data under `data`; on `url` when given, else on a
+    /// nats-server of its own on `port` (0: any).
+    pub async fn start(data: &Path, url: Option<&str>, port: u16) -> Result<Stack, Failure> {
+        std::fs::create_dir_all(data)
+            .map_err(|e| Failure::Usage(format!("cannot create {}: {e}", data.display())))?;
+        let (nats, url) = match url {
+            Some(u) => (None, u.to_owned()),
+            None => {
+                let roots = [
+                    std::env::current_dir().unwrap_or_default(),
+                    std::env::current_exe().unwrap_or_default(),
+                ];
+                let bin = handoff_natsd::find_binary(&roots)
+                    .map_err(|e| Failure::Usage(format!("{e}; or give --nats-url")))?;
+                let dir = data.join("nats");
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| Failure::Usage(format!("cannot create {}: {e}", dir.display())))?;
+                let p = NatsProcess::start(bin, &dir, (port != 0).then_some(port))
+                    .await
+                    .map_err(|e| Failure::Usage(e.to_string()))?;
+                let url = p.url();
+                (Some(p), url)
+            }
+        };
+        let mut stack = Stack {
+            url: url.clone(),
+            nats,
+            stops: Vec::new(),
+            tasks: Vec::new(),
+        };
+        let connect = || async {
+            async_nats::connect(&url)
+                .await
+                .map_err(|e| Failure::Usage(format!("cannot connect to NATS at {url}: {e}")))
+        };
+        let commands = handoff_command::start(connect().await?, handoff_command::Config::default())
+            .await
+            .map_err(|e| Failure::Usage(format!("starting the command service: {e}")))?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        stack.stops.push(stop);
+        stack.tasks.push(tokio::spawn(async move {
+            commands
+                .run(async {
+                    // Ignored: a dropped sender stops the service too.
+                    let _ = stopped.await;
+                })
+                .await
+                .map_err(|e| e.to_string())
+        }));
+        let projector = handoff_projector::start(
+            connect().await?,
+            handoff_projector::Config::new(data.join("views")),
+        )
+        .await
+        .map_err(|e| Failure::Usage(format!("starting the projector: {e}")))?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        stack.stops.push(stop);
+        stack.tasks.push(tokio::spawn(async move {
+            projector
+                .run(async {
+                    // Ignored: a dropped sender stops the projector too.
+                    let _ = stopped.await;
+                })
+                .await
+                .map_err(|e| e.to_string())
+        }));
+        Ok(stack)
+    }
+
+    /// Stops the services, then the nats-server it started.
+    pub async fn stop(mut self) {
+        for s in self.stops.drain(..) {
+            // Ignored: the service may have stopped already.
+            let _ = s.send(());
+        }
+        for t in self.tasks.drain(..) {
+            match t.await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "a service stopped with an error"),
+                Err(e) => tracing::warn!(error = %e, "a service task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+        if let Some(mut n) = self.nats.take() {
+            n.stop();
+        }
+    }
+}
+
+/// The sample fleet's daemons.
+pub fn sample_daemon(n: usize) -> DaemonId {
+    DaemonId::new(format!("backup{n}.example.net:/data/backup/")).expect("a valid daemon id")
+}
+
+/// The sample fleet: three daemons, two projects, two replica sets and a sharded
+/// cluster. Each command has a fixed id, so seeding twice changes nothing.
+pub fn sample_fleet() -> Vec<(CommandId, Command)> {
+    let gib = |n: u64| n << 30;
+    let daemon = |n: usize, disk: HeadDiskType, labels: &[&str]| {
+        Command::RegisterDaemon(RegisterDaemon {
+            daemon: sample_daemon(n),
+            settings: DaemonSettings {
+                head_space_bytes: gib(500),
+                head_disk_type: disk,
+                labels: labels
+                    .iter()
+                    .map(|l| Label::new(*l).expect("valid"))
+                    .collect(),
+                num_workers: 4,
+                ..DaemonSettings::default()
+            },
+        })
+    };
+    let name = |s: &str| DeploymentName::new(s).expect("a valid name");
+    let size = |head: u64, oplog: u64| JobSize {
+        head_size_bytes: gib(head),
+        oplog_bytes_per_hour: oplog,
+    };
+    let commands = vec![
+        daemon(1, HeadDiskType::Hdd, &["eu"]),
+        daemon(2, HeadDiskType::Hdd, &["eu"]),
+        daemon(3, HeadDiskType::Ssd, &["eu"]),
+        Command::ConfigureProject(ConfigureProject {
+            project: ProjectId::new("sales").expect("valid"),
+            daemon_filter: vec![],
+            label_filter: vec![],
+        }),
+        Command::ConfigureProject(ConfigureProject {
+            project: ProjectId::new("analytics").expect("valid"),
+            daemon_filter: vec![],
+            label_filter: vec![Label::new("eu").expect("valid")],
+        }),
+        Command::CreateBackupJobs(CreateBackupJobs {
+            project: ProjectId::new("sales").expect("valid"),
+            deployment: Deployment::ReplicaSet {
+                name: name("orders"),
+                size: size(40, 200_000_000),
+            },
+        }),
+        Command::CreateBackupJobs(CreateBackupJobs {
+            project: ProjectId::new("analytics").expect("valid"),
+            deployment: Deployment::ReplicaSet {
+                name: name("events"),
+                size: size(60, 2_000_000_000),
+            },
+        }),
+        Command::CreateBackupJobs(CreateBackupJobs {
+            project: ProjectId::new("sales").expect("valid"),
+            deployment: Deployment::ShardedCluster {
+                name: name("catalog"),
+                shards: vec![
+                    Shard {
+                        name: name("shard0"),
+                        size: size(30, 100_000_000),
+                    },
+                    Shard {
+                        name: name("shard1"),
+                        size: size(30, 100_000_000),
+                    },
+                ],
+                config_servers: size(1, 1_000_000),
+            },
+        }),
+    ];
+    commands
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let id = CommandId::new(format!("{:026}", i + 1)).expect("digits are a valid ULID");
+            (id, c)
+        })
+        .collect()
+}
+
+/// Creates the sample fleet (again: each command's fixed id makes a repeat a no-op).
+pub async fn seed(api: &crate::client::Api) -> Result<(), Failure> {
+    for (id, command) in sample_fleet() {
+        api.command(&id, &command).await?;
+    }
+    Ok(())
+}
+
+pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
+    let url = ctx.url_given.then_some(ctx.url.as_str());
+    let stack = Stack::start(&a.data, url, a.port).await?;
+    let api = crate::client::Api::connect(&stack.url, ctx.actor.clone()).await?;
+    if !a.no_sample {
+        seed(&api).await?;
+    }
+    println!("handoff is up");
+    println!(
+        "  NATS          {}{}",
+        stack.url,
+        if url.is_some() { "" } else { " (started here)" }
+    );
+    println!("  data          {}", a.data.display());
+    println!("  services      handoff-command (handoff.cmd.*), handoff-query (handoff.query.*)");
+    if !a.no_sample {
+        println!(
+            "  sample fleet  3 daemons, 2 projects, 2 replica sets, 1 sharded cluster (5 jobs)"
+        );
+    }
+    println!("try, in another terminal:");
+    println!("  export HANDOFF_NATS_URL={}", stack.url);
+    println!("  handoff daemons");
+    println!("  handoff jobs");
+    println!(
+        "  handoff move-jobs --from {} --to {} --dry-run",
+        sample_daemon(1),
+        sample_daemon(3)
+    );
+    println!("Ctrl-C stops everything.");
+    crate::shutdown_signal().await;
+    println!("stopping...");
+    stack.stop().await;
+    Ok(())
+}

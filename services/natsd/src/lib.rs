@@ -1,0 +1,235 @@
+//! A nats-server child process with JetStream: the local stack (`handoff up`) and the
+//! test kit both run one.
+//!
+//! The server listens on loopback only, keeps its store and configuration in one
+//! directory, syncs every write (`sync_interval: always`, so an acknowledged event is on
+//! disk) and is ready once it answers JetStream requests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// How long a server may take to start answering.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(
+        "nats-server not found: install it with scripts/install-nats (or set NATS_SERVER_BIN)"
+    )]
+    NotFound,
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nats-server did not start: {0}")]
+    NotReady(String),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+/// Finds the nats-server binary: `$NATS_SERVER_BIN`, then `.tools/bin/nats-server` in
+/// each of `roots` and their ancestors (where scripts/install-nats puts it), then `PATH`.
+pub fn find_binary(roots: &[PathBuf]) -> Result<PathBuf, Error> {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    for root in roots {
+        for dir in root.ancestors() {
+            let candidate = dir.join(".tools/bin/nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+        .ok_or(Error::NotFound)
+}
+
+/// A running nats-server.
+pub struct NatsProcess {
+    child: Option<Child>,
+    dir: PathBuf,
+    port: u16,
+    bin: PathBuf,
+}
+
+impl NatsProcess {
+    /// Starts `bin` with its store under `dir`, on `port` (`None`: any free port).
+    pub async fn start(bin: PathBuf, dir: &Path, port: Option<u16>) -> Result<Self, Error> {
+        let mut p = NatsProcess {
+            child: None,
+            dir: dir.to_owned(),
+            port: 0,
+            bin,
+        };
+        p.spawn(port)?;
+        p.port = match port {
+            Some(port) => port,
+            None => p.read_port().await?,
+        };
+        p.wait_ready().await?;
+        Ok(p)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server at once (SIGKILL) and starts it again on the same port and store.
+    pub async fn restart(&mut self) -> Result<(), Error> {
+        self.kill();
+        self.spawn(Some(self.port))?;
+        self.wait_ready().await
+    }
+
+    /// Stops the server cleanly (SIGTERM) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Safe: the pid is our own child's, which has not been reaped yet.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            // Ignored: the child is gone either way once wait returns or fails.
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server at once (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Ignored: the child may already have exited; wait reaps it either way.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn spawn(&mut self, port: Option<u16>) -> Result<(), Error> {
+        let d = &self.dir;
+        let ports = d.join("ports");
+        std::fs::create_dir_all(&ports).map_err(io(format!("creating {}", ports.display())))?;
+        // Ports files of earlier runs would hide this run's.
+        for entry in std::fs::read_dir(&ports)
+            .map_err(io("reading the ports directory"))?
+            .flatten()
+        {
+            // Ignored: a file that cannot be removed is only stale, read_port skips it.
+            let _ = std::fs::remove_file(entry.path());
+        }
+        let listen = match port {
+            Some(p) => format!("127.0.0.1:{p}"),
+            None => "127.0.0.1:-1".to_owned(),
+        };
+        let config = format!(
+            "listen: \"{listen}\"\nports_file_dir: \"{ports}\"\n\
+             jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n",
+            ports = ports.display(),
+            store = d.join("store").display(),
+        );
+        let conf = d.join("nats.conf");
+        std::fs::write(&conf, config).map_err(io(format!("writing {}", conf.display())))?;
+        let log = std::fs::File::create(d.join("server.log")).map_err(io("creating server.log"))?;
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(io(format!("starting {}", self.bin.display())))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn read_port(&mut self) -> Result<u16, Error> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let ports = self.dir.join("ports");
+        loop {
+            self.check_alive()?;
+            let found = std::fs::read_dir(&ports)
+                .map_err(io("reading the ports directory"))?
+                .flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .find_map(|text| parse_client_port(&text));
+            if let Some(port) = found {
+                return Ok(port);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::NotReady(format!(
+                    "no ports file within {READY_TIMEOUT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), Error> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last_error = String::new();
+        while Instant::now() < deadline {
+            self.check_alive()?;
+            match async_nats::connect(self.url()).await {
+                Ok(client) => match async_nats::jetstream::new(client).query_account().await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last_error = e.to_string(),
+                },
+                Err(e) => last_error = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(Error::NotReady(format!(
+            "not answering within {READY_TIMEOUT:?}: {last_error}"
+        )))
+    }
+
+    fn check_alive(&mut self) -> Result<(), Error> {
+        if let Some(child) = self.child.as_mut() {
+            if let Some(status) = child.try_wait().map_err(io("checking nats-server"))? {
+                let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+                return Err(Error::NotReady(format!("exited with {status}:\n{log}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NatsProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The client port from nats-server's ports file (`{"nats":["nats://127.0.0.1:PORT"],..}`).
+fn parse_client_port(text: &str) -> Option<u16> {
+    let start = text.find("nats://")? + "nats://".len();
+    let rest = &text[start..];
+    let end = rest.find('"')?;
+    rest[..end].rsplit(':').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_client_port() {
+        let text = r#"{"nats":["nats://127.0.0.1:43121"],"monitoring":[]}"#;
+        assert_eq!(parse_client_port(text), Some(43121));
+        assert_eq!(parse_client_port("{}"), None);
+    }
+}
