@@ -372,3 +372,184 @@ pub fn dump_views(dir: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let store = handoff_projector::SledStore::open(dir)?;
     Ok(store.scan(b"")?)
 }
+
+/// What a `handoff` command printed and how it exited.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The stdout parsed as JSON.
+    pub fn json(&self) -> Result<Value> {
+        serde_json::from_str(&self.stdout).with_context(|| format!("not JSON: {}", self.stdout))
+    }
+}
+
+/// Runs `handoff ARGS` against `url` and waits for it.
+pub fn handoff(url: &str, args: &[&str]) -> Result<Run> {
+    let out = Process::new(handoff_bin()?)
+        .args(args)
+        .env("HANDOFF_NATS_URL", url)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()?;
+    Ok(Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// Runs `handoff ARGS` and expects exit code 0.
+pub fn handoff_ok(url: &str, args: &[&str]) -> Result<Run> {
+    let run = handoff(url, args)?;
+    if run.code != 0 {
+        bail!(
+            "handoff {args:?} exited {}:\n{}\n{}",
+            run.code,
+            run.stdout,
+            run.stderr
+        );
+    }
+    Ok(run)
+}
+
+/// A `handoff` process running in the background (`up`, `watch`, `move-jobs --wait`).
+pub struct Background {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Background {
+    pub fn spawn(url: Option<&str>, args: &[&str]) -> Result<Self> {
+        let mut command = Process::new(handoff_bin()?);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        match url {
+            Some(u) => command.env("HANDOFF_NATS_URL", u),
+            None => command.env_remove("HANDOFF_NATS_URL"),
+        };
+        let mut child = command.spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Background {
+            child,
+            lines,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Waits for a line containing `needle`; returns it.
+    pub fn wait_for_line(&mut self, needle: &str) -> Result<String> {
+        self.wait_for_line_within(needle, TIMEOUT)
+    }
+
+    /// Waits at most `limit` for a line containing `needle`.
+    pub fn wait_for_line_within(&mut self, needle: &str, limit: Duration) -> Result<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => bail!(
+                    "no line with {needle:?} within {limit:?}; saw {:?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit; its exit code and every line it printed.
+    pub fn finish(mut self) -> Result<(i32, Vec<String>)> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return Ok((status.code().unwrap_or(-1), std::mem::take(&mut self.seen)));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the process did not exit within {TIMEOUT:?}; printed {:?}",
+                    self.seen
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then [`Background::finish`].
+    pub fn terminate(self) -> Result<(i32, Vec<String>)> {
+        Process::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        self.finish()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // Ignored: the child may have exited already.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `handoff up` on a test server, with its sample fleet, ready for commands.
+pub struct Up {
+    pub server: NatsServer,
+    pub process: Background,
+    pub data: tempfile::TempDir,
+}
+
+impl Up {
+    pub async fn start() -> Result<Self> {
+        let server = NatsServer::start().await?;
+        let data = tempfile::tempdir()?;
+        let dir = data.path().to_string_lossy().into_owned();
+        let mut process = Background::spawn(Some(&server.url()), &["up", "--data", &dir])?;
+        process.wait_for_line("handoff is up")?;
+        let up = Up {
+            server,
+            process,
+            data,
+        };
+        up.settle().await?;
+        Ok(up)
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// Waits until the projector has folded every event appended so far.
+    pub async fn settle(&self) -> Result<()> {
+        let client = self.server.connect().await?;
+        let log = EventLog::open(client.clone(), Default::default()).await?;
+        wait_for_checkpoint(&client, log.last_sequence().await?).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,449 @@
+//! Every `handoff` subcommand, run as an operator would, against `handoff up`.
+
+use anyhow::Result;
+use handoff_domain::command::CompleteJobMove;
+use handoff_domain::{Command, CommandId};
+use handoff_tests::*;
+
+const D1: &str = "backup1.example.net:/data/backup/";
+const D2: &str = "backup2.example.net:/data/backup/";
+const D3: &str = "backup3.example.net:/data/backup/";
+
+/// The listings show the sample fleet that `handoff up` created, as tables and as JSON.
+#[tokio::test]
+async fn listings_show_the_sample_fleet() -> Result<()> {
+    let up = Up::start().await?;
+    let url = up.url();
+    let daemons = handoff_ok(&url, &["daemons"])?.stdout;
+    assert!(daemons.starts_with("DAEMON"), "{daemons}");
+    for d in [D1, D2, D3] {
+        assert!(daemons.contains(d), "{daemons}");
+    }
+    let json = handoff_ok(&url, &["daemons", "--json"])?.json()?;
+    assert_eq!(json.as_array().map(Vec::len), Some(3));
+
+    let projects = handoff_ok(&url, &["projects"])?.stdout;
+    assert!(
+        projects.contains("sales") && projects.contains("analytics"),
+        "{projects}"
+    );
+
+    let jobs = handoff_ok(&url, &["jobs", "--json"])?.json()?;
+    assert_eq!(
+        jobs.as_array().map(Vec::len),
+        Some(5),
+        "2 replica sets, 2 shards and config servers"
+    );
+    let sales = handoff_ok(&url, &["jobs", "--project", "sales", "--json"])?.json()?;
+    assert_eq!(sales.as_array().map(Vec::len), Some(4));
+    let on_d1 = handoff_ok(&url, &["jobs", "--daemon", D1, "--json"])?.json()?;
+    assert!(on_d1
+        .as_array()
+        .is_some_and(|a| a.iter().all(|j| j["owner"] == D1)));
+    let moving = handoff_ok(&url, &["jobs", "--moving", "--json"])?.json()?;
+    assert_eq!(moving.as_array().map(Vec::len), Some(0));
+
+    let show = handoff_ok(&url, &["daemon", "show", D1])?.stdout;
+    assert!(
+        show.contains("head space") && show.contains("sales/orders"),
+        "{show}"
+    );
+    let moves = handoff_ok(&url, &["moves", "--json"])?.json()?;
+    assert_eq!(moves.as_array().map(Vec::len), Some(0));
+    Ok(())
+}
+
+/// Register, configure, mark down and up, and remove a daemon; each refusal exits 1 with
+/// its reason, each usage error exits 2.
+#[tokio::test]
+async fn a_daemon_lifecycle_from_the_command_line() -> Result<()> {
+    let up = Up::start().await?;
+    let url = up.url();
+    let d = "backup9.example.net:/srv/heads/";
+    handoff_ok(
+        &url,
+        &[
+            "daemon",
+            "register",
+            d,
+            "--head-space",
+            "100GiB",
+            "--labels",
+            "eu,ssd",
+            "--head-disk-type",
+            "ssd",
+        ],
+    )?;
+    let again = handoff(&url, &["daemon", "register", d, "--head-space", "100GiB"])?;
+    assert_eq!(again.code, 1);
+    assert!(again.stderr.contains("already_exists"), "{}", again.stderr);
+
+    handoff_ok(
+        &url,
+        &[
+            "daemon",
+            "configure",
+            d,
+            "--assignment-enabled",
+            "false",
+            "--num-workers",
+            "8",
+        ],
+    )?;
+    up.settle().await?;
+    let shown = handoff_ok(&url, &["daemon", "show", d, "--json"])?.json()?;
+    let settings = &shown["daemon"]["settings"];
+    assert_eq!(settings["assignment_enabled"], false);
+    assert_eq!(settings["num_workers"], 8);
+    assert_eq!(
+        settings["head_disk_type"], "SSD",
+        "configure keeps what it is not told to change"
+    );
+    assert_eq!(settings["labels"], serde_json::json!(["eu", "ssd"]));
+
+    assert!(handoff_ok(&url, &["daemon", "down", d])?
+        .stdout
+        .contains("DAEMON_DOWN"));
+    assert!(handoff_ok(&url, &["daemon", "down", d])?
+        .stdout
+        .contains("nothing changed"));
+    handoff_ok(&url, &["daemon", "up", d])?;
+    handoff_ok(&url, &["daemon", "remove", d])?;
+    let removed = handoff(&url, &["daemon", "remove", d])?;
+    assert_eq!(removed.code, 1);
+    assert!(
+        removed.stderr.contains("daemon_removed"),
+        "{}",
+        removed.stderr
+    );
+
+    let busy = handoff(&url, &["daemon", "remove", D1])?;
+    assert_eq!(busy.code, 1);
+    assert!(busy.stderr.contains("daemon_has_jobs"), "{}", busy.stderr);
+
+    let bad = handoff(
+        &url,
+        &["daemon", "register", "no-directory", "--head-space", "1GiB"],
+    )?;
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    let bad_size = handoff(&url, &["daemon", "register", d, "--head-space", "lots"])?;
+    assert_eq!(bad_size.code, 2, "{}", bad_size.stderr);
+    Ok(())
+}
+
+/// Configure a project and create a replica set and a sharded cluster for it.
+#[tokio::test]
+async fn projects_and_jobs_are_created_from_the_command_line() -> Result<()> {
+    let up = Up::start().await?;
+    let url = up.url();
+    handoff_ok(
+        &url,
+        &["project", "configure", "billing", "--label-filter", "eu"],
+    )?;
+    let rs = handoff_ok(
+        &url,
+        &[
+            "job",
+            "create",
+            "--project",
+            "billing",
+            "--replica-set",
+            "ledger",
+            "--head-size",
+            "10GiB",
+        ],
+    )?;
+    assert!(rs.stdout.contains("billing/ledger"), "{}", rs.stdout);
+    let sc = handoff_ok(
+        &url,
+        &[
+            "job",
+            "create",
+            "--project",
+            "billing",
+            "--sharded-cluster",
+            "archive",
+            "--shards",
+            "a,b",
+            "--head-size",
+            "5GiB",
+            "--oplog-per-hour",
+            "2GB",
+        ],
+    )?;
+    assert!(sc.stdout.contains("created 3 job(s)"), "{}", sc.stdout);
+    up.settle().await?;
+    let jobs = handoff_ok(&url, &["jobs", "--project", "billing", "--json"])?.json()?;
+    assert_eq!(jobs.as_array().map(Vec::len), Some(4));
+    let projects = handoff_ok(&url, &["projects", "--json"])?.json()?;
+    assert!(projects.as_array().is_some_and(|p| p
+        .iter()
+        .any(|p| p["project"] == "billing" && p["label_filter"] == serde_json::json!(["eu"]))));
+
+    let unknown = handoff(
+        &url,
+        &[
+            "job",
+            "create",
+            "--project",
+            "nope",
+            "--replica-set",
+            "x",
+            "--head-size",
+            "1GiB",
+        ],
+    )?;
+    assert_eq!(unknown.code, 1);
+    assert!(unknown.stderr.contains("not_found"), "{}", unknown.stderr);
+    let full = handoff(
+        &url,
+        &[
+            "job",
+            "create",
+            "--project",
+            "billing",
+            "--replica-set",
+            "huge",
+            "--head-size",
+            "100TiB",
+        ],
+    )?;
+    assert_eq!(full.code, 1);
+    assert!(full.stderr.contains("bind_failure"), "{}", full.stderr);
+    Ok(())
+}
+
+/// A dry run prints each job, the checks passed and the head space before and after,
+/// and changes nothing; the real move with --wait follows the jobs until the destination
+/// completes them; a retry with the same --id changes nothing.
+#[tokio::test]
+async fn move_jobs_plans_moves_and_waits() -> Result<()> {
+    let up = Up::start().await?;
+    let url = up.url();
+    let dry = handoff_ok(&url, &["move-jobs", "--from", D1, "--to", D3, "--dry-run"])?.stdout;
+    for expected in [
+        "(dry run)",
+        "sales/orders",
+        "checks passed",
+        "head_space",
+        "free before",
+        "nothing changed",
+    ] {
+        assert!(dry.contains(expected), "{expected:?} missing from:\n{dry}");
+    }
+    up.settle().await?;
+    assert_eq!(
+        handoff_ok(&url, &["moves", "--json"])?
+            .json()?
+            .as_array()
+            .map(Vec::len),
+        Some(0)
+    );
+
+    let id = ulid::Ulid::new().to_string();
+    let mut wait = Background::spawn(
+        Some(&url),
+        &[
+            "move-jobs",
+            "--from",
+            D1,
+            "--to",
+            D3,
+            "--reason",
+            "server lost",
+            "--id",
+            &id,
+            "--wait",
+        ],
+    )?;
+    wait.wait_for_line("waiting for")?;
+    // The destination reports completion, as a daemon will.
+    let stack_client = up.server.connect().await?;
+    let move_id = CommandId::new(id.clone())?;
+    let jobs = handoff_ok(&url, &["jobs", "--moving", "--json"])?.json()?;
+    for j in jobs.as_array().expect("a list") {
+        let job = handoff_domain::JobId::new(j["job"].as_str().expect("an id"))?;
+        let epoch = j["epoch"].as_u64().expect("an epoch");
+        let body = handoff_protocol::api::encode_request(
+            &new_id(),
+            &handoff_domain::Actor::new("backup3")?,
+            &Command::CompleteJobMove(CompleteJobMove {
+                job,
+                move_id: move_id.clone(),
+                epoch,
+            }),
+        );
+        request(&stack_client, "complete-job-move", body)
+            .await?
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+    }
+    let (code, lines) = wait.finish()?;
+    assert_eq!(code, 0, "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("completed")), "{lines:?}");
+
+    up.settle().await?;
+    let moves = handoff_ok(&url, &["moves"])?.stdout;
+    assert!(
+        moves.contains("completed") && moves.contains("server lost"),
+        "{moves}"
+    );
+    let again = handoff_ok(
+        &url,
+        &[
+            "move-jobs",
+            "--from",
+            D1,
+            "--to",
+            D3,
+            "--reason",
+            "server lost",
+            "--id",
+            &id,
+        ],
+    )?
+    .stdout;
+    assert!(again.contains("already applied"), "{again}");
+    let other = handoff(&url, &["move-jobs", "--from", D1, "--to", D2, "--id", &id])?;
+    assert_eq!(other.code, 1);
+    assert!(other.stderr.contains("id_reused"), "{}", other.stderr);
+
+    let to_self = handoff(&url, &["move-job", "sales/orders", "--to", D3])?;
+    assert_eq!(to_self.code, 1);
+    assert!(
+        to_self.stderr.contains("move_to_self"),
+        "{}",
+        to_self.stderr
+    );
+    let one = handoff_ok(&url, &["move-job", "sales/orders", "--to", D2, "--json"])?.json()?;
+    assert_eq!(one["plan"]["jobs"][0]["job"], "sales/orders");
+    Ok(())
+}
+
+/// History is read from the stream and filtered by job, daemon and time; watch prints new
+/// events as they come.
+#[tokio::test]
+async fn history_and_watch_read_the_stream() -> Result<()> {
+    let up = Up::start().await?;
+    let url = up.url();
+    let job = handoff_ok(&url, &["history", "--job", "sales/orders"])?.stdout;
+    assert!(
+        job.contains("BackupJobCreated") && job.contains("JobsAssigned"),
+        "{job}"
+    );
+    assert!(!job.contains("analytics/events"), "{job}");
+    let daemon = handoff_ok(&url, &["history", "--daemon", D2, "--json"])?.stdout;
+    let lines: Vec<serde_json::Value> = daemon
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert!(lines.iter().any(|l| l["type"] == "DaemonRegistered"));
+    assert!(lines
+        .iter()
+        .all(|l| l["seq"].as_u64().is_some() && l["actor"].is_string()));
+    assert!(!handoff_ok(&url, &["history", "--since", "1h"])?
+        .stdout
+        .is_empty());
+    assert!(
+        handoff_ok(&url, &["history", "--since", "2099-01-01T00:00:00Z"])?
+            .stdout
+            .is_empty()
+    );
+    assert_eq!(handoff(&url, &["history", "--since", "someday"])?.code, 2);
+
+    let mut watch = Background::spawn(
+        Some(&url),
+        &["watch", "--daemon", D2, "--limit", "1", "--json"],
+    )?;
+    // Events sent before it subscribed are not shown: send until one is.
+    let mut shown = None;
+    for _ in 0..40 {
+        handoff_ok(&url, &["daemon", "down", D2])?;
+        handoff_ok(&url, &["daemon", "up", D2])?;
+        if let Ok(line) =
+            watch.wait_for_line_within("\"type\"", std::time::Duration::from_millis(500))
+        {
+            shown = Some(line);
+            break;
+        }
+    }
+    let line = shown.expect("watch printed an event");
+    assert!(
+        line.contains("DaemonDown") || line.contains("DaemonUp"),
+        "{line}"
+    );
+    let (code, _) = watch.finish()?;
+    assert_eq!(code, 0);
+    Ok(())
+}
+
+/// Exit codes: 2 when handoff cannot be reached or the arguments are wrong.
+#[tokio::test]
+async fn exit_codes_tell_usage_from_refusal() -> Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let closed = format!("nats://127.0.0.1:{}", listener.local_addr()?.port());
+    drop(listener);
+    let unreachable = handoff(&closed, &["daemons"])?;
+    assert_eq!(unreachable.code, 2);
+    assert!(
+        unreachable.stderr.contains("cannot connect"),
+        "{}",
+        unreachable.stderr
+    );
+    let usage = handoff(&closed, &["move-jobs", "--from", D1])?;
+    assert_eq!(usage.code, 2);
+    let help = handoff_ok(&closed, &["--help"])?;
+    assert!(help.stdout.contains("Examples:") && help.stdout.contains("Exit codes"));
+    Ok(())
+}
+
+/// `handoff up` without --nats-url starts its own nats-server and stops it on SIGTERM.
+#[tokio::test]
+async fn up_runs_its_own_nats_server_and_stops_it() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let url = format!("nats://127.0.0.1:{port}");
+    let dir = data.path().to_string_lossy().into_owned();
+    let mut up = Background::spawn(None, &["up", "--data", &dir, "--port", &port.to_string()])?;
+    up.wait_for_line("handoff is up")?;
+    let daemons = handoff_ok(&url, &["daemons", "--json"]);
+    let (code, lines) = up.terminate()?;
+    assert_eq!(
+        daemons?.json()?.as_array().map(Vec::len).map(|n| n <= 3),
+        Some(true)
+    );
+    assert_eq!(code, 0, "{lines:?}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nats-server still running"
+    );
+    assert!(data.path().join("nats/store").exists() && data.path().join("views").exists());
+    Ok(())
+}
+
+/// `handoff demo` tells the whole story on its own stack.
+#[tokio::test]
+async fn the_demo_tells_the_story() -> Result<()> {
+    let mut demo = Background::spawn(None, &["demo"])?;
+    demo.wait_for_line("done:")?;
+    let (code, lines) = demo.finish()?;
+    assert_eq!(code, 0, "{lines:?}");
+    let text = lines.join("\n");
+    for expected in [
+        "DAEMON_DOWN",
+        "refused:",
+        "dry run",
+        "restoring_snapshot",
+        "completed",
+        "removed",
+        "MoveStarted",
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from the demo:\n{text}"
+        );
+    }
+    Ok(())
+}
