@@ -7,10 +7,12 @@
 //!    consumer is created again from the checkpoint.
 //! 2. Each event must be checkpoint + 1. A gap is an error, never skipped: the consumer is
 //!    created again from the checkpoint.
-//! 3. The [`views`] fold the events the consumer has ready (up to a batch) and the
-//!    records they touched are written with the new checkpoint in one atomic batch
-//!    ([`store`]). Killed at any point, the store holds the views of a prefix of the
-//!    stream, and the projector goes on from there: its views equal a rebuild.
+//! 3. A reader task decodes events ahead of the fold. The [`views`] fold the events the
+//!    consumer has ready (up to a batch; full batches while catching up) and the records
+//!    they touched are written with the new checkpoint in one atomic batch ([`store`]) by
+//!    a writer thread, in order, while the next batch is folded. Killed at any point,
+//!    the store holds the views of a prefix of the stream, and the projector goes on from
+//!    there: its views equal a rebuild.
 //! 4. The [`query`] micro service (`handoff-query`, endpoints under `handoff.query.`)
 //!    answers from the store.
 //!
@@ -35,8 +37,12 @@ use tokio::sync::watch;
 pub use store::{SledStore, StoreError, ViewStore};
 pub use views::Views;
 
-/// The most events folded into one sled batch.
-pub const MAX_BATCH: usize = 1000;
+/// The most events folded into one sled batch. While the projector is behind (a rebuild,
+/// a restart) batches fill up, so a record touched by many events is written once; when
+/// it is live, each batch holds what has arrived.
+pub const MAX_BATCH: usize = 10_000;
+/// The most events one pull request asks for.
+const PULL_BATCH: usize = 1000;
 
 /// The projector's settings.
 #[derive(Clone, Debug)]
@@ -89,7 +95,58 @@ pub struct Projector {
     store: SledStore,
     views: Views,
     checkpoint: watch::Sender<u64>,
+    /// The last sequence folded into the in-memory views; the store catches up with it
+    /// as the committer writes.
+    applied: u64,
     queries: Option<query::QueryService>,
+}
+
+/// Writes batches to the store in order on a blocking thread, so the fold of the next
+/// batch overlaps the write of this one; publishes the checkpoint once a batch is stored.
+struct Committer {
+    tx: Option<tokio::sync::mpsc::Sender<(Vec<store::Write>, u64)>>,
+    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+}
+
+impl Committer {
+    fn start(store: SledStore, checkpoint: watch::Sender<u64>) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<store::Write>, u64)>(2);
+        let task = tokio::task::spawn_blocking(move || {
+            while let Some((writes, seq)) = rx.blocking_recv() {
+                store.commit(writes, seq)?;
+                checkpoint.send_replace(seq);
+            }
+            store.flush()
+        });
+        Committer { tx: Some(tx), task }
+    }
+
+    async fn commit(&mut self, writes: Vec<store::Write>, seq: u64) -> Result<(), Error> {
+        let sent = match &self.tx {
+            Some(tx) => tx.send((writes, seq)).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        // The committer stopped: its error says why.
+        self.tx = None;
+        match (&mut self.task).await {
+            Ok(Err(e)) => Err(e.into()),
+            _ => Err(Error::Consumer("the view store writer stopped".into())),
+        }
+    }
+
+    /// Writes what is queued, flushes, and stops.
+    async fn finish(mut self) -> Result<(), Error> {
+        self.tx = None;
+        match self.task.await {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(Error::Consumer(format!(
+                "the view store writer failed: {e}"
+            ))),
+        }
+    }
 }
 
 /// Opens the store (clearing it for a rebuild), loads the views and, unless told not to,
@@ -119,14 +176,68 @@ pub async fn start(client: Client, config: Config) -> Result<Projector, Error> {
     } else {
         None
     };
+    let applied = *checkpoint.borrow();
     Ok(Projector {
         config,
         log,
         store,
         views,
         checkpoint,
+        applied,
         queries,
     })
+}
+
+/// One event as the reader task hands it over.
+struct Delivered {
+    recorded: Recorded,
+    payload: bytes::Bytes,
+    /// How many more the consumer holds for us.
+    pending: u64,
+}
+
+/// Decodes one consumer message; `None` for a consumer hiccup (missed heartbeat, ...),
+/// which the pull consumer recovers from by itself.
+fn deliver(
+    message: Result<
+        async_nats::jetstream::Message,
+        async_nats::jetstream::consumer::pull::MessagesError,
+    >,
+) -> Option<Result<Delivered, Error>> {
+    let message = match message {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(error = %e, "consumer hiccup");
+            return None;
+        }
+    };
+    let info = match message.info() {
+        Ok(i) => i,
+        Err(e) => return Some(Err(Error::Consumer(e.to_string()))),
+    };
+    let (seq, pending) = (info.stream_sequence, info.pending);
+    Some(
+        EventEnvelope::decode(&message.payload)
+            .map_err(|source| Error::Decode { seq, source })
+            .map(|envelope| Delivered {
+                recorded: Recorded {
+                    seq,
+                    subject: message.subject.to_string(),
+                    envelope,
+                },
+                payload: message.payload.clone(),
+                pending,
+            }),
+    )
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Why the fold of a consumer's messages stopped.
@@ -170,34 +281,41 @@ impl Projector {
         until: Option<u64>,
     ) -> Result<(), Error> {
         tokio::pin!(shutdown);
-        loop {
-            if until.is_some_and(|end| *self.checkpoint.borrow() >= end) {
-                break;
-            }
-            match self.consume(&mut shutdown, until).await? {
-                Stop::Shutdown | Stop::CaughtUp => break,
-                Stop::Gap { expected, got } => {
-                    tracing::warn!(
-                        expected,
-                        got,
-                        "gap in the event stream; consuming again from the checkpoint"
-                    );
+        let mut committer = Committer::start(self.store.clone(), self.checkpoint.clone());
+        let result = async {
+            loop {
+                if until.is_some_and(|end| self.applied >= end) {
+                    return Ok(());
+                }
+                match self.consume(&mut shutdown, until, &mut committer).await? {
+                    Stop::Shutdown | Stop::CaughtUp => return Ok(()),
+                    Stop::Gap { expected, got } => {
+                        tracing::warn!(
+                            expected,
+                            got,
+                            "gap in the event stream; consuming again from the checkpoint"
+                        );
+                    }
                 }
             }
         }
-        self.store.flush()?;
+        .await;
+        let finished = committer.finish().await;
         if let Some(q) = self.queries.take() {
             q.stop().await;
         }
-        Ok(())
+        result.and(finished)
     }
 
     async fn consume(
         &mut self,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
         until: Option<u64>,
+        committer: &mut Committer,
     ) -> Result<Stop, Error> {
-        let from = *self.checkpoint.borrow() + 1;
+        // The in-memory views are at `applied`; whatever the committer has queued up to
+        // there will be stored, so the consumer starts after it.
+        let from = self.applied + 1;
         let stream = self
             .log
             .jetstream()
@@ -224,36 +342,54 @@ impl Projector {
             .map_err(|e| Error::Consumer(e.to_string()))?;
         let messages = consumer
             .stream()
-            .max_messages_per_batch(MAX_BATCH)
+            .max_messages_per_batch(PULL_BATCH)
             .heartbeat(Duration::from_secs(5))
             .messages()
             .await
             .map_err(|e| Error::Consumer(e.to_string()))?;
-        let mut chunks = messages.ready_chunks(MAX_BATCH);
+        // Reading and decoding run in a task of their own, ahead of the fold, so the
+        // network, JSON and sled work overlap.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Result<Delivered, Error>>>(8);
+        let reader = tokio::spawn(async move {
+            let mut chunks = messages.ready_chunks(PULL_BATCH);
+            while let Some(chunk) = chunks.next().await {
+                let decoded: Vec<_> = chunk.into_iter().filter_map(deliver).collect();
+                if tx.send(decoded).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let _abort_reader = AbortOnDrop(reader);
         loop {
-            let chunk = tokio::select! {
-                biased;
-                _ = &mut *shutdown => return Ok(Stop::Shutdown),
-                chunk = chunks.next() => match chunk {
-                    Some(c) => c,
-                    None => return Err(Error::Consumer("the consumer ended".into())),
-                },
-            };
-            let mut checkpoint = *self.checkpoint.borrow();
+            // Gather while the consumer says more is pending, up to a full batch.
+            let mut batch = Vec::new();
+            loop {
+                let chunk = tokio::select! {
+                    biased;
+                    _ = &mut *shutdown => return Ok(Stop::Shutdown),
+                    chunk = rx.recv() => match chunk {
+                        Some(c) => c,
+                        None => return Err(Error::Consumer("the consumer ended".into())),
+                    },
+                };
+                let pending = chunk
+                    .iter()
+                    .rev()
+                    .find_map(|d| d.as_ref().ok().map(|d| d.pending))
+                    .unwrap_or(0);
+                batch.extend(chunk);
+                if pending == 0 || batch.len() >= MAX_BATCH {
+                    break;
+                }
+            }
+            let mut checkpoint = self.applied;
             let mut writes = Vec::new();
             let mut gap = None;
-            for message in chunk {
-                let message = match message {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "consumer hiccup");
-                        continue;
-                    }
-                };
-                let seq = message
-                    .info()
-                    .map_err(|e| Error::Consumer(e.to_string()))?
-                    .stream_sequence;
+            for delivered in batch {
+                let Delivered {
+                    recorded, payload, ..
+                } = delivered?;
+                let seq = recorded.seq;
                 if seq <= checkpoint {
                     continue; // Delivered again; already in the views.
                 }
@@ -264,20 +400,13 @@ impl Projector {
                     });
                     break;
                 }
-                let envelope = EventEnvelope::decode(&message.payload)
-                    .map_err(|source| Error::Decode { seq, source })?;
-                let recorded = Recorded {
-                    seq,
-                    subject: message.subject.to_string(),
-                    envelope,
-                };
-                self.views.apply(&recorded, &mut writes);
+                self.views.apply(&recorded, &payload);
                 checkpoint = seq;
             }
-            if checkpoint > *self.checkpoint.borrow() {
+            if checkpoint > self.applied {
                 self.views.drain(&mut writes);
-                self.store.commit(writes, checkpoint)?;
-                self.checkpoint.send_replace(checkpoint);
+                self.applied = checkpoint;
+                committer.commit(writes, checkpoint).await?;
             }
             if let Some(stop) = gap {
                 return Ok(stop);

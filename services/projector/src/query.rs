@@ -28,7 +28,8 @@ use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
 use crate::store::{SledStore, ViewStore};
-use crate::views::{self, JobView, MoveView};
+use crate::views::{self, AssignmentView, DaemonView, HistoryEntry, JobView, MoveView};
+use handoff_protocol::EventEnvelope;
 
 pub const SERVICE_NAME: &str = "handoff-query";
 
@@ -127,6 +128,10 @@ fn values(store: &SledStore, prefix: &[u8]) -> Result<Vec<Value>, ErrorBody> {
         .collect()
 }
 
+fn typed<T: DeserializeOwned>(v: Value) -> Result<T, ErrorBody> {
+    serde_json::from_value(v).map_err(internal)
+}
+
 fn one(store: &SledStore, key: &[u8], kind: &str, id: &str) -> Result<Value, ErrorBody> {
     match store.get(key).map_err(internal)? {
         Some(v) => serde_json::from_slice(&v).map_err(internal),
@@ -168,16 +173,26 @@ fn answer(
         }
         "assignments" => {
             let q: ByDaemon = parse_required(name, payload)?;
-            one(
+            let daemon: DaemonView = typed(one(
                 store,
                 &views::daemon_key(&q.daemon),
                 "daemon",
                 q.daemon.as_str(),
-            )?;
-            Ok(Value::Array(values(
-                store,
-                &views::prefix(&["assign", q.daemon.as_str()]),
-            )?))
+            )?)?;
+            let mut out = Vec::new();
+            for j in &daemon.state.jobs {
+                let job: JobView = typed(one(store, &views::job_key(j), "job", j.as_str())?)?;
+                out.push(AssignmentView {
+                    daemon: q.daemon.clone(),
+                    job: j.clone(),
+                    epoch: job.state.epoch,
+                    moving_in: match job.state.assignment {
+                        Assignment::Moving { move_id, .. } => Some(move_id),
+                        Assignment::Assigned { .. } => None,
+                    },
+                });
+            }
+            serde_json::to_value(out).map_err(internal)
         }
         "jobs" => {
             let f: JobsFilter = parse(name, payload)?;
@@ -223,9 +238,20 @@ fn answer(
         }
         "history" => {
             let q: History = parse(name, payload)?;
-            let prefix = match (&q.job, &q.daemon) {
-                (Some(j), None) => views::prefix(&["hist", "job", j.as_str()]),
-                (None, Some(d)) => views::prefix(&["hist", "daemon", d.as_str()]),
+            let seqs: Vec<u64> = match (&q.job, &q.daemon) {
+                (Some(j), None) => {
+                    typed::<JobView>(one(store, &views::job_key(j), "job", j.as_str())?)?.history
+                }
+                (None, Some(d)) => {
+                    let mut seqs = Vec::new();
+                    for (_, chunk) in store
+                        .scan(&views::prefix(&["hist", "daemon", d.as_str()]))
+                        .map_err(internal)?
+                    {
+                        seqs.extend(serde_json::from_slice::<Vec<u64>>(&chunk).map_err(internal)?);
+                    }
+                    seqs
+                }
                 _ => {
                     return Err(ErrorBody::new(
                         ErrorCode::Validation,
@@ -234,7 +260,39 @@ fn answer(
                     ))
                 }
             };
-            Ok(Value::Array(values(store, &prefix)?))
+            let mut entries = Vec::new();
+            // The batch holding the last event looked up; histories often stay in one.
+            let mut batch: Option<(Vec<u8>, Vec<u8>)> = None;
+            for seq in seqs {
+                let cached = batch
+                    .as_ref()
+                    .and_then(|(_, framed)| views::find_framed(framed, seq).map(<[u8]>::to_vec));
+                let stored = match cached {
+                    Some(p) => p,
+                    None => {
+                        let k = views::events_key(seq);
+                        let framed = store.get(&k).map_err(internal)?.ok_or_else(|| {
+                            internal(format!("history names event {seq}, which is not stored"))
+                        })?;
+                        let p = views::find_framed(&framed, seq)
+                            .ok_or_else(|| {
+                                internal(format!("history names event {seq}, which is not stored"))
+                            })?
+                            .to_vec();
+                        batch = Some((k, framed));
+                        p
+                    }
+                };
+                let e = EventEnvelope::decode(&stored).map_err(internal)?;
+                entries.push(HistoryEntry {
+                    seq,
+                    at: e.at,
+                    actor: e.actor.to_string(),
+                    command: e.command,
+                    event: e.event,
+                });
+            }
+            serde_json::to_value(entries).map_err(internal)
         }
         other => Err(ErrorBody::new(
             ErrorCode::NotFound,

@@ -35,6 +35,8 @@ pub trait ViewStore: Clone + Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every key starting with `prefix`, in key order.
     fn scan(&self, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
+    /// The last entry whose key is below `key`, if any.
+    fn last_below(&self, key: &[u8]) -> Result<Option<Entry>, StoreError>;
     /// Removes everything, checkpoint included.
     fn clear(&self) -> Result<(), StoreError>;
     /// Makes every commit so far durable.
@@ -131,6 +133,14 @@ impl ViewStore for SledStore {
                     .map_err(|e| self.err(e))
             })
             .collect()
+    }
+
+    fn last_below(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        Ok(self
+            .db
+            .get_lt(key)
+            .map_err(|e| self.err(e))?
+            .map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
     fn clear(&self) -> Result<(), StoreError> {

@@ -9,23 +9,28 @@
 //! |-----|-------|
 //! | `daemon\0<daemon>` | [`DaemonView`] |
 //! | `project\0<project>` | [`ProjectView`] |
-//! | `job\0<job>` | [`JobView`] |
+//! | `job\0<job>` | [`JobView`], with the sequences of the job's events |
 //! | `move\0<move>` | [`MoveView`] |
-//! | `assign\0<daemon>\0<job>` | [`AssignmentView`]: the jobs each daemon owns |
-//! | `hist\0job\0<job>\0<seq>` | [`HistoryEntry`] |
-//! | `hist\0daemon\0<daemon>\0<seq>` | [`HistoryEntry`] |
+//! | `events\0<n>` | events `n*64` to `n*64+63` as stored in the stream, framed |
+//! | `hist\0daemon\0<daemon>\0<n>` | the sequences of the daemon's events among `n*1024` to `n*1024+1023` |
+//!
+//! A daemon's view lists the jobs it owns (its assignments); a job's view lists the
+//! sequences of its events (its history). Records are written once per batch however
+//! many of its events touched them, and events are kept in chunks, so a rebuild writes
+//! far fewer records than events. Chunks cover fixed ranges of sequences, so the store's
+//! contents depend only on the events, never on how they were batched.
 //!
 //! Sequences in keys are 20-digit zero-padded decimals, so key order is stream order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use handoff_domain::model::MovePhase;
-use handoff_domain::state::Assignment;
 use handoff_domain::{CommandId, DaemonId, Event, JobId, ProjectId, State};
 use handoff_eventlog::Recorded;
 pub use handoff_protocol::views::{
     AssignmentView, DaemonView, HistoryEntry, JobView, MoveStatus, MoveView, ProjectView,
 };
+
 use serde::Serialize;
 
 use crate::store::{StoreError, ViewStore, Write};
@@ -42,14 +47,49 @@ pub fn job_key(j: &JobId) -> Vec<u8> {
 pub fn move_key(m: &CommandId) -> Vec<u8> {
     key(&["move", m.as_str()])
 }
-pub fn assignment_key(d: &DaemonId, j: &JobId) -> Vec<u8> {
-    key(&["assign", d.as_str(), j.as_str()])
+/// Events per chunk of stored events.
+pub const EVENTS_PER_CHUNK: u64 = 64;
+/// Sequences per chunk of a daemon's history.
+pub const HISTORY_PER_CHUNK: u64 = 1024;
+
+/// The key of the chunk holding event `seq`.
+pub fn events_key(seq: u64) -> Vec<u8> {
+    key(&["events", &format!("{:020}", seq / EVENTS_PER_CHUNK)])
 }
-pub fn history_job_key(j: &JobId, seq: u64) -> Vec<u8> {
-    key(&["hist", "job", j.as_str(), &format!("{seq:020}")])
+
+fn parse_number(digits: &[u8]) -> Option<u64> {
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
+
+/// Appends one event to a batch's framed events: sequence (8 bytes, big endian), length
+/// (4 bytes, big endian), the payload.
+fn frame(out: &mut Vec<u8>, seq: u64, payload: &[u8]) {
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The payload of event `seq` among a batch's framed events.
+pub fn find_framed(mut framed: &[u8], seq: u64) -> Option<&[u8]> {
+    while framed.len() >= 12 {
+        let s = u64::from_be_bytes(framed[..8].try_into().ok()?);
+        let len = u32::from_be_bytes(framed[8..12].try_into().ok()?) as usize;
+        let payload = framed.get(12..12 + len)?;
+        if s == seq {
+            return Some(payload);
+        }
+        framed = &framed[12 + len..];
+    }
+    None
+}
+/// The key of the chunk of `d`'s history holding `seq`.
 pub fn history_daemon_key(d: &DaemonId, seq: u64) -> Vec<u8> {
-    key(&["hist", "daemon", d.as_str(), &format!("{seq:020}")])
+    key(&[
+        "hist",
+        "daemon",
+        d.as_str(),
+        &format!("{:020}", seq / HISTORY_PER_CHUNK),
+    ])
 }
 
 /// Joins parts with NUL, which no id may contain; a prefix query ends with a NUL.
@@ -74,6 +114,12 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
 pub struct Views {
     state: State,
     moves: BTreeMap<CommandId, MoveView>,
+    /// Each job's events, by sequence.
+    job_history: HashMap<JobId, Vec<u64>>,
+    /// The last chunk of events, as stored plus what this batch added.
+    events: (u64, Vec<u8>),
+    /// Each daemon's last history chunk.
+    daemon_history: HashMap<DaemonId, (u64, Vec<u64>)>,
     dirty: Dirty,
 }
 
@@ -81,11 +127,17 @@ pub struct Views {
 /// of the batch touched it.
 #[derive(Default)]
 struct Dirty {
-    daemons: BTreeSet<DaemonId>,
+    daemons: HashSet<DaemonId>,
     projects: BTreeSet<ProjectId>,
-    jobs: BTreeSet<JobId>,
+    jobs: HashSet<JobId>,
     moves: BTreeSet<CommandId>,
-    assignments: BTreeSet<(DaemonId, JobId)>,
+    /// History chunks to write: the daemons whose last chunk changed, and chunks this
+    /// batch filled up.
+    daemon_history: HashSet<DaemonId>,
+    full_history_chunks: Vec<Write>,
+    /// Event chunks to write: the last one changed, and chunks this batch filled up.
+    events: bool,
+    full_event_chunks: Vec<Write>,
 }
 
 impl Views {
@@ -106,7 +158,28 @@ impl Views {
         }
         for (_, v) in store.scan(&prefix(&["job"]))? {
             let j: JobView = serde_json::from_slice(&v).map_err(corrupt)?;
+            views.job_history.insert(j.job.clone(), j.history);
             views.state.jobs.insert(j.job, j.state);
+        }
+        let events = prefix(&["events"]);
+        if let Some((k, v)) = store.last_below(&key(&["events", "~"]))? {
+            if let Some(n) = k.strip_prefix(events.as_slice()).and_then(parse_number) {
+                views.events = (n, v);
+            }
+        }
+        for (k, v) in store.scan(&prefix(&["hist", "daemon"]))? {
+            let mut parts = k.split(|b| *b == 0).skip(2);
+            let (Some(d), Some(n)) = (parts.next(), parts.next().and_then(parse_number)) else {
+                continue;
+            };
+            let d = std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| DaemonId::new(d).ok());
+            let seqs: Vec<u64> = serde_json::from_slice(&v).map_err(corrupt)?;
+            if let Some(d) = d {
+                // Keys come in order: the last chunk of each daemon wins.
+                views.daemon_history.insert(d, (n, seqs));
+            }
         }
         for (_, v) in store.scan(&prefix(&["move"]))? {
             let m: MoveView = serde_json::from_slice(&v).map_err(corrupt)?;
@@ -126,32 +199,50 @@ impl Views {
         Ok(views)
     }
 
-    /// Folds one event: its history entries go to `writes` now, the records it touched
-    /// are written by the next [`Views::drain`].
-    pub fn apply(&mut self, r: &Recorded, writes: &mut Vec<Write>) {
+    /// Folds one event (`payload` as stored in the stream); what it changed is written by
+    /// the next [`Views::drain`].
+    pub fn apply(&mut self, r: &Recorded, payload: &[u8]) {
         let event = &r.envelope.event;
         let jobs: Vec<&JobId> = event.jobs();
-        // Owners before and after: a previous owner loses the job, a new one gains it.
-        let mut touched: Vec<(DaemonId, JobId)> = Vec::new();
+        // A job's previous owner loses it: its daemon view changes too.
         for j in &jobs {
             if let Some(job) = self.state.jobs.get(*j) {
-                touched.push((job.owner().clone(), (*j).clone()));
+                if !self.dirty.daemons.contains(job.owner()) {
+                    self.dirty.daemons.insert(job.owner().clone());
+                }
             }
         }
         self.state.apply(event);
         for j in &jobs {
-            if let Some(job) = self.state.jobs.get(*j) {
-                touched.push((job.owner().clone(), (*j).clone()));
-                self.dirty.jobs.insert((*j).clone());
+            if self.state.jobs.contains_key(*j) {
+                self.job_history
+                    .entry((*j).clone())
+                    .or_default()
+                    .push(r.seq);
+                if !self.dirty.jobs.contains(*j) {
+                    self.dirty.jobs.insert((*j).clone());
+                }
             }
         }
-        for (d, j) in touched {
-            self.dirty.daemons.insert(d.clone());
-            self.dirty.assignments.insert((d, j));
+        for d in event.daemons() {
+            let chunk = r.seq / HISTORY_PER_CHUNK;
+            let open = self
+                .daemon_history
+                .entry(d.clone())
+                .or_insert((chunk, Vec::new()));
+            if open.0 != chunk {
+                let full = std::mem::replace(open, (chunk, Vec::new()));
+                self.dirty.full_history_chunks.push((
+                    history_daemon_key(d, full.0 * HISTORY_PER_CHUNK),
+                    Some(json(&full.1)),
+                ));
+            }
+            open.1.push(r.seq);
+            self.dirty.daemon_history.insert(d.clone());
+            if !self.dirty.daemons.contains(d) {
+                self.dirty.daemons.insert(d.clone());
+            }
         }
-        self.dirty
-            .daemons
-            .extend(event.daemons().into_iter().cloned());
         if let Event::ProjectConfigured { project, .. } = event {
             self.dirty.projects.insert(project.clone());
         }
@@ -178,43 +269,36 @@ impl Views {
             }
         }
 
-        let entry = json(&HistoryEntry {
-            seq: r.seq,
-            at: r.envelope.at,
-            actor: r.envelope.actor.to_string(),
-            command: r.envelope.command.clone(),
-            event: event.clone(),
-        });
-        for j in jobs {
-            writes.push((history_job_key(j, r.seq), Some(entry.clone())));
+        // The event itself, once, in its chunk: histories hold its sequence.
+        let chunk = r.seq / EVENTS_PER_CHUNK;
+        if self.events.0 != chunk {
+            let full = std::mem::replace(&mut self.events, (chunk, Vec::new()));
+            if !full.1.is_empty() {
+                self.dirty
+                    .full_event_chunks
+                    .push((events_key(full.0 * EVENTS_PER_CHUNK), Some(full.1)));
+            }
         }
-        for d in event.daemons() {
-            writes.push((history_daemon_key(d, r.seq), Some(entry.clone())));
-        }
+        frame(&mut self.events.1, r.seq, payload);
+        self.dirty.events = true;
     }
 
     /// Appends the writes of every record changed since the last drain.
     pub fn drain(&mut self, writes: &mut Vec<Write>) {
-        let dirty = std::mem::take(&mut self.dirty);
-        for (d, j) in dirty.assignments {
-            let owned = self
-                .state
-                .daemons
-                .get(&d)
-                .is_some_and(|daemon| daemon.jobs.contains(&j));
-            let value = owned.then(|| {
-                let job = &self.state.jobs[&j];
-                json(&AssignmentView {
-                    daemon: d.clone(),
-                    job: j.clone(),
-                    epoch: job.epoch,
-                    moving_in: match &job.assignment {
-                        Assignment::Moving { move_id, .. } => Some(move_id.clone()),
-                        Assignment::Assigned { .. } => None,
-                    },
-                })
-            });
-            writes.push((assignment_key(&d, &j), value));
+        let mut dirty = std::mem::take(&mut self.dirty);
+        writes.append(&mut dirty.full_event_chunks);
+        if dirty.events {
+            let (chunk, bytes) = &self.events;
+            writes.push((events_key(chunk * EVENTS_PER_CHUNK), Some(bytes.clone())));
+        }
+        writes.append(&mut dirty.full_history_chunks);
+        for d in dirty.daemon_history {
+            if let Some((chunk, seqs)) = self.daemon_history.get(&d) {
+                writes.push((
+                    history_daemon_key(&d, chunk * HISTORY_PER_CHUNK),
+                    Some(json(seqs)),
+                ));
+            }
         }
         for d in dirty.daemons {
             if let Some(daemon) = self.state.daemons.get(&d) {
@@ -239,6 +323,7 @@ impl Views {
             if let Some(job) = self.state.jobs.get(&j) {
                 let view = JobView {
                     owner: job.owner().clone(),
+                    history: self.job_history.get(&j).cloned().unwrap_or_default(),
                     state: job.clone(),
                     job: j,
                 };

@@ -59,6 +59,21 @@ struct Raw {
     digest: String,
 }
 
+#[derive(Deserialize)]
+struct RawRef<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    version: u32,
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+    command: CommandId,
+    actor: Actor,
+    at: u64,
+    #[serde(default)]
+    last: bool,
+    digest: String,
+}
+
 /// Turns the data of an older version of an event into the current shape. Version 1 is
 /// current for every event, so there is nothing to do yet; a future version 2 of, say,
 /// `JobMoveStarted` adds `("JobMoveStarted", 1) => { ...; 2 }` here.
@@ -80,6 +95,25 @@ impl EventEnvelope {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        // The current version is read without going through a JSON value (the data of a
+        // large JobsAssigned is parsed once); older ones are upcast.
+        let fast: RawRef = serde_json::from_slice(bytes)?;
+        if fast.version == Event::VERSION {
+            let tagged = format!(
+                "{{\"type\":{},\"data\":{}}}",
+                serde_json::to_string(&fast.kind)?,
+                fast.data.get()
+            );
+            return Ok(EventEnvelope {
+                event: serde_json::from_str(&tagged)?,
+                version: Event::VERSION,
+                command: fast.command,
+                actor: fast.actor,
+                at: fast.at,
+                last: fast.last,
+                digest: fast.digest,
+            });
+        }
         let raw: Raw = serde_json::from_slice(bytes)?;
         let data = upcast(&raw.kind, raw.version, raw.data)?;
         let event: Event =

@@ -26,6 +26,8 @@ pub struct ProjectView {
 pub struct JobView {
     pub job: JobId,
     pub owner: DaemonId,
+    /// The stream sequences of the job's events, oldest first.
+    pub history: Vec<u64>,
     #[serde(flatten)]
     pub state: Job,
 }

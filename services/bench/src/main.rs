@@ -1,0 +1,442 @@
+//! `scripts/bench`: handoff against the raw limits of the same nats-server and sled, in
+//! the same run, printing both and their ratio.
+//!
+//! - (a) MoveJobs of 1,000 jobs, request to durable reply, against a raw pipelined
+//!   JetStream publish of the same 1,003 payloads (target: within 2x).
+//! - (b) MoveJob of one job, request to reply, median and p99 over 1,000, against a raw
+//!   awaited JetStream publish of a payload of the same size (target: within 3x).
+//! - (c) A projector rebuild over 200,000 events against a raw ordered read of the same
+//!   events applied to sled in batches of 1,000 (target: at least 70% of its rate).
+//!
+//! Each benchmark runs on a fresh nats-server with `sync_interval: always`, as the tests
+//! and the local stack do.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use async_nats::jetstream::{self, stream};
+use futures::StreamExt;
+use handoff_domain::command::*;
+use handoff_domain::ids::DeploymentName;
+use handoff_domain::model::{DaemonSettings, Deployment, JobSize, Shard};
+use handoff_domain::{Actor, Command, CommandId, DaemonId, JobId, ProjectId};
+use handoff_natsd::NatsProcess;
+use handoff_protocol::api::{encode_request, endpoint_of};
+use handoff_protocol::{Applied, Reply};
+use tokio::sync::oneshot;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const RUNS: usize = 5;
+const MOVES: usize = 1000;
+const REBUILD_EVENTS: u64 = 200_000;
+
+/// A fresh nats-server and a command service.
+struct Bench {
+    nats: NatsProcess,
+    _dir: tempfile::TempDir,
+    client: async_nats::Client,
+    stop: Option<oneshot::Sender<()>>,
+    actor: Actor,
+}
+
+impl Bench {
+    async fn start() -> Result<Self> {
+        let bin = handoff_natsd::find_binary(&[
+            std::env::current_dir()?,
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        ])?;
+        let dir = tempfile::tempdir()?;
+        let nats = NatsProcess::start(bin, dir.path(), None).await?;
+        let client = async_nats::connect(nats.url()).await?;
+        let service =
+            handoff_command::start(async_nats::connect(nats.url()).await?, Default::default())
+                .await?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(service.run(async {
+            let _ = stopped.await;
+        }));
+        Ok(Bench {
+            nats,
+            _dir: dir,
+            client,
+            stop: Some(stop),
+            actor: Actor::new("bench")?,
+        })
+    }
+
+    async fn send(&self, command: &Command) -> Result<Applied> {
+        let id = CommandId::new(ulid::Ulid::new().to_string())?;
+        let body = encode_request(&id, &self.actor, command);
+        let subject = handoff_protocol::subjects::command(endpoint_of(command));
+        let reply = self.client.request(subject, body.into()).await?;
+        let reply: Reply = serde_json::from_slice(&reply.payload)?;
+        reply
+            .into_result()
+            .map_err(|e| anyhow::anyhow!("{} refused: {}", command.name(), e.message))
+    }
+
+    /// A raw stream with the event stream's settings, for the baselines.
+    async fn raw_stream(&self) -> Result<stream::Stream> {
+        let js = jetstream::new(self.client.clone());
+        Ok(js
+            .create_stream(stream::Config {
+                name: "RAW".into(),
+                subjects: vec!["raw.>".into()],
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                allow_atomic_publish: true,
+                ..Default::default()
+            })
+            .await?)
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.nats.kill();
+    }
+}
+
+fn daemon(name: &str) -> DaemonId {
+    DaemonId::new(format!("{name}.bench:/heads/")).expect("valid")
+}
+
+/// Daemon `src` with `clusters` x 250 jobs of project `project`, then an empty `dst`.
+async fn fleet(
+    b: &Bench,
+    project: &str,
+    src: &DaemonId,
+    dst: &DaemonId,
+    clusters: usize,
+) -> Result<Vec<JobId>> {
+    let settings = DaemonSettings {
+        head_space_bytes: 1 << 50,
+        num_workers: 8,
+        ..DaemonSettings::default()
+    };
+    b.send(&Command::RegisterDaemon(RegisterDaemon {
+        daemon: src.clone(),
+        settings: settings.clone(),
+    }))
+    .await?;
+    let p = ProjectId::new(project)?;
+    b.send(&Command::ConfigureProject(ConfigureProject {
+        project: p.clone(),
+        daemon_filter: vec![src.clone(), dst.clone()],
+        label_filter: vec![],
+    }))
+    .await?;
+    let size = JobSize {
+        head_size_bytes: 1 << 30,
+        oplog_bytes_per_hour: 1 << 20,
+    };
+    let mut jobs = Vec::new();
+    for c in 0..clusters {
+        let name = DeploymentName::new(format!("cluster{c}"))?;
+        let shards: Vec<Shard> = (0..249)
+            .map(|s| Shard {
+                name: DeploymentName::new(format!("shard{s}")).expect("valid"),
+                size,
+            })
+            .collect();
+        for s in &shards {
+            jobs.push(JobId::of(&p, &name, Some(s.name.as_str())));
+        }
+        jobs.push(JobId::of(&p, &name, Some("config")));
+        b.send(&Command::CreateBackupJobs(CreateBackupJobs {
+            project: p.clone(),
+            deployment: Deployment::ShardedCluster {
+                name,
+                shards,
+                config_servers: size,
+            },
+        }))
+        .await?;
+    }
+    b.send(&Command::RegisterDaemon(RegisterDaemon {
+        daemon: dst.clone(),
+        settings,
+    }))
+    .await?;
+    Ok(jobs)
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn p99(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// (a) MoveJobs of 1,000 jobs against a pipelined publish of the same payloads.
+async fn move_jobs() -> Result<(Duration, Duration)> {
+    let b = Bench::start().await?;
+    let raw = b.raw_stream().await?;
+    let js = jetstream::new(b.client.clone());
+    let events = handoff_eventlog::EventLog::open(b.client.clone(), Default::default()).await?;
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let (src, dst) = (daemon(&format!("src{run}")), daemon(&format!("dst{run}")));
+        let jobs = fleet(&b, &format!("p{run}"), &src, &dst, 4).await?;
+        assert_eq!(jobs.len(), 1000);
+        let t = Instant::now();
+        let applied = b
+            .send(&Command::MoveJobs(MoveJobs {
+                from: src,
+                to: dst,
+                reason: None,
+                dry_run: false,
+            }))
+            .await?;
+        ours.push(t.elapsed());
+        // The same payloads, published raw and pipelined.
+        let stream = js.get_stream(events.stream_name()).await?;
+        let mut payloads = Vec::new();
+        for e in &applied.events {
+            payloads.push(stream.get_raw_message(e.seq).await?.payload);
+        }
+        let t = Instant::now();
+        let mut acks = Vec::with_capacity(payloads.len());
+        for (i, p) in payloads.into_iter().enumerate() {
+            acks.push(js.publish(format!("raw.{run}.{i}"), p).await?);
+        }
+        for a in acks {
+            a.await?;
+        }
+        base.push(t.elapsed());
+    }
+    drop(raw);
+    Ok((median(&mut ours), median(&mut base)))
+}
+
+/// (b) MoveJob, one job at a time, against an awaited publish of the same size.
+async fn move_job() -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let b = Bench::start().await?;
+    b.raw_stream().await?;
+    let js = jetstream::new(b.client.clone());
+    let (src, dst) = (daemon("src"), daemon("dst"));
+    let jobs = fleet(&b, "single", &src, &dst, 4).await?;
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    let mut size = 0;
+    for job in jobs.iter().take(MOVES) {
+        let t = Instant::now();
+        let applied = b
+            .send(&Command::MoveJob(MoveJob {
+                job: job.clone(),
+                to: dst.clone(),
+                reason: None,
+                dry_run: false,
+            }))
+            .await?;
+        ours.push(t.elapsed());
+        size = applied.events.len();
+    }
+    // A payload as large as the three events a MoveJob appends together.
+    let payload = bytes::Bytes::from(vec![b'x'; 300 * size.max(1)]);
+    for i in 0..MOVES {
+        let t = Instant::now();
+        js.publish(format!("raw.single.{i}"), payload.clone())
+            .await?
+            .await?;
+        base.push(t.elapsed());
+    }
+    // For the explanation: the same three events as one atomic batch, awaited.
+    let log = handoff_eventlog::EventLog::open(
+        b.client.clone(),
+        handoff_eventlog::Config {
+            stream: "RAWBATCH".into(),
+            subjects: vec!["rawbatch.>".into()],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut batch = Vec::new();
+    for i in 0..MOVES {
+        let messages: Vec<handoff_eventlog::Outgoing> = (0..size.max(1))
+            .map(|k| handoff_eventlog::Outgoing {
+                subject: format!("rawbatch.{i}.{k}"),
+                payload: bytes::Bytes::from(vec![b'x'; 300]),
+                msg_id: format!("{i}:{k}"),
+                expected_last_subject_seq: 0,
+            })
+            .collect();
+        let t = Instant::now();
+        log.append(&messages).await?;
+        batch.push(t.elapsed());
+    }
+    let (b50, b99) = (median(&mut batch), p99(&mut batch));
+    eprintln!(
+        "    (raw atomic batch of {size} messages, awaited: p50 {} p99 {})",
+        ms(b50),
+        ms(b99)
+    );
+    Ok((ours, base))
+}
+
+/// Appends about `target` events through the command service: fleets of 1,000 jobs, each
+/// then moved.
+async fn fill(b: &Bench, target: u64) -> Result<u64> {
+    let log = handoff_eventlog::EventLog::open(b.client.clone(), Default::default()).await?;
+    let mut n = 0;
+    while log.last_sequence().await? < target {
+        let (src, dst) = (daemon(&format!("fs{n}")), daemon(&format!("fd{n}")));
+        fleet(b, &format!("fill{n}"), &src, &dst, 4).await?;
+        b.send(&Command::MoveJobs(MoveJobs {
+            from: src,
+            to: dst,
+            reason: Some("bench".into()),
+            dry_run: false,
+        }))
+        .await?;
+        n += 1;
+    }
+    Ok(log.last_sequence().await?)
+}
+
+/// (c) A projector rebuild against an ordered read applied raw to sled.
+async fn rebuild() -> Result<(u64, Duration, Duration)> {
+    let b = Bench::start().await?;
+    let t = Instant::now();
+    let events = fill(&b, REBUILD_EVENTS).await?;
+    eprintln!(
+        "  (appended {events} events in {:.1} s)",
+        t.elapsed().as_secs_f64()
+    );
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for run in 0..3 {
+        // Raw: every event read in order and applied to sled, 1,000 per batch.
+        let dir = tempfile::tempdir()?;
+        let t = Instant::now();
+        let db = sled::open(dir.path())?;
+        let js = jetstream::new(b.client.clone());
+        let stream = js.get_stream(handoff_protocol::subjects::STREAM).await?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+            .await?;
+        let mut messages = consumer.messages().await?.ready_chunks(1000);
+        let mut seen = 0u64;
+        while seen < events {
+            let chunk = messages.next().await.context("the raw read ended")?;
+            let mut batch = sled::Batch::default();
+            for m in chunk {
+                let m = m?;
+                let seq = m
+                    .info()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .stream_sequence;
+                batch.insert(&seq.to_be_bytes(), m.payload.as_ref());
+                seen = seq;
+            }
+            db.apply_batch(batch)?;
+        }
+        db.flush()?;
+        base.push(t.elapsed());
+
+        // handoff: the projector rebuilding its views from the stream.
+        let dir = tempfile::tempdir()?;
+        let mut config = handoff_projector::Config::new(dir.path());
+        config.name = format!("bench{run}");
+        config.rebuild = true;
+        config.serve_queries = false;
+        let t = Instant::now();
+        let projector = handoff_projector::start(b.client.clone(), config).await?;
+        let at = projector.run_until_caught_up().await?;
+        ours.push(t.elapsed());
+        if at < events {
+            bail!("the projector stopped at {at} of {events}");
+        }
+    }
+    Ok((events, median(&mut ours), median(&mut base)))
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    // `handoff-bench b c` runs only those; no argument runs all.
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    println!("handoff benchmarks (nats-server with sync_interval: always; medians of {RUNS} runs unless said)\n");
+    if run("a") {
+        bench_a().await?;
+    }
+    if run("b") {
+        bench_b().await?;
+    }
+    if run("c") {
+        bench_c().await?;
+    }
+    Ok(())
+}
+
+async fn bench_a() -> Result<()> {
+    let (ours, raw) = move_jobs().await.context("benchmark (a)")?;
+    let ratio = ours.as_secs_f64() / raw.as_secs_f64();
+    println!("(a) MoveJobs of 1,000 jobs, request to durable reply");
+    println!("    handoff {}   raw pipelined publish of the same 1,003 payloads {}   ratio {ratio:.2}x   target <= 2x: {}\n", ms(ours), ms(raw), verdict(ratio <= 2.0));
+    Ok(())
+}
+
+async fn bench_b() -> Result<()> {
+    let (mut ours, mut raw) = move_job().await.context("benchmark (b)")?;
+    let (o50, r50, o99, r99) = (
+        median(&mut ours),
+        median(&mut raw),
+        p99(&mut ours),
+        p99(&mut raw),
+    );
+    let (q50, q99) = (
+        o50.as_secs_f64() / r50.as_secs_f64(),
+        o99.as_secs_f64() / r99.as_secs_f64(),
+    );
+    println!("(b) MoveJob of one job, request to reply, over {MOVES}");
+    println!(
+        "    p50: handoff {}   raw awaited publish {}   ratio {q50:.2}x   target <= 3x: {}",
+        ms(o50),
+        ms(r50),
+        verdict(q50 <= 3.0)
+    );
+    println!(
+        "    p99: handoff {}   raw awaited publish {}   ratio {q99:.2}x   target <= 3x: {}\n",
+        ms(o99),
+        ms(r99),
+        verdict(q99 <= 3.0)
+    );
+    Ok(())
+}
+
+async fn bench_c() -> Result<()> {
+    let (events, ours, raw) = rebuild().await.context("benchmark (c)")?;
+    let rate = |d: Duration| events as f64 / d.as_secs_f64();
+    let share = raw.as_secs_f64() / ours.as_secs_f64();
+    println!("(c) projector rebuild over {events} events (median of 3)");
+    println!(
+        "    handoff {:.2} s ({:.0} events/s)   raw ordered read + sled apply_batch {:.2} s ({:.0} events/s)   {:.0}% of raw   target >= 70%: {}",
+        ours.as_secs_f64(),
+        rate(ours),
+        raw.as_secs_f64(),
+        rate(raw),
+        share * 100.0,
+        verdict(share >= 0.7)
+    );
+    Ok(())
+}
