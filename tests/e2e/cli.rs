@@ -447,3 +447,65 @@ async fn the_demo_tells_the_story() -> Result<()> {
     }
     Ok(())
 }
+
+/// `--log-format json` logs one JSON object per line, each command with its id, kind,
+/// actor and the daemon, job or move it is about; `RUST_LOG` sets the level.
+#[tokio::test]
+async fn services_log_structured_json() -> Result<()> {
+    let server = handoff_testkit::NatsServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("service.log");
+    let mut child = std::process::Command::new(handoff_bin()?)
+        .args([
+            "--nats-url",
+            &server.url(),
+            "--log-format",
+            "json",
+            "command-service",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let url = server.url();
+    let registered = wait_for("the command service", || {
+        let url = url.clone();
+        async move {
+            let run = handoff(
+                &url,
+                &[
+                    "daemon",
+                    "register",
+                    D1,
+                    "--head-space",
+                    "1GiB",
+                    "--actor",
+                    "alice",
+                ],
+            )?;
+            Ok((run.code == 0).then_some(run))
+        }
+    })
+    .await?;
+    assert!(registered.stdout.contains("registered"));
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    child.wait()?;
+    let text = std::fs::read_to_string(&log)?;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let applied = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "applied")
+        .unwrap_or_else(|| panic!("no 'applied' line in:\n{text}"));
+    assert_eq!(applied["span"]["kind"], "RegisterDaemon");
+    assert_eq!(applied["span"]["actor"], "alice");
+    assert_eq!(applied["span"]["daemon"], D1);
+    assert!(applied["span"]["command"]
+        .as_str()
+        .is_some_and(|c| c.len() == 26));
+    Ok(())
+}

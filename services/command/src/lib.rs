@@ -29,6 +29,7 @@ use async_nats::service::ServiceExt;
 use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
+use handoff_domain::Command;
 use handoff_eventlog::EventLog;
 use handoff_protocol::api::{Endpoint, ENDPOINTS, MAX_REQUEST_BYTES};
 use handoff_protocol::{subjects, ErrorBody, ErrorCode, Reply};
@@ -138,6 +139,32 @@ impl CommandService {
     }
 }
 
+/// Adds the job, daemon and move a command is about to the span, for searching logs.
+fn record_subjects(span: &tracing::Span, request: &handoff_protocol::CommandRequest<Command>) {
+    use handoff_domain::Command as C;
+    let (job, daemon, move_id) = match &request.command {
+        C::RegisterDaemon(c) => (None, Some(&c.daemon), None),
+        C::ConfigureDaemon(c) => (None, Some(&c.daemon), None),
+        C::RemoveDaemon(c) => (None, Some(&c.daemon), None),
+        C::ReportDaemonLiveness(c) => (None, Some(&c.daemon), None),
+        C::ConfigureProject(_) | C::CreateBackupJobs(_) => (None, None, None),
+        C::MoveJobs(c) => (None, Some(&c.from), Some(&request.id)),
+        C::MoveJob(c) => (Some(&c.job), Some(&c.to), Some(&request.id)),
+        C::ReportJobMovePhase(c) => (Some(&c.job), None, Some(&c.move_id)),
+        C::CompleteJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
+        C::FailJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
+    };
+    if let Some(j) = job {
+        span.record("job", tracing::field::display(j));
+    }
+    if let Some(d) = daemon {
+        span.record("daemon", tracing::field::display(d));
+    }
+    if let Some(m) = move_id {
+        span.record("move_id", tracing::field::display(m));
+    }
+}
+
 async fn handle(executor: &mut Executor, endpoint: Endpoint, payload: &[u8]) -> Reply {
     if payload.len() > MAX_REQUEST_BYTES {
         return Reply::Error(ErrorBody::new(
@@ -163,8 +190,12 @@ async fn handle(executor: &mut Executor, endpoint: Endpoint, payload: &[u8]) -> 
         "command",
         command = %request.id,
         kind = request.command.name(),
-        actor = %request.actor
+        actor = %request.actor,
+        job = tracing::field::Empty,
+        daemon = tracing::field::Empty,
+        move_id = tracing::field::Empty,
     );
+    record_subjects(&span, &request);
     let result = executor.execute(request).instrument(span.clone()).await;
     let _entered = span.enter();
     match result {

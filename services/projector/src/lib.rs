@@ -104,16 +104,16 @@ pub struct Projector {
 /// Writes batches to the store in order on a blocking thread, so the fold of the next
 /// batch overlaps the write of this one; publishes the checkpoint once a batch is stored.
 struct Committer {
-    tx: Option<tokio::sync::mpsc::Sender<(Vec<store::Write>, u64)>>,
+    tx: Option<tokio::sync::mpsc::Sender<(Vec<views::Change>, u64)>>,
     task: tokio::task::JoinHandle<Result<(), StoreError>>,
 }
 
 impl Committer {
     fn start(store: SledStore, checkpoint: watch::Sender<u64>) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<store::Write>, u64)>(2);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<views::Change>, u64)>(2);
         let task = tokio::task::spawn_blocking(move || {
-            while let Some((writes, seq)) = rx.blocking_recv() {
-                store.commit(writes, seq)?;
+            while let Some((changes, seq)) = rx.blocking_recv() {
+                store.commit(views::encode(changes), seq)?;
                 checkpoint.send_replace(seq);
             }
             store.flush()
@@ -121,7 +121,7 @@ impl Committer {
         Committer { tx: Some(tx), task }
     }
 
-    async fn commit(&mut self, writes: Vec<store::Write>, seq: u64) -> Result<(), Error> {
+    async fn commit(&mut self, writes: Vec<views::Change>, seq: u64) -> Result<(), Error> {
         let sent = match &self.tx {
             Some(tx) => tx.send((writes, seq)).await.is_ok(),
             None => false,

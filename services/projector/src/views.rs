@@ -108,6 +108,41 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("views always serialize")
 }
 
+/// A record to store, not yet serialised: the writer thread serialises it, so that work
+/// overlaps the fold of the next batch.
+pub enum Value {
+    Bytes(Vec<u8>),
+    Seqs(Vec<u64>),
+    Daemon(DaemonView),
+    Project(ProjectView),
+    Job(Box<JobView>),
+    Move(Box<MoveView>),
+}
+
+impl Value {
+    pub fn encode(self) -> Vec<u8> {
+        match self {
+            Value::Bytes(b) => b,
+            Value::Seqs(s) => json(&s),
+            Value::Daemon(v) => json(&v),
+            Value::Project(v) => json(&v),
+            Value::Job(v) => json(&v),
+            Value::Move(v) => json(&v),
+        }
+    }
+}
+
+/// A change of one key: a value, or `None` to delete it.
+pub type Change = (Vec<u8>, Option<Value>);
+
+/// Serialises changes into store writes.
+pub fn encode(changes: Vec<Change>) -> Vec<Write> {
+    changes
+        .into_iter()
+        .map(|(k, v)| (k, v.map(Value::encode)))
+        .collect()
+}
+
 /// The in-memory state behind the views, with the move metadata the domain state does
 /// not keep, and what changed since the last [`Views::drain`].
 #[derive(Default)]
@@ -134,10 +169,10 @@ struct Dirty {
     /// History chunks to write: the daemons whose last chunk changed, and chunks this
     /// batch filled up.
     daemon_history: HashSet<DaemonId>,
-    full_history_chunks: Vec<Write>,
+    full_history_chunks: Vec<Change>,
     /// Event chunks to write: the last one changed, and chunks this batch filled up.
     events: bool,
-    full_event_chunks: Vec<Write>,
+    full_event_chunks: Vec<Change>,
 }
 
 impl Views {
@@ -234,7 +269,7 @@ impl Views {
                 let full = std::mem::replace(open, (chunk, Vec::new()));
                 self.dirty.full_history_chunks.push((
                     history_daemon_key(d, full.0 * HISTORY_PER_CHUNK),
-                    Some(json(&full.1)),
+                    Some(Value::Seqs(full.1)),
                 ));
             }
             open.1.push(r.seq);
@@ -274,9 +309,10 @@ impl Views {
         if self.events.0 != chunk {
             let full = std::mem::replace(&mut self.events, (chunk, Vec::new()));
             if !full.1.is_empty() {
-                self.dirty
-                    .full_event_chunks
-                    .push((events_key(full.0 * EVENTS_PER_CHUNK), Some(full.1)));
+                self.dirty.full_event_chunks.push((
+                    events_key(full.0 * EVENTS_PER_CHUNK),
+                    Some(Value::Bytes(full.1)),
+                ));
             }
         }
         frame(&mut self.events.1, r.seq, payload);
@@ -284,19 +320,22 @@ impl Views {
     }
 
     /// Appends the writes of every record changed since the last drain.
-    pub fn drain(&mut self, writes: &mut Vec<Write>) {
+    pub fn drain(&mut self, writes: &mut Vec<Change>) {
         let mut dirty = std::mem::take(&mut self.dirty);
         writes.append(&mut dirty.full_event_chunks);
         if dirty.events {
             let (chunk, bytes) = &self.events;
-            writes.push((events_key(chunk * EVENTS_PER_CHUNK), Some(bytes.clone())));
+            writes.push((
+                events_key(chunk * EVENTS_PER_CHUNK),
+                Some(Value::Bytes(bytes.clone())),
+            ));
         }
         writes.append(&mut dirty.full_history_chunks);
         for d in dirty.daemon_history {
             if let Some((chunk, seqs)) = self.daemon_history.get(&d) {
                 writes.push((
                     history_daemon_key(&d, chunk * HISTORY_PER_CHUNK),
-                    Some(json(seqs)),
+                    Some(Value::Seqs(seqs.clone())),
                 ));
             }
         }
@@ -307,7 +346,7 @@ impl Views {
                     state: daemon.clone(),
                     daemon: d,
                 };
-                writes.push((daemon_key(&view.daemon), Some(json(&view))));
+                writes.push((daemon_key(&view.daemon), Some(Value::Daemon(view))));
             }
         }
         for p in dirty.projects {
@@ -316,7 +355,7 @@ impl Views {
                     state: project.clone(),
                     project: p,
                 };
-                writes.push((project_key(&view.project), Some(json(&view))));
+                writes.push((project_key(&view.project), Some(Value::Project(view))));
             }
         }
         for j in dirty.jobs {
@@ -327,14 +366,14 @@ impl Views {
                     state: job.clone(),
                     job: j,
                 };
-                writes.push((job_key(&view.job), Some(json(&view))));
+                writes.push((job_key(&view.job), Some(Value::Job(Box::new(view)))));
             }
         }
         for m in dirty.moves {
             if let (Some(state), Some(view)) = (self.state.moves.get(&m), self.moves.get_mut(&m)) {
                 view.jobs.clone_from(&state.jobs);
                 view.status = move_status(state.planned, &state.jobs);
-                writes.push((move_key(&m), Some(json(view))));
+                writes.push((move_key(&m), Some(Value::Move(Box::new(view.clone())))));
             }
         }
     }

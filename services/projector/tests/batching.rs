@@ -113,9 +113,9 @@ fn fold(history: &[(Recorded, Vec<u8>)], sizes: &[usize]) -> BTreeMap<Vec<u8>, V
         for (r, payload) in &history[i..end] {
             views.apply(r, payload);
         }
-        let mut writes = Vec::new();
-        views.drain(&mut writes);
-        for (k, v) in writes {
+        let mut changes = Vec::new();
+        views.drain(&mut changes);
+        for (k, v) in handoff_projector::views::encode(changes) {
             match v {
                 Some(v) => store.insert(k, v),
                 None => store.remove(&k),
