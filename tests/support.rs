@@ -91,7 +91,7 @@ impl Stack {
     }
 
     pub async fn log(&self) -> Result<EventLog> {
-        Ok(EventLog::open(self.client.clone(), Default::default()).await?)
+        Ok(EventLog::attach(self.client.clone(), Default::default()).await?)
     }
 
     /// The stream's last sequence.
@@ -548,7 +548,7 @@ impl Up {
     /// Waits until the projector has folded every event appended so far.
     pub async fn settle(&self) -> Result<()> {
         let client = self.server.connect().await?;
-        let log = EventLog::open(client.clone(), Default::default()).await?;
+        let log = EventLog::attach(client.clone(), Default::default()).await?;
         wait_for_checkpoint(&client, log.last_sequence().await?).await?;
         Ok(())
     }

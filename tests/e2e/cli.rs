@@ -509,3 +509,38 @@ async fn services_log_structured_json() -> Result<()> {
         .is_some_and(|c| c.len() == 26));
     Ok(())
 }
+
+/// `handoff up --cluster 3` runs three nats-server nodes and keeps the event stream on
+/// three replicas; the CLI works against any node.
+#[tokio::test]
+async fn up_runs_a_three_node_cluster() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let dir = data.path().to_string_lossy().into_owned();
+    let mut up = Background::spawn(
+        None,
+        &["up", "--cluster", "3", "--port", "0", "--data", &dir],
+    )?;
+    up.wait_for_line("handoff is up")?;
+    let line = up.wait_for_line("NATS")?;
+    assert!(line.contains("3-node cluster"), "{line}");
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("nats://"))
+        .expect("the banner names the URL")
+        .to_owned();
+    let daemons = handoff_ok(&url, &["daemons", "--json"])?.json()?;
+    let client = async_nats::connect(&url).await?;
+    let js = async_nats::jetstream::new(client);
+    let info = js
+        .get_stream(handoff_protocol::subjects::STREAM)
+        .await?
+        .info()
+        .await?
+        .clone();
+    let (code, lines) = up.terminate()?;
+    assert_eq!(code, 0, "{lines:?}");
+    assert_eq!(info.config.num_replicas, 3);
+    assert_eq!(info.cluster.map(|c| c.replicas.len()), Some(2));
+    assert_eq!(daemons.as_array().map(Vec::len), Some(3));
+    Ok(())
+}

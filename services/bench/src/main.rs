@@ -186,7 +186,7 @@ async fn move_jobs() -> Result<(Duration, Duration)> {
     let b = Bench::start().await?;
     let raw = b.raw_stream().await?;
     let js = jetstream::new(b.client.clone());
-    let events = handoff_eventlog::EventLog::open(b.client.clone(), Default::default()).await?;
+    let events = handoff_eventlog::EventLog::attach(b.client.clone(), Default::default()).await?;
     let (mut ours, mut base) = (Vec::new(), Vec::new());
     for run in 0..RUNS {
         let (src, dst) = (daemon(&format!("src{run}")), daemon(&format!("dst{run}")));
@@ -254,7 +254,7 @@ async fn move_job() -> Result<(Vec<Duration>, Vec<Duration>)> {
         base.push(t.elapsed());
     }
     // For the explanation: the same three events as one atomic batch, awaited.
-    let log = handoff_eventlog::EventLog::open(
+    let log = handoff_eventlog::EventLog::attach(
         b.client.clone(),
         handoff_eventlog::Config {
             stream: "RAWBATCH".into(),
@@ -289,7 +289,7 @@ async fn move_job() -> Result<(Vec<Duration>, Vec<Duration>)> {
 /// Appends about `target` events through the command service: fleets of 1,000 jobs, each
 /// then moved.
 async fn fill(b: &Bench, target: u64) -> Result<u64> {
-    let log = handoff_eventlog::EventLog::open(b.client.clone(), Default::default()).await?;
+    let log = handoff_eventlog::EventLog::attach(b.client.clone(), Default::default()).await?;
     let mut n = 0;
     while log.last_sequence().await? < target {
         let (src, dst) = (daemon(&format!("fs{n}")), daemon(&format!("fd{n}")));

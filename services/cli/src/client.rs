@@ -82,7 +82,7 @@ impl Api {
 
     /// The event log, for reading history.
     pub async fn log(&self) -> Result<EventLog, Failure> {
-        EventLog::open(self.client.clone(), Default::default())
+        EventLog::attach(self.client.clone(), Default::default())
             .await
             .map_err(|e| Failure::Usage(e.to_string()))
     }

@@ -5,18 +5,13 @@
 //! Until daemons rebuild heads themselves, the demo reports the rebuild phases and the
 //! completion as the destination daemon would.
 
-use std::time::Duration;
-
 use clap::Args;
 use handoff_domain::command::*;
 use handoff_domain::model::MovePhase;
 use handoff_domain::Command;
-use handoff_protocol::api::query::Status;
-use serde_json::json;
 
-use crate::client::Api;
 use crate::cmd::{self, history::Filter};
-use crate::stack::{sample_daemon, seed, Stack};
+use crate::stack::{sample_daemon, seed, settle, Stack};
 use crate::{Context, Failure};
 
 #[derive(Debug, Args)]
@@ -28,26 +23,6 @@ pub struct DemoArgs {
 
 fn step(n: usize, title: &str) {
     println!("\n== {n}. {title}");
-}
-
-/// Waits until the projector's views include everything appended so far.
-async fn settle(api: &Api) -> Result<(), Failure> {
-    let end = api
-        .log()
-        .await?
-        .last_sequence()
-        .await
-        .map_err(|e| Failure::Usage(e.to_string()))?;
-    for _ in 0..500 {
-        let s: Status = api.query("status", json!({})).await?;
-        if s.checkpoint >= end {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Err(Failure::Usage(
-        "the projector did not catch up within 5 s".into(),
-    ))
 }
 
 pub async fn demo(ctx: &Context, a: DemoArgs) -> Result<(), Failure> {

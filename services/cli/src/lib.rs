@@ -99,9 +99,16 @@ pub enum Cmd {
     /// Play the story of a lost daemon on a throwaway local stack.
     Demo(demo::DemoArgs),
     /// Run the command service (the only writer of the event stream).
-    CommandService,
+    CommandService(CommandServiceArgs),
     /// Run a projector: fold the event stream into sled views and answer queries.
     Projector(ProjectorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CommandServiceArgs {
+    /// Copies of the event stream to keep (3 on a cluster). Sets the stream's replicas.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
 }
 
 #[derive(Debug, Args)]
@@ -178,7 +185,7 @@ pub async fn shutdown_signal() {
 pub async fn run(cli: Cli) -> ExitCode {
     let services = matches!(
         cli.command,
-        Cmd::CommandService | Cmd::Projector(_) | Cmd::Up(_)
+        Cmd::CommandService(_) | Cmd::Projector(_) | Cmd::Up(_)
     );
     init_logging(cli.log_format, if services { "info" } else { "warn" });
     let json = cli.json;
@@ -229,9 +236,11 @@ async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
         Cmd::Watch(a) => cmd::history::watch(ctx, a).await,
         Cmd::Up(a) => stack::up(ctx, a).await,
         Cmd::Demo(a) => demo::demo(ctx, a).await,
-        Cmd::CommandService => {
+        Cmd::CommandService(a) => {
             let client = ctx.api().await?.client;
-            let service = handoff_command::start(client, handoff_command::Config::default())
+            let mut config = handoff_command::Config::default();
+            config.event_log.replicas = a.replicas;
+            let service = handoff_command::start(client, config)
                 .await
                 .map_err(|e| Failure::Usage(format!("starting the command service: {e}")))?;
             tracing::info!("command service ready");

@@ -25,12 +25,16 @@ pub struct UpArgs {
     /// Do not create the sample fleet.
     #[arg(long)]
     pub no_sample: bool,
+    /// Start a JetStream cluster of this many nodes (client ports from --port on) and keep
+    /// the event stream on as many replicas (at most 5), instead of a single server.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub cluster: Option<u8>,
 }
 
 /// A running stack.
 pub struct Stack {
     pub url: String,
-    nats: Option<NatsProcess>,
+    nats: Vec<NatsProcess>,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
 }
@@ -39,10 +43,21 @@ impl Stack {
     /// Starts the stack with its data under `data`; on `url` when given, else on a
     /// nats-server of its own on `port` (0: any).
     pub async fn start(data: &Path, url: Option<&str>, port: u16) -> Result<Stack, Failure> {
+        Self::start_with(data, url, port, None).await
+    }
+
+    /// Like [`Stack::start`], with a cluster of `cluster` nodes instead of one server.
+    pub async fn start_with(
+        data: &Path,
+        url: Option<&str>,
+        port: u16,
+        cluster: Option<u8>,
+    ) -> Result<Stack, Failure> {
         std::fs::create_dir_all(data)
             .map_err(|e| Failure::Usage(format!("cannot create {}: {e}", data.display())))?;
+        let usage = |e: handoff_natsd::Error| Failure::Usage(e.to_string());
         let (nats, url) = match url {
-            Some(u) => (None, u.to_owned()),
+            Some(u) => (Vec::new(), u.to_owned()),
             None => {
                 let roots = [
                     std::env::current_dir().unwrap_or_default(),
@@ -50,14 +65,30 @@ impl Stack {
                 ];
                 let bin = handoff_natsd::find_binary(&roots)
                     .map_err(|e| Failure::Usage(format!("{e}; or give --nats-url")))?;
-                let dir = data.join("nats");
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| Failure::Usage(format!("cannot create {}: {e}", dir.display())))?;
-                let p = NatsProcess::start(bin, &dir, (port != 0).then_some(port))
-                    .await
-                    .map_err(|e| Failure::Usage(e.to_string()))?;
-                let url = p.url();
-                (Some(p), url)
+                let nodes = match cluster {
+                    Some(n) => {
+                        let first = (port != 0).then_some(port);
+                        handoff_natsd::start_cluster(
+                            bin,
+                            &data.join("nats-cluster"),
+                            n.into(),
+                            first,
+                        )
+                        .await
+                        .map_err(usage)?
+                    }
+                    None => {
+                        let dir = data.join("nats");
+                        std::fs::create_dir_all(&dir).map_err(|e| {
+                            Failure::Usage(format!("cannot create {}: {e}", dir.display()))
+                        })?;
+                        vec![NatsProcess::start(bin, &dir, (port != 0).then_some(port))
+                            .await
+                            .map_err(usage)?]
+                    }
+                };
+                let url = nodes[0].url();
+                (nodes, url)
             }
         };
         let mut stack = Stack {
@@ -71,7 +102,9 @@ impl Stack {
                 .await
                 .map_err(|e| Failure::Usage(format!("cannot connect to NATS at {url}: {e}")))
         };
-        let commands = handoff_command::start(connect().await?, handoff_command::Config::default())
+        let mut config = handoff_command::Config::default();
+        config.event_log.replicas = cluster.map_or(1, usize::from);
+        let commands = handoff_command::start(connect().await?, config)
             .await
             .map_err(|e| Failure::Usage(format!("starting the command service: {e}")))?;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -118,7 +151,7 @@ impl Stack {
                 Ok(Ok(())) => {}
             }
         }
-        if let Some(mut n) = self.nats.take() {
+        for mut n in self.nats.drain(..) {
             n.stop();
         }
     }
@@ -217,19 +250,50 @@ pub async fn seed(api: &crate::client::Api) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Waits until the projector's views include everything appended so far.
+pub async fn settle(api: &crate::client::Api) -> Result<(), Failure> {
+    let end = api
+        .log()
+        .await?
+        .last_sequence()
+        .await
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s: handoff_protocol::api::query::Status =
+            api.query("status", serde_json::json!({})).await?;
+        if s.checkpoint >= end {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Failure::Usage(
+                "the projector did not catch up within 10 s".into(),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
     let url = ctx.url_given.then_some(ctx.url.as_str());
-    let stack = Stack::start(&a.data, url, a.port).await?;
+    if url.is_some() && a.cluster.is_some() {
+        return Err(Failure::Usage(
+            "--cluster starts its own servers; leave out --nats-url (and HANDOFF_NATS_URL)".into(),
+        ));
+    }
+    let stack = Stack::start_with(&a.data, url, a.port, a.cluster).await?;
     let api = crate::client::Api::connect(&stack.url, ctx.actor.clone()).await?;
     if !a.no_sample {
         seed(&api).await?;
     }
+    settle(&api).await?;
     println!("handoff is up");
-    println!(
-        "  NATS          {}{}",
-        stack.url,
-        if url.is_some() { "" } else { " (started here)" }
-    );
+    let started = match a.cluster {
+        _ if url.is_some() => String::new(),
+        Some(n) => format!(" (a {n}-node cluster started here, the stream on {n} replicas)"),
+        None => " (started here)".to_owned(),
+    };
+    println!("  NATS          {}{started}", stack.url);
     println!("  data          {}", a.data.display());
     println!("  services      handoff-command (handoff.cmd.*), handoff-query (handoff.query.*)");
     if !a.no_sample {

@@ -149,8 +149,19 @@ struct PubAckReply {
 }
 
 impl EventLog {
-    /// Opens the log, creating the stream or bringing its settings up to date.
+    /// Opens the log as its writer: creates the stream or brings its settings up to date.
+    /// Only the command service does this; readers [`attach`](Self::attach).
     pub async fn open(client: Client, config: Config) -> Result<Self, OpenError> {
+        Self::open_as(client, config, true).await
+    }
+
+    /// Opens the log as a reader: uses the stream as it is (creating it only if it does
+    /// not exist yet), never changing its settings such as its replicas.
+    pub async fn attach(client: Client, config: Config) -> Result<Self, OpenError> {
+        Self::open_as(client, config, false).await
+    }
+
+    async fn open_as(client: Client, config: Config, writer: bool) -> Result<Self, OpenError> {
         let js = jetstream::new(client.clone());
         let stream_config = stream::Config {
             name: config.stream.clone(),
@@ -171,6 +182,7 @@ impl EventLog {
             source: e,
         };
         let stream = match js.get_stream(&config.stream).await {
+            Ok(existing) if !writer => existing,
             Ok(_) => {
                 js.update_stream(&stream_config)
                     .await

@@ -113,3 +113,34 @@ async fn a_different_batch_sharing_a_first_message_is_not_a_duplicate() -> Resul
     assert_eq!(log.last_sequence().await?, 2);
     Ok(())
 }
+
+/// On a three-node cluster (three replicas) a retried append is recognised too: the
+/// cluster answers it as a duplicate.
+#[tokio::test]
+async fn a_retried_append_is_recognised_on_a_cluster() -> Result<()> {
+    let cluster = handoff_testkit::NatsCluster::start(3).await?;
+    let config = Config {
+        replicas: 3,
+        ..Config::default()
+    };
+    let log = EventLog::open(cluster.connect().await?, config).await?;
+    let one = [msg("daemon.d", "c1:d", 0)];
+    let first = log.append(&one).await?;
+    let again = log.append(&one).await?;
+    assert!(again.duplicate);
+    assert_eq!(again.first_seq, first.first_seq);
+    let batch = [
+        msg("job.x", "c2:x", 0),
+        msg("job.y", "c2:y", 0),
+        msg("daemon.d", "c2:d", 1),
+    ];
+    let stored = log.append(&batch).await?;
+    let again = log.append(&batch).await?;
+    assert!(again.duplicate);
+    assert_eq!(
+        (again.first_seq, again.last_seq),
+        (stored.first_seq, stored.last_seq)
+    );
+    assert_eq!(log.last_sequence().await?, 4);
+    Ok(())
+}

@@ -63,23 +63,38 @@ pub struct NatsProcess {
     dir: PathBuf,
     port: u16,
     bin: PathBuf,
+    /// More configuration (a server name, a cluster block), kept for restarts.
+    extra: String,
 }
 
 impl NatsProcess {
     /// Starts `bin` with its store under `dir`, on `port` (`None`: any free port).
     pub async fn start(bin: PathBuf, dir: &Path, port: Option<u16>) -> Result<Self, Error> {
+        let mut p = Self::spawn_with(bin, dir, port, "")?;
+        if port.is_none() {
+            p.port = p.read_port().await?;
+        }
+        p.wait_ready().await?;
+        Ok(p)
+    }
+
+    /// Starts `bin` on `port` with `extra` appended to its configuration, without waiting
+    /// for it: the nodes of a cluster are all started, then each is waited for with
+    /// [`wait_ready`](Self::wait_ready).
+    pub fn spawn_with(
+        bin: PathBuf,
+        dir: &Path,
+        port: Option<u16>,
+        extra: &str,
+    ) -> Result<Self, Error> {
         let mut p = NatsProcess {
             child: None,
             dir: dir.to_owned(),
-            port: 0,
+            port: port.unwrap_or(0),
             bin,
+            extra: extra.to_owned(),
         };
         p.spawn(port)?;
-        p.port = match port {
-            Some(port) => port,
-            None => p.read_port().await?,
-        };
-        p.wait_ready().await?;
         Ok(p)
     }
 
@@ -137,9 +152,10 @@ impl NatsProcess {
         };
         let config = format!(
             "listen: \"{listen}\"\nports_file_dir: \"{ports}\"\n\
-             jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n",
+             jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n{extra}\n",
             ports = ports.display(),
             store = d.join("store").display(),
+            extra = self.extra,
         );
         let conf = d.join("nats.conf");
         std::fs::write(&conf, config).map_err(io(format!("writing {}", conf.display())))?;
@@ -178,7 +194,9 @@ impl NatsProcess {
         }
     }
 
-    async fn wait_ready(&mut self) -> Result<(), Error> {
+    /// Waits until the server answers JetStream requests (in a cluster: once it has a
+    /// JetStream leader).
+    pub async fn wait_ready(&mut self) -> Result<(), Error> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last_error = String::new();
         while Instant::now() < deadline {
@@ -206,6 +224,55 @@ impl NatsProcess {
         }
         Ok(())
     }
+}
+
+/// A free loopback port (it may be taken by someone else before it is used).
+fn free_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(io("finding a free port"))
+}
+
+/// Starts a JetStream cluster of `n` nodes on loopback, each with its store under
+/// `dir/n<i>`, routed to each other, and waits until each answers JetStream (a leader is
+/// elected). Client ports are `first_port..first_port+n` when given, else free ones.
+pub async fn start_cluster(
+    bin: PathBuf,
+    dir: &Path,
+    n: usize,
+    first_port: Option<u16>,
+) -> Result<Vec<NatsProcess>, Error> {
+    let clients: Vec<u16> = match first_port {
+        Some(p) => (0..n as u16).map(|i| p + i).collect(),
+        None => (0..n).map(|_| free_port()).collect::<Result<_, _>>()?,
+    };
+    let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+    let route_urls: Vec<String> = routes
+        .iter()
+        .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+        .collect();
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let node_dir = dir.join(format!("n{i}"));
+        std::fs::create_dir_all(&node_dir)
+            .map_err(io(format!("creating {}", node_dir.display())))?;
+        let extra = format!(
+            "server_name: n{i}\ncluster {{\n  name: handoff\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
+            routes[i],
+            route_urls.join(", ")
+        );
+        nodes.push(NatsProcess::spawn_with(
+            bin.clone(),
+            &node_dir,
+            Some(clients[i]),
+            &extra,
+        )?);
+    }
+    for node in &mut nodes {
+        node.wait_ready().await?;
+    }
+    Ok(nodes)
 }
 
 impl Drop for NatsProcess {

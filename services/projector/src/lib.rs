@@ -152,7 +152,7 @@ impl Committer {
 /// Opens the store (clearing it for a rebuild), loads the views and, unless told not to,
 /// starts answering queries.
 pub async fn start(client: Client, config: Config) -> Result<Projector, Error> {
-    let log = EventLog::open(client.clone(), config.event_log.clone()).await?;
+    let log = EventLog::attach(client.clone(), config.event_log.clone()).await?;
     let store = SledStore::open_or_reset(&config.store_dir)?;
     if config.rebuild {
         store.clear()?;

@@ -65,6 +65,49 @@ impl NatsServer {
     }
 }
 
+/// A JetStream cluster of nats-servers on loopback, owned by one test.
+pub struct NatsCluster {
+    nodes: Vec<NatsProcess>,
+    dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes routed to each other, with JetStream, and waits for a leader.
+    pub async fn start(n: usize) -> Result<Self> {
+        let bin = handoff_natsd::find_binary(&[PathBuf::from(env!("CARGO_MANIFEST_DIR"))])?;
+        let dir = tempfile::Builder::new()
+            .prefix("handoff-cluster-")
+            .tempdir()?;
+        let nodes = handoff_natsd::start_cluster(bin, dir.path(), n, None).await?;
+        Ok(NatsCluster { nodes, dir })
+    }
+
+    /// The URL of node `i`.
+    pub fn url(&self, i: usize) -> String {
+        self.nodes[i].url()
+    }
+
+    /// The client port of node `i`.
+    pub fn port(&self, i: usize) -> u16 {
+        self.nodes[i].port()
+    }
+
+    /// A client connected to every node (it fails over between them).
+    pub async fn connect(&self) -> Result<async_nats::Client> {
+        let urls: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .map(|n| n.url().parse())
+            .collect::<Result<_, _>>()?;
+        Ok(async_nats::connect(urls).await?)
+    }
+
+    /// The directory holding every node's store.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

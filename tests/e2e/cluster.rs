@@ -1,0 +1,76 @@
+//! On a three-node JetStream cluster, with the event stream on three replicas.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use handoff_domain::Command;
+use handoff_eventlog::EventLog;
+use handoff_protocol::api::{encode_request, endpoint_of};
+use handoff_protocol::{Applied, ErrorBody, ErrorCode};
+use handoff_testkit::proxy::AckDropper;
+use handoff_testkit::NatsCluster;
+use handoff_tests::*;
+
+async fn send(
+    client: &async_nats::Client,
+    id: &handoff_domain::CommandId,
+    command: &Command,
+) -> Result<Result<Applied, ErrorBody>> {
+    let body = encode_request(id, &handoff_domain::Actor::new("admin")?, command);
+    request(client, endpoint_of(command), body).await
+}
+
+/// Events are stored on three replicas; a lost acknowledgement, retried, is recognised
+/// as applied (a cluster answers the retry as a duplicate) and nothing is stored twice.
+#[tokio::test]
+async fn on_a_cluster_a_lost_acknowledgement_retried_is_recognised() -> Result<()> {
+    let cluster = NatsCluster::start(3).await?;
+    let proxy = AckDropper::start(cluster.port(0)).await?;
+    let mut config = handoff_command::Config::default();
+    config.event_log.replicas = 3;
+    config.event_log.ack_timeout = Duration::from_secs(1);
+    let _commands = CommandService::start(&proxy.url(), config).await?;
+    let client = cluster.connect().await?;
+
+    let mut fleet = vec![register(1, settings(100)), configure_project("p1")];
+    fleet.extend(["rs0", "rs1", "rs2"].map(|n| replica_set("p1", n, 10)));
+    fleet.push(register(2, settings(100)));
+    for c in &fleet {
+        send(&client, &new_id(), c)
+            .await?
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+    }
+    let log = EventLog::attach(client.clone(), Default::default()).await?;
+    let info = log
+        .jetstream()
+        .get_stream(log.stream_name())
+        .await?
+        .info()
+        .await?
+        .clone();
+    assert_eq!(info.config.num_replicas, 3);
+    assert_eq!(
+        info.cluster.map(|c| c.replicas.len()),
+        Some(2),
+        "a leader and two replicas"
+    );
+
+    let id = new_id();
+    let before = log.last_sequence().await?;
+    proxy.drop_next_acks(1);
+    let lost = send(&client, &id, &move_jobs(1, 2))
+        .await?
+        .expect_err("the ack was lost");
+    assert_eq!(lost.code, ErrorCode::Unavailable);
+    assert_eq!(log.last_sequence().await?, before + 5);
+    let retried = send(&client, &id, &move_jobs(1, 2))
+        .await?
+        .expect("applied");
+    assert!(retried.duplicate);
+    assert_eq!(
+        log.last_sequence().await?,
+        before + 5,
+        "nothing stored twice"
+    );
+    Ok(())
+}
