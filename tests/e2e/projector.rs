@@ -192,3 +192,66 @@ async fn queries_answer_from_the_views() -> Result<()> {
     assert_eq!(d7["status"]["status"], "removed");
     Ok(())
 }
+
+/// A gap in the stream is never skipped: with an event missing (a stream whose deletes
+/// are allowed, unlike handoff's), the projector stops at the event before it and says
+/// which one is missing.
+#[tokio::test]
+async fn a_missing_event_stops_the_projector_instead_of_being_skipped() -> Result<()> {
+    let server = handoff_testkit::NatsServer::start().await?;
+    let client = server.connect().await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let config = handoff_eventlog::Config {
+        stream: "GAPPY".into(),
+        subjects: vec!["gappy.>".into()],
+        ..Default::default()
+    };
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: config.stream.clone(),
+            subjects: config.subjects.clone(),
+            allow_atomic_publish: true,
+            ..Default::default()
+        })
+        .await?;
+    // Three valid events, then the second one deleted.
+    let actor = handoff_domain::Actor::new("admin")?;
+    for n in 1..=3u8 {
+        let envelope = handoff_protocol::EventEnvelope {
+            event: handoff_domain::Event::DaemonRegistered {
+                daemon: daemon(n as usize),
+                settings: settings(1),
+            },
+            version: handoff_domain::Event::VERSION,
+            command: new_id(),
+            actor: actor.clone(),
+            at: 0,
+            last: true,
+            digest: "0".into(),
+        };
+        js.publish(format!("gappy.daemon.{n}"), envelope.encode().into())
+            .await?
+            .await?;
+    }
+    assert!(stream.delete_message(2).await?);
+
+    let dir = tempfile::tempdir()?;
+    let mut projector_config = handoff_projector::Config::new(dir.path());
+    projector_config.event_log = config;
+    projector_config.serve_queries = false;
+    let projector = handoff_projector::start(client, projector_config).await?;
+    let checkpoint = projector.checkpoint();
+    let result = tokio::time::timeout(TIMEOUT, projector.run(std::future::pending())).await?;
+    assert!(
+        matches!(
+            result,
+            Err(handoff_projector::Error::Missing {
+                missing: 2,
+                checkpoint: 1
+            })
+        ),
+        "{result:?}"
+    );
+    assert_eq!(*checkpoint.borrow(), 1, "nothing after the gap was folded");
+    Ok(())
+}

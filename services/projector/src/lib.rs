@@ -5,8 +5,9 @@
 //!    store's checkpoint + 1. The checkpoint in sled, not the consumer, decides where to
 //!    resume: sled may lose its last unflushed batches in a crash, so at every start the
 //!    consumer is created again from the checkpoint.
-//! 2. Each event must be checkpoint + 1. A gap is an error, never skipped: the consumer is
-//!    created again from the checkpoint.
+//! 2. Each event must be checkpoint + 1. A gap is never skipped: the consumer is created
+//!    again from the checkpoint, and if the stream no longer holds the missing event the
+//!    projector stops with [`Error::Missing`].
 //! 3. A reader task decodes events ahead of the fold. The [`views`] fold the events the
 //!    consumer has ready (up to a batch; full batches while catching up) and the records
 //!    they touched are written with the new checkpoint in one atomic batch ([`store`]) by
@@ -30,7 +31,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::Client;
 use futures::StreamExt;
 use handoff_eventlog::{EventLog, Recorded};
-use handoff_protocol::{subjects, EventEnvelope};
+use handoff_protocol::EventEnvelope;
 use thiserror::Error;
 use tokio::sync::watch;
 
@@ -86,6 +87,10 @@ pub enum Error {
     },
     #[error("cannot start the query service: {0}")]
     Query(String),
+    /// An event the views need is not in the stream (deleted, or the stream replaced):
+    /// the views cannot go past it. Never skipped.
+    #[error("event {missing} is missing from the event stream; the views stop at {checkpoint}")]
+    Missing { missing: u64, checkpoint: u64 },
 }
 
 /// A started projector.
@@ -290,10 +295,16 @@ impl Projector {
                 match self.consume(&mut shutdown, until, &mut committer).await? {
                     Stop::Shutdown | Stop::CaughtUp => return Ok(()),
                     Stop::Gap { expected, got } => {
+                        if !self.exists(expected).await? {
+                            return Err(Error::Missing {
+                                missing: expected,
+                                checkpoint: expected - 1,
+                            });
+                        }
                         tracing::warn!(
                             expected,
                             got,
-                            "gap in the event stream; consuming again from the checkpoint"
+                            "gap in the delivery; consuming again from the checkpoint"
                         );
                     }
                 }
@@ -305,6 +316,26 @@ impl Projector {
             q.stop().await;
         }
         result.and(finished)
+    }
+
+    /// Whether the stream holds event `seq`.
+    async fn exists(&self, seq: u64) -> Result<bool, Error> {
+        let stream = self
+            .log
+            .jetstream()
+            .get_stream(self.log.stream_name())
+            .await
+            .map_err(|e| Error::Consumer(e.to_string()))?;
+        match stream.get_raw_message(seq).await {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(Error::Consumer(e.to_string())),
+        }
     }
 
     async fn consume(
@@ -335,7 +366,7 @@ impl Projector {
                     start_sequence: from,
                 },
                 ack_policy: AckPolicy::None,
-                filter_subject: subjects::ALL_EVENTS.to_owned(),
+                // Every subject of the event stream: it holds nothing but events.
                 ..Default::default()
             })
             .await
