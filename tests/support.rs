@@ -416,6 +416,19 @@ pub fn handoff_ok(url: &str, args: &[&str]) -> Result<Run> {
     Ok(run)
 }
 
+/// Runs `handoff ARGS` and expects a refusal (exit code 1) with `reason`.
+pub fn handoff_refused(url: &str, args: &[&str], reason: &str) -> Result<()> {
+    let run = handoff(url, args)?;
+    if run.code != 1 || !run.stderr.contains(reason) {
+        bail!(
+            "handoff {args:?}: expected a refusal with {reason:?}, got exit {}:\n{}",
+            run.code,
+            run.stderr
+        );
+    }
+    Ok(())
+}
+
 /// A `handoff` process running in the background (`up`, `watch`, `move-jobs --wait`).
 pub struct Background {
     child: Child,

@@ -26,7 +26,7 @@ fn step(n: usize, title: &str) {
 }
 
 pub async fn demo(ctx: &Context, a: DemoArgs) -> Result<(), Failure> {
-    let dir = tempfile::tempdir().map_err(|e| Failure::Usage(e.to_string()))?;
+    let dir = tempfile::tempdir()?;
     let url = ctx.url_given.then_some(ctx.url.as_str());
     let stack = Stack::start(dir.path(), url, a.port).await?;
     let result = story(&stack).await;

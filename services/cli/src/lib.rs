@@ -138,6 +138,26 @@ pub enum Failure {
     Usage(String),
 }
 
+/// Errors of the parts handoff runs on: none of them is a refusal, all are exit code 2.
+macro_rules! usage_from {
+    ($($t:ty),*) => {
+        $(impl From<$t> for Failure {
+            fn from(e: $t) -> Self {
+                Failure::Usage(e.to_string())
+            }
+        })*
+    };
+}
+
+usage_from!(
+    std::io::Error,
+    handoff_eventlog::ReadError,
+    handoff_eventlog::AppendError,
+    handoff_projector::Error,
+    handoff_command::Error,
+    handoff_natsd::Error
+);
+
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Self {
         Failure::Usage(format!("{e:#}"))
@@ -259,10 +279,7 @@ async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
                 .map_err(|e| Failure::Usage(format!("starting the projector: {e}")))?;
             tracing::info!("projector ready");
             if a.exit_when_caught_up {
-                let at = projector
-                    .run_until_caught_up()
-                    .await
-                    .map_err(|e| Failure::Usage(e.to_string()))?;
+                let at = projector.run_until_caught_up().await?;
                 tracing::info!(checkpoint = at, "views rebuilt");
                 Ok(())
             } else {

@@ -55,7 +55,6 @@ impl Stack {
     ) -> Result<Stack, Failure> {
         std::fs::create_dir_all(data)
             .map_err(|e| Failure::Usage(format!("cannot create {}: {e}", data.display())))?;
-        let usage = |e: handoff_natsd::Error| Failure::Usage(e.to_string());
         let (nats, url) = match url {
             Some(u) => (Vec::new(), u.to_owned()),
             None => {
@@ -74,17 +73,14 @@ impl Stack {
                             n.into(),
                             first,
                         )
-                        .await
-                        .map_err(usage)?
+                        .await?
                     }
                     None => {
                         let dir = data.join("nats");
                         std::fs::create_dir_all(&dir).map_err(|e| {
                             Failure::Usage(format!("cannot create {}: {e}", dir.display()))
                         })?;
-                        vec![NatsProcess::start(bin, &dir, (port != 0).then_some(port))
-                            .await
-                            .map_err(usage)?]
+                        vec![NatsProcess::start(bin, &dir, (port != 0).then_some(port)).await?]
                     }
                 };
                 let url = nodes[0].url();
@@ -107,35 +103,33 @@ impl Stack {
         let commands = handoff_command::start(connect().await?, config)
             .await
             .map_err(|e| Failure::Usage(format!("starting the command service: {e}")))?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        stack.stops.push(stop);
-        stack.tasks.push(tokio::spawn(async move {
-            commands
-                .run(async {
-                    // Ignored: a dropped sender stops the service too.
-                    let _ = stopped.await;
-                })
-                .await
-                .map_err(|e| e.to_string())
-        }));
+        stack.spawn(|stop| commands.run(stop));
         let projector = handoff_projector::start(
             connect().await?,
             handoff_projector::Config::new(data.join("views")),
         )
         .await
         .map_err(|e| Failure::Usage(format!("starting the projector: {e}")))?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        stack.stops.push(stop);
-        stack.tasks.push(tokio::spawn(async move {
-            projector
-                .run(async {
-                    // Ignored: a dropped sender stops the projector too.
-                    let _ = stopped.await;
-                })
-                .await
-                .map_err(|e| e.to_string())
-        }));
+        stack.spawn(|stop| projector.run(stop));
         Ok(stack)
+    }
+
+    /// Runs a service until [`Stack::stop`]: `run` gets the future that completes then.
+    fn spawn<F, Fut, E>(&mut self, run: F)
+    where
+        F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let (stop, stopped) = oneshot::channel::<()>();
+        self.stops.push(stop);
+        let service = run(Box::pin(async {
+            // Ignored: a dropped sender stops the service too.
+            let _ = stopped.await;
+        }));
+        self.tasks.push(tokio::spawn(async move {
+            service.await.map_err(|e| e.to_string())
+        }));
     }
 
     /// Stops the services, then the nats-server it started.
@@ -252,12 +246,7 @@ pub async fn seed(api: &crate::client::Api) -> Result<(), Failure> {
 
 /// Waits until the projector's views include everything appended so far.
 pub async fn settle(api: &crate::client::Api) -> Result<(), Failure> {
-    let end = api
-        .log()
-        .await?
-        .last_sequence()
-        .await
-        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let end = api.log().await?.last_sequence().await?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let s: handoff_protocol::api::query::Status =

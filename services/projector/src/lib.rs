@@ -318,15 +318,17 @@ impl Projector {
         result.and(finished)
     }
 
-    /// Whether the stream holds event `seq`.
-    async fn exists(&self, seq: u64) -> Result<bool, Error> {
-        let stream = self
-            .log
+    async fn stream(&self) -> Result<async_nats::jetstream::stream::Stream, Error> {
+        self.log
             .jetstream()
             .get_stream(self.log.stream_name())
             .await
-            .map_err(|e| Error::Consumer(e.to_string()))?;
-        match stream.get_raw_message(seq).await {
+            .map_err(|e| Error::Consumer(e.to_string()))
+    }
+
+    /// Whether the stream holds event `seq`.
+    async fn exists(&self, seq: u64) -> Result<bool, Error> {
+        match self.stream().await?.get_raw_message(seq).await {
             Ok(_) => Ok(true),
             Err(e)
                 if e.kind()
@@ -347,12 +349,7 @@ impl Projector {
         // The in-memory views are at `applied`; whatever the committer has queued up to
         // there will be stored, so the consumer starts after it.
         let from = self.applied + 1;
-        let stream = self
-            .log
-            .jetstream()
-            .get_stream(self.log.stream_name())
-            .await
-            .map_err(|e| Error::Consumer(e.to_string()))?;
+        let stream = self.stream().await?;
         let durable = format!("handoff-projector-{}", self.config.name);
         // The store's checkpoint, not the consumer's position, says where to resume.
         if let Err(e) = stream.delete_consumer(&durable).await {

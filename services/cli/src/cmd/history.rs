@@ -63,22 +63,13 @@ pub async fn history(ctx: &Context, a: HistoryArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Usage(format!("--since: {e}")))?;
     let api = ctx.api().await?;
     let log = api.log().await?;
-    let end = log
-        .last_sequence()
-        .await
-        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let end = log.last_sequence().await?;
     if end == 0 {
         return Ok(());
     }
-    let mut reader = log
-        .read_from(1)
-        .await
-        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let mut reader = log.read_from(1).await?;
     loop {
-        let r = reader
-            .next()
-            .await
-            .map_err(|e| Failure::Usage(e.to_string()))?;
+        let r = reader.next().await?;
         if a.filter.matches(&r.envelope.event) && since.is_none_or(|s| r.envelope.at >= s) {
             print_event(ctx, &r);
         }
@@ -91,21 +82,15 @@ pub async fn history(ctx: &Context, a: HistoryArgs) -> Result<(), Failure> {
 pub async fn watch(ctx: &Context, a: WatchArgs) -> Result<(), Failure> {
     let api = ctx.api().await?;
     let log = api.log().await?;
-    let end = log
-        .last_sequence()
-        .await
-        .map_err(|e| Failure::Usage(e.to_string()))?;
-    let mut reader = log
-        .read_from(end + 1)
-        .await
-        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let end = log.last_sequence().await?;
+    let mut reader = log.read_from(end + 1).await?;
     if !ctx.json {
         eprintln!("watching events after #{end} (Ctrl-C to stop)");
     }
     let mut shown = 0;
     while a.limit.is_none_or(|l| shown < l) {
         let r = tokio::select! {
-            r = reader.next() => r.map_err(|e| Failure::Usage(e.to_string()))?,
+            r = reader.next() => r?,
             _ = crate::shutdown_signal() => return Ok(()),
         };
         if a.filter.matches(&r.envelope.event) {

@@ -158,14 +158,10 @@ async fn started_jobs(
     let log = api.log().await?;
     let mut reader = log
         .read_from(applied.events.first().map_or(1, |e| e.seq))
-        .await
-        .map_err(|e| Failure::Usage(e.to_string()))?;
+        .await?;
     let mut jobs = Vec::new();
     for _ in &applied.events {
-        let r = reader
-            .next()
-            .await
-            .map_err(|e| Failure::Usage(e.to_string()))?;
+        let r = reader.next().await?;
         if let Event::JobMoveStarted { job, move_id, .. } = &r.envelope.event {
             if move_id == id {
                 jobs.push(job.clone());
@@ -184,10 +180,7 @@ async fn wait(
     from_seq: u64,
 ) -> Result<(), Failure> {
     let log = api.log().await?;
-    let mut reader = log
-        .read_filtered(from_seq, "handoff.evt.job.>")
-        .await
-        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let mut reader = log.read_filtered(from_seq, "handoff.evt.job.>").await?;
     let mut phases: BTreeMap<JobId, MovePhase> = jobs
         .into_iter()
         .map(|j| (j, MovePhase::Requested))
@@ -199,10 +192,7 @@ async fn wait(
         );
     }
     while phases.values().any(|p| !p.is_final()) {
-        let r = reader
-            .next()
-            .await
-            .map_err(|e| Failure::Usage(e.to_string()))?;
+        let r = reader.next().await?;
         let (job, phase, detail) = match &r.envelope.event {
             Event::JobMovePhaseReported {
                 job,
