@@ -43,7 +43,7 @@ Exit codes: 0 done, 1 refused by handoff (the reason is printed), 2 usage or con
 /// Keeps MongoDB-style backup jobs on healthy backup daemons and moves a lost daemon's
 /// jobs to another one, over NATS JetStream.
 #[derive(Debug, Parser)]
-#[command(name = "handoff", version, about, after_help = EXAMPLES)]
+#[command(name = "handoff", version, after_help = EXAMPLES)]
 pub struct Cli {
     /// The NATS server [default: nats://127.0.0.1:4222; `up` and `demo` start their own].
     #[arg(long, env = "HANDOFF_NATS_URL", global = true)]
