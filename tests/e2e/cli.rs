@@ -536,3 +536,66 @@ async fn up_runs_a_three_node_cluster() -> Result<()> {
     assert_eq!(daemons.as_array().map(Vec::len), Some(3));
     Ok(())
 }
+
+/// `watch --job` prints only that job's events as they happen.
+#[tokio::test]
+async fn watch_follows_one_job() -> Result<()> {
+    use handoff_domain::command::ReportJobMovePhase;
+    use handoff_domain::model::MovePhase;
+    let up = Up::start().await?;
+    let url = up.url();
+    let moved = handoff_ok(&url, &["move-job", "sales/orders", "--to", D2, "--json"])?.json()?;
+    let move_id = CommandId::new(moved["command"].as_str().expect("an id"))?;
+    let epoch = moved["plan"]["jobs"][0]["epoch"]
+        .as_u64()
+        .expect("an epoch");
+    let mut watch = Background::spawn(
+        Some(&url),
+        &["watch", "--job", "sales/orders", "--limit", "1"],
+    )?;
+    let client = up.server.connect().await?;
+    // Events sent before it subscribed are not shown: report phases until one is, with
+    // another daemon's event in between that must not be.
+    let mut shown = None;
+    for (i, phase) in [MovePhase::RestoringSnapshot, MovePhase::ReplayingOplog]
+        .iter()
+        .cycle()
+        .take(40)
+        .enumerate()
+    {
+        handoff_ok(
+            &url,
+            &["daemon", if i % 2 == 0 { "down" } else { "up" }, D1],
+        )?;
+        let body = handoff_protocol::api::encode_request(
+            &new_id(),
+            &handoff_domain::Actor::new("backup2")?,
+            &Command::ReportJobMovePhase(ReportJobMovePhase {
+                job: job("sales/orders"),
+                move_id: move_id.clone(),
+                epoch,
+                phase: *phase,
+            }),
+        );
+        request(&client, "report-job-move-phase", body)
+            .await?
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        if let Ok(line) =
+            watch.wait_for_line_within("sales/orders", std::time::Duration::from_millis(500))
+        {
+            shown = Some(line);
+            break;
+        }
+    }
+    let line = shown.expect("watch printed the job's event");
+    assert!(line.contains("JobMovePhaseReported"), "{line}");
+    let (code, lines) = watch.finish()?;
+    assert_eq!(code, 0);
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.contains("DaemonDown") && !l.contains("DaemonUp")),
+        "{lines:?}"
+    );
+    Ok(())
+}
