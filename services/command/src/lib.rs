@@ -97,6 +97,13 @@ pub async fn start(client: Client, config: Config) -> Result<CommandService, Err
             .map_err(|err| Error::Service(err.to_string()))?;
         endpoints.push((*e, listening));
     }
+    // A round trip through the server: it handles this connection's messages in order,
+    // so once our ping is answered it holds the endpoints' subscriptions, and a request
+    // sent right after start returns finds a responder.
+    client
+        .request(format!("$SRV.PING.{SERVICE_NAME}"), bytes::Bytes::new())
+        .await
+        .map_err(|e| Error::Service(e.to_string()))?;
     Ok(CommandService {
         executor,
         service,

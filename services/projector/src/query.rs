@@ -71,6 +71,11 @@ impl QueryService {
             let ep = group.endpoint(*name).await?;
             endpoints.push(ep.map(move |r| (*name, r)).boxed());
         }
+        // A round trip through the server, which handles this connection's messages in
+        // order: once the ping is answered, the endpoints' subscriptions are in place.
+        client
+            .request(format!("$SRV.PING.{SERVICE_NAME}"), bytes::Bytes::new())
+            .await?;
         let (stop, mut stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
             let mut requests = futures::stream::select_all(endpoints);
