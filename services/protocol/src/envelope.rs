@@ -46,21 +46,7 @@ pub enum DecodeError {
 }
 
 #[derive(Deserialize)]
-struct Raw {
-    #[serde(rename = "type")]
-    kind: String,
-    version: u32,
-    data: Value,
-    command: CommandId,
-    actor: Actor,
-    at: u64,
-    #[serde(default)]
-    last: bool,
-    digest: String,
-}
-
-#[derive(Deserialize)]
-struct RawRef<'a> {
+struct Raw<'a> {
     #[serde(rename = "type", borrow)]
     kind: std::borrow::Cow<'a, str>,
     version: u32,
@@ -95,31 +81,24 @@ impl EventEnvelope {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        // The current version is read without going through a JSON value (the data of a
-        // large JobsAssigned is parsed once); older ones are upcast.
-        let fast: RawRef = serde_json::from_slice(bytes)?;
-        if fast.version == Event::VERSION {
-            let tagged = format!(
-                "{{\"type\":{},\"data\":{}}}",
-                serde_json::to_string(&fast.kind)?,
-                fast.data.get()
-            );
-            return Ok(EventEnvelope {
-                event: serde_json::from_str(&tagged)?,
-                version: Event::VERSION,
-                command: fast.command,
-                actor: fast.actor,
-                at: fast.at,
-                last: fast.last,
-                digest: fast.digest,
-            });
-        }
+        // The data stays raw JSON: the current version is parsed once, straight into its
+        // type (a large JobsAssigned is not copied through a JSON value); older versions
+        // are upcast first.
         let raw: Raw = serde_json::from_slice(bytes)?;
-        let data = upcast(&raw.kind, raw.version, raw.data)?;
-        let event: Event =
-            serde_json::from_value(serde_json::json!({ "type": raw.kind, "data": data }))?;
+        let upcast_data;
+        let data = if raw.version == Event::VERSION {
+            raw.data.get()
+        } else {
+            let old: Value = serde_json::from_str(raw.data.get())?;
+            upcast_data = upcast(&raw.kind, raw.version, old)?.to_string();
+            upcast_data.as_str()
+        };
+        let tagged = format!(
+            "{{\"type\":{},\"data\":{data}}}",
+            serde_json::to_string(&raw.kind)?
+        );
         Ok(EventEnvelope {
-            event,
+            event: serde_json::from_str(&tagged)?,
             version: Event::VERSION,
             command: raw.command,
             actor: raw.actor,
@@ -128,6 +107,7 @@ impl EventEnvelope {
             digest: raw.digest,
         })
     }
+
 }
 
 #[cfg(test)]
