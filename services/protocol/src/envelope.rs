@@ -107,7 +107,6 @@ impl EventEnvelope {
             digest: raw.digest,
         })
     }
-
 }
 
 #[cfg(test)]
