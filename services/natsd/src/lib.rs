@@ -160,7 +160,18 @@ impl NatsProcess {
         let conf = d.join("nats.conf");
         std::fs::write(&conf, config).map_err(io(format!("writing {}", conf.display())))?;
         let log = std::fs::File::create(d.join("server.log")).map_err(io("creating server.log"))?;
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        // The server dies with the process that started it, even one killed outright:
+        // no orphaned server keeps the port and the store after a crash.
+        // Safe: prctl is async-signal-safe and touches nothing of the parent's.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
