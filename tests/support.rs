@@ -122,8 +122,7 @@ impl Stack {
         id: &CommandId,
         command: &Command,
     ) -> Result<Result<Applied, ErrorBody>> {
-        let body = encode_request(id, &self.actor, command);
-        self.send_raw(endpoint_of(command), body).await
+        send_command(&self.client, &self.actor, id, command).await
     }
 
     /// Sends raw bytes to a command endpoint.
@@ -161,6 +160,21 @@ pub async fn request(
         )
     })?;
     Ok(reply.into_result())
+}
+
+/// Sends `command` as `actor` with the given id over `client`; the service's reply.
+pub async fn send_command(
+    client: &async_nats::Client,
+    actor: &Actor,
+    id: &CommandId,
+    command: &Command,
+) -> Result<Result<Applied, ErrorBody>> {
+    request(
+        client,
+        endpoint_of(command),
+        encode_request(id, actor, command),
+    )
+    .await
 }
 
 /// Asks the projector's query service.

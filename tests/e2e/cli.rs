@@ -256,16 +256,13 @@ async fn move_jobs_plans_moves_and_waits() -> Result<()> {
     for j in jobs.as_array().expect("a list") {
         let job = handoff_domain::JobId::new(j["job"].as_str().expect("an id"))?;
         let epoch = j["epoch"].as_u64().expect("an epoch");
-        let body = handoff_protocol::api::encode_request(
-            &new_id(),
-            &handoff_domain::Actor::new("backup3")?,
-            &Command::CompleteJobMove(CompleteJobMove {
-                job,
-                move_id: move_id.clone(),
-                epoch,
-            }),
-        );
-        request(&stack_client, "complete-job-move", body)
+        let complete = Command::CompleteJobMove(CompleteJobMove {
+            job,
+            move_id: move_id.clone(),
+            epoch,
+        });
+        let daemon = handoff_domain::Actor::new("backup3")?;
+        send_command(&stack_client, &daemon, &new_id(), &complete)
             .await?
             .map_err(|e| anyhow::anyhow!(e.message))?;
     }
@@ -567,19 +564,20 @@ async fn watch_follows_one_job() -> Result<()> {
             &url,
             &["daemon", if i % 2 == 0 { "down" } else { "up" }, D1],
         )?;
-        let body = handoff_protocol::api::encode_request(
-            &new_id(),
+        let report = Command::ReportJobMovePhase(ReportJobMovePhase {
+            job: job("sales/orders"),
+            move_id: move_id.clone(),
+            epoch,
+            phase: *phase,
+        });
+        send_command(
+            &client,
             &handoff_domain::Actor::new("backup2")?,
-            &Command::ReportJobMovePhase(ReportJobMovePhase {
-                job: job("sales/orders"),
-                move_id: move_id.clone(),
-                epoch,
-                phase: *phase,
-            }),
-        );
-        request(&client, "report-job-move-phase", body)
-            .await?
-            .map_err(|e| anyhow::anyhow!(e.message))?;
+            &new_id(),
+            &report,
+        )
+        .await?
+        .map_err(|e| anyhow::anyhow!(e.message))?;
         if let Ok(line) =
             watch.wait_for_line_within("sales/orders", std::time::Duration::from_millis(500))
         {

@@ -5,7 +5,6 @@ use std::time::Duration;
 use anyhow::Result;
 use handoff_domain::Command;
 use handoff_eventlog::EventLog;
-use handoff_protocol::api::{encode_request, endpoint_of};
 use handoff_protocol::{Applied, ErrorBody, ErrorCode};
 use handoff_testkit::proxy::AckDropper;
 use handoff_testkit::NatsCluster;
@@ -16,8 +15,7 @@ async fn send(
     id: &handoff_domain::CommandId,
     command: &Command,
 ) -> Result<Result<Applied, ErrorBody>> {
-    let body = encode_request(id, &handoff_domain::Actor::new("admin")?, command);
-    request(client, endpoint_of(command), body).await
+    send_command(client, &handoff_domain::Actor::new("admin")?, id, command).await
 }
 
 /// Events are stored on three replicas; a lost acknowledgement, retried, is recognised

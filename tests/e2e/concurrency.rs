@@ -30,10 +30,13 @@ async fn concurrent_moves_of_the_same_jobs_have_exactly_one_winner() -> Result<(
             (3, move_job("p1/rs1", 3)),
         ] {
             let client = async_nats::connect(stack.url()).await?;
-            let body = handoff_protocol::api::encode_request(&new_id(), &stack.actor, &command);
-            let endpoint = handoff_protocol::api::endpoint_of(&command);
+            let actor = stack.actor.clone();
             sends.push(tokio::spawn(async move {
-                (round, to, request(&client, endpoint, body).await)
+                (
+                    round,
+                    to,
+                    send_command(&client, &actor, &new_id(), &command).await,
+                )
             }));
         }
     }
