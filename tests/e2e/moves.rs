@@ -217,6 +217,7 @@ async fn a_move_runs_to_completion_and_failure() -> Result<()> {
 
     stack
         .apply(Command::CompleteJobMove(CompleteJobMove {
+            head: None,
             job: job("p1/rs0"),
             move_id: move_id.clone(),
             epoch,
@@ -224,6 +225,7 @@ async fn a_move_runs_to_completion_and_failure() -> Result<()> {
         .await?;
     let stale = stack
         .send(Command::CompleteJobMove(CompleteJobMove {
+            head: None,
             job: job("p1/rs1"),
             move_id: move_id.clone(),
             epoch: epoch - 1,

@@ -16,6 +16,7 @@ async fn move_and_complete(stack: &Stack, from: usize, to: usize) -> Result<()> 
     for j in plan.jobs {
         stack
             .apply(Command::CompleteJobMove(CompleteJobMove {
+                head: None,
                 job: j.job,
                 move_id: plan.move_id.clone(),
                 epoch: j.epoch,

@@ -179,6 +179,7 @@ async fn story(stack: &Stack) -> Result<(), Failure> {
         api.command(
             &cmd::command_id(None)?,
             &Command::CompleteJobMove(CompleteJobMove {
+                head: None,
                 job: j.job.clone(),
                 move_id: plan.move_id.clone(),
                 epoch: j.epoch,

@@ -160,6 +160,7 @@ fn record_subjects(span: &tracing::Span, request: &handoff_protocol::CommandRequ
         C::ReportJobMovePhase(c) => (Some(&c.job), None, Some(&c.move_id)),
         C::CompleteJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
         C::FailJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
+        C::ResizeOplogTtl(c) => (Some(&c.job), None, None),
     };
     if let Some(j) = job {
         span.record("job", tracing::field::display(j));

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{CommandId, DaemonId, JobId, Label, ProjectId};
 use crate::model::{
-    DaemonSettings, Deployment, JobSize, MovePhase, MAX_DAEMON_FILTER, MAX_LABELS, MAX_REASON,
-    MAX_SHARDS,
+    DaemonSettings, Deployment, HeadPoint, JobSize, MovePhase, MAX_DAEMON_FILTER, MAX_LABELS,
+    MAX_OPLOG_TTL_HOURS, MAX_REASON, MAX_SHARDS,
 };
 use crate::rejection::Invalid;
 
@@ -113,6 +113,23 @@ pub struct CompleteJobMove {
     pub job: JobId,
     pub move_id: CommandId,
     pub epoch: u64,
+    /// Where the rebuilt head stands, as the destination checked it against the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadPoint>,
+}
+
+/// The agent's oplog store had to keep a job's oplog longer than its retention
+/// (OPLOG_TTL_RESIZE): a head, a rebuild or a restore still needs the entries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ResizeOplogTtl {
+    pub job: JobId,
+    /// The retention before, in hours.
+    pub previous_hours: u32,
+    /// The retention now, in hours (at most 14 days).
+    pub hours: u32,
+    pub reason: String,
 }
 
 /// The move of a job failed (THEFT_FAILED); the job goes back to its previous owner.
@@ -142,6 +159,7 @@ pub enum Command {
     ReportJobMovePhase(ReportJobMovePhase),
     CompleteJobMove(CompleteJobMove),
     FailJobMove(FailJobMove),
+    ResizeOplogTtl(ResizeOplogTtl),
 }
 
 fn check_reason(field: &'static str, reason: &str, required: bool) -> Result<(), Invalid> {
@@ -175,6 +193,7 @@ impl Command {
             Command::ReportJobMovePhase(_) => "ReportJobMovePhase",
             Command::CompleteJobMove(_) => "CompleteJobMove",
             Command::FailJobMove(_) => "FailJobMove",
+            Command::ResizeOplogTtl(_) => "ResizeOplogTtl",
         }
     }
 
@@ -244,8 +263,23 @@ impl Command {
                 }
                 Ok(())
             }
-            Command::CompleteJobMove(_) => Ok(()),
+            Command::CompleteJobMove(c) => match &c.head {
+                Some(h) => h.validate(),
+                None => Ok(()),
+            },
             Command::FailJobMove(c) => check_reason("reason", &c.reason, true),
+            Command::ResizeOplogTtl(c) => {
+                if c.hours <= c.previous_hours {
+                    return Err(Invalid::new("hours", "must be more than previous_hours"));
+                }
+                if c.hours > MAX_OPLOG_TTL_HOURS {
+                    return Err(Invalid::new(
+                        "hours",
+                        format!("must be at most {MAX_OPLOG_TTL_HOURS} (14 days)"),
+                    ));
+                }
+                check_reason("reason", &c.reason, true)
+            }
         }
     }
 }

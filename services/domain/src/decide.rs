@@ -164,6 +164,21 @@ pub fn decide(command: &Command, ctx: &Context, state: &State) -> Result<Decisio
                 move_id: c.move_id.clone(),
                 daemon: job.owner().clone(),
                 epoch: job.epoch,
+                head: c.head.clone(),
+            }]))
+        }
+        Command::ResizeOplogTtl(c) => {
+            if !state.jobs.contains_key(&c.job) {
+                return Err(Rejection::NotFound {
+                    kind: Kind::Job,
+                    id: c.job.to_string(),
+                });
+            }
+            Ok(Decision::one(vec![Event::OplogTtlResized {
+                job: c.job.clone(),
+                previous_hours: c.previous_hours,
+                hours: c.hours,
+                reason: c.reason.clone(),
             }]))
         }
         Command::FailJobMove(c) => {
@@ -556,8 +571,9 @@ fn start_move(
     let mut units = Vec::new();
     let mut rest = plan.jobs.as_slice();
     while !rest.is_empty() {
-        // Room for this unit's JobsAssigned and, in the first unit, MoveStarted.
-        let room = MAX_EVENTS_PER_UNIT - 1 - head.len();
+        // Room for this unit's JobsAssigned and JobsReleased and, in the first unit,
+        // MoveStarted.
+        let room = MAX_EVENTS_PER_UNIT - 2 - head.len();
         let (chunk, tail) = rest.split_at(room.min(rest.len()));
         rest = tail;
         let mut unit = std::mem::take(&mut head);
@@ -568,6 +584,11 @@ fn start_move(
             to: to.clone(),
             epoch: p.epoch,
         }));
+        unit.push(Event::JobsReleased {
+            daemon: from.clone(),
+            move_id: ctx.command.clone(),
+            jobs: chunk.iter().map(|p| p.job.clone()).collect(),
+        });
         unit.push(Event::JobsAssigned {
             daemon: to.clone(),
             cause: AssignmentCause::Move {

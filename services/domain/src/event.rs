@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{CommandId, DaemonId, JobId, Label, ProjectId};
-use crate::model::{DaemonSettings, JobSize, JobTarget, MovePhase, MoveScope};
+use crate::model::{DaemonSettings, HeadPoint, JobSize, JobTarget, MovePhase, MoveScope};
 
 /// A job handed to a daemon, with the epoch it must attach to everything it writes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +76,13 @@ pub enum Event {
         cause: AssignmentCause,
         jobs: Vec<AssignedJob>,
     },
+    /// Addressed to a move's source daemon: these jobs are moving away; take no more
+    /// snapshots of them and let their heads go.
+    JobsReleased {
+        daemon: DaemonId,
+        move_id: CommandId,
+        jobs: Vec<JobId>,
+    },
     MoveStarted {
         move_id: CommandId,
         scope: MoveScope,
@@ -103,6 +110,9 @@ pub enum Event {
         move_id: CommandId,
         daemon: DaemonId,
         epoch: u64,
+        /// The rebuilt head's timestamp and checksum, as its daemon reported them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        head: Option<HeadPoint>,
     },
     /// THEFT_FAILED: the job went back to its previous owner with a new epoch.
     JobMoveFailed {
@@ -111,6 +121,13 @@ pub enum Event {
         reason: String,
         returned_to: DaemonId,
         epoch: u64,
+    },
+    /// OPLOG_TTL_RESIZE: the oplog store keeps this job's oplog longer than before.
+    OplogTtlResized {
+        job: JobId,
+        previous_hours: u32,
+        hours: u32,
+        reason: String,
     },
 }
 
@@ -135,13 +152,15 @@ impl Event {
             | DaemonRemoved { daemon }
             | DaemonDown { daemon }
             | DaemonUp { daemon }
-            | JobsAssigned { daemon, .. } => Aggregate::Daemon(daemon.clone()),
+            | JobsAssigned { daemon, .. }
+            | JobsReleased { daemon, .. } => Aggregate::Daemon(daemon.clone()),
             ProjectConfigured { project, .. } => Aggregate::Project(project.clone()),
             BackupJobCreated { job, .. }
             | JobMoveStarted { job, .. }
             | JobMovePhaseReported { job, .. }
             | JobMoveCompleted { job, .. }
-            | JobMoveFailed { job, .. } => Aggregate::Job(job.clone()),
+            | JobMoveFailed { job, .. }
+            | OplogTtlResized { job, .. } => Aggregate::Job(job.clone()),
             MoveStarted { move_id, .. } => Aggregate::Move(move_id.clone()),
         }
     }
@@ -158,11 +177,13 @@ impl Event {
             ProjectConfigured { .. } => "ProjectConfigured",
             BackupJobCreated { .. } => "BackupJobCreated",
             JobsAssigned { .. } => "JobsAssigned",
+            JobsReleased { .. } => "JobsReleased",
             MoveStarted { .. } => "MoveStarted",
             JobMoveStarted { .. } => "JobMoveStarted",
             JobMovePhaseReported { .. } => "JobMovePhaseReported",
             JobMoveCompleted { .. } => "JobMoveCompleted",
             JobMoveFailed { .. } => "JobMoveFailed",
+            OplogTtlResized { .. } => "OplogTtlResized",
         }
     }
 
@@ -176,11 +197,14 @@ impl Event {
             | DaemonDown { daemon }
             | DaemonUp { daemon }
             | JobsAssigned { daemon, .. }
+            | JobsReleased { daemon, .. }
             | BackupJobCreated { daemon, .. }
             | JobMoveCompleted { daemon, .. } => vec![daemon],
             MoveStarted { from, to, .. } | JobMoveStarted { from, to, .. } => vec![from, to],
             JobMoveFailed { returned_to, .. } => vec![returned_to],
-            ProjectConfigured { .. } | JobMovePhaseReported { .. } => vec![],
+            ProjectConfigured { .. } | JobMovePhaseReported { .. } | OplogTtlResized { .. } => {
+                vec![]
+            }
         }
     }
 
@@ -192,7 +216,9 @@ impl Event {
             | JobMoveStarted { job, .. }
             | JobMovePhaseReported { job, .. }
             | JobMoveCompleted { job, .. }
-            | JobMoveFailed { job, .. } => vec![job],
+            | JobMoveFailed { job, .. }
+            | OplogTtlResized { job, .. } => vec![job],
+            JobsReleased { jobs, .. } => jobs.iter().collect(),
             JobsAssigned { jobs, .. } => jobs.iter().map(|j| &j.job).collect(),
             MoveStarted {
                 scope: MoveScope::OneJob { job },

@@ -18,6 +18,8 @@ pub const MAX_DAEMON_FILTER: usize = 256;
 pub const MAX_SHARDS: usize = 256;
 /// Longest reason an operator may give for a move.
 pub const MAX_REASON: usize = 1024;
+/// Longest an oplog store keeps a job's oplog when it has to grow its retention (14 days).
+pub const MAX_OPLOG_TTL_HOURS: u32 = 14 * 24;
 /// Most workers a daemon may run.
 pub const MAX_WORKERS: u32 = 1024;
 /// Oplog rate from which a job may go to an SSD daemon when an HDD daemon could take it
@@ -215,4 +217,48 @@ pub enum MoveScope {
     AllJobsOf { daemon: DaemonId },
     /// One job ("Move head").
     OneJob { job: crate::ids::JobId },
+}
+
+/// Where a head stands: the oplog timestamp it has applied up to and its checksum there,
+/// both in the data plane's text forms (`t:i` and `count-sum`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct HeadPoint {
+    pub ts: String,
+    pub checksum: String,
+}
+
+impl HeadPoint {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let ok = |s: &str, sep: char, hex: bool| {
+            s.split_once(sep).is_some_and(|(a, b)| {
+                !a.is_empty()
+                    && !b.is_empty()
+                    && a.len() <= 20
+                    && b.len() <= 20
+                    && a.chars().all(|c| c.is_ascii_digit())
+                    && b.chars().all(|c| {
+                        if hex {
+                            c.is_ascii_hexdigit()
+                        } else {
+                            c.is_ascii_digit()
+                        }
+                    })
+            })
+        };
+        if !ok(&self.ts, ':', false) {
+            return Err(Invalid::new(
+                "head.ts",
+                "must be seconds:increment, e.g. 1700000000:3",
+            ));
+        }
+        if !ok(&self.checksum, '-', true) {
+            return Err(Invalid::new(
+                "head.checksum",
+                "must be count-hexsum, e.g. 42-9f3a",
+            ));
+        }
+        Ok(())
+    }
 }

@@ -198,8 +198,11 @@ impl State {
                 );
                 self.take(daemon, job, size.head_size_bytes);
             }
-            Event::JobsAssigned { .. } => {
-                // A notice addressed to the daemon; the job events carry the state.
+            Event::JobsAssigned { .. } | Event::JobsReleased { .. } => {
+                // Notices addressed to a daemon; the job events carry the state.
+            }
+            Event::OplogTtlResized { .. } => {
+                // An alert about the oplog store; no ownership changes.
             }
             Event::MoveStarted {
                 move_id,

@@ -262,6 +262,7 @@ fn a_completed_move_leaves_the_job_on_the_destination() {
         phase: MovePhase::ReplayingOplog,
     }));
     w.ok(Command::CompleteJobMove(CompleteJobMove {
+        head: None,
         job: j("p1/rs0"),
         move_id: move_id.clone(),
         epoch: 2,
@@ -275,6 +276,7 @@ fn a_completed_move_leaves_the_job_on_the_destination() {
     let r = refused(
         &mut w,
         Command::CompleteJobMove(CompleteJobMove {
+            head: None,
             job: j("p1/rs0"),
             move_id,
             epoch: 2,

@@ -70,6 +70,7 @@ endpoints! {
     "report-job-move-phase" => ReportJobMovePhase,
     "complete-job-move" => CompleteJobMove,
     "fail-job-move" => FailJobMove,
+    "resize-oplog-ttl" => ResizeOplogTtl,
 }
 
 /// Serializes a request for the command's endpoint.

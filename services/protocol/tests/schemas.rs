@@ -164,9 +164,19 @@ fn story() -> Vec<(CommandId, Command)> {
             dry_run: false,
         }),
         Command::CompleteJobMove(CompleteJobMove {
-            job,
+            head: Some(handoff_domain::model::HeadPoint {
+                ts: "1700000000:7".into(),
+                checksum: "120-9f3a00c1".into(),
+            }),
+            job: job.clone(),
             move_id: id(11),
             epoch: 4,
+        }),
+        Command::ResizeOplogTtl(ResizeOplogTtl {
+            job,
+            previous_hours: 24,
+            hours: 27,
+            reason: "a head still needs entries from 23 h ago".into(),
         }),
         Command::ReportDaemonLiveness(ReportDaemonLiveness {
             daemon: d(1),
@@ -240,7 +250,7 @@ fn real_messages_match_their_schemas() {
     }
     assert_eq!(
         kinds.len(),
-        13,
+        15,
         "the story covers every event type: {kinds:?}"
     );
     let refused = decide(

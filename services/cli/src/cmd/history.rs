@@ -205,10 +205,31 @@ pub fn describe(e: &Event) -> String {
             format!("job {job}: {}", crate::output::name(&phase))
         }
         Event::JobMoveCompleted {
-            job, daemon, epoch, ..
-        } => {
-            format!("job {job} now on {daemon} (epoch {epoch})")
-        }
+            job,
+            daemon,
+            epoch,
+            head,
+            ..
+        } => match head {
+            Some(h) => format!(
+                "job {job} now on {daemon} (epoch {epoch}), head at {} checksum {}",
+                h.ts, h.checksum
+            ),
+            None => format!("job {job} now on {daemon} (epoch {epoch})"),
+        },
+        Event::JobsReleased {
+            daemon,
+            move_id,
+            jobs,
+        } => format!("{daemon} releases {} job(s) to move {move_id}", jobs.len()),
+        Event::OplogTtlResized {
+            job,
+            previous_hours,
+            hours,
+            reason,
+        } => format!(
+            "job {job} oplog retention {previous_hours} h -> {hours} h (OPLOG_TTL_RESIZE): {reason}"
+        ),
         Event::JobMoveFailed {
             job,
             reason,

@@ -204,6 +204,7 @@ async fn wait(
                 move_id,
                 daemon,
                 epoch,
+                ..
             } if move_id == id => (
                 job,
                 MovePhase::Completed,
