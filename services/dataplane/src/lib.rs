@@ -1,0 +1,14 @@
+//! The data plane of handoff. A job's data lives in two stores on JetStream: the oplog
+//! store (a stream, one subject per job) and the snapshot store (an object store). The
+//! agent fills both from the source; a daemon keeps each of its jobs' head current from
+//! the oplog, cuts the scheduled snapshots from it, and rebuilds a moved job's head from
+//! the latest snapshot plus the oplog. Restores read the two stores alone.
+
+pub mod checksum;
+pub mod oplog;
+pub mod retention;
+pub mod schedule;
+pub mod source;
+
+pub use checksum::Checksum;
+pub use oplog::Ts;
