@@ -5,10 +5,15 @@
 //! the latest snapshot plus the oplog. Restores read the two stores alone.
 
 pub mod checksum;
+pub mod commands;
 pub mod oplog;
+pub mod restore;
 pub mod retention;
+pub mod head;
 pub mod schedule;
+pub mod snapshot;
 pub mod source;
+pub mod store;
 
 pub use checksum::Checksum;
 pub use oplog::Ts;

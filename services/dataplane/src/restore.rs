@@ -1,0 +1,297 @@
+//! Restores, built from the snapshot store and the oplog store alone: they never need the
+//! job's daemon, so they work while the job moves and while its daemon is dead.
+//!
+//! * `Snapshot(id)`: the snapshot as it is.
+//! * `At(seconds)`: point in time, every operation before (not at) that second.
+//! * `OplogTs(ts)`: every operation up to and including that timestamp.
+//!
+//! Every restore checks its result against the source: the checksum of the restored data
+//! must equal the checksum the source had at the last operation included. A sharded
+//! cluster (every job under `project/cluster/`) is restored to one common point.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use handoff_domain::JobId;
+use serde::Serialize;
+
+use crate::checksum::Checksum;
+use crate::oplog::{self, Ts};
+use crate::store::{now_ms, SnapshotMeta, StoreError, Stores};
+
+/// The point to restore to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Snapshot(String),
+    /// Seconds since the epoch; operations strictly before it.
+    At(u32),
+    /// Operations up to and including this timestamp.
+    OplogTs(Ts),
+}
+
+impl Target {
+    fn includes(&self, ts: Ts) -> bool {
+        match self {
+            Target::Snapshot(_) => false,
+            Target::At(t) => ts.t < *t,
+            Target::OplogTs(bound) => ts <= *bound,
+        }
+    }
+}
+
+/// What one job's restore produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct Restored {
+    pub job: JobId,
+    pub snapshot: String,
+    /// The last operation included.
+    pub ts: Ts,
+    pub n: u64,
+    pub checksum: Checksum,
+    /// The source's checksum at that operation (equal: verified).
+    pub source_checksum: Checksum,
+    pub documents: u64,
+    pub bytes: u64,
+    pub entries_applied: u64,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no snapshot of {0} in the snapshot store")]
+    NoSnapshot(String),
+    #[error("no snapshot {id} of {job}")]
+    UnknownSnapshot { job: String, id: String },
+    #[error("a snapshot id names one job, but {0} is a sharded cluster: restore it with --at or --oplog-ts")]
+    SnapshotOfCluster(String),
+    #[error("{job}: no snapshot before {target}; the earliest restorable point is {earliest}")]
+    TooEarly {
+        job: JobId,
+        target: String,
+        earliest: Ts,
+    },
+    #[error("{0} is in the future")]
+    Future(String),
+    #[error("{job}: snapshot {snapshot} is corrupt: {reason}")]
+    Corrupt {
+        job: JobId,
+        snapshot: String,
+        reason: String,
+    },
+    #[error("{job}: the oplog cannot be replayed: {reason}")]
+    Oplog { job: JobId, reason: String },
+    #[error("{job}: restored data has checksum {restored} but the source had {source_checksum} at {ts}")]
+    Mismatch {
+        job: JobId,
+        ts: Ts,
+        restored: Checksum,
+        source_checksum: Checksum,
+    },
+    #[error("cannot write the restore to {path}: {reason}")]
+    Write { path: String, reason: String },
+}
+
+/// Restores `what` (a job, or a sharded cluster `project/cluster`) into `out`.
+pub async fn restore(
+    stores: &Stores,
+    what: &str,
+    target: &Target,
+    out: &Path,
+) -> Result<Vec<Restored>, RestoreError> {
+    let all = stores.snapshots(None).await?;
+    let mut jobs: Vec<JobId> = all
+        .iter()
+        .map(|m| m.job.clone())
+        .filter(|j| j.as_str() == what || j.as_str().starts_with(&format!("{what}/")))
+        .collect();
+    jobs.sort();
+    jobs.dedup();
+    if jobs.is_empty() {
+        return Err(RestoreError::NoSnapshot(what.to_owned()));
+    }
+    if jobs.len() > 1 && matches!(target, Target::Snapshot(_)) {
+        return Err(RestoreError::SnapshotOfCluster(what.to_owned()));
+    }
+    let now_s = (now_ms() / 1000) as u32;
+    match target {
+        Target::At(t) if *t > now_s + 1 => return Err(RestoreError::Future(format!("time {t}"))),
+        Target::OplogTs(ts) if ts.t > now_s + 1 => {
+            return Err(RestoreError::Future(format!("oplog timestamp {ts}")))
+        }
+        _ => {}
+    }
+    let mut done = Vec::new();
+    for job in jobs {
+        let snaps: Vec<&SnapshotMeta> = all.iter().filter(|m| m.job == job).collect();
+        done.push(restore_job(stores, &job, &snaps, target, out).await?);
+    }
+    let summary = out.join("restore.json");
+    write(&summary, &serde_json::to_vec_pretty(&done).expect("json"))?;
+    Ok(done)
+}
+
+fn write(path: &Path, data: &[u8]) -> Result<(), RestoreError> {
+    let fail = |e: std::io::Error| RestoreError::Write {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(fail)?;
+    }
+    std::fs::write(path, data).map_err(fail)
+}
+
+async fn restore_job(
+    stores: &Stores,
+    job: &JobId,
+    snaps: &[&SnapshotMeta],
+    target: &Target,
+    out: &Path,
+) -> Result<Restored, RestoreError> {
+    let base = match target {
+        Target::Snapshot(id) => snaps.iter().find(|m| m.id == *id).copied().ok_or_else(|| {
+            RestoreError::UnknownSnapshot {
+                job: job.to_string(),
+                id: id.clone(),
+            }
+        })?,
+        _ => snaps
+            .iter()
+            .rev()
+            .find(|m| target.includes(m.ts))
+            .copied()
+            .ok_or_else(|| RestoreError::TooEarly {
+                job: job.clone(),
+                target: format!("{target:?}"),
+                earliest: snaps.first().map(|m| m.ts).unwrap_or_default(),
+            })?,
+    };
+    // Hold the oplog this restore reads until it is done.
+    let lease = match target {
+        Target::Snapshot(_) => None,
+        _ => Some(stores.take_lease(job, base.oplog_seq.max(1)).await?),
+    };
+    let result = replay(stores, job, base, target).await;
+    if let Some(l) = lease {
+        stores.drop_lease(&l).await;
+    }
+    let (docs, checksum, source_checksum, ts, n, applied) = result?;
+    if checksum != source_checksum {
+        return Err(RestoreError::Mismatch {
+            job: job.clone(),
+            ts,
+            restored: checksum,
+            source_checksum,
+        });
+    }
+    let dir = out.join(job.as_str().replace('/', "__"));
+    let mut ids: Vec<&String> = docs.keys().collect();
+    ids.sort_unstable();
+    let mut data = Vec::new();
+    let mut bytes = 0;
+    for id in ids {
+        crate::snapshot::write_line(&mut data, id, docs[id].as_bytes());
+        bytes += docs[id].len() as u64;
+    }
+    let path = dir.join("documents.jsonl");
+    write(&path, &data)?;
+    let restored = Restored {
+        job: job.clone(),
+        snapshot: base.id.clone(),
+        ts,
+        n,
+        checksum,
+        source_checksum,
+        documents: docs.len() as u64,
+        bytes,
+        entries_applied: applied,
+        path,
+    };
+    write(&dir.join("manifest.json"), &serde_json::to_vec_pretty(&restored).expect("json"))?;
+    Ok(restored)
+}
+
+type Replayed = (HashMap<String, String>, Checksum, Checksum, Ts, u64, u64);
+
+async fn replay(
+    stores: &Stores,
+    job: &JobId,
+    base: &SnapshotMeta,
+    target: &Target,
+) -> Result<Replayed, RestoreError> {
+    let data = stores.read_snapshot(base).await?;
+    let corrupt = |reason: String| RestoreError::Corrupt {
+        job: job.clone(),
+        snapshot: base.id.clone(),
+        reason,
+    };
+    let mut docs = HashMap::new();
+    let mut sum = Checksum::default();
+    for (id, doc) in crate::snapshot::parse(&data).map_err(corrupt)? {
+        sum.insert(id, doc);
+        docs.insert(id.to_owned(), String::from_utf8_lossy(doc).into_owned());
+    }
+    if sum != base.checksum {
+        return Err(corrupt(format!(
+            "its data has checksum {sum}, its record says {}",
+            base.checksum
+        )));
+    }
+    let (mut ts, mut n, mut source, mut applied) = (base.ts, base.n, base.checksum, 0);
+    if matches!(target, Target::Snapshot(_)) {
+        return Ok((docs, sum, source, ts, n, 0));
+    }
+    let oplog_err = |reason: String| RestoreError::Oplog {
+        job: job.clone(),
+        reason,
+    };
+    let Some((last_seq, _)) = stores.oplog_last(job).await? else {
+        return Ok((docs, sum, source, ts, n, 0));
+    };
+    let mut messages = stores.read_oplog(job, base.oplog_seq.max(1)).await?;
+    'read: loop {
+        let m = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "oplog reader hiccup");
+                continue;
+            }
+            Ok(None) | Err(_) => return Err(oplog_err("the oplog store stopped answering".into())),
+        };
+        let info = m.info().map_err(|e| oplog_err(e.to_string()))?;
+        let seq = info.stream_sequence;
+        let entries = oplog::decode(&m.payload).map_err(|e| oplog_err(e.to_string()))?;
+        for e in &entries {
+            if e.n <= n {
+                continue;
+            }
+            if !target.includes(e.ts) {
+                break 'read;
+            }
+            if e.n != n + 1 {
+                return Err(oplog_err(format!(
+                    "entries {} to {} are no longer in the oplog store",
+                    n + 1,
+                    e.n - 1
+                )));
+            }
+            if let Some(old) = docs.remove(e.id.as_ref()) {
+                sum.remove(&e.id, old.as_bytes());
+            }
+            if let Some(doc) = e.doc {
+                sum.insert(&e.id, doc.get().as_bytes());
+                docs.insert(e.id.to_string(), doc.get().to_owned());
+            }
+            (ts, n, source) = (e.ts, e.n, e.c);
+            applied += 1;
+        }
+        if seq >= last_seq || info.pending == 0 {
+            break;
+        }
+    }
+    Ok((docs, sum, source, ts, n, applied))
+}

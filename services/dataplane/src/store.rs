@@ -1,0 +1,494 @@
+//! The data plane's places on JetStream: the oplog store (a stream with one subject per
+//! job), the snapshot store (an object store), and key-value buckets for the data plane's
+//! settings, the heads' positions, restore leases and daemon heartbeats.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
+use futures::{StreamExt, TryStreamExt};
+use handoff_domain::{DaemonId, JobId};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::checksum::Checksum;
+use crate::oplog::Ts;
+use crate::retention::Retention;
+use crate::schedule::Schedule;
+
+/// The oplog store.
+pub const OPLOG_STREAM: &str = "HANDOFF_OPLOG";
+/// Every job's oplog subject starts with this.
+pub const OPLOG_SUBJECTS: &str = "handoff.oplog.>";
+/// The snapshot store.
+pub const SNAPSHOT_BUCKET: &str = "handoff_snapshots";
+/// Data plane settings: `config` and `schedule/<job>`.
+pub const CONFIG_BUCKET: &str = "handoff_dataplane";
+/// Where each job's head stands, by job.
+pub const HEADS_BUCKET: &str = "handoff_heads";
+/// Restores in progress, each holding the oplog it reads.
+pub const LEASES_BUCKET: &str = "handoff_leases";
+/// Daemon heartbeats, by daemon token.
+pub const HEARTBEATS_BUCKET: &str = "handoff_heartbeats";
+/// Largest oplog message; a slice larger than this is sent as several.
+pub const MAX_MESSAGE_BYTES: usize = 512 * 1024;
+/// The snapshot metadata key in an object's metadata.
+const META_KEY: &str = "handoff-snapshot";
+
+/// A job's oplog subject.
+pub fn oplog_subject(job: &JobId) -> String {
+    format!("handoff.oplog.{job}")
+}
+
+/// Where a move's rebuild progress is published (core NATS, not stored).
+pub fn progress_subject(move_id: &str) -> String {
+    format!("handoff.progress.{move_id}")
+}
+
+/// The data plane's settings, shared by the agent, the daemons and restores.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The default snapshot schedule (a job may have its own).
+    pub schedule: Schedule,
+    /// Oplog retention.
+    pub retention: Retention,
+}
+
+impl Settings {
+    pub fn validate(&self) -> Result<(), String> {
+        self.schedule.validate()?;
+        self.retention.validate()
+    }
+
+    pub fn hour_ms(&self) -> u64 {
+        self.schedule.hour_ms
+    }
+}
+
+/// What the snapshot store records with each snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// A ULID; the object is `<job>/<id>`.
+    pub id: String,
+    pub job: JobId,
+    /// The epoch of the job's owner that cut it (the agent's initial sync uses the job's
+    /// first epoch).
+    pub epoch: u64,
+    /// The oplog timestamp and entry number the data is at.
+    pub ts: Ts,
+    pub n: u64,
+    /// The oplog message holding entry `n` (0: before any oplog); replay starts there.
+    pub oplog_seq: u64,
+    pub checksum: Checksum,
+    pub size_bytes: u64,
+    pub taken_at_ms: u64,
+    /// The scheduled slot it was taken for (none for the initial sync).
+    pub slot_ms: Option<u64>,
+    /// Who cut it: a daemon, or none for the agent's initial sync.
+    pub daemon: Option<DaemonId>,
+}
+
+impl SnapshotMeta {
+    pub fn object_name(&self) -> String {
+        format!("{}/{}", self.job, self.id)
+    }
+}
+
+/// Where a job's head stands, as its daemon last said.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadRecord {
+    pub daemon: DaemonId,
+    pub epoch: u64,
+    /// Every oplog message up to this stream sequence is applied.
+    pub applied_seq: u64,
+    pub n: u64,
+    pub ts: Ts,
+    pub checksum: Checksum,
+    pub at_ms: u64,
+}
+
+/// A restore reading a job's oplog from `from_seq`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub job: JobId,
+    pub from_seq: u64,
+    pub at_ms: u64,
+}
+
+/// A daemon's heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub daemon: DaemonId,
+    pub at_ms: u64,
+    pub started_at_ms: u64,
+    pub pid: u32,
+    pub jobs: usize,
+    pub rebuilding: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the data plane's stores are unavailable: {0}")]
+    Unavailable(String),
+    #[error("snapshot {0} is not in the snapshot store")]
+    MissingSnapshot(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Handles to every store.
+#[derive(Clone)]
+pub struct Stores {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub oplog: stream::Stream,
+    pub snapshots: object_store::ObjectStore,
+    pub config: kv::Store,
+    pub heads: kv::Store,
+    pub leases: kv::Store,
+    pub heartbeats: kv::Store,
+}
+
+impl Stores {
+    /// Opens the stores, creating those that do not exist yet with `replicas` copies.
+    pub async fn open(client: async_nats::Client, replicas: usize) -> Result<Stores, StoreError> {
+        let js = jetstream::new(client.clone());
+        let oplog = js
+            .get_or_create_stream(stream::Config {
+                name: OPLOG_STREAM.into(),
+                subjects: vec![OPLOG_SUBJECTS.into()],
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                // Retention purges per job up to a sequence; never an age or size limit,
+                // which could drop entries a head or a restore still needs.
+                deny_delete: true,
+                deny_purge: false,
+                allow_direct: true,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let snapshots = match js.get_object_store(SNAPSHOT_BUCKET).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: SNAPSHOT_BUCKET.into(),
+                    storage: stream::StorageType::File,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable)?,
+        };
+        let bucket = |name: &'static str, history: i64| {
+            let js = js.clone();
+            async move {
+                match js.get_key_value(name).await {
+                    Ok(s) => Ok(s),
+                    Err(_) => js
+                        .create_key_value(kv::Config {
+                            bucket: name.into(),
+                            history,
+                            storage: stream::StorageType::File,
+                            num_replicas: replicas,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(unavailable),
+                }
+            }
+        };
+        Ok(Stores {
+            config: bucket(CONFIG_BUCKET, 5).await?,
+            heads: bucket(HEADS_BUCKET, 1).await?,
+            leases: bucket(LEASES_BUCKET, 1).await?,
+            heartbeats: bucket(HEARTBEATS_BUCKET, 1).await?,
+            client,
+            js,
+            oplog,
+            snapshots,
+        })
+    }
+
+    /// The data plane's settings (the defaults when none were set).
+    pub async fn settings(&self) -> Result<Settings, StoreError> {
+        match self.config.get("config").await.map_err(unavailable)? {
+            Some(v) => serde_json::from_slice(&v)
+                .map_err(|e| StoreError::Invalid(format!("stored settings are unreadable: {e}"))),
+            None => Ok(Settings::default()),
+        }
+    }
+
+    pub async fn set_settings(&self, s: &Settings) -> Result<(), StoreError> {
+        s.validate().map_err(StoreError::Invalid)?;
+        self.config
+            .put("config", serde_json::to_vec(s).expect("json").into())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// A job's snapshot schedule: its own, else the default.
+    pub async fn schedule(&self, job: &JobId) -> Result<Schedule, StoreError> {
+        match self
+            .config
+            .get(format!("schedule/{job}"))
+            .await
+            .map_err(unavailable)?
+        {
+            Some(v) => serde_json::from_slice(&v)
+                .map_err(|e| StoreError::Invalid(format!("stored schedule is unreadable: {e}"))),
+            None => Ok(self.settings().await?.schedule),
+        }
+    }
+
+    pub async fn set_schedule(&self, job: &JobId, s: &Schedule) -> Result<(), StoreError> {
+        s.validate().map_err(StoreError::Invalid)?;
+        self.config
+            .put(format!("schedule/{job}"), serde_json::to_vec(s).expect("json").into())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Stores a snapshot. The metadata goes with the object, so the store alone says what
+    /// each snapshot is.
+    pub async fn put_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StoreError> {
+        let mut metadata = HashMap::new();
+        metadata.insert(META_KEY.to_owned(), serde_json::to_string(meta).expect("json"));
+        let object = object_store::ObjectMetadata {
+            name: meta.object_name(),
+            description: Some(format!("snapshot of {} at {}", meta.job, meta.ts)),
+            metadata,
+            ..Default::default()
+        };
+        let mut reader = data;
+        self.snapshots
+            .put(object, &mut reader)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The snapshots of one job (or all), oldest first.
+    pub async fn snapshots(&self, job: Option<&JobId>) -> Result<Vec<SnapshotMeta>, StoreError> {
+        let mut list = self.snapshots.list().await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        while let Some(info) = list.try_next().await.map_err(unavailable)? {
+            if info.deleted {
+                continue;
+            }
+            let Some(raw) = info.metadata.get(META_KEY) else {
+                continue;
+            };
+            let Ok(meta) = serde_json::from_str::<SnapshotMeta>(raw) else {
+                tracing::warn!(object = %info.name, "snapshot metadata unreadable; skipped");
+                continue;
+            };
+            if job.is_none_or(|j| *j == meta.job) {
+                out.push(meta);
+            }
+        }
+        out.sort_by_key(|m| (m.ts, m.taken_at_ms));
+        Ok(out)
+    }
+
+    /// A snapshot's data, as stored.
+    pub async fn read_snapshot(&self, meta: &SnapshotMeta) -> Result<Vec<u8>, StoreError> {
+        let mut object = self
+            .snapshots
+            .get(meta.object_name())
+            .await
+            .map_err(|e| match e.kind() {
+                object_store::GetErrorKind::NotFound => {
+                    StoreError::MissingSnapshot(meta.object_name())
+                }
+                _ => unavailable(e),
+            })?;
+        let mut data = Vec::with_capacity(meta.size_bytes as usize);
+        object
+            .read_to_end(&mut data)
+            .await
+            .map_err(|e| StoreError::Invalid(format!("snapshot {} unreadable: {e}", meta.id)))?;
+        Ok(data)
+    }
+
+    pub async fn delete_snapshot(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        self.snapshots
+            .delete(meta.object_name())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Reads a job's oplog in order from stream sequence `from` (1: from the start).
+    pub async fn read_oplog(
+        &self,
+        job: &JobId,
+        from: u64,
+    ) -> Result<consumer::pull::Ordered, StoreError> {
+        let deliver_policy = if from <= 1 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            }
+        };
+        let consumer = self
+            .oplog
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy,
+                filter_subject: oplog_subject(job),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        consumer.messages().await.map_err(unavailable)
+    }
+
+    /// The stream sequence and stored time of a job's first oplog message at or after
+    /// `at_ms`, if any.
+    pub async fn oplog_first_since(
+        &self,
+        job: &JobId,
+        at_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let start = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let consumer = self
+            .oplog
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
+                filter_subject: oplog_subject(job),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let mut messages = consumer.messages().await.map_err(unavailable)?;
+        // A consumer starting past the last message delivers nothing: no message since.
+        match tokio::time::timeout(Duration::from_millis(500), messages.next()).await {
+            Ok(Some(Ok(m))) => Ok(Some(m.info().map_err(unavailable)?.stream_sequence)),
+            Ok(Some(Err(e))) => Err(unavailable(e)),
+            Ok(None) | Err(_) => Ok(None),
+        }
+    }
+
+    /// A job's first stored oplog message: its sequence and stored time.
+    pub async fn oplog_first(&self, job: &JobId) -> Result<Option<(u64, u64)>, StoreError> {
+        match self.oplog.direct_get_first_for_subject(oplog_subject(job)).await {
+            Ok(m) => Ok(Some((m.sequence, time_ms(m.time)))),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// A job's last stored oplog message: its sequence and headers.
+    pub async fn oplog_last(
+        &self,
+        job: &JobId,
+    ) -> Result<Option<(u64, async_nats::HeaderMap)>, StoreError> {
+        match self.oplog.direct_get_last_for_subject(oplog_subject(job)).await {
+            Ok(m) => Ok(Some((m.sequence, m.headers))),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// The stored time of one oplog message.
+    pub async fn oplog_time(&self, seq: u64) -> Result<Option<u64>, StoreError> {
+        match self.oplog.direct_get(seq).await {
+            Ok(m) => Ok(Some(time_ms(m.time))),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Purges a job's oplog below stream sequence `below`.
+    pub async fn purge_oplog(&self, job: &JobId, below: u64) -> Result<u64, StoreError> {
+        let r = self
+            .oplog
+            .purge()
+            .filter(oplog_subject(job))
+            .sequence(below)
+            .await
+            .map_err(unavailable)?;
+        Ok(r.purged)
+    }
+
+    pub async fn put_head(&self, job: &JobId, head: &HeadRecord) -> Result<(), StoreError> {
+        self.heads
+            .put(job.as_str(), serde_json::to_vec(head).expect("json").into())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn head(&self, job: &JobId) -> Result<Option<HeadRecord>, StoreError> {
+        Ok(self
+            .heads
+            .get(job.as_str())
+            .await
+            .map_err(unavailable)?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Records a restore reading `job`'s oplog from `from_seq`; returns its key.
+    pub async fn take_lease(&self, job: &JobId, from_seq: u64) -> Result<String, StoreError> {
+        let key = ulid::Ulid::new().to_string();
+        let lease = Lease {
+            job: job.clone(),
+            from_seq,
+            at_ms: now_ms(),
+        };
+        self.leases
+            .put(&key, serde_json::to_vec(&lease).expect("json").into())
+            .await
+            .map_err(unavailable)?;
+        Ok(key)
+    }
+
+    pub async fn drop_lease(&self, key: &str) {
+        if let Err(e) = self.leases.purge(key).await {
+            tracing::warn!(lease = key, error = %e, "could not drop a restore lease");
+        }
+    }
+
+    /// Restores in progress.
+    pub async fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        let mut keys = self.leases.keys().await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(unavailable)?;
+            if let Some(v) = self.leases.get(&k).await.map_err(unavailable)? {
+                if let Ok(l) = serde_json::from_slice(&v) {
+                    out.push(l);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn put_heartbeat(&self, token: &str, hb: &Heartbeat) -> Result<(), StoreError> {
+        self.heartbeats
+            .put(token, serde_json::to_vec(hb).expect("json").into())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+pub fn time_ms(t: time::OffsetDateTime) -> u64 {
+    (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64
+}
