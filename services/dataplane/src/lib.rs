@@ -4,8 +4,10 @@
 //! the oplog, cuts the scheduled snapshots from it, and rebuilds a moved job's head from
 //! the latest snapshot plus the oplog. Restores read the two stores alone.
 
+pub mod agent;
 pub mod checksum;
 pub mod commands;
+pub mod daemon;
 pub mod oplog;
 pub mod restore;
 pub mod retention;

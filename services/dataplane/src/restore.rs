@@ -217,6 +217,29 @@ async fn restore_job(
 
 type Replayed = (HashMap<String, String>, Checksum, Checksum, Ts, u64, u64);
 
+/// A job's data as of the end of its oplog (latest snapshot plus every entry after it):
+/// documents, entry number and timestamp. Checked against the source's checksum.
+pub async fn latest(
+    stores: &Stores,
+    job: &JobId,
+) -> Result<Option<(HashMap<String, String>, u64, Ts)>, RestoreError> {
+    let snaps = stores.snapshots(Some(job)).await?;
+    let Some(base) = snaps.last() else {
+        return Ok(None);
+    };
+    let target = Target::OplogTs(Ts { t: u32::MAX, i: u32::MAX });
+    let (docs, sum, source, ts, n, _) = replay(stores, job, base, &target).await?;
+    if sum != source {
+        return Err(RestoreError::Mismatch {
+            job: job.clone(),
+            ts,
+            restored: sum,
+            source_checksum: source,
+        });
+    }
+    Ok(Some((docs, n, ts)))
+}
+
 async fn replay(
     stores: &Stores,
     job: &JobId,

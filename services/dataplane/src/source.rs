@@ -54,6 +54,32 @@ impl Source {
         s
     }
 
+    /// A source that carries on from data restored from the stores: `docs` at entry `n`.
+    /// Its workload continues deterministically from the seed and `n`.
+    pub fn resume(w: &Workload, docs: HashMap<String, String>, n: u64) -> Source {
+        let mut s = Source {
+            ids: docs.keys().cloned().collect(),
+            checksum: Checksum::default(),
+            rng: (w.seed ^ 0x9e37_79b9_7f4a_7c15).wrapping_add(n.wrapping_mul(0xd6e8_feb8_6659_fd93)),
+            next_id: 0,
+            n,
+            doc_bytes: w.doc_bytes.clamp(32, 256 * 1024),
+            bytes: 0,
+            docs: HashMap::new(),
+        };
+        s.ids.sort_unstable();
+        for (id, doc) in &docs {
+            s.checksum.insert(id, doc.as_bytes());
+            s.bytes += doc.len() as u64;
+            let number = id.strip_prefix('d').and_then(|x| x.parse().ok()).unwrap_or(0);
+            s.next_id = s.next_id.max(number);
+        }
+        // Ids of deleted documents are never reused: skip past every number used so far.
+        s.next_id = s.next_id.max(n + docs.len() as u64);
+        s.docs = docs;
+        s
+    }
+
     fn random(&mut self) -> u64 {
         // SplitMix64: small, fast and the same everywhere.
         self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);

@@ -1,0 +1,677 @@
+//! A backup daemon: registers, sends heartbeats, follows the assignment events addressed to
+//! it (its own subject only, filtered by the server), keeps one head per job in sled under
+//! its head directory, applies the oplog continuously, takes the scheduled snapshots, and
+//! rebuilds the heads of jobs moved to it: latest snapshot, then the oplog from the
+//! snapshot's timestamp, then CompleteJobMove with the head's checksum and timestamp.
+//!
+//! Everything a rebuild has done is in the head's sled tree (documents and position in one
+//! batch), so a daemon killed in the middle finishes the rebuild after its restart.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use handoff_domain::command::{CompleteJobMove, FailJobMove, RegisterDaemon, ReportJobMovePhase};
+use handoff_domain::event::AssignmentCause;
+use handoff_domain::model::{DaemonSettings, HeadPoint, MovePhase};
+use handoff_domain::{Actor, Command, CommandId, DaemonId, Event, JobId};
+use handoff_protocol::subjects;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Semaphore};
+
+use crate::agent::new_id;
+use crate::commands::Commands;
+use crate::head::{Head, HeadError, HeadMeta, HeadStatus, Heads};
+use crate::oplog;
+use crate::store::{self, now_ms, HeadRecord, Heartbeat, SnapshotMeta, Stores};
+
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub id: DaemonId,
+    /// Where the heads live (the id's head root directory unless given).
+    pub head_dir: PathBuf,
+    /// Registered with these settings if the daemon is new.
+    pub settings: DaemonSettings,
+    pub heartbeat_ms: u64,
+}
+
+/// Progress of one job's rebuild, published on `handoff.progress.<move>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub move_id: String,
+    pub job: JobId,
+    pub daemon: DaemonId,
+    pub phase: MovePhase,
+    pub snapshot_bytes: u64,
+    pub snapshot_total: u64,
+    pub entries_applied: u64,
+    /// How far the head is behind the newest stored oplog, in milliseconds.
+    pub lag_ms: u64,
+    /// Set on the last report: the head's point, or why the rebuild failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<String>,
+}
+
+/// What the daemon's subject says it should hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Assigned {
+    epoch: u64,
+    cause: AssignmentCause,
+}
+
+fn fold(desired: &mut BTreeMap<JobId, Assigned>, event: &Event) {
+    match event {
+        Event::JobsAssigned { cause, jobs, .. } => {
+            for j in jobs {
+                desired.insert(j.job.clone(), Assigned { epoch: j.epoch, cause: cause.clone() });
+            }
+        }
+        Event::JobsReleased { jobs, .. } => {
+            for j in jobs {
+                desired.remove(j);
+            }
+        }
+        _ => {}
+    }
+}
+
+struct Shared {
+    id: DaemonId,
+    stores: Stores,
+    heads: Heads,
+    commands: Commands,
+    workers: Semaphore,
+    rebuilding: std::sync::atomic::AtomicUsize,
+}
+
+struct Running {
+    epoch: u64,
+    cancel: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the daemon until `stop` turns true.
+pub async fn run(stores: Stores, config: DaemonConfig, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let host = config.id.as_str().split(':').next().unwrap_or("daemon");
+    let actor = Actor::new(format!("daemon@{host}")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let commands = Commands::new(stores.client.clone(), actor);
+    match commands
+        .send(
+            &new_id(),
+            &Command::RegisterDaemon(RegisterDaemon { daemon: config.id.clone(), settings: config.settings.clone() }),
+        )
+        .await
+    {
+        Ok(_) => tracing::info!(daemon = %config.id, "registered"),
+        Err(e) if e.reason == "already_exists" => {}
+        Err(e) => anyhow::bail!("cannot register {}: {}", config.id, e.message),
+    }
+    let heads = Heads::open(&config.head_dir)?;
+    let shared = Arc::new(Shared {
+        id: config.id.clone(),
+        stores: stores.clone(),
+        heads,
+        commands,
+        workers: Semaphore::new(config.settings.num_workers.max(1) as usize),
+        rebuilding: Default::default(),
+    });
+    let running: Arc<tokio::sync::Mutex<HashMap<JobId, Running>>> = Arc::default();
+    let heartbeat = {
+        let (shared, running, mut stop) = (shared.clone(), running.clone(), stop.clone());
+        let every = Duration::from_millis(config.heartbeat_ms.max(50));
+        tokio::spawn(async move {
+            let started = now_ms();
+            let token = subjects::daemon_token(&shared.id);
+            loop {
+                let hb = Heartbeat {
+                    daemon: shared.id.clone(),
+                    at_ms: now_ms(),
+                    started_at_ms: started,
+                    pid: std::process::id(),
+                    jobs: running.lock().await.len(),
+                    rebuilding: shared.rebuilding.load(std::sync::atomic::Ordering::Relaxed),
+                };
+                if let Err(e) = shared.stores.put_heartbeat(&token, &hb).await {
+                    tracing::warn!(error = %e, "heartbeat not sent");
+                }
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        })
+    };
+
+    // Read the daemon's own subject up to its end, then reconcile, then follow it.
+    let log = handoff_eventlog::EventLog::attach(stores.client.clone(), handoff_eventlog::Config::default()).await?;
+    let subject = subjects::daemon(&config.id);
+    let end = match log.jetstream().get_stream(log.stream_name()).await?.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => m.sequence,
+        Err(_) => 0,
+    };
+    let mut reader = log.read_filtered(1, &subject).await?;
+    let mut desired = BTreeMap::new();
+    let mut seq = 0;
+    while seq < end {
+        let r = reader.next().await?;
+        seq = r.seq;
+        fold(&mut desired, &r.envelope.event);
+    }
+    for job in shared.heads.jobs() {
+        if !desired.contains_key(&job) {
+            tracing::info!(%job, "no longer assigned here; dropping its head");
+            shared.heads.drop_head(&job)?;
+        }
+    }
+    for (job, a) in &desired {
+        start(&shared, &running, job, a).await;
+    }
+    tracing::info!(daemon = %config.id, jobs = desired.len(), "daemon running");
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            next = reader.next() => {
+                let r = next?;
+                let before = desired.clone();
+                fold(&mut desired, &r.envelope.event);
+                for job in before.keys().filter(|j| !desired.contains_key(*j)) {
+                    if let Some(t) = running.lock().await.remove(job) {
+                        let _ = t.cancel.send(true);
+                        let _ = t.handle.await;
+                    }
+                    tracing::info!(%job, "job released; dropping its head");
+                    shared.heads.drop_head(job)?;
+                }
+                for (job, a) in &desired {
+                    if before.get(job) != Some(a) {
+                        start(&shared, &running, job, a).await;
+                    }
+                }
+            }
+        }
+    }
+    for (_, t) in running.lock().await.drain() {
+        let _ = t.cancel.send(true);
+        let _ = t.handle.await;
+    }
+    heartbeat.abort();
+    shared.heads.flush().await?;
+    Ok(())
+}
+
+async fn start(
+    shared: &Arc<Shared>,
+    running: &Arc<tokio::sync::Mutex<HashMap<JobId, Running>>>,
+    job: &JobId,
+    a: &Assigned,
+) {
+    let mut running = running.lock().await;
+    if let Some(old) = running.remove(job) {
+        if old.epoch == a.epoch {
+            running.insert(job.clone(), old);
+            return;
+        }
+        let _ = old.cancel.send(true);
+        let _ = old.handle.await;
+    }
+    let (cancel, cancelled) = watch::channel(false);
+    let (shared2, job2, a2) = (shared.clone(), job.clone(), a.clone());
+    let handle = tokio::spawn(async move {
+        let mut cancelled = cancelled;
+        loop {
+            match keep_job(&shared2, &job2, &a2, &mut cancelled).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(job = %job2, error = %e, "job work interrupted; starting again");
+                    tokio::select! {
+                        _ = cancelled.changed() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    });
+    running.insert(job.clone(), Running { epoch: a.epoch, cancel, handle });
+}
+
+/// Why a rebuild cannot finish: the move fails with this reason.
+struct Unrecoverable(String);
+
+/// Builds (or rebuilds) the head if needed, then keeps it current and takes its
+/// snapshots, until cancelled. Returns an error for a retry.
+async fn keep_job(
+    shared: &Shared,
+    job: &JobId,
+    a: &Assigned,
+    cancelled: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let head = shared.heads.head(job)?;
+    let move_id = match &a.cause {
+        AssignmentCause::Move { move_id } => Some(move_id.clone()),
+        _ => None,
+    };
+    let mut meta = head.meta()?;
+    if let Some(m) = &meta {
+        if let (HeadStatus::Failed { move_id: failed, .. }, Some(id)) = (&m.status, &move_id) {
+            if failed == id.as_str() {
+                return Ok(()); // This daemon failed that move; the job went back.
+            }
+        }
+    }
+    let reusable = meta.as_ref().is_some_and(|m| {
+        m.restored_from.is_some()
+            && match (&m.status, &move_id) {
+                (HeadStatus::Rebuilding { move_id: r }, Some(id)) => r == id.as_str() && m.epoch == a.epoch,
+                (HeadStatus::Active, _) => m.epoch == a.epoch,
+                (HeadStatus::Building, None) => m.epoch == a.epoch,
+                _ => false,
+            }
+    });
+    if !reusable {
+        head.clear()?;
+        meta = None;
+    }
+    let mut meta = match meta {
+        Some(m) => m,
+        None => HeadMeta {
+            job: job.clone(),
+            epoch: a.epoch,
+            status: match &move_id {
+                Some(id) => HeadStatus::Rebuilding { move_id: id.to_string() },
+                None => HeadStatus::Building,
+            },
+            restored_from: None,
+            applied_seq: 0,
+            n: 0,
+            ts: oplog::Ts::ZERO,
+            checksum: Default::default(),
+            bytes: 0,
+        },
+    };
+    let mut progress = ProgressState::new(shared, job, move_id.as_ref());
+    if meta.status != HeadStatus::Active {
+        shared.rebuilding.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _guard = Decrement(&shared.rebuilding);
+        let _permit = tokio::select! {
+            _ = cancelled.changed() => return Ok(()),
+            p = shared.workers.acquire() => p?,
+        };
+        let result = rebuild(shared, job, a, &head, &mut meta, &mut progress, cancelled).await?;
+        if let Err(Unrecoverable(reason)) = result {
+            fail(shared, job, a, &head, &mut meta, &mut progress, reason).await?;
+            return Ok(());
+        }
+        if *cancelled.borrow() || matches!(meta.status, HeadStatus::Failed { .. }) {
+            return Ok(());
+        }
+    }
+    follow(shared, job, &head, &mut meta, cancelled).await
+}
+
+struct Decrement<'a>(&'a std::sync::atomic::AtomicUsize);
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+struct ProgressState<'a> {
+    shared: &'a Shared,
+    p: Option<Progress>,
+    last: Instant,
+}
+
+impl<'a> ProgressState<'a> {
+    fn new(shared: &'a Shared, job: &JobId, move_id: Option<&CommandId>) -> Self {
+        ProgressState {
+            shared,
+            p: move_id.map(|m| Progress {
+                move_id: m.to_string(),
+                job: job.clone(),
+                daemon: shared.id.clone(),
+                phase: MovePhase::Requested,
+                snapshot_bytes: 0,
+                snapshot_total: 0,
+                entries_applied: 0,
+                lag_ms: 0,
+                done: None,
+            }),
+            last: Instant::now() - Duration::from_secs(1),
+        }
+    }
+
+    async fn update(&mut self, force: bool, change: impl FnOnce(&mut Progress)) {
+        let Some(p) = &mut self.p else { return };
+        change(p);
+        if force || self.last.elapsed() >= Duration::from_millis(200) {
+            self.last = Instant::now();
+            let body = serde_json::to_vec(&*p).expect("json");
+            if let Err(e) = self.shared.stores.client.publish(store::progress_subject(&p.move_id), body.into()).await {
+                tracing::debug!(error = %e, "progress not published");
+            }
+        }
+    }
+}
+
+async fn report_phase(shared: &Shared, job: &JobId, a: &Assigned, phase: MovePhase) {
+    let AssignmentCause::Move { move_id } = &a.cause else { return };
+    let command = Command::ReportJobMovePhase(ReportJobMovePhase {
+        job: job.clone(),
+        move_id: move_id.clone(),
+        epoch: a.epoch,
+        phase,
+    });
+    if let Err(e) = shared.commands.send(&new_id(), &command).await {
+        tracing::debug!(%job, reason = %e.reason, "phase not recorded");
+    }
+}
+
+/// Restores the latest snapshot (unless already restored) and replays the oplog until
+/// caught up; then completes the move (or marks a new head active).
+async fn rebuild(
+    shared: &Shared,
+    job: &JobId,
+    a: &Assigned,
+    head: &Head,
+    meta: &mut HeadMeta,
+    progress: &mut ProgressState<'_>,
+    cancelled: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Result<(), Unrecoverable>> {
+    let moving = matches!(a.cause, AssignmentCause::Move { .. });
+    if meta.restored_from.is_none() {
+        report_phase(shared, job, a, MovePhase::RestoringSnapshot).await;
+        progress.update(true, |p| p.phase = MovePhase::RestoringSnapshot).await;
+        let snapshot = loop {
+            let snaps = shared.stores.snapshots(Some(job)).await?;
+            match snaps.last() {
+                Some(s) => break s.clone(),
+                None if moving => {
+                    return Ok(Err(Unrecoverable(format!("no snapshot of {job} in the snapshot store"))))
+                }
+                // A new job: the agent's initial sync has not stored it yet.
+                None => tokio::select! {
+                    _ = cancelled.changed() => return Ok(Ok(())),
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                },
+            }
+        };
+        if let Err(reason) = restore_snapshot(shared, head, meta, &snapshot, progress).await? {
+            return Ok(Err(Unrecoverable(reason)));
+        }
+    }
+    report_phase(shared, job, a, MovePhase::ReplayingOplog).await;
+    progress.update(true, |p| p.phase = MovePhase::ReplayingOplog).await;
+    // Replay until the head holds every stored entry.
+    let Some((last_seq, _)) = shared.stores.oplog_last(job).await? else {
+        return finish(shared, job, a, head, meta, progress).await;
+    };
+    if meta.applied_seq < last_seq {
+        let mut messages = shared.stores.read_oplog(job, meta.applied_seq + 1).await?;
+        loop {
+            let m = tokio::select! {
+                _ = cancelled.changed() => return Ok(Ok(())),
+                m = messages.next() => m,
+            };
+            let m = match m {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "oplog reader hiccup");
+                    continue;
+                }
+                None => anyhow::bail!("the oplog reader ended"),
+            };
+            let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (seq, pending, published) = (info.stream_sequence, info.pending, store::time_ms(info.published));
+            let entries = match oplog::decode(&m.payload) {
+                Ok(e) => e,
+                Err(e) => return Ok(Err(Unrecoverable(format!("oplog message {seq} is unreadable: {e}")))),
+            };
+            match head.apply(meta, seq, &entries) {
+                Ok(applied) => {
+                    let lag = now_ms().saturating_sub(published);
+                    progress
+                        .update(false, |p| {
+                            p.entries_applied += applied as u64;
+                            p.lag_ms = lag;
+                        })
+                        .await;
+                }
+                Err(e @ (HeadError::Gap { .. } | HeadError::Diverged { .. })) => {
+                    return Ok(Err(Unrecoverable(e.to_string())))
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+    }
+    finish(shared, job, a, head, meta, progress).await
+}
+
+async fn restore_snapshot(
+    shared: &Shared,
+    head: &Head,
+    meta: &mut HeadMeta,
+    snapshot: &SnapshotMeta,
+    progress: &mut ProgressState<'_>,
+) -> anyhow::Result<Result<(), String>> {
+    let data = match shared.stores.read_snapshot(snapshot).await {
+        Ok(d) => d,
+        Err(store::StoreError::MissingSnapshot(name)) => {
+            return Ok(Err(format!("snapshot {name} is missing from the snapshot store")))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let docs = match crate::snapshot::parse(&data) {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(format!("snapshot {} of {} is corrupt: {e}", snapshot.id, snapshot.job))),
+    };
+    head.clear()?;
+    meta.checksum = Default::default();
+    meta.bytes = 0;
+    let total = data.len() as u64;
+    let mut loaded = 0u64;
+    for chunk in docs.chunks(4096) {
+        head.load(meta, chunk)?;
+        loaded += chunk.iter().map(|(id, d)| (id.len() + d.len() + 20) as u64).sum::<u64>();
+        let shown = loaded.min(total);
+        progress
+            .update(false, |p| {
+                p.snapshot_bytes = shown;
+                p.snapshot_total = total;
+            })
+            .await;
+        tokio::task::yield_now().await;
+    }
+    if meta.checksum != snapshot.checksum {
+        return Ok(Err(format!(
+            "snapshot {} of {} is corrupt: its data has checksum {} but it was taken with {}",
+            snapshot.id, snapshot.job, meta.checksum, snapshot.checksum
+        )));
+    }
+    meta.restored_from = Some(snapshot.id.clone());
+    meta.n = snapshot.n;
+    meta.ts = snapshot.ts;
+    meta.applied_seq = snapshot.oplog_seq.saturating_sub(1);
+    head.set_meta(meta)?;
+    progress.update(true, |p| p.snapshot_bytes = total).await;
+    Ok(Ok(()))
+}
+
+async fn finish(
+    shared: &Shared,
+    job: &JobId,
+    a: &Assigned,
+    head: &Head,
+    meta: &mut HeadMeta,
+    progress: &mut ProgressState<'_>,
+) -> anyhow::Result<Result<(), Unrecoverable>> {
+    if let AssignmentCause::Move { move_id } = &a.cause {
+        let point = HeadPoint { ts: meta.ts.to_string(), checksum: meta.checksum.to_string() };
+        let command = Command::CompleteJobMove(CompleteJobMove {
+            job: job.clone(),
+            move_id: move_id.clone(),
+            epoch: a.epoch,
+            head: Some(point.clone()),
+        });
+        // The same id on a retry after a restart: one completion.
+        let id = CommandId::new(ulid_for(move_id, job)).expect("a ULID");
+        if let Err(e) = shared.commands.send(&id, &command).await {
+            if e.code == handoff_protocol::ErrorCode::Unavailable {
+                anyhow::bail!("completing the move of {job}: {}", e.message);
+            }
+            // The move is over without us (failed, or the job moved on): let the head go.
+            tracing::warn!(%job, move_id = %move_id, reason = %e.message, "completion refused; dropping the head");
+            head.clear()?;
+            meta.status = HeadStatus::Failed { move_id: move_id.to_string(), reason: e.message };
+            head.set_meta(meta)?;
+            return Ok(Ok(()));
+        }
+        tracing::info!(%job, move_id = %move_id, ts = %point.ts, checksum = %point.checksum, "move completed");
+        progress
+            .update(true, |p| {
+                p.phase = MovePhase::Completed;
+                p.done = Some(format!("head at {} checksum {}", point.ts, point.checksum));
+            })
+            .await;
+    }
+    meta.status = HeadStatus::Active;
+    head.set_meta(meta)?;
+    Ok(Ok(()))
+}
+
+/// A command id derived from a move and a job, so the completion of one job's move has
+/// the same id however often it is sent.
+fn ulid_for(move_id: &CommandId, job: &JobId) -> String {
+    let base = ulid::Ulid::from_string(move_id.as_str()).unwrap_or_default();
+    let h = crate::checksum::doc_hash(job.as_str(), move_id.as_str().as_bytes());
+    ulid::Ulid::from_parts(base.timestamp_ms(), u128::from(h) << 16 | 0xc0de).to_string()
+}
+
+async fn fail(
+    shared: &Shared,
+    job: &JobId,
+    a: &Assigned,
+    head: &Head,
+    meta: &mut HeadMeta,
+    progress: &mut ProgressState<'_>,
+    reason: String,
+) -> anyhow::Result<()> {
+    let AssignmentCause::Move { move_id } = &a.cause else {
+        anyhow::bail!("building the head of {job} failed: {reason}");
+    };
+    tracing::error!(%job, move_id = %move_id, reason, "rebuild failed (THEFT_FAILED)");
+    let command = Command::FailJobMove(FailJobMove {
+        job: job.clone(),
+        move_id: move_id.clone(),
+        epoch: a.epoch,
+        reason: reason.chars().take(1000).collect(),
+    });
+    if let Err(e) = shared.commands.send(&new_id(), &command).await {
+        tracing::warn!(%job, reason = %e.message, "failing the move was refused");
+    }
+    head.clear()?;
+    meta.status = HeadStatus::Failed { move_id: move_id.to_string(), reason: reason.clone() };
+    head.set_meta(meta)?;
+    progress
+        .update(true, |p| {
+            p.phase = MovePhase::Failed;
+            p.done = Some(reason);
+        })
+        .await;
+    Ok(())
+}
+
+/// Keeps an active head current and takes its scheduled snapshots, until cancelled.
+async fn follow(
+    shared: &Shared,
+    job: &JobId,
+    head: &Head,
+    meta: &mut HeadMeta,
+    cancelled: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut messages = shared.stores.read_oplog(job, meta.applied_seq + 1).await?;
+    let mut schedule = shared.stores.schedule(job).await?;
+    let last_slot = shared
+        .stores
+        .snapshots(Some(job))
+        .await?
+        .iter()
+        .filter_map(|s| s.slot_ms)
+        .max()
+        .unwrap_or(0);
+    // The next regular slot: never a burst of the ones missed while moving or down.
+    let mut next_due = schedule.next_slot_after(now_ms().max(last_slot));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut reported = None;
+    let mut last_report = Instant::now();
+    let mut schedule_read = Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancelled.changed() => return Ok(()),
+            m = messages.next() => {
+                let m = match m {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => { tracing::debug!(error = %e, "oplog reader hiccup"); continue; }
+                    None => anyhow::bail!("the oplog reader ended"),
+                };
+                let seq = m.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
+                let entries = oplog::decode(&m.payload)?;
+                head.apply(meta, seq, &entries)?;
+            }
+            _ = tick.tick() => {
+                let now = now_ms();
+                if schedule_read.elapsed() > Duration::from_secs(5) {
+                    let fresh = shared.stores.schedule(job).await?;
+                    if fresh != schedule {
+                        next_due = fresh.next_slot_after(now);
+                        schedule = fresh;
+                    }
+                    schedule_read = Instant::now();
+                }
+                if now >= next_due {
+                    take_snapshot(shared, job, head, meta, next_due).await?;
+                    next_due = schedule.next_slot_after(now);
+                }
+                let point = (meta.applied_seq, meta.epoch);
+                if reported != Some(point) || last_report.elapsed() > Duration::from_secs(5) {
+                    let record = HeadRecord {
+                        daemon: shared.id.clone(),
+                        epoch: meta.epoch,
+                        applied_seq: meta.applied_seq,
+                        n: meta.n,
+                        ts: meta.ts,
+                        checksum: meta.checksum,
+                        at_ms: now,
+                    };
+                    shared.stores.put_head(job, &record).await?;
+                    reported = Some(point);
+                    last_report = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+async fn take_snapshot(shared: &Shared, job: &JobId, head: &Head, meta: &HeadMeta, slot: u64) -> anyhow::Result<()> {
+    let data = head.export()?;
+    let snapshot = SnapshotMeta {
+        id: ulid::Ulid::new().to_string(),
+        job: job.clone(),
+        epoch: meta.epoch,
+        ts: meta.ts,
+        n: meta.n,
+        oplog_seq: meta.applied_seq,
+        checksum: meta.checksum,
+        size_bytes: data.len() as u64,
+        taken_at_ms: now_ms(),
+        slot_ms: Some(slot),
+        daemon: Some(shared.id.clone()),
+    };
+    shared.stores.put_snapshot(&snapshot, &data).await?;
+    tracing::info!(%job, snapshot = %snapshot.id, ts = %snapshot.ts, checksum = %snapshot.checksum, "snapshot taken");
+    Ok(())
+}
