@@ -71,9 +71,16 @@ pub enum LogFormat {
 pub enum Cmd {
     /// List daemons: liveness, settings, jobs and head space.
     Daemons,
-    /// Register, configure, remove or show a daemon.
-    #[command(subcommand)]
-    Daemon(cmd::fleet::DaemonCmd),
+    /// Run a backup daemon (`--id`), or register, configure, remove or show one.
+    Daemon(DaemonArgs),
+    /// Run the agent: the simulated sources, their initial syncs and oplog, and grooming.
+    Agent(cmd::data::AgentArgs),
+    /// Restore a job or a sharded cluster from the snapshot and oplog stores.
+    Restore(cmd::data::RestoreArgs),
+    /// List snapshots in the snapshot store.
+    Snapshots(cmd::data::SnapshotsArgs),
+    /// Show or set the snapshot schedule and retention (and the oplog window).
+    Schedule(cmd::data::ScheduleArgs),
     /// List projects and their filters.
     Projects,
     /// Configure a project's daemon and label filters.
@@ -102,6 +109,15 @@ pub enum Cmd {
     CommandService(CommandServiceArgs),
     /// Run a projector: fold the event stream into sled views and answer queries.
     Projector(ProjectorArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DaemonArgs {
+    #[command(subcommand)]
+    pub command: Option<cmd::fleet::DaemonCmd>,
+    #[command(flatten)]
+    pub run: cmd::data::DaemonRunArgs,
 }
 
 #[derive(Debug, Args)]
@@ -205,7 +221,11 @@ pub async fn shutdown_signal() {
 pub async fn run(cli: Cli) -> ExitCode {
     let services = matches!(
         cli.command,
-        Cmd::CommandService(_) | Cmd::Projector(_) | Cmd::Up(_)
+        Cmd::CommandService(_)
+            | Cmd::Projector(_)
+            | Cmd::Up(_)
+            | Cmd::Agent(_)
+            | Cmd::Daemon(DaemonArgs { command: None, .. })
     );
     init_logging(cli.log_format, if services { "info" } else { "warn" });
     let json = cli.json;
@@ -244,7 +264,14 @@ pub async fn run(cli: Cli) -> ExitCode {
 async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
     match command {
         Cmd::Daemons => cmd::fleet::daemons(ctx).await,
-        Cmd::Daemon(c) => cmd::fleet::daemon(ctx, c).await,
+        Cmd::Daemon(DaemonArgs {
+            command: Some(c), ..
+        }) => cmd::fleet::daemon(ctx, c).await,
+        Cmd::Daemon(DaemonArgs { command: None, run }) => cmd::data::run_daemon(ctx, run).await,
+        Cmd::Agent(a) => cmd::data::run_agent(ctx, a).await,
+        Cmd::Restore(a) => cmd::data::restore(ctx, a).await,
+        Cmd::Snapshots(a) => cmd::data::snapshots(ctx, a).await,
+        Cmd::Schedule(a) => cmd::data::schedule(ctx, a).await,
         Cmd::Projects => cmd::fleet::projects(ctx).await,
         Cmd::Project(c) => cmd::fleet::project(ctx, c).await,
         Cmd::Jobs(a) => cmd::fleet::jobs(ctx, a).await,

@@ -64,7 +64,7 @@ pub struct SettingsArgs {
 }
 
 impl SettingsArgs {
-    fn apply(self, mut s: DaemonSettings) -> DaemonSettings {
+    pub fn apply(self, mut s: DaemonSettings) -> DaemonSettings {
         if let Some(v) = self.head_space {
             s.head_space_bytes = v;
         }

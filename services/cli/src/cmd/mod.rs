@@ -1,5 +1,6 @@
 //! The operator's subcommands, one module per group.
 
+pub mod data;
 pub mod fleet;
 pub mod history;
 pub mod moves;
