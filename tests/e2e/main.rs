@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod cluster;
 mod concurrency;
+mod dataplane;
 mod idempotency;
 mod moves;
 mod projector;

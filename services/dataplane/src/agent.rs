@@ -93,7 +93,8 @@ pub async fn run(
     let jobs: Arc<Mutex<BTreeSet<JobId>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     {
-        let (stores, config, jobs, stop) = (stores.clone(), config.clone(), jobs.clone(), stop.clone());
+        let (stores, config, jobs, stop) =
+            (stores.clone(), config.clone(), jobs.clone(), stop.clone());
         tasks.spawn(async move { groom_loop(stores, config, jobs, stop).await });
     }
     loop {
@@ -192,7 +193,8 @@ async fn run_source(
             }
             done_ops += 1;
         }
-        let old = slice_started.is_some_and(|s| s.elapsed() >= Duration::from_millis(config.slice_ms));
+        let old =
+            slice_started.is_some_and(|s| s.elapsed() >= Duration::from_millis(config.slice_ms));
         if slice_bytes >= config.slice_bytes || old {
             parts.extend(current.take());
             for part in parts.drain(..) {
@@ -323,7 +325,9 @@ pub async fn groom(
     let settings = stores.settings().await?;
     let hour = settings.hour_ms();
     let now = now_ms();
-    let hours = *ttl.entry(job.clone()).or_insert(settings.retention.ttl_hours);
+    let hours = *ttl
+        .entry(job.clone())
+        .or_insert(settings.retention.ttl_hours);
     let snaps = stores.snapshots(Some(job)).await?;
     let cutoff = now.saturating_sub(u64::from(hours) * hour);
     let pit_base = snaps.iter().rev().find(|s| s.taken_at_ms <= cutoff);
@@ -332,28 +336,60 @@ pub async fn groom(
         let expired_below = if first_at >= cutoff {
             first
         } else {
-            stores.oplog_first_since(job, cutoff).await?.unwrap_or(last + 1)
+            stores
+                .oplog_first_since(job, cutoff)
+                .await?
+                .unwrap_or(last + 1)
         };
-        let at = |seq: u64| async move { stores.oplog_time(seq).await.ok().flatten().unwrap_or(now) };
+        let at =
+            |seq: u64| async move { stores.oplog_time(seq).await.ok().flatten().unwrap_or(now) };
         let mut holds = Vec::new();
         if let Some(latest) = snaps.last() {
             let seq = latest.oplog_seq.max(first);
-            holds.push(Hold { seq, at_ms: at(seq).await, why: "the latest snapshot (where a rebuild starts)".into(), grows: true });
+            holds.push(Hold {
+                seq,
+                at_ms: at(seq).await,
+                why: "the latest snapshot (where a rebuild starts)".into(),
+                grows: true,
+            });
         }
         if let Some(base) = pit_base {
-            holds.push(Hold { seq: base.oplog_seq.max(first), at_ms: 0, why: "the point-in-time window".into(), grows: false });
+            holds.push(Hold {
+                seq: base.oplog_seq.max(first),
+                at_ms: 0,
+                why: "the point-in-time window".into(),
+                grows: false,
+            });
         }
         if let Some(head) = stores.head(job).await? {
             let seq = (head.applied_seq + 1).max(first);
             if seq <= last {
-                holds.push(Hold { seq, at_ms: at(seq).await, why: format!("the head on {}", head.daemon), grows: true });
+                holds.push(Hold {
+                    seq,
+                    at_ms: at(seq).await,
+                    why: format!("the head on {}", head.daemon),
+                    grows: true,
+                });
             }
         }
         for l in leases.iter().filter(|l| l.job == *job) {
             let seq = l.from_seq.max(first);
-            holds.push(Hold { seq, at_ms: at(seq).await, why: "a restore in progress".into(), grows: true });
+            holds.push(Hold {
+                seq,
+                at_ms: at(seq).await,
+                why: "a restore in progress".into(),
+                grows: true,
+            });
         }
-        let plan = retention::plan(now, hour, hours, &settings.retention, first, expired_below, &holds);
+        let plan = retention::plan(
+            now,
+            hour,
+            hours,
+            &settings.retention,
+            first,
+            expired_below,
+            &holds,
+        );
         if let Some((new_hours, reason)) = plan.resize {
             commands
                 .send(
@@ -377,7 +413,12 @@ pub async fn groom(
     }
     // Snapshots past their tiers' retention go; never the latest nor the window's base.
     let schedule = stores.schedule(job).await?;
-    let keep: BTreeMap<&str, ()> = snaps.last().into_iter().chain(pit_base).map(|s| (s.id.as_str(), ())).collect();
+    let keep: BTreeMap<&str, ()> = snaps
+        .last()
+        .into_iter()
+        .chain(pit_base)
+        .map(|s| (s.id.as_str(), ()))
+        .collect();
     for s in &snaps {
         if keep.contains_key(s.id.as_str()) {
             continue;

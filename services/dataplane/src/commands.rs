@@ -39,9 +39,17 @@ impl Commands {
                 Err(e) => e.to_string(),
             };
             if attempt >= 50 {
-                return Err(ErrorBody::new(ErrorCode::Unavailable, "unavailable", problem));
+                return Err(ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    "unavailable",
+                    problem,
+                ));
             }
-            tracing::debug!(command = command.name(), problem, "command not delivered; retrying");
+            tracing::debug!(
+                command = command.name(),
+                problem,
+                "command not delivered; retrying"
+            );
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(2));
         }

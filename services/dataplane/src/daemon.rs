@@ -65,7 +65,13 @@ fn fold(desired: &mut BTreeMap<JobId, Assigned>, event: &Event) {
     match event {
         Event::JobsAssigned { cause, jobs, .. } => {
             for j in jobs {
-                desired.insert(j.job.clone(), Assigned { epoch: j.epoch, cause: cause.clone() });
+                desired.insert(
+                    j.job.clone(),
+                    Assigned {
+                        epoch: j.epoch,
+                        cause: cause.clone(),
+                    },
+                );
             }
         }
         Event::JobsReleased { jobs, .. } => {
@@ -93,14 +99,21 @@ struct Running {
 }
 
 /// Runs the daemon until `stop` turns true.
-pub async fn run(stores: Stores, config: DaemonConfig, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(
+    stores: Stores,
+    config: DaemonConfig,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let host = config.id.as_str().split(':').next().unwrap_or("daemon");
     let actor = Actor::new(format!("daemon@{host}")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let commands = Commands::new(stores.client.clone(), actor);
     match commands
         .send(
             &new_id(),
-            &Command::RegisterDaemon(RegisterDaemon { daemon: config.id.clone(), settings: config.settings.clone() }),
+            &Command::RegisterDaemon(RegisterDaemon {
+                daemon: config.id.clone(),
+                settings: config.settings.clone(),
+            }),
         )
         .await
     {
@@ -145,9 +158,19 @@ pub async fn run(stores: Stores, config: DaemonConfig, mut stop: watch::Receiver
     };
 
     // Read the daemon's own subject up to its end, then reconcile, then follow it.
-    let log = handoff_eventlog::EventLog::attach(stores.client.clone(), handoff_eventlog::Config::default()).await?;
+    let log = handoff_eventlog::EventLog::attach(
+        stores.client.clone(),
+        handoff_eventlog::Config::default(),
+    )
+    .await?;
     let subject = subjects::daemon(&config.id);
-    let end = match log.jetstream().get_stream(log.stream_name()).await?.get_last_raw_message_by_subject(&subject).await {
+    let end = match log
+        .jetstream()
+        .get_stream(log.stream_name())
+        .await?
+        .get_last_raw_message_by_subject(&subject)
+        .await
+    {
         Ok(m) => m.sequence,
         Err(_) => 0,
     };
@@ -181,8 +204,10 @@ pub async fn run(stores: Stores, config: DaemonConfig, mut stop: watch::Receiver
                         let _ = t.cancel.send(true);
                         let _ = t.handle.await;
                     }
-                    tracing::info!(%job, "job released; dropping its head");
-                    shared.heads.drop_head(job)?;
+                    // No more snapshots of it; the head stays until the move completes, in
+                    // case the move fails and the job comes back.
+                    tracing::info!(%job, "job released to a move; its snapshots stop");
+                    tokio::spawn(drop_when_moved(shared.clone(), running.clone(), log.clone(), job.clone()));
                 }
                 for (job, a) in &desired {
                     if before.get(job) != Some(a) {
@@ -199,6 +224,42 @@ pub async fn run(stores: Stores, config: DaemonConfig, mut stop: watch::Receiver
     heartbeat.abort();
     shared.heads.flush().await?;
     Ok(())
+}
+
+/// Drops a released job's head once its move has completed elsewhere.
+async fn drop_when_moved(
+    shared: Arc<Shared>,
+    running: Arc<tokio::sync::Mutex<HashMap<JobId, Running>>>,
+    log: handoff_eventlog::EventLog,
+    job: JobId,
+) {
+    let subject = subjects::aggregate(&handoff_domain::event::Aggregate::Job(job.clone()));
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Ok(stream) = log.jetstream().get_stream(log.stream_name()).await else {
+            continue;
+        };
+        let Ok(m) = stream.get_last_raw_message_by_subject(&subject).await else {
+            continue;
+        };
+        let Ok(envelope) = handoff_protocol::EventEnvelope::decode(&m.payload) else {
+            continue;
+        };
+        match envelope.event {
+            Event::JobMoveCompleted { daemon, .. } if daemon != shared.id => {
+                if running.lock().await.contains_key(&job) {
+                    return; // It came back meanwhile.
+                }
+                tracing::info!(%job, to = %daemon, "job moved away; dropping its head");
+                if let Err(e) = shared.heads.drop_head(&job) {
+                    tracing::warn!(%job, error = %e, "could not drop a head");
+                }
+                return;
+            }
+            Event::JobMoveCompleted { .. } | Event::JobMoveFailed { .. } => return,
+            _ => {}
+        }
+    }
 }
 
 async fn start(
@@ -233,7 +294,14 @@ async fn start(
             }
         }
     });
-    running.insert(job.clone(), Running { epoch: a.epoch, cancel, handle });
+    running.insert(
+        job.clone(),
+        Running {
+            epoch: a.epoch,
+            cancel,
+            handle,
+        },
+    );
 }
 
 /// Why a rebuild cannot finish: the move fails with this reason.
@@ -254,24 +322,39 @@ async fn keep_job(
     };
     let mut meta = head.meta()?;
     if let Some(m) = &meta {
-        if let (HeadStatus::Failed { move_id: failed, .. }, Some(id)) = (&m.status, &move_id) {
+        if let (
+            HeadStatus::Failed {
+                move_id: failed, ..
+            },
+            Some(id),
+        ) = (&m.status, &move_id)
+        {
             if failed == id.as_str() {
                 return Ok(()); // This daemon failed that move; the job went back.
             }
         }
     }
+    // A head restored here holds consistent data at its position, whatever happened
+    // since: it only needs the oplog after it (a job back after a failed move, a move
+    // after a restart, a rebuild cut off by a kill).
     let reusable = meta.as_ref().is_some_and(|m| {
         m.restored_from.is_some()
-            && match (&m.status, &move_id) {
-                (HeadStatus::Rebuilding { move_id: r }, Some(id)) => r == id.as_str() && m.epoch == a.epoch,
-                (HeadStatus::Active, _) => m.epoch == a.epoch,
-                (HeadStatus::Building, None) => m.epoch == a.epoch,
-                _ => false,
-            }
+            && m.epoch <= a.epoch
+            && !matches!(m.status, HeadStatus::Failed { .. })
     });
     if !reusable {
         head.clear()?;
         meta = None;
+    }
+    if let Some(m) = &mut meta {
+        let completed = m.status == HeadStatus::Active && m.epoch == a.epoch;
+        if let (Some(id), false) = (&move_id, completed) {
+            m.status = HeadStatus::Rebuilding {
+                move_id: id.to_string(),
+            };
+        }
+        m.epoch = a.epoch;
+        head.set_meta(m)?;
     }
     let mut meta = match meta {
         Some(m) => m,
@@ -279,7 +362,9 @@ async fn keep_job(
             job: job.clone(),
             epoch: a.epoch,
             status: match &move_id {
-                Some(id) => HeadStatus::Rebuilding { move_id: id.to_string() },
+                Some(id) => HeadStatus::Rebuilding {
+                    move_id: id.to_string(),
+                },
                 None => HeadStatus::Building,
             },
             restored_from: None,
@@ -292,7 +377,9 @@ async fn keep_job(
     };
     let mut progress = ProgressState::new(shared, job, move_id.as_ref());
     if meta.status != HeadStatus::Active {
-        shared.rebuilding.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared
+            .rebuilding
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _guard = Decrement(&shared.rebuilding);
         let _permit = tokio::select! {
             _ = cancelled.changed() => return Ok(()),
@@ -348,7 +435,13 @@ impl<'a> ProgressState<'a> {
         if force || self.last.elapsed() >= Duration::from_millis(200) {
             self.last = Instant::now();
             let body = serde_json::to_vec(&*p).expect("json");
-            if let Err(e) = self.shared.stores.client.publish(store::progress_subject(&p.move_id), body.into()).await {
+            if let Err(e) = self
+                .shared
+                .stores
+                .client
+                .publish(store::progress_subject(&p.move_id), body.into())
+                .await
+            {
                 tracing::debug!(error = %e, "progress not published");
             }
         }
@@ -356,7 +449,9 @@ impl<'a> ProgressState<'a> {
 }
 
 async fn report_phase(shared: &Shared, job: &JobId, a: &Assigned, phase: MovePhase) {
-    let AssignmentCause::Move { move_id } = &a.cause else { return };
+    let AssignmentCause::Move { move_id } = &a.cause else {
+        return;
+    };
     let command = Command::ReportJobMovePhase(ReportJobMovePhase {
         job: job.clone(),
         move_id: move_id.clone(),
@@ -382,27 +477,46 @@ async fn rebuild(
     let moving = matches!(a.cause, AssignmentCause::Move { .. });
     if meta.restored_from.is_none() {
         report_phase(shared, job, a, MovePhase::RestoringSnapshot).await;
-        progress.update(true, |p| p.phase = MovePhase::RestoringSnapshot).await;
-        let snapshot = loop {
+        progress
+            .update(true, |p| p.phase = MovePhase::RestoringSnapshot)
+            .await;
+        let snaps = loop {
             let snaps = shared.stores.snapshots(Some(job)).await?;
-            match snaps.last() {
-                Some(s) => break s.clone(),
-                None if moving => {
-                    return Ok(Err(Unrecoverable(format!("no snapshot of {job} in the snapshot store"))))
+            match snaps.is_empty() {
+                false => break snaps,
+                true if moving => {
+                    return Ok(Err(Unrecoverable(format!(
+                        "no snapshot of {job} in the snapshot store"
+                    ))))
                 }
                 // A new job: the agent's initial sync has not stored it yet.
-                None => tokio::select! {
+                true => tokio::select! {
                     _ = cancelled.changed() => return Ok(Ok(())),
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 },
             }
         };
-        if let Err(reason) = restore_snapshot(shared, head, meta, &snapshot, progress).await? {
-            return Ok(Err(Unrecoverable(reason)));
+        // A move rebuilds from the latest snapshot or fails; a job that is already this
+        // daemon's falls back to older snapshots rather than stay without a head.
+        let mut problems = Vec::new();
+        for snapshot in snaps.iter().rev() {
+            match restore_snapshot(shared, head, meta, snapshot, progress).await? {
+                Ok(()) => break,
+                Err(reason) if moving => return Ok(Err(Unrecoverable(reason))),
+                Err(reason) => {
+                    tracing::warn!(%job, reason, "snapshot unusable; trying an older one");
+                    problems.push(reason);
+                }
+            }
+        }
+        if meta.restored_from.is_none() {
+            return Ok(Err(Unrecoverable(problems.join("; "))));
         }
     }
     report_phase(shared, job, a, MovePhase::ReplayingOplog).await;
-    progress.update(true, |p| p.phase = MovePhase::ReplayingOplog).await;
+    progress
+        .update(true, |p| p.phase = MovePhase::ReplayingOplog)
+        .await;
     // Replay until the head holds every stored entry.
     let Some((last_seq, _)) = shared.stores.oplog_last(job).await? else {
         return finish(shared, job, a, head, meta, progress).await;
@@ -423,10 +537,18 @@ async fn rebuild(
                 None => anyhow::bail!("the oplog reader ended"),
             };
             let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (seq, pending, published) = (info.stream_sequence, info.pending, store::time_ms(info.published));
+            let (seq, pending, published) = (
+                info.stream_sequence,
+                info.pending,
+                store::time_ms(info.published),
+            );
             let entries = match oplog::decode(&m.payload) {
                 Ok(e) => e,
-                Err(e) => return Ok(Err(Unrecoverable(format!("oplog message {seq} is unreadable: {e}")))),
+                Err(e) => {
+                    return Ok(Err(Unrecoverable(format!(
+                        "oplog message {seq} is unreadable: {e}"
+                    ))))
+                }
             };
             match head.apply(meta, seq, &entries) {
                 Ok(applied) => {
@@ -461,13 +583,20 @@ async fn restore_snapshot(
     let data = match shared.stores.read_snapshot(snapshot).await {
         Ok(d) => d,
         Err(store::StoreError::MissingSnapshot(name)) => {
-            return Ok(Err(format!("snapshot {name} is missing from the snapshot store")))
+            return Ok(Err(format!(
+                "snapshot {name} is missing from the snapshot store"
+            )))
         }
         Err(e) => return Err(e.into()),
     };
     let docs = match crate::snapshot::parse(&data) {
         Ok(d) => d,
-        Err(e) => return Ok(Err(format!("snapshot {} of {} is corrupt: {e}", snapshot.id, snapshot.job))),
+        Err(e) => {
+            return Ok(Err(format!(
+                "snapshot {} of {} is corrupt: {e}",
+                snapshot.id, snapshot.job
+            )))
+        }
     };
     head.clear()?;
     meta.checksum = Default::default();
@@ -476,7 +605,10 @@ async fn restore_snapshot(
     let mut loaded = 0u64;
     for chunk in docs.chunks(4096) {
         head.load(meta, chunk)?;
-        loaded += chunk.iter().map(|(id, d)| (id.len() + d.len() + 20) as u64).sum::<u64>();
+        loaded += chunk
+            .iter()
+            .map(|(id, d)| (id.len() + d.len() + 20) as u64)
+            .sum::<u64>();
         let shown = loaded.min(total);
         progress
             .update(false, |p| {
@@ -510,7 +642,10 @@ async fn finish(
     progress: &mut ProgressState<'_>,
 ) -> anyhow::Result<Result<(), Unrecoverable>> {
     if let AssignmentCause::Move { move_id } = &a.cause {
-        let point = HeadPoint { ts: meta.ts.to_string(), checksum: meta.checksum.to_string() };
+        let point = HeadPoint {
+            ts: meta.ts.to_string(),
+            checksum: meta.checksum.to_string(),
+        };
         let command = Command::CompleteJobMove(CompleteJobMove {
             job: job.clone(),
             move_id: move_id.clone(),
@@ -526,7 +661,10 @@ async fn finish(
             // The move is over without us (failed, or the job moved on): let the head go.
             tracing::warn!(%job, move_id = %move_id, reason = %e.message, "completion refused; dropping the head");
             head.clear()?;
-            meta.status = HeadStatus::Failed { move_id: move_id.to_string(), reason: e.message };
+            meta.status = HeadStatus::Failed {
+                move_id: move_id.to_string(),
+                reason: e.message,
+            };
             head.set_meta(meta)?;
             return Ok(Ok(()));
         }
@@ -574,7 +712,10 @@ async fn fail(
         tracing::warn!(%job, reason = %e.message, "failing the move was refused");
     }
     head.clear()?;
-    meta.status = HeadStatus::Failed { move_id: move_id.to_string(), reason: reason.clone() };
+    meta.status = HeadStatus::Failed {
+        move_id: move_id.to_string(),
+        reason: reason.clone(),
+    };
     head.set_meta(meta)?;
     progress
         .update(true, |p| {
@@ -656,7 +797,13 @@ async fn follow(
     }
 }
 
-async fn take_snapshot(shared: &Shared, job: &JobId, head: &Head, meta: &HeadMeta, slot: u64) -> anyhow::Result<()> {
+async fn take_snapshot(
+    shared: &Shared,
+    job: &JobId,
+    head: &Head,
+    meta: &HeadMeta,
+    slot: u64,
+) -> anyhow::Result<()> {
     let data = head.export()?;
     let snapshot = SnapshotMeta {
         id: ulid::Ulid::new().to_string(),

@@ -161,7 +161,12 @@ impl Head {
     /// Applies the entries of one oplog message (stream sequence `seq`) that the head has
     /// not applied yet, checking each against the source's checksum, and records the new
     /// position in the same batch. Returns how many entries were applied.
-    pub fn apply(&self, meta: &mut HeadMeta, seq: u64, entries: &[Entry<'_>]) -> Result<usize, HeadError> {
+    pub fn apply(
+        &self,
+        meta: &mut HeadMeta,
+        seq: u64,
+        entries: &[Entry<'_>],
+    ) -> Result<usize, HeadError> {
         let mut batch = sled::Batch::default();
         let mut overlay: HashMap<&str, Option<&[u8]>> = HashMap::new();
         let mut next = meta.clone();

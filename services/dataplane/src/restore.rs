@@ -84,7 +84,9 @@ pub enum RestoreError {
     },
     #[error("{job}: the oplog cannot be replayed: {reason}")]
     Oplog { job: JobId, reason: String },
-    #[error("{job}: restored data has checksum {restored} but the source had {source_checksum} at {ts}")]
+    #[error(
+        "{job}: restored data has checksum {restored} but the source had {source_checksum} at {ts}"
+    )]
     Mismatch {
         job: JobId,
         ts: Ts,
@@ -211,7 +213,10 @@ async fn restore_job(
         entries_applied: applied,
         path,
     };
-    write(&dir.join("manifest.json"), &serde_json::to_vec_pretty(&restored).expect("json"))?;
+    write(
+        &dir.join("manifest.json"),
+        &serde_json::to_vec_pretty(&restored).expect("json"),
+    )?;
     Ok(restored)
 }
 
@@ -227,7 +232,10 @@ pub async fn latest(
     let Some(base) = snaps.last() else {
         return Ok(None);
     };
-    let target = Target::OplogTs(Ts { t: u32::MAX, i: u32::MAX });
+    let target = Target::OplogTs(Ts {
+        t: u32::MAX,
+        i: u32::MAX,
+    });
     let (docs, sum, source, ts, n, _) = replay(stores, job, base, &target).await?;
     if sum != source {
         return Err(RestoreError::Mismatch {

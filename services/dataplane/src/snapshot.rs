@@ -22,7 +22,11 @@ pub fn write_line(out: &mut Vec<u8>, id: &str, doc: &[u8]) {
 /// The documents of a snapshot, or the line that is not one.
 pub fn parse(data: &[u8]) -> Result<Vec<(&str, &[u8])>, String> {
     let mut out = Vec::with_capacity(data.len() / 200 + 1);
-    for (k, line) in data.split(|b| *b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+    for (k, line) in data
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
         let l: Line<'_> = serde_json::from_slice(line)
             .map_err(|e| format!("line {} is not a document: {e}", k + 1))?;
         out.push((l.id, l.doc.get().as_bytes()));

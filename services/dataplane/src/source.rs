@@ -60,7 +60,8 @@ impl Source {
         let mut s = Source {
             ids: docs.keys().cloned().collect(),
             checksum: Checksum::default(),
-            rng: (w.seed ^ 0x9e37_79b9_7f4a_7c15).wrapping_add(n.wrapping_mul(0xd6e8_feb8_6659_fd93)),
+            rng: (w.seed ^ 0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(n.wrapping_mul(0xd6e8_feb8_6659_fd93)),
             next_id: 0,
             n,
             doc_bytes: w.doc_bytes.clamp(32, 256 * 1024),
@@ -71,7 +72,10 @@ impl Source {
         for (id, doc) in &docs {
             s.checksum.insert(id, doc.as_bytes());
             s.bytes += doc.len() as u64;
-            let number = id.strip_prefix('d').and_then(|x| x.parse().ok()).unwrap_or(0);
+            let number = id
+                .strip_prefix('d')
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0);
             s.next_id = s.next_id.max(number);
         }
         // Ids of deleted documents are never reused: skip past every number used so far.

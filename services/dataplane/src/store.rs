@@ -258,7 +258,10 @@ impl Stores {
     pub async fn set_schedule(&self, job: &JobId, s: &Schedule) -> Result<(), StoreError> {
         s.validate().map_err(StoreError::Invalid)?;
         self.config
-            .put(format!("schedule/{job}"), serde_json::to_vec(s).expect("json").into())
+            .put(
+                format!("schedule/{job}"),
+                serde_json::to_vec(s).expect("json").into(),
+            )
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -268,7 +271,10 @@ impl Stores {
     /// each snapshot is.
     pub async fn put_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StoreError> {
         let mut metadata = HashMap::new();
-        metadata.insert(META_KEY.to_owned(), serde_json::to_string(meta).expect("json"));
+        metadata.insert(
+            META_KEY.to_owned(),
+            serde_json::to_string(meta).expect("json"),
+        );
         let object = object_store::ObjectMetadata {
             name: meta.object_name(),
             description: Some(format!("snapshot of {} at {}", meta.job, meta.ts)),
@@ -308,16 +314,16 @@ impl Stores {
 
     /// A snapshot's data, as stored.
     pub async fn read_snapshot(&self, meta: &SnapshotMeta) -> Result<Vec<u8>, StoreError> {
-        let mut object = self
-            .snapshots
-            .get(meta.object_name())
-            .await
-            .map_err(|e| match e.kind() {
-                object_store::GetErrorKind::NotFound => {
-                    StoreError::MissingSnapshot(meta.object_name())
-                }
-                _ => unavailable(e),
-            })?;
+        let mut object =
+            self.snapshots
+                .get(meta.object_name())
+                .await
+                .map_err(|e| match e.kind() {
+                    object_store::GetErrorKind::NotFound => {
+                        StoreError::MissingSnapshot(meta.object_name())
+                    }
+                    _ => unavailable(e),
+                })?;
         let mut data = Vec::with_capacity(meta.size_bytes as usize);
         object
             .read_to_end(&mut data)
@@ -387,7 +393,11 @@ impl Stores {
 
     /// A job's first stored oplog message: its sequence and stored time.
     pub async fn oplog_first(&self, job: &JobId) -> Result<Option<(u64, u64)>, StoreError> {
-        match self.oplog.direct_get_first_for_subject(oplog_subject(job)).await {
+        match self
+            .oplog
+            .direct_get_first_for_subject(oplog_subject(job))
+            .await
+        {
             Ok(m) => Ok(Some((m.sequence, time_ms(m.time)))),
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable(e)),
@@ -399,7 +409,11 @@ impl Stores {
         &self,
         job: &JobId,
     ) -> Result<Option<(u64, async_nats::HeaderMap)>, StoreError> {
-        match self.oplog.direct_get_last_for_subject(oplog_subject(job)).await {
+        match self
+            .oplog
+            .direct_get_last_for_subject(oplog_subject(job))
+            .await
+        {
             Ok(m) => Ok(Some((m.sequence, m.headers))),
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable(e)),

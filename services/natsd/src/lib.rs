@@ -37,6 +37,19 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 
 /// Finds the nats-server binary: `$NATS_SERVER_BIN`, then `.tools/bin/nats-server` in
 /// each of `roots` and their ancestors (where scripts/install-nats puts it), then `PATH`.
+/// Makes the child die with the thread that starts it, even when that process is killed
+/// outright (PR_SET_PDEATHSIG): no orphan outlives a crashed parent.
+pub fn die_with_parent(command: &mut Command) {
+    // Safe: prctl is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 pub fn find_binary(roots: &[PathBuf]) -> Result<PathBuf, Error> {
     if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
         return Ok(PathBuf::from(p));
@@ -161,16 +174,8 @@ impl NatsProcess {
         std::fs::write(&conf, config).map_err(io(format!("writing {}", conf.display())))?;
         let log = std::fs::File::create(d.join("server.log")).map_err(io("creating server.log"))?;
         let mut command = Command::new(&self.bin);
-        // The server dies with the process that started it, even one killed outright:
-        // no orphaned server keeps the port and the store after a crash.
-        // Safe: prctl is async-signal-safe and touches nothing of the parent's.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        // No orphaned server keeps the port and the store after a crash.
+        die_with_parent(&mut command);
         let child = command
             .arg("-c")
             .arg(&conf)

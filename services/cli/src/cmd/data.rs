@@ -112,9 +112,10 @@ pub async fn run_daemon(ctx: &Context, a: DaemonRunArgs) -> Result<(), Failure> 
                 .into(),
         ));
     };
-    let head_dir = a.head_dir.clone().unwrap_or_else(|| {
-        PathBuf::from(id.as_str().split_once(':').map_or("/", |(_, d)| d))
-    });
+    let head_dir = a
+        .head_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(id.as_str().split_once(':').map_or("/", |(_, d)| d)));
     let config = daemon::DaemonConfig {
         id,
         head_dir,
@@ -153,7 +154,8 @@ fn parse_time(s: &str) -> Result<u32, Failure> {
     }
     let t = ::time::OffsetDateTime::parse(s, &::time::format_description::well_known::Rfc3339)
         .map_err(|e| Failure::Usage(format!("--at {s:?}: not RFC 3339 nor seconds: {e}")))?;
-    u32::try_from(t.unix_timestamp()).map_err(|_| Failure::Usage(format!("--at {s:?}: out of range")))
+    u32::try_from(t.unix_timestamp())
+        .map_err(|_| Failure::Usage(format!("--at {s:?}: out of range")))
 }
 
 pub async fn restore(ctx: &Context, a: RestoreArgs) -> Result<(), Failure> {
@@ -180,7 +182,15 @@ pub async fn restore(ctx: &Context, a: RestoreArgs) -> Result<(), Failure> {
         print_json(&done);
         return Ok(());
     }
-    let mut t = Table::new(&["JOB", "SNAPSHOT", "UP TO", "DOCUMENTS", "SIZE", "CHECKSUM", "VERIFIED"]);
+    let mut t = Table::new(&[
+        "JOB",
+        "SNAPSHOT",
+        "UP TO",
+        "DOCUMENTS",
+        "SIZE",
+        "CHECKSUM",
+        "VERIFIED",
+    ]);
     for r in &done {
         t.row(vec![
             r.job.to_string(),
@@ -189,7 +199,11 @@ pub async fn restore(ctx: &Context, a: RestoreArgs) -> Result<(), Failure> {
             r.documents.to_string(),
             bytes(r.bytes),
             r.checksum.to_string(),
-            if r.checksum == r.source_checksum { "yes: equals the source".into() } else { "NO".into() },
+            if r.checksum == r.source_checksum {
+                "yes: equals the source".into()
+            } else {
+                "NO".into()
+            },
         ]);
     }
     t.print();
@@ -214,7 +228,9 @@ pub async fn snapshots(ctx: &Context, a: SnapshotsArgs) -> Result<(), Failure> {
         print_json(&list);
         return Ok(());
     }
-    let mut t = Table::new(&["JOB", "SNAPSHOT", "TAKEN", "OPLOG TS", "SIZE", "EPOCH", "BY", "CHECKSUM"]);
+    let mut t = Table::new(&[
+        "JOB", "SNAPSHOT", "TAKEN", "OPLOG TS", "SIZE", "EPOCH", "BY", "CHECKSUM",
+    ]);
     for s in &list {
         t.row(vec![
             s.job.to_string(),
@@ -223,7 +239,9 @@ pub async fn snapshots(ctx: &Context, a: SnapshotsArgs) -> Result<(), Failure> {
             s.ts.to_string(),
             bytes(s.size_bytes),
             s.epoch.to_string(),
-            s.daemon.as_ref().map_or("initial sync".into(), |d| d.to_string()),
+            s.daemon
+                .as_ref()
+                .map_or("initial sync".into(), |d| d.to_string()),
             s.checksum.to_string(),
         ]);
     }
@@ -294,7 +312,8 @@ pub async fn schedule(ctx: &Context, a: ScheduleArgs) -> Result<(), Failure> {
     if let Some(v) = a.oplog_ttl_hours {
         settings.retention.ttl_hours = v;
     }
-    s.validate().map_err(|e| Failure::Usage(format!("schedule: {e}")))?;
+    s.validate()
+        .map_err(|e| Failure::Usage(format!("schedule: {e}")))?;
     settings
         .retention
         .validate()

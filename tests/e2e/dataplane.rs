@@ -1,0 +1,767 @@
+//! The data plane end to end, as the story of a lost daemon: three daemons, two replica
+//! sets and a sharded cluster, writes running; daemon 1 is killed; all its jobs move to
+//! daemon 2 while writes continue. The story runs once (real processes: the agent and
+//! the daemons are `handoff` binaries) and records what happened; each test asserts one
+//! rule on the record.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use futures::StreamExt;
+use handoff_dataplane::daemon::Progress;
+use handoff_dataplane::oplog::{self, Ts};
+use handoff_dataplane::schedule::Schedule;
+use handoff_dataplane::store::{now_ms, SnapshotMeta, Stores};
+use handoff_dataplane::Checksum;
+use handoff_domain::model::HeadPoint;
+use handoff_domain::{DaemonId, Event, JobId};
+use handoff_testkit::NatsServer;
+use handoff_tests::*;
+use serde_json::Value;
+
+/// An hour of schedule lasts this long here: a 6-hour interval is 3.6 s.
+const HOUR_MS: u64 = 600;
+
+/// A `handoff` process of the story (agent or daemon), its log in a file.
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Proc {
+    fn spawn(url: &str, dir: &Path, name: &str, args: &[&str]) -> Result<Proc> {
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let mut command = Process::new(handoff_bin()?);
+        handoff_natsd::die_with_parent(&mut command);
+        let child = command
+            .args(["--nats-url", url])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(Proc {
+            child,
+            name: name.to_owned(),
+        })
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let ok = Process::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()?
+            .success();
+        if !ok {
+            bail!("kill {signal} {} failed", self.name);
+        }
+        Ok(())
+    }
+
+    fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Ignored: the child may have exited already.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One job's oplog as stored, read right after the move.
+#[derive(Debug, Default)]
+struct OplogScan {
+    first_n: u64,
+    last_n: u64,
+    gaps: Vec<(u64, u64)>,
+    source_at: BTreeMap<Ts, Checksum>,
+}
+
+/// A restore run during the move.
+#[derive(Debug)]
+struct RestoreRun {
+    what: String,
+    code: i32,
+    output: Value,
+    stderr: String,
+}
+
+/// What happened in the story.
+#[derive(Debug)]
+struct Story {
+    schedule: Schedule,
+    moved: Vec<JobId>,
+    still: JobId,
+    destination: DaemonId,
+    move_started_ms: u64,
+    completed: BTreeMap<JobId, (u64, Option<HeadPoint>)>,
+    snapshots: Vec<SnapshotMeta>,
+    oplog: BTreeMap<JobId, OplogScan>,
+    restores: Vec<RestoreRun>,
+    moving_after_restores: usize,
+    completed_when_killed: usize,
+    rebuild_seen_before_kill: bool,
+    events_after_kill: Vec<String>,
+    failed_reason: Option<String>,
+    failed_back_to: Option<(DaemonId, u64)>,
+    snapshot_after_failure: Option<SnapshotMeta>,
+    logs: PathBuf,
+}
+
+static STORY: OnceLock<Result<Story, String>> = OnceLock::new();
+
+/// The story, run once for every test of this module.
+fn story() -> &'static Story {
+    let result = STORY.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Its own thread and runtime: the processes die with the thread that started
+        // them, so the thread lives as long as the test process.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("a runtime");
+            let keep = rt.block_on(async {
+                let mut keep = Vec::new();
+                let r = run_story(&mut keep).await.map_err(|e| format!("{e:#}"));
+                let _ = tx.send(r);
+                keep
+            });
+            // Keep the server and processes until the test process ends.
+            let _keep = keep;
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err("the story thread died".into()))
+    });
+    match result {
+        Ok(s) => s,
+        Err(e) => panic!("the story failed: {e}"),
+    }
+}
+
+/// Waits (polling every 50 ms) until `check` holds, at most `limit`.
+async fn until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await? {
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+fn events_of(events: &[handoff_eventlog::Recorded], kind: &str) -> usize {
+    events
+        .iter()
+        .filter(|r| r.envelope.event.type_name() == kind)
+        .count()
+}
+
+async fn scan_oplog(stores: &Stores, job: &JobId) -> Result<OplogScan> {
+    let (last_seq, _) = stores
+        .oplog_last(job)
+        .await?
+        .ok_or_else(|| anyhow!("no oplog of {job}"))?;
+    let mut messages = stores.read_oplog(job, 1).await?;
+    let mut scan = OplogScan::default();
+    loop {
+        let m = tokio::time::timeout(TIMEOUT, messages.next())
+            .await
+            .context("reading the oplog")?
+            .ok_or_else(|| anyhow!("oplog reader ended"))??;
+        let seq = m.info().map_err(|e| anyhow!("{e}"))?.stream_sequence;
+        for e in oplog::decode(&m.payload)? {
+            if scan.first_n == 0 {
+                scan.first_n = e.n;
+            } else if e.n != scan.last_n + 1 {
+                scan.gaps.push((scan.last_n, e.n));
+            }
+            scan.last_n = e.n;
+            scan.source_at.insert(e.ts, e.c);
+        }
+        if seq >= last_seq {
+            return Ok(scan);
+        }
+    }
+}
+
+async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Story> {
+    let server = NatsServer::start().await?;
+    let url = server.url();
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path().to_path_buf();
+    let commands = CommandService::start(&url, Default::default()).await?;
+    let client = server.connect().await?;
+    let stores = Stores::open(client.clone(), 1).await?;
+    let stack = Stack {
+        server,
+        client: client.clone(),
+        commands: Some(commands),
+        actor: handoff_domain::Actor::new("admin")?,
+    };
+    let schedule = Schedule {
+        hour_ms: HOUR_MS,
+        ..Schedule::default()
+    };
+    handoff_ok(
+        &url,
+        &[
+            "schedule",
+            "--hour-ms",
+            &HOUR_MS.to_string(),
+            "--oplog-ttl-hours",
+            "96",
+        ],
+    )?;
+    let root = dir.path().to_path_buf();
+    let head = |n: usize| root.join(format!("heads{n}"));
+    let id = |n: usize| {
+        DaemonId::new(format!("d{n}.test:{}/", head(n).display())).expect("a valid daemon id")
+    };
+    let spawn_daemon = |n: usize, workers: &str| {
+        Proc::spawn(
+            &url,
+            dir.path(),
+            &format!("daemon{n}"),
+            &[
+                "daemon",
+                "--id",
+                id(n).as_str(),
+                "--head-space",
+                "100GiB",
+                "--num-workers",
+                workers,
+                "--heartbeat-ms",
+                "500",
+            ],
+        )
+    };
+    let agent = Proc::spawn(
+        &url,
+        dir.path(),
+        "agent",
+        &[
+            "agent",
+            "--ops-per-sec",
+            "150",
+            "--slice-ms",
+            "200",
+            "--groom-ms",
+            "500",
+            "--initial-size",
+            "512KiB",
+            "--doc-size",
+            "256",
+        ],
+    )?;
+    let registered = |n: usize| {
+        let stack = &stack;
+        async move {
+            let events = stack.events().await?;
+            Ok(events.iter().any(|r| matches!(&r.envelope.event, Event::DaemonRegistered { daemon, .. } if *daemon == id(n))))
+        }
+    };
+    // Daemon 1 alone takes the first replica set and the sharded cluster.
+    let d1 = spawn_daemon(1, "2")?;
+    until("daemon 1 to register", TIMEOUT, || registered(1)).await?;
+    stack.apply(configure_project("p")).await?;
+    stack.apply(replica_set("p", "rs1", 1)).await?;
+    handoff_ok(
+        &url,
+        &[
+            "job",
+            "create",
+            "--project",
+            "p",
+            "--sharded-cluster",
+            "sc",
+            "--shards",
+            "s0,s1",
+            "--head-size",
+            "1GiB",
+        ],
+    )?;
+    // Daemon 3 takes the second replica set; daemon 2 comes last and owns nothing.
+    let d3 = spawn_daemon(3, "2")?;
+    until("daemon 3 to register", TIMEOUT, || registered(3)).await?;
+    stack.apply(replica_set("p", "rs2", 1)).await?;
+    let mut d2 = spawn_daemon(2, "1")?;
+    until("daemon 2 to register", TIMEOUT, || registered(2)).await?;
+    let moved: Vec<JobId> = ["p/rs1", "p/sc/s0", "p/sc/s1", "p/sc/config"]
+        .into_iter()
+        .map(job)
+        .collect();
+    let still = job("p/rs2");
+
+    // Every job has a snapshot cut by its daemon: heads are built and current.
+    until(
+        "every job's first scheduled snapshot",
+        Duration::from_secs(30),
+        || async {
+            let snaps = stores.snapshots(None).await?;
+            Ok(moved
+                .iter()
+                .chain([&still])
+                .all(|j| snaps.iter().any(|s| s.job == *j && s.daemon.is_some())))
+        },
+    )
+    .await?;
+
+    // Daemon 1 dies. Daemon 2 is paused so the move stays in flight for a while.
+    d1.kill()?;
+    handoff_ok(&url, &["daemon", "down", id(1).as_str()])?;
+    d2.signal("-STOP")?;
+    let move_started_ms = now_ms();
+    let out = handoff_ok(
+        &url,
+        &[
+            "--json",
+            "move-jobs",
+            "--from",
+            id(1).as_str(),
+            "--to",
+            id(2).as_str(),
+            "--reason",
+            "daemon 1 lost",
+        ],
+    )?
+    .json()?;
+    let move_id = out["command"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no move id in {out}"))?
+        .to_owned();
+
+    // While it moves: the other job keeps its snapshots, a scheduled slot passes for the
+    // moving ones, and restores run from the stores alone.
+    let interval = schedule.interval_ms();
+    until(
+        "a slot to pass and daemon 3 to snapshot during the move",
+        Duration::from_secs(30),
+        || async {
+            let snaps = stores.snapshots(Some(&still)).await?;
+            Ok(now_ms() > move_started_ms + interval + 500
+                && snaps.iter().any(|s| s.taken_at_ms > move_started_ms))
+        },
+    )
+    .await?;
+    let mut restores = Vec::new();
+    let latest = stores
+        .snapshots(Some(&moved[0]))
+        .await?
+        .last()
+        .cloned()
+        .ok_or_else(|| anyhow!("no snapshot"))?;
+    let at = (now_ms() / 1000).to_string();
+    for (what, args) in [
+        (
+            "snapshot of p/rs1",
+            vec!["--job", "p/rs1", "--snapshot", latest.id.as_str()],
+        ),
+        (
+            "point in time of p/sc",
+            vec!["--job", "p/sc", "--at", at.as_str()],
+        ),
+        (
+            "oplog timestamp of p/rs1",
+            vec!["--job", "p/rs1", "--oplog-ts", &format!("{at}:1")],
+        ),
+    ] {
+        let out_dir = dir.path().join(format!("restore-{}", restores.len()));
+        let mut full = vec![
+            "--json",
+            "restore",
+            "--out",
+            out_dir.to_str().unwrap_or_default(),
+        ];
+        full.extend(args.iter().copied());
+        let run = handoff(&url, &full)?;
+        restores.push(RestoreRun {
+            what: what.to_owned(),
+            code: run.code,
+            output: run.json().unwrap_or(Value::Null),
+            stderr: run.stderr.clone(),
+        });
+    }
+    let events = stack.events().await?;
+    let moving_after_restores = moved.len() - events_of(&events, "JobMoveCompleted");
+
+    // Daemon 2 wakes up, starts rebuilding, and is killed in the middle.
+    let mut progress = client
+        .subscribe(handoff_dataplane::store::progress_subject(&move_id))
+        .await?;
+    d2.signal("-CONT")?;
+    let mut rebuild_seen_before_kill = false;
+    while let Ok(Some(m)) = tokio::time::timeout(TIMEOUT, progress.next()).await {
+        let p: Progress = serde_json::from_slice(&m.payload)?;
+        if p.snapshot_bytes > 0 || p.entries_applied > 0 {
+            rebuild_seen_before_kill = true;
+            break;
+        }
+    }
+    d2.kill()?;
+    let killed_at = stack.last_seq().await?;
+    let completed_when_killed = events_of(&stack.events().await?, "JobMoveCompleted");
+    d2 = spawn_daemon(2, "1")?;
+    until(
+        "every moved job to complete on daemon 2",
+        Duration::from_secs(60),
+        || async { Ok(events_of(&stack.events().await?, "JobMoveCompleted") == moved.len()) },
+    )
+    .await?;
+    let events = stack.events().await?;
+    let mut completed = BTreeMap::new();
+    for r in &events {
+        if let Event::JobMoveCompleted { job, head, .. } = &r.envelope.event {
+            completed.insert(job.clone(), (r.envelope.at, head.clone()));
+        }
+    }
+    let events_after_kill = events
+        .iter()
+        .filter(|r| r.seq > killed_at)
+        .map(|r| format!("{} by {}", r.envelope.event.type_name(), r.envelope.actor))
+        .collect();
+    let mut oplog = BTreeMap::new();
+    for j in &moved {
+        oplog.insert(j.clone(), scan_oplog(&stores, j).await?);
+    }
+
+    // The moved jobs' next snapshots come at their next regular slot.
+    let done_at = completed.values().map(|(at, _)| *at).max().unwrap_or(0);
+    until(
+        "a snapshot of each moved job after the move",
+        Duration::from_secs(30),
+        || async {
+            let snaps = stores.snapshots(None).await?;
+            Ok(moved
+                .iter()
+                .all(|j| snaps.iter().any(|s| s.job == *j && s.taken_at_ms > done_at)))
+        },
+    )
+    .await?;
+
+    // A move that cannot finish: the latest snapshot of rs2 is corrupt.
+    d3.signal("-STOP")?;
+    let mut bad = stores
+        .snapshots(Some(&still))
+        .await?
+        .last()
+        .cloned()
+        .ok_or_else(|| anyhow!("no snapshot of rs2"))?;
+    stores
+        .put_snapshot(&bad, b"{\"id\":\"d1\",\"doc\":{\"not\":\"the data\"}}\n")
+        .await?;
+    bad.size_bytes = 0;
+    let failed_move = handoff_ok(
+        &url,
+        &["--json", "move-job", still.as_str(), "--to", id(2).as_str()],
+    )?
+    .json()?;
+    let failed_id = failed_move["command"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    until("the move of rs2 to fail", TIMEOUT, || async {
+        Ok(events_of(&stack.events().await?, "JobMoveFailed") > 0)
+    })
+    .await?;
+    d3.signal("-CONT")?;
+    let events = stack.events().await?;
+    let mut failed_reason = None;
+    let mut failed_back_to = None;
+    for r in &events {
+        match &r.envelope.event {
+            Event::JobMoveFailed {
+                reason,
+                returned_to,
+                epoch,
+                move_id,
+                ..
+            } if move_id.as_str() == failed_id => {
+                failed_reason = Some(reason.clone());
+                failed_back_to = Some((returned_to.clone(), *epoch));
+            }
+            _ => {}
+        }
+    }
+    let back_epoch = failed_back_to.as_ref().map_or(0, |(_, e)| *e);
+    until(
+        "daemon 3 to snapshot rs2 again with its new epoch",
+        Duration::from_secs(30),
+        || async {
+            let snaps = stores.snapshots(Some(&still)).await?;
+            Ok(snaps
+                .iter()
+                .any(|s| s.epoch == back_epoch && s.daemon.is_some()))
+        },
+    )
+    .await?;
+    let snapshot_after_failure = stores
+        .snapshots(Some(&still))
+        .await?
+        .into_iter()
+        .find(|s| s.epoch == back_epoch && s.daemon.is_some());
+    let snapshots = stores.snapshots(None).await?;
+    keep.push(Box::new(stack));
+    keep.push(Box::new(agent));
+    keep.push(Box::new(d2));
+    keep.push(Box::new(d3));
+    keep.push(Box::new(dir));
+    Ok(Story {
+        schedule,
+        moved,
+        still,
+        destination: id(2),
+        move_started_ms,
+        completed,
+        snapshots,
+        oplog,
+        restores,
+        moving_after_restores,
+        completed_when_killed,
+        rebuild_seen_before_kill,
+        events_after_kill,
+        failed_reason,
+        failed_back_to,
+        snapshot_after_failure,
+        logs,
+    })
+}
+
+/// Rule 4: no snapshot of a moving job while it moves; the other job keeps its own.
+#[test]
+fn no_snapshot_of_a_moving_job_during_the_move_while_others_keep_theirs() {
+    let s = story();
+    for j in &s.moved {
+        let (done, _) = s.completed[j];
+        let during: Vec<&SnapshotMeta> = s
+            .snapshots
+            .iter()
+            .filter(|x| x.job == *j && x.taken_at_ms >= s.move_started_ms && x.taken_at_ms < done)
+            .collect();
+        assert!(
+            during.is_empty(),
+            "{j} was snapshotted while moving: {during:?}"
+        );
+    }
+    let end = s.completed.values().map(|(at, _)| *at).max().unwrap_or(0);
+    let kept = s
+        .snapshots
+        .iter()
+        .filter(|x| x.job == s.still && x.taken_at_ms >= s.move_started_ms && x.taken_at_ms < end)
+        .count();
+    assert!(
+        kept >= 1,
+        "the job that did not move took no snapshot during the move"
+    );
+}
+
+/// Rule 5: the oplog written while the jobs moved (and their source was dead) is all there.
+#[test]
+fn no_oplog_entry_is_lost() {
+    let s = story();
+    for j in &s.moved {
+        let scan = &s.oplog[j];
+        assert!(
+            scan.gaps.is_empty(),
+            "{j}: entries missing between {:?} (logs in {})",
+            scan.gaps,
+            s.logs.display()
+        );
+        assert_eq!(
+            scan.first_n, 1,
+            "{j}: the oplog no longer starts at its first entry"
+        );
+        let during = scan
+            .source_at
+            .keys()
+            .filter(|ts| u64::from(ts.t) * 1000 >= s.move_started_ms)
+            .count();
+        assert!(
+            during > 100,
+            "{j}: only {during} entries were saved during the move"
+        );
+    }
+}
+
+/// Rule 6: each rebuilt head equals the source at the same oplog timestamp.
+#[test]
+fn each_rebuilt_head_has_the_source_checksum_at_its_timestamp() {
+    let s = story();
+    for j in &s.moved {
+        let (_, head) = &s.completed[j];
+        let head = head
+            .as_ref()
+            .unwrap_or_else(|| panic!("{j}: completed without a head point"));
+        let ts: Ts = head.ts.parse().unwrap();
+        let source = s.oplog[j]
+            .source_at
+            .get(&ts)
+            .unwrap_or_else(|| panic!("{j}: no oplog entry at {ts}"));
+        assert_eq!(
+            head.checksum,
+            source.to_string(),
+            "{j}: the rebuilt head differs from the source at {ts}"
+        );
+        assert!(
+            u64::from(ts.t) * 1000 + 1000 >= s.move_started_ms,
+            "{j}: the head stopped before the move at {ts}"
+        );
+    }
+}
+
+/// Rule 8: snapshot and point-in-time restores work during the move, daemon dead.
+#[test]
+fn snapshot_and_point_in_time_restores_succeed_during_the_move() {
+    let s = story();
+    assert_eq!(
+        s.moving_after_restores,
+        s.moved.len(),
+        "the move was over before the restores ran"
+    );
+    for r in &s.restores {
+        assert_eq!(r.code, 0, "{} failed: {}", r.what, r.stderr);
+        let jobs = r
+            .output
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: no result: {}", r.what, r.output));
+        assert!(!jobs.is_empty());
+        for j in jobs {
+            assert_eq!(
+                j["checksum"], j["source_checksum"],
+                "{}: not verified against the source: {j}",
+                r.what
+            );
+            assert!(
+                j["documents"].as_u64().unwrap_or(0) > 0,
+                "{}: empty restore",
+                r.what
+            );
+        }
+    }
+    let cluster = s.restores.iter().find(|r| r.what.contains("p/sc")).unwrap();
+    let jobs: BTreeSet<&str> = cluster
+        .output
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|j| j["job"].as_str())
+        .collect();
+    assert_eq!(
+        jobs,
+        BTreeSet::from(["p/sc/config", "p/sc/s0", "p/sc/s1"]),
+        "every shard and the config servers"
+    );
+    let at = cluster
+        .output
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["ts"]["t"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let at_arg = s
+        .restores
+        .iter()
+        .find(|r| r.what.contains("p/sc"))
+        .map(|_| ())
+        .is_some();
+    assert!(
+        at_arg
+            && cluster
+                .output
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|j| j["ts"]["t"].as_u64().unwrap() <= at)
+    );
+}
+
+/// Rule 7: after the move, the next snapshot comes at the next regular slot, not a burst.
+#[test]
+fn the_next_snapshot_comes_at_the_regular_interval() {
+    let s = story();
+    for j in &s.moved {
+        let (done, _) = s.completed[j];
+        let after: Vec<&SnapshotMeta> = s
+            .snapshots
+            .iter()
+            .filter(|x| x.job == *j && x.taken_at_ms >= done)
+            .collect();
+        let first = after
+            .first()
+            .unwrap_or_else(|| panic!("{j}: no snapshot after the move"));
+        let slot = first.slot_ms.expect("a scheduled snapshot");
+        assert!(
+            slot >= done,
+            "{j}: a missed slot ({slot}) was taken after the move ({done})"
+        );
+        assert!(
+            slot <= done + s.schedule.interval_ms() + 1000,
+            "{j}: slot {slot} is not the next one after {done}"
+        );
+        assert!(
+            first.taken_at_ms >= slot && first.taken_at_ms < slot + 1500,
+            "{j}: taken at {} for slot {slot}",
+            first.taken_at_ms
+        );
+        let same_slot = after.iter().filter(|x| x.slot_ms == Some(slot)).count();
+        assert_eq!(same_slot, 1, "{j}: a burst of snapshots for one slot");
+    }
+}
+
+/// The destination killed in the middle of its rebuild finishes after its restart, with no
+/// command from anyone but itself.
+#[test]
+fn the_destination_killed_mid_rebuild_finishes_after_restart() {
+    let s = story();
+    assert!(
+        s.rebuild_seen_before_kill,
+        "the rebuild had not started when the daemon was killed"
+    );
+    assert!(
+        s.completed_when_killed < s.moved.len(),
+        "the rebuild was over before the kill"
+    );
+    for e in &s.events_after_kill {
+        assert!(
+            e.ends_with(&format!("by daemon@d2.test")),
+            "someone else acted after the kill: {e}"
+        );
+    }
+    assert_eq!(s.completed.len(), s.moved.len());
+    assert!(s.destination.as_str().starts_with("d2.test:"));
+}
+
+/// Rule 9: a rebuild that cannot finish ends as a failed move with its reason, and the job
+/// stays with its previous owner, which keeps backing it up.
+#[test]
+fn a_rebuild_from_a_corrupt_snapshot_fails_the_move_and_the_job_is_not_lost() {
+    let s = story();
+    let reason = s.failed_reason.as_deref().expect("the move failed");
+    assert!(reason.contains("corrupt"), "unclear reason: {reason}");
+    let (owner, epoch) = s.failed_back_to.clone().expect("returned");
+    assert!(
+        owner.as_str().starts_with("d3.test:"),
+        "returned to {owner}"
+    );
+    let snap = s
+        .snapshot_after_failure
+        .as_ref()
+        .expect("a snapshot after the failure");
+    assert_eq!(snap.epoch, epoch);
+    assert_eq!(snap.daemon.as_ref(), Some(&owner));
+}
