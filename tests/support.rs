@@ -553,11 +553,20 @@ pub struct Up {
 }
 
 impl Up {
+    /// `handoff up` with its sample fleet, the control plane only: moves wait for the
+    /// test to report their rebuilds.
     pub async fn start() -> Result<Self> {
+        Self::start_with(&["--no-data-plane"]).await
+    }
+
+    /// `handoff up` with more arguments.
+    pub async fn start_with(args: &[&str]) -> Result<Self> {
         let server = NatsServer::start().await?;
         let data = tempfile::tempdir()?;
         let dir = data.path().to_string_lossy().into_owned();
-        let mut process = Background::spawn(Some(&server.url()), &["up", "--data", &dir])?;
+        let mut full = vec!["up", "--data", &dir];
+        full.extend_from_slice(args);
+        let mut process = Background::spawn(Some(&server.url()), &full)?;
         process.wait_for_line("handoff is up")?;
         let up = Up {
             server,

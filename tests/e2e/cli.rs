@@ -423,12 +423,16 @@ async fn the_demo_tells_the_story() -> Result<()> {
     let text = lines.join("\n");
     for expected in [
         "DAEMON_DOWN",
+        "process is killed",
         "refused:",
         "dry run",
         "restoring_snapshot",
         "completed",
         "removed",
         "MoveStarted",
+        "equals the source",
+        "yes: equals the source",
+        "at its slot",
     ] {
         assert!(
             text.contains(expected),
@@ -596,5 +600,29 @@ async fn watch_follows_one_job() -> Result<()> {
             .all(|l| !l.contains("DaemonDown") && !l.contains("DaemonUp")),
         "{lines:?}"
     );
+    Ok(())
+}
+
+/// `handoff up` runs the data plane: `move-jobs --wait` follows a real rebuild by a daemon
+/// process to its completion, with the head's point recorded in the history.
+#[tokio::test]
+async fn up_rebuilds_heads_for_real() -> Result<()> {
+    let up = Up::start_with(&["--hour-ms", "600"]).await?;
+    let url = up.url();
+    let client = up.server.connect().await?;
+    let stores = handoff_dataplane::store::Stores::open(client, 1).await?;
+    wait_for("the first scheduled snapshot of sales/orders", || {
+        let stores = stores.clone();
+        async move {
+            let snaps = stores.snapshots(Some(&job("sales/orders"))).await?;
+            Ok(snaps.iter().any(|s| s.daemon.is_some()).then_some(()))
+        }
+    })
+    .await?;
+    let out = handoff_ok(&url, &["move-job", "sales/orders", "--to", D3, "--wait"])?.stdout;
+    assert!(out.contains("restoring_snapshot") && out.contains("replaying_oplog"), "{out}");
+    assert!(out.contains("completed"), "{out}");
+    let history = handoff_ok(&url, &["history", "--job", "sales/orders"])?.stdout;
+    assert!(history.contains("head at") && history.contains("checksum"), "{history}");
     Ok(())
 }

@@ -2,13 +2,18 @@
 //! fleet, a daemon lost, its jobs checked and moved by an administrator, the destination
 //! taking them over, and the history replayed from the event stream.
 //!
-//! Until daemons rebuild heads themselves, the demo reports the rebuild phases and the
-//! completion as the destination daemon would.
+//! Everything is real: the agent writes to the simulated sources and saves their oplog,
+//! the daemons are processes of their own, the lost one is killed outright, and the
+//! destination rebuilds each head from a snapshot and the oplog, checked by checksum
+//! against the source.
 
 use clap::Args;
 use handoff_domain::command::*;
-use handoff_domain::model::MovePhase;
-use handoff_domain::Command;
+use std::time::{Duration, Instant};
+
+use handoff_dataplane::agent::AgentConfig;
+use handoff_dataplane::store::{now_ms, Stores};
+use handoff_domain::{Command, Event, JobId};
 
 use crate::cmd::{self, history::Filter};
 use crate::stack::{sample_daemon, seed, settle, Stack};
@@ -28,13 +33,36 @@ fn step(n: usize, title: &str) {
 pub async fn demo(ctx: &Context, a: DemoArgs) -> Result<(), Failure> {
     let dir = tempfile::tempdir()?;
     let url = ctx.url_given.then_some(ctx.url.as_str());
-    let stack = Stack::start(dir.path(), url, a.port).await?;
-    let result = story(&stack).await;
+    let mut stack = Stack::start(dir.path(), url, a.port).await?;
+    let result = story(&mut stack, dir.path()).await;
     stack.stop().await;
     result
 }
 
-async fn story(stack: &Stack) -> Result<(), Failure> {
+/// An hour of snapshot schedule lasts this long in the demo: a 6-hour interval is 3.6 s.
+const HOUR_MS: u64 = 600;
+
+/// Polls `check` every 100 ms until it holds, at most `limit`.
+async fn until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<(), Failure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, Failure>>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await? {
+        if Instant::now() > deadline {
+            return Err(Failure::Usage(format!("timed out waiting for {what}")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+fn store_error(e: impl std::fmt::Display) -> Failure {
+    Failure::Usage(e.to_string())
+}
+
+async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> {
     let ctx = Context {
         url: stack.url.clone(),
         url_given: true,
@@ -49,7 +77,27 @@ async fn story(stack: &Stack) -> Result<(), Failure> {
         "A fleet: three backup daemons, two projects, five backup jobs",
     );
     seed(&api).await?;
+    let agent = AgentConfig {
+        ops_per_sec: 150,
+        slice_ms: 250,
+        groom_ms: 1000,
+        initial_bytes: 1 << 20,
+        doc_bytes: 256,
+        ..AgentConfig::default()
+    };
+    stack.start_data_plane(dir, HOUR_MS, agent, 1).await?;
+    let stores = Stores::open(api.client.clone(), 1).await.map_err(store_error)?;
+    let all_jobs: Vec<JobId> = ["sales/orders", "analytics/events", "sales/catalog/shard0", "sales/catalog/shard1", "sales/catalog/config"]
+        .into_iter()
+        .map(|j| JobId::new(j).expect("a valid job"))
+        .collect();
+    until("every job's first snapshot", Duration::from_secs(60), || async {
+        let snaps = stores.snapshots(None).await.map_err(store_error)?;
+        Ok(all_jobs.iter().all(|j| snaps.iter().any(|s| s.job == *j && s.daemon.is_some())))
+    })
+    .await?;
     settle(&api).await?;
+    println!("the agent writes to every source and saves its oplog; each daemon keeps a head per job and takes a snapshot every 6 hours (3.6 s here)");
     cmd::fleet::daemons(&ctx).await?;
     println!();
     cmd::fleet::jobs(
@@ -62,7 +110,8 @@ async fn story(stack: &Stack) -> Result<(), Failure> {
     )
     .await?;
 
-    step(2, &format!("The server of {lost} fails: DAEMON_DOWN"));
+    step(2, &format!("The server of {lost} fails (its process is killed): DAEMON_DOWN"));
+    stack.kill_daemon(&lost);
     api.command(
         &cmd::command_id(None)?,
         &Command::ReportDaemonLiveness(ReportDaemonLiveness {
@@ -133,66 +182,95 @@ async fn story(stack: &Stack) -> Result<(), Failure> {
         );
     }
 
-    step(5, "The administrator moves every job of the lost daemon");
-    let applied = api
-        .command(
-            &cmd::command_id(None)?,
-            &Command::MoveJobs(MoveJobs {
-                from: lost.clone(),
-                to: spare.clone(),
-                reason: Some("server lost".into()),
-                dry_run: false,
-            }),
-        )
-        .await?;
-    let plan = applied
-        .plan
-        .clone()
-        .ok_or_else(|| Failure::Usage("a move without a plan".into()))?;
-    println!(
-        "move {} started: {} job(s), {} events appended in one atomic batch",
-        plan.move_id,
-        plan.jobs.len(),
-        applied.events.len()
-    );
-    settle(&api).await?;
-    cmd::moves::moves(&ctx).await?;
-
     step(
-        6,
-        &format!("{spare} rebuilds each head from the latest snapshot and the saved oplog"),
+        5,
+        &format!("The administrator moves every job of the lost daemon; {spare} rebuilds each head from the latest snapshot and the saved oplog, while writes go on"),
     );
-    for j in &plan.jobs {
-        for phase in [MovePhase::RestoringSnapshot, MovePhase::ReplayingOplog] {
-            api.command(
-                &cmd::command_id(None)?,
-                &Command::ReportJobMovePhase(ReportJobMovePhase {
-                    job: j.job.clone(),
-                    move_id: plan.move_id.clone(),
-                    epoch: j.epoch,
-                    phase,
-                }),
-            )
-            .await?;
-            println!("  {:<24} {}", j.job, crate::output::name(&phase));
+    let from_seq = api.log().await?.last_sequence().await? + 1;
+    cmd::moves::move_jobs(
+        &ctx,
+        cmd::moves::MoveJobsArgs {
+            from: lost.clone(),
+            to: spare.clone(),
+            options: cmd::moves::MoveOptions {
+                dry_run: false,
+                reason: Some("server lost".into()),
+                id: None,
+                wait: true,
+            },
+        },
+    )
+    .await?;
+
+    step(6, "Each rebuilt head is checked against the source at the same oplog timestamp");
+    let log = api.log().await?;
+    let end = log.last_sequence().await?;
+    let mut reader = log.read_from(from_seq).await?;
+    let mut moved = Vec::new();
+    let mut done_at = 0;
+    loop {
+        let r = reader.next().await?;
+        if let Event::JobMoveCompleted { job, head: Some(head), .. } = &r.envelope.event {
+            moved.push(job.clone());
+            done_at = done_at.max(r.envelope.at);
+            let ts = head.ts.parse().map_err(Failure::Usage)?;
+            let source = handoff_dataplane::restore::source_checksum_at(&stores, job, ts)
+                .await
+                .map_err(store_error)?;
+            let verdict = match source {
+                Some(c) if c.to_string() == head.checksum => "equals the source",
+                Some(_) => "DIFFERS from the source",
+                None => "source point not found",
+            };
+            println!(
+                "  {:<24} head at {:<16} checksum {}  {verdict}",
+                job.to_string(),
+                head.ts,
+                head.checksum
+            );
         }
-        api.command(
-            &cmd::command_id(None)?,
-            &Command::CompleteJobMove(CompleteJobMove {
-                head: None,
-                job: j.job.clone(),
-                move_id: plan.move_id.clone(),
-                epoch: j.epoch,
-            }),
-        )
-        .await?;
-        println!("  {:<24} completed (epoch {})", j.job, j.epoch);
+        if r.seq >= end {
+            break;
+        }
+    }
+
+    step(7, "Restores never needed the lost daemon: sales/catalog to one point in time");
+    cmd::data::restore(
+        &ctx,
+        cmd::data::RestoreArgs {
+            job: "sales/catalog".into(),
+            snapshot: None,
+            at: Some((now_ms() / 1000).to_string()),
+            oplog_ts: None,
+            out: dir.join("restore"),
+        },
+    )
+    .await?;
+
+    step(8, "Snapshots of the moved jobs resume at their next regular slot");
+    until("a snapshot of each moved job", Duration::from_secs(30), || async {
+        let snaps = stores.snapshots(None).await.map_err(store_error)?;
+        Ok(moved.iter().all(|j| snaps.iter().any(|s| s.job == *j && s.taken_at_ms > done_at)))
+    })
+    .await?;
+    let snaps = stores.snapshots(None).await.map_err(store_error)?;
+    for j in &moved {
+        if let Some(s) = snaps.iter().find(|s| s.job == *j && s.taken_at_ms > done_at) {
+            println!(
+                "  {:<24} snapshot {} by {} (epoch {}), {} ms after the move, at its slot",
+                j.to_string(),
+                s.id,
+                s.daemon.as_ref().map_or("-".into(), |d| d.to_string()),
+                s.epoch,
+                s.taken_at_ms.saturating_sub(done_at)
+            );
+        }
     }
     settle(&api).await?;
     cmd::fleet::daemons(&ctx).await?;
 
     step(
-        7,
+        9,
         &format!("The audit trail of {lost}, replayed from the event stream"),
     );
     cmd::history::history(
@@ -207,7 +285,7 @@ async fn story(stack: &Stack) -> Result<(), Failure> {
     )
     .await?;
 
-    step(8, "The lost daemon, now empty, is removed");
+    step(10, "The lost daemon, now empty, is removed");
     api.command(
         &cmd::command_id(None)?,
         &Command::RemoveDaemon(RemoveDaemon { daemon: lost }),
@@ -215,6 +293,6 @@ async fn story(stack: &Stack) -> Result<(), Failure> {
     .await?;
     settle(&api).await?;
     cmd::fleet::daemons(&ctx).await?;
-    println!("\ndone: every job is on a healthy daemon, and every step is an event.");
+    println!("\ndone: every job is on a healthy daemon, its head verified against the source, and every step is an event.");
     Ok(())
 }

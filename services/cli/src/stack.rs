@@ -29,11 +29,21 @@ pub struct UpArgs {
     /// the event stream on as many replicas (at most 5), instead of a single server.
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub cluster: Option<u8>,
+    /// Run only the control plane: no agent, no daemon processes (moves then wait for
+    /// someone to report their rebuilds).
+    #[arg(long)]
+    pub no_data_plane: bool,
+    /// Length of an hour of snapshot schedule, in milliseconds: the default makes the
+    /// sample's 6-hour snapshot interval last a minute.
+    #[arg(long, default_value_t = 10_000)]
+    pub hour_ms: u64,
 }
 
 /// A running stack.
 pub struct Stack {
     pub url: String,
+    /// The sample daemons' processes, by daemon.
+    pub daemons: Vec<(DaemonId, std::process::Child)>,
     nats: Vec<NatsProcess>,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
@@ -89,6 +99,7 @@ impl Stack {
         };
         let mut stack = Stack {
             url: url.clone(),
+            daemons: Vec::new(),
             nats,
             stops: Vec::new(),
             tasks: Vec::new(),
@@ -132,8 +143,83 @@ impl Stack {
         }));
     }
 
+    /// Starts the data plane of the sample fleet: the agent (in this process) and one
+    /// `handoff daemon` process per sample daemon, heads under `data/heads/`. The schedule
+    /// is set with hours of `hour_ms` milliseconds.
+    pub async fn start_data_plane(
+        &mut self,
+        data: &Path,
+        hour_ms: u64,
+        agent: handoff_dataplane::agent::AgentConfig,
+        replicas: usize,
+    ) -> Result<(), Failure> {
+        let client = async_nats::connect(&self.url)
+            .await
+            .map_err(|e| Failure::Usage(format!("cannot connect to NATS at {}: {e}", self.url)))?;
+        let stores = handoff_dataplane::store::Stores::open(client, replicas)
+            .await
+            .map_err(|e| Failure::Usage(e.to_string()))?;
+        let mut settings = stores.settings().await.map_err(|e| Failure::Usage(e.to_string()))?;
+        settings.schedule.hour_ms = hour_ms;
+        stores
+            .set_settings(&settings)
+            .await
+            .map_err(|e| Failure::Usage(format!("--hour-ms: {e}")))?;
+        self.spawn(move |stop| async move {
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                stop.await;
+                let _ = tx.send(true);
+            });
+            handoff_dataplane::agent::run(stores, agent, rx).await
+        });
+        for n in 1..=3 {
+            self.spawn_daemon(data, n)?;
+        }
+        Ok(())
+    }
+
+    /// Starts sample daemon `n` as a process of its own (so it can die like a real one).
+    pub fn spawn_daemon(&mut self, data: &Path, n: usize) -> Result<(), Failure> {
+        let id = sample_daemon(n);
+        let heads = data.join("heads").join(n.to_string());
+        let log = std::fs::File::create(data.join(format!("daemon{n}.log")))?;
+        let exe = std::env::current_exe()?;
+        let mut command = std::process::Command::new(exe);
+        handoff_natsd::die_with_parent(&mut command);
+        let child = command
+            .args(["--nats-url", &self.url, "daemon", "--id", id.as_str(), "--heartbeat-ms", "1000"])
+            .arg("--head-dir")
+            .arg(&heads)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.daemons.push((id, child));
+        Ok(())
+    }
+
+    /// Kills a sample daemon's process outright (SIGKILL), as a lost server would.
+    pub fn kill_daemon(&mut self, id: &DaemonId) {
+        if let Some(k) = self.daemons.iter().position(|(d, _)| d == id) {
+            let (_, mut child) = self.daemons.remove(k);
+            // Ignored: it may be gone already.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the services, then the nats-server it started.
     pub async fn stop(mut self) {
+        for (_, child) in &self.daemons {
+            // SIGTERM: the daemons flush their heads and stop.
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        for (_, mut child) in self.daemons.drain(..) {
+            let _ = child.wait();
+        }
         for s in self.stops.drain(..) {
             // Ignored: the service may have stopped already.
             let _ = s.send(());
@@ -272,8 +358,15 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
     }
     let stack = Stack::start_with(&a.data, url, a.port, a.cluster).await?;
     let api = crate::client::Api::connect(&stack.url, ctx.actor.clone()).await?;
+    let mut stack = stack;
     if !a.no_sample {
         seed(&api).await?;
+    }
+    if !a.no_data_plane {
+        let replicas = a.cluster.map_or(1, usize::from);
+        stack
+            .start_data_plane(&a.data, a.hour_ms, Default::default(), replicas)
+            .await?;
     }
     settle(&api).await?;
     println!("handoff is up");
@@ -285,6 +378,14 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
     println!("  NATS          {}{started}", stack.url);
     println!("  data          {}", a.data.display());
     println!("  services      handoff-command (handoff.cmd.*), handoff-query (handoff.query.*)");
+    if !a.no_data_plane {
+        println!(
+            "  data plane    agent (oplog store HANDOFF_OPLOG, snapshot store handoff_snapshots), {} daemon processes (logs in {}); an hour of schedule lasts {} ms",
+            stack.daemons.len(),
+            a.data.display(),
+            a.hour_ms
+        );
+    }
     if !a.no_sample {
         println!(
             "  sample fleet  3 daemons, 2 projects, 2 replica sets, 1 sharded cluster (5 jobs)"

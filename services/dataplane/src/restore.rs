@@ -326,3 +326,49 @@ async fn replay(
     }
     Ok((docs, sum, source, ts, n, applied))
 }
+
+/// The source's checksum right after the oplog entry at `ts`, read from the oplog store:
+/// what a head or a restore at that point must equal. None when no entry has that
+/// timestamp (or it was purged).
+pub async fn source_checksum_at(
+    stores: &Stores,
+    job: &JobId,
+    ts: Ts,
+) -> Result<Option<Checksum>, RestoreError> {
+    let snaps = stores.snapshots(Some(job)).await?;
+    if let Some(s) = snaps.iter().find(|s| s.ts == ts) {
+        return Ok(Some(s.checksum));
+    }
+    let from = snaps
+        .iter()
+        .rev()
+        .find(|s| s.ts < ts)
+        .map_or(1, |s| s.oplog_seq.max(1));
+    let Some((last_seq, _)) = stores.oplog_last(job).await? else {
+        return Ok(None);
+    };
+    let mut messages = stores.read_oplog(job, from).await?;
+    let err = |reason: String| RestoreError::Oplog {
+        job: job.clone(),
+        reason,
+    };
+    loop {
+        let m = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(_))) => continue,
+            _ => return Err(err("the oplog store stopped answering".into())),
+        };
+        let seq = m.info().map_err(|e| err(e.to_string()))?.stream_sequence;
+        for e in oplog::decode(&m.payload).map_err(|e| err(e.to_string()))? {
+            if e.ts == ts {
+                return Ok(Some(e.c));
+            }
+            if e.ts > ts {
+                return Ok(None);
+            }
+        }
+        if seq >= last_seq {
+            return Ok(None);
+        }
+    }
+}

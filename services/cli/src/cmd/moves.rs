@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use clap::Args;
+use futures::StreamExt;
 use handoff_domain::command::{MoveJob, MoveJobs};
 use handoff_domain::model::MovePhase;
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, MovePlan};
@@ -171,6 +172,68 @@ async fn started_jobs(
     Ok(jobs)
 }
 
+/// One progress bar per job, on a terminal: bytes of snapshot restored, then oplog
+/// entries applied and the head's lag. Elsewhere (pipes, logs) only the phase lines.
+struct Bars {
+    multi: Option<indicatif::MultiProgress>,
+    bars: BTreeMap<JobId, indicatif::ProgressBar>,
+}
+
+impl Bars {
+    fn new<'a>(enabled: bool, jobs: impl Iterator<Item = &'a JobId>) -> Bars {
+        use std::io::IsTerminal;
+        if !enabled || !std::io::stderr().is_terminal() {
+            return Bars { multi: None, bars: BTreeMap::new() };
+        }
+        let multi = indicatif::MultiProgress::new();
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix:<24} {bar:30.cyan/blue} {bytes:>10}/{total_bytes:<10} {msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> ");
+        let bars = jobs
+            .map(|j| {
+                let bar = multi.add(indicatif::ProgressBar::new(0));
+                bar.set_style(style.clone());
+                bar.set_prefix(j.to_string());
+                bar.set_message("requested");
+                (j.clone(), bar)
+            })
+            .collect();
+        Bars { multi: Some(multi), bars }
+    }
+
+    fn println(&self, line: String) {
+        match &self.multi {
+            Some(m) => {
+                // Ignored: only fails when the terminal is gone.
+                let _ = m.println(line);
+            }
+            None => println!("{line}"),
+        }
+    }
+
+    fn update(&self, p: &handoff_dataplane::daemon::Progress) {
+        let Some(bar) = self.bars.get(&p.job) else { return };
+        bar.set_length(p.snapshot_total.max(1));
+        bar.set_position(p.snapshot_bytes);
+        bar.set_message(match p.phase {
+            MovePhase::ReplayingOplog => format!(
+                "replaying oplog: {} entries, {:.1} s behind",
+                p.entries_applied,
+                p.lag_ms as f64 / 1000.0
+            ),
+            phase => crate::output::name(&phase),
+        });
+    }
+
+    fn finish(&self, job: &JobId, phase: MovePhase) {
+        if let (Some(bar), true) = (self.bars.get(job), phase.is_final()) {
+            bar.finish_with_message(crate::output::name(&phase));
+        }
+    }
+}
+
 /// Follows the move's job events on the stream until every job is final.
 async fn wait(
     ctx: &Context,
@@ -181,18 +244,32 @@ async fn wait(
 ) -> Result<(), Failure> {
     let log = api.log().await?;
     let mut reader = log.read_filtered(from_seq, "handoff.evt.job.>").await?;
+    let mut progress = api
+        .client
+        .subscribe(handoff_dataplane::store::progress_subject(id.as_str()))
+        .await
+        .map_err(|e| Failure::Usage(format!("cannot follow the rebuild's progress: {e}")))?;
     let mut phases: BTreeMap<JobId, MovePhase> = jobs
         .into_iter()
         .map(|j| (j, MovePhase::Requested))
         .collect();
+    let bars = Bars::new(!ctx.json, phases.keys());
     if !ctx.json {
-        println!(
+        bars.println(format!(
             "waiting for {} job(s) to be rebuilt on the destination...",
             phases.len()
-        );
+        ));
     }
     while phases.values().any(|p| !p.is_final()) {
-        let r = reader.next().await?;
+        let r = tokio::select! {
+            r = reader.next() => r?,
+            Some(m) = progress.next() => {
+                if let Ok(p) = serde_json::from_slice::<handoff_dataplane::daemon::Progress>(&m.payload) {
+                    bars.update(&p);
+                }
+                continue;
+            }
+        };
         let (job, phase, detail) = match &r.envelope.event {
             Event::JobMovePhaseReported {
                 job,
@@ -228,7 +305,8 @@ async fn wait(
             if ctx.json {
                 println!("{}", json!({ "seq": r.seq, "job": job, "phase": phase }));
             } else {
-                println!("  {job:<32} {}{detail}", crate::output::name(&phase));
+                bars.println(format!("  {job:<32} {}{detail}", crate::output::name(&phase)));
+                bars.finish(job, phase);
             }
         }
     }
