@@ -620,9 +620,15 @@ async fn up_rebuilds_heads_for_real() -> Result<()> {
     })
     .await?;
     let out = handoff_ok(&url, &["move-job", "sales/orders", "--to", D3, "--wait"])?.stdout;
-    assert!(out.contains("restoring_snapshot") && out.contains("replaying_oplog"), "{out}");
+    assert!(
+        out.contains("restoring_snapshot") && out.contains("replaying_oplog"),
+        "{out}"
+    );
     assert!(out.contains("completed"), "{out}");
     let history = handoff_ok(&url, &["history", "--job", "sales/orders"])?.stdout;
-    assert!(history.contains("head at") && history.contains("checksum"), "{history}");
+    assert!(
+        history.contains("head at") && history.contains("checksum"),
+        "{history}"
+    );
     Ok(())
 }

@@ -92,7 +92,7 @@ async fn a_lost_acknowledgement_retried_is_recognised_as_applied() -> Result<()>
     let stored = stack.last_seq().await?;
     assert_eq!(
         stored,
-        before + 5,
+        before + 6,
         "the append was stored although its ack was lost"
     );
 
@@ -101,7 +101,7 @@ async fn a_lost_acknowledgement_retried_is_recognised_as_applied() -> Result<()>
         .await?
         .expect("applied");
     assert!(retried.duplicate);
-    assert_eq!(retried.events.len(), 5);
+    assert_eq!(retried.events.len(), 6);
     assert_eq!(stack.last_seq().await?, stored);
     let events = stack.events().await?;
     assert_eq!(of_type(&events, "JobMoveStarted").len(), 3);
@@ -160,8 +160,8 @@ async fn a_large_move_cut_half_way_is_finished_by_its_retry() -> Result<()> {
         .expect("finished");
     assert_eq!(
         done.events.len(),
-        1 + jobs + 2,
-        "the reply lists every event of the move"
+        1 + jobs + 4,
+        "the reply lists every event of the move (two units, each with its release and assignment)"
     );
     let all = stack.events().await?;
     let stored: Vec<u64> = all

@@ -193,8 +193,8 @@ async fn a_dry_run_returns_the_plan_and_appends_nothing() -> Result<()> {
     Ok(())
 }
 
-/// MoveJobs appends one atomic unit: the move, each job's start and the destination's
-/// assignment; completing and failing jobs finish it, a failed job returns to its
+/// MoveJobs appends one atomic unit: the move, each job's start, the source's release and
+/// the destination's assignment; completing and failing jobs finish it, a failed job returns to its
 /// previous owner with a new epoch (THEFT_FAILED) and can be moved again.
 #[tokio::test]
 async fn a_move_runs_to_completion_and_failure() -> Result<()> {
@@ -204,8 +204,8 @@ async fn a_move_runs_to_completion_and_failure() -> Result<()> {
     let seqs: Vec<u64> = applied.events.iter().map(|e| e.seq).collect();
     assert_eq!(
         seqs.len(),
-        5,
-        "MoveStarted, three JobMoveStarted, JobsAssigned"
+        6,
+        "MoveStarted, three JobMoveStarted, JobsReleased, JobsAssigned"
     );
     assert!(
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
@@ -267,7 +267,8 @@ async fn a_move_of_over_a_thousand_jobs_lands_whole() -> Result<()> {
     let stack = Stack::start().await?;
     let jobs = big_fleet(&stack).await?;
     let applied = stack.apply(move_jobs(1, 2)).await?;
-    assert_eq!(applied.events.len(), 1 + jobs + 2);
+    // Two units, each with the source's release and the destination's assignment.
+    assert_eq!(applied.events.len(), 1 + jobs + 4);
     let events = stack.events().await?;
     assert_eq!(of_type(&events, "JobMoveStarted").len(), jobs);
     let assigned: usize = of_type(&events, "JobsAssigned")
@@ -280,6 +281,16 @@ async fn a_move_of_over_a_thousand_jobs_lands_whole() -> Result<()> {
         })
         .sum();
     assert_eq!(assigned, jobs);
+    let released: usize = of_type(&events, "JobsReleased")
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::JobsReleased {
+                daemon: d, jobs, ..
+            } if *d == daemon(1) => Some(jobs.len()),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(released, jobs);
     Ok(())
 }
 

@@ -155,6 +155,7 @@ async fn queries_answer_from_the_views() -> Result<()> {
             "JobsAssigned",
             "MoveStarted",
             "JobMoveStarted",
+            "JobsReleased",
             "JobsAssigned"
         ]
     );

@@ -86,15 +86,29 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
         ..AgentConfig::default()
     };
     stack.start_data_plane(dir, HOUR_MS, agent, 1).await?;
-    let stores = Stores::open(api.client.clone(), 1).await.map_err(store_error)?;
-    let all_jobs: Vec<JobId> = ["sales/orders", "analytics/events", "sales/catalog/shard0", "sales/catalog/shard1", "sales/catalog/config"]
-        .into_iter()
-        .map(|j| JobId::new(j).expect("a valid job"))
-        .collect();
-    until("every job's first snapshot", Duration::from_secs(60), || async {
-        let snaps = stores.snapshots(None).await.map_err(store_error)?;
-        Ok(all_jobs.iter().all(|j| snaps.iter().any(|s| s.job == *j && s.daemon.is_some())))
-    })
+    let stores = Stores::open(api.client.clone(), 1)
+        .await
+        .map_err(store_error)?;
+    let all_jobs: Vec<JobId> = [
+        "sales/orders",
+        "analytics/events",
+        "sales/catalog/shard0",
+        "sales/catalog/shard1",
+        "sales/catalog/config",
+    ]
+    .into_iter()
+    .map(|j| JobId::new(j).expect("a valid job"))
+    .collect();
+    until(
+        "every job's first snapshot",
+        Duration::from_secs(60),
+        || async {
+            let snaps = stores.snapshots(None).await.map_err(store_error)?;
+            Ok(all_jobs
+                .iter()
+                .all(|j| snaps.iter().any(|s| s.job == *j && s.daemon.is_some())))
+        },
+    )
     .await?;
     settle(&api).await?;
     println!("the agent writes to every source and saves its oplog; each daemon keeps a head per job and takes a snapshot every 6 hours (3.6 s here)");
@@ -110,7 +124,10 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
     )
     .await?;
 
-    step(2, &format!("The server of {lost} fails (its process is killed): DAEMON_DOWN"));
+    step(
+        2,
+        &format!("The server of {lost} fails (its process is killed): DAEMON_DOWN"),
+    );
     stack.kill_daemon(&lost);
     api.command(
         &cmd::command_id(None)?,
@@ -202,7 +219,10 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
     )
     .await?;
 
-    step(6, "Each rebuilt head is checked against the source at the same oplog timestamp");
+    step(
+        6,
+        "Each rebuilt head is checked against the source at the same oplog timestamp",
+    );
     let log = api.log().await?;
     let end = log.last_sequence().await?;
     let mut reader = log.read_from(from_seq).await?;
@@ -210,7 +230,12 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
     let mut done_at = 0;
     loop {
         let r = reader.next().await?;
-        if let Event::JobMoveCompleted { job, head: Some(head), .. } = &r.envelope.event {
+        if let Event::JobMoveCompleted {
+            job,
+            head: Some(head),
+            ..
+        } = &r.envelope.event
+        {
             moved.push(job.clone());
             done_at = done_at.max(r.envelope.at);
             let ts = head.ts.parse().map_err(Failure::Usage)?;
@@ -234,7 +259,10 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
         }
     }
 
-    step(7, "Restores never needed the lost daemon: sales/catalog to one point in time");
+    step(
+        7,
+        "Restores never needed the lost daemon: sales/catalog to one point in time",
+    );
     cmd::data::restore(
         &ctx,
         cmd::data::RestoreArgs {
@@ -247,15 +275,27 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
     )
     .await?;
 
-    step(8, "Snapshots of the moved jobs resume at their next regular slot");
-    until("a snapshot of each moved job", Duration::from_secs(30), || async {
-        let snaps = stores.snapshots(None).await.map_err(store_error)?;
-        Ok(moved.iter().all(|j| snaps.iter().any(|s| s.job == *j && s.taken_at_ms > done_at)))
-    })
+    step(
+        8,
+        "Snapshots of the moved jobs resume at their next regular slot",
+    );
+    until(
+        "a snapshot of each moved job",
+        Duration::from_secs(30),
+        || async {
+            let snaps = stores.snapshots(None).await.map_err(store_error)?;
+            Ok(moved
+                .iter()
+                .all(|j| snaps.iter().any(|s| s.job == *j && s.taken_at_ms > done_at)))
+        },
+    )
     .await?;
     let snaps = stores.snapshots(None).await.map_err(store_error)?;
     for j in &moved {
-        if let Some(s) = snaps.iter().find(|s| s.job == *j && s.taken_at_ms > done_at) {
+        if let Some(s) = snaps
+            .iter()
+            .find(|s| s.job == *j && s.taken_at_ms > done_at)
+        {
             println!(
                 "  {:<24} snapshot {} by {} (epoch {}), {} ms after the move, at its slot",
                 j.to_string(),

@@ -159,7 +159,10 @@ impl Stack {
         let stores = handoff_dataplane::store::Stores::open(client, replicas)
             .await
             .map_err(|e| Failure::Usage(e.to_string()))?;
-        let mut settings = stores.settings().await.map_err(|e| Failure::Usage(e.to_string()))?;
+        let mut settings = stores
+            .settings()
+            .await
+            .map_err(|e| Failure::Usage(e.to_string()))?;
         settings.schedule.hour_ms = hour_ms;
         stores
             .set_settings(&settings)
@@ -188,7 +191,15 @@ impl Stack {
         let mut command = std::process::Command::new(exe);
         handoff_natsd::die_with_parent(&mut command);
         let child = command
-            .args(["--nats-url", &self.url, "daemon", "--id", id.as_str(), "--heartbeat-ms", "1000"])
+            .args([
+                "--nats-url",
+                &self.url,
+                "daemon",
+                "--id",
+                id.as_str(),
+                "--heartbeat-ms",
+                "1000",
+            ])
             .arg("--head-dir")
             .arg(&heads)
             .stdin(std::process::Stdio::null())

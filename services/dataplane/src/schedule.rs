@@ -72,8 +72,8 @@ impl Schedule {
         if self.daily_days > 365 || self.weekly_weeks > 52 || self.monthly_months > 36 {
             return Err("daily_days <= 365, weekly_weeks <= 52, monthly_months <= 36".into());
         }
-        if !(60..=HOUR_MS).contains(&self.hour_ms) || self.hour_ms % 60 != 0 {
-            return Err("hour_ms must be a multiple of 60 from 60 to 3600000".into());
+        if !(60..=HOUR_MS).contains(&self.hour_ms) {
+            return Err("hour_ms must be from 60 to 3600000".into());
         }
         Ok(())
     }

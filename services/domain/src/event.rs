@@ -243,6 +243,11 @@ impl Event {
                 Some(first) => format!("{base}:{}", first.job),
                 None => base,
             },
+            // One per unit of a large move: each unit's is its own.
+            Event::JobsReleased { jobs, .. } => match jobs.first() {
+                Some(first) => format!("{base}:released:{first}"),
+                None => format!("{base}:released"),
+            },
             _ => base,
         }
     }

@@ -119,6 +119,46 @@ fn move_jobs_moves_every_job_with_a_new_epoch() {
         })
         .collect();
     assert_eq!(assigned.len(), 1);
+    // The source is told too, on its own subject, so it stops snapshotting the jobs.
+    let released: Vec<_> = decision
+        .events()
+        .filter_map(|e| match e {
+            Event::JobsReleased { daemon, jobs, .. } => Some((daemon.clone(), jobs.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released, vec![(d(1), 3)]);
+}
+
+/// OPLOG_TTL_RESIZE is recorded for a known job when the retention grows, up to 14 days.
+#[test]
+fn oplog_ttl_resize_must_grow_within_fourteen_days() {
+    let mut w = fleet();
+    let resize = |hours: u32, job: &str| {
+        Command::ResizeOplogTtl(ResizeOplogTtl {
+            job: j(job),
+            previous_hours: 24,
+            hours,
+            reason: "the head on d2 still needs entries".into(),
+        })
+    };
+    let d = w.ok(resize(27, "p1/rs0"));
+    assert!(matches!(
+        d.events().next(),
+        Some(Event::OplogTtlResized { hours: 27, .. })
+    ));
+    assert!(matches!(
+        refused(&mut w, resize(24, "p1/rs0")),
+        Rejection::Invalid(_)
+    ));
+    assert!(matches!(
+        refused(&mut w, resize(337, "p1/rs0")),
+        Rejection::Invalid(_)
+    ));
+    assert!(matches!(
+        refused(&mut w, resize(27, "p1/nope")),
+        Rejection::NotFound { .. }
+    ));
 }
 
 /// A dry run returns the plan and changes nothing.

@@ -183,7 +183,10 @@ impl Bars {
     fn new<'a>(enabled: bool, jobs: impl Iterator<Item = &'a JobId>) -> Bars {
         use std::io::IsTerminal;
         if !enabled || !std::io::stderr().is_terminal() {
-            return Bars { multi: None, bars: BTreeMap::new() };
+            return Bars {
+                multi: None,
+                bars: BTreeMap::new(),
+            };
         }
         let multi = indicatif::MultiProgress::new();
         let style = indicatif::ProgressStyle::with_template(
@@ -200,7 +203,10 @@ impl Bars {
                 (j.clone(), bar)
             })
             .collect();
-        Bars { multi: Some(multi), bars }
+        Bars {
+            multi: Some(multi),
+            bars,
+        }
     }
 
     fn println(&self, line: String) {
@@ -214,7 +220,9 @@ impl Bars {
     }
 
     fn update(&self, p: &handoff_dataplane::daemon::Progress) {
-        let Some(bar) = self.bars.get(&p.job) else { return };
+        let Some(bar) = self.bars.get(&p.job) else {
+            return;
+        };
         bar.set_length(p.snapshot_total.max(1));
         bar.set_position(p.snapshot_bytes);
         bar.set_message(match p.phase {
@@ -305,7 +313,10 @@ async fn wait(
             if ctx.json {
                 println!("{}", json!({ "seq": r.seq, "job": job, "phase": phase }));
             } else {
-                bars.println(format!("  {job:<32} {}{detail}", crate::output::name(&phase)));
+                bars.println(format!(
+                    "  {job:<32} {}{detail}",
+                    crate::output::name(&phase)
+                ));
                 bars.finish(job, phase);
             }
         }
