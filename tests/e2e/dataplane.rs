@@ -738,7 +738,7 @@ fn the_destination_killed_mid_rebuild_finishes_after_restart() {
     );
     for e in &s.events_after_kill {
         assert!(
-            e.ends_with(&format!("by daemon@d2.test")),
+            e.ends_with("by daemon@d2.test"),
             "someone else acted after the kill: {e}"
         );
     }
@@ -764,4 +764,134 @@ fn a_rebuild_from_a_corrupt_snapshot_fails_the_move_and_the_job_is_not_lost() {
         .expect("a snapshot after the failure");
     assert_eq!(snap.epoch, epoch);
     assert_eq!(snap.daemon.as_ref(), Some(&owner));
+}
+
+/// Oplog retention: entries past the window that nothing needs are purged and expired
+/// snapshots go; when the only daemon dies, the entries after its last snapshot are kept
+/// past the window and the retention grows with OPLOG_TTL_RESIZE events.
+#[tokio::test]
+async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> Result<()> {
+    let stack = Stack::start().await?;
+    let url = stack.url();
+    let dir = tempfile::tempdir()?;
+    let stores = Stores::open(stack.client.clone(), 1).await?;
+    // An hour of 100 ms: snapshots every 0.6 s, a 2.4 s window, snapshots kept 4.8 s.
+    handoff_ok(
+        &url,
+        &[
+            "schedule",
+            "--hour-ms",
+            "100",
+            "--daily-days",
+            "0",
+            "--weekly-weeks",
+            "0",
+            "--monthly-months",
+            "0",
+        ],
+    )?;
+    let _agent = Proc::spawn(
+        &url,
+        dir.path(),
+        "agent",
+        &[
+            "agent",
+            "--ops-per-sec",
+            "200",
+            "--slice-ms",
+            "100",
+            "--groom-ms",
+            "200",
+            "--initial-size",
+            "64KiB",
+            "--doc-size",
+            "128",
+        ],
+    )?;
+    let id = format!("r1.test:{}/", dir.path().join("heads").display());
+    let d1 = Proc::spawn(
+        &url,
+        dir.path(),
+        "daemon1",
+        &["daemon", "--id", &id, "--head-space", "10GiB"],
+    )?;
+    wait_for("the daemon to register", || async {
+        Ok(of_type(&stack.events().await?, "DaemonRegistered")
+            .first()
+            .map(|_| ()))
+    })
+    .await?;
+    stack.apply(configure_project("p")).await?;
+    stack.apply(replica_set("p", "rs", 1)).await?;
+    let rs = job("p/rs");
+    // Alive: the head keeps up, old entries are purged and the initial snapshot expires.
+    until(
+        "old oplog purged and the initial snapshot expired",
+        Duration::from_secs(30),
+        || async {
+            let first = stores.oplog_first(&rs).await?.map(|(s, _)| s).unwrap_or(0);
+            let snaps = stores.snapshots(Some(&rs)).await?;
+            Ok(first > 1 && !snaps.is_empty() && snaps.iter().all(|s| s.daemon.is_some()))
+        },
+    )
+    .await?;
+    assert!(
+        of_type(&stack.events().await?, "OplogTtlResized").is_empty(),
+        "a current head needs no resize"
+    );
+
+    // Dead: nothing applies the oplog any more; what a rebuild needs stays.
+    d1.kill()?;
+    let latest = stores
+        .snapshots(Some(&rs))
+        .await?
+        .last()
+        .cloned()
+        .ok_or_else(|| anyhow!("no snapshot"))?;
+    wait_for("OPLOG_TTL_RESIZE", || async {
+        let events = stack.events().await?;
+        Ok(events.iter().find_map(|r| match &r.envelope.event {
+            Event::OplogTtlResized {
+                job,
+                hours,
+                previous_hours,
+                reason,
+            } if *job == rs => Some((*hours, *previous_hours, reason.clone())),
+            _ => None,
+        }))
+    })
+    .await
+    .map(|(hours, previous, reason)| {
+        assert!(hours > previous && previous >= 24, "{previous} -> {hours}");
+        assert!(reason.contains("still needs"), "{reason}");
+    })?;
+    // Well past the original window, the entries after the last snapshot are all there:
+    // a restore to the end of the oplog replays them and matches the source.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let first = stores.oplog_first(&rs).await?.map(|(s, _)| s).unwrap_or(0);
+    assert!(
+        first <= latest.oplog_seq.max(1),
+        "purged entries the last snapshot needs: first {first}, snapshot at {}",
+        latest.oplog_seq
+    );
+    let out = dir.path().join("restore");
+    let until_now = format!("{}:0", now_ms() / 1000);
+    let restored = handoff_ok(
+        &url,
+        &[
+            "--json",
+            "restore",
+            "--job",
+            "p/rs",
+            "--oplog-ts",
+            &until_now,
+            "--out",
+            out.to_str().unwrap_or_default(),
+        ],
+    )?
+    .json()?;
+    let r = &restored[0];
+    assert_eq!(r["checksum"], r["source_checksum"]);
+    assert!(r["entries_applied"].as_u64().unwrap_or(0) > 0);
+    Ok(())
 }

@@ -113,9 +113,9 @@ impl Schedule {
         let since = slot.saturating_sub(self.origin());
         let day = self.day_ms();
         Tiers {
-            daily: self.daily_days > 0 && since % day == 0,
-            weekly: self.weekly_weeks > 0 && since % (7 * day) == 0,
-            monthly: self.monthly_months > 0 && since % (30 * day) == 0,
+            daily: self.daily_days > 0 && since.is_multiple_of(day),
+            weekly: self.weekly_weeks > 0 && since.is_multiple_of(7 * day),
+            monthly: self.monthly_months > 0 && since.is_multiple_of(30 * day),
         }
     }
 
