@@ -8,8 +8,14 @@
 //! - (c) A projector rebuild over 200,000 events against a raw ordered read of the same
 //!   events applied to sled in batches of 1,000 (target: at least 70% of its rate).
 //!
+//! - (d) A daemon's rebuild of a head (snapshot restored, then oplog replayed) against a
+//!   raw read of the same object and messages applied to sled (target: at least 70%).
+//! - (e) Rebuild time for three data sizes: it must grow about linearly.
+//!
 //! Each benchmark runs on a fresh nats-server with `sync_interval: always`, as the tests
 //! and the local stack do.
+
+mod dataplane;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -384,6 +390,86 @@ async fn main() -> Result<()> {
     }
     if run("c") {
         bench_c().await?;
+    }
+    if run("d") || run("e") {
+        bench_de(run("d"), run("e")).await?;
+    }
+    Ok(())
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+async fn bench_de(d: bool, e: bool) -> Result<()> {
+    // Sizes: initial data and the oplog written after the snapshot grow together.
+    let sizes = [
+        (8u64 << 20, 40_000u64),
+        (16 << 20, 80_000),
+        (32 << 20, 160_000),
+    ];
+    let mut results = Vec::new();
+    for (initial, entries) in sizes {
+        if !e && initial != sizes[2].0 {
+            continue;
+        }
+        results.push(
+            dataplane::measure(initial, entries, 3)
+                .await
+                .context("benchmark (d/e)")?,
+        );
+    }
+    if d {
+        let big = results.last().expect("the largest size was measured");
+        let mbs = |t: Duration| mib(big.snapshot_bytes) / t.as_secs_f64();
+        let eps = |t: Duration| big.entries as f64 / t.as_secs_f64();
+        let restore_share = big.raw.restore.as_secs_f64() / big.ours.restore.as_secs_f64();
+        let replay_share = big.raw.replay.as_secs_f64() / big.ours.replay.as_secs_f64();
+        let total_share = big.raw.total().as_secs_f64() / big.ours.total().as_secs_f64();
+        println!(
+            "(d) rebuild of a head: {:.1} MiB snapshot + {} oplog entries (median of 3)",
+            mib(big.snapshot_bytes),
+            big.entries
+        );
+        println!(
+            "    snapshot restore: handoff {:.1} MB/s   raw object read + sled {:.1} MB/s   {:.0}% of raw   target >= 70%: {}",
+            mbs(big.ours.restore),
+            mbs(big.raw.restore),
+            restore_share * 100.0,
+            verdict(restore_share >= 0.7)
+        );
+        println!(
+            "    oplog replay:     handoff {:.0} entries/s   raw ordered read + sled {:.0} entries/s   {:.0}% of raw   target >= 70%: {}",
+            eps(big.ours.replay),
+            eps(big.raw.replay),
+            replay_share * 100.0,
+            verdict(replay_share >= 0.7)
+        );
+        println!(
+            "    whole rebuild:    handoff {}   raw {}   {:.0}% of raw   target >= 70%: {}\n",
+            ms(big.ours.total()),
+            ms(big.raw.total()),
+            total_share * 100.0,
+            verdict(total_share >= 0.7)
+        );
+    }
+    if e && results.len() == 3 {
+        println!("(e) rebuild time against data size (median of 3)");
+        for r in &results {
+            println!(
+                "    {:>5.1} MiB snapshot + {:>6} entries: {}  ({:.1} ms per MiB of snapshot)",
+                mib(r.snapshot_bytes),
+                r.entries,
+                ms(r.ours.total()),
+                r.ours.total().as_secs_f64() * 1000.0 / mib(r.snapshot_bytes)
+            );
+        }
+        let growth = results[2].ours.total().as_secs_f64() / results[0].ours.total().as_secs_f64();
+        let size = results[2].snapshot_bytes as f64 / results[0].snapshot_bytes as f64;
+        println!(
+            "    4x the data took {growth:.2}x the time (linear: {size:.1}x)   about linear (within 0.75x-1.33x of it): {}\n",
+            verdict((0.75..=1.33).contains(&(growth / size)))
+        );
     }
     Ok(())
 }

@@ -23,8 +23,9 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::agent::new_id;
 use crate::commands::Commands;
-use crate::head::{Head, HeadError, HeadMeta, HeadStatus, Heads};
+use crate::head::{Head, HeadMeta, HeadStatus, Heads};
 use crate::oplog;
+use crate::rebuild::{Observer, Outcome};
 use crate::store::{self, now_ms, HeadRecord, Heartbeat, SnapshotMeta, Stores};
 
 #[derive(Clone, Debug)]
@@ -404,6 +405,24 @@ impl Drop for Decrement<'_> {
     }
 }
 
+impl Observer for ProgressState<'_> {
+    async fn restored(&mut self, done: u64, total: u64) {
+        self.update(done == total, |p| {
+            p.snapshot_bytes = done;
+            p.snapshot_total = total;
+        })
+        .await;
+    }
+
+    async fn applied(&mut self, entries: u64, lag_ms: u64) {
+        self.update(false, |p| {
+            p.entries_applied += entries;
+            p.lag_ms = lag_ms;
+        })
+        .await;
+    }
+}
+
 struct ProgressState<'a> {
     shared: &'a Shared,
     p: Option<Progress>,
@@ -500,10 +519,13 @@ async fn rebuild(
         // daemon's falls back to older snapshots rather than stay without a head.
         let mut problems = Vec::new();
         for snapshot in snaps.iter().rev() {
-            match restore_snapshot(shared, head, meta, snapshot, progress).await? {
-                Ok(()) => break,
-                Err(reason) if moving => return Ok(Err(Unrecoverable(reason))),
-                Err(reason) => {
+            match crate::rebuild::restore_snapshot(&shared.stores, head, meta, snapshot, progress)
+                .await?
+            {
+                Outcome::Done => break,
+                Outcome::Cancelled => return Ok(Ok(())),
+                Outcome::Failed(reason) if moving => return Ok(Err(Unrecoverable(reason))),
+                Outcome::Failed(reason) => {
                     tracing::warn!(%job, reason, "snapshot unusable; trying an older one");
                     problems.push(reason);
                 }
@@ -518,119 +540,12 @@ async fn rebuild(
         .update(true, |p| p.phase = MovePhase::ReplayingOplog)
         .await;
     // Replay until the head holds every stored entry.
-    let Some((last_seq, _)) = shared.stores.oplog_last(job).await? else {
-        return finish(shared, job, a, head, meta, progress).await;
-    };
-    if meta.applied_seq < last_seq {
-        let mut messages = shared.stores.read_oplog(job, meta.applied_seq + 1).await?;
-        loop {
-            let m = tokio::select! {
-                _ = cancelled.changed() => return Ok(Ok(())),
-                m = messages.next() => m,
-            };
-            let m = match m {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "oplog reader hiccup");
-                    continue;
-                }
-                None => anyhow::bail!("the oplog reader ended"),
-            };
-            let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (seq, pending, published) = (
-                info.stream_sequence,
-                info.pending,
-                store::time_ms(info.published),
-            );
-            let entries = match oplog::decode(&m.payload) {
-                Ok(e) => e,
-                Err(e) => {
-                    return Ok(Err(Unrecoverable(format!(
-                        "oplog message {seq} is unreadable: {e}"
-                    ))))
-                }
-            };
-            match head.apply(meta, seq, &entries) {
-                Ok(applied) => {
-                    let lag = now_ms().saturating_sub(published);
-                    progress
-                        .update(false, |p| {
-                            p.entries_applied += applied as u64;
-                            p.lag_ms = lag;
-                        })
-                        .await;
-                }
-                Err(e @ (HeadError::Gap { .. } | HeadError::Diverged { .. })) => {
-                    return Ok(Err(Unrecoverable(e.to_string())))
-                }
-                Err(e) => return Err(e.into()),
-            }
-            if pending == 0 {
-                break;
-            }
-        }
+    match crate::rebuild::replay(&shared.stores, job, head, meta, cancelled, progress).await? {
+        Outcome::Done => {}
+        Outcome::Cancelled => return Ok(Ok(())),
+        Outcome::Failed(reason) => return Ok(Err(Unrecoverable(reason))),
     }
     finish(shared, job, a, head, meta, progress).await
-}
-
-async fn restore_snapshot(
-    shared: &Shared,
-    head: &Head,
-    meta: &mut HeadMeta,
-    snapshot: &SnapshotMeta,
-    progress: &mut ProgressState<'_>,
-) -> anyhow::Result<Result<(), String>> {
-    let data = match shared.stores.read_snapshot(snapshot).await {
-        Ok(d) => d,
-        Err(store::StoreError::MissingSnapshot(name)) => {
-            return Ok(Err(format!(
-                "snapshot {name} is missing from the snapshot store"
-            )))
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let docs = match crate::snapshot::parse(&data) {
-        Ok(d) => d,
-        Err(e) => {
-            return Ok(Err(format!(
-                "snapshot {} of {} is corrupt: {e}",
-                snapshot.id, snapshot.job
-            )))
-        }
-    };
-    head.clear()?;
-    meta.checksum = Default::default();
-    meta.bytes = 0;
-    let total = data.len() as u64;
-    let mut loaded = 0u64;
-    for chunk in docs.chunks(4096) {
-        head.load(meta, chunk)?;
-        loaded += chunk
-            .iter()
-            .map(|(id, d)| (id.len() + d.len() + 20) as u64)
-            .sum::<u64>();
-        let shown = loaded.min(total);
-        progress
-            .update(false, |p| {
-                p.snapshot_bytes = shown;
-                p.snapshot_total = total;
-            })
-            .await;
-        tokio::task::yield_now().await;
-    }
-    if meta.checksum != snapshot.checksum {
-        return Ok(Err(format!(
-            "snapshot {} of {} is corrupt: its data has checksum {} but it was taken with {}",
-            snapshot.id, snapshot.job, meta.checksum, snapshot.checksum
-        )));
-    }
-    meta.restored_from = Some(snapshot.id.clone());
-    meta.n = snapshot.n;
-    meta.ts = snapshot.ts;
-    meta.applied_seq = snapshot.oplog_seq.saturating_sub(1);
-    head.set_meta(meta)?;
-    progress.update(true, |p| p.snapshot_bytes = total).await;
-    Ok(Ok(()))
 }
 
 async fn finish(

@@ -10,6 +10,7 @@ pub mod commands;
 pub mod daemon;
 pub mod head;
 pub mod oplog;
+pub mod rebuild;
 pub mod restore;
 pub mod retention;
 pub mod schedule;

@@ -1,0 +1,161 @@
+//! Rebuilding a head: restore a snapshot into it, then replay the oplog from the
+//! snapshot's point until the head holds every stored entry. The daemon runs these for
+//! moves and new jobs; the benchmark runs the very same functions.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use handoff_domain::JobId;
+use tokio::sync::watch;
+
+use crate::head::{Head, HeadError, HeadMeta};
+use crate::oplog;
+use crate::store::{self, now_ms, SnapshotMeta, Stores};
+
+/// Told how a rebuild progresses (a daemon publishes it; a benchmark ignores it).
+#[allow(async_fn_in_trait)]
+pub trait Observer {
+    /// Snapshot bytes restored so far, of `total`.
+    async fn restored(&mut self, done: u64, total: u64);
+    /// `entries` more oplog entries applied; the head is `lag_ms` behind the newest stored.
+    async fn applied(&mut self, entries: u64, lag_ms: u64);
+}
+
+/// Observes nothing.
+pub struct Quiet;
+
+impl Observer for Quiet {
+    async fn restored(&mut self, _: u64, _: u64) {}
+    async fn applied(&mut self, _: u64, _: u64) {}
+}
+
+/// How a rebuild ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: restored, or caught up with the oplog.
+    Done,
+    /// Cancelled before the end; the head keeps what it has (consistent, resumable).
+    Cancelled,
+    /// It cannot finish, for this reason (a missing or corrupt snapshot, lost oplog).
+    Failed(String),
+}
+
+/// Restores `snapshot` into an emptied `head`, checking its checksum; on success `meta`
+/// stands at the snapshot's point and records it as restored.
+pub async fn restore_snapshot(
+    stores: &Stores,
+    head: &Head,
+    meta: &mut HeadMeta,
+    snapshot: &SnapshotMeta,
+    observer: &mut impl Observer,
+) -> anyhow::Result<Outcome> {
+    let data = match stores.read_snapshot(snapshot).await {
+        Ok(d) => d,
+        Err(store::StoreError::MissingSnapshot(name)) => {
+            return Ok(Outcome::Failed(format!(
+                "snapshot {name} is missing from the snapshot store"
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let docs = match crate::snapshot::parse(&data) {
+        Ok(d) => d,
+        Err(e) => {
+            return Ok(Outcome::Failed(format!(
+                "snapshot {} of {} is corrupt: {e}",
+                snapshot.id, snapshot.job
+            )))
+        }
+    };
+    head.clear()?;
+    meta.restored_from = None;
+    meta.checksum = Default::default();
+    meta.bytes = 0;
+    let total = data.len() as u64;
+    let mut loaded = 0u64;
+    for chunk in docs.chunks(4096) {
+        head.load(meta, chunk)?;
+        loaded += chunk
+            .iter()
+            .map(|(id, d)| (id.len() + d.len() + 20) as u64)
+            .sum::<u64>();
+        observer.restored(loaded.min(total), total).await;
+        tokio::task::yield_now().await;
+    }
+    if meta.checksum != snapshot.checksum {
+        return Ok(Outcome::Failed(format!(
+            "snapshot {} of {} is corrupt: its data has checksum {} but it was taken with {}",
+            snapshot.id, snapshot.job, meta.checksum, snapshot.checksum
+        )));
+    }
+    meta.restored_from = Some(snapshot.id.clone());
+    meta.n = snapshot.n;
+    meta.ts = snapshot.ts;
+    meta.applied_seq = snapshot.oplog_seq.saturating_sub(1);
+    head.set_meta(meta)?;
+    observer.restored(total, total).await;
+    Ok(Outcome::Done)
+}
+
+/// Applies the job's stored oplog after the head's point until the head holds every
+/// entry stored when it looked (writes going on meanwhile are caught up to as they
+/// come, until nothing is pending).
+pub async fn replay(
+    stores: &Stores,
+    job: &JobId,
+    head: &Head,
+    meta: &mut HeadMeta,
+    cancelled: &mut watch::Receiver<bool>,
+    observer: &mut impl Observer,
+) -> anyhow::Result<Outcome> {
+    let Some((last_seq, _)) = stores.oplog_last(job).await? else {
+        return Ok(Outcome::Done);
+    };
+    if meta.applied_seq >= last_seq {
+        return Ok(Outcome::Done);
+    }
+    let mut messages = stores.read_oplog(job, meta.applied_seq + 1).await?;
+    loop {
+        let m = tokio::select! {
+            _ = cancelled.changed() => return Ok(Outcome::Cancelled),
+            m = tokio::time::timeout(Duration::from_secs(30), messages.next()) => m,
+        };
+        let m = match m {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "oplog reader hiccup");
+                continue;
+            }
+            Ok(None) => anyhow::bail!("the oplog reader ended"),
+            Err(_) => anyhow::bail!("no oplog message within 30 s"),
+        };
+        let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (seq, pending, published) = (
+            info.stream_sequence,
+            info.pending,
+            store::time_ms(info.published),
+        );
+        let entries = match oplog::decode(&m.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                return Ok(Outcome::Failed(format!(
+                    "oplog message {seq} is unreadable: {e}"
+                )))
+            }
+        };
+        match head.apply(meta, seq, &entries) {
+            Ok(applied) => {
+                observer
+                    .applied(applied as u64, now_ms().saturating_sub(published))
+                    .await;
+            }
+            Err(e @ (HeadError::Gap { .. } | HeadError::Diverged { .. })) => {
+                return Ok(Outcome::Failed(e.to_string()))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if pending == 0 {
+            return Ok(Outcome::Done);
+        }
+    }
+}
