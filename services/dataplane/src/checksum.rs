@@ -68,6 +68,20 @@ impl Serialize for Checksum {
     }
 }
 
+impl schemars::JsonSchema for Checksum {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Checksum".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Number of documents and the sum of their hashes: count-hexsum.",
+            "type": "string",
+            "pattern": "^[0-9]{1,20}-[0-9a-f]{16}$"
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for Checksum {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;

@@ -39,7 +39,7 @@ pub struct DaemonConfig {
 }
 
 /// Progress of one job's rebuild, published on `handoff.progress.<move>`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Progress {
     pub move_id: String,
     pub job: JobId,

@@ -14,6 +14,7 @@ pub mod rebuild;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
+pub mod schemas;
 pub mod snapshot;
 pub mod source;
 pub mod store;

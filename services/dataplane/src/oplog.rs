@@ -24,7 +24,18 @@ pub const CHECKSUM: &str = "Handoff-Checksum";
 
 /// A MongoDB-style oplog timestamp: seconds since the epoch and an increment within it.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
 )]
 pub struct Ts {
     pub t: u32,
@@ -55,7 +66,7 @@ impl FromStr for Ts {
 }
 
 /// What an entry does to its document.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Op {
     /// Insert (or replace) the document.
     #[serde(rename = "i")]

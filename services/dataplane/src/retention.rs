@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Retention settings of the oplog store, in hours of the data plane's clock.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Retention {
     /// The point-in-time window: how long entries are kept (24 h by default).

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 pub const HOUR_MS: u64 = 3_600_000;
 
 /// A job's snapshot schedule and retention.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Schedule {
     /// Hours between snapshots: 6, 8, 12 or 24.

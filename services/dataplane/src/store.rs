@@ -46,7 +46,7 @@ pub fn progress_subject(move_id: &str) -> String {
 }
 
 /// The data plane's settings, shared by the agent, the daemons and restores.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// The default snapshot schedule (a job may have its own).
@@ -67,7 +67,7 @@ impl Settings {
 }
 
 /// What the snapshot store records with each snapshot.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SnapshotMeta {
     /// A ULID; the object is `<job>/<id>`.
     pub id: String,
@@ -96,7 +96,7 @@ impl SnapshotMeta {
 }
 
 /// Where a job's head stands, as its daemon last said.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HeadRecord {
     pub daemon: DaemonId,
     pub epoch: u64,
@@ -109,7 +109,7 @@ pub struct HeadRecord {
 }
 
 /// A restore reading a job's oplog from `from_seq`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Lease {
     pub job: JobId,
     pub from_seq: u64,
@@ -117,7 +117,7 @@ pub struct Lease {
 }
 
 /// A daemon's heartbeat.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Heartbeat {
     pub daemon: DaemonId,
     pub at_ms: u64,
