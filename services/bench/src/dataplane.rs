@@ -136,7 +136,6 @@ async fn our_rebuild(
         n: 0,
         ts: Ts::ZERO,
         checksum: Default::default(),
-        bytes: 0,
     };
     let t = Instant::now();
     let outcome = rebuild::restore_snapshot(stores, &head, &mut meta, snapshot, &mut Quiet).await?;

@@ -23,7 +23,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::agent::new_id;
 use crate::commands::Commands;
-use crate::head::{Head, HeadMeta, HeadStatus, Heads};
+use crate::head::{Head, HeadError, HeadMeta, HeadStatus, Heads};
 use crate::oplog;
 use crate::rebuild::{Observer, Outcome};
 use crate::store::{self, now_ms, HeadRecord, Heartbeat, SnapshotMeta, Stores};
@@ -373,7 +373,6 @@ async fn keep_job(
             n: 0,
             ts: oplog::Ts::ZERO,
             checksum: Default::default(),
-            bytes: 0,
         },
     };
     let mut progress = ProgressState::new(shared, job, move_id.as_ref());
@@ -573,6 +572,12 @@ async fn finish(
             if e.code == handoff_protocol::ErrorCode::Unavailable {
                 anyhow::bail!("completing the move of {job}: {}", e.message);
             }
+            // Completed before (a rebuild again after a crash or a divergence): the job is ours.
+            if owner(shared, job).await? == Some(shared.id.clone()) {
+                meta.status = HeadStatus::Active;
+                head.set_meta(meta)?;
+                return Ok(Ok(()));
+            }
             // The move is over without us (failed, or the job moved on): let the head go.
             tracing::warn!(%job, move_id = %move_id, reason = %e.message, "completion refused; dropping the head");
             head.clear()?;
@@ -594,6 +599,36 @@ async fn finish(
     meta.status = HeadStatus::Active;
     head.set_meta(meta)?;
     Ok(Ok(()))
+}
+
+/// The job's owner as its events say, unless it is moving.
+async fn owner(shared: &Shared, job: &JobId) -> anyhow::Result<Option<DaemonId>> {
+    let log = handoff_eventlog::EventLog::attach(
+        shared.stores.client.clone(),
+        handoff_eventlog::Config::default(),
+    )
+    .await?;
+    let subject = subjects::aggregate(&handoff_domain::event::Aggregate::Job(job.clone()));
+    let stream = log.jetstream().get_stream(log.stream_name()).await?;
+    let Ok(last) = stream.get_last_raw_message_by_subject(&subject).await else {
+        return Ok(None);
+    };
+    let mut reader = log.read_filtered(1, &subject).await?;
+    let mut owner = None;
+    loop {
+        let r = reader.next().await?;
+        owner = match r.envelope.event {
+            Event::BackupJobCreated { daemon, .. } | Event::JobMoveCompleted { daemon, .. } => {
+                Some(daemon)
+            }
+            Event::JobMoveFailed { returned_to, .. } => Some(returned_to),
+            Event::JobMoveStarted { .. } => None,
+            _ => owner,
+        };
+        if r.seq >= last.sequence {
+            return Ok(owner);
+        }
+    }
 }
 
 /// A command id derived from a move and a job, so the completion of one job's move has
@@ -676,7 +711,13 @@ async fn follow(
                 };
                 let seq = m.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
                 let entries = oplog::decode(&m.payload)?;
-                head.apply(meta, seq, &entries)?;
+                if let Err(e) = head.apply(meta, seq, &entries) {
+                    if matches!(e, HeadError::Gap { .. }) {
+                        // The oplog it needs is gone: start again from a snapshot.
+                        head.clear()?;
+                    }
+                    return Err(e.into());
+                }
             }
             _ = tick.tick() => {
                 let now = now_ms();
@@ -719,7 +760,16 @@ async fn take_snapshot(
     meta: &HeadMeta,
     slot: u64,
 ) -> anyhow::Result<()> {
-    let data = head.export()?;
+    let (data, sum) = head.export()?;
+    if sum != meta.checksum {
+        // The head no longer matches the source: rebuild it rather than store a bad copy.
+        head.clear()?;
+        anyhow::bail!(
+            "the head of {job} has checksum {sum} but the source had {} at {}; rebuilding it",
+            meta.checksum,
+            meta.ts
+        );
+    }
     let snapshot = SnapshotMeta {
         id: ulid::Ulid::new().to_string(),
         job: job.clone(),

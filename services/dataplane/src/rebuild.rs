@@ -69,12 +69,11 @@ pub async fn restore_snapshot(
     };
     head.clear()?;
     meta.restored_from = None;
-    meta.checksum = Default::default();
-    meta.bytes = 0;
+    let mut sum = crate::Checksum::default();
     let total = data.len() as u64;
     let mut loaded = 0u64;
     for chunk in docs.chunks(4096) {
-        head.load(meta, chunk)?;
+        head.load(meta, &mut sum, chunk)?;
         loaded += chunk
             .iter()
             .map(|(id, d)| (id.len() + d.len() + 20) as u64)
@@ -82,12 +81,13 @@ pub async fn restore_snapshot(
         observer.restored(loaded.min(total), total).await;
         tokio::task::yield_now().await;
     }
-    if meta.checksum != snapshot.checksum {
+    if sum != snapshot.checksum {
         return Ok(Outcome::Failed(format!(
-            "snapshot {} of {} is corrupt: its data has checksum {} but it was taken with {}",
-            snapshot.id, snapshot.job, meta.checksum, snapshot.checksum
+            "snapshot {} of {} is corrupt: its data has checksum {sum} but it was taken with {}",
+            snapshot.id, snapshot.job, snapshot.checksum
         )));
     }
+    meta.checksum = sum;
     meta.restored_from = Some(snapshot.id.clone());
     meta.n = snapshot.n;
     meta.ts = snapshot.ts;
@@ -99,7 +99,8 @@ pub async fn restore_snapshot(
 
 /// Applies the job's stored oplog after the head's point until the head holds every
 /// entry stored when it looked (writes going on meanwhile are caught up to as they
-/// come, until nothing is pending).
+/// come, until nothing is pending), then checks the head's documents against the
+/// source's checksum at that point.
 pub async fn replay(
     stores: &Stores,
     job: &JobId,
@@ -109,10 +110,10 @@ pub async fn replay(
     observer: &mut impl Observer,
 ) -> anyhow::Result<Outcome> {
     let Some((last_seq, _)) = stores.oplog_last(job).await? else {
-        return Ok(Outcome::Done);
+        return verified(head, meta);
     };
     if meta.applied_seq >= last_seq {
-        return Ok(Outcome::Done);
+        return verified(head, meta);
     }
     let mut messages = stores.read_oplog(job, meta.applied_seq + 1).await?;
     loop {
@@ -155,7 +156,16 @@ pub async fn replay(
             Err(e) => return Err(e.into()),
         }
         if pending == 0 {
-            return Ok(Outcome::Done);
+            return verified(head, meta);
         }
+    }
+}
+
+/// Done if the head's documents add up to the source's checksum at its point.
+pub fn verified(head: &Head, meta: &HeadMeta) -> anyhow::Result<Outcome> {
+    match head.verify(meta) {
+        Ok(()) => Ok(Outcome::Done),
+        Err(e @ HeadError::Diverged { .. }) => Ok(Outcome::Failed(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
