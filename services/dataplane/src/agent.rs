@@ -333,13 +333,18 @@ pub async fn groom(
     let pit_base = snaps.iter().rev().find(|s| s.taken_at_ms <= cutoff);
     if let Some((first, first_at)) = stores.oplog_first(job).await? {
         let last = stores.oplog_last(job).await?.map_or(first, |(s, _)| s);
+        let last_at = stores.oplog_time(last).await?.unwrap_or(now);
         let expired_below = if first_at >= cutoff {
             first
+        } else if last_at < cutoff {
+            last + 1
         } else {
+            // Some message is inside the window; if it cannot be found now, purge
+            // nothing this round rather than guess.
             stores
                 .oplog_first_since(job, cutoff)
                 .await?
-                .unwrap_or(last + 1)
+                .unwrap_or(first)
         };
         let at =
             |seq: u64| async move { stores.oplog_time(seq).await.ok().flatten().unwrap_or(now) };

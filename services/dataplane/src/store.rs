@@ -364,7 +364,7 @@ impl Stores {
         consumer.messages().await.map_err(unavailable)
     }
 
-    /// The stream sequence and stored time of a job's first oplog message at or after
+    /// The stream sequence of a job's first oplog message stored at or after
     /// `at_ms`, if any.
     pub async fn oplog_first_since(
         &self,
