@@ -411,6 +411,10 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
         sample_daemon(1),
         sample_daemon(3)
     );
+    if !a.no_data_plane {
+        println!("  handoff snapshots");
+        println!("  handoff restore --job sales/catalog --at $(date +%s) --out /tmp/restore");
+    }
     println!("Ctrl-C stops everything.");
     crate::shutdown_signal().await;
     println!("stopping...");
