@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use async_nats::jetstream;
 use futures::StreamExt;
 use handoff_dataplane::daemon::Progress;
 use handoff_dataplane::oplog::{self, Ts};
@@ -112,6 +113,11 @@ struct Story {
     moving_after_restores: usize,
     completed_when_killed: usize,
     rebuild_seen_before_kill: bool,
+    /// The jobs of the progress reports after the restart, repeats folded.
+    progress_after_restart: Vec<JobId>,
+    /// The filter subjects of the event stream's consumers.
+    consumer_filters: Vec<String>,
+    daemon_subjects: Vec<String>,
     events_after_kill: Vec<String>,
     failed_reason: Option<String>,
     failed_back_to: Option<(DaemonId, u64)>,
@@ -417,6 +423,22 @@ async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Stor
     d2.kill()?;
     let killed_at = stack.last_seq().await?;
     let completed_when_killed = events_of(&stack.events().await?, "JobMoveCompleted");
+    // Progress after the restart, in order, to see how many rebuilds ran at once: a new
+    // subscription (the old one may still hold reports of the killed process), in place
+    // before the daemon starts (a round trip on the same connection orders it).
+    drop(progress);
+    let mut progress = client
+        .subscribe(handoff_dataplane::store::progress_subject(&move_id))
+        .await?;
+    stack.last_seq().await?;
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let follower = tokio::spawn(async move {
+        while let Some(m) = progress.next().await {
+            if let Ok(p) = serde_json::from_slice::<Progress>(&m.payload) {
+                let _ = seen_tx.send(p.job);
+            }
+        }
+    });
     d2 = spawn_daemon(2, "1")?;
     until(
         "every moved job to complete on daemon 2",
@@ -424,6 +446,24 @@ async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Stor
         || async { Ok(events_of(&stack.events().await?, "JobMoveCompleted") == moved.len()) },
     )
     .await?;
+    follower.abort();
+    let mut progress_after_restart = Vec::new();
+    while let Ok(job) = seen_rx.try_recv() {
+        if progress_after_restart.last() != Some(&job) {
+            progress_after_restart.push(job);
+        }
+    }
+    // Every daemon reads its own subject only: the server filters for it.
+    let mut consumer_filters = Vec::new();
+    let events_stream = jetstream::new(client.clone())
+        .get_stream(handoff_protocol::subjects::STREAM)
+        .await?;
+    let mut consumers = events_stream.consumers();
+    while let Some(c) = consumers.next().await {
+        let c = c?;
+        consumer_filters.push(c.config.filter_subject.clone());
+        consumer_filters.extend(c.config.filter_subjects.clone());
+    }
     let events = stack.events().await?;
     let mut completed = BTreeMap::new();
     for r in &events {
@@ -536,6 +576,11 @@ async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Stor
         moving_after_restores,
         completed_when_killed,
         rebuild_seen_before_kill,
+        progress_after_restart,
+        consumer_filters,
+        daemon_subjects: [2, 3]
+            .map(|n| handoff_protocol::subjects::daemon(&id(n)))
+            .to_vec(),
         events_after_kill,
         failed_reason,
         failed_back_to,
@@ -884,4 +929,35 @@ async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> R
     assert_eq!(r["checksum"], r["source_checksum"]);
     assert!(r["entries_applied"].as_u64().unwrap_or(0) > 0);
     Ok(())
+}
+
+/// A daemon runs at most its number of workers rebuilds at once: with one worker, the
+/// progress reports come one job after another, never interleaved.
+#[test]
+fn a_daemon_runs_at_most_its_workers_rebuilds_at_once() {
+    let s = story();
+    let jobs = &s.progress_after_restart;
+    assert!(
+        jobs.len() >= 2,
+        "too few rebuilds reported to tell: {jobs:?}"
+    );
+    let distinct: BTreeSet<&JobId> = jobs.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        jobs.len(),
+        "rebuilds ran side by side on one worker: {jobs:?}"
+    );
+}
+
+/// Each daemon's assignments are filtered by the server: its consumer reads its subject.
+#[test]
+fn daemons_read_only_their_own_subject() {
+    let s = story();
+    for subject in &s.daemon_subjects {
+        assert!(
+            s.consumer_filters.contains(subject),
+            "no consumer filtered on {subject}: {:?}",
+            s.consumer_filters
+        );
+    }
 }
