@@ -132,5 +132,28 @@ async fn bad_restores_and_schedules_are_refused_and_change_nothing() -> Result<(
         "a refused schedule changed it"
     );
     assert_eq!(settings["retention"]["ttl_hours"], 24);
+    // A job's own schedule changes that job only.
+    handoff_ok(
+        &url,
+        &[
+            "schedule",
+            "--job",
+            "p/rs",
+            "--interval-hours",
+            "12",
+            "--reference",
+            "02:30",
+        ],
+    )?;
+    let own = handoff_ok(&url, &["--json", "schedule", "--job", "p/rs"])?.json()?;
+    assert_eq!(
+        (
+            own["schedule"]["interval_hours"].as_u64(),
+            own["schedule"]["reference_minute"].as_u64()
+        ),
+        (Some(12), Some(150))
+    );
+    let default = handoff_ok(&url, &["--json", "schedule"])?.json()?;
+    assert_eq!(default["schedule"]["interval_hours"], 6);
     Ok(())
 }

@@ -961,3 +961,80 @@ fn daemons_read_only_their_own_subject() {
         );
     }
 }
+
+/// The agent needs no daemon: with none running, it syncs a new job and saves its oplog.
+/// Killed and started again, it carries the source on from the stores: the oplog goes on
+/// with no gap and still adds up to the source's checksums.
+#[tokio::test]
+async fn the_agent_needs_no_daemon_and_resumes_after_a_kill() -> Result<()> {
+    let stack = Stack::start().await?;
+    let url = stack.url();
+    let dir = tempfile::tempdir()?;
+    let stores = Stores::open(stack.client.clone(), 1).await?;
+    // A registered daemon that never runs.
+    stack.apply(register(1, settings(100))).await?;
+    stack.apply(configure_project("p")).await?;
+    stack.apply(replica_set("p", "rs", 1)).await?;
+    let rs = job("p/rs");
+    let args = [
+        "agent",
+        "--ops-per-sec",
+        "300",
+        "--slice-ms",
+        "100",
+        "--initial-size",
+        "64KiB",
+        "--doc-size",
+        "128",
+    ];
+    let last_n = || async {
+        Ok::<u64, anyhow::Error>(match stores.oplog_last(&rs).await? {
+            Some((_, headers)) => headers
+                .get(oplog::LAST_N)
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(0),
+            None => 0,
+        })
+    };
+    let agent = Proc::spawn(&url, dir.path(), "agent", &args)?;
+    until("oplog saved with no daemon running", TIMEOUT, || async {
+        Ok(last_n().await? >= 300)
+    })
+    .await?;
+    agent.kill()?;
+    let at_kill = last_n().await?;
+    let _agent = Proc::spawn(&url, dir.path(), "agent-again", &args)?;
+    until("the oplog to go on after the restart", TIMEOUT, || async {
+        Ok(last_n().await? >= at_kill + 300)
+    })
+    .await?;
+    let scan = scan_oplog(&stores, &rs).await?;
+    assert!(scan.gaps.is_empty(), "gaps: {:?}", scan.gaps);
+    assert_eq!(scan.first_n, 1);
+    assert!(scan.last_n >= at_kill + 300);
+    let out = dir.path().join("restore");
+    let until_now = format!("{}:0", now_ms() / 1000);
+    let restored = handoff_ok(
+        &url,
+        &[
+            "--json",
+            "restore",
+            "--job",
+            "p/rs",
+            "--oplog-ts",
+            &until_now,
+            "--out",
+            out.to_str().unwrap_or_default(),
+        ],
+    )?
+    .json()?;
+    let r = &restored[0];
+    assert_eq!(r["checksum"], r["source_checksum"], "{r}");
+    assert!(r["n"].as_u64().unwrap_or(0) > at_kill, "{r}");
+    assert_eq!(
+        stores.snapshots(Some(&rs)).await?.len(),
+        1,
+        "one initial sync, not one per start"
+    );
+    Ok(())
+}
