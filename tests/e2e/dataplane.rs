@@ -1036,5 +1036,54 @@ async fn the_agent_needs_no_daemon_and_resumes_after_a_kill() -> Result<()> {
         1,
         "one initial sync, not one per start"
     );
+    // An oplog timestamp is inclusive; a point in time excludes its own second.
+    let points: Vec<(&Ts, &handoff_dataplane::Checksum)> = scan.source_at.iter().collect();
+    let (mid, mid_c) = points[points.len() / 2];
+    let run = |args: Vec<String>| {
+        let url = url.clone();
+        let out = dir.path().join(format!("r{}", args.len()));
+        async move {
+            let mut full = vec![
+                "--json".to_owned(),
+                "restore".into(),
+                "--job".into(),
+                "p/rs".into(),
+                "--out".into(),
+                out.display().to_string(),
+            ];
+            full.extend(args);
+            let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+            handoff_ok(&url, &refs)?.json()
+        }
+    };
+    let r = run(vec!["--oplog-ts".into(), mid.to_string()]).await?;
+    assert_eq!(
+        r[0]["ts"],
+        serde_json::to_value(mid)?,
+        "inclusive: {}",
+        r[0]
+    );
+    assert_eq!(r[0]["checksum"], mid_c.to_string());
+    let r = run(vec![
+        "--at".into(),
+        mid.t.to_string(),
+        "--snapshot-less".into(),
+    ])
+    .await;
+    assert!(r.is_err(), "an unknown flag is refused");
+    let r = run(vec!["--at".into(), mid.t.to_string()]).await?;
+    let before = points
+        .iter()
+        .rev()
+        .find(|(ts, _)| ts.t < mid.t)
+        .map(|(ts, _)| **ts)
+        .expect("an entry before");
+    assert_eq!(
+        r[0]["ts"],
+        serde_json::to_value(before)?,
+        "exclusive of {}: {}",
+        mid.t,
+        r[0]
+    );
     Ok(())
 }

@@ -58,6 +58,12 @@ impl Default for AgentConfig {
 pub struct Clock(Arc<Mutex<Ts>>);
 
 impl Clock {
+    /// Never gives `ts` or anything before it.
+    pub fn floor(&self, ts: Ts) {
+        let mut last = self.0.lock().expect("clock lock");
+        *last = (*last).max(ts);
+    }
+
     pub fn next(&self) -> Ts {
         let now = (now_ms() / 1000) as u32;
         let mut last = self.0.lock().expect("clock lock");
@@ -91,37 +97,108 @@ pub async fn run(
     let mut reader = log.read_filtered(1, "handoff.evt.job.>").await?;
     let clock = Clock::default();
     let jobs: Arc<Mutex<BTreeSet<JobId>>> = Arc::default();
+    let ttl: Ttl = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     {
-        let (stores, config, jobs, stop) =
-            (stores.clone(), config.clone(), jobs.clone(), stop.clone());
-        tasks.spawn(async move { groom_loop(stores, config, jobs, stop).await });
+        let (stores, config, jobs, ttl, stop) = (
+            stores.clone(),
+            config.clone(),
+            jobs.clone(),
+            ttl.clone(),
+            stop.clone(),
+        );
+        tasks.spawn(async move { groom_loop(stores, config, jobs, ttl, stop).await });
+    }
+    // The jobs that exist already, and the retention each was grown to.
+    let end = match log
+        .jetstream()
+        .get_stream(log.stream_name())
+        .await?
+        .get_last_raw_message_by_subject("handoff.evt.job.>")
+        .await
+    {
+        Ok(m) => m.sequence,
+        Err(_) => 0, // No job yet.
+    };
+    tracing::debug!(end, "reading the jobs that exist");
+    let mut known = Vec::new();
+    let mut seen = 0;
+    while seen < end {
+        let r = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            r = reader.next() => r?,
+        };
+        seen = r.seq;
+        note(&r.envelope.event, &config, &ttl, &mut known);
+    }
+    // A restarted agent's clock goes on after every timestamp already stored, so the
+    // timestamps of all jobs stay one time line.
+    for (job, _) in &known {
+        if let Some((_, headers)) = stores.oplog_last(job).await? {
+            if let Some(ts) = headers
+                .get(oplog::LAST_TS)
+                .and_then(|v| v.as_str().parse().ok())
+            {
+                clock.floor(ts);
+            }
+        }
+    }
+    let stopped = stop.clone();
+    let start = |job: JobId, epoch: u64, tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>| {
+        if !jobs.lock().expect("jobs lock").insert(job.clone()) {
+            return;
+        }
+        let (stores, config, clock, stop) = (
+            stores.clone(),
+            config.clone(),
+            clock.clone(),
+            stopped.clone(),
+        );
+        tasks.spawn(async move {
+            if let Err(e) = run_source(&stores, &config, &clock, &job, epoch, stop).await {
+                tracing::error!(%job, error = %e, "the source of a job stopped");
+            }
+            Ok(())
+        });
+    };
+    for (job, epoch) in known.drain(..) {
+        start(job, epoch, &mut tasks);
     }
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             next = reader.next() => {
                 let r = next?;
-                if let Event::BackupJobCreated { job, project, epoch, .. } = r.envelope.event {
-                    if !config.projects.is_empty() && !config.projects.contains(&project) {
-                        continue;
-                    }
-                    if !jobs.lock().expect("jobs lock").insert(job.clone()) {
-                        continue;
-                    }
-                    let (stores, config, clock, stop) = (stores.clone(), config.clone(), clock.clone(), stop.clone());
-                    tasks.spawn(async move {
-                        if let Err(e) = run_source(&stores, &config, &clock, &job, epoch, stop).await {
-                            tracing::error!(%job, error = %e, "the source of a job stopped");
-                        }
-                        Ok(())
-                    });
+                note(&r.envelope.event, &config, &ttl, &mut known);
+                for (job, epoch) in known.drain(..) {
+                    start(job, epoch, &mut tasks);
                 }
             }
         }
     }
     tasks.shutdown().await;
     Ok(())
+}
+
+/// Each job's oplog retention, in hours, once it has grown.
+type Ttl = Arc<Mutex<HashMap<JobId, u32>>>;
+
+/// Takes note of a job event: a new job to back up, or a retention that grew.
+fn note(event: &Event, config: &AgentConfig, ttl: &Ttl, new: &mut Vec<(JobId, u64)>) {
+    match event {
+        Event::BackupJobCreated {
+            job,
+            project,
+            epoch,
+            ..
+        } if config.projects.is_empty() || config.projects.contains(project) => {
+            new.push((job.clone(), *epoch));
+        }
+        Event::OplogTtlResized { job, hours, .. } => {
+            ttl.lock().expect("ttl lock").insert(job.clone(), *hours);
+        }
+        _ => {}
+    }
 }
 
 /// A message cut from the slice being built.
@@ -148,7 +225,8 @@ async fn run_source(
     };
     let mut last_seq = stores.oplog_last(job).await?.map_or(0, |(s, _)| s);
     let mut source = match crate::restore::latest(stores, job).await? {
-        Some((docs, n, _)) => {
+        Some((docs, n, ts)) => {
+            clock.floor(ts);
             tracing::info!(%job, n, "resuming the source from the stores");
             Source::resume(&workload, docs, n)
         }
@@ -285,13 +363,13 @@ async fn groom_loop(
     stores: Stores,
     config: AgentConfig,
     jobs: Arc<Mutex<BTreeSet<JobId>>>,
+    ttl: Ttl,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let commands = Commands::new(
         stores.client.clone(),
         Actor::new("handoff-agent").expect("a valid actor"),
     );
-    let mut ttl: HashMap<JobId, u32> = HashMap::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(config.groom_ms.max(50)));
     loop {
         tokio::select! {
@@ -307,27 +385,36 @@ async fn groom_loop(
             }
         };
         for job in list {
-            if let Err(e) = groom(&stores, &commands, &job, &mut ttl, &leases).await {
-                tracing::warn!(%job, error = %e, "groom of a job failed; trying again later");
+            let hours = ttl.lock().expect("ttl lock").get(&job).copied();
+            match groom(&stores, &commands, &job, hours, &leases).await {
+                Ok(Some(grown)) => {
+                    ttl.lock().expect("ttl lock").insert(job.clone(), grown);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(%job, error = %e, "groom of a job failed; trying again later");
+                }
             }
         }
     }
 }
 
-/// Grooms one job: purges the oplog that nothing needs and expires snapshots.
+/// Grooms one job: purges the oplog that nothing needs and expires snapshots. `grown`:
+/// the job's retention if it grew before. Returns the retention if it grows now.
 pub async fn groom(
     stores: &Stores,
     commands: &Commands,
     job: &JobId,
-    ttl: &mut HashMap<JobId, u32>,
+    grown: Option<u32>,
     leases: &[store::Lease],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<u32>> {
     let settings = stores.settings().await?;
     let hour = settings.hour_ms();
     let now = now_ms();
-    let hours = *ttl
-        .entry(job.clone())
-        .or_insert(settings.retention.ttl_hours);
+    let hours = grown
+        .unwrap_or(settings.retention.ttl_hours)
+        .max(settings.retention.ttl_hours);
+    let mut resized = None;
     let snaps = stores.snapshots(Some(job)).await?;
     let cutoff = now.saturating_sub(u64::from(hours) * hour);
     let pit_base = snaps.iter().rev().find(|s| s.taken_at_ms <= cutoff);
@@ -409,7 +496,7 @@ pub async fn groom(
                 .await
                 .map_err(|e| anyhow::anyhow!("OPLOG_TTL_RESIZE not recorded: {}", e.message))?;
             tracing::warn!(%job, hours = new_hours, reason, "oplog retention grown (OPLOG_TTL_RESIZE)");
-            ttl.insert(job.clone(), new_hours);
+            resized = Some(new_hours);
         }
         if let Some(below) = plan.purge_below {
             let purged = stores.purge_oplog(job, below).await?;
@@ -433,7 +520,7 @@ pub async fn groom(
             tracing::info!(%job, snapshot = %s.id, "snapshot expired");
         }
     }
-    Ok(())
+    Ok(resized)
 }
 
 /// A fresh command id.
