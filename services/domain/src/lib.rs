@@ -19,6 +19,7 @@
 //! - [`decide`](mod@decide): the rules, including placement and the destination checks
 //!   of a move.
 //! - [`rejection`]: why a command was refused, each reason with its own variant.
+//! - [`auth`]: who may send which command (roles and the rules of MISSION rule 1).
 //!
 //! # How a command flows
 //! The command service validates the request into a [`Command`], calls [`decide()`] with
@@ -26,6 +27,7 @@
 //! atomically, with optimistic concurrency on every aggregate the events touch. A
 //! rejection appends nothing.
 
+pub mod auth;
 pub mod command;
 pub mod decide;
 pub mod event;
