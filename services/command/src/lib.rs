@@ -31,7 +31,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use handoff_domain::Command;
 use handoff_eventlog::EventLog;
-use handoff_protocol::api::{Endpoint, ENDPOINTS, MAX_REQUEST_BYTES};
+use handoff_protocol::api::{CommandRequest, Endpoint, ENDPOINTS, MAX_REQUEST_BYTES};
 use handoff_protocol::{subjects, ErrorBody, ErrorCode, Reply};
 use thiserror::Error;
 use tracing::Instrument;
@@ -173,9 +173,11 @@ fn record_subjects(span: &tracing::Span, request: &handoff_protocol::CommandRequ
     }
 }
 
-async fn handle(executor: &mut Executor, endpoint: Endpoint, payload: &[u8]) -> Reply {
+/// Checks a request's size and shape before anything else looks at it: a body too large or
+/// not the endpoint's request is a validation error, with nothing decided or appended.
+pub fn screen(endpoint: &Endpoint, payload: &[u8]) -> Result<CommandRequest<Command>, ErrorBody> {
     if payload.len() > MAX_REQUEST_BYTES {
-        return Reply::Error(ErrorBody::new(
+        return Err(ErrorBody::new(
             ErrorCode::Validation,
             "too_large",
             format!(
@@ -184,15 +186,19 @@ async fn handle(executor: &mut Executor, endpoint: Endpoint, payload: &[u8]) -> 
             ),
         ));
     }
-    let request = match (endpoint.parse)(payload) {
+    (endpoint.parse)(payload).map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::Validation,
+            "malformed",
+            format!("malformed {} request: {e}", endpoint.name),
+        )
+    })
+}
+
+async fn handle(executor: &mut Executor, endpoint: Endpoint, payload: &[u8]) -> Reply {
+    let request = match screen(&endpoint, payload) {
         Ok(r) => r,
-        Err(e) => {
-            return Reply::Error(ErrorBody::new(
-                ErrorCode::Validation,
-                "malformed",
-                format!("malformed {} request: {e}", endpoint.name),
-            ))
-        }
+        Err(e) => return Reply::Error(e),
     };
     let span = tracing::info_span!(
         "command",
