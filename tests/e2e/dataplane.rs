@@ -179,6 +179,14 @@ fn events_of(events: &[handoff_eventlog::Recorded], kind: &str) -> usize {
         .count()
 }
 
+/// `handoff --json restore --job JOB --out OUT ARGS...`: its JSON answer.
+fn restore_json(url: &str, job: &str, out: &Path, args: &[&str]) -> Result<Value> {
+    let out = out.to_str().unwrap_or_default();
+    let mut full = vec!["--json", "restore", "--job", job, "--out", out];
+    full.extend_from_slice(args);
+    handoff_ok(url, &full)?.json()
+}
+
 async fn scan_oplog(stores: &Stores, job: &JobId) -> Result<OplogScan> {
     let (last_seq, _) = stores
         .oplog_last(job)
@@ -900,31 +908,34 @@ async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> R
         assert!(hours > previous && previous >= 24, "{previous} -> {hours}");
         assert!(reason.contains("still needs"), "{reason}");
     })?;
-    // Well past the original window, the entries after the last snapshot are all there:
-    // a restore to the end of the oplog replays them and matches the source.
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // Well past the original window (the retention has grown a second time), the entries
+    // after the last snapshot are all there: a restore to the end of the oplog replays
+    // them and matches the source.
+    wait_for("a second OPLOG_TTL_RESIZE", || async {
+        let events = stack.events().await?;
+        Ok(events.iter().find_map(|r| match &r.envelope.event {
+            Event::OplogTtlResized {
+                job,
+                previous_hours,
+                ..
+            } if *job == rs && *previous_hours > 24 => Some(()),
+            _ => None,
+        }))
+    })
+    .await?;
     let first = stores.oplog_first(&rs).await?.map(|(s, _)| s).unwrap_or(0);
     assert!(
         first <= latest.oplog_seq.max(1),
         "purged entries the last snapshot needs: first {first}, snapshot at {}",
         latest.oplog_seq
     );
-    let out = dir.path().join("restore");
     let until_now = format!("{}:0", now_ms() / 1000);
-    let restored = handoff_ok(
+    let restored = restore_json(
         &url,
-        &[
-            "--json",
-            "restore",
-            "--job",
-            "p/rs",
-            "--oplog-ts",
-            &until_now,
-            "--out",
-            out.to_str().unwrap_or_default(),
-        ],
-    )?
-    .json()?;
+        "p/rs",
+        &dir.path().join("restore"),
+        &["--oplog-ts", &until_now],
+    )?;
     let r = &restored[0];
     assert_eq!(r["checksum"], r["source_checksum"]);
     assert!(r["entries_applied"].as_u64().unwrap_or(0) > 0);
@@ -1012,22 +1023,13 @@ async fn the_agent_needs_no_daemon_and_resumes_after_a_kill() -> Result<()> {
     assert!(scan.gaps.is_empty(), "gaps: {:?}", scan.gaps);
     assert_eq!(scan.first_n, 1);
     assert!(scan.last_n >= at_kill + 300);
-    let out = dir.path().join("restore");
     let until_now = format!("{}:0", now_ms() / 1000);
-    let restored = handoff_ok(
+    let restored = restore_json(
         &url,
-        &[
-            "--json",
-            "restore",
-            "--job",
-            "p/rs",
-            "--oplog-ts",
-            &until_now,
-            "--out",
-            out.to_str().unwrap_or_default(),
-        ],
-    )?
-    .json()?;
+        "p/rs",
+        &dir.path().join("restore"),
+        &["--oplog-ts", &until_now],
+    )?;
     let r = &restored[0];
     assert_eq!(r["checksum"], r["source_checksum"], "{r}");
     assert!(r["n"].as_u64().unwrap_or(0) > at_kill, "{r}");
@@ -1039,24 +1041,12 @@ async fn the_agent_needs_no_daemon_and_resumes_after_a_kill() -> Result<()> {
     // An oplog timestamp is inclusive; a point in time excludes its own second.
     let points: Vec<(&Ts, &handoff_dataplane::Checksum)> = scan.source_at.iter().collect();
     let (mid, mid_c) = points[points.len() / 2];
-    let run = |args: Vec<String>| {
-        let url = url.clone();
+    let run = |args: &[&str]| {
         let out = dir.path().join(format!("r{}", args.len()));
-        async move {
-            let mut full = vec![
-                "--json".to_owned(),
-                "restore".into(),
-                "--job".into(),
-                "p/rs".into(),
-                "--out".into(),
-                out.display().to_string(),
-            ];
-            full.extend(args);
-            let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-            handoff_ok(&url, &refs)?.json()
-        }
+        restore_json(&url, "p/rs", &out, args)
     };
-    let r = run(vec!["--oplog-ts".into(), mid.to_string()]).await?;
+    let (mid_ts, mid_t) = (mid.to_string(), mid.t.to_string());
+    let r = run(&["--oplog-ts", &mid_ts])?;
     assert_eq!(
         r[0]["ts"],
         serde_json::to_value(mid)?,
@@ -1064,14 +1054,9 @@ async fn the_agent_needs_no_daemon_and_resumes_after_a_kill() -> Result<()> {
         r[0]
     );
     assert_eq!(r[0]["checksum"], mid_c.to_string());
-    let r = run(vec![
-        "--at".into(),
-        mid.t.to_string(),
-        "--snapshot-less".into(),
-    ])
-    .await;
+    let r = run(&["--at", &mid_t, "--snapshot-less"]);
     assert!(r.is_err(), "an unknown flag is refused");
-    let r = run(vec!["--at".into(), mid.t.to_string()]).await?;
+    let r = run(&["--at", &mid_t])?;
     let before = points
         .iter()
         .rev()

@@ -127,16 +127,7 @@ async fn our_rebuild(
     let dir = tempfile::tempdir()?;
     let heads = Heads::open(dir.path())?;
     let head = heads.head(job)?;
-    let mut meta = HeadMeta {
-        job: job.clone(),
-        epoch: 1,
-        status: HeadStatus::Building,
-        restored_from: None,
-        applied_seq: 0,
-        n: 0,
-        ts: Ts::ZERO,
-        checksum: Default::default(),
-    };
+    let mut meta = HeadMeta::new(job.clone(), 1, HeadStatus::Building);
     let t = Instant::now();
     let outcome = rebuild::restore_snapshot(stores, &head, &mut meta, snapshot, &mut Quiet).await?;
     let restore = t.elapsed();

@@ -377,16 +377,16 @@ async fn groom_loop(
             _ = ticker.tick() => {}
         }
         let list: Vec<JobId> = jobs.lock().expect("jobs lock").iter().cloned().collect();
-        let leases = match stores.leases().await {
-            Ok(l) => l,
-            Err(e) => {
+        let (leases, settings) = match (stores.leases().await, stores.settings().await) {
+            (Ok(l), Ok(s)) => (l, s),
+            (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!(error = %e, "groom skipped");
                 continue;
             }
         };
         for job in list {
             let hours = ttl.lock().expect("ttl lock").get(&job).copied();
-            match groom(&stores, &commands, &job, hours, &leases).await {
+            match groom(&stores, &commands, &settings, &job, hours, &leases).await {
                 Ok(Some(grown)) => {
                     ttl.lock().expect("ttl lock").insert(job.clone(), grown);
                 }
@@ -404,11 +404,11 @@ async fn groom_loop(
 pub async fn groom(
     stores: &Stores,
     commands: &Commands,
+    settings: &store::Settings,
     job: &JobId,
     grown: Option<u32>,
     leases: &[store::Lease],
 ) -> anyhow::Result<Option<u32>> {
-    let settings = stores.settings().await?;
     let hour = settings.hour_ms();
     let now = now_ms();
     let hours = grown
@@ -504,7 +504,10 @@ pub async fn groom(
         }
     }
     // Snapshots past their tiers' retention go; never the latest nor the window's base.
-    let schedule = stores.schedule(job).await?;
+    let schedule = match stores.own_schedule(job).await? {
+        Some(s) => s,
+        None => settings.schedule.clone(),
+    };
     let keep: BTreeMap<&str, ()> = snaps
         .last()
         .into_iter()

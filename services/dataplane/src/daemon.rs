@@ -235,9 +235,13 @@ async fn drop_when_moved(
     job: JobId,
 ) {
     let subject = subjects::aggregate(&handoff_domain::event::Aggregate::Job(job.clone()));
+    let mut stream = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let Ok(stream) = log.jetstream().get_stream(log.stream_name()).await else {
+        if stream.is_none() {
+            stream = log.jetstream().get_stream(log.stream_name()).await.ok();
+        }
+        let Some(stream) = &stream else {
             continue;
         };
         let Ok(m) = stream.get_last_raw_message_by_subject(&subject).await else {
@@ -359,21 +363,16 @@ async fn keep_job(
     }
     let mut meta = match meta {
         Some(m) => m,
-        None => HeadMeta {
-            job: job.clone(),
-            epoch: a.epoch,
-            status: match &move_id {
+        None => HeadMeta::new(
+            job.clone(),
+            a.epoch,
+            match &move_id {
                 Some(id) => HeadStatus::Rebuilding {
                     move_id: id.to_string(),
                 },
                 None => HeadStatus::Building,
             },
-            restored_from: None,
-            applied_seq: 0,
-            n: 0,
-            ts: oplog::Ts::ZERO,
-            checksum: Default::default(),
-        },
+        ),
     };
     let mut progress = ProgressState::new(shared, job, move_id.as_ref());
     if meta.status != HeadStatus::Active {

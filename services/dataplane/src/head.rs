@@ -46,6 +46,22 @@ pub struct HeadMeta {
     pub checksum: Checksum,
 }
 
+impl HeadMeta {
+    /// An empty head of `job` at `epoch`, before any snapshot is restored into it.
+    pub fn new(job: JobId, epoch: u64, status: HeadStatus) -> HeadMeta {
+        HeadMeta {
+            job,
+            epoch,
+            status,
+            restored_from: None,
+            applied_seq: 0,
+            n: 0,
+            ts: Ts::ZERO,
+            checksum: Checksum::default(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HeadError {
     #[error("head store: {0}")]
@@ -250,16 +266,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn empty(job: &JobId) -> HeadMeta {
-        HeadMeta {
-            job: job.clone(),
-            epoch: 1,
-            status: HeadStatus::Building,
-            restored_from: None,
-            applied_seq: 0,
-            n: 0,
-            ts: Ts::ZERO,
-            checksum: Checksum::default(),
-        }
+        HeadMeta::new(job.clone(), 1, HeadStatus::Building)
     }
 
     proptest! {

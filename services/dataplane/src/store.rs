@@ -243,6 +243,14 @@ impl Stores {
 
     /// A job's snapshot schedule: its own, else the default.
     pub async fn schedule(&self, job: &JobId) -> Result<Schedule, StoreError> {
+        match self.own_schedule(job).await? {
+            Some(s) => Ok(s),
+            None => Ok(self.settings().await?.schedule),
+        }
+    }
+
+    /// A job's own schedule, if it has one.
+    pub async fn own_schedule(&self, job: &JobId) -> Result<Option<Schedule>, StoreError> {
         match self
             .config
             .get(format!("schedule/{job}"))
@@ -250,8 +258,9 @@ impl Stores {
             .map_err(unavailable)?
         {
             Some(v) => serde_json::from_slice(&v)
+                .map(Some)
                 .map_err(|e| StoreError::Invalid(format!("stored schedule is unreadable: {e}"))),
-            None => Ok(self.settings().await?.schedule),
+            None => Ok(None),
         }
     }
 
