@@ -7,11 +7,12 @@ use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use handoff_domain::auth::Role;
 use handoff_domain::command::*;
 use handoff_domain::model::{DaemonSettings, Deployment, HeadDiskType, JobSize};
 use handoff_domain::{Actor, Command, CommandId, DaemonId, Event, JobId, Label, ProjectId};
 use handoff_eventlog::{EventLog, Recorded};
-use handoff_protocol::api::{encode_request, endpoint_of};
+use handoff_protocol::auth::{Credentials, SIGNATURE_HEADER};
 use handoff_protocol::{Applied, ErrorBody, Reply};
 use handoff_testkit::NatsServer;
 use serde_json::Value;
@@ -19,6 +20,25 @@ use tokio::sync::oneshot;
 
 /// How long any wait in a test may take before it fails.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The owner every test stack starts with (`admin`, GLOBAL_OWNER): one key for the whole
+/// test run, its credentials in a file the `handoff` processes are given.
+pub fn owner() -> &'static (Credentials, PathBuf) {
+    static OWNER: std::sync::OnceLock<(Credentials, PathBuf)> = std::sync::OnceLock::new();
+    OWNER.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("handoff-test-owner-")
+            .tempdir()
+            .expect("a temporary directory")
+            .keep();
+        let path = dir.join("admin.creds");
+        let creds = Credentials::generate(Actor::new("admin").expect("valid"), None);
+        creds
+            .write_new(&path)
+            .expect("writing the owner's credentials");
+        (creds, path)
+    })
+}
 
 /// A command service running in this process.
 pub struct CommandService {
@@ -28,7 +48,12 @@ pub struct CommandService {
 
 impl CommandService {
     /// Starts a command service connected to `url`; returns once its endpoints listen.
-    pub async fn start(url: &str, config: handoff_command::Config) -> Result<Self> {
+    /// Its first owner is [`owner`] unless the config names one.
+    pub async fn start(url: &str, mut config: handoff_command::Config) -> Result<Self> {
+        if config.bootstrap_owner.is_none() {
+            let (creds, _) = owner();
+            config.bootstrap_owner = Some((creds.user.clone(), creds.public_key()));
+        }
         let client = async_nats::connect(url).await?;
         let service = handoff_command::start(client, config).await?;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -69,7 +94,11 @@ pub struct Stack {
     pub server: NatsServer,
     pub client: async_nats::Client,
     pub commands: Option<CommandService>,
-    pub actor: Actor,
+    /// Who [`Stack::send`] signs as: the [`owner`].
+    pub creds: Credentials,
+    /// Users added by [`Stack::user`], by name, with their credentials files.
+    users: std::sync::Mutex<std::collections::HashMap<String, (Credentials, PathBuf)>>,
+    files: tempfile::TempDir,
 }
 
 impl Stack {
@@ -78,12 +107,72 @@ impl Stack {
         let server = NatsServer::start().await?;
         let commands = CommandService::start(&server.url(), Default::default()).await?;
         let client = server.connect().await?;
+        Stack::on(server, client, Some(commands))
+    }
+
+    /// A stack of these parts (a command service started with the default owner).
+    pub fn on(
+        server: NatsServer,
+        client: async_nats::Client,
+        commands: Option<CommandService>,
+    ) -> Result<Self> {
         Ok(Stack {
             server,
             client,
-            commands: Some(commands),
-            actor: Actor::new("admin").expect("a valid actor"),
+            commands,
+            creds: owner().0.clone(),
+            users: Default::default(),
+            files: tempfile::tempdir()?,
         })
+    }
+
+    /// A user with `roles` (bound to `daemon`), added by the owner on first use: its
+    /// credentials and their file (for a `handoff` process).
+    pub async fn user(
+        &self,
+        name: &str,
+        roles: &[Role],
+        daemon: Option<DaemonId>,
+    ) -> Result<(Credentials, PathBuf)> {
+        if let Some(u) = self.users.lock().expect("users lock").get(name) {
+            return Ok(u.clone());
+        }
+        let creds = Credentials::generate(Actor::new(name)?, None);
+        let path = self.files.path().join(format!("{name}.creds"));
+        self.apply(Command::AddUser(AddUser {
+            user: creds.user.clone(),
+            roles: roles.to_vec(),
+            key: creds.public_key(),
+            daemon,
+        }))
+        .await?;
+        creds.write_new(&path)?;
+        self.users
+            .lock()
+            .expect("users lock")
+            .insert(name.to_owned(), (creds.clone(), path.clone()));
+        Ok((creds, path))
+    }
+
+    /// Daemon `n`'s user, `backup<n>` (BACKUP_DAEMON), which reports on moves to it.
+    pub async fn daemon_user(&self, n: usize) -> Result<Credentials> {
+        Ok(self
+            .user(
+                &format!("backup{n}"),
+                &[Role::BackupDaemon],
+                Some(daemon(n)),
+            )
+            .await?
+            .0)
+    }
+
+    /// Sends a report of daemon `n` (signed by its user) that must be applied.
+    pub async fn report(&self, n: usize, command: Command) -> Result<Applied> {
+        let creds = self.daemon_user(n).await?;
+        let name = command.name();
+        send_command(&self.client, &creds, &new_id(), &command)
+            .await?
+            .map_err(|e| anyhow!("{name} by daemon {n} refused: {} ({})", e.message, e.reason))
     }
 
     pub fn url(&self) -> String {
@@ -122,7 +211,7 @@ impl Stack {
         id: &CommandId,
         command: &Command,
     ) -> Result<Result<Applied, ErrorBody>> {
-        send_command(&self.client, &self.actor, id, command).await
+        send_command(&self.client, &self.creds, id, command).await
     }
 
     /// Sends raw bytes to a command endpoint.
@@ -143,16 +232,35 @@ impl Stack {
     }
 }
 
-/// Sends raw bytes to a command endpoint over `client`.
+/// Sends raw bytes to a command endpoint over `client`, signed by the [`owner`] (what
+/// was signed is exactly what is sent).
 pub async fn request(
     client: &async_nats::Client,
     endpoint: &str,
     body: Vec<u8>,
 ) -> Result<Result<Applied, ErrorBody>> {
     let subject = handoff_protocol::subjects::command(endpoint);
-    let reply = tokio::time::timeout(TIMEOUT, client.request(subject, body.into()))
-        .await
-        .context("command timed out")??;
+    let signature = owner().0.sign(&subject, &body);
+    request_signed(client, &subject, body, Some(&signature)).await
+}
+
+/// Sends `body` on `subject` with `signature` as its signature header (none: unsigned).
+pub async fn request_signed(
+    client: &async_nats::Client,
+    subject: &str,
+    body: Vec<u8>,
+    signature: Option<&str>,
+) -> Result<Result<Applied, ErrorBody>> {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(s) = signature {
+        headers.insert(SIGNATURE_HEADER, s);
+    }
+    let reply = tokio::time::timeout(
+        TIMEOUT,
+        client.request_with_headers(subject.to_owned(), headers, body.into()),
+    )
+    .await
+    .context("command timed out")??;
     let reply: Reply = serde_json::from_slice(&reply.payload).with_context(|| {
         format!(
             "unreadable reply: {}",
@@ -162,17 +270,19 @@ pub async fn request(
     Ok(reply.into_result())
 }
 
-/// Sends `command` as `actor` with the given id over `client`; the service's reply.
+/// Sends `command` signed by `creds` with the given id over `client`; the service's reply.
 pub async fn send_command(
     client: &async_nats::Client,
-    actor: &Actor,
+    creds: &Credentials,
     id: &CommandId,
     command: &Command,
 ) -> Result<Result<Applied, ErrorBody>> {
-    request(
+    let signed = creds.sign_command(id, command, Some("handoff-tests"));
+    request_signed(
         client,
-        endpoint_of(command),
-        encode_request(id, actor, command),
+        &signed.subject,
+        signed.payload,
+        Some(&signed.signature),
     )
     .await
 }
@@ -406,6 +516,7 @@ pub fn handoff(url: &str, args: &[&str]) -> Result<Run> {
     let out = Process::new(handoff_bin()?)
         .args(args)
         .env("HANDOFF_NATS_URL", url)
+        .env("HANDOFF_CREDS", &owner().1)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .output()?;
@@ -452,7 +563,17 @@ pub struct Background {
 
 impl Background {
     pub fn spawn(url: Option<&str>, args: &[&str]) -> Result<Self> {
+        Self::spawn_as(url, Some(&owner().1), args)
+    }
+
+    /// Like [`Background::spawn`], with the credentials file `creds` (none: no
+    /// credentials at all, as a first `handoff up` runs).
+    pub fn spawn_as(url: Option<&str>, creds: Option<&Path>, args: &[&str]) -> Result<Self> {
         let mut command = Process::new(handoff_bin()?);
+        match creds {
+            Some(c) => command.env("HANDOFF_CREDS", c),
+            None => command.env_remove("HANDOFF_CREDS"),
+        };
         command
             .args(args)
             .stdin(Stdio::null())
@@ -579,6 +700,32 @@ impl Up {
 
     pub fn url(&self) -> String {
         self.server.url()
+    }
+
+    /// Daemon `n`'s user `backup<n>` (BACKUP_DAEMON), added with `handoff user add` on
+    /// first use; its credentials.
+    pub fn daemon_user(&self, n: usize) -> Result<Credentials> {
+        let path = self.data.path().join(format!("backup{n}.creds"));
+        if !path.exists() {
+            let name = format!("backup{n}");
+            let d = daemon(n).to_string();
+            let out = path.to_string_lossy().into_owned();
+            handoff_ok(
+                &self.url(),
+                &[
+                    "user",
+                    "add",
+                    &name,
+                    "--role",
+                    "BACKUP_DAEMON",
+                    "--daemon",
+                    &d,
+                    "--out",
+                    &out,
+                ],
+            )?;
+        }
+        Ok(Credentials::load(&path)?)
     }
 
     /// Waits until the projector has folded every event appended so far.

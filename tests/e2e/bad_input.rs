@@ -16,26 +16,27 @@ async fn bad_requests_are_refused_and_change_nothing() -> Result<()> {
     let before = stack.last_seq().await?;
     let id = new_id();
     let d1 = daemon(1).to_string();
+    let at = handoff_protocol::auth::now_ms();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("move-jobs", b"{not json".to_vec(), "malformed"),
         ("move-jobs", b"".to_vec(), "malformed"),
         ("move-jobs", br#"[1,2,3]"#.to_vec(), "malformed"),
-        ("move-jobs", format!(r#"{{"id":"{id}","actor":"a","command":{{"from":"{d1}","to":7}}}}"#).into_bytes(), "malformed"),
-        ("move-jobs", format!(r#"{{"id":"{id}","actor":"a","command":{{"from":"{d1}"}}}}"#).into_bytes(), "malformed"),
-        ("move-jobs", format!(r#"{{"id":"{id}","actor":"a","command":{{"from":"{d1}","to":"{d1}","sudo":true}}}}"#).into_bytes(), "malformed"),
-        ("move-jobs", format!(r#"{{"id":"{id}","actor":"a","command":{{"from":"h:/x/","to":"x.>:/y/"}}}}"#).into_bytes(), "malformed"),
-        ("move-jobs", format!(r#"{{"id":"not-a-ulid","actor":"a","command":{{"from":"{d1}","to":"{d1}"}}}}"#).into_bytes(), "malformed"),
-        ("move-jobs", format!(r#"{{"id":"{id}","actor":"a\u0000b","command":{{"from":"{d1}","to":"{d1}"}}}}"#).into_bytes(), "malformed"),
-        ("move-job", format!(r#"{{"id":"{id}","actor":"a","command":{{"job":"p1/rs0\n","to":"{d1}"}}}}"#).into_bytes(), "malformed"),
-        ("register-daemon", format!(r#"{{"id":"{id}","actor":"a","command":{{"daemon":"h:/d/","settings":{{"assignment_enabled":true,"backup_jobs_enabled":true,"restore_jobs_enabled":true,"garbage_collection_enabled":true,"head_disk_type":"HDD","num_workers":-1,"head_space_bytes":1}}}}}}"#).into_bytes(), "malformed"),
-        ("register-daemon", format!(r#"{{"id":"{id}","actor":"a","command":{{"daemon":"h:/d/","settings":{{"assignment_enabled":true,"backup_jobs_enabled":true,"restore_jobs_enabled":true,"garbage_collection_enabled":true,"head_disk_type":"HDD","num_workers":99999999999999999999,"head_space_bytes":1}}}}}}"#).into_bytes(), "malformed"),
-        ("register-daemon", format!(r#"{{"id":"{id}","actor":"a","command":{{"daemon":"h:/d/","settings":{{"assignment_enabled":true,"backup_jobs_enabled":true,"restore_jobs_enabled":true,"garbage_collection_enabled":true,"head_disk_type":"HDD","num_workers":0,"head_space_bytes":1}}}}}}"#).into_bytes(), "invalid"),
+        ("move-jobs", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"from":"{d1}","to":7}}}}"#).into_bytes(), "malformed"),
+        ("move-jobs", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"from":"{d1}"}}}}"#).into_bytes(), "malformed"),
+        ("move-jobs", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"from":"{d1}","to":"{d1}","sudo":true}}}}"#).into_bytes(), "malformed"),
+        ("move-jobs", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"from":"h:/x/","to":"x.>:/y/"}}}}"#).into_bytes(), "malformed"),
+        ("move-jobs", format!(r#"{{"id":"not-a-ulid","at":{at},"actor":"a","command":{{"from":"{d1}","to":"{d1}"}}}}"#).into_bytes(), "malformed"),
+        ("move-jobs", format!(r#"{{"id":"{id}","at":{at},"actor":"a\u0000b","command":{{"from":"{d1}","to":"{d1}"}}}}"#).into_bytes(), "malformed"),
+        ("move-job", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"job":"p1/rs0\n","to":"{d1}"}}}}"#).into_bytes(), "malformed"),
+        ("register-daemon", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"daemon":"h:/d/","settings":{{"assignment_enabled":true,"backup_jobs_enabled":true,"restore_jobs_enabled":true,"garbage_collection_enabled":true,"head_disk_type":"HDD","num_workers":-1,"head_space_bytes":1}}}}}}"#).into_bytes(), "malformed"),
+        ("register-daemon", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"daemon":"h:/d/","settings":{{"assignment_enabled":true,"backup_jobs_enabled":true,"restore_jobs_enabled":true,"garbage_collection_enabled":true,"head_disk_type":"HDD","num_workers":99999999999999999999,"head_space_bytes":1}}}}}}"#).into_bytes(), "malformed"),
+        ("register-daemon", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"daemon":"h:/d/","settings":{{"assignment_enabled":true,"backup_jobs_enabled":true,"restore_jobs_enabled":true,"garbage_collection_enabled":true,"head_disk_type":"HDD","num_workers":0,"head_space_bytes":1}}}}}}"#).into_bytes(), "invalid"),
         ("move-jobs", vec![b' '; 70 * 1024], "too_large"),
-        ("resize-oplog-ttl", format!(r#"{{"id":"{id}","actor":"a","command":{{"job":"p1/rs0","previous_hours":24,"hours":24,"reason":"x"}}}}"#).into_bytes(), "invalid"),
-        ("resize-oplog-ttl", format!(r#"{{"id":"{id}","actor":"a","command":{{"job":"p1/rs0","previous_hours":24,"hours":100000,"reason":"x"}}}}"#).into_bytes(), "invalid"),
-        ("resize-oplog-ttl", format!(r#"{{"id":"{id}","actor":"a","command":{{"job":"p1/rs0","previous_hours":24,"hours":27,"reason":""}}}}"#).into_bytes(), "invalid"),
-        ("complete-job-move", format!(r#"{{"id":"{id}","actor":"a","command":{{"job":"p1/rs0","move_id":"{id}","epoch":2,"head":{{"ts":"yesterday","checksum":"1-ff"}}}}}}"#).into_bytes(), "invalid"),
-        ("complete-job-move", format!(r#"{{"id":"{id}","actor":"a","command":{{"job":"p1/rs0","move_id":"{id}","epoch":2,"head":{{"ts":"1:2","checksum":"1-zz"}}}}}}"#).into_bytes(), "invalid"),
+        ("resize-oplog-ttl", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"job":"p1/rs0","previous_hours":24,"hours":24,"reason":"x"}}}}"#).into_bytes(), "invalid"),
+        ("resize-oplog-ttl", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"job":"p1/rs0","previous_hours":24,"hours":100000,"reason":"x"}}}}"#).into_bytes(), "invalid"),
+        ("resize-oplog-ttl", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"job":"p1/rs0","previous_hours":24,"hours":27,"reason":""}}}}"#).into_bytes(), "invalid"),
+        ("complete-job-move", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"job":"p1/rs0","move_id":"{id}","epoch":2,"head":{{"ts":"yesterday","checksum":"1-ff"}}}}}}"#).into_bytes(), "invalid"),
+        ("complete-job-move", format!(r#"{{"id":"{id}","at":{at},"actor":"a","command":{{"job":"p1/rs0","move_id":"{id}","epoch":2,"head":{{"ts":"1:2","checksum":"1-zz"}}}}}}"#).into_bytes(), "invalid"),
     ];
     let n = cases.len();
     for (endpoint, body, reason) in cases {

@@ -251,6 +251,7 @@ async fn move_jobs_plans_moves_and_waits() -> Result<()> {
     wait.wait_for_line("waiting for")?;
     // The destination reports completion, as a daemon will.
     let stack_client = up.server.connect().await?;
+    let daemon = up.daemon_user(3)?;
     let move_id = CommandId::new(id.clone())?;
     let jobs = handoff_ok(&url, &["jobs", "--moving", "--json"])?.json()?;
     for j in jobs.as_array().expect("a list") {
@@ -262,7 +263,6 @@ async fn move_jobs_plans_moves_and_waits() -> Result<()> {
             move_id: move_id.clone(),
             epoch,
         });
-        let daemon = handoff_domain::Actor::new("backup3")?;
         send_command(&stack_client, &daemon, &new_id(), &complete)
             .await?
             .map_err(|e| anyhow::anyhow!(e.message))?;
@@ -398,7 +398,15 @@ async fn up_runs_its_own_nats_server_and_stops_it() -> Result<()> {
     let dir = data.path().to_string_lossy().into_owned();
     let mut up = Background::spawn(None, &["up", "--data", &dir, "--port", &port.to_string()])?;
     up.wait_for_line("handoff is up")?;
-    let daemons = handoff_ok(&url, &["daemons", "--json"]);
+    // Its server admits only its own keys: the operator's is in its secrets.
+    let key = data.path().join("secrets/operator.nk");
+    let key = key.to_string_lossy();
+    assert_eq!(
+        handoff(&url, &["daemons"])?.code,
+        2,
+        "admitted without a key"
+    );
+    let daemons = handoff_ok(&url, &["--nats-key", &key, "daemons", "--json"]);
     let (code, lines) = up.terminate()?;
     assert_eq!(
         daemons?.json()?.as_array().map(Vec::len).map(|n| n <= 3),
@@ -456,6 +464,8 @@ async fn services_log_structured_json() -> Result<()> {
             "--log-format",
             "json",
             "command-service",
+            "--first-owner",
+            &format!("admin={}", owner().0.public_key()),
         ])
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
@@ -465,18 +475,7 @@ async fn services_log_structured_json() -> Result<()> {
     let registered = wait_for("the command service", || {
         let url = url.clone();
         async move {
-            let run = handoff(
-                &url,
-                &[
-                    "daemon",
-                    "register",
-                    D1,
-                    "--head-space",
-                    "1GiB",
-                    "--actor",
-                    "alice",
-                ],
-            )?;
+            let run = handoff(&url, &["daemon", "register", D1, "--head-space", "1GiB"])?;
             Ok((run.code == 0).then_some(run))
         }
     })
@@ -496,7 +495,7 @@ async fn services_log_structured_json() -> Result<()> {
         .find(|l| l["fields"]["message"] == "applied")
         .unwrap_or_else(|| panic!("no 'applied' line in:\n{text}"));
     assert_eq!(applied["span"]["kind"], "RegisterDaemon");
-    assert_eq!(applied["span"]["actor"], "alice");
+    assert_eq!(applied["span"]["actor"], "admin");
     assert_eq!(applied["span"]["daemon"], D1);
     assert!(applied["span"]["command"]
         .as_str()
@@ -522,8 +521,16 @@ async fn up_runs_a_three_node_cluster() -> Result<()> {
         .find(|w| w.starts_with("nats://"))
         .expect("the banner names the URL")
         .to_owned();
-    let daemons = handoff_ok(&url, &["daemons", "--json"])?.json()?;
-    let client = async_nats::connect(&url).await?;
+    let key = data.path().join("secrets/operator.nk");
+    let daemons = handoff_ok(
+        &url,
+        &["--nats-key", &key.to_string_lossy(), "daemons", "--json"],
+    )?
+    .json()?;
+    let seed = std::fs::read_to_string(&key)?.trim().to_owned();
+    let client = async_nats::ConnectOptions::with_nkey(seed)
+        .connect(&url)
+        .await?;
     let js = async_nats::jetstream::new(client);
     let info = js
         .get_stream(handoff_protocol::subjects::STREAM)
@@ -556,6 +563,7 @@ async fn watch_follows_one_job() -> Result<()> {
         &["watch", "--job", "sales/orders", "--limit", "1"],
     )?;
     let client = up.server.connect().await?;
+    let backup2 = up.daemon_user(2)?;
     // Events sent before it subscribed are not shown: report phases until one is, with
     // another daemon's event in between that must not be.
     let mut shown = None;
@@ -575,14 +583,9 @@ async fn watch_follows_one_job() -> Result<()> {
             epoch,
             phase: *phase,
         });
-        send_command(
-            &client,
-            &handoff_domain::Actor::new("backup2")?,
-            &new_id(),
-            &report,
-        )
-        .await?
-        .map_err(|e| anyhow::anyhow!(e.message))?;
+        send_command(&client, &backup2, &new_id(), &report)
+            .await?
+            .map_err(|e| anyhow::anyhow!(e.message))?;
         if let Ok(line) =
             watch.wait_for_line_within("sales/orders", std::time::Duration::from_millis(500))
         {

@@ -15,7 +15,7 @@ async fn send(
     id: &handoff_domain::CommandId,
     command: &Command,
 ) -> Result<Result<Applied, ErrorBody>> {
-    send_command(client, &handoff_domain::Actor::new("admin")?, id, command).await
+    send_command(client, &owner().0, id, command).await
 }
 
 /// Events are stored on three replicas; a lost acknowledgement, retried, is recognised

@@ -30,12 +30,12 @@ async fn concurrent_moves_of_the_same_jobs_have_exactly_one_winner() -> Result<(
             (3, move_job("p1/rs1", 3)),
         ] {
             let client = async_nats::connect(stack.url()).await?;
-            let actor = stack.actor.clone();
+            let creds = stack.creds.clone();
             sends.push(tokio::spawn(async move {
                 (
                     round,
                     to,
-                    send_command(&client, &actor, &new_id(), &command).await,
+                    send_command(&client, &creds, &new_id(), &command).await,
                 )
             }));
         }
@@ -83,11 +83,16 @@ async fn a_stale_decision_is_caught_by_the_stream() -> Result<()> {
     stack.apply(move_jobs(1, 2)).await?;
     let seq = stack.last_seq().await?;
     let error = stale
-        .execute(CommandRequest {
-            id: new_id(),
-            actor: stack.actor.clone(),
-            command: move_jobs(1, 3),
-        })
+        .execute(
+            CommandRequest {
+                id: new_id(),
+                actor: stack.creds.user.clone(),
+                at: 0,
+                client: None,
+                command: move_jobs(1, 3),
+            },
+            None,
+        )
         .await
         .expect_err("the stale decision must lose");
     assert_eq!(

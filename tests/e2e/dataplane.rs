@@ -18,6 +18,7 @@ use handoff_dataplane::oplog::{self, Ts};
 use handoff_dataplane::schedule::Schedule;
 use handoff_dataplane::store::{now_ms, SnapshotMeta, Stores};
 use handoff_dataplane::Checksum;
+use handoff_domain::auth::Role;
 use handoff_domain::model::HeadPoint;
 use handoff_domain::{DaemonId, Event, JobId};
 use handoff_testkit::NatsServer;
@@ -34,12 +35,15 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(url: &str, dir: &Path, name: &str, args: &[&str]) -> Result<Proc> {
+    /// Runs `handoff ARGS` as the user of the credentials file `creds`.
+    fn spawn(url: &str, dir: &Path, name: &str, creds: &Path, args: &[&str]) -> Result<Proc> {
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         let mut command = Process::new(handoff_bin()?);
         handoff_natsd::die_with_parent(&mut command);
         let child = command
             .args(["--nats-url", url])
+            .arg("--creds")
+            .arg(creds)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -223,12 +227,7 @@ async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Stor
     let commands = CommandService::start(&url, Default::default()).await?;
     let client = server.connect().await?;
     let stores = Stores::open(client.clone(), 1).await?;
-    let stack = Stack {
-        server,
-        client: client.clone(),
-        commands: Some(commands),
-        actor: handoff_domain::Actor::new("admin")?,
-    };
+    let stack = Stack::on(server, client.clone(), Some(commands))?;
     let schedule = Schedule {
         hour_ms: HOUR_MS,
         ..Schedule::default()
@@ -248,11 +247,20 @@ async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Stor
     let id = |n: usize| {
         DaemonId::new(format!("d{n}.test:{}/", head(n).display())).expect("a valid daemon id")
     };
+    let mut daemon_creds = Vec::new();
+    for n in 1..=3 {
+        let user = stack
+            .user(&format!("d{n}"), &[Role::BackupDaemon], Some(id(n)))
+            .await?;
+        daemon_creds.push(user.1);
+    }
+    let agent_creds = stack.user("agent", &[Role::BackupAgent], None).await?.1;
     let spawn_daemon = |n: usize, workers: &str| {
         Proc::spawn(
             &url,
             dir.path(),
             &format!("daemon{n}"),
+            &daemon_creds[n - 1],
             &[
                 "daemon",
                 "--id",
@@ -270,6 +278,7 @@ async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Stor
         &url,
         dir.path(),
         "agent",
+        &agent_creds,
         &[
             "agent",
             "--ops-per-sec",
@@ -781,7 +790,7 @@ fn the_destination_killed_mid_rebuild_finishes_after_restart() {
     );
     for e in &s.events_after_kill {
         assert!(
-            e.ends_with("by daemon@d2.test"),
+            e.ends_with("by d2"),
             "someone else acted after the kill: {e}"
         );
     }
@@ -833,10 +842,12 @@ async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> R
             "0",
         ],
     )?;
+    let agent_creds = stack.user("agent", &[Role::BackupAgent], None).await?.1;
     let _agent = Proc::spawn(
         &url,
         dir.path(),
         "agent",
+        &agent_creds,
         &[
             "agent",
             "--ops-per-sec",
@@ -852,10 +863,19 @@ async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> R
         ],
     )?;
     let id = format!("r1.test:{}/", dir.path().join("heads").display());
+    let d1_creds = stack
+        .user(
+            "r1",
+            &[Role::BackupDaemon],
+            Some(DaemonId::new(id.clone())?),
+        )
+        .await?
+        .1;
     let d1 = Proc::spawn(
         &url,
         dir.path(),
         "daemon1",
+        &d1_creds,
         &["daemon", "--id", &id, "--head-space", "10GiB"],
     )?;
     wait_for("the daemon to register", || async {
@@ -1007,14 +1027,15 @@ async fn the_agent_needs_no_daemon_and_resumes_after_a_kill() -> Result<()> {
             None => 0,
         })
     };
-    let agent = Proc::spawn(&url, dir.path(), "agent", &args)?;
+    let agent_creds = stack.user("agent", &[Role::BackupAgent], None).await?.1;
+    let agent = Proc::spawn(&url, dir.path(), "agent", &agent_creds, &args)?;
     until("oplog saved with no daemon running", TIMEOUT, || async {
         Ok(last_n().await? >= 300)
     })
     .await?;
     agent.kill()?;
     let at_kill = last_n().await?;
-    let _agent = Proc::spawn(&url, dir.path(), "agent-again", &args)?;
+    let _agent = Proc::spawn(&url, dir.path(), "agent-again", &agent_creds, &args)?;
     until("the oplog to go on after the restart", TIMEOUT, || async {
         Ok(last_n().await? >= at_kill + 300)
     })

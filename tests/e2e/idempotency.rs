@@ -64,12 +64,7 @@ async fn lossy_stack() -> Result<(Stack, AckDropper)> {
     config.event_log.ack_timeout = Duration::from_millis(500);
     let commands = CommandService::start(&proxy.url(), config).await?;
     let client = server.connect().await?;
-    let stack = Stack {
-        server,
-        client,
-        commands: Some(commands),
-        actor: handoff_domain::Actor::new("admin")?,
-    };
+    let stack = Stack::on(server, client, Some(commands))?;
     Ok((stack, proxy))
 }
 

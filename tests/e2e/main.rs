@@ -9,3 +9,4 @@ mod dataplane;
 mod idempotency;
 mod moves;
 mod projector;
+mod security;

@@ -215,23 +215,31 @@ async fn a_move_runs_to_completion_and_failure() -> Result<()> {
     let move_id = plan.move_id.clone();
     let epoch = plan.jobs[0].epoch;
 
+    // The destination, daemon 2, reports.
     stack
-        .apply(Command::CompleteJobMove(CompleteJobMove {
-            head: None,
-            job: job("p1/rs0"),
-            move_id: move_id.clone(),
-            epoch,
-        }))
+        .report(
+            2,
+            Command::CompleteJobMove(CompleteJobMove {
+                head: None,
+                job: job("p1/rs0"),
+                move_id: move_id.clone(),
+                epoch,
+            }),
+        )
         .await?;
-    let stale = stack
-        .send(Command::CompleteJobMove(CompleteJobMove {
+    let stale = send_command(
+        &stack.client,
+        &stack.daemon_user(2).await?,
+        &new_id(),
+        &Command::CompleteJobMove(CompleteJobMove {
             head: None,
             job: job("p1/rs1"),
             move_id: move_id.clone(),
             epoch: epoch - 1,
-        }))
-        .await?
-        .expect_err("a stale epoch is refused");
+        }),
+    )
+    .await?
+    .expect_err("a stale epoch is refused");
     assert_eq!(stale.reason, "stale_epoch");
     stack
         .apply(Command::FailJobMove(FailJobMove {

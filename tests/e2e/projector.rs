@@ -15,12 +15,15 @@ async fn move_and_complete(stack: &Stack, from: usize, to: usize) -> Result<()> 
     let plan = applied.plan.expect("a move has a plan");
     for j in plan.jobs {
         stack
-            .apply(Command::CompleteJobMove(CompleteJobMove {
-                head: None,
-                job: j.job,
-                move_id: plan.move_id.clone(),
-                epoch: j.epoch,
-            }))
+            .report(
+                to,
+                Command::CompleteJobMove(CompleteJobMove {
+                    head: None,
+                    job: j.job,
+                    move_id: plan.move_id.clone(),
+                    epoch: j.epoch,
+                }),
+            )
             .await?;
     }
     Ok(())
@@ -230,6 +233,7 @@ async fn a_missing_event_stops_the_projector_instead_of_being_skipped() -> Resul
             at: 0,
             last: true,
             digest: "0".into(),
+            signature: None,
         };
         js.publish(format!("gappy.daemon.{n}"), envelope.encode().into())
             .await?

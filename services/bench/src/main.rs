@@ -28,7 +28,7 @@ use handoff_domain::ids::DeploymentName;
 use handoff_domain::model::{DaemonSettings, Deployment, JobSize, Shard};
 use handoff_domain::{Actor, Command, CommandId, DaemonId, JobId, ProjectId};
 use handoff_natsd::NatsProcess;
-use handoff_protocol::api::{encode_request, endpoint_of};
+use handoff_protocol::auth::{Credentials, SIGNATURE_HEADER};
 use handoff_protocol::{Applied, Reply};
 use tokio::sync::oneshot;
 
@@ -45,7 +45,8 @@ struct Bench {
     _dir: tempfile::TempDir,
     client: async_nats::Client,
     stop: Option<oneshot::Sender<()>>,
-    actor: Actor,
+    /// The first owner: every command is signed, as in production.
+    owner: Credentials,
 }
 
 impl Bench {
@@ -57,9 +58,13 @@ impl Bench {
         let dir = tempfile::tempdir()?;
         let nats = NatsProcess::start(bin, dir.path(), None).await?;
         let client = async_nats::connect(nats.url()).await?;
+        let owner = Credentials::generate(Actor::new("bench")?, None);
+        let config = handoff_command::Config {
+            bootstrap_owner: Some((owner.user.clone(), owner.public_key())),
+            ..Default::default()
+        };
         let service =
-            handoff_command::start(async_nats::connect(nats.url()).await?, Default::default())
-                .await?;
+            handoff_command::start(async_nats::connect(nats.url()).await?, config).await?;
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(service.run(async {
             let _ = stopped.await;
@@ -69,15 +74,19 @@ impl Bench {
             _dir: dir,
             client,
             stop: Some(stop),
-            actor: Actor::new("bench")?,
+            owner,
         })
     }
 
     async fn send(&self, command: &Command) -> Result<Applied> {
         let id = CommandId::new(ulid::Ulid::new().to_string())?;
-        let body = encode_request(&id, &self.actor, command);
-        let subject = handoff_protocol::subjects::command(endpoint_of(command));
-        let reply = self.client.request(subject, body.into()).await?;
+        let signed = self.owner.sign_command(&id, command, Some("handoff-bench"));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(SIGNATURE_HEADER, signed.signature.as_str());
+        let reply = self
+            .client
+            .request_with_headers(signed.subject, headers, signed.payload.into())
+            .await?;
         let reply: Reply = serde_json::from_slice(&reply.payload)?;
         reply
             .into_result()

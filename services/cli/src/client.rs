@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use handoff_domain::{Actor, Command, CommandId};
+use handoff_domain::{Command, CommandId};
 use handoff_eventlog::EventLog;
-use handoff_protocol::api::{encode_request, endpoint_of};
+use handoff_protocol::auth::{Credentials, SIGNATURE_HEADER};
 use handoff_protocol::{subjects, Applied, ErrorBody, Reply};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -17,13 +17,31 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Api {
     pub client: async_nats::Client,
-    pub actor: Actor,
+    /// Who signs the commands; queries need none.
+    pub creds: Option<Credentials>,
     pub url: String,
 }
 
+/// What the CLI tells the audit trail it is: program, version and host.
+pub fn client_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    format!("handoff-cli {} on {host}", env!("CARGO_PKG_VERSION"))
+}
+
 impl Api {
-    pub async fn connect(url: &str, actor: Actor) -> Result<Self, Failure> {
-        let client = async_nats::ConnectOptions::new()
+    /// Connects to `url`, as the NATS identity of `nats_seed` when given.
+    pub async fn connect(
+        url: &str,
+        creds: Option<Credentials>,
+        nats_seed: Option<String>,
+    ) -> Result<Self, Failure> {
+        let options = match nats_seed {
+            Some(seed) => async_nats::ConnectOptions::with_nkey(seed),
+            None => async_nats::ConnectOptions::new(),
+        };
+        let client = options
             .name("handoff-cli")
             .connection_timeout(Duration::from_secs(5))
             .connect(url)
@@ -31,16 +49,30 @@ impl Api {
             .map_err(|e| Failure::Usage(format!("cannot connect to NATS at {url}: {e}")))?;
         Ok(Api {
             client,
-            actor,
+            creds,
             url: url.to_owned(),
         })
     }
 
-    /// Sends a command; a refusal is a [`Failure::Refused`].
+    /// The caller's credentials, or a usage error saying how to give them.
+    pub fn creds(&self) -> Result<&Credentials, Failure> {
+        self.creds.as_ref().ok_or_else(|| {
+            Failure::Usage(
+                "commands are signed: give --creds FILE or set HANDOFF_CREDS (`handoff up` writes the first owner's to .handoff/owner.creds)".into(),
+            )
+        })
+    }
+
+    /// Sends a command signed with the caller's key; a refusal is a [`Failure::Refused`].
     pub async fn command(&self, id: &CommandId, command: &Command) -> Result<Applied, Failure> {
-        let subject = subjects::command(endpoint_of(command));
-        let body = encode_request(id, &self.actor, command);
-        let reply = self.request(subject, body).await?;
+        let signed = self
+            .creds()?
+            .sign_command(id, command, Some(&client_name()));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(SIGNATURE_HEADER, signed.signature.as_str());
+        let reply = self
+            .request_with(signed.subject, signed.payload, Some(headers))
+            .await?;
         let reply: Reply = serde_json::from_slice(&reply).map_err(|e| {
             Failure::Usage(format!("unreadable reply from the command service: {e}"))
         })?;
@@ -66,9 +98,21 @@ impl Api {
     }
 
     async fn request(&self, subject: String, body: Vec<u8>) -> Result<bytes::Bytes, Failure> {
-        let request = async_nats::Request::new()
+        self.request_with(subject, body, None).await
+    }
+
+    async fn request_with(
+        &self,
+        subject: String,
+        body: Vec<u8>,
+        headers: Option<async_nats::HeaderMap>,
+    ) -> Result<bytes::Bytes, Failure> {
+        let mut request = async_nats::Request::new()
             .payload(body.into())
             .timeout(Some(REQUEST_TIMEOUT));
+        if let Some(h) = headers {
+            request = request.headers(h);
+        }
         match self.client.send_request(subject.clone(), request).await {
             Ok(m) => Ok(m.payload),
             Err(e) => Err(Failure::Usage(match e.kind() {

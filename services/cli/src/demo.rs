@@ -63,13 +63,15 @@ fn store_error(e: impl std::fmt::Display) -> Failure {
 }
 
 async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> {
+    let api = stack.api().await?;
     let ctx = Context {
         url: stack.url.clone(),
         url_given: true,
         json: false,
-        actor: handoff_domain::Actor::new("admin").expect("a valid actor"),
+        creds: Some(stack.owner.clone()),
+        creds_path: Some(stack.owner_path.clone()),
+        nats_seed: stack.keys.as_ref().map(|k| k.operator.clone()),
     };
-    let api = ctx.api().await?;
     let (lost, spare) = (sample_daemon(1), sample_daemon(3));
 
     step(

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`client`]: commands, queries and the event stream over NATS.
 //! - [`cmd`]: one module per group of subcommands (fleet, moves, history).
+//! - [`secrets`]: credentials and NATS keys on disk, and the server's authorization.
 //! - [`stack`]: `handoff up`: a nats-server child, the services and a sample fleet.
 //! - [`demo`]: `handoff demo`: the story of a lost daemon, told on a local stack.
 //! - [`output`]: tables, sizes and times for people; `--json` prints the wire values.
@@ -15,6 +16,7 @@ pub mod client;
 pub mod cmd;
 pub mod demo;
 pub mod output;
+pub mod secrets;
 pub mod stack;
 
 use std::path::PathBuf;
@@ -51,9 +53,15 @@ pub struct Cli {
     /// Print JSON (the values on the wire) instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Who is asking; written on every event.
-    #[arg(long, env = "HANDOFF_ACTOR", default_value = "operator", global = true)]
-    pub actor: String,
+    /// Your credentials file (`handoff up` writes the first owner's to .handoff/owner.creds;
+    /// `handoff user add` writes new users'). Commands are signed with its key, and it
+    /// may hold the NATS identity to connect with.
+    #[arg(long, env = "HANDOFF_CREDS", global = true)]
+    pub creds: Option<PathBuf>,
+    /// A file holding the NATS nkey seed to connect with, when the credentials hold none
+    /// (the services: command service, projector).
+    #[arg(long, env = "HANDOFF_NATS_KEY", global = true)]
+    pub nats_key: Option<PathBuf>,
     /// Log format (logs go to stderr; RUST_LOG sets the level).
     #[arg(long, value_enum, default_value = "text", global = true)]
     pub log_format: LogFormat,
@@ -105,6 +113,12 @@ pub enum Cmd {
     Up(stack::UpArgs),
     /// Play the story of a lost daemon on a throwaway local stack.
     Demo(demo::DemoArgs),
+    /// Manage users: add (writes a credentials file), list, remove.
+    #[command(subcommand)]
+    User(cmd::users::UserCmd),
+    /// Write a nats-server authorization block and a NATS key per process role, for a
+    /// deployment of your own (`handoff up` does this by itself).
+    NatsConfig(cmd::users::NatsConfigArgs),
     /// Run the command service (the only writer of the event stream).
     CommandService(CommandServiceArgs),
     /// Run a projector: fold the event stream into sled views and answer queries.
@@ -125,6 +139,23 @@ pub struct CommandServiceArgs {
     /// Copies of the event stream to keep (3 on a cluster). Sets the stream's replicas.
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
+    /// The first GLOBAL_OWNER as NAME=PUBLIC_KEY, added if no user was ever added
+    /// (`handoff nats-config` prints it).
+    #[arg(long, value_parser = first_owner)]
+    pub first_owner: Option<(handoff_domain::Actor, handoff_domain::UserKey)>,
+    /// How many seconds a signed command stays valid (and clocks may differ).
+    #[arg(long, default_value_t = 120)]
+    pub freshness_secs: u64,
+}
+
+fn first_owner(s: &str) -> Result<(handoff_domain::Actor, handoff_domain::UserKey), String> {
+    let (name, key) = s
+        .split_once('=')
+        .ok_or("expected NAME=PUBLIC_KEY, e.g. admin=UABC...")?;
+    Ok((
+        handoff_domain::Actor::new(name).map_err(|e| e.to_string())?,
+        handoff_domain::UserKey::new(key).map_err(|e| e.to_string())?,
+    ))
 }
 
 #[derive(Debug, Args)]
@@ -185,12 +216,37 @@ pub struct Context {
     pub url: String,
     pub url_given: bool,
     pub json: bool,
-    pub actor: handoff_domain::Actor,
+    /// The caller's credentials, if given.
+    pub creds: Option<handoff_protocol::auth::Credentials>,
+    /// Where they were read from.
+    pub creds_path: Option<PathBuf>,
+    /// The NATS seed to connect with (from --nats-key, else the credentials).
+    pub nats_seed: Option<String>,
 }
 
 impl Context {
     pub async fn api(&self) -> Result<client::Api, Failure> {
-        client::Api::connect(&self.url, self.actor.clone()).await
+        client::Api::connect(&self.url, self.creds.clone(), self.nats_seed.clone()).await
+    }
+
+    /// Reads the global credentials options.
+    fn load(
+        cli: &Cli,
+    ) -> Result<(Option<handoff_protocol::auth::Credentials>, Option<String>), Failure> {
+        let creds = match &cli.creds {
+            Some(p) => Some(
+                handoff_protocol::auth::Credentials::load(p)
+                    .map_err(|e| Failure::Usage(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let nats_seed = match &cli.nats_key {
+            Some(p) => Some(secrets::read_seed(p)?),
+            None => creds
+                .as_ref()
+                .and_then(|c| c.nats_seed().map(str::to_owned)),
+        };
+        Ok((creds, nats_seed))
     }
 }
 
@@ -229,9 +285,9 @@ pub async fn run(cli: Cli) -> ExitCode {
     );
     init_logging(cli.log_format, if services { "info" } else { "warn" });
     let json = cli.json;
-    let result = match handoff_domain::Actor::new(cli.actor.clone()) {
-        Err(e) => Err(Failure::Usage(format!("--actor: {e}"))),
-        Ok(actor) => {
+    let result = match Context::load(&cli) {
+        Err(e) => Err(e),
+        Ok((creds, nats_seed)) => {
             let ctx = Context {
                 url_given: cli.nats_url.is_some(),
                 url: cli
@@ -239,7 +295,9 @@ pub async fn run(cli: Cli) -> ExitCode {
                     .clone()
                     .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned()),
                 json,
-                actor,
+                creds,
+                creds_path: cli.creds.clone(),
+                nats_seed,
             };
             dispatch(cli.command, &ctx).await
         }
@@ -283,10 +341,14 @@ async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
         Cmd::Watch(a) => cmd::history::watch(ctx, a).await,
         Cmd::Up(a) => stack::up(ctx, a).await,
         Cmd::Demo(a) => demo::demo(ctx, a).await,
+        Cmd::User(c) => cmd::users::user(ctx, c).await,
+        Cmd::NatsConfig(a) => cmd::users::nats_config(ctx, a),
         Cmd::CommandService(a) => {
             let client = ctx.api().await?.client;
             let mut config = handoff_command::Config::default();
             config.event_log.replicas = a.replicas;
+            config.bootstrap_owner = a.first_owner;
+            config.freshness = std::time::Duration::from_secs(a.freshness_secs.max(1));
             let service = handoff_command::start(client, config)
                 .await
                 .map_err(|e| Failure::Usage(format!("starting the command service: {e}")))?;

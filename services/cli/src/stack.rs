@@ -1,17 +1,27 @@
 //! `handoff up`: everything in one foreground process. A nats-server child (its data in a
 //! local directory, stopped with the stack) unless `--nats-url` names a running server,
 //! the command service, a projector, and a sample fleet.
+//!
+//! Security: a server it starts admits only the nkeys of its processes, each with the
+//! permissions of its role (`handoff_protocol::permissions`); the keys live in
+//! `DATA/secrets/` (0700, files 0600) and are reused on the next start. The first
+//! GLOBAL_OWNER is `--creds` when given, else `admin` with credentials in
+//! `DATA/owner.creds`; the agent and each daemon get a user of their own.
 
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use handoff_domain::auth::Role;
 use handoff_domain::command::*;
 use handoff_domain::ids::DeploymentName;
 use handoff_domain::model::{DaemonSettings, Deployment, HeadDiskType, JobSize, Shard};
+use handoff_domain::Actor;
 use handoff_domain::{Command, CommandId, DaemonId, Label, ProjectId};
 use handoff_natsd::NatsProcess;
+use handoff_protocol::auth::Credentials;
 use tokio::sync::oneshot;
 
+use crate::secrets::{self, NatsKeys};
 use crate::{Context, Failure};
 
 #[derive(Debug, Args)]
@@ -44,6 +54,13 @@ pub struct Stack {
     pub url: String,
     /// The sample daemons' processes, by daemon.
     pub daemons: Vec<(DaemonId, std::process::Child)>,
+    /// The first owner, who seeds the fleet.
+    pub owner: Credentials,
+    /// Where the owner's credentials are.
+    pub owner_path: PathBuf,
+    /// The processes' NATS keys, when the stack started a server of its own.
+    pub keys: Option<NatsKeys>,
+    secrets: PathBuf,
     nats: Vec<NatsProcess>,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
@@ -53,18 +70,30 @@ impl Stack {
     /// Starts the stack with its data under `data`; on `url` when given, else on a
     /// nats-server of its own on `port` (0: any).
     pub async fn start(data: &Path, url: Option<&str>, port: u16) -> Result<Stack, Failure> {
-        Self::start_with(data, url, port, None).await
+        Self::start_with(data, url, port, None, None).await
     }
 
-    /// Like [`Stack::start`], with a cluster of `cluster` nodes instead of one server.
+    /// Like [`Stack::start`], with a cluster of `cluster` nodes instead of one server, and
+    /// `owner` (credentials and their file) as the first owner instead of a new `admin`.
     pub async fn start_with(
         data: &Path,
         url: Option<&str>,
         port: u16,
         cluster: Option<u8>,
+        owner: Option<(Credentials, PathBuf)>,
     ) -> Result<Stack, Failure> {
         std::fs::create_dir_all(data)
             .map_err(|e| Failure::Usage(format!("cannot create {}: {e}", data.display())))?;
+        let secrets_dir = data.join("secrets");
+        secrets::private_dir(&secrets_dir)?;
+        let keys = match url {
+            Some(_) => None,
+            None => Some(NatsKeys::load_or_create(
+                &secrets_dir,
+                &(1..=3).map(sample_daemon).collect::<Vec<_>>(),
+            )?),
+        };
+        let security = keys.as_ref().map(NatsKeys::security);
         let (nats, url) = match url {
             Some(u) => (Vec::new(), u.to_owned()),
             None => {
@@ -82,6 +111,7 @@ impl Stack {
                             &data.join("nats-cluster"),
                             n.into(),
                             first,
+                            security.as_ref(),
                         )
                         .await?
                     }
@@ -90,39 +120,100 @@ impl Stack {
                         std::fs::create_dir_all(&dir).map_err(|e| {
                             Failure::Usage(format!("cannot create {}: {e}", dir.display()))
                         })?;
-                        vec![NatsProcess::start(bin, &dir, (port != 0).then_some(port)).await?]
+                        vec![
+                            NatsProcess::start_secured(
+                                bin,
+                                &dir,
+                                (port != 0).then_some(port),
+                                security.as_ref(),
+                            )
+                            .await?,
+                        ]
                     }
                 };
                 let url = nodes[0].url();
                 (nodes, url)
             }
         };
+        let (owner, owner_path) = match owner {
+            Some(o) => o,
+            None => {
+                let path = data.join("owner.creds");
+                let admin = Actor::new("admin").expect("a valid actor");
+                let operator = keys.as_ref().map(|k| k.operator.clone());
+                (secrets::creds_file(&path, &admin, operator)?, path)
+            }
+        };
+        let seed_of = |pick: fn(&NatsKeys) -> &String| keys.as_ref().map(|k| pick(k).clone());
+        let (command_seed, projector_seed) =
+            (seed_of(|k| &k.command_service), seed_of(|k| &k.projector));
         let mut stack = Stack {
             url: url.clone(),
             daemons: Vec::new(),
+            owner,
+            owner_path,
+            keys,
+            secrets: secrets_dir,
             nats,
             stops: Vec::new(),
             tasks: Vec::new(),
         };
-        let connect = || async {
-            async_nats::connect(&url)
-                .await
-                .map_err(|e| Failure::Usage(format!("cannot connect to NATS at {url}: {e}")))
-        };
         let mut config = handoff_command::Config::default();
         config.event_log.replicas = cluster.map_or(1, usize::from);
-        let commands = handoff_command::start(connect().await?, config)
+        config.bootstrap_owner = Some((stack.owner.user.clone(), stack.owner.public_key()));
+        let commands = handoff_command::start(connect(&url, command_seed).await?, config)
             .await
             .map_err(|e| Failure::Usage(format!("starting the command service: {e}")))?;
         stack.spawn(|stop| commands.run(stop));
         let projector = handoff_projector::start(
-            connect().await?,
+            connect(&url, projector_seed).await?,
             handoff_projector::Config::new(data.join("views")),
         )
         .await
         .map_err(|e| Failure::Usage(format!("starting the projector: {e}")))?;
         stack.spawn(|stop| projector.run(stop));
         Ok(stack)
+    }
+
+    /// The owner's client of the stack.
+    pub async fn api(&self) -> Result<crate::client::Api, Failure> {
+        let seed = self
+            .owner
+            .nats_seed()
+            .map(str::to_owned)
+            .or_else(|| self.keys.as_ref().map(|k| k.operator.clone()));
+        crate::client::Api::connect(&self.url, Some(self.owner.clone()), seed).await
+    }
+
+    /// The credentials of a process's user (made and added as `roles` on first use),
+    /// and their file.
+    async fn process_user(
+        &self,
+        name: &str,
+        roles: Vec<Role>,
+        daemon: Option<DaemonId>,
+        nats_seed: Option<String>,
+    ) -> Result<(Credentials, PathBuf), Failure> {
+        let path = self.secrets.join(format!("{name}.creds"));
+        let user = Actor::new(name).expect("a valid actor");
+        let creds = secrets::creds_file(&path, &user, nats_seed)?;
+        let add = Command::AddUser(AddUser {
+            user,
+            roles,
+            key: creds.public_key(),
+            daemon,
+        });
+        match self
+            .api()
+            .await?
+            .command(&crate::cmd::command_id(None)?, &add)
+            .await
+        {
+            Ok(_) => {}
+            Err(Failure::Refused(e)) if e.reason == "already_exists" => {}
+            Err(e) => return Err(e),
+        }
+        Ok((creds, path))
     }
 
     /// Runs a service until [`Stack::stop`]: `run` gets the future that completes then.
@@ -153,9 +244,11 @@ impl Stack {
         agent: handoff_dataplane::agent::AgentConfig,
         replicas: usize,
     ) -> Result<(), Failure> {
-        let client = async_nats::connect(&self.url)
-            .await
-            .map_err(|e| Failure::Usage(format!("cannot connect to NATS at {}: {e}", self.url)))?;
+        let agent_seed = self.keys.as_ref().map(|k| k.agent.clone());
+        let (agent_creds, _) = self
+            .process_user("agent", vec![Role::BackupAgent], None, agent_seed.clone())
+            .await?;
+        let client = connect(&self.url, agent_seed).await?;
         let stores = handoff_dataplane::store::Stores::open(client, replicas)
             .await
             .map_err(|e| Failure::Usage(e.to_string()))?;
@@ -174,17 +267,31 @@ impl Stack {
                 stop.await;
                 let _ = tx.send(true);
             });
-            handoff_dataplane::agent::run(stores, agent, rx).await
+            handoff_dataplane::agent::run(stores, agent, agent_creds, rx).await
         });
         for n in 1..=3 {
-            self.spawn_daemon(data, n)?;
+            self.spawn_daemon(data, n).await?;
         }
         Ok(())
     }
 
-    /// Starts sample daemon `n` as a process of its own (so it can die like a real one).
-    pub fn spawn_daemon(&mut self, data: &Path, n: usize) -> Result<(), Failure> {
+    /// Starts sample daemon `n` as a process of its own (so it can die like a real one),
+    /// as user `backup<n>`.
+    pub async fn spawn_daemon(&mut self, data: &Path, n: usize) -> Result<(), Failure> {
         let id = sample_daemon(n);
+        let seed = self
+            .keys
+            .as_ref()
+            .and_then(|k| k.daemon(&id))
+            .map(str::to_owned);
+        let (_, creds) = self
+            .process_user(
+                &format!("backup{n}"),
+                vec![Role::BackupDaemon],
+                Some(id.clone()),
+                seed,
+            )
+            .await?;
         let heads = data.join("heads").join(n.to_string());
         let log = std::fs::File::create(data.join(format!("daemon{n}.log")))?;
         let exe = std::env::current_exe()?;
@@ -200,6 +307,9 @@ impl Stack {
                 "--heartbeat-ms",
                 "1000",
             ])
+            .arg("--creds")
+            .arg(&creds)
+            .env_remove("HANDOFF_NATS_KEY")
             .arg("--head-dir")
             .arg(&heads)
             .stdin(std::process::Stdio::null())
@@ -246,6 +356,18 @@ impl Stack {
             n.stop();
         }
     }
+}
+
+/// A client of `url`, as the NATS identity of `seed` when given.
+async fn connect(url: &str, seed: Option<String>) -> Result<async_nats::Client, Failure> {
+    let options = match seed {
+        Some(s) => async_nats::ConnectOptions::with_nkey(s),
+        None => async_nats::ConnectOptions::new(),
+    };
+    options
+        .connect(url)
+        .await
+        .map_err(|e| Failure::Usage(format!("cannot connect to NATS at {url}: {e}")))
 }
 
 /// The sample fleet's daemons.
@@ -367,9 +489,12 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
             "--cluster starts its own servers; leave out --nats-url (and HANDOFF_NATS_URL)".into(),
         ));
     }
-    let stack = Stack::start_with(&a.data, url, a.port, a.cluster).await?;
-    let api = crate::client::Api::connect(&stack.url, ctx.actor.clone()).await?;
-    let mut stack = stack;
+    let owner = match (&ctx.creds, &ctx.creds_path) {
+        (Some(c), Some(p)) => Some((c.clone(), p.clone())),
+        _ => None,
+    };
+    let mut stack = Stack::start_with(&a.data, url, a.port, a.cluster, owner).await?;
+    let api = stack.api().await?;
     if !a.no_sample {
         seed(&api).await?;
     }
@@ -389,6 +514,17 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
     println!("  NATS          {}{started}", stack.url);
     println!("  data          {}", a.data.display());
     println!("  services      handoff-command (handoff.cmd.*), handoff-query (handoff.query.*)");
+    println!(
+        "  owner         {} (GLOBAL_OWNER), credentials in {}",
+        stack.owner.user,
+        stack.owner_path.display()
+    );
+    if stack.keys.is_some() {
+        println!(
+            "  security      the server admits only the stack's NATS keys (in {}), each with its role's permissions",
+            a.data.join("secrets").display()
+        );
+    }
     if !a.no_data_plane {
         println!(
             "  data plane    agent (oplog store HANDOFF_OPLOG, snapshot store handoff_snapshots), {} daemon processes (logs in {}); an hour of schedule lasts {} ms",
@@ -404,6 +540,7 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
     }
     println!("try, in another terminal:");
     println!("  export HANDOFF_NATS_URL={}", stack.url);
+    println!("  export HANDOFF_CREDS={}", stack.owner_path.display());
     println!("  handoff daemons");
     println!("  handoff jobs");
     println!(

@@ -2,10 +2,12 @@
 //! append each unit atomically, and on a conflict catch up with the stream and decide
 //! again. Replies only after JetStream acknowledged every event.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use handoff_domain::{decide, Command, Context, Event};
+use handoff_domain::auth::{authorize, Principal};
+use handoff_domain::{decide, Actor, Command, CommandId, Context, Event, UserKey};
 use handoff_eventlog::{AppendError, EventLog, EventReader, Outgoing, ReadError};
 use handoff_protocol::api::{AppendedEvent, CommandRequest};
 use handoff_protocol::{subjects, Applied, ErrorBody, ErrorCode, EventEnvelope};
@@ -23,6 +25,22 @@ pub struct Executor {
     /// decision, so every command sees the ones before it.
     appended: u64,
     read_timeout: Duration,
+    /// Fingerprints of the signed requests this instance verified, with when they were
+    /// signed: a request seen again within the freshness window is a replay (older
+    /// ones are refused as expired anyway).
+    seen: HashMap<String, u64>,
+}
+
+/// A request as it arrived, for checking its signature.
+pub struct Signed<'a> {
+    pub subject: &'a str,
+    pub payload: &'a [u8],
+    /// The signature header's value, if there was one.
+    pub signature: Option<&'a str>,
+}
+
+fn refused(reason: &str, message: String) -> ErrorBody {
+    ErrorBody::new(ErrorCode::Forbidden, reason, message)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ErrorBody {
@@ -56,6 +74,7 @@ impl Executor {
             model: Model::default(),
             appended: 0,
             read_timeout,
+            seen: HashMap::new(),
         };
         let end = executor
             .log
@@ -98,9 +117,183 @@ impl Executor {
         self.catch_up(end).await.map_err(unavailable)
     }
 
+    /// Checks who signed `request`: a current user, whose key verifies the signature over
+    /// the exact bytes received, signed within `freshness` of now, never seen before, and
+    /// holding a role that may send the command. Returns the signature's fingerprint. A
+    /// refusal has code `forbidden` and one of the reasons `unsigned`, `unknown_user`,
+    /// `bad_signature`, `expired`, `replayed` or `forbidden`.
+    pub async fn authenticate(
+        &mut self,
+        request: &CommandRequest<Command>,
+        signed: &Signed<'_>,
+        freshness: Duration,
+    ) -> Result<String, ErrorBody> {
+        let Some(signature) = signed.signature else {
+            return Err(refused(
+                "unsigned",
+                format!(
+                    "the request carries no {} header: every command is signed with its user's key (handoff signs with --creds)",
+                    handoff_protocol::auth::SIGNATURE_HEADER
+                ),
+            ));
+        };
+        self.catch_up(self.appended).await.map_err(unavailable)?;
+        let actor = &request.actor;
+        let key = match self.user_key(actor) {
+            Some(k) => k,
+            None => {
+                // A user just added through another instance.
+                self.catch_up_with_stream().await?;
+                self.user_key(actor).ok_or_else(|| {
+                    refused(
+                        "unknown_user",
+                        format!("there is no user {actor}: a GLOBAL_OWNER adds users with `handoff user add`"),
+                    )
+                })?
+            }
+        };
+        if let Err(e) =
+            handoff_protocol::auth::verify(&key, signed.subject, signed.payload, signature)
+        {
+            return Err(refused(
+                "bad_signature",
+                format!("{e}: the request was altered or not signed by {actor}'s key"),
+            ));
+        }
+        let now = now_ms();
+        let window = freshness.as_millis() as u64;
+        if request.at.saturating_add(window) < now {
+            return Err(refused(
+                "expired",
+                format!(
+                    "the request was signed {} s ago; a signature lasts {} s: sign it again (same id)",
+                    (now - request.at) / 1000,
+                    window / 1000
+                ),
+            ));
+        }
+        if request.at > now.saturating_add(window) {
+            return Err(refused(
+                "expired",
+                format!(
+                    "the request is dated {} s in the future, more than the {} s allowed: check the client's clock",
+                    (request.at - now) / 1000,
+                    window / 1000
+                ),
+            ));
+        }
+        let fingerprint = handoff_protocol::auth::fingerprint(signature);
+        let applied_before = self
+            .model
+            .command(&request.id)
+            .is_some_and(|r| r.signatures.contains(&fingerprint));
+        if applied_before || self.seen.contains_key(&fingerprint) {
+            return Err(refused(
+                "replayed",
+                format!(
+                    "this signed request of command {} was received before; a retry is signed again (same id, new time)",
+                    request.id
+                ),
+            ));
+        }
+        self.seen.insert(fingerprint.clone(), request.at);
+        if self.seen.len() > 4096 {
+            let horizon = now.saturating_sub(2 * window);
+            self.seen.retain(|_, at| *at >= horizon);
+        }
+        let allowed = |model: &Model| {
+            let who = Principal::of(&model.state, actor).ok_or_else(|| {
+                refused("unknown_user", format!("there is no user {actor} any more"))
+            })?;
+            authorize(&who, &request.command, &model.state)
+                .map_err(|f| refused("forbidden", f.to_string()))
+        };
+        if allowed(&self.model).is_err() {
+            // Roles or a move may have changed through another instance.
+            self.catch_up_with_stream().await?;
+        }
+        allowed(&self.model)?;
+        Ok(fingerprint)
+    }
+
+    fn user_key(&self, user: &Actor) -> Option<UserKey> {
+        self.model.state.users.get(user).map(|u| u.key.clone())
+    }
+
+    /// Whether any user was ever added (the first owner is given only to an empty
+    /// service).
+    pub fn has_users(&self) -> bool {
+        self.model.has_users
+    }
+
+    /// Appends the first owner, as the service itself, when no user was ever added.
+    /// Another instance doing the same at once is harmless: the user's subject must be
+    /// empty, so one append wins.
+    pub async fn bootstrap_owner(
+        &mut self,
+        user: &Actor,
+        key: &UserKey,
+    ) -> Result<bool, ErrorBody> {
+        self.catch_up_with_stream().await?;
+        if self.model.has_users {
+            return Ok(false);
+        }
+        let event = Event::UserAdded {
+            user: user.clone(),
+            roles: [handoff_domain::auth::Role::GlobalOwner].into(),
+            key: key.clone(),
+            daemon: None,
+        };
+        let id = new_command_id();
+        let ctx = Context {
+            command: id,
+            actor: system_actor(),
+            at_ms: now_ms(),
+        };
+        let messages = self.messages(&ctx, "bootstrap", &[event], true, None);
+        match self.log.append(&messages).await {
+            Ok(a) => {
+                self.appended = self.appended.max(a.last_seq);
+                Ok(true)
+            }
+            Err(AppendError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Records a refused request as a `CommandRefused` event (the audit trail).
+    pub async fn record_refusal(
+        &mut self,
+        request: &CommandRequest<Command>,
+        error: &ErrorBody,
+    ) -> Result<(), ErrorBody> {
+        let refusal = new_command_id();
+        let event = Event::CommandRefused {
+            refusal: refusal.clone(),
+            user: request.actor.clone(),
+            command: request.command.name().to_owned(),
+            command_id: request.id.clone(),
+            reason: error.reason.clone(),
+            message: error.message.clone(),
+            client: request.client.clone(),
+        };
+        let ctx = Context {
+            command: refusal,
+            actor: system_actor(),
+            at_ms: now_ms(),
+        };
+        let messages = self.messages(&ctx, "refusal", &[event], true, None);
+        let a = self.log.append(&messages).await.map_err(unavailable)?;
+        self.appended = self.appended.max(a.last_seq);
+        Ok(())
+    }
+
+    /// Decides and appends a verified request; `signature` is its fingerprint, written on
+    /// its events.
     pub async fn execute(
         &mut self,
         request: CommandRequest<Command>,
+        signature: Option<String>,
     ) -> Result<Applied, ErrorBody> {
         let digest = digest(&request);
         self.catch_up(self.appended).await.map_err(unavailable)?;
@@ -159,7 +352,8 @@ impl Executor {
             let mut duplicate = false;
             for (u, unit) in decision.units.iter().enumerate() {
                 let is_last_unit = u + 1 == units;
-                let messages = self.messages(&ctx, &digest, unit, is_last_unit);
+                let messages =
+                    self.messages(&ctx, &digest, unit, is_last_unit, signature.as_deref());
                 match self.log.append(&messages).await {
                     Ok(a) => {
                         duplicate |= a.duplicate;
@@ -222,6 +416,7 @@ impl Executor {
         digest: &str,
         unit: &[Event],
         is_last_unit: bool,
+        signature: Option<&str>,
     ) -> Vec<Outgoing> {
         let n = unit.len();
         unit.iter()
@@ -236,6 +431,7 @@ impl Executor {
                     at: ctx.at_ms,
                     last: is_last_unit && i + 1 == n,
                     digest: digest.to_owned(),
+                    signature: signature.map(str::to_owned),
                 };
                 Outgoing {
                     expected_last_subject_seq: self.model.last_seq(&subject),
@@ -246,6 +442,14 @@ impl Executor {
             })
             .collect()
     }
+}
+
+fn new_command_id() -> CommandId {
+    CommandId::new(ulid::Ulid::new().to_string()).expect("a ULID is a command id")
+}
+
+fn system_actor() -> Actor {
+    Actor::new(handoff_domain::command::SYSTEM_ACTOR).expect("the system actor is valid")
 }
 
 fn now_ms() -> u64 {

@@ -7,13 +7,17 @@
 //!
 //! # How a command flows
 //! 1. The endpoint refuses an oversize or malformed request with a `validation` error.
-//! 2. The [`executor`] catches its [`model`] up with what it appended before, and
+//! 2. The request's signature is checked (see `handoff_protocol::auth`): a current user's
+//!    key over the exact bytes, fresh, never seen before, and the user's roles allow the
+//!    command (`handoff_domain::auth`). A refusal (`forbidden`) is itself appended as a
+//!    `CommandRefused` event, and nothing else is.
+//! 3. The [`executor`] catches its [`model`] up with what it appended before, and
 //!    answers a command id it already applied with the events of the first time.
-//! 3. `handoff_domain::decide` returns the events (in atomic units) or a rejection.
-//! 4. Each unit is appended as one atomic batch, every event expecting its subject's
+//! 4. `handoff_domain::decide` returns the events (in atomic units) or a rejection.
+//! 5. Each unit is appended as one atomic batch, every event expecting its subject's
 //!    last sequence as the model saw it. On a conflict the model catches up with the
 //!    stream and the command is decided again.
-//! 5. The reply goes out only after JetStream acknowledged every event.
+//! 6. The reply goes out only after JetStream acknowledged every event.
 //!
 //! # Layout
 //! - [`model`]: the fold of the stream the decisions are made on.
@@ -29,9 +33,9 @@ use async_nats::service::ServiceExt;
 use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
-use handoff_domain::Command;
+use handoff_domain::{Actor, Command, UserKey};
 use handoff_eventlog::EventLog;
-use handoff_protocol::api::{CommandRequest, Endpoint, ENDPOINTS, MAX_REQUEST_BYTES};
+use handoff_protocol::api::{CommandRequest, Endpoint, ENDPOINTS, MAX_CLIENT, MAX_REQUEST_BYTES};
 use handoff_protocol::{subjects, ErrorBody, ErrorCode, Reply};
 use thiserror::Error;
 use tracing::Instrument;
@@ -47,6 +51,14 @@ pub struct Config {
     pub event_log: handoff_eventlog::Config,
     /// How long to wait for the stream to deliver an event the service knows exists.
     pub read_timeout: Duration,
+    /// How far a request's signing time may be from the service's clock.
+    pub freshness: Duration,
+    /// The first GLOBAL_OWNER, added when the service starts on a stream that never had
+    /// a user (ignored once one was added).
+    pub bootstrap_owner: Option<(Actor, UserKey)>,
+    /// At most this many refusals a second are recorded as events; more are only logged
+    /// (a flood of bad requests does not flood the stream).
+    pub refusals_per_second: u32,
 }
 
 impl Default for Config {
@@ -54,6 +66,9 @@ impl Default for Config {
         Config {
             event_log: handoff_eventlog::Config::default(),
             read_timeout: Duration::from_secs(10),
+            freshness: Duration::from_secs(120),
+            bootstrap_owner: None,
+            refusals_per_second: 50,
         }
     }
 }
@@ -71,6 +86,7 @@ pub enum Error {
 /// A started command service: its model is loaded and its endpoints are listening.
 pub struct CommandService {
     executor: Executor,
+    config: Config,
     service: async_nats::service::Service,
     endpoints: Vec<(Endpoint, async_nats::service::endpoint::Endpoint)>,
 }
@@ -78,7 +94,19 @@ pub struct CommandService {
 /// Loads the model from the stream and registers the endpoints.
 pub async fn start(client: Client, config: Config) -> Result<CommandService, Error> {
     let log = EventLog::open(client.clone(), config.event_log.clone()).await?;
-    let executor = Executor::start(log, config.read_timeout).await?;
+    let mut executor = Executor::start(log, config.read_timeout).await?;
+    if let Some((user, key)) = &config.bootstrap_owner {
+        match executor.bootstrap_owner(user, key).await {
+            Ok(true) => tracing::info!(%user, "added the first GLOBAL_OWNER"),
+            Ok(false) => tracing::debug!(%user, "users exist; the first owner is not added again"),
+            Err(e) => {
+                return Err(Error::Service(format!(
+                    "adding the first owner: {}",
+                    e.message
+                )))
+            }
+        }
+    }
     let service = client
         .service_builder()
         .description(
@@ -106,6 +134,7 @@ pub async fn start(client: Client, config: Config) -> Result<CommandService, Err
         .map_err(|e| Error::Service(e.to_string()))?;
     Ok(CommandService {
         executor,
+        config,
         service,
         endpoints,
     })
@@ -116,9 +145,11 @@ impl CommandService {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let CommandService {
             mut executor,
+            config,
             service,
             endpoints,
         } = self;
+        let mut refusals = RefusalBudget::new(config.refusals_per_second);
         let mut requests = futures::stream::select_all(
             endpoints
                 .into_iter()
@@ -131,7 +162,18 @@ impl CommandService {
                 _ = &mut shutdown => break,
                 next = requests.next() => {
                     let Some((endpoint, request)) = next else { break };
-                    let reply = handle(&mut executor, endpoint, &request.message.payload).await;
+                    let signature = request
+                        .message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(handoff_protocol::auth::SIGNATURE_HEADER))
+                        .map(|v| v.as_str().to_owned());
+                    let signed = executor::Signed {
+                        subject: request.message.subject.as_str(),
+                        payload: &request.message.payload,
+                        signature: signature.as_deref(),
+                    };
+                    let reply = handle(&mut executor, &config, &mut refusals, endpoint, &signed).await;
                     let body = serde_json::to_vec(&reply).expect("replies always serialize");
                     if let Err(e) = request.respond(Ok(Bytes::from(body))).await {
                         tracing::warn!(error = %e, "could not send a reply");
@@ -161,6 +203,7 @@ fn record_subjects(span: &tracing::Span, request: &handoff_protocol::CommandRequ
         C::CompleteJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
         C::FailJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
         C::ResizeOplogTtl(c) => (Some(&c.job), None, None),
+        C::AddUser(_) | C::RemoveUser(_) => (None, None, None),
     };
     if let Some(j) = job {
         span.record("job", tracing::field::display(j));
@@ -173,8 +216,9 @@ fn record_subjects(span: &tracing::Span, request: &handoff_protocol::CommandRequ
     }
 }
 
-/// Checks a request's size and shape before anything else looks at it: a body too large or
-/// not the endpoint's request is a validation error, with nothing decided or appended.
+/// Checks a request's size and shape before anything else looks at it: a body too large,
+/// not the endpoint's request, or a command out of range is a validation error, with
+/// nothing decided or appended.
 pub fn screen(endpoint: &Endpoint, payload: &[u8]) -> Result<CommandRequest<Command>, ErrorBody> {
     if payload.len() > MAX_REQUEST_BYTES {
         return Err(ErrorBody::new(
@@ -186,17 +230,83 @@ pub fn screen(endpoint: &Endpoint, payload: &[u8]) -> Result<CommandRequest<Comm
             ),
         ));
     }
-    (endpoint.parse)(payload).map_err(|e| {
+    let request = (endpoint.parse)(payload).map_err(|e| {
         ErrorBody::new(
             ErrorCode::Validation,
             "malformed",
             format!("malformed {} request: {e}", endpoint.name),
         )
-    })
+    })?;
+    if let Some(client) = &request.client {
+        if client.chars().count() > MAX_CLIENT || client.chars().any(char::is_control) {
+            return Err(ErrorBody::new(
+                ErrorCode::Validation,
+                "malformed",
+                format!(
+                    "malformed {} request: client must be at most {MAX_CLIENT} characters without control characters",
+                    endpoint.name
+                ),
+            ));
+        }
+    }
+    // What the types alone do not check (ranges, lengths): refused before anyone looks
+    // at who signed it.
+    request
+        .command
+        .validate()
+        .map_err(|i| ErrorBody::from(handoff_domain::Rejection::Invalid(i)))?;
+    Ok(request)
 }
 
-async fn handle(executor: &mut Executor, endpoint: Endpoint, payload: &[u8]) -> Reply {
-    let request = match screen(&endpoint, payload) {
+/// How many refusals may still be recorded this second.
+struct RefusalBudget {
+    per_second: u32,
+    left: u32,
+    second: u64,
+    dropped: u64,
+}
+
+impl RefusalBudget {
+    fn new(per_second: u32) -> Self {
+        RefusalBudget {
+            per_second,
+            left: per_second,
+            second: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Whether one more refusal may be recorded now.
+    fn take(&mut self) -> bool {
+        let second = handoff_protocol::auth::now_ms() / 1000;
+        if second != self.second {
+            if self.dropped > 0 {
+                tracing::warn!(
+                    dropped = self.dropped,
+                    "refusals not recorded as events (over the limit)"
+                );
+            }
+            self.second = second;
+            self.left = self.per_second;
+            self.dropped = 0;
+        }
+        if self.left == 0 {
+            self.dropped += 1;
+            return false;
+        }
+        self.left -= 1;
+        true
+    }
+}
+
+async fn handle(
+    executor: &mut Executor,
+    config: &Config,
+    refusals: &mut RefusalBudget,
+    endpoint: Endpoint,
+    signed: &executor::Signed<'_>,
+) -> Reply {
+    let request = match screen(&endpoint, signed.payload) {
         Ok(r) => r,
         Err(e) => return Reply::Error(e),
     };
@@ -210,7 +320,27 @@ async fn handle(executor: &mut Executor, endpoint: Endpoint, payload: &[u8]) -> 
         move_id = tracing::field::Empty,
     );
     record_subjects(&span, &request);
-    let result = executor.execute(request).instrument(span.clone()).await;
+    let fingerprint = match executor
+        .authenticate(&request, signed, config.freshness)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(f) => f,
+        Err(error) => {
+            let _entered = span.enter();
+            tracing::warn!(code = ?error.code, reason = %error.reason, client = request.client.as_deref().unwrap_or(""), "refused");
+            if error.code == ErrorCode::Forbidden && refusals.take() {
+                if let Err(e) = executor.record_refusal(&request, &error).await {
+                    tracing::warn!(error = %e.message, "could not record the refusal");
+                }
+            }
+            return Reply::Error(error);
+        }
+    };
+    let result = executor
+        .execute(request, Some(fingerprint))
+        .instrument(span.clone())
+        .await;
     let _entered = span.enter();
     match result {
         Ok(applied) => {

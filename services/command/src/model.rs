@@ -15,6 +15,9 @@ pub struct CommandRecord {
     pub events: Vec<AppendedEvent>,
     /// Its last event (marked `last`) is stored: the command is fully applied.
     pub complete: bool,
+    /// The fingerprints of the signed requests that appended its events: the same
+    /// signed request again is a replay.
+    pub signatures: Vec<String>,
 }
 
 /// The fold of the stream up to `applied`.
@@ -25,12 +28,15 @@ pub struct Model {
     commands: HashMap<CommandId, CommandRecord>,
     /// The last stream sequence folded in.
     pub applied: u64,
+    /// Whether a user was ever added (even if removed since).
+    pub has_users: bool,
 }
 
 impl Model {
     /// Folds the next event of the stream in.
     pub fn apply(&mut self, r: &Recorded) {
         self.state.apply(&r.envelope.event);
+        self.has_users |= matches!(r.envelope.event, handoff_domain::Event::UserAdded { .. });
         self.last_seq.insert(r.subject.clone(), r.seq);
         let record = self.commands.entry(r.envelope.command.clone()).or_default();
         record.digest.clone_from(&r.envelope.digest);
@@ -40,6 +46,11 @@ impl Model {
             kind: r.envelope.event.type_name().to_owned(),
         });
         record.complete |= r.envelope.last;
+        if let Some(fp) = &r.envelope.signature {
+            if !record.signatures.contains(fp) {
+                record.signatures.push(fp.clone());
+            }
+        }
         self.applied = r.seq;
     }
 

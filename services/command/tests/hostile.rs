@@ -108,6 +108,15 @@ fn samples() -> Vec<Command> {
             hours: 27,
             reason: "a head needs it".into(),
         }),
+        Command::AddUser(AddUser {
+            user: Actor::new("alice").unwrap(),
+            roles: vec![handoff_domain::auth::Role::GlobalBackupAdmin],
+            key: handoff_domain::UserKey::new(format!("U{}", "B".repeat(55))).unwrap(),
+            daemon: None,
+        }),
+        Command::RemoveUser(RemoveUser {
+            user: Actor::new("alice").unwrap(),
+        }),
     ]
 }
 
@@ -268,7 +277,7 @@ fn check(endpoint: usize, payload: &[u8], state: &State) -> Result<(), TestCaseE
         Err(e) => {
             prop_assert_eq!(e.code, ErrorCode::Validation);
             prop_assert!(
-                matches!(e.reason.as_str(), "malformed" | "too_large"),
+                matches!(e.reason.as_str(), "malformed" | "too_large" | "invalid"),
                 "{}",
                 e.reason
             );
@@ -304,7 +313,7 @@ fn hostile_requests_get_a_specific_answer_and_never_an_internal_error() {
     };
     let mut runner = TestRunner::new(config.clone());
     let mutated = (
-        0usize..12,
+        0..samples().len(),
         proptest::collection::vec(
             (proptest::collection::vec(0usize..8, 1..4), mutation()),
             1..4,
@@ -332,7 +341,10 @@ fn hostile_requests_get_a_specific_answer_and_never_an_internal_error() {
     let mut runner = TestRunner::new(config);
     runner
         .run(
-            &(0usize..12, proptest::collection::vec(any::<u8>(), 0..300)),
+            &(
+                0..samples().len(),
+                proptest::collection::vec(any::<u8>(), 0..300),
+            ),
             |(endpoint, bytes)| check(endpoint, &bytes, &state),
         )
         .unwrap();

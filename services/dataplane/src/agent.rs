@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
 use handoff_domain::command::ResizeOplogTtl;
-use handoff_domain::{Actor, Command, CommandId, Event, JobId, ProjectId};
+use handoff_domain::{Command, CommandId, Event, JobId, ProjectId};
 use tokio::sync::watch;
 
 use crate::commands::Commands;
@@ -84,9 +84,12 @@ fn job_seed(seed: u64, job: &JobId) -> u64 {
 }
 
 /// Runs until `stop` turns true.
+/// Runs the agent until `stop` turns true; `creds` (a BACKUP_AGENT user) sign its
+/// reports.
 pub async fn run(
     stores: Stores,
     config: AgentConfig,
+    creds: handoff_protocol::auth::Credentials,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let log = handoff_eventlog::EventLog::attach(
@@ -107,7 +110,7 @@ pub async fn run(
             ttl.clone(),
             stop.clone(),
         );
-        tasks.spawn(async move { groom_loop(stores, config, jobs, ttl, stop).await });
+        tasks.spawn(async move { groom_loop(stores, config, creds, jobs, ttl, stop).await });
     }
     // The jobs that exist already, and the retention each was grown to.
     let end = match log
@@ -362,14 +365,12 @@ async fn ship(
 async fn groom_loop(
     stores: Stores,
     config: AgentConfig,
+    creds: handoff_protocol::auth::Credentials,
     jobs: Arc<Mutex<BTreeSet<JobId>>>,
     ttl: Ttl,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let commands = Commands::new(
-        stores.client.clone(),
-        Actor::new("handoff-agent").expect("a valid actor"),
-    );
+    let commands = Commands::new(stores.client.clone(), creds, "handoff-agent".into());
     let mut ticker = tokio::time::interval(Duration::from_millis(config.groom_ms.max(50)));
     loop {
         tokio::select! {

@@ -3,32 +3,41 @@
 
 use std::time::Duration;
 
-use handoff_domain::{Actor, Command, CommandId};
-use handoff_protocol::api::{encode_request, endpoint_of};
-use handoff_protocol::{subjects, Applied, ErrorBody, ErrorCode, Reply};
+use handoff_domain::{Command, CommandId};
+use handoff_protocol::auth::{Credentials, SIGNATURE_HEADER};
+use handoff_protocol::{Applied, ErrorBody, ErrorCode, Reply};
 
 #[derive(Clone)]
 pub struct Commands {
     client: async_nats::Client,
-    actor: Actor,
+    creds: Credentials,
+    /// What the process tells the audit trail it is.
+    name: String,
 }
 
 impl Commands {
-    pub fn new(client: async_nats::Client, actor: Actor) -> Self {
-        Commands { client, actor }
+    pub fn new(client: async_nats::Client, creds: Credentials, name: String) -> Self {
+        Commands {
+            client,
+            creds,
+            name,
+        }
     }
 
-    /// Sends `command` with id `id`, retrying while the command service is unreachable
-    /// (the same id makes retries safe). A refusal is returned as is.
+    /// Sends `command` with id `id`, signed by the process's user, retrying while the
+    /// command service is unreachable (the same id makes retries safe; each attempt is
+    /// signed again). A refusal is returned as is.
     pub async fn send(&self, id: &CommandId, command: &Command) -> Result<Applied, ErrorBody> {
-        let subject = subjects::command(endpoint_of(command));
-        let body = bytes::Bytes::from(encode_request(id, &self.actor, command));
         let mut wait = Duration::from_millis(100);
         for attempt in 0.. {
+            let signed = self.creds.sign_command(id, command, Some(&self.name));
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(SIGNATURE_HEADER, signed.signature.as_str());
             let request = async_nats::Request::new()
-                .payload(body.clone())
+                .payload(signed.payload.into())
+                .headers(headers)
                 .timeout(Some(Duration::from_secs(10)));
-            let problem = match self.client.send_request(subject.clone(), request).await {
+            let problem = match self.client.send_request(signed.subject, request).await {
                 Ok(m) => match serde_json::from_slice::<Reply>(&m.payload) {
                     Ok(r) => match r.into_result() {
                         Err(e) if e.code == ErrorCode::Unavailable => e.message,

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use handoff_domain::command::{CompleteJobMove, FailJobMove, RegisterDaemon, ReportJobMovePhase};
 use handoff_domain::event::AssignmentCause;
 use handoff_domain::model::{DaemonSettings, HeadPoint, MovePhase};
-use handoff_domain::{Actor, Command, CommandId, DaemonId, Event, JobId};
+use handoff_domain::{Command, CommandId, DaemonId, Event, JobId};
 use handoff_protocol::subjects;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
@@ -36,6 +36,8 @@ pub struct DaemonConfig {
     /// Registered with these settings if the daemon is new.
     pub settings: DaemonSettings,
     pub heartbeat_ms: u64,
+    /// The daemon's user (BACKUP_DAEMON, bound to `id`), which signs its reports.
+    pub creds: handoff_protocol::auth::Credentials,
 }
 
 /// Progress of one job's rebuild, published on `handoff.progress.<move>`.
@@ -105,9 +107,11 @@ pub async fn run(
     config: DaemonConfig,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let host = config.id.as_str().split(':').next().unwrap_or("daemon");
-    let actor = Actor::new(format!("daemon@{host}")).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let commands = Commands::new(stores.client.clone(), actor);
+    let commands = Commands::new(
+        stores.client.clone(),
+        config.creds.clone(),
+        format!("handoff-daemon {}", config.id),
+    );
     match commands
         .send(
             &new_id(),

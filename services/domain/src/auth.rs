@@ -10,6 +10,7 @@
 //! | `ReportJobMovePhase`, `CompleteJobMove` | the move's destination daemon |
 //! | `FailJobMove` | the move's destination daemon; GLOBAL_OWNER, GLOBAL_BACKUP_ADMIN |
 //! | `ResizeOplogTtl` | BACKUP_AGENT |
+//! | `AddUser`, `RemoveUser` | GLOBAL_OWNER |
 //! | reading (queries, history) | any role |
 //!
 //! GLOBAL_READ_ONLY sends no command at all.
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::command::Command;
-use crate::ids::{Actor, DaemonId};
+use crate::ids::{Actor, DaemonId, UserKey};
 use crate::state::{Assignment, State};
 
 /// A role, with Ops Manager's names for people's roles.
@@ -38,6 +39,56 @@ pub enum Role {
     BackupDaemon,
     /// The agent: reports on the oplog store (OPLOG_TTL_RESIZE).
     BackupAgent,
+}
+
+impl Role {
+    /// The name on the wire and in Ops Manager, e.g. `GLOBAL_OWNER`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::GlobalOwner => "GLOBAL_OWNER",
+            Role::GlobalBackupAdmin => "GLOBAL_BACKUP_ADMIN",
+            Role::GlobalReadOnly => "GLOBAL_READ_ONLY",
+            Role::BackupDaemon => "BACKUP_DAEMON",
+            Role::BackupAgent => "BACKUP_AGENT",
+        }
+    }
+
+    /// Every role.
+    pub const ALL: [Role; 5] = [
+        Role::GlobalOwner,
+        Role::GlobalBackupAdmin,
+        Role::GlobalReadOnly,
+        Role::BackupDaemon,
+        Role::BackupAgent,
+    ];
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let names: Vec<_> = Role::ALL.iter().map(|r| r.as_str()).collect();
+                format!("unknown role {s:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
+/// A user as the events made it: its roles and the key its commands are signed with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct User {
+    pub roles: BTreeSet<Role>,
+    pub key: UserKey,
+    pub daemon: Option<DaemonId>,
 }
 
 /// A verified caller: its name, roles, and for a daemon, which daemon it is.
@@ -61,6 +112,15 @@ pub struct Forbidden {
 const ADMINS: &[Role] = &[Role::GlobalOwner, Role::GlobalBackupAdmin];
 
 impl Principal {
+    /// The caller `user` as the state knows it, if it is a current user.
+    pub fn of(state: &State, user: &Actor) -> Option<Principal> {
+        state.users.get(user).map(|u| Principal {
+            user: user.clone(),
+            roles: u.roles.clone(),
+            daemon: u.daemon.clone(),
+        })
+    }
+
     fn has_any(&self, roles: &[Role]) -> bool {
         roles.iter().any(|r| self.roles.contains(r))
     }
@@ -99,6 +159,9 @@ pub fn authorize(who: &Principal, command: &Command, state: &State) -> Result<()
             Some(to) => deny(format!(
                 "only {to}, the destination of the job's move, reports on it"
             )),
+            // Not moving (any more): a daemon hears the domain's answer (the move is
+            // over), which tells it to let the job go.
+            None if who.roles.contains(&Role::BackupDaemon) => Ok(()),
             None => deny(format!("job {job} is not moving")),
         }
     };
@@ -124,6 +187,13 @@ pub fn authorize(who: &Principal, command: &Command, state: &State) -> Result<()
                 Ok(())
             } else {
                 destination_only(&c.job)
+            }
+        }
+        Command::AddUser(_) | Command::RemoveUser(_) => {
+            if who.roles.contains(&Role::GlobalOwner) {
+                Ok(())
+            } else {
+                deny("managing users needs GLOBAL_OWNER".into())
             }
         }
         Command::ResizeOplogTtl(_) => {

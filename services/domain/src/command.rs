@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{CommandId, DaemonId, JobId, Label, ProjectId};
+use crate::auth::Role;
+use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId, UserKey};
 use crate::model::{
     DaemonSettings, Deployment, HeadPoint, JobSize, MovePhase, MAX_DAEMON_FILTER, MAX_LABELS,
     MAX_OPLOG_TTL_HOURS, MAX_REASON, MAX_SHARDS,
@@ -143,6 +144,32 @@ pub struct FailJobMove {
     pub reason: String,
 }
 
+/// Add a user who signs commands with `key` and holds `roles` (GLOBAL_OWNER only). A
+/// BACKUP_DAEMON user is bound to the daemon it runs as.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AddUser {
+    pub user: Actor,
+    pub roles: Vec<Role>,
+    /// The public half of the user's key; the seed never leaves the user's machine.
+    pub key: UserKey,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<DaemonId>,
+}
+
+/// Remove a user: its key signs nothing any more (GLOBAL_OWNER only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RemoveUser {
+    pub user: Actor,
+}
+
+/// The name the service itself writes as the actor of what no user asked for (the first
+/// owner, given when the service starts). No user may take it.
+pub const SYSTEM_ACTOR: &str = "handoff";
+
 /// Every command the domain decides on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -160,6 +187,8 @@ pub enum Command {
     CompleteJobMove(CompleteJobMove),
     FailJobMove(FailJobMove),
     ResizeOplogTtl(ResizeOplogTtl),
+    AddUser(AddUser),
+    RemoveUser(RemoveUser),
 }
 
 fn check_reason(field: &'static str, reason: &str, required: bool) -> Result<(), Invalid> {
@@ -194,6 +223,8 @@ impl Command {
             Command::CompleteJobMove(_) => "CompleteJobMove",
             Command::FailJobMove(_) => "FailJobMove",
             Command::ResizeOplogTtl(_) => "ResizeOplogTtl",
+            Command::AddUser(_) => "AddUser",
+            Command::RemoveUser(_) => "RemoveUser",
         }
     }
 
@@ -280,6 +311,35 @@ impl Command {
                 }
                 check_reason("reason", &c.reason, true)
             }
+            Command::AddUser(c) => {
+                if c.user.as_str() == SYSTEM_ACTOR {
+                    return Err(Invalid::new(
+                        "user",
+                        format!("'{SYSTEM_ACTOR}' is the service's own name; choose another"),
+                    ));
+                }
+                if c.roles.is_empty() {
+                    return Err(Invalid::new("roles", "a user needs at least one role"));
+                }
+                let mut roles = c.roles.clone();
+                roles.sort_unstable();
+                roles.dedup();
+                if roles.len() != c.roles.len() {
+                    return Err(Invalid::new("roles", "each role at most once"));
+                }
+                match (c.roles.contains(&Role::BackupDaemon), &c.daemon) {
+                    (true, None) => Err(Invalid::new(
+                        "daemon",
+                        "a BACKUP_DAEMON user names the daemon it runs as",
+                    )),
+                    (false, Some(_)) => Err(Invalid::new(
+                        "daemon",
+                        "only a BACKUP_DAEMON user is bound to a daemon",
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            Command::RemoveUser(_) => Ok(()),
         }
     }
 }

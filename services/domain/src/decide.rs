@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Role;
 use crate::command::*;
 use crate::event::{AssignedJob, AssignmentCause, Event};
 use crate::ids::{Actor, CommandId, DaemonId, JobId};
@@ -179,6 +180,46 @@ pub fn decide(command: &Command, ctx: &Context, state: &State) -> Result<Decisio
                 previous_hours: c.previous_hours,
                 hours: c.hours,
                 reason: c.reason.clone(),
+            }]))
+        }
+        Command::AddUser(c) => {
+            if state.users.contains_key(&c.user) {
+                return Err(Rejection::AlreadyExists {
+                    kind: Kind::User,
+                    id: c.user.to_string(),
+                });
+            }
+            if let Some((owner, _)) = state.users.iter().find(|(_, u)| u.key == c.key) {
+                return Err(Rejection::KeyInUse {
+                    user: owner.clone(),
+                });
+            }
+            Ok(Decision::one(vec![Event::UserAdded {
+                user: c.user.clone(),
+                roles: c.roles.iter().copied().collect(),
+                key: c.key.clone(),
+                daemon: c.daemon.clone(),
+            }]))
+        }
+        Command::RemoveUser(c) => {
+            let Some(user) = state.users.get(&c.user) else {
+                return Err(Rejection::NotFound {
+                    kind: Kind::User,
+                    id: c.user.to_string(),
+                });
+            };
+            let owners = state
+                .users
+                .values()
+                .filter(|u| u.roles.contains(&Role::GlobalOwner))
+                .count();
+            if user.roles.contains(&Role::GlobalOwner) && owners == 1 {
+                return Err(Rejection::LastOwner {
+                    user: c.user.clone(),
+                });
+            }
+            Ok(Decision::one(vec![Event::UserRemoved {
+                user: c.user.clone(),
             }]))
         }
         Command::FailJobMove(c) => {

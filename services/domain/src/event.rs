@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{CommandId, DaemonId, JobId, Label, ProjectId};
+use crate::auth::Role;
+use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId, UserKey};
 use crate::model::{DaemonSettings, HeadPoint, JobSize, JobTarget, MovePhase, MoveScope};
 
 /// A job handed to a daemon, with the epoch it must attach to everything it writes.
@@ -129,6 +130,31 @@ pub enum Event {
         hours: u32,
         reason: String,
     },
+    UserAdded {
+        user: Actor,
+        roles: BTreeSet<Role>,
+        key: UserKey,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        daemon: Option<DaemonId>,
+    },
+    UserRemoved {
+        user: Actor,
+    },
+    /// The command service refused a request before deciding it: unsigned, forged,
+    /// expired, replayed, from an unknown user or a user without the role. `user` is who
+    /// the request claimed to be (unverified when the reason is about the signature).
+    CommandRefused {
+        /// The refusal's own id (its subject), not the refused command's.
+        refusal: CommandId,
+        user: Actor,
+        command: String,
+        command_id: CommandId,
+        reason: String,
+        message: String,
+        /// What the client said it is (program, host); unverified.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+    },
 }
 
 /// The aggregate an event belongs to, and so its subject in the event log.
@@ -138,6 +164,9 @@ pub enum Aggregate {
     Project(ProjectId),
     Job(JobId),
     Move(CommandId),
+    User(Actor),
+    /// One refused request (by the refusal's id).
+    Audit(CommandId),
 }
 
 impl Event {
@@ -162,6 +191,8 @@ impl Event {
             | JobMoveFailed { job, .. }
             | OplogTtlResized { job, .. } => Aggregate::Job(job.clone()),
             MoveStarted { move_id, .. } => Aggregate::Move(move_id.clone()),
+            UserAdded { user, .. } | UserRemoved { user } => Aggregate::User(user.clone()),
+            CommandRefused { refusal, .. } => Aggregate::Audit(refusal.clone()),
         }
     }
 
@@ -184,6 +215,9 @@ impl Event {
             JobMoveCompleted { .. } => "JobMoveCompleted",
             JobMoveFailed { .. } => "JobMoveFailed",
             OplogTtlResized { .. } => "OplogTtlResized",
+            UserAdded { .. } => "UserAdded",
+            UserRemoved { .. } => "UserRemoved",
+            CommandRefused { .. } => "CommandRefused",
         }
     }
 
@@ -202,9 +236,12 @@ impl Event {
             | JobMoveCompleted { daemon, .. } => vec![daemon],
             MoveStarted { from, to, .. } | JobMoveStarted { from, to, .. } => vec![from, to],
             JobMoveFailed { returned_to, .. } => vec![returned_to],
-            ProjectConfigured { .. } | JobMovePhaseReported { .. } | OplogTtlResized { .. } => {
-                vec![]
-            }
+            UserAdded { daemon, .. } => daemon.iter().collect(),
+            ProjectConfigured { .. }
+            | JobMovePhaseReported { .. }
+            | OplogTtlResized { .. }
+            | UserRemoved { .. }
+            | CommandRefused { .. } => vec![],
         }
     }
 
@@ -237,6 +274,8 @@ impl Event {
             Aggregate::Project(p) => format!("project:{p}"),
             Aggregate::Job(j) => format!("job:{j}"),
             Aggregate::Move(m) => format!("move:{m}"),
+            Aggregate::User(u) => format!("user:{u}"),
+            Aggregate::Audit(r) => format!("audit:{r}"),
         };
         match self {
             Event::JobsAssigned { jobs, .. } => match jobs.first() {

@@ -189,12 +189,28 @@ fn check_ulid(v: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
+string_id!(
+    /// A user's public key: an nkeys user key (ed25519), `U` and 55 characters of base32.
+    /// Only the public half is ever sent; the seed stays in the user's credentials file.
+    UserKey,
+    "^U[A-Z2-7]{55}$",
+    |v| {
+        if v.len() != 56 || !v.starts_with('U') || !v.chars().all(|c| c.is_ascii_uppercase() || ('2'..='7').contains(&c)) {
+            return Err(Invalid::new(
+                "key",
+                "must be an nkeys user public key ('U' and 55 characters of base32)",
+            ));
+        }
+        Ok(())
+    }
+);
+
 /// A move is named by the command that started it.
 pub type MoveId = CommandId;
 
 string_id!(
-    /// Who asked for a command. Verified by the command service (roles come with the
-    /// security work); written on every event.
+    /// Who asked for a command: a user, whose signature the command service verified;
+    /// written on every event.
     Actor,
     "^[A-Za-z0-9._@-]{1,128}$",
     |v| {

@@ -19,7 +19,7 @@
 //! - [`decide`](mod@decide): the rules, including placement and the destination checks
 //!   of a move.
 //! - [`rejection`]: why a command was refused, each reason with its own variant.
-//! - [`auth`]: who may send which command (roles and the rules of MISSION rule 1).
+//! - [`auth`]: users, roles, and who may send which command (MISSION rule 1).
 //!
 //! # How a command flows
 //! The command service validates the request into a [`Command`], calls [`decide()`] with
@@ -39,6 +39,6 @@ pub mod state;
 pub use command::Command;
 pub use decide::{decide, Context, Decision, MovePlan, MAX_EVENTS_PER_UNIT};
 pub use event::{Aggregate, Event};
-pub use ids::{Actor, CommandId, DaemonId, JobId, Label, MoveId, ProjectId};
+pub use ids::{Actor, CommandId, DaemonId, JobId, Label, MoveId, ProjectId, UserKey};
 pub use rejection::{Invalid, Rejection, RejectionClass};
 pub use state::{evolve, initial, State};

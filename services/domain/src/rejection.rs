@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::ids::{CommandId, DaemonId, JobId, Label, ProjectId};
+use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId};
 
 /// A field that does not have the form it must have. Fix the request; never retry as is.
 #[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
@@ -34,6 +34,7 @@ pub enum Kind {
     Project,
     Job,
     Move,
+    User,
 }
 
 impl std::fmt::Display for Kind {
@@ -43,6 +44,7 @@ impl std::fmt::Display for Kind {
             Kind::Project => "project",
             Kind::Job => "job",
             Kind::Move => "move",
+            Kind::User => "user",
         })
     }
 }
@@ -138,6 +140,14 @@ pub enum Rejection {
     /// A daemon that still owns jobs cannot be removed. Move its jobs first.
     #[error("cannot remove daemon {daemon}: it still owns {jobs} job(s); move them first")]
     DaemonHasJobs { daemon: DaemonId, jobs: usize },
+
+    /// Another user already signs with this key. Generate a new key for each user.
+    #[error("key is already {user}'s; every user has a key of its own")]
+    KeyInUse { user: Actor },
+
+    /// Removing the user would leave no GLOBAL_OWNER to manage users. Add another first.
+    #[error("cannot remove {user}: it is the last GLOBAL_OWNER; add another owner first")]
+    LastOwner { user: Actor },
 }
 
 impl From<Invalid> for Rejection {
@@ -170,7 +180,8 @@ impl Rejection {
             AlreadyExists { .. }
             | JobAlreadyMoving { .. }
             | MoveNotInProgress { .. }
-            | StaleEpoch { .. } => RejectionClass::Conflict,
+            | StaleEpoch { .. }
+            | KeyInUse { .. } => RejectionClass::Conflict,
             MoveToSelf { .. }
             | NothingToMove { .. }
             | DaemonRemoved { .. }
@@ -180,7 +191,8 @@ impl Rejection {
             | DaemonFilterMismatch { .. }
             | LabelMismatch { .. }
             | BindFailure { .. }
-            | DaemonHasJobs { .. } => RejectionClass::Refused,
+            | DaemonHasJobs { .. }
+            | LastOwner { .. } => RejectionClass::Refused,
         }
     }
 
@@ -204,6 +216,8 @@ impl Rejection {
             LabelMismatch { .. } => "label_mismatch",
             BindFailure { .. } => "bind_failure",
             DaemonHasJobs { .. } => "daemon_has_jobs",
+            KeyInUse { .. } => "key_in_use",
+            LastOwner { .. } => "last_owner",
         }
     }
 }

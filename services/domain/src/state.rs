@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::event::Event;
-use crate::ids::{CommandId, DaemonId, JobId, Label, ProjectId};
+use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId};
 use crate::model::{DaemonSettings, JobSize, JobStatus, JobTarget, Liveness, MovePhase, MoveScope};
 
 /// A daemon is active (up or down) until it is removed.
@@ -110,6 +110,8 @@ pub struct State {
     pub projects: BTreeMap<ProjectId, Project>,
     pub jobs: BTreeMap<JobId, Job>,
     pub moves: BTreeMap<CommandId, Move>,
+    /// Current users, by name (removed ones are gone).
+    pub users: BTreeMap<Actor, crate::auth::User>,
 }
 
 /// The state before any event.
@@ -201,8 +203,26 @@ impl State {
             Event::JobsAssigned { .. } | Event::JobsReleased { .. } => {
                 // Notices addressed to a daemon; the job events carry the state.
             }
-            Event::OplogTtlResized { .. } => {
-                // An alert about the oplog store; no ownership changes.
+            Event::OplogTtlResized { .. } | Event::CommandRefused { .. } => {
+                // An alert about the oplog store, an audit record: no ownership changes.
+            }
+            Event::UserAdded {
+                user,
+                roles,
+                key,
+                daemon,
+            } => {
+                self.users.insert(
+                    user.clone(),
+                    crate::auth::User {
+                        roles: roles.clone(),
+                        key: key.clone(),
+                        daemon: daemon.clone(),
+                    },
+                );
+            }
+            Event::UserRemoved { user } => {
+                self.users.remove(user);
             }
             Event::MoveStarted {
                 move_id,

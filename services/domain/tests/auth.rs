@@ -79,7 +79,20 @@ fn commands() -> Vec<Command> {
             hours: 27,
             reason: "x".into(),
         }),
+        add_user("bob", &[Role::GlobalBackupAdmin]),
+        Command::RemoveUser(RemoveUser {
+            user: Actor::new("bob").unwrap(),
+        }),
     ]
+}
+
+fn add_user(name: &str, roles: &[Role]) -> Command {
+    Command::AddUser(AddUser {
+        user: Actor::new(name).unwrap(),
+        roles: roles.to_vec(),
+        key: key('B'),
+        daemon: None,
+    })
 }
 
 fn principal() -> impl Strategy<Value = Principal> {
@@ -112,6 +125,7 @@ proptest! {
                 Command::ReportJobMovePhase(_) | Command::CompleteJobMove(_) => destination,
                 Command::FailJobMove(_) => admin || destination,
                 Command::ResizeOplogTtl(_) => who.roles.contains(&Role::BackupAgent),
+                Command::AddUser(_) | Command::RemoveUser(_) => who.roles.contains(&Role::GlobalOwner),
             };
             prop_assert_eq!(allowed, expected, "{:?} sending {}", who.roles, c.name());
         }

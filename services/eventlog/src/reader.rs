@@ -46,8 +46,14 @@ impl EventReader {
                 start_sequence: start,
             }
         };
+        // A filtered reader names its consumer, so the filter is part of the request's
+        // subject and the server's permissions can allow a reader its own subjects only.
+        let name = filter
+            .as_ref()
+            .map(|_| ulid::Ulid::new().to_string().to_lowercase());
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
+                name,
                 deliver_policy,
                 filter_subject: filter.unwrap_or_default(),
                 ..Default::default()

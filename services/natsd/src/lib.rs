@@ -76,14 +76,37 @@ pub struct NatsProcess {
     dir: PathBuf,
     port: u16,
     bin: PathBuf,
-    /// More configuration (a server name, a cluster block), kept for restarts.
+    /// More configuration (a server name, a cluster block, an authorization block),
+    /// kept for restarts.
     extra: String,
+    /// With an authorization block: the seed of an nkey allowed everything, to check
+    /// that the server is ready.
+    seed: Option<String>,
+}
+
+/// A server that admits only the nkeys of an `authorization` block.
+#[derive(Clone)]
+pub struct Security {
+    /// The `authorization { .. }` block.
+    pub authorization: String,
+    /// The seed of a user allowed everything (the command service's), for readiness checks.
+    pub seed: String,
 }
 
 impl NatsProcess {
     /// Starts `bin` with its store under `dir`, on `port` (`None`: any free port).
     pub async fn start(bin: PathBuf, dir: &Path, port: Option<u16>) -> Result<Self, Error> {
-        let mut p = Self::spawn_with(bin, dir, port, "")?;
+        Self::start_secured(bin, dir, port, None).await
+    }
+
+    /// Like [`start`](Self::start), admitting only the users of `security` when given.
+    pub async fn start_secured(
+        bin: PathBuf,
+        dir: &Path,
+        port: Option<u16>,
+        security: Option<&Security>,
+    ) -> Result<Self, Error> {
+        let mut p = Self::spawn_with(bin, dir, port, "", security)?;
         if port.is_none() {
             p.port = p.read_port().await?;
         }
@@ -99,13 +122,18 @@ impl NatsProcess {
         dir: &Path,
         port: Option<u16>,
         extra: &str,
+        security: Option<&Security>,
     ) -> Result<Self, Error> {
         let mut p = NatsProcess {
             child: None,
             dir: dir.to_owned(),
             port: port.unwrap_or(0),
             bin,
-            extra: extra.to_owned(),
+            extra: match security {
+                Some(s) => format!("{extra}\n{}", s.authorization),
+                None => extra.to_owned(),
+            },
+            seed: security.map(|s| s.seed.clone()),
         };
         p.spawn(port)?;
         Ok(p)
@@ -217,7 +245,11 @@ impl NatsProcess {
         let mut last_error = String::new();
         while Instant::now() < deadline {
             self.check_alive()?;
-            match async_nats::connect(self.url()).await {
+            let options = match &self.seed {
+                Some(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
+                None => async_nats::ConnectOptions::new(),
+            };
+            match options.connect(self.url()).await {
                 Ok(client) => match async_nats::jetstream::new(client).query_account().await {
                     Ok(_) => return Ok(()),
                     Err(e) => last_error = e.to_string(),
@@ -258,6 +290,7 @@ pub async fn start_cluster(
     dir: &Path,
     n: usize,
     first_port: Option<u16>,
+    security: Option<&Security>,
 ) -> Result<Vec<NatsProcess>, Error> {
     let clients: Vec<u16> = match first_port {
         Some(p) => (0..n as u16).map(|i| p + i).collect(),
@@ -283,6 +316,7 @@ pub async fn start_cluster(
             &node_dir,
             Some(clients[i]),
             &extra,
+            security,
         )?);
     }
     for node in &mut nodes {

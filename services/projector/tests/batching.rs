@@ -83,6 +83,7 @@ fn history() -> Vec<(Recorded, Vec<u8>)> {
                 at: ctx.at_ms,
                 last: false,
                 digest: "0".into(),
+                signature: None,
             };
             let payload = envelope.encode();
             let seq = out.len() as u64 + 1;

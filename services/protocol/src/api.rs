@@ -1,8 +1,9 @@
 //! Requests and replies of the command service, and their error codes.
 //!
-//! A request to `handoff.cmd.<endpoint>` is `{"id": ULID, "actor": NAME, "command": {..}}`
-//! where `command` is the endpoint's command body. The reply is either
-//! `{"ok": Applied}` or `{"error": ErrorBody}`.
+//! A request to `handoff.cmd.<endpoint>` is
+//! `{"id": ULID, "actor": NAME, "at": MS, "client": TEXT?, "command": {..}}` where `command`
+//! is the endpoint's command body, signed by the actor (see [`crate::auth`]). The reply is
+//! either `{"ok": Applied}` or `{"error": ErrorBody}`.
 
 use handoff_domain::{
     command::*, Command, CommandId, DaemonId, JobId, MovePlan, Rejection, RejectionClass,
@@ -18,9 +19,20 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub struct CommandRequest<C> {
     /// Chosen by the caller; resending the same id is safe and changes nothing.
     pub id: CommandId,
+    /// The user who signed the request.
     pub actor: handoff_domain::Actor,
+    /// When it was signed, in milliseconds since the Unix epoch: requests older (or
+    /// newer) than the service's freshness window are refused.
+    pub at: u64,
+    /// What the client says it is (program and host), for the audit trail. At most
+    /// [`MAX_CLIENT`] characters, no control characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     pub command: C,
 }
+
+/// The longest `client` a request may carry.
+pub const MAX_CLIENT: usize = 128;
 
 /// One endpoint of the command service.
 #[derive(Clone, Copy, Debug)]
@@ -39,7 +51,7 @@ macro_rules! endpoints {
                 name: $name,
                 parse: |bytes| {
                     let r: CommandRequest<$variant> = serde_json::from_slice(bytes)?;
-                    Ok(CommandRequest { id: r.id, actor: r.actor, command: Command::$variant(r.command) })
+                    Ok(CommandRequest { id: r.id, actor: r.actor, at: r.at, client: r.client, command: Command::$variant(r.command) })
                 },
             }),*
         ];
@@ -71,18 +83,35 @@ endpoints! {
     "complete-job-move" => CompleteJobMove,
     "fail-job-move" => FailJobMove,
     "resize-oplog-ttl" => ResizeOplogTtl,
+    "add-user" => AddUser,
+    "remove-user" => RemoveUser,
 }
 
-/// Serializes a request for the command's endpoint.
+/// Serializes a request for the command's endpoint, dated now (unsigned: see
+/// [`crate::auth::Credentials::sign_command`]).
 pub fn encode_request(id: &CommandId, actor: &handoff_domain::Actor, command: &Command) -> Vec<u8> {
+    encode_request_at(id, actor, crate::auth::now_ms(), None, command)
+}
+
+/// Serializes a request for the command's endpoint, dated `at_ms`.
+pub fn encode_request_at(
+    id: &CommandId,
+    actor: &handoff_domain::Actor,
+    at_ms: u64,
+    client: Option<&str>,
+    command: &Command,
+) -> Vec<u8> {
     let body = serde_json::to_value(command).expect("commands always serialize");
     // The tagged form carries "type"; the endpoint already says which command it is.
     let mut body = body;
     if let Some(map) = body.as_object_mut() {
         map.remove("type");
     }
-    serde_json::to_vec(&serde_json::json!({ "id": id, "actor": actor, "command": body }))
-        .expect("json values always serialize")
+    let mut request = serde_json::json!({ "id": id, "actor": actor, "at": at_ms, "command": body });
+    if let Some(c) = client {
+        request["client"] = c.into();
+    }
+    serde_json::to_vec(&request).expect("json values always serialize")
 }
 
 /// An event appended by a command.

@@ -28,6 +28,11 @@ pub struct EventEnvelope {
     pub last: bool,
     /// A digest of the command, so a command id reused for another command is caught.
     pub digest: String,
+    /// The fingerprint of the request's signature (`auth::fingerprint`), so the same
+    /// signed request sent again is recognised as a replay. Absent on what the service
+    /// appends by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// An event that cannot be read.
@@ -58,6 +63,8 @@ struct Raw<'a> {
     #[serde(default)]
     last: bool,
     digest: String,
+    #[serde(default)]
+    signature: Option<String>,
 }
 
 /// Turns the data of an older version of an event into the current shape. Version 1 is
@@ -105,6 +112,7 @@ impl EventEnvelope {
             at: raw.at,
             last: raw.last,
             digest: raw.digest,
+            signature: raw.signature,
         })
     }
 }
@@ -125,6 +133,7 @@ mod tests {
             at: 1,
             last: true,
             digest: "00".into(),
+            signature: Some("0123456789abcdef".into()),
         }
     }
 

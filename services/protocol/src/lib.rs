@@ -7,11 +7,15 @@
 //! - [`envelope`]: an event as stored: type, version, data and who/when/which command;
 //!   decoding reads older versions (upcasting).
 //! - [`api`]: command requests, replies and error codes; query requests.
+//! - [`auth`]: signed commands and credentials files.
+//! - [`permissions`]: the nats-server authorization of each process role.
 //! - [`views`]: what queries answer.
 //! - [`schemas`]: the JSON Schema of everything above, as written to `schemas/`.
 
 pub mod api;
+pub mod auth;
 pub mod envelope;
+pub mod permissions;
 pub mod schemas;
 pub mod subjects;
 pub mod views;

@@ -8,6 +8,8 @@
 //! | project   | `handoff.evt.project.<project>` |
 //! | job       | `handoff.evt.job.<project>/<deployment>[/<shard>]` |
 //! | move      | `handoff.evt.move.<move id>` |
+//! | user      | `handoff.evt.user.<encoded user name>` |
+//! | audit     | `handoff.evt.audit.<refusal id>` (one refused request each) |
 //!
 //! A daemon id (`host.example.net:/data/backup/`) holds dots, which separate subject
 //! tokens, so it is percent-encoded: every byte outside `[A-Za-z0-9_-]` becomes `%XX`.
@@ -25,10 +27,20 @@ pub const COMMANDS: &str = "handoff.cmd";
 /// The query service's endpoints are `handoff.query.<query>`.
 pub const QUERIES: &str = "handoff.query";
 
+/// Every user's events, as a filter.
+pub const USERS: &str = "handoff.evt.user.>";
+/// Every refused request, as a filter.
+pub const AUDIT: &str = "handoff.evt.audit.>";
+
 /// Encodes a daemon id into one subject token.
 pub fn daemon_token(id: &DaemonId) -> String {
-    let mut out = String::with_capacity(id.as_str().len() + 16);
-    for b in id.as_str().bytes() {
+    token(id.as_str())
+}
+
+/// Percent-encodes every byte outside `[A-Za-z0-9_-]`, making one subject token.
+fn token(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 16);
+    for b in value.bytes() {
         if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
             out.push(b as char);
         } else {
@@ -63,6 +75,8 @@ pub fn aggregate(aggregate: &Aggregate) -> String {
         Aggregate::Project(p) => format!("{EVENTS}.project.{p}"),
         Aggregate::Job(j) => format!("{EVENTS}.job.{j}"),
         Aggregate::Move(m) => format!("{EVENTS}.move.{m}"),
+        Aggregate::User(u) => format!("{EVENTS}.user.{}", token(u.as_str())),
+        Aggregate::Audit(r) => format!("{EVENTS}.audit.{r}"),
     }
 }
 

@@ -79,6 +79,10 @@ fn schema_files_match_the_code() {
     );
 }
 
+fn key() -> handoff_domain::UserKey {
+    handoff_protocol::auth::Credentials::generate(Actor::new("k").unwrap(), None).public_key()
+}
+
 fn d(n: u8) -> DaemonId {
     DaemonId::new(format!("backup{n}.example.net:/data/backup/")).unwrap()
 }
@@ -187,6 +191,22 @@ fn story() -> Vec<(CommandId, Command)> {
             settings: DaemonSettings::default(),
         }),
         Command::RemoveDaemon(RemoveDaemon { daemon: d(3) }),
+        Command::AddUser(AddUser {
+            user: Actor::new("alice").unwrap(),
+            roles: vec![handoff_domain::auth::Role::GlobalOwner],
+            key: key(),
+            daemon: None,
+        }),
+        Command::AddUser(AddUser {
+            user: Actor::new("daemon-3").unwrap(),
+            roles: vec![handoff_domain::auth::Role::BackupDaemon],
+            key: handoff_protocol::auth::Credentials::generate(Actor::new("x").unwrap(), None)
+                .public_key(),
+            daemon: Some(d(3)),
+        }),
+        Command::RemoveUser(RemoveUser {
+            user: Actor::new("daemon-3").unwrap(),
+        }),
     ];
     commands
         .into_iter()
@@ -228,6 +248,7 @@ fn real_messages_match_their_schemas() {
                 at: n as u64,
                 last: i == 0,
                 digest: "0123456789abcdef".into(),
+                signature: Some("fedcba9876543210".into()),
             };
             assert_valid(
                 "event.json",
@@ -248,9 +269,33 @@ fn real_messages_match_their_schemas() {
         });
         assert_valid("reply.json", &serde_json::to_value(&reply).unwrap());
     }
+    // The command service's own event: a refused request.
+    let refusal = EventEnvelope {
+        event: handoff_domain::Event::CommandRefused {
+            refusal: id(98),
+            user: Actor::new("mallory").unwrap(),
+            command: "MoveJobs".into(),
+            command_id: id(97),
+            reason: "bad_signature".into(),
+            message: "the signature does not match".into(),
+            client: Some("handoff-cli 0.1.0 on host".into()),
+        },
+        version: handoff_domain::Event::VERSION,
+        command: id(98),
+        actor: Actor::new("handoff").unwrap(),
+        at: 1,
+        last: true,
+        digest: "bootstrap".into(),
+        signature: None,
+    };
+    assert_valid(
+        "event.json",
+        &serde_json::from_slice(&refusal.encode()).unwrap(),
+    );
+    kinds.insert("CommandRefused");
     assert_eq!(
         kinds.len(),
-        15,
+        18,
         "the story covers every event type: {kinds:?}"
     );
     let refused = decide(

@@ -78,7 +78,7 @@ impl NatsCluster {
         let dir = tempfile::Builder::new()
             .prefix("handoff-cluster-")
             .tempdir()?;
-        let nodes = handoff_natsd::start_cluster(bin, dir.path(), n, None).await?;
+        let nodes = handoff_natsd::start_cluster(bin, dir.path(), n, None, None).await?;
         Ok(NatsCluster { nodes, dir })
     }
 

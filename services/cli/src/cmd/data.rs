@@ -97,10 +97,25 @@ fn stop_on_signal() -> watch::Receiver<bool> {
     rx
 }
 
+/// The process's own credentials: a daemon and the agent sign their reports.
+fn own_creds(ctx: &Context, role: &str) -> Result<handoff_protocol::auth::Credentials, Failure> {
+    ctx.creds.clone().ok_or_else(|| {
+        Failure::Usage(format!(
+            "the {role} signs its reports: give --creds FILE of a {} user (handoff user add)",
+            if role == "agent" {
+                "BACKUP_AGENT"
+            } else {
+                "BACKUP_DAEMON"
+            }
+        ))
+    })
+}
+
 pub async fn run_agent(ctx: &Context, a: AgentArgs) -> Result<(), Failure> {
+    let creds = own_creds(ctx, "agent")?;
     let stores = stores(ctx, a.replicas).await?;
-    tracing::info!("agent running");
-    agent::run(stores, a.config(), stop_on_signal())
+    tracing::info!(user = %creds.user, "agent running");
+    agent::run(stores, a.config(), creds, stop_on_signal())
         .await
         .map_err(|e| Failure::Usage(format!("agent: {e:#}")))
 }
@@ -121,6 +136,7 @@ pub async fn run_daemon(ctx: &Context, a: DaemonRunArgs) -> Result<(), Failure> 
         head_dir,
         settings: a.settings.apply(DaemonSettings::default()),
         heartbeat_ms: a.heartbeat_ms,
+        creds: own_creds(ctx, "daemon")?,
     };
     let stores = stores(ctx, 1).await?;
     daemon::run(stores, config, stop_on_signal())

@@ -230,6 +230,32 @@ pub fn describe(e: &Event) -> String {
         } => format!(
             "job {job} oplog retention {previous_hours} h -> {hours} h (OPLOG_TTL_RESIZE): {reason}"
         ),
+        Event::UserAdded {
+            user,
+            roles,
+            daemon,
+            key,
+        } => {
+            let roles: Vec<_> = roles.iter().map(|r| r.as_str()).collect();
+            let bound = daemon
+                .as_ref()
+                .map(|d| format!(" as daemon {d}"))
+                .unwrap_or_default();
+            format!("user {user} added ({}){bound}, key {key}", roles.join(", "))
+        }
+        Event::UserRemoved { user } => format!("user {user} removed"),
+        Event::CommandRefused {
+            user,
+            command,
+            command_id,
+            reason,
+            message,
+            client,
+            ..
+        } => format!(
+            "refused {command} {command_id} claimed by {user} from {}: {reason}: {message}",
+            client.as_deref().unwrap_or("an unnamed client")
+        ),
         Event::JobMoveFailed {
             job,
             reason,

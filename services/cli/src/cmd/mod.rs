@@ -4,6 +4,7 @@ pub mod data;
 pub mod fleet;
 pub mod history;
 pub mod moves;
+pub mod users;
 
 use handoff_domain::CommandId;
 

@@ -180,3 +180,8 @@ pub fn fleet() -> World {
     w.ok(register(3, 100));
     w
 }
+
+/// A well-formed user key made of one base32 character.
+pub fn key(c: char) -> handoff_domain::UserKey {
+    handoff_domain::UserKey::new(format!("U{}", c.to_string().repeat(55))).expect("a valid key")
+}

@@ -1,0 +1,216 @@
+//! The nats-server side of security: which process may publish and subscribe where.
+//!
+//! Every process connects with an nkey of its own; the generated `authorization` block
+//! gives each the permissions of its role:
+//!
+//! | role | may |
+//! |------|-----|
+//! | command service | everything: it alone appends to the event stream |
+//! | projector | read the event stream, answer `handoff.query.*` |
+//! | operator (the CLI) | call `handoff.cmd.*` and `handoff.query.*`, read the event stream and the data plane stores, take restore leases, set the schedule |
+//! | agent | `handoff.cmd.resize-oplog-ttl`, write the oplog and snapshot stores, read the event stream |
+//! | daemon | read only its own subject of the event stream (its assignments) and the jobs' subjects (whether a job it rebuilt is its own), send its own reports (`register-daemon`, `report-job-move-phase`, `complete-job-move`, `fail-job-move`), publish progress, heartbeats and heads, read and write snapshots |
+//!
+//! No role but the command service may publish on `handoff.evt.>` or change, purge or
+//! delete the event stream. Which *user* may send which command is decided again by the
+//! command service from the signed request (see [`crate::auth`] and
+//! `handoff_domain::auth`): these permissions are the outer wall, not the only one.
+
+use handoff_domain::DaemonId;
+
+use crate::subjects;
+
+/// The streams of the data plane (the oplog stream, and the streams behind the
+/// key-value buckets and the object store). Kept equal to the data plane's names by a
+/// test there.
+pub const DATA_STREAMS: &[&str] = &[
+    "HANDOFF_OPLOG",
+    "OBJ_handoff_snapshots",
+    "KV_handoff_dataplane",
+    "KV_handoff_heads",
+    "KV_handoff_leases",
+    "KV_handoff_heartbeats",
+];
+
+/// A process role, and so a set of permissions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProcessRole {
+    CommandService,
+    Projector,
+    Operator,
+    Agent,
+    Daemon(DaemonId),
+}
+
+impl ProcessRole {
+    /// A short name, for files and comments.
+    pub fn name(&self) -> String {
+        match self {
+            ProcessRole::CommandService => "command-service".into(),
+            ProcessRole::Projector => "projector".into(),
+            ProcessRole::Operator => "operator".into(),
+            ProcessRole::Agent => "agent".into(),
+            ProcessRole::Daemon(d) => format!("daemon-{}", subjects::daemon_token(d)),
+        }
+    }
+}
+
+/// One NATS user: the public nkey a process connects with, and its role.
+#[derive(Clone, Debug)]
+pub struct NatsUser {
+    pub nkey: String,
+    pub role: ProcessRole,
+}
+
+/// Publishing these would write to or destroy the event stream.
+fn event_log_writes() -> Vec<String> {
+    let s = subjects::STREAM;
+    let mut deny = vec![subjects::ALL_EVENTS.to_owned()];
+    for op in ["CREATE", "UPDATE", "DELETE", "PURGE", "RESTORE"] {
+        deny.push(format!("$JS.API.STREAM.{op}.{s}"));
+    }
+    deny.push(format!("$JS.API.STREAM.MSG.DELETE.{s}"));
+    deny
+}
+
+/// Reading the whole event stream: its info, ordered consumers, direct gets.
+fn event_log_reads() -> Vec<String> {
+    let s = subjects::STREAM;
+    vec![
+        format!("$JS.API.STREAM.INFO.{s}"),
+        format!("$JS.API.CONSUMER.CREATE.{s}"),
+        format!("$JS.API.CONSUMER.CREATE.{s}.>"),
+        format!("$JS.API.CONSUMER.DURABLE.CREATE.{s}.>"),
+        format!("$JS.API.CONSUMER.*.{s}.>"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{s}.>"),
+        format!("$JS.API.DIRECT.GET.{s}"),
+        format!("$JS.API.DIRECT.GET.{s}.>"),
+        format!("$JS.API.STREAM.MSG.GET.{s}"),
+        format!("$JS.ACK.{s}.>"),
+    ]
+}
+
+/// Using the data plane's streams, buckets and object store.
+fn data_plane() -> Vec<String> {
+    let mut allow = Vec::new();
+    for s in DATA_STREAMS {
+        allow.push(format!("$JS.API.*.*.{s}"));
+        allow.push(format!("$JS.API.*.*.{s}.>"));
+        allow.push(format!("$JS.API.CONSUMER.MSG.NEXT.{s}.*"));
+        allow.push(format!("$JS.ACK.{s}.>"));
+        allow.push(format!("$JS.FC.{s}.>"));
+    }
+    allow
+}
+
+fn list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("\"{i}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// The permissions block of a role.
+fn permissions(role: &ProcessRole) -> String {
+    let js_info = "$JS.API.INFO".to_owned();
+    let (publish, deny, subscribe): (Vec<String>, Vec<String>, Vec<String>) = match role {
+        ProcessRole::CommandService => {
+            return "{ publish: \">\", subscribe: \">\" }".to_owned();
+        }
+        ProcessRole::Projector => (
+            [vec![js_info, "$SRV.>".into()], event_log_reads()].concat(),
+            event_log_writes(),
+            vec![
+                format!("{}.>", subjects::QUERIES),
+                "$SRV.>".into(),
+                "_INBOX.>".into(),
+            ],
+        ),
+        ProcessRole::Operator => (
+            [
+                vec![
+                    js_info,
+                    format!("{}.>", subjects::COMMANDS),
+                    format!("{}.>", subjects::QUERIES),
+                    "$SRV.>".into(),
+                    "$KV.handoff_leases.>".into(),
+                    "$KV.handoff_dataplane.>".into(),
+                ],
+                event_log_reads(),
+                data_plane(),
+            ]
+            .concat(),
+            event_log_writes(),
+            vec!["_INBOX.>".into(), "handoff.progress.>".into()],
+        ),
+        ProcessRole::Agent => (
+            [
+                vec![
+                    js_info,
+                    subjects::command("resize-oplog-ttl"),
+                    "handoff.oplog.>".into(),
+                    "$KV.>".into(),
+                    "$O.handoff_snapshots.>".into(),
+                ],
+                event_log_reads(),
+                data_plane(),
+            ]
+            .concat(),
+            event_log_writes(),
+            vec!["_INBOX.>".into()],
+        ),
+        ProcessRole::Daemon(d) => {
+            let s = subjects::STREAM;
+            let own = subjects::daemon(d);
+            (
+                [
+                    vec![
+                        js_info,
+                        subjects::command("register-daemon"),
+                        subjects::command("report-job-move-phase"),
+                        subjects::command("complete-job-move"),
+                        subjects::command("fail-job-move"),
+                        "handoff.progress.>".into(),
+                        "$KV.handoff_heartbeats.>".into(),
+                        "$KV.handoff_heads.>".into(),
+                        "$O.handoff_snapshots.>".into(),
+                        format!("$JS.API.STREAM.INFO.{s}"),
+                        format!("$JS.API.CONSUMER.CREATE.{s}.*.{own}"),
+                        format!("$JS.API.CONSUMER.CREATE.{s}.*.{}.job.>", subjects::EVENTS),
+                        format!("$JS.API.DIRECT.GET.{s}.{}.job.>", subjects::EVENTS),
+                        format!("$JS.API.CONSUMER.MSG.NEXT.{s}.*"),
+                        format!("$JS.API.CONSUMER.DELETE.{s}.*"),
+                        format!("$JS.API.CONSUMER.INFO.{s}.*"),
+                        format!("$JS.API.DIRECT.GET.{s}.{own}"),
+                    ],
+                    data_plane(),
+                ]
+                .concat(),
+                event_log_writes(),
+                vec!["_INBOX.>".into()],
+            )
+        }
+    };
+    let responses = matches!(role, ProcessRole::Projector).then_some(", allow_responses: true");
+    format!(
+        "{{\n      publish: {{ allow: {}, deny: {} }},\n      subscribe: {{ allow: {} }}{}\n    }}",
+        list(&publish),
+        list(&deny),
+        list(&subscribe),
+        responses.unwrap_or("")
+    )
+}
+
+/// The `authorization` block of a nats-server configuration for these users. With it, a
+/// connection without one of the nkeys is refused.
+pub fn authorization(users: &[NatsUser]) -> String {
+    let mut out = String::from("authorization {\n  users = [\n");
+    for u in users {
+        out.push_str(&format!(
+            "    # {}\n    {{ nkey: \"{}\", permissions: {} }}\n",
+            u.role.name(),
+            u.nkey,
+            permissions(&u.role)
+        ));
+    }
+    out.push_str("  ]\n}\n");
+    out
+}
