@@ -515,3 +515,24 @@ impl Stores {
 pub fn time_ms(t: time::OffsetDateTime) -> u64 {
     (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The NATS permissions name the data plane's streams: they must be these.
+    #[test]
+    fn the_permissions_name_the_data_plane_streams() {
+        let mut ours = vec![OPLOG_STREAM.to_owned(), format!("OBJ_{SNAPSHOT_BUCKET}")];
+        for b in [CONFIG_BUCKET, HEADS_BUCKET, LEASES_BUCKET, HEARTBEATS_BUCKET] {
+            ours.push(format!("KV_{b}"));
+        }
+        let mut listed: Vec<String> = handoff_protocol::permissions::DATA_STREAMS
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        ours.sort();
+        listed.sort();
+        assert_eq!(ours, listed);
+    }
+}
