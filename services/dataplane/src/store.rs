@@ -524,7 +524,12 @@ mod tests {
     #[test]
     fn the_permissions_name_the_data_plane_streams() {
         let mut ours = vec![OPLOG_STREAM.to_owned(), format!("OBJ_{SNAPSHOT_BUCKET}")];
-        for b in [CONFIG_BUCKET, HEADS_BUCKET, LEASES_BUCKET, HEARTBEATS_BUCKET] {
+        for b in [
+            CONFIG_BUCKET,
+            HEADS_BUCKET,
+            LEASES_BUCKET,
+            HEARTBEATS_BUCKET,
+        ] {
             ours.push(format!("KV_{b}"));
         }
         let mut listed: Vec<String> = handoff_protocol::permissions::DATA_STREAMS
