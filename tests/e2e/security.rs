@@ -58,6 +58,15 @@ async fn refused(
     Ok(())
 }
 
+/// [`refused`] for a request as it was signed.
+async fn refused_as(
+    stack: &Stack,
+    s: handoff_protocol::auth::SignedRequest,
+    reason: &str,
+) -> Result<()> {
+    refused(stack, &s.subject, s.payload, Some(&s.signature), reason).await
+}
+
 /// Unsigned, forged, expired, replayed, unknown-user and wrong-role commands are each
 /// refused with their reason and recorded; a retry signed again is answered as the
 /// duplicate it is; events carry the verified signer.
@@ -92,30 +101,16 @@ async fn every_command_is_signed_by_a_user_allowed_to_send_it() -> Result<()> {
     // Signed by a key that is not the claimed user's.
     let impostor = Credentials::generate(Actor::new("admin")?, None);
     let s = impostor.sign_command(&new_id(), &move_it, Some("handoff-tests"));
-    refused(
-        &stack,
-        &s.subject,
-        s.payload,
-        Some(&s.signature),
-        "bad_signature",
-    )
-    .await?;
+    refused_as(&stack, s, "bad_signature").await?;
     let ghost = Credentials::generate(Actor::new("ghost")?, None);
     let s = ghost.sign_command(&new_id(), &move_it, Some("handoff-tests"));
-    refused(
-        &stack,
-        &s.subject,
-        s.payload,
-        Some(&s.signature),
-        "unknown_user",
-    )
-    .await?;
+    refused_as(&stack, s, "unknown_user").await?;
     let old = handoff_protocol::auth::now_ms() - 10 * 60 * 1000;
     let s = owner.sign_command_at(&new_id(), &move_it, old, Some("handoff-tests"));
-    refused(&stack, &s.subject, s.payload, Some(&s.signature), "expired").await?;
+    refused_as(&stack, s, "expired").await?;
     let future = handoff_protocol::auth::now_ms() + 10 * 60 * 1000;
     let s = owner.sign_command_at(&new_id(), &move_it, future, Some("handoff-tests"));
-    refused(&stack, &s.subject, s.payload, Some(&s.signature), "expired").await?;
+    refused_as(&stack, s, "expired").await?;
 
     // The genuine request is applied once; the same bytes again are a replay; the same id
     // signed again is a retry, answered as a duplicate.
@@ -145,14 +140,7 @@ async fn every_command_is_signed_by_a_user_allowed_to_send_it() -> Result<()> {
     // reports only on moves to itself.
     let (reader, _) = stack.user("rita", &[Role::GlobalReadOnly], None).await?;
     let s = reader.sign_command(&new_id(), &move_job("p1/rs0", 3), Some("handoff-tests"));
-    refused(
-        &stack,
-        &s.subject,
-        s.payload,
-        Some(&s.signature),
-        "forbidden",
-    )
-    .await?;
+    refused_as(&stack, s, "forbidden").await?;
     let (admin, _) = stack.user("bob", &[Role::GlobalBackupAdmin], None).await?;
     let add = Command::AddUser(AddUser {
         user: Actor::new("eve")?,
@@ -161,14 +149,7 @@ async fn every_command_is_signed_by_a_user_allowed_to_send_it() -> Result<()> {
         daemon: None,
     });
     let s = admin.sign_command(&new_id(), &add, Some("handoff-tests"));
-    refused(
-        &stack,
-        &s.subject,
-        s.payload,
-        Some(&s.signature),
-        "forbidden",
-    )
-    .await?;
+    refused_as(&stack, s, "forbidden").await?;
     let plan = applied_plan(&applied)?;
     let wrong_daemon = stack.daemon_user(3).await?;
     let complete = Command::CompleteJobMove(CompleteJobMove {
@@ -178,14 +159,7 @@ async fn every_command_is_signed_by_a_user_allowed_to_send_it() -> Result<()> {
         head: None,
     });
     let s = wrong_daemon.sign_command(&new_id(), &complete, Some("handoff-tests"));
-    refused(
-        &stack,
-        &s.subject,
-        s.payload,
-        Some(&s.signature),
-        "forbidden",
-    )
-    .await?;
+    refused_as(&stack, s, "forbidden").await?;
     stack.report(2, complete).await?;
 
     // A removed user signs nothing any more.
@@ -195,14 +169,7 @@ async fn every_command_is_signed_by_a_user_allowed_to_send_it() -> Result<()> {
         }))
         .await?;
     let s = admin.sign_command(&new_id(), &move_job("p1/rs1", 3), Some("handoff-tests"));
-    refused(
-        &stack,
-        &s.subject,
-        s.payload,
-        Some(&s.signature),
-        "unknown_user",
-    )
-    .await?;
+    refused_as(&stack, s, "unknown_user").await?;
 
     // History names the verified signers; no seed is in any event.
     let events = stack.events().await?;
