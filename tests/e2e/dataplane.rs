@@ -521,7 +521,7 @@ async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Stor
         .cloned()
         .ok_or_else(|| anyhow!("no snapshot of rs2"))?;
     stores
-        .put_snapshot(&bad, b"{\"id\":\"d1\",\"doc\":{\"not\":\"the data\"}}\n")
+        .put_snapshot_unfenced(&bad, b"{\"id\":\"d1\",\"doc\":{\"not\":\"the data\"}}\n")
         .await?;
     bad.size_bytes = 0;
     let failed_move = handoff_ok(

@@ -3,11 +3,14 @@
 //! again. Replies only after JetStream acknowledged every event.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use handoff_domain::auth::{authorize, Principal};
+use handoff_domain::decide::alert_of_rejection;
 use handoff_domain::{decide, Actor, Command, CommandId, Context, Event, UserKey};
+use handoff_eventlog::fence::Fences;
 use handoff_eventlog::{AppendError, EventLog, EventReader, Outgoing, ReadError};
 use handoff_protocol::api::{AppendedEvent, CommandRequest};
 use handoff_protocol::{subjects, Applied, ErrorBody, ErrorCode, EventEnvelope};
@@ -29,6 +32,8 @@ pub struct Executor {
     /// signed: a request seen again within the freshness window is a replay (older
     /// ones are refused as expired anyway).
     seen: HashMap<String, u64>,
+    /// Raised after each append that gives a job a new epoch.
+    fences: Option<Fences>,
 }
 
 /// A request as it arrived, for checking its signature.
@@ -75,6 +80,7 @@ impl Executor {
             appended: 0,
             read_timeout,
             seen: HashMap::new(),
+            fences: None,
         };
         let end = executor
             .log
@@ -84,6 +90,37 @@ impl Executor {
         executor.catch_up(end).await?;
         tracing::info!(applied = executor.model.applied, "command model loaded");
         Ok(executor)
+    }
+
+    /// Raises the jobs' fences after each append that gives a job a new epoch.
+    pub fn with_fences(mut self, fences: Fences) -> Self {
+        self.fences = Some(fences);
+        self
+    }
+
+    /// Raises the fence of every job an event gave a new epoch. Best effort: the daemon
+    /// that gets the job raises it too before it works on it.
+    fn raise_fences<'a>(
+        &self,
+        events: impl Iterator<Item = &'a Event>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let fences = self.fences.clone();
+        let raise: Vec<(handoff_domain::JobId, u64)> = events
+            .filter_map(|event| match event {
+                Event::JobMoveStarted { job, epoch, .. }
+                | Event::JobMoveFailed { job, epoch, .. }
+                | Event::BackupJobCreated { job, epoch, .. } => Some((job.clone(), *epoch)),
+                _ => None,
+            })
+            .collect();
+        async move {
+            let Some(fences) = fences else { return };
+            for (job, epoch) in raise {
+                if let Err(e) = fences.raise(&job, epoch).await {
+                    tracing::warn!(%job, epoch, error = %e, "could not raise the fence");
+                }
+            }
+        }
     }
 
     /// Folds events until the model has applied `target`.
@@ -288,6 +325,21 @@ impl Executor {
         Ok(())
     }
 
+    /// Appends an alert a rejection raised (best effort: the caller hears the rejection
+    /// either way).
+    async fn record_alert(&mut self, actor: &Actor, event: Event) {
+        let ctx = Context {
+            command: new_command_id(),
+            actor: actor.clone(),
+            at_ms: now_ms(),
+        };
+        let messages = self.messages(&ctx, "alert", &[event], true, None);
+        match self.log.append(&messages).await {
+            Ok(a) => self.appended = self.appended.max(a.last_seq),
+            Err(e) => tracing::warn!(error = %e, "could not record an alert"),
+        }
+    }
+
     /// Decides and appends a verified request; `signature` is its fingerprint, written on
     /// its events.
     pub async fn execute(
@@ -335,7 +387,14 @@ impl Executor {
                     caught_up_with_stream = true;
                     continue;
                 }
-                Err(rejection) => return Err(rejection.into()),
+                Err(rejection) => {
+                    if let Some(alert) =
+                        alert_of_rejection(&request.command, &rejection, &self.model.state)
+                    {
+                        self.record_alert(&request.actor, alert).await;
+                    }
+                    return Err(rejection.into());
+                }
             };
             let dry_run = matches!(
                 &request.command,
@@ -391,6 +450,9 @@ impl Executor {
                 self.catch_up_with_stream().await?;
                 caught_up_with_stream = true;
                 continue;
+            }
+            if !dry_run {
+                self.raise_fences(decision.events()).await;
             }
             return Ok(Applied {
                 command: request.id.clone(),

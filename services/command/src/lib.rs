@@ -18,6 +18,8 @@
 //!    last sequence as the model saw it. On a conflict the model catches up with the
 //!    stream and the command is decided again.
 //! 6. The reply goes out only after JetStream acknowledged every event.
+//! 7. A job given a new epoch has its fence raised (`handoff_eventlog::fence`), so the
+//!    data plane's stores refuse its previous owner's writes from then on.
 //!
 //! # Layout
 //! - [`model`]: the fold of the stream the decisions are made on.
@@ -94,7 +96,12 @@ pub struct CommandService {
 /// Loads the model from the stream and registers the endpoints.
 pub async fn start(client: Client, config: Config) -> Result<CommandService, Error> {
     let log = EventLog::open(client.clone(), config.event_log.clone()).await?;
-    let mut executor = Executor::start(log, config.read_timeout).await?;
+    let fences = handoff_eventlog::fence::Fences::open(log.jetstream(), config.event_log.replicas)
+        .await
+        .map_err(|e| Error::Service(e.to_string()))?;
+    let mut executor = Executor::start(log, config.read_timeout)
+        .await?
+        .with_fences(fences);
     if let Some((user, key)) = &config.bootstrap_owner {
         match executor.bootstrap_owner(user, key).await {
             Ok(true) => tracing::info!(%user, "added the first GLOBAL_OWNER"),
@@ -203,7 +210,10 @@ fn record_subjects(span: &tracing::Span, request: &handoff_protocol::CommandRequ
         C::CompleteJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
         C::FailJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
         C::ResizeOplogTtl(c) => (Some(&c.job), None, None),
-        C::AddUser(_) | C::RemoveUser(_) => (None, None, None),
+        C::AddUser(_) | C::RemoveUser(_) | C::ReportFailoverGuard(_) => (None, None, None),
+        C::ReportHeadSpace(c) => (None, Some(&c.daemon), None),
+        C::ReportMoveStuck(c) => (Some(&c.job), None, Some(&c.move_id)),
+        C::FailoverJob(c) => (Some(&c.job), Some(&c.from), Some(&request.id)),
     };
     if let Some(j) = job {
         span.record("job", tracing::field::display(j));

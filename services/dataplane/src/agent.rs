@@ -311,7 +311,8 @@ async fn initial_sync(
         slot_ms: None,
         daemon: None,
     };
-    stores.put_snapshot(&meta, &data).await?;
+    // The source's own copy, not a daemon's: no owner's epoch to fence.
+    stores.put_snapshot_unfenced(&meta, &data).await?;
     tracing::info!(%job, bytes = data.len(), checksum = %meta.checksum, "initial sync done");
     Ok(())
 }

@@ -46,6 +46,10 @@ pub struct Progress {
     pub move_id: String,
     pub job: JobId,
     pub daemon: DaemonId,
+    /// The daemon's epoch for the job: a report with an older epoch than the job's is
+    /// from a daemon that lost it, and is ignored.
+    #[serde(default)]
+    pub epoch: u64,
     pub phase: MovePhase,
     pub snapshot_bytes: u64,
     pub snapshot_total: u64,
@@ -293,6 +297,14 @@ async fn start(
         loop {
             match keep_job(&shared2, &job2, &a2, &mut cancelled).await {
                 Ok(()) => return,
+                Err(e) if is_fenced(&e) => {
+                    // A store refused our epoch: the job has a newer owner.
+                    tracing::warn!(job = %job2, epoch = a2.epoch, error = %e, "fenced: the job is no longer ours; dropping its head");
+                    if let Err(e) = shared2.heads.drop_head(&job2) {
+                        tracing::warn!(job = %job2, error = %e, "could not drop a head");
+                    }
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(job = %job2, error = %e, "job work interrupted; starting again");
                     tokio::select! {
@@ -313,6 +325,14 @@ async fn start(
     );
 }
 
+/// Whether a store refused a write for its stale epoch.
+fn is_fenced(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<store::StoreError>(),
+        Some(store::StoreError::Fenced(_))
+    )
+}
+
 /// Why a rebuild cannot finish: the move fails with this reason.
 struct Unrecoverable(String);
 
@@ -324,6 +344,16 @@ async fn keep_job(
     a: &Assigned,
     cancelled: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    // The fence rises to our epoch before we touch anything: from here on, the job's
+    // previous owner can no longer write its snapshots or its head position.
+    let fence = shared.stores.fences.raise(job, a.epoch).await?;
+    if fence > a.epoch {
+        return Err(store::StoreError::Fenced(format!(
+            "job {job} is at epoch {fence}, this daemon holds {}",
+            a.epoch
+        ))
+        .into());
+    }
     let head = shared.heads.head(job)?;
     let move_id = match &a.cause {
         AssignmentCause::Move { move_id } => Some(move_id.clone()),
@@ -378,7 +408,7 @@ async fn keep_job(
             },
         ),
     };
-    let mut progress = ProgressState::new(shared, job, move_id.as_ref());
+    let mut progress = ProgressState::new(shared, job, a.epoch, move_id.as_ref());
     if meta.status != HeadStatus::Active {
         shared
             .rebuilding
@@ -432,13 +462,14 @@ struct ProgressState<'a> {
 }
 
 impl<'a> ProgressState<'a> {
-    fn new(shared: &'a Shared, job: &JobId, move_id: Option<&CommandId>) -> Self {
+    fn new(shared: &'a Shared, job: &JobId, epoch: u64, move_id: Option<&CommandId>) -> Self {
         ProgressState {
             shared,
             p: move_id.map(|m| Progress {
                 move_id: m.to_string(),
                 job: job.clone(),
                 daemon: shared.id.clone(),
+                epoch,
                 phase: MovePhase::Requested,
                 snapshot_bytes: 0,
                 snapshot_total: 0,

@@ -11,6 +11,8 @@ use handoff_domain::{DaemonId, JobId};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
+use handoff_eventlog::fence::{FenceError, Fences};
+
 use crate::checksum::Checksum;
 use crate::oplog::Ts;
 use crate::retention::Retention;
@@ -135,6 +137,18 @@ pub enum StoreError {
     MissingSnapshot(String),
     #[error("{0}")]
     Invalid(String),
+    /// The writer's epoch is older than the job's: it lost the job (fencing).
+    #[error("refused: {0}")]
+    Fenced(String),
+}
+
+impl From<FenceError> for StoreError {
+    fn from(e: FenceError) -> Self {
+        match e {
+            FenceError::Stale { .. } => StoreError::Fenced(e.to_string()),
+            FenceError::Unavailable(m) => StoreError::Unavailable(m),
+        }
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -159,6 +173,8 @@ pub struct Stores {
     pub heads: kv::Store,
     pub leases: kv::Store,
     pub heartbeats: kv::Store,
+    /// Each job's epoch: snapshots and head positions from an older one are refused.
+    pub fences: Fences,
 }
 
 impl Stores {
@@ -216,6 +232,7 @@ impl Stores {
             heads: bucket(HEADS_BUCKET, 1).await?,
             leases: bucket(LEASES_BUCKET, 1).await?,
             heartbeats: bucket(HEARTBEATS_BUCKET, 1).await?,
+            fences: Fences::open(&js, replicas).await?,
             client,
             js,
             oplog,
@@ -277,8 +294,28 @@ impl Stores {
     }
 
     /// Stores a snapshot. The metadata goes with the object, so the store alone says what
-    /// each snapshot is.
+    /// each snapshot is. Fenced: refused (and nothing kept) if the job's epoch is newer
+    /// than the snapshot's, before the upload or when it is committed after it.
     pub async fn put_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StoreError> {
+        let held = self.fences.check(&meta.job, meta.epoch).await?;
+        self.put_snapshot_unfenced(meta, data).await?;
+        if let Err(e) = self.fences.commit(&meta.job, meta.epoch, held).await {
+            // The job moved on while the data was uploaded: take it back out.
+            if let Err(d) = self.delete_snapshot(meta).await {
+                tracing::warn!(snapshot = %meta.id, error = %d, "could not remove a refused snapshot");
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Stores a snapshot without looking at the fence (the agent's initial sync, which
+    /// happens before any daemon owns the job, and tests).
+    pub async fn put_snapshot_unfenced(
+        &self,
+        meta: &SnapshotMeta,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
         let mut metadata = HashMap::new();
         metadata.insert(
             META_KEY.to_owned(),
@@ -450,12 +487,45 @@ impl Stores {
         Ok(r.purged)
     }
 
+    /// Records where a job's head stands. Fenced: refused if the job's fence or the
+    /// recorded head holds a newer epoch, so a daemon that lost the job never overwrites
+    /// its new owner's position.
     pub async fn put_head(&self, job: &JobId, head: &HeadRecord) -> Result<(), StoreError> {
-        self.heads
-            .put(job.as_str(), serde_json::to_vec(head).expect("json").into())
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        let value: bytes::Bytes = serde_json::to_vec(head).expect("json").into();
+        loop {
+            self.fences.check(job, head.epoch).await?;
+            let entry = self.heads.entry(job.as_str()).await.map_err(unavailable)?;
+            let current = entry
+                .as_ref()
+                .filter(|e| e.operation == kv::Operation::Put)
+                .and_then(|e| serde_json::from_slice::<HeadRecord>(&e.value).ok());
+            if let Some(c) = &current {
+                if c.epoch > head.epoch {
+                    return Err(StoreError::Fenced(format!(
+                        "stale epoch for job {job}: the head record carries epoch {}, {} holds {}",
+                        head.epoch, c.daemon, c.epoch
+                    )));
+                }
+            }
+            let written = match &entry {
+                Some(e) => self
+                    .heads
+                    .update(job.as_str(), value.clone(), e.revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(kv::CreateError::from),
+                None => self
+                    .heads
+                    .create(job.as_str(), value.clone())
+                    .await
+                    .map(|_| ()),
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
     }
 
     pub async fn head(&self, job: &JobId) -> Result<Option<HeadRecord>, StoreError> {
@@ -529,6 +599,7 @@ mod tests {
             HEADS_BUCKET,
             LEASES_BUCKET,
             HEARTBEATS_BUCKET,
+            handoff_eventlog::fence::BUCKET,
         ] {
             ours.push(format!("KV_{b}"));
         }

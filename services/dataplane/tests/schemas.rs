@@ -170,6 +170,7 @@ fn real_values_match_their_schemas() {
         move_id: "01J00000000000000000000002".into(),
         job,
         daemon,
+        epoch: 2,
         phase: MovePhase::ReplayingOplog,
         snapshot_bytes: 10,
         snapshot_total: 10,

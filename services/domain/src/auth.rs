@@ -5,7 +5,9 @@
 //! | command | who may send it |
 //! |---------|-----------------|
 //! | `MoveJobs`, `MoveJob` | GLOBAL_OWNER, GLOBAL_BACKUP_ADMIN |
-//! | `RegisterDaemon`, `ConfigureDaemon`, `RemoveDaemon`, `ReportDaemonLiveness` | GLOBAL_OWNER, GLOBAL_BACKUP_ADMIN; `RegisterDaemon` also the daemon itself |
+//! | `RegisterDaemon`, `ConfigureDaemon`, `RemoveDaemon` | GLOBAL_OWNER, GLOBAL_BACKUP_ADMIN; `RegisterDaemon` also the daemon itself |
+//! | `ReportDaemonLiveness` | BACKUP_MONITOR; GLOBAL_OWNER, GLOBAL_BACKUP_ADMIN |
+//! | `ReportHeadSpace`, `ReportMoveStuck`, `ReportFailoverGuard`, `FailoverJob` | BACKUP_MONITOR |
 //! | `ConfigureProject`, `CreateBackupJobs` | GLOBAL_OWNER, GLOBAL_BACKUP_ADMIN |
 //! | `ReportJobMovePhase`, `CompleteJobMove` | the move's destination daemon |
 //! | `FailJobMove` | the move's destination daemon; GLOBAL_OWNER, GLOBAL_BACKUP_ADMIN |
@@ -39,6 +41,8 @@ pub enum Role {
     BackupDaemon,
     /// The agent: reports on the oplog store (OPLOG_TTL_RESIZE).
     BackupAgent,
+    /// The monitor: reports liveness and alerts, and runs the failover policy.
+    BackupMonitor,
 }
 
 impl Role {
@@ -50,16 +54,18 @@ impl Role {
             Role::GlobalReadOnly => "GLOBAL_READ_ONLY",
             Role::BackupDaemon => "BACKUP_DAEMON",
             Role::BackupAgent => "BACKUP_AGENT",
+            Role::BackupMonitor => "BACKUP_MONITOR",
         }
     }
 
     /// Every role.
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 6] = [
         Role::GlobalOwner,
         Role::GlobalBackupAdmin,
         Role::GlobalReadOnly,
         Role::BackupDaemon,
         Role::BackupAgent,
+        Role::BackupMonitor,
     ];
 }
 
@@ -170,7 +176,6 @@ pub fn authorize(who: &Principal, command: &Command, state: &State) -> Result<()
         | Command::MoveJob(_)
         | Command::ConfigureDaemon(_)
         | Command::RemoveDaemon(_)
-        | Command::ReportDaemonLiveness(_)
         | Command::ConfigureProject(_)
         | Command::CreateBackupJobs(_) => needs_admin(),
         Command::RegisterDaemon(c) => {
@@ -194,6 +199,23 @@ pub fn authorize(who: &Principal, command: &Command, state: &State) -> Result<()
                 Ok(())
             } else {
                 deny("managing users needs GLOBAL_OWNER".into())
+            }
+        }
+        Command::ReportDaemonLiveness(_) => {
+            if who.roles.contains(&Role::BackupMonitor) {
+                Ok(())
+            } else {
+                needs_admin()
+            }
+        }
+        Command::ReportHeadSpace(_)
+        | Command::ReportMoveStuck(_)
+        | Command::ReportFailoverGuard(_)
+        | Command::FailoverJob(_) => {
+            if who.roles.contains(&Role::BackupMonitor) {
+                Ok(())
+            } else {
+                deny("only the monitor reports alerts and runs the failover policy".into())
             }
         }
         Command::ResizeOplogTtl(_) => {

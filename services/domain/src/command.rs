@@ -7,7 +7,7 @@ use crate::auth::Role;
 use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId, UserKey};
 use crate::model::{
     DaemonSettings, Deployment, HeadPoint, JobSize, MovePhase, MAX_DAEMON_FILTER, MAX_LABELS,
-    MAX_OPLOG_TTL_HOURS, MAX_REASON, MAX_SHARDS,
+    MAX_OPLOG_TTL_HOURS, MAX_REASON, MAX_SHARDS, MAX_WORKERS,
 };
 use crate::rejection::Invalid;
 
@@ -44,6 +44,56 @@ pub struct RemoveDaemon {
 pub struct ReportDaemonLiveness {
     pub daemon: DaemonId,
     pub up: bool,
+}
+
+/// The monitor asks whether a daemon's free head space crossed `threshold_percent` of
+/// its head disk (LOW_HEAD_FREE_SPACE); the state decides, so a late report changes
+/// nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ReportHeadSpace {
+    pub daemon: DaemonId,
+    /// 1 to 99.
+    pub threshold_percent: u32,
+}
+
+/// The monitor saw no progress of a job's move for `idle_ms` (MOVE_STUCK).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ReportMoveStuck {
+    pub job: JobId,
+    pub move_id: CommandId,
+    pub idle_ms: u64,
+}
+
+/// The failover policy's guard: pause when more than `max_down_percent` of the active
+/// daemons are down, resume when no longer. The state decides which.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ReportFailoverGuard {
+    /// 1 to 100.
+    pub max_down_percent: u32,
+}
+
+/// The failover policy moves one job of a down daemon to the best eligible daemon (most
+/// free head space among the least busy), which `decide` chooses from the state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FailoverJob {
+    pub job: JobId,
+    /// The down daemon the job is on; refused if the job is elsewhere by now.
+    pub from: DaemonId,
+    /// How long `from` has been down, on the monitor's clock; at least `delay_ms`.
+    pub down_for_ms: u64,
+    pub delay_ms: u64,
+    /// 1 to 1024: no new move while this many jobs are moving.
+    pub max_concurrent_rebuilds: u32,
+    /// 1 to 100: no move while more than this share of the daemons is down.
+    pub max_down_percent: u32,
 }
 
 /// Create or change a project's job configuration: which daemons its jobs may use.
@@ -189,6 +239,10 @@ pub enum Command {
     ResizeOplogTtl(ResizeOplogTtl),
     AddUser(AddUser),
     RemoveUser(RemoveUser),
+    ReportHeadSpace(ReportHeadSpace),
+    ReportMoveStuck(ReportMoveStuck),
+    ReportFailoverGuard(ReportFailoverGuard),
+    FailoverJob(FailoverJob),
 }
 
 fn check_reason(field: &'static str, reason: &str, required: bool) -> Result<(), Invalid> {
@@ -203,6 +257,13 @@ fn check_reason(field: &'static str, reason: &str, required: bool) -> Result<(),
     }
     if reason.chars().any(|c| c.is_control()) {
         return Err(Invalid::new(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn check_range(field: &'static str, value: u32, min: u32, max: u32) -> Result<(), Invalid> {
+    if value < min || value > max {
+        return Err(Invalid::new(field, format!("must be {min} to {max}")));
     }
     Ok(())
 }
@@ -225,6 +286,10 @@ impl Command {
             Command::ResizeOplogTtl(_) => "ResizeOplogTtl",
             Command::AddUser(_) => "AddUser",
             Command::RemoveUser(_) => "RemoveUser",
+            Command::ReportHeadSpace(_) => "ReportHeadSpace",
+            Command::ReportMoveStuck(_) => "ReportMoveStuck",
+            Command::ReportFailoverGuard(_) => "ReportFailoverGuard",
+            Command::FailoverJob(_) => "FailoverJob",
         }
     }
 
@@ -339,7 +404,29 @@ impl Command {
                     _ => Ok(()),
                 }
             }
-            Command::RemoveUser(_) => Ok(()),
+            Command::RemoveUser(_) | Command::ReportMoveStuck(_) => Ok(()),
+            Command::ReportHeadSpace(c) => {
+                check_range("threshold_percent", c.threshold_percent, 1, 99)
+            }
+            Command::ReportFailoverGuard(c) => {
+                check_range("max_down_percent", c.max_down_percent, 1, 100)
+            }
+            Command::FailoverJob(c) => {
+                check_range("max_down_percent", c.max_down_percent, 1, 100)?;
+                check_range(
+                    "max_concurrent_rebuilds",
+                    c.max_concurrent_rebuilds,
+                    1,
+                    MAX_WORKERS,
+                )?;
+                if c.down_for_ms < c.delay_ms {
+                    return Err(Invalid::new(
+                        "down_for_ms",
+                        "the daemon must have been down for the whole delay",
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 }

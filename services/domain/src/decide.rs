@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::alert::{AlertKey, AlertKind, FLEET};
 use crate::auth::Role;
 use crate::command::*;
-use crate::event::{AssignedJob, AssignmentCause, Event};
+use crate::event::{AssignedJob, AssignmentCause, Candidate, Event, FailoverInputs};
 use crate::ids::{Actor, CommandId, DaemonId, JobId};
 use crate::model::HeadDiskType;
 use crate::model::{
@@ -222,6 +223,76 @@ pub fn decide(command: &Command, ctx: &Context, state: &State) -> Result<Decisio
                 user: c.user.clone(),
             }]))
         }
+        Command::ReportHeadSpace(c) => {
+            let d = active_daemon(state, &c.daemon)?;
+            let total = d.settings.head_space_bytes;
+            let free = d.free_bytes();
+            let low = total > 0
+                && u128::from(free) * 100 < u128::from(total) * u128::from(c.threshold_percent);
+            let open = state
+                .alerts
+                .contains(&AlertKey::new(AlertKind::LowHeadFreeSpace, &c.daemon));
+            let event = match (low, open) {
+                (true, false) => Some(Event::HeadSpaceLow {
+                    daemon: c.daemon.clone(),
+                    free_bytes: free,
+                    head_space_bytes: total,
+                    threshold_percent: c.threshold_percent,
+                }),
+                (false, true) => Some(Event::HeadSpaceRecovered {
+                    daemon: c.daemon.clone(),
+                    free_bytes: free,
+                    head_space_bytes: total,
+                }),
+                _ => None,
+            };
+            Ok(Decision::one(event.into_iter().collect()))
+        }
+        Command::ReportMoveStuck(c) => {
+            let j = state.jobs.get(&c.job).ok_or_else(|| Rejection::NotFound {
+                kind: Kind::Job,
+                id: c.job.to_string(),
+            })?;
+            let phase = match &j.assignment {
+                Assignment::Moving { move_id, phase, .. } if *move_id == c.move_id => *phase,
+                _ => {
+                    return Err(Rejection::MoveNotInProgress {
+                        job: c.job.clone(),
+                        move_id: c.move_id.clone(),
+                    })
+                }
+            };
+            if state
+                .alerts
+                .contains(&AlertKey::new(AlertKind::MoveStuck, &c.job))
+            {
+                return Ok(Decision::default());
+            }
+            Ok(Decision::one(vec![Event::MoveStuck {
+                job: c.job.clone(),
+                move_id: c.move_id.clone(),
+                phase,
+                idle_ms: c.idle_ms,
+            }]))
+        }
+        Command::ReportFailoverGuard(c) => {
+            let (down, active) = state.down_of_active();
+            let tripped = guard_tripped(down.len() as u32, active, c.max_down_percent);
+            let paused = state
+                .alerts
+                .contains(&AlertKey::new(AlertKind::FailoverPaused, FLEET));
+            let event = match (tripped, paused) {
+                (true, false) => Some(Event::FailoverPaused {
+                    down,
+                    active,
+                    max_down_percent: c.max_down_percent,
+                }),
+                (false, true) => Some(Event::FailoverResumed { down, active }),
+                _ => None,
+            };
+            Ok(Decision::one(event.into_iter().collect()))
+        }
+        Command::FailoverJob(c) => failover_job(c, ctx, state),
         Command::FailJobMove(c) => {
             moving_job(state, &c.job, &c.move_id, c.epoch)?;
             let job = &state.jobs[&c.job];
@@ -552,6 +623,7 @@ struct MoveRequest<'a> {
     jobs: Vec<&'a JobId>,
     reason: &'a Option<String>,
     dry_run: bool,
+    automatic: bool,
 }
 
 /// Builds the plan and the events of a move.
@@ -567,6 +639,7 @@ fn start_move(
         jobs,
         reason,
         dry_run,
+        automatic,
     } = request;
     let (checks, needed, free) = check_destination(state, from, to, &jobs)?;
     let planned: Vec<PlannedJob> = jobs
@@ -607,6 +680,7 @@ fn start_move(
             to: to.clone(),
             reason: reason.clone(),
             jobs: plan.jobs.len() as u32,
+            automatic,
         });
     }
     let mut units = Vec::new();
@@ -692,8 +766,170 @@ fn move_jobs(c: &MoveJobs, ctx: &Context, state: &State) -> Result<Decision, Rej
             jobs,
             reason: &c.reason,
             dry_run: c.dry_run,
+            automatic: false,
         },
     )
+}
+
+/// The alert a rejected command raises, if any: a backup that could not be created for
+/// want of a daemon (BIND_FAILURE), unless that alert is open already. The command
+/// service appends it although the command itself appends nothing.
+pub fn alert_of_rejection(
+    command: &Command,
+    rejection: &Rejection,
+    state: &State,
+) -> Option<Event> {
+    match (command, rejection) {
+        (Command::CreateBackupJobs(c), Rejection::BindFailure { job, detail })
+            if !state
+                .alerts
+                .contains(&AlertKey::new(AlertKind::BindFailure, job)) =>
+        {
+            Some(Event::BindFailed {
+                job: job.clone(),
+                project: c.project.clone(),
+                detail: detail.clone(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// More than `max_down_percent` of the active daemons are down.
+fn guard_tripped(down: u32, active: u32, max_down_percent: u32) -> bool {
+    active > 0 && u64::from(down) * 100 > u64::from(active) * u64::from(max_down_percent)
+}
+
+/// The daemons the failover policy may move `job` to, best first: the fewest rebuilds
+/// in progress, then the most free head space, then the fewest jobs. Never the job's
+/// daemon, never one an operator moved the job away from.
+pub fn failover_candidates(state: &State, job: &JobId) -> Vec<Candidate> {
+    let Some(j) = state.jobs.get(job) else {
+        return vec![];
+    };
+    let needed = j.size.head_size_bytes;
+    let mut candidates: Vec<Candidate> = state
+        .daemons
+        .iter()
+        .filter(|(id, d)| {
+            *id != j.owner()
+                && Some(*id) != j.operator_moved_from.as_ref()
+                && d.is_up()
+                && d.settings.assignment_enabled
+                && d.settings.backup_jobs_enabled
+                && d.free_bytes() > needed
+                && filter_rejection(state, job, id, d).is_none()
+        })
+        .map(|(id, d)| Candidate {
+            daemon: id.clone(),
+            free_bytes: d.free_bytes(),
+            jobs: d.jobs.len() as u32,
+            rebuilding: state.rebuilding_on(id),
+        })
+        .collect();
+    candidates.sort_by(|a, b| {
+        (
+            a.rebuilding,
+            std::cmp::Reverse(a.free_bytes),
+            a.jobs,
+            &a.daemon,
+        )
+            .cmp(&(
+                b.rebuilding,
+                std::cmp::Reverse(b.free_bytes),
+                b.jobs,
+                &b.daemon,
+            ))
+    });
+    candidates
+}
+
+/// One automatic failover move: the same checks and events as an operator's `MoveJob`,
+/// plus the policy's own (the source is down, the job is still on it, the guard and the
+/// rebuild limit), and a `FailoverDecided` event with every input.
+fn failover_job(c: &FailoverJob, ctx: &Context, state: &State) -> Result<Decision, Rejection> {
+    if state.moves.contains_key(&ctx.command) {
+        return Ok(Decision::default());
+    }
+    let job = state.jobs.get(&c.job).ok_or_else(|| Rejection::NotFound {
+        kind: Kind::Job,
+        id: c.job.to_string(),
+    })?;
+    let source = active_daemon(state, &c.from)?;
+    if source.is_up() {
+        return Err(Rejection::NotDown {
+            daemon: c.from.clone(),
+        });
+    }
+    if !matches!(&job.assignment, Assignment::Assigned { daemon } if *daemon == c.from) {
+        return Err(Rejection::NotOnDaemon {
+            job: c.job.clone(),
+            daemon: c.from.clone(),
+        });
+    }
+    let (down, active) = state.down_of_active();
+    let down = down.len() as u32;
+    if guard_tripped(down, active, c.max_down_percent) {
+        return Err(Rejection::FailoverPaused {
+            down,
+            active,
+            max_down_percent: c.max_down_percent,
+        });
+    }
+    let moving = state.moving();
+    if moving >= c.max_concurrent_rebuilds {
+        return Err(Rejection::RebuildLimit {
+            moving,
+            limit: c.max_concurrent_rebuilds,
+        });
+    }
+    let candidates = failover_candidates(state, &c.job);
+    let Some(best) = candidates.first() else {
+        return Err(Rejection::BindFailure {
+            job: c.job.clone(),
+            detail: "no daemon is up with assignment enabled, room for the head and passing                      the project's filters"
+                .to_owned(),
+        });
+    };
+    let to = best.daemon.clone();
+    let reason = Some(format!(
+        "automatic failover: {} is DAEMON_DOWN for {} s",
+        c.from,
+        c.down_for_ms / 1000
+    ));
+    let mut decision = start_move(
+        state,
+        ctx,
+        MoveRequest {
+            scope: MoveScope::OneJob { job: c.job.clone() },
+            from: &c.from,
+            to: &to,
+            jobs: vec![&c.job],
+            reason: &reason,
+            dry_run: false,
+            automatic: true,
+        },
+    )?;
+    let decided = Event::FailoverDecided {
+        move_id: ctx.command.clone(),
+        job: c.job.clone(),
+        from: c.from.clone(),
+        to,
+        inputs: FailoverInputs {
+            down_for_ms: c.down_for_ms,
+            delay_ms: c.delay_ms,
+            rebuilding: moving,
+            max_concurrent_rebuilds: c.max_concurrent_rebuilds,
+            down,
+            active,
+            max_down_percent: c.max_down_percent,
+            head_size_bytes: job.size.head_size_bytes,
+            excluded: job.operator_moved_from.clone(),
+            candidates,
+        },
+    };
+    decision.units[0].insert(0, decided);
+    Ok(decision)
 }
 
 fn move_job(c: &MoveJob, ctx: &Context, state: &State) -> Result<Decision, Rejection> {
@@ -721,6 +957,7 @@ fn move_job(c: &MoveJob, ctx: &Context, state: &State) -> Result<Decision, Rejec
             jobs: vec![&c.job],
             reason: &c.reason,
             dry_run: c.dry_run,
+            automatic: false,
         },
     )
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::alert::{AlertKey, AlertKind, FLEET};
 use crate::auth::Role;
 use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId, UserKey};
 use crate::model::{DaemonSettings, HeadPoint, JobSize, JobTarget, MovePhase, MoveScope};
@@ -92,6 +93,9 @@ pub enum Event {
         reason: Option<String>,
         /// How many jobs the move covers.
         jobs: u32,
+        /// Started by the automatic failover policy, not by an operator.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        automatic: bool,
     },
     JobMoveStarted {
         job: JobId,
@@ -130,6 +134,54 @@ pub enum Event {
         hours: u32,
         reason: String,
     },
+    /// LOW_HEAD_FREE_SPACE: the daemon's free head space fell under the threshold.
+    HeadSpaceLow {
+        daemon: DaemonId,
+        free_bytes: u64,
+        head_space_bytes: u64,
+        threshold_percent: u32,
+    },
+    /// The daemon's free head space is back over the threshold.
+    HeadSpaceRecovered {
+        daemon: DaemonId,
+        free_bytes: u64,
+        head_space_bytes: u64,
+    },
+    /// BIND_FAILURE: a new job could not be bound to any daemon, so its backup was not
+    /// created. Closed when the job is created.
+    BindFailed {
+        job: JobId,
+        project: ProjectId,
+        detail: String,
+    },
+    /// MOVE_STUCK: a job's move showed no progress for the threshold.
+    MoveStuck {
+        job: JobId,
+        move_id: CommandId,
+        phase: MovePhase,
+        idle_ms: u64,
+    },
+    /// Automatic failover paused itself: more than `max_down_percent` of the active
+    /// daemons are down at once.
+    FailoverPaused {
+        down: Vec<DaemonId>,
+        active: u32,
+        max_down_percent: u32,
+    },
+    /// Few enough daemons are down again: automatic failover goes on.
+    FailoverResumed {
+        down: Vec<DaemonId>,
+        active: u32,
+    },
+    /// The failover policy moves a job of a down daemon; the move's events follow in the
+    /// same unit. Carries everything the decision was made on.
+    FailoverDecided {
+        move_id: CommandId,
+        job: JobId,
+        from: DaemonId,
+        to: DaemonId,
+        inputs: FailoverInputs,
+    },
     UserAdded {
         user: Actor,
         roles: BTreeSet<Role>,
@@ -157,6 +209,41 @@ pub enum Event {
     },
 }
 
+/// A daemon the failover policy could have chosen, as it stood.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Candidate {
+    pub daemon: DaemonId,
+    pub free_bytes: u64,
+    pub jobs: u32,
+    /// Jobs being rebuilt on it now.
+    pub rebuilding: u32,
+}
+
+/// What an automatic failover decision was made on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct FailoverInputs {
+    /// How long the source had been down, on the monitor's clock.
+    pub down_for_ms: u64,
+    /// The policy's delay.
+    pub delay_ms: u64,
+    /// Jobs moving in the fleet before this decision, and the policy's limit.
+    pub rebuilding: u32,
+    pub max_concurrent_rebuilds: u32,
+    /// Down and active daemons, and the policy's guard.
+    pub down: u32,
+    pub active: u32,
+    pub max_down_percent: u32,
+    /// The head space the job needs.
+    pub head_size_bytes: u64,
+    /// Every eligible daemon, best first; the first was chosen.
+    pub candidates: Vec<Candidate>,
+    /// A daemon an operator moved the job away from: never chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excluded: Option<DaemonId>,
+}
+
 /// The aggregate an event belongs to, and so its subject in the event log.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Aggregate {
@@ -167,6 +254,10 @@ pub enum Aggregate {
     User(Actor),
     /// One refused request (by the refusal's id).
     Audit(CommandId),
+    /// One alert that is not a daemon's or a job's own event.
+    Alert(AlertKey),
+    /// One automatic failover decision (by its move's id).
+    Failover(CommandId),
 }
 
 impl Event {
@@ -193,6 +284,15 @@ impl Event {
             MoveStarted { move_id, .. } => Aggregate::Move(move_id.clone()),
             UserAdded { user, .. } | UserRemoved { user } => Aggregate::User(user.clone()),
             CommandRefused { refusal, .. } => Aggregate::Audit(refusal.clone()),
+            HeadSpaceLow { daemon, .. } | HeadSpaceRecovered { daemon, .. } => {
+                Aggregate::Alert(AlertKey::new(AlertKind::LowHeadFreeSpace, daemon))
+            }
+            BindFailed { job, .. } => Aggregate::Alert(AlertKey::new(AlertKind::BindFailure, job)),
+            MoveStuck { job, .. } => Aggregate::Alert(AlertKey::new(AlertKind::MoveStuck, job)),
+            FailoverPaused { .. } | FailoverResumed { .. } => {
+                Aggregate::Alert(AlertKey::new(AlertKind::FailoverPaused, FLEET))
+            }
+            FailoverDecided { move_id, .. } => Aggregate::Failover(move_id.clone()),
         }
     }
 
@@ -218,6 +318,13 @@ impl Event {
             UserAdded { .. } => "UserAdded",
             UserRemoved { .. } => "UserRemoved",
             CommandRefused { .. } => "CommandRefused",
+            HeadSpaceLow { .. } => "HeadSpaceLow",
+            HeadSpaceRecovered { .. } => "HeadSpaceRecovered",
+            BindFailed { .. } => "BindFailed",
+            MoveStuck { .. } => "MoveStuck",
+            FailoverPaused { .. } => "FailoverPaused",
+            FailoverResumed { .. } => "FailoverResumed",
+            FailoverDecided { .. } => "FailoverDecided",
         }
     }
 
@@ -233,15 +340,22 @@ impl Event {
             | JobsAssigned { daemon, .. }
             | JobsReleased { daemon, .. }
             | BackupJobCreated { daemon, .. }
-            | JobMoveCompleted { daemon, .. } => vec![daemon],
-            MoveStarted { from, to, .. } | JobMoveStarted { from, to, .. } => vec![from, to],
+            | JobMoveCompleted { daemon, .. }
+            | HeadSpaceLow { daemon, .. }
+            | HeadSpaceRecovered { daemon, .. } => vec![daemon],
+            MoveStarted { from, to, .. }
+            | JobMoveStarted { from, to, .. }
+            | FailoverDecided { from, to, .. } => vec![from, to],
+            FailoverPaused { down, .. } | FailoverResumed { down, .. } => down.iter().collect(),
             JobMoveFailed { returned_to, .. } => vec![returned_to],
             UserAdded { daemon, .. } => daemon.iter().collect(),
             ProjectConfigured { .. }
             | JobMovePhaseReported { .. }
             | OplogTtlResized { .. }
             | UserRemoved { .. }
-            | CommandRefused { .. } => vec![],
+            | CommandRefused { .. }
+            | BindFailed { .. }
+            | MoveStuck { .. } => vec![],
         }
     }
 
@@ -254,7 +368,10 @@ impl Event {
             | JobMovePhaseReported { job, .. }
             | JobMoveCompleted { job, .. }
             | JobMoveFailed { job, .. }
-            | OplogTtlResized { job, .. } => vec![job],
+            | OplogTtlResized { job, .. }
+            | BindFailed { job, .. }
+            | MoveStuck { job, .. }
+            | FailoverDecided { job, .. } => vec![job],
             JobsReleased { jobs, .. } => jobs.iter().collect(),
             JobsAssigned { jobs, .. } => jobs.iter().map(|j| &j.job).collect(),
             MoveStarted {
@@ -276,6 +393,8 @@ impl Event {
             Aggregate::Move(m) => format!("move:{m}"),
             Aggregate::User(u) => format!("user:{u}"),
             Aggregate::Audit(r) => format!("audit:{r}"),
+            Aggregate::Alert(a) => format!("alert:{}:{}", a.kind, a.about),
+            Aggregate::Failover(m) => format!("failover:{m}"),
         };
         match self {
             Event::JobsAssigned { jobs, .. } => match jobs.first() {

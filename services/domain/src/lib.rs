@@ -20,6 +20,7 @@
 //!   of a move.
 //! - [`rejection`]: why a command was refused, each reason with its own variant.
 //! - [`auth`]: users, roles, and who may send which command (MISSION rule 1).
+//! - [`alert`]: which events raise and close each alert (DAEMON_DOWN, MOVE_STUCK, ...).
 //!
 //! # How a command flows
 //! The command service validates the request into a [`Command`], calls [`decide()`] with
@@ -27,6 +28,7 @@
 //! atomically, with optimistic concurrency on every aggregate the events touch. A
 //! rejection appends nothing.
 
+pub mod alert;
 pub mod auth;
 pub mod command;
 pub mod decide;

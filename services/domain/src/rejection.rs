@@ -145,6 +145,29 @@ pub enum Rejection {
     #[error("key is already {user}'s; every user has a key of its own")]
     KeyInUse { user: Actor },
 
+    /// Automatic failover only moves jobs of a daemon that is down.
+    #[error("{daemon} is not down: automatic failover leaves its jobs where they are")]
+    NotDown { daemon: DaemonId },
+
+    /// The job is no longer where the failover policy saw it (an operator moved it, or it
+    /// is moving): the operator's move wins.
+    #[error("job {job} is no longer on {daemon} alone: it was moved or is moving")]
+    NotOnDaemon { job: JobId, daemon: DaemonId },
+
+    /// Automatic failover is paused: too many daemons are down at once.
+    #[error(
+        "automatic failover is paused: {down} of {active} daemons are down, more than {max_down_percent}%"
+    )]
+    FailoverPaused {
+        down: u32,
+        active: u32,
+        max_down_percent: u32,
+    },
+
+    /// As many jobs as the policy allows are being rebuilt; it waits for one to finish.
+    #[error("{moving} jobs are moving, the failover policy's limit is {limit}")]
+    RebuildLimit { moving: u32, limit: u32 },
+
     /// Removing the user would leave no GLOBAL_OWNER to manage users. Add another first.
     #[error("cannot remove {user}: it is the last GLOBAL_OWNER; add another owner first")]
     LastOwner { user: Actor },
@@ -181,7 +204,8 @@ impl Rejection {
             | JobAlreadyMoving { .. }
             | MoveNotInProgress { .. }
             | StaleEpoch { .. }
-            | KeyInUse { .. } => RejectionClass::Conflict,
+            | KeyInUse { .. }
+            | NotOnDaemon { .. } => RejectionClass::Conflict,
             MoveToSelf { .. }
             | NothingToMove { .. }
             | DaemonRemoved { .. }
@@ -192,7 +216,10 @@ impl Rejection {
             | LabelMismatch { .. }
             | BindFailure { .. }
             | DaemonHasJobs { .. }
-            | LastOwner { .. } => RejectionClass::Refused,
+            | LastOwner { .. }
+            | NotDown { .. }
+            | FailoverPaused { .. }
+            | RebuildLimit { .. } => RejectionClass::Refused,
         }
     }
 
@@ -218,6 +245,10 @@ impl Rejection {
             DaemonHasJobs { .. } => "daemon_has_jobs",
             KeyInUse { .. } => "key_in_use",
             LastOwner { .. } => "last_owner",
+            NotDown { .. } => "not_down",
+            NotOnDaemon { .. } => "not_on_daemon",
+            FailoverPaused { .. } => "failover_paused",
+            RebuildLimit { .. } => "rebuild_limit",
         }
     }
 }

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::alert::{self, AlertKey, Effect};
 use crate::event::Event;
 use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId};
 use crate::model::{DaemonSettings, JobSize, JobStatus, JobTarget, Liveness, MovePhase, MoveScope};
@@ -78,6 +79,10 @@ pub struct Job {
     /// Grows with every assignment; the owner attaches it to everything it writes.
     pub epoch: u64,
     pub assignment: Assignment,
+    /// The daemon an operator last moved the job away from: the failover policy never
+    /// moves it back there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_moved_from: Option<DaemonId>,
 }
 
 impl Job {
@@ -98,6 +103,9 @@ pub struct Move {
     pub to: DaemonId,
     pub reason: Option<String>,
     pub planned: u32,
+    /// Started by the failover policy.
+    #[serde(default)]
+    pub automatic: bool,
     /// Each started job's phase.
     pub jobs: BTreeMap<JobId, MovePhase>,
 }
@@ -112,6 +120,9 @@ pub struct State {
     pub moves: BTreeMap<CommandId, Move>,
     /// Current users, by name (removed ones are gone).
     pub users: BTreeMap<Actor, crate::auth::User>,
+    /// The open alerts.
+    #[serde(default)]
+    pub alerts: BTreeSet<AlertKey>,
 }
 
 /// The state before any event.
@@ -128,6 +139,17 @@ pub fn evolve(mut state: State, event: &Event) -> State {
 impl State {
     /// Folds one event into the state, in place.
     pub fn apply(&mut self, event: &Event) {
+        for effect in alert::effects(event) {
+            match effect {
+                Effect::Open { key, .. } => {
+                    self.alerts.insert(key);
+                }
+                Effect::Close { key } => {
+                    self.alerts.remove(&key);
+                }
+                Effect::Notice { .. } => {}
+            }
+        }
         match event {
             Event::DaemonRegistered { daemon, settings } => {
                 self.daemons.insert(
@@ -196,6 +218,7 @@ impl State {
                         assignment: Assignment::Assigned {
                             daemon: daemon.clone(),
                         },
+                        operator_moved_from: None,
                     },
                 );
                 self.take(daemon, job, size.head_size_bytes);
@@ -203,8 +226,17 @@ impl State {
             Event::JobsAssigned { .. } | Event::JobsReleased { .. } => {
                 // Notices addressed to a daemon; the job events carry the state.
             }
-            Event::OplogTtlResized { .. } | Event::CommandRefused { .. } => {
-                // An alert about the oplog store, an audit record: no ownership changes.
+            Event::OplogTtlResized { .. }
+            | Event::CommandRefused { .. }
+            | Event::HeadSpaceLow { .. }
+            | Event::HeadSpaceRecovered { .. }
+            | Event::BindFailed { .. }
+            | Event::MoveStuck { .. }
+            | Event::FailoverPaused { .. }
+            | Event::FailoverResumed { .. }
+            | Event::FailoverDecided { .. } => {
+                // Alerts (folded above), an audit record, a decision whose move events
+                // follow: no ownership changes.
             }
             Event::UserAdded {
                 user,
@@ -231,6 +263,7 @@ impl State {
                 to,
                 reason,
                 jobs,
+                automatic,
             } => {
                 self.moves.entry(move_id.clone()).or_insert_with(|| Move {
                     scope: scope.clone(),
@@ -238,6 +271,7 @@ impl State {
                     to: to.clone(),
                     reason: reason.clone(),
                     planned: *jobs,
+                    automatic: *automatic,
                     jobs: BTreeMap::new(),
                 });
             }
@@ -248,11 +282,15 @@ impl State {
                 to,
                 epoch,
             } => {
+                let by_operator = self.moves.get(move_id).is_some_and(|m| !m.automatic);
                 let Some(j) = self.jobs.get_mut(job) else {
                     return;
                 };
                 let size = j.size.head_size_bytes;
                 let owner = j.owner().clone();
+                if by_operator {
+                    j.operator_moved_from = Some(from.clone());
+                }
                 j.assignment = Assignment::Moving {
                     from: from.clone(),
                     to: to.clone(),
@@ -347,6 +385,40 @@ impl State {
                 *p = phase;
             }
         }
+    }
+
+    /// Jobs moving now, in every move.
+    pub fn moving(&self) -> u32 {
+        self.jobs
+            .values()
+            .filter(|j| matches!(j.assignment, Assignment::Moving { .. }))
+            .count() as u32
+    }
+
+    /// Jobs being rebuilt on `daemon` now.
+    pub fn rebuilding_on(&self, daemon: &DaemonId) -> u32 {
+        self.jobs
+            .values()
+            .filter(|j| matches!(&j.assignment, Assignment::Moving { to, .. } if to == daemon))
+            .count() as u32
+    }
+
+    /// The daemons that are down, and how many are active (not removed).
+    pub fn down_of_active(&self) -> (Vec<DaemonId>, u32) {
+        let mut down = Vec::new();
+        let mut active = 0;
+        for (id, d) in &self.daemons {
+            match d.status {
+                DaemonStatus::Active(l) => {
+                    active += 1;
+                    if l == Liveness::Down {
+                        down.push(id.clone());
+                    }
+                }
+                DaemonStatus::Removed => {}
+            }
+        }
+        (down, active)
     }
 
     /// Jobs currently moving away from `daemon`.

@@ -11,13 +11,7 @@ use handoff_domain::command::*;
 use handoff_domain::{Actor, Command};
 use proptest::prelude::*;
 
-const ROLES: [Role; 5] = [
-    Role::GlobalOwner,
-    Role::GlobalBackupAdmin,
-    Role::GlobalReadOnly,
-    Role::BackupDaemon,
-    Role::BackupAgent,
-];
+const ROLES: [Role; 6] = Role::ALL;
 
 /// Daemon 1's jobs moving to daemon 2 (move id 99), so reports on the move make sense.
 fn world() -> World {
@@ -83,6 +77,26 @@ fn commands() -> Vec<Command> {
         Command::RemoveUser(RemoveUser {
             user: Actor::new("bob").unwrap(),
         }),
+        Command::ReportHeadSpace(ReportHeadSpace {
+            daemon: d(1),
+            threshold_percent: 10,
+        }),
+        Command::ReportMoveStuck(ReportMoveStuck {
+            job: j("p1/rs0"),
+            move_id: id(99),
+            idle_ms: 1000,
+        }),
+        Command::ReportFailoverGuard(ReportFailoverGuard {
+            max_down_percent: 50,
+        }),
+        Command::FailoverJob(FailoverJob {
+            job: j("p1/rs1"),
+            from: d(1),
+            down_for_ms: 10,
+            delay_ms: 10,
+            max_concurrent_rebuilds: 2,
+            max_down_percent: 50,
+        }),
     ]
 }
 
@@ -97,7 +111,7 @@ fn add_user(name: &str, roles: &[Role]) -> Command {
 
 fn principal() -> impl Strategy<Value = Principal> {
     (
-        proptest::sample::subsequence(ROLES.to_vec(), 0..=5),
+        proptest::sample::subsequence(ROLES.to_vec(), 0..=6),
         proptest::option::of(1usize..=3),
     )
         .prop_map(|(roles, daemon)| Principal {
@@ -116,11 +130,15 @@ proptest! {
         let w = world();
         let admin = who.roles.contains(&Role::GlobalOwner) || who.roles.contains(&Role::GlobalBackupAdmin);
         let destination = who.roles.contains(&Role::BackupDaemon) && who.daemon == Some(d(2));
+        let monitor = who.roles.contains(&Role::BackupMonitor);
         for c in commands() {
             let allowed = authorize(&who, &c, &w.state).is_ok();
             let expected = match &c {
                 Command::MoveJobs(_) | Command::MoveJob(_) | Command::ConfigureDaemon(_) | Command::RemoveDaemon(_)
-                | Command::ReportDaemonLiveness(_) | Command::ConfigureProject(_) | Command::CreateBackupJobs(_) => admin,
+                | Command::ConfigureProject(_) | Command::CreateBackupJobs(_) => admin,
+                Command::ReportDaemonLiveness(_) => admin || monitor,
+                Command::ReportHeadSpace(_) | Command::ReportMoveStuck(_) | Command::ReportFailoverGuard(_)
+                | Command::FailoverJob(_) => monitor,
                 Command::RegisterDaemon(r) => admin || (who.roles.contains(&Role::BackupDaemon) && who.daemon.as_ref() == Some(&r.daemon)),
                 Command::ReportJobMovePhase(_) | Command::CompleteJobMove(_) => destination,
                 Command::FailJobMove(_) => admin || destination,

@@ -22,6 +22,7 @@
 //! - [`EventLog`]: open (creating or updating the stream), append, read.
 //! - [`reader`]: ordered reads of the stream from a sequence, for folds and replays.
 
+pub mod fence;
 pub mod reader;
 
 use std::time::Duration;

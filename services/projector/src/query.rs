@@ -13,6 +13,7 @@
 //! | `moves` | `{}` | every move view, newest first |
 //! | `move` | `{"move_id"}` | one move view |
 //! | `history` | `{"job"}` or `{"daemon"}` | history entries, oldest first |
+//! | `alerts` | `{"all"?}` | open alerts (with `all`, closed ones too), newest first |
 
 use async_nats::service::ServiceExt;
 use async_nats::Client;
@@ -44,6 +45,7 @@ const ENDPOINTS: &[&str] = &[
     "moves",
     "move",
     "history",
+    "alerts",
 ];
 
 /// The running query service.
@@ -222,6 +224,16 @@ fn answer(
         "job" => {
             let q: ByJob = parse_required(name, payload)?;
             one(store, &views::job_key(&q.job), "job", q.job.as_str())
+        }
+        "alerts" => {
+            let q: handoff_protocol::api::query::Alerts = parse(name, payload)?;
+            let mut alerts: Vec<views::AlertView> = values(store, &views::prefix(&["alert"]))?
+                .into_iter()
+                .map(|v| serde_json::from_value(v).map_err(internal))
+                .filter(|a| !matches!(a, Ok(a) if !q.all && !views::AlertView::is_open(a)))
+                .collect::<Result<_, _>>()?;
+            alerts.sort_by_key(|a| std::cmp::Reverse(a.raised_seq));
+            serde_json::to_value(alerts).map_err(internal)
         }
         "moves" => {
             parse::<Empty>(name, payload)?;

@@ -11,6 +11,7 @@
 //! | `project\0<project>` | [`ProjectView`] |
 //! | `job\0<job>` | [`JobView`], with the sequences of the job's events |
 //! | `move\0<move>` | [`MoveView`] |
+//! | `alert\0<TYPE>\0<about>` | [`AlertView`]: the last alert of that type about that daemon or job, open or closed |
 //! | `events\0<n>` | events `n*64` to `n*64+63` as stored in the stream, framed |
 //! | `hist\0daemon\0<daemon>\0<n>` | the sequences of the daemon's events among `n*1024` to `n*1024+1023` |
 //!
@@ -24,11 +25,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use handoff_domain::alert::{self, AlertKey};
 use handoff_domain::model::MovePhase;
 use handoff_domain::{CommandId, DaemonId, Event, JobId, ProjectId, State};
 use handoff_eventlog::Recorded;
 pub use handoff_protocol::views::{
-    AssignmentView, DaemonView, HistoryEntry, JobView, MoveStatus, MoveView, ProjectView,
+    AlertView, AssignmentView, DaemonView, HistoryEntry, JobView, MoveStatus, MoveView, ProjectView,
 };
 
 use serde::Serialize;
@@ -46,6 +48,9 @@ pub fn job_key(j: &JobId) -> Vec<u8> {
 }
 pub fn move_key(m: &CommandId) -> Vec<u8> {
     key(&["move", m.as_str()])
+}
+pub fn alert_key(a: &AlertKey) -> Vec<u8> {
+    key(&["alert", a.kind.as_str(), &a.about])
 }
 /// Events per chunk of stored events.
 pub const EVENTS_PER_CHUNK: u64 = 64;
@@ -117,6 +122,7 @@ pub enum Value {
     Project(ProjectView),
     Job(Box<JobView>),
     Move(Box<MoveView>),
+    Alert(Box<AlertView>),
 }
 
 impl Value {
@@ -128,6 +134,7 @@ impl Value {
             Value::Project(v) => json(&v),
             Value::Job(v) => json(&v),
             Value::Move(v) => json(&v),
+            Value::Alert(v) => json(&v),
         }
     }
 }
@@ -149,6 +156,8 @@ pub fn encode(changes: Vec<Change>) -> Vec<Write> {
 pub struct Views {
     state: State,
     moves: BTreeMap<CommandId, MoveView>,
+    /// The last alert of each type about each thing.
+    alerts: BTreeMap<AlertKey, AlertView>,
     /// Each job's events, by sequence.
     job_history: HashMap<JobId, Vec<u64>>,
     /// The last chunk of events, as stored plus what this batch added.
@@ -166,6 +175,7 @@ struct Dirty {
     projects: BTreeSet<ProjectId>,
     jobs: HashSet<JobId>,
     moves: BTreeSet<CommandId>,
+    alerts: BTreeSet<AlertKey>,
     /// History chunks to write: the daemons whose last chunk changed, and chunks this
     /// batch filled up.
     daemon_history: HashSet<DaemonId>,
@@ -226,10 +236,22 @@ impl Views {
                     to: m.to.clone(),
                     reason: m.reason.clone(),
                     planned: m.planned,
+                    automatic: m.automatic,
                     jobs: m.jobs.clone(),
                 },
             );
             views.moves.insert(m.move_id.clone(), m);
+        }
+        for (_, v) in store.scan(&prefix(&["alert"]))? {
+            let a: AlertView = serde_json::from_slice(&v).map_err(corrupt)?;
+            let key = AlertKey {
+                kind: a.kind,
+                about: a.about.clone(),
+            };
+            if a.is_open() {
+                views.state.alerts.insert(key.clone());
+            }
+            views.alerts.insert(key, a);
         }
         Ok(views)
     }
@@ -248,6 +270,38 @@ impl Views {
             }
         }
         self.state.apply(event);
+        for effect in alert::effects(event) {
+            let raised = |key: AlertKey, detail: String| AlertView {
+                kind: key.kind,
+                about: key.about,
+                detail,
+                raised_seq: r.seq,
+                raised_at: r.envelope.at,
+                raised_by: event.type_name().to_owned(),
+                closed_at: None,
+                closed_by: None,
+            };
+            let (key, view) = match effect {
+                alert::Effect::Open { key, detail } => (key.clone(), raised(key, detail)),
+                alert::Effect::Notice { key, detail } => {
+                    let mut view = raised(key.clone(), detail);
+                    view.closed_at = Some(r.envelope.at);
+                    view.closed_by = Some(event.type_name().to_owned());
+                    (key, view)
+                }
+                alert::Effect::Close { key } => match self.alerts.get(&key) {
+                    Some(open) if open.is_open() => {
+                        let mut view = open.clone();
+                        view.closed_at = Some(r.envelope.at);
+                        view.closed_by = Some(event.type_name().to_owned());
+                        (key, view)
+                    }
+                    _ => continue,
+                },
+            };
+            self.alerts.insert(key.clone(), view);
+            self.dirty.alerts.insert(key);
+        }
         for j in &jobs {
             if self.state.jobs.contains_key(*j) {
                 self.job_history
@@ -298,6 +352,7 @@ impl Views {
                         planned: m.planned,
                         jobs: BTreeMap::new(),
                         status: MoveStatus::InProgress,
+                        automatic: m.automatic,
                     });
                 view.updated_at = r.envelope.at;
                 self.dirty.moves.insert(move_id.clone());
@@ -367,6 +422,11 @@ impl Views {
                     job: j,
                 };
                 writes.push((job_key(&view.job), Some(Value::Job(Box::new(view)))));
+            }
+        }
+        for a in dirty.alerts {
+            if let Some(view) = self.alerts.get(&a) {
+                writes.push((alert_key(&a), Some(Value::Alert(Box::new(view.clone())))));
             }
         }
         for m in dirty.moves {

@@ -85,6 +85,10 @@ endpoints! {
     "resize-oplog-ttl" => ResizeOplogTtl,
     "add-user" => AddUser,
     "remove-user" => RemoveUser,
+    "report-head-space" => ReportHeadSpace,
+    "report-move-stuck" => ReportMoveStuck,
+    "report-failover-guard" => ReportFailoverGuard,
+    "failover-job" => FailoverJob,
 }
 
 /// Serializes a request for the command's endpoint, dated now (unsigned: see
@@ -276,6 +280,14 @@ pub mod query {
     #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
     #[serde(deny_unknown_fields)]
     pub struct Empty {}
+
+    /// `handoff.query.alerts`: open alerts, or every alert's last state with `all`.
+    #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct Alerts {
+        #[serde(default)]
+        pub all: bool,
+    }
 
     /// `handoff.query.status`.
     #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]

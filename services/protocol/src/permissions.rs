@@ -9,6 +9,7 @@
 //! | projector | read the event stream, answer `handoff.query.*` |
 //! | operator (the CLI) | call `handoff.cmd.*` and `handoff.query.*`, read the event stream and the data plane stores, take restore leases, set the schedule |
 //! | agent | `handoff.cmd.resize-oplog-ttl`, write the oplog and snapshot stores, read the event stream |
+//! | monitor | read the event stream and the heartbeats, hear progress, send its reports (`report-daemon-liveness`, `report-head-space`, `report-move-stuck`, `report-failover-guard`, `failover-job`) |
 //! | daemon | read only its own subject of the event stream (its assignments) and the jobs' subjects (whether a job it rebuilt is its own), send its own reports (`register-daemon`, `report-job-move-phase`, `complete-job-move`, `fail-job-move`), publish progress, heartbeats and heads, read and write snapshots |
 //!
 //! No role but the command service may publish on `handoff.evt.>` or change, purge or
@@ -30,6 +31,7 @@ pub const DATA_STREAMS: &[&str] = &[
     "KV_handoff_heads",
     "KV_handoff_leases",
     "KV_handoff_heartbeats",
+    "KV_handoff_fences",
 ];
 
 /// A process role, and so a set of permissions.
@@ -39,6 +41,7 @@ pub enum ProcessRole {
     Projector,
     Operator,
     Agent,
+    Monitor,
     Daemon(DaemonId),
 }
 
@@ -50,6 +53,7 @@ impl ProcessRole {
             ProcessRole::Projector => "projector".into(),
             ProcessRole::Operator => "operator".into(),
             ProcessRole::Agent => "agent".into(),
+            ProcessRole::Monitor => "monitor".into(),
             ProcessRole::Daemon(d) => format!("daemon-{}", subjects::daemon_token(d)),
         }
     }
@@ -157,6 +161,23 @@ fn permissions(role: &ProcessRole) -> String {
             event_log_writes(),
             vec!["_INBOX.>".into()],
         ),
+        ProcessRole::Monitor => (
+            [
+                vec![
+                    js_info,
+                    subjects::command("report-daemon-liveness"),
+                    subjects::command("report-head-space"),
+                    subjects::command("report-move-stuck"),
+                    subjects::command("report-failover-guard"),
+                    subjects::command("failover-job"),
+                ],
+                event_log_reads(),
+                data_plane(),
+            ]
+            .concat(),
+            [event_log_writes(), vec!["$KV.>".into(), "$O.>".into()]].concat(),
+            vec!["_INBOX.>".into(), "handoff.progress.>".into()],
+        ),
         ProcessRole::Daemon(d) => {
             let s = subjects::STREAM;
             let own = subjects::daemon(d);
@@ -171,6 +192,7 @@ fn permissions(role: &ProcessRole) -> String {
                         "handoff.progress.>".into(),
                         "$KV.handoff_heartbeats.>".into(),
                         "$KV.handoff_heads.>".into(),
+                        "$KV.handoff_fences.>".into(),
                         "$O.handoff_snapshots.>".into(),
                         format!("$JS.API.STREAM.INFO.{s}"),
                         format!("$JS.API.CONSUMER.CREATE.{s}.*.{own}"),

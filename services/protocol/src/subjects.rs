@@ -10,6 +10,8 @@
 //! | move      | `handoff.evt.move.<move id>` |
 //! | user      | `handoff.evt.user.<encoded user name>` |
 //! | audit     | `handoff.evt.audit.<refusal id>` (one refused request each) |
+//! | alert     | `handoff.evt.alert.<ALERT_TYPE>.<encoded daemon or job>` (those that are not a daemon's or a job's own events) |
+//! | failover  | `handoff.evt.failover.<move id>` (one automatic decision each) |
 //!
 //! A daemon id (`host.example.net:/data/backup/`) holds dots, which separate subject
 //! tokens, so it is percent-encoded: every byte outside `[A-Za-z0-9_-]` becomes `%XX`.
@@ -31,6 +33,8 @@ pub const QUERIES: &str = "handoff.query";
 pub const USERS: &str = "handoff.evt.user.>";
 /// Every refused request, as a filter.
 pub const AUDIT: &str = "handoff.evt.audit.>";
+/// Every automatic failover decision, as a filter.
+pub const FAILOVERS: &str = "handoff.evt.failover.>";
 
 /// Encodes a daemon id into one subject token.
 pub fn daemon_token(id: &DaemonId) -> String {
@@ -77,6 +81,8 @@ pub fn aggregate(aggregate: &Aggregate) -> String {
         Aggregate::Move(m) => format!("{EVENTS}.move.{m}"),
         Aggregate::User(u) => format!("{EVENTS}.user.{}", token(u.as_str())),
         Aggregate::Audit(r) => format!("{EVENTS}.audit.{r}"),
+        Aggregate::Alert(a) => format!("{EVENTS}.alert.{}.{}", a.kind, token(&a.about)),
+        Aggregate::Failover(m) => format!("{EVENTS}.failover.{m}"),
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use handoff_domain::alert::AlertKind;
 use handoff_domain::model::{MovePhase, MoveScope};
 use handoff_domain::state::{Daemon, Job, Project};
 use handoff_domain::{CommandId, DaemonId, Event, JobId, ProjectId};
@@ -56,6 +57,34 @@ pub struct MoveView {
     pub planned: u32,
     pub jobs: BTreeMap<JobId, MovePhase>,
     pub status: MoveStatus,
+    /// Started by the failover policy.
+    #[serde(default)]
+    pub automatic: bool,
+}
+
+/// An alert: open until its resolving event (`closed_at` set then).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AlertView {
+    #[serde(rename = "type")]
+    pub kind: AlertKind,
+    /// The daemon or job it is about, or `fleet`.
+    pub about: String,
+    pub detail: String,
+    /// The event that raised it: its sequence, time and type.
+    pub raised_seq: u64,
+    pub raised_at: u64,
+    pub raised_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at: Option<u64>,
+    /// The event that closed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_by: Option<String>,
+}
+
+impl AlertView {
+    pub fn is_open(&self) -> bool {
+        self.closed_at.is_none()
+    }
 }
 
 /// A job a daemon owns; `moving_in` while the daemon rebuilds it.

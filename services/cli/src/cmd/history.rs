@@ -181,8 +181,10 @@ pub fn describe(e: &Event) -> String {
             to,
             reason,
             jobs,
+            automatic,
         } => format!(
-            "move {move_id} of {} from {from} to {to}: {jobs} job(s){}",
+            "{}move {move_id} of {} from {from} to {to}: {jobs} job(s){}",
+            if *automatic { "automatic " } else { "" },
             match scope {
                 MoveScope::AllJobsOf { .. } => "all jobs".to_owned(),
                 MoveScope::OneJob { job } => format!("job {job}"),
@@ -264,6 +266,61 @@ pub fn describe(e: &Event) -> String {
             ..
         } => format!(
             "job {job} move failed (THEFT_FAILED): {reason}; back on {returned_to} (epoch {epoch})"
+        ),
+        Event::HeadSpaceLow {
+            daemon,
+            free_bytes,
+            head_space_bytes,
+            threshold_percent,
+        } => format!(
+            "{daemon} has {} of {} head space free, under {threshold_percent}% (LOW_HEAD_FREE_SPACE)",
+            bytes(*free_bytes),
+            bytes(*head_space_bytes)
+        ),
+        Event::HeadSpaceRecovered {
+            daemon, free_bytes, ..
+        } => format!("{daemon} has {} head space free again", bytes(*free_bytes)),
+        Event::BindFailed { job, detail, .. } => {
+            format!("job {job} not created (BIND_FAILURE): {detail}")
+        }
+        Event::MoveStuck {
+            job,
+            move_id,
+            phase,
+            idle_ms,
+        } => format!(
+            "job {job} in move {move_id} shows no progress in {} for {} s (MOVE_STUCK)",
+            crate::output::name(phase),
+            idle_ms / 1000
+        ),
+        Event::FailoverPaused {
+            down,
+            active,
+            max_down_percent,
+        } => format!(
+            "automatic failover paused: {} of {active} daemons down, more than {max_down_percent}%",
+            down.len()
+        ),
+        Event::FailoverResumed { down, active } => format!(
+            "automatic failover resumed: {} of {active} daemons down",
+            down.len()
+        ),
+        Event::FailoverDecided {
+            job,
+            from,
+            to,
+            inputs,
+            ..
+        } => format!(
+            "failover policy moves job {job} from {from} (down {} s) to {to}, the best of {} candidate(s) ({} free, {} rebuilding)",
+            inputs.down_for_ms / 1000,
+            inputs.candidates.len(),
+            inputs
+                .candidates
+                .first()
+                .map(|c| bytes(c.free_bytes))
+                .unwrap_or_default(),
+            inputs.candidates.first().map(|c| c.rebuilding).unwrap_or(0)
         ),
     }
 }

@@ -1,0 +1,299 @@
+//! What the monitor knows on its own clock, and the commands that knowledge calls for.
+//! No I/O: the clock comes in as an `Instant`, the fleet as the domain state.
+//!
+//! - A daemon is heard when a heartbeat arrives, never from a timestamp read back: after
+//!   the monitor starts, and when a daemon first appears, it counts as heard now (a
+//!   fresh grace period). Silent for longer than the threshold while up: DAEMON_DOWN.
+//!   Heard again after it went down: DAEMON_UP.
+//! - A moving job makes progress when its phase changes or its destination publishes
+//!   progress with the job's current epoch. None for the threshold: MOVE_STUCK.
+//! - LOW_HEAD_FREE_SPACE follows the state's free space against a percentage.
+//! - The failover policy, when enabled, moves the jobs of a daemon that has been down
+//!   for its delay (counted from when this monitor saw it down), no more at once than its
+//!   rebuild limit, and not at all while more than its share of daemons is down.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use handoff_domain::alert::{AlertKey, AlertKind, FLEET};
+use handoff_domain::command::{
+    FailoverJob, ReportDaemonLiveness, ReportFailoverGuard, ReportHeadSpace, ReportMoveStuck,
+};
+use handoff_domain::model::MovePhase;
+use handoff_domain::state::{Assignment, DaemonStatus};
+use handoff_domain::{Command, CommandId, DaemonId, JobId, State};
+
+/// The automatic failover policy's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// How long a daemon stays down before its jobs move.
+    pub delay: Duration,
+    /// No new move while this many jobs are moving (any move, the operators' included).
+    pub max_concurrent_rebuilds: u32,
+    /// Pause while more than this percentage of the daemons is down.
+    pub max_down_percent: u32,
+}
+
+/// The monitor's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// DAEMON_DOWN after this long without a heartbeat (Ops Manager: 15 minutes).
+    pub threshold: Duration,
+    /// MOVE_STUCK after this long without progress.
+    pub move_stuck_after: Duration,
+    /// LOW_HEAD_FREE_SPACE under this percentage of a daemon's head space.
+    pub low_head_free_percent: u32,
+    /// Off (`None`) by default: Ops Manager never moves jobs by itself.
+    pub failover: Option<Policy>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            threshold: Duration::from_secs(15 * 60),
+            move_stuck_after: Duration::from_secs(30 * 60),
+            low_head_free_percent: 10,
+            failover: None,
+        }
+    }
+}
+
+/// A command the monitor should send now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Due {
+    pub command: Command,
+    /// Sent as the failover policy's user.
+    pub by_policy: bool,
+}
+
+/// The monitor's bookkeeping.
+pub struct Watch {
+    settings: Settings,
+    /// When each daemon was last heard (or first seen).
+    heard: HashMap<DaemonId, Instant>,
+    /// When this monitor saw each daemon go down (or reported it down).
+    down_since: HashMap<DaemonId, Instant>,
+    /// Each moving job's move, phase, and when it last made progress.
+    moving: HashMap<JobId, (CommandId, MovePhase, Instant)>,
+    /// When each command was last sent, by what it is about: not repeated within
+    /// `resend`, so a report the state has not caught up with is not sent twice.
+    sent: HashMap<String, Instant>,
+    resend: Duration,
+}
+
+impl Watch {
+    pub fn new(settings: Settings) -> Self {
+        let resend =
+            (settings.threshold / 2).clamp(Duration::from_millis(500), Duration::from_secs(5));
+        Watch {
+            settings,
+            heard: HashMap::new(),
+            down_since: HashMap::new(),
+            moving: HashMap::new(),
+            sent: HashMap::new(),
+            resend,
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// A heartbeat of `daemon` arrived.
+    pub fn heartbeat(&mut self, daemon: DaemonId, now: Instant) {
+        self.heard.insert(daemon, now);
+    }
+
+    /// The destination of `job`'s move reported progress with `epoch`.
+    pub fn progress(&mut self, state: &State, job: &JobId, epoch: u64, now: Instant) {
+        let current = state.jobs.get(job).is_some_and(|j| j.epoch == epoch);
+        if let (true, Some(m)) = (current, self.moving.get_mut(job)) {
+            m.2 = now;
+        }
+    }
+
+    /// When the daemon was last heard, if it was since this monitor started.
+    pub fn heard(&self, daemon: &DaemonId) -> Option<Instant> {
+        self.heard.get(daemon).copied()
+    }
+
+    /// Brings the bookkeeping in line with the state: daemons and moves seen for the first
+    /// time start their clocks now.
+    pub fn observe(&mut self, state: &State, now: Instant) {
+        for (id, d) in &state.daemons {
+            match d.status {
+                DaemonStatus::Active(_) => {
+                    self.heard.entry(id.clone()).or_insert(now);
+                    if d.is_up() {
+                        self.down_since.remove(id);
+                    } else {
+                        self.down_since.entry(id.clone()).or_insert(now);
+                    }
+                }
+                DaemonStatus::Removed => {
+                    self.heard.remove(id);
+                    self.down_since.remove(id);
+                }
+            }
+        }
+        let mut still = BTreeMap::new();
+        for (job, j) in &state.jobs {
+            if let Assignment::Moving { move_id, phase, .. } = &j.assignment {
+                still.insert(job, ());
+                let fresh = match self.moving.get(job) {
+                    Some((m, p, _)) => m != move_id || p != phase,
+                    None => true,
+                };
+                if fresh {
+                    self.moving
+                        .insert(job.clone(), (move_id.clone(), *phase, now));
+                }
+            }
+        }
+        self.moving.retain(|job, _| still.contains_key(job));
+    }
+
+    fn once(&mut self, key: String, now: Instant) -> bool {
+        match self.sent.get(&key) {
+            Some(at) if now.duration_since(*at) < self.resend => false,
+            _ => {
+                self.sent.insert(key, now);
+                true
+            }
+        }
+    }
+
+    /// The commands due now: liveness first, then alerts, then the policy.
+    pub fn due(&mut self, state: &State, now: Instant) -> Vec<Due> {
+        self.observe(state, now);
+        let mut due = Vec::new();
+        let report = |command: Command| Due {
+            command,
+            by_policy: false,
+        };
+        for (id, d) in &state.daemons {
+            if d.status == DaemonStatus::Removed {
+                continue;
+            }
+            let heard = self.heard[id];
+            if d.is_up() {
+                if now.duration_since(heard) > self.settings.threshold
+                    && self.once(format!("down {id}"), now)
+                {
+                    // From now the daemon counts as down here, whatever the stream says
+                    // later: a heartbeat after this brings it back up.
+                    self.down_since.insert(id.clone(), now);
+                    due.push(report(Command::ReportDaemonLiveness(
+                        ReportDaemonLiveness {
+                            daemon: id.clone(),
+                            up: false,
+                        },
+                    )));
+                }
+            } else if heard > self.down_since[id] && self.once(format!("up {id}"), now) {
+                due.push(report(Command::ReportDaemonLiveness(
+                    ReportDaemonLiveness {
+                        daemon: id.clone(),
+                        up: true,
+                    },
+                )));
+            }
+            let total = d.settings.head_space_bytes;
+            let low = total > 0
+                && u128::from(d.free_bytes()) * 100
+                    < u128::from(total) * u128::from(self.settings.low_head_free_percent);
+            let open = state
+                .alerts
+                .contains(&AlertKey::new(AlertKind::LowHeadFreeSpace, id));
+            if low != open && self.once(format!("space {id}"), now) {
+                due.push(report(Command::ReportHeadSpace(ReportHeadSpace {
+                    daemon: id.clone(),
+                    threshold_percent: self.settings.low_head_free_percent,
+                })));
+            }
+        }
+        let mut stuck: Vec<(&JobId, &(CommandId, MovePhase, Instant))> =
+            self.moving.iter().collect();
+        stuck.sort_by_key(|(job, _)| (*job).clone());
+        let mut stuck_due = Vec::new();
+        for (job, (move_id, _, last)) in stuck {
+            let idle = now.duration_since(*last);
+            if idle > self.settings.move_stuck_after
+                && !state
+                    .alerts
+                    .contains(&AlertKey::new(AlertKind::MoveStuck, job))
+            {
+                stuck_due.push((job.clone(), move_id.clone(), idle));
+            }
+        }
+        for (job, move_id, idle) in stuck_due {
+            if self.once(format!("stuck {job}"), now) {
+                due.push(report(Command::ReportMoveStuck(ReportMoveStuck {
+                    job,
+                    move_id,
+                    idle_ms: idle.as_millis() as u64,
+                })));
+            }
+        }
+        if let Some(policy) = self.settings.failover.clone() {
+            due.extend(self.failover(state, &policy, now));
+        }
+        due
+    }
+
+    fn failover(&mut self, state: &State, policy: &Policy, now: Instant) -> Vec<Due> {
+        let mut due = Vec::new();
+        let (down, active) = state.down_of_active();
+        let tripped = active > 0
+            && down.len() as u64 * 100 > u64::from(active) * u64::from(policy.max_down_percent);
+        let paused = state
+            .alerts
+            .contains(&AlertKey::new(AlertKind::FailoverPaused, FLEET));
+        if tripped != paused && self.once("guard".into(), now) {
+            due.push(Due {
+                command: Command::ReportFailoverGuard(ReportFailoverGuard {
+                    max_down_percent: policy.max_down_percent,
+                }),
+                by_policy: true,
+            });
+        }
+        if tripped {
+            return due;
+        }
+        let mut budget = policy
+            .max_concurrent_rebuilds
+            .saturating_sub(state.moving());
+        for daemon in down {
+            let Some(since) = self.down_since.get(&daemon).copied() else {
+                continue;
+            };
+            let down_for = now.duration_since(since);
+            if down_for < policy.delay {
+                continue;
+            }
+            for job in &state.daemons[&daemon].jobs {
+                if budget == 0 {
+                    return due;
+                }
+                let on_it = matches!(&state.jobs[job].assignment,
+                    Assignment::Assigned { daemon: d } if *d == daemon);
+                if !on_it || !self.once(format!("failover {job}"), now) {
+                    continue;
+                }
+                budget -= 1;
+                due.push(Due {
+                    command: Command::FailoverJob(FailoverJob {
+                        job: job.clone(),
+                        from: daemon.clone(),
+                        down_for_ms: down_for.as_millis() as u64,
+                        delay_ms: policy.delay.as_millis() as u64,
+                        max_concurrent_rebuilds: policy.max_concurrent_rebuilds,
+                        max_down_percent: policy.max_down_percent,
+                    }),
+                    by_policy: true,
+                });
+            }
+        }
+        due
+    }
+}

@@ -1,0 +1,285 @@
+//! The monitor's judgement on its own clock, without a server: the clock is an `Instant`
+//! the test moves, the fleet a domain state built by deciding commands.
+
+use std::time::{Duration, Instant};
+
+use handoff_domain::command::*;
+use handoff_domain::ids::DeploymentName;
+use handoff_domain::model::{DaemonSettings, Deployment, JobSize};
+use handoff_domain::{decide, Actor, Command, CommandId, Context, DaemonId, JobId, State};
+use handoff_monitor::{Policy, Settings, Watch};
+
+const GIB: u64 = 1 << 30;
+
+fn d(n: usize) -> DaemonId {
+    DaemonId::new(format!("backup{n}:/data/")).unwrap()
+}
+
+struct Fleet {
+    state: State,
+    next: u64,
+}
+
+impl Fleet {
+    fn apply(&mut self, command: Command) {
+        self.next += 1;
+        let ctx = Context {
+            command: CommandId::new(format!("01J{:023}", self.next)).unwrap(),
+            actor: Actor::new("admin").unwrap(),
+            at_ms: self.next,
+        };
+        let decision = decide(&command, &ctx, &self.state)
+            .unwrap_or_else(|r| panic!("{} refused: {r}", command.name()));
+        for e in decision.events() {
+            self.state.apply(e);
+        }
+    }
+
+    /// `n` daemons of 100 GiB; daemon 1 owns `jobs` jobs of 10 GiB.
+    fn new(n: usize, jobs: usize) -> Fleet {
+        let mut f = Fleet {
+            state: State::default(),
+            next: 0,
+        };
+        f.register(1);
+        f.apply(Command::ConfigureProject(ConfigureProject {
+            project: handoff_domain::ProjectId::new("p").unwrap(),
+            daemon_filter: vec![],
+            label_filter: vec![],
+        }));
+        for i in 0..jobs {
+            f.apply(Command::CreateBackupJobs(CreateBackupJobs {
+                project: handoff_domain::ProjectId::new("p").unwrap(),
+                deployment: Deployment::ReplicaSet {
+                    name: DeploymentName::new(format!("rs{i}")).unwrap(),
+                    size: JobSize {
+                        head_size_bytes: 10 * GIB,
+                        oplog_bytes_per_hour: 0,
+                    },
+                },
+            }));
+        }
+        for i in 2..=n {
+            f.register(i);
+        }
+        f
+    }
+
+    fn register(&mut self, n: usize) {
+        self.apply(Command::RegisterDaemon(RegisterDaemon {
+            daemon: d(n),
+            settings: DaemonSettings {
+                head_space_bytes: 100 * GIB,
+                ..DaemonSettings::default()
+            },
+        }));
+    }
+
+    /// Applies what the monitor sent (as the command service would).
+    fn run(&mut self, watch: &mut Watch, now: Instant) -> Vec<String> {
+        let due = watch.due(&self.state, now);
+        due.into_iter()
+            .map(|d| {
+                let name = describe(&d.command);
+                self.apply(d.command);
+                name
+            })
+            .collect()
+    }
+}
+
+fn describe(c: &Command) -> String {
+    match c {
+        Command::ReportDaemonLiveness(r) => {
+            format!("{} {}", if r.up { "up" } else { "down" }, r.daemon)
+        }
+        Command::FailoverJob(f) => format!("failover {}", f.job),
+        Command::ReportFailoverGuard(_) => "guard".into(),
+        Command::ReportMoveStuck(s) => format!("stuck {}", s.job),
+        Command::ReportHeadSpace(h) => format!("space {}", h.daemon),
+        other => other.name().into(),
+    }
+}
+
+fn settings(failover: Option<Policy>) -> Settings {
+    Settings {
+        threshold: Duration::from_secs(10),
+        move_stuck_after: Duration::from_secs(30),
+        low_head_free_percent: 10,
+        failover,
+    }
+}
+
+fn policy() -> Policy {
+    Policy {
+        delay: Duration::from_secs(20),
+        max_concurrent_rebuilds: 2,
+        max_down_percent: 50,
+    }
+}
+
+fn s(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[test]
+fn a_daemon_is_down_only_after_the_threshold_without_heartbeats() {
+    let mut f = Fleet::new(3, 1);
+    let t0 = Instant::now();
+    let mut w = Watch::new(settings(None));
+    w.observe(&f.state, t0);
+    for n in 1..=3 {
+        w.heartbeat(d(n), t0 + s(8));
+    }
+    assert!(f.run(&mut w, t0 + s(9)).is_empty());
+    // Daemons 2 and 3 keep sending; daemon 1 stops.
+    w.heartbeat(d(2), t0 + s(16));
+    w.heartbeat(d(3), t0 + s(16));
+    assert!(
+        f.run(&mut w, t0 + s(17)).is_empty(),
+        "8 s of silence is under 10"
+    );
+    assert_eq!(f.run(&mut w, t0 + s(19)), vec![format!("down {}", d(1))]);
+    assert!(!f.state.daemons[&d(1)].is_up());
+    // Reported once, however often it is asked.
+    assert!(f.run(&mut w, t0 + s(19)).is_empty());
+    w.heartbeat(d(1), t0 + s(20));
+    w.heartbeat(d(2), t0 + s(20));
+    w.heartbeat(d(3), t0 + s(20));
+    assert_eq!(f.run(&mut w, t0 + s(21)), vec![format!("up {}", d(1))]);
+}
+
+#[test]
+fn after_a_restart_every_daemon_gets_a_fresh_grace_period() {
+    let mut f = Fleet::new(2, 0);
+    let t0 = Instant::now();
+    // A monitor that starts much later hears nothing for a while: it must not declare
+    // anything down before a whole threshold passed on its own clock.
+    let later = t0 + s(3600);
+    let mut w = Watch::new(settings(None));
+    w.observe(&f.state, later);
+    assert!(f.run(&mut w, later + s(9)).is_empty());
+    let mut down = f.run(&mut w, later + s(11));
+    down.sort();
+    assert_eq!(
+        down,
+        vec![format!("down {}", d(1)), format!("down {}", d(2))]
+    );
+    // A daemon down in the stream stays down after a restart until it is heard.
+    let mut w = Watch::new(settings(None));
+    w.observe(&f.state, later + s(100));
+    assert!(f.run(&mut w, later + s(200)).is_empty());
+    w.heartbeat(d(2), later + s(201));
+    assert_eq!(f.run(&mut w, later + s(202)), vec![format!("up {}", d(2))]);
+}
+
+#[test]
+fn the_policy_waits_for_its_delay_and_a_daemon_back_in_time_keeps_its_jobs() {
+    let mut f = Fleet::new(3, 2);
+    let t0 = Instant::now();
+    let mut w = Watch::new(settings(Some(policy())));
+    w.observe(&f.state, t0);
+    let beat = |w: &mut Watch, at: Instant, who: &[usize]| {
+        for n in who {
+            w.heartbeat(d(*n), at);
+        }
+    };
+    beat(&mut w, t0 + s(5), &[2, 3]);
+    beat(&mut w, t0 + s(10), &[2, 3]);
+    assert_eq!(f.run(&mut w, t0 + s(11)), vec![format!("down {}", d(1))]);
+    // Daemon 1 flaps back within the delay: nothing moves.
+    for t in [15, 20, 25] {
+        beat(&mut w, t0 + s(t), &[1, 2, 3]);
+    }
+    assert_eq!(f.run(&mut w, t0 + s(26)), vec![format!("up {}", d(1))]);
+    for t in [30, 35, 40, 45, 50] {
+        beat(&mut w, t0 + s(t), &[1, 2, 3]);
+        assert!(f.run(&mut w, t0 + s(t + 1)).is_empty());
+    }
+    // Down again, for good this time: the delay counts from then.
+    beat(&mut w, t0 + s(55), &[2, 3]);
+    beat(&mut w, t0 + s(60), &[2, 3]);
+    assert_eq!(f.run(&mut w, t0 + s(61)), vec![format!("down {}", d(1))]);
+    for t in [65, 70, 75, 80] {
+        beat(&mut w, t0 + s(t), &[2, 3]);
+    }
+    assert!(f.run(&mut w, t0 + s(75)).is_empty(), "14 s of a 20 s delay");
+    let mut moved = f.run(&mut w, t0 + s(82));
+    moved.sort();
+    assert_eq!(moved, vec!["failover p/rs0", "failover p/rs1"]);
+    let owners: std::collections::BTreeSet<_> = ["p/rs0", "p/rs1"]
+        .iter()
+        .map(|j| f.state.jobs[&JobId::new(*j).unwrap()].owner().clone())
+        .collect();
+    assert_eq!(owners.len(), 2, "spread over daemons 2 and 3: {owners:?}");
+}
+
+#[test]
+fn the_policy_respects_its_rebuild_limit() {
+    let mut f = Fleet::new(3, 3);
+    let t0 = Instant::now();
+    let mut w = Watch::new(settings(Some(Policy {
+        max_concurrent_rebuilds: 1,
+        ..policy()
+    })));
+    w.observe(&f.state, t0);
+    for t in [5, 10, 15, 20, 25, 30, 35] {
+        w.heartbeat(d(2), t0 + s(t));
+        w.heartbeat(d(3), t0 + s(t));
+    }
+    assert_eq!(f.run(&mut w, t0 + s(11)), vec![format!("down {}", d(1))]);
+    assert_eq!(f.run(&mut w, t0 + s(32)).len(), 1, "one rebuild at a time");
+    assert!(f.run(&mut w, t0 + s(40)).is_empty());
+}
+
+#[test]
+fn the_guard_pauses_the_policy_when_more_than_its_share_is_down() {
+    let mut f = Fleet::new(3, 1);
+    let t0 = Instant::now();
+    let mut w = Watch::new(settings(Some(policy())));
+    w.observe(&f.state, t0);
+    for t in [5, 10, 15, 20, 25, 30, 35, 40] {
+        w.heartbeat(d(3), t0 + s(t));
+    }
+    let mut first = f.run(&mut w, t0 + s(11));
+    first.sort();
+    assert_eq!(
+        first,
+        vec![format!("down {}", d(1)), format!("down {}", d(2))]
+    );
+    assert_eq!(f.run(&mut w, t0 + s(12)), vec!["guard"]);
+    assert!(
+        f.run(&mut w, t0 + s(40)).is_empty(),
+        "paused: nothing moves"
+    );
+    // Daemon 2 comes back: one of three down is under half; the policy resumes.
+    w.heartbeat(d(2), t0 + s(41));
+    w.heartbeat(d(3), t0 + s(41));
+    assert_eq!(f.run(&mut w, t0 + s(42)), vec![format!("up {}", d(2))]);
+    assert_eq!(f.run(&mut w, t0 + s(43)), vec!["guard", "failover p/rs0"]);
+}
+
+#[test]
+fn a_move_without_progress_is_stuck_and_progress_resets_the_clock() {
+    let mut f = Fleet::new(2, 1);
+    f.apply(Command::MoveJob(MoveJob {
+        job: JobId::new("p/rs0").unwrap(),
+        to: d(2),
+        reason: None,
+        dry_run: false,
+    }));
+    let t0 = Instant::now();
+    let mut w = Watch::new(Settings {
+        threshold: Duration::from_secs(1000),
+        ..settings(None)
+    });
+    w.observe(&f.state, t0);
+    let job = JobId::new("p/rs0").unwrap();
+    let epoch = f.state.jobs[&job].epoch;
+    w.progress(&f.state, &job, epoch, t0 + s(20));
+    // A report from a daemon that lost the job (an older epoch) is no progress.
+    w.progress(&f.state, &job, epoch - 1, t0 + s(45));
+    assert!(f.run(&mut w, t0 + s(45)).is_empty());
+    assert_eq!(f.run(&mut w, t0 + s(51)), vec!["stuck p/rs0"]);
+    assert!(f.run(&mut w, t0 + s(60)).is_empty(), "raised once");
+}
