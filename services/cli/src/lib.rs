@@ -81,6 +81,11 @@ pub enum Cmd {
     Daemons,
     /// Run a backup daemon (`--id`), or register, configure, remove or show one.
     Daemon(DaemonArgs),
+    /// Run the monitor: DAEMON_DOWN and DAEMON_UP from heartbeats, MOVE_STUCK,
+    /// LOW_HEAD_FREE_SPACE, and (with --failover) the automatic failover policy.
+    Monitor(cmd::monitor::MonitorArgs),
+    /// Open alerts (DAEMON_DOWN, THEFT_FAILED, MOVE_STUCK, ...); --all for closed ones too.
+    Alerts(cmd::monitor::AlertsArgs),
     /// Run the agent: the simulated sources, their initial syncs and oplog, and grooming.
     Agent(cmd::data::AgentArgs),
     /// Restore a job or a sharded cluster from the snapshot and oplog stores.
@@ -281,6 +286,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             | Cmd::Projector(_)
             | Cmd::Up(_)
             | Cmd::Agent(_)
+            | Cmd::Monitor(_)
             | Cmd::Daemon(DaemonArgs { command: None, .. })
     );
     init_logging(cli.log_format, if services { "info" } else { "warn" });
@@ -327,6 +333,8 @@ async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
         }) => cmd::fleet::daemon(ctx, c).await,
         Cmd::Daemon(DaemonArgs { command: None, run }) => cmd::data::run_daemon(ctx, run).await,
         Cmd::Agent(a) => cmd::data::run_agent(ctx, a).await,
+        Cmd::Monitor(a) => cmd::monitor::run_monitor(ctx, a).await,
+        Cmd::Alerts(a) => cmd::monitor::alerts(ctx, a).await,
         Cmd::Restore(a) => cmd::data::restore(ctx, a).await,
         Cmd::Snapshots(a) => cmd::data::snapshots(ctx, a).await,
         Cmd::Schedule(a) => cmd::data::schedule(ctx, a).await,

@@ -117,22 +117,42 @@ pub fn parse_since(s: &str, now_ms: u64) -> Result<u64, String> {
     if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
         return Ok((t.unix_timestamp_nanos() / 1_000_000).max(0) as u64);
     }
-    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let age = parse_duration(s)
+        .map_err(|_| format!("not a time: {s:?} (try 2h, 30m or 2026-11-26T10:00:00Z)"))?;
+    Ok(now_ms.saturating_sub(age.as_millis() as u64))
+}
+
+/// Parses a duration: a whole number with a unit, `500ms`, `90s`, `15m`, `2h` or `7d`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit (ms, s, m, h or d)"))?;
+    let (num, unit) = s.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("not a time: {s:?} (try 2h, 30m or 2026-11-26T10:00:00Z)"))?;
+        .map_err(|_| format!("not a duration: {s:?} (try 500ms, 90s, 15m or 2h)"))?;
     let ms = match unit {
+        "ms" => 1,
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => {
-            return Err(format!(
-                "not a time: {s:?} (try 2h, 30m or 2026-11-26T10:00:00Z)"
-            ))
-        }
+        _ => return Err(format!("not a duration: {s:?} (try 500ms, 90s, 15m or 2h)")),
     };
-    Ok(now_ms.saturating_sub(n.saturating_mul(ms)))
+    n.checked_mul(ms)
+        .filter(|ms| *ms <= 365 * 86_400_000)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("duration out of range: {s:?} (at most a year)"))
+}
+
+/// How long ago, for people: `800ms`, `12s`, `5m`, `3h`.
+pub fn age(ms: u64) -> String {
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        1_000..=119_999 => format!("{}s", ms / 1000),
+        120_000..=7_199_999 => format!("{}m", ms / 60_000),
+        _ => format!("{}h", ms / 3_600_000),
+    }
 }
 
 #[cfg(test)]
@@ -157,6 +177,18 @@ mod tests {
         assert_eq!(parse_since("2h", 10_000_000), Ok(10_000_000 - 7_200_000));
         assert_eq!(parse_since("1970-01-01T00:00:01Z", 0), Ok(1000));
         assert!(parse_since("yesterday", 0).is_err());
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration("15m"),
+            Ok(std::time::Duration::from_secs(900))
+        );
+        assert!(parse_duration("15").is_err());
+        assert!(parse_duration("2w").is_err());
+        assert!(parse_duration("99999999999999d").is_err());
+        assert_eq!(age(12_500), "12s");
         assert_eq!(time(1000), "1970-01-01T00:00:01Z");
     }
 }

@@ -95,6 +95,7 @@ pub struct NatsKeys {
     pub projector: String,
     pub operator: String,
     pub agent: String,
+    pub monitor: String,
     pub daemons: Vec<(DaemonId, String)>,
 }
 
@@ -114,6 +115,7 @@ impl NatsKeys {
             projector: seed(ProcessRole::Projector)?,
             operator: seed(ProcessRole::Operator)?,
             agent: seed(ProcessRole::Agent)?,
+            monitor: seed(ProcessRole::Monitor)?,
             daemons: daemons
                 .iter()
                 .map(|d| Ok((d.clone(), seed(ProcessRole::Daemon(d.clone()))?)))
@@ -132,6 +134,7 @@ impl NatsKeys {
             user(&self.projector, ProcessRole::Projector),
             user(&self.operator, ProcessRole::Operator),
             user(&self.agent, ProcessRole::Agent),
+            user(&self.monitor, ProcessRole::Monitor),
         ];
         for (d, seed) in &self.daemons {
             users.push(user(seed, ProcessRole::Daemon(d.clone())));

@@ -47,6 +47,9 @@ pub struct UpArgs {
     /// sample's 6-hour snapshot interval last a minute.
     #[arg(long, default_value_t = 10_000)]
     pub hour_ms: u64,
+    /// The monitor's options (it runs with the data plane).
+    #[command(flatten)]
+    pub monitor: crate::cmd::monitor::MonitorSettingsArgs,
 }
 
 /// A running stack.
@@ -272,6 +275,40 @@ impl Stack {
         for n in 1..=3 {
             self.spawn_daemon(data, n).await?;
         }
+        Ok(())
+    }
+
+    /// Starts the monitor in this process, as user `monitor`; the failover policy signs
+    /// its moves as user `failover-policy`.
+    pub async fn start_monitor(
+        &mut self,
+        settings: handoff_monitor::Settings,
+        replicas: usize,
+    ) -> Result<(), Failure> {
+        let seed = self.keys.as_ref().map(|k| k.monitor.clone());
+        let (creds, _) = self
+            .process_user("monitor", vec![Role::BackupMonitor], None, seed.clone())
+            .await?;
+        let (policy, _) = self
+            .process_user(
+                "failover-policy",
+                vec![Role::BackupMonitor],
+                None,
+                seed.clone(),
+            )
+            .await?;
+        let client = connect(&self.url, seed).await?;
+        let stores = handoff_dataplane::store::Stores::open(client, replicas)
+            .await
+            .map_err(|e| Failure::Usage(e.to_string()))?;
+        self.spawn(move |stop| async move {
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                stop.await;
+                let _ = tx.send(true);
+            });
+            handoff_monitor::run(stores, settings, creds, Some(policy), rx).await
+        });
         Ok(())
     }
 
@@ -503,6 +540,7 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
         stack
             .start_data_plane(&a.data, a.hour_ms, Default::default(), replicas)
             .await?;
+        stack.start_monitor(a.monitor.settings()?, replicas).await?;
     }
     settle(&api).await?;
     println!("handoff is up");
@@ -532,6 +570,20 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
             a.data.display(),
             a.hour_ms
         );
+        println!(
+            "  monitor       DAEMON_DOWN after {} s without a heartbeat; automatic failover {}",
+            a.monitor.down_after.as_secs(),
+            if a.monitor.failover {
+                format!(
+                    "on (after {} s down, at most {} rebuilds at once, paused over {}% down)",
+                    a.monitor.failover_delay.as_secs(),
+                    a.monitor.max_concurrent_rebuilds,
+                    a.monitor.max_down
+                )
+            } else {
+                "off (--failover turns it on)".to_owned()
+            }
+        );
     }
     if !a.no_sample {
         println!(
@@ -542,6 +594,7 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
     println!("  export HANDOFF_NATS_URL={}", stack.url);
     println!("  export HANDOFF_CREDS={}", stack.owner_path.display());
     println!("  handoff daemons");
+    println!("  handoff alerts");
     println!("  handoff jobs");
     println!(
         "  handoff move-jobs --from {} --to {} --dry-run",

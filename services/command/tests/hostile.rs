@@ -102,6 +102,26 @@ fn samples() -> Vec<Command> {
             epoch: 2,
             reason: "snapshot missing".into(),
         }),
+        Command::ReportHeadSpace(ReportHeadSpace {
+            daemon: d(1),
+            threshold_percent: 10,
+        }),
+        Command::ReportMoveStuck(ReportMoveStuck {
+            job: job.clone(),
+            move_id: id(1),
+            idle_ms: 60_000,
+        }),
+        Command::ReportFailoverGuard(ReportFailoverGuard {
+            max_down_percent: 50,
+        }),
+        Command::FailoverJob(FailoverJob {
+            job: job.clone(),
+            from: d(1),
+            down_for_ms: 60_000,
+            delay_ms: 60_000,
+            max_concurrent_rebuilds: 2,
+            max_down_percent: 50,
+        }),
         Command::ResizeOplogTtl(ResizeOplogTtl {
             job,
             previous_hours: 24,

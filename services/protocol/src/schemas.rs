@@ -66,6 +66,11 @@ pub fn all() -> Vec<(String, Schema)> {
             schema_for!(History),
             schema_for!(QueryReply<Vec<HistoryEntry>>),
         ),
+        (
+            "alerts",
+            schema_for!(Alerts),
+            schema_for!(QueryReply<Vec<AlertView>>),
+        ),
     ];
     for (name, request, reply) in queries {
         out.push((format!("queries/{name}.request.json"), request));

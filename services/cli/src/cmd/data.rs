@@ -88,7 +88,7 @@ async fn stores(ctx: &Context, replicas: usize) -> Result<Stores, Failure> {
 }
 
 /// A stop signal that turns true on Ctrl-C or SIGTERM.
-fn stop_on_signal() -> watch::Receiver<bool> {
+pub fn stop_on_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         crate::shutdown_signal().await;

@@ -189,19 +189,63 @@ pub enum JobCmd {
     },
 }
 
+/// How long ago each daemon's last heartbeat reached the heartbeat bucket, by the
+/// server's clock (none: never, or the bucket is not there).
+async fn heartbeat_ages(client: &async_nats::Client, daemons: &[DaemonView]) -> Vec<Option<u64>> {
+    let js = async_nats::jetstream::new(client.clone());
+    let Ok(kv) = js
+        .get_key_value(handoff_dataplane::store::HEARTBEATS_BUCKET)
+        .await
+    else {
+        return vec![None; daemons.len()];
+    };
+    let now = handoff_dataplane::store::now_ms();
+    let mut ages = Vec::with_capacity(daemons.len());
+    for d in daemons {
+        let token = handoff_protocol::subjects::daemon_token(&d.daemon);
+        let age = match kv.entry(token).await {
+            Ok(Some(e)) => Some(now.saturating_sub(handoff_dataplane::store::time_ms(e.created))),
+            _ => None,
+        };
+        ages.push(age);
+    }
+    ages
+}
+
 pub async fn daemons(ctx: &Context) -> Result<(), Failure> {
-    let list: Vec<DaemonView> = ctx.api().await?.query("daemons", json!({})).await?;
+    let api = ctx.api().await?;
+    let list: Vec<DaemonView> = api.query("daemons", json!({})).await?;
+    let ages = heartbeat_ages(&api.client, &list).await;
     if ctx.json {
-        print_json(&list);
+        let out: Vec<serde_json::Value> = list
+            .iter()
+            .zip(&ages)
+            .map(|(d, age)| {
+                let mut v = serde_json::to_value(d).expect("views serialize");
+                v["heartbeat_age_ms"] = json!(age);
+                v
+            })
+            .collect();
+        print_json(&out);
         return Ok(());
     }
     let mut t = Table::new(&[
-        "DAEMON", "STATUS", "ASSIGN", "DISK", "WORKERS", "JOBS", "USED", "FREE", "LABELS",
+        "DAEMON",
+        "STATUS",
+        "HEARTBEAT",
+        "ASSIGN",
+        "DISK",
+        "WORKERS",
+        "JOBS",
+        "USED",
+        "FREE",
+        "LABELS",
     ]);
-    for d in list {
+    for (d, age) in list.into_iter().zip(ages) {
         t.row(vec![
             d.daemon.to_string(),
             status(d.state.status),
+            age.map_or("never".into(), |a| format!("{} ago", crate::output::age(a))),
             on_off(d.state.settings.assignment_enabled),
             crate::output::name(&d.state.settings.head_disk_type),
             d.state.settings.num_workers.to_string(),

@@ -3,6 +3,7 @@
 pub mod data;
 pub mod fleet;
 pub mod history;
+pub mod monitor;
 pub mod moves;
 pub mod users;
 

@@ -241,6 +241,7 @@ pub fn nats_config(ctx: &Context, a: NatsConfigArgs) -> Result<(), Failure> {
         ProcessRole::Projector,
         ProcessRole::Operator,
         ProcessRole::Agent,
+        ProcessRole::Monitor,
     ]
     .into_iter()
     .chain(daemons.into_iter().map(ProcessRole::Daemon))
