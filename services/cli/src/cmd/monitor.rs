@@ -77,7 +77,7 @@ impl MonitorSettingsArgs {
             threshold: self.down_after,
             move_stuck_after: self.move_stuck_after,
             low_head_free_percent: self.low_head_free,
-            failover: self.failover.then(|| Policy {
+            failover: self.failover.then_some(Policy {
                 delay: self.failover_delay,
                 max_concurrent_rebuilds: self.max_concurrent_rebuilds,
                 max_down_percent: self.max_down,
