@@ -2,11 +2,16 @@
 //! kit, the command service, a projector) and helpers to send commands and queries and to
 //! read the stream back.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use futures::StreamExt;
+use handoff_dataplane::oplog::{self, Ts};
+use handoff_dataplane::store::Stores;
+use handoff_dataplane::Checksum;
 use handoff_domain::auth::Role;
 use handoff_domain::command::*;
 use handoff_domain::model::{DaemonSettings, Deployment, HeadDiskType, JobSize};
@@ -447,7 +452,10 @@ pub struct ProjectorProcess {
 
 impl ProjectorProcess {
     pub fn spawn(url: &str, dir: &Path, extra: &[&str]) -> Result<Self> {
-        let child = Process::new(handoff_bin()?)
+        let mut command = Process::new(handoff_bin()?);
+        // Gone with the tests, even when a test leaves it behind.
+        handoff_natsd::die_with_parent(&mut command);
+        let child = command
             .args(["--nats-url", url, "projector", "--data"])
             .arg(dir)
             .args(extra)
@@ -734,5 +742,114 @@ impl Up {
         let log = EventLog::attach(client.clone(), Default::default()).await?;
         wait_for_checkpoint(&client, log.last_sequence().await?).await?;
         Ok(())
+    }
+}
+
+/// A `handoff` process of a story (agent, daemon, monitor), its log in a file.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    /// Runs `handoff ARGS` as the user of the credentials file `creds`.
+    pub fn spawn(url: &str, dir: &Path, name: &str, creds: &Path, args: &[&str]) -> Result<Proc> {
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let mut command = Process::new(handoff_bin()?);
+        handoff_natsd::die_with_parent(&mut command);
+        let child = command
+            .args(["--nats-url", url])
+            .arg("--creds")
+            .arg(creds)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(Proc {
+            child,
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let ok = Process::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()?
+            .success();
+        if !ok {
+            bail!("kill {signal} {} failed", self.name);
+        }
+        Ok(())
+    }
+
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Ignored: the child may have exited already.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One job's oplog as stored.
+#[derive(Debug, Default)]
+pub struct OplogScan {
+    pub first_n: u64,
+    pub last_n: u64,
+    pub gaps: Vec<(u64, u64)>,
+    pub source_at: BTreeMap<Ts, Checksum>,
+}
+
+/// Waits (polling every 50 ms) until `check` holds, at most `limit`.
+pub async fn until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await? {
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Reads a job's whole oplog as stored: its entry numbers and the source's checksum at
+/// each timestamp.
+pub async fn scan_oplog(stores: &Stores, job: &JobId) -> Result<OplogScan> {
+    let (last_seq, _) = stores
+        .oplog_last(job)
+        .await?
+        .ok_or_else(|| anyhow!("no oplog of {job}"))?;
+    let mut messages = stores.read_oplog(job, 1).await?;
+    let mut scan = OplogScan::default();
+    loop {
+        let m = tokio::time::timeout(TIMEOUT, messages.next())
+            .await
+            .context("reading the oplog")?
+            .ok_or_else(|| anyhow!("oplog reader ended"))??;
+        let seq = m.info().map_err(|e| anyhow!("{e}"))?.stream_sequence;
+        for e in oplog::decode(&m.payload)? {
+            if scan.first_n == 0 {
+                scan.first_n = e.n;
+            } else if e.n != scan.last_n + 1 {
+                scan.gaps.push((scan.last_n, e.n));
+            }
+            scan.last_n = e.n;
+            scan.source_at.insert(e.ts, e.c);
+        }
+        if seq >= last_seq {
+            return Ok(scan);
+        }
     }
 }

@@ -6,18 +6,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, Result};
 use async_nats::jetstream;
 use futures::StreamExt;
 use handoff_dataplane::daemon::Progress;
 use handoff_dataplane::oplog::{self, Ts};
 use handoff_dataplane::schedule::Schedule;
 use handoff_dataplane::store::{now_ms, SnapshotMeta, Stores};
-use handoff_dataplane::Checksum;
 use handoff_domain::auth::Role;
 use handoff_domain::model::HeadPoint;
 use handoff_domain::{DaemonId, Event, JobId};
@@ -27,69 +25,6 @@ use serde_json::Value;
 
 /// An hour of schedule lasts this long here: a 6-hour interval is 3.6 s.
 const HOUR_MS: u64 = 600;
-
-/// A `handoff` process of the story (agent or daemon), its log in a file.
-struct Proc {
-    child: Child,
-    name: String,
-}
-
-impl Proc {
-    /// Runs `handoff ARGS` as the user of the credentials file `creds`.
-    fn spawn(url: &str, dir: &Path, name: &str, creds: &Path, args: &[&str]) -> Result<Proc> {
-        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-        let mut command = Process::new(handoff_bin()?);
-        handoff_natsd::die_with_parent(&mut command);
-        let child = command
-            .args(["--nats-url", url])
-            .arg("--creds")
-            .arg(creds)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        Ok(Proc {
-            child,
-            name: name.to_owned(),
-        })
-    }
-
-    fn signal(&self, signal: &str) -> Result<()> {
-        let ok = Process::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()?
-            .success();
-        if !ok {
-            bail!("kill {signal} {} failed", self.name);
-        }
-        Ok(())
-    }
-
-    fn kill(mut self) -> Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // Ignored: the child may have exited already.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One job's oplog as stored, read right after the move.
-#[derive(Debug, Default)]
-struct OplogScan {
-    first_n: u64,
-    last_n: u64,
-    gaps: Vec<(u64, u64)>,
-    source_at: BTreeMap<Ts, Checksum>,
-}
 
 /// A restore run during the move.
 #[derive(Debug)]
@@ -160,22 +95,6 @@ fn story() -> &'static Story {
     }
 }
 
-/// Waits (polling every 50 ms) until `check` holds, at most `limit`.
-async fn until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await? {
-        if Instant::now() > deadline {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
 fn events_of(events: &[handoff_eventlog::Recorded], kind: &str) -> usize {
     events
         .iter()
@@ -189,34 +108,6 @@ fn restore_json(url: &str, job: &str, out: &Path, args: &[&str]) -> Result<Value
     let mut full = vec!["--json", "restore", "--job", job, "--out", out];
     full.extend_from_slice(args);
     handoff_ok(url, &full)?.json()
-}
-
-async fn scan_oplog(stores: &Stores, job: &JobId) -> Result<OplogScan> {
-    let (last_seq, _) = stores
-        .oplog_last(job)
-        .await?
-        .ok_or_else(|| anyhow!("no oplog of {job}"))?;
-    let mut messages = stores.read_oplog(job, 1).await?;
-    let mut scan = OplogScan::default();
-    loop {
-        let m = tokio::time::timeout(TIMEOUT, messages.next())
-            .await
-            .context("reading the oplog")?
-            .ok_or_else(|| anyhow!("oplog reader ended"))??;
-        let seq = m.info().map_err(|e| anyhow!("{e}"))?.stream_sequence;
-        for e in oplog::decode(&m.payload)? {
-            if scan.first_n == 0 {
-                scan.first_n = e.n;
-            } else if e.n != scan.last_n + 1 {
-                scan.gaps.push((scan.last_n, e.n));
-            }
-            scan.last_n = e.n;
-            scan.source_at.insert(e.ts, e.c);
-        }
-        if seq >= last_seq {
-            return Ok(scan);
-        }
-    }
 }
 
 async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Story> {

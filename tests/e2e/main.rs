@@ -7,6 +7,7 @@ mod cluster;
 mod concurrency;
 mod dataplane;
 mod idempotency;
+mod lost;
 mod moves;
 mod projector;
 mod security;

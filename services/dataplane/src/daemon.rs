@@ -145,7 +145,7 @@ pub async fn run(
         let every = Duration::from_millis(config.heartbeat_ms.max(50));
         tokio::spawn(async move {
             let started = now_ms();
-            let token = subjects::daemon_token(&shared.id);
+            let token = subjects::daemon_key(&shared.id);
             loop {
                 let hb = Heartbeat {
                     daemon: shared.id.clone(),

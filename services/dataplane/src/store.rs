@@ -30,7 +30,7 @@ pub const CONFIG_BUCKET: &str = "handoff_dataplane";
 pub const HEADS_BUCKET: &str = "handoff_heads";
 /// Restores in progress, each holding the oplog it reads.
 pub const LEASES_BUCKET: &str = "handoff_leases";
-/// Daemon heartbeats, by daemon token.
+/// Daemon heartbeats, by daemon key (`subjects::daemon_key`).
 pub const HEARTBEATS_BUCKET: &str = "handoff_heartbeats";
 /// Largest oplog message; a slice larger than this is sent as several.
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024;

@@ -100,7 +100,7 @@ pub async fn run(
             }
             e = heartbeats.next() => match e {
                 Some(Ok(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
-                    if let Some(d) = subjects::daemon_from_token(&e.key) {
+                    if let Some(d) = subjects::daemon_from_key(&e.key) {
                         watch.heartbeat(d, Instant::now());
                     }
                 }

@@ -41,6 +41,17 @@ pub fn daemon_token(id: &DaemonId) -> String {
     token(id.as_str())
 }
 
+/// A daemon's key in a key-value bucket (its heartbeat): the token with `=` for `%`,
+/// which keys may not hold.
+pub fn daemon_key(id: &DaemonId) -> String {
+    daemon_token(id).replace('%', "=")
+}
+
+/// Decodes a [`daemon_key`] back into the id, if it is one.
+pub fn daemon_from_key(key: &str) -> Option<DaemonId> {
+    daemon_from_token(&key.replace('=', "%"))
+}
+
 /// Percent-encodes every byte outside `[A-Za-z0-9_-]`, making one subject token.
 fn token(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 16);
@@ -113,5 +124,10 @@ mod tests {
         assert!(!token.contains('.') && !token.contains('*') && !token.contains('>'));
         assert_eq!(daemon_from_token(&token), Some(id));
         assert_eq!(daemon_from_token("%zz"), None);
+        let key = daemon_key(&id);
+        assert!(key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=".contains(c)));
+        assert_eq!(daemon_from_key(&key), Some(id));
     }
 }

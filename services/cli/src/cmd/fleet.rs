@@ -202,7 +202,7 @@ async fn heartbeat_ages(client: &async_nats::Client, daemons: &[DaemonView]) -> 
     let now = handoff_dataplane::store::now_ms();
     let mut ages = Vec::with_capacity(daemons.len());
     for d in daemons {
-        let token = handoff_protocol::subjects::daemon_token(&d.daemon);
+        let token = handoff_protocol::subjects::daemon_key(&d.daemon);
         let age = match kv.entry(token).await {
             Ok(Some(e)) => Some(now.saturating_sub(handoff_dataplane::store::time_ms(e.created))),
             _ => None,

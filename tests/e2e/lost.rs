@@ -1,0 +1,747 @@
+//! Lost daemons, end to end: four daemons, the agent, a projector and the monitor with
+//! automatic failover on, all real processes; daemons are frozen with SIGSTOP (a server
+//! that stops answering) and thawed with SIGCONT. The story runs once and records what
+//! happened; each test asserts one rule on the record.
+//!
+//! 1. Daemon 2 is frozen until the monitor declares it DAEMON_DOWN, then thawed: DAEMON_UP,
+//!    and nothing moves (it came back within the policy's delay).
+//! 2. Daemons 2, 3 and 4 are frozen (3 of 4, over the 50% guard): FAILOVER_PAUSED, and
+//!    nothing moves while the delay runs out. Meanwhile an operator moves a job of
+//!    daemon 1 to the frozen daemon 4: MOVE_STUCK, then the operator fails the move
+//!    (THEFT_FAILED).
+//! 3. Daemons 2 and 3 are thawed: the guard lifts and the policy moves daemon 4's two
+//!    jobs, one to each of two daemons; their heads are rebuilt and checked against the
+//!    source.
+//! 4. Daemon 4 is thawed: fenced, it writes no snapshot and no head position of the jobs
+//!    it lost, and lets their heads go.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use handoff_dataplane::store::{now_ms, HeadRecord, SnapshotMeta, Stores};
+use handoff_dataplane::Ts;
+use handoff_domain::alert::AlertKind;
+use handoff_domain::auth::Role;
+use handoff_domain::command::{CompleteJobMove, FailJobMove};
+use handoff_domain::event::FailoverInputs;
+use handoff_domain::model::HeadPoint;
+use handoff_domain::{Command, CommandId, DaemonId, Event, JobId};
+use handoff_eventlog::Recorded;
+use handoff_protocol::views::AlertView;
+use handoff_protocol::ErrorBody;
+use handoff_testkit::NatsServer;
+use handoff_tests::*;
+use serde_json::Value;
+
+/// An hour of schedule lasts this long here: a 6-hour interval is 1.8 s.
+const HOUR_MS: u64 = 300;
+/// The monitor's threshold, the policy's delay, and MOVE_STUCK's threshold, in seconds.
+const DOWN_AFTER: u64 = 2;
+const DELAY: u64 = 4;
+const STUCK_AFTER: u64 = 5;
+
+/// A moved job: where it went, by which decision, and its rebuilt head.
+#[derive(Debug)]
+struct Moved {
+    job: JobId,
+    to: DaemonId,
+    actor: String,
+    inputs: FailoverInputs,
+    epoch: u64,
+    head: Option<HeadPoint>,
+    source_at_head: Option<String>,
+}
+
+#[derive(Debug)]
+struct Story {
+    daemons: Vec<DaemonId>,
+    /// Phase 1.
+    froze_2_at: u64,
+    down_2: Recorded,
+    up_2: Recorded,
+    alerts_while_2_down: Vec<AlertView>,
+    daemons_while_2_down: Value,
+    alerts_after_2_up: Vec<AlertView>,
+    /// Phase 2.
+    paused: Recorded,
+    alerts_while_paused: Vec<AlertView>,
+    /// How long daemon 2 had been silent when the pause was checked (server's clock).
+    silent_when_checked_ms: u64,
+    stuck: Recorded,
+    stuck_job: JobId,
+    stuck_move: CommandId,
+    stuck_epoch: u64,
+    theft_failed: Recorded,
+    /// Phase 3.
+    resumed: Recorded,
+    moved: Vec<Moved>,
+    /// Phase 4.
+    froze_4_at: u64,
+    snapshots_after: Vec<SnapshotMeta>,
+    heads_after: Vec<(JobId, Option<HeadRecord>)>,
+    fences_after: Vec<(JobId, u64)>,
+    stale_completion: Result<(), ErrorBody>,
+    daemon_4_log: String,
+    events: Vec<Recorded>,
+}
+
+static STORY: OnceLock<Result<Story, String>> = OnceLock::new();
+
+fn story() -> &'static Story {
+    let result = STORY.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Its own thread and runtime: the processes die with the thread that started
+        // them, so the thread lives as long as the test process.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("a runtime");
+            let mut keep = Vec::new();
+            let story = rt
+                .block_on(run_story(&mut keep))
+                .map_err(|e| format!("{e:#}"));
+            let _ = tx.send(story);
+            std::thread::park();
+            drop(keep);
+        });
+        rx.recv().unwrap_or_else(|e| Err(e.to_string()))
+    });
+    match result {
+        Ok(s) => s,
+        Err(e) => panic!("the story failed: {e}"),
+    }
+}
+
+/// The first event (from the start) that `pred` accepts, waiting up to `limit`.
+async fn first(
+    stack: &Stack,
+    what: &str,
+    limit: Duration,
+    pred: impl Fn(&Recorded) -> bool,
+) -> Result<Recorded> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(r) = stack.events().await?.into_iter().find(|r| pred(r)) {
+            return Ok(r);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn alerts(url: &str, all: bool) -> Result<Vec<AlertView>> {
+    let mut args = vec!["--json", "alerts"];
+    if all {
+        args.push("--all");
+    }
+    Ok(serde_json::from_value(handoff_ok(url, &args)?.json()?)?)
+}
+
+/// How long ago daemon `d`'s last heartbeat reached the bucket, by the server's clock.
+async fn silence_ms(stores: &Stores, d: &DaemonId) -> Result<u64> {
+    let token = handoff_protocol::subjects::daemon_key(d);
+    let entry = stores
+        .heartbeats
+        .entry(token)
+        .await?
+        .ok_or_else(|| anyhow!("no heartbeat of {d}"))?;
+    Ok(now_ms().saturating_sub(handoff_dataplane::store::time_ms(entry.created)))
+}
+
+fn is_failover(r: &Recorded) -> bool {
+    matches!(r.envelope.event, Event::FailoverDecided { .. })
+}
+
+async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Story> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().to_path_buf();
+    let result = play(keep, &root).await;
+    keep.push(Box::new(dir));
+    // A failed story says what the monitor and the daemons logged.
+    result.map_err(|e| {
+        let mut logs = String::new();
+        for name in ["monitor", "daemon2", "daemon4"] {
+            let log = std::fs::read_to_string(root.join(format!("{name}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            logs.push_str(&format!(
+                "\n--- {name}.log (last lines, newest first)\n{}",
+                tail.join("\n")
+            ));
+        }
+        e.context(logs)
+    })
+}
+
+async fn play(
+    keep: &mut Vec<Box<dyn std::any::Any + Send>>,
+    root: &std::path::Path,
+) -> Result<Story> {
+    let server = NatsServer::start().await?;
+    let url = server.url();
+    let root = root.to_path_buf();
+    let commands = CommandService::start(&url, Default::default()).await?;
+    let client = server.connect().await?;
+    let stores = Stores::open(client.clone(), 1).await?;
+    let stack = Stack::on(server, client.clone(), Some(commands))?;
+    let projector = ProjectorProcess::spawn(&url, &root.join("views"), &[])?;
+    handoff_ok(
+        &url,
+        &[
+            "schedule",
+            "--hour-ms",
+            &HOUR_MS.to_string(),
+            "--oplog-ttl-hours",
+            "300",
+        ],
+    )?;
+    let head = |n: usize| root.join(format!("heads{n}"));
+    let id = |n: usize| {
+        DaemonId::new(format!("d{n}.lost:{}/", head(n).display())).expect("a valid daemon id")
+    };
+    let mut daemon_creds: Vec<PathBuf> = Vec::new();
+    for n in 1..=4 {
+        let user = stack
+            .user(&format!("d{n}"), &[Role::BackupDaemon], Some(id(n)))
+            .await?;
+        daemon_creds.push(user.1);
+    }
+    let agent_creds = stack.user("agent", &[Role::BackupAgent], None).await?.1;
+    let monitor_creds = stack.user("monitor", &[Role::BackupMonitor], None).await?.1;
+    let policy_creds = stack
+        .user("failover-policy", &[Role::BackupMonitor], None)
+        .await?
+        .1;
+    let agent = Proc::spawn(
+        &url,
+        &root,
+        "agent",
+        &agent_creds,
+        &[
+            "agent",
+            "--ops-per-sec",
+            "100",
+            "--slice-ms",
+            "200",
+            "--groom-ms",
+            "500",
+            "--initial-size",
+            "64KiB",
+            "--doc-size",
+            "128",
+        ],
+    )?;
+    let mut procs = Vec::new();
+    for n in 1..=4 {
+        procs.push(Proc::spawn(
+            &url,
+            &root,
+            &format!("daemon{n}"),
+            &daemon_creds[n - 1],
+            &[
+                "daemon",
+                "--id",
+                id(n).as_str(),
+                "--head-space",
+                "100GiB",
+                "--num-workers",
+                "2",
+                "--heartbeat-ms",
+                "200",
+            ],
+        )?);
+    }
+    for n in 1..=4 {
+        first(&stack, &format!("daemon {n} to register"), TIMEOUT, |r| {
+            matches!(&r.envelope.event, Event::DaemonRegistered { daemon, .. } if *daemon == id(n))
+        })
+        .await?;
+    }
+    // Two replica sets per daemon (placement takes the least loaded).
+    stack.apply(configure_project("p")).await?;
+    for k in 1..=8 {
+        stack.apply(replica_set("p", &format!("rs{k}"), 1)).await?;
+    }
+    let state_now = |events: &[Recorded]| {
+        let mut s = handoff_domain::State::default();
+        for r in events {
+            s.apply(&r.envelope.event);
+        }
+        s
+    };
+    let jobs_of = |events: &[Recorded], d: &DaemonId| -> Vec<JobId> {
+        state_now(events).daemons[d].jobs.iter().cloned().collect()
+    };
+    let events = stack.events().await?;
+    for n in 1..=4 {
+        if jobs_of(&events, &id(n)).len() != 2 {
+            bail!("daemon {n} should own two jobs");
+        }
+    }
+    // Every head built and snapshotted once before anything is lost.
+    until(
+        "every job to have a daemon's snapshot",
+        TIMEOUT * 2,
+        || async {
+            let snaps = stores.snapshots(None).await?;
+            Ok((1..=8).all(|k| {
+                snaps
+                    .iter()
+                    .any(|s| s.job.as_str() == format!("p/rs{k}") && s.daemon.is_some())
+            }))
+        },
+    )
+    .await?;
+    let monitor = Proc::spawn(
+        &url,
+        &root,
+        "monitor",
+        &monitor_creds,
+        &[
+            "monitor",
+            "--down-after",
+            &format!("{DOWN_AFTER}s"),
+            "--move-stuck-after",
+            &format!("{STUCK_AFTER}s"),
+            "--failover",
+            "--failover-delay",
+            &format!("{DELAY}s"),
+            "--max-concurrent-rebuilds",
+            "2",
+            "--max-down",
+            "50",
+            "--policy-creds",
+            policy_creds.to_str().unwrap_or_default(),
+        ],
+    )?;
+    let limit = Duration::from_secs(DOWN_AFTER + 10);
+
+    // 1. Daemon 2 is lost for a moment.
+    let froze_2_at = now_ms();
+    procs[1].signal("-STOP")?;
+    let down_2 = first(
+        &stack,
+        "DAEMON_DOWN of daemon 2",
+        limit,
+        |r| matches!(&r.envelope.event, Event::DaemonDown { daemon } if *daemon == id(2)),
+    )
+    .await?;
+    let seq = stack.last_seq().await?;
+    wait_for_checkpoint(&client, seq).await?;
+    let alerts_while_2_down = alerts(&url, false)?;
+    let daemons_while_2_down = handoff_ok(&url, &["--json", "daemons"])?.json()?;
+    procs[1].signal("-CONT")?;
+    let up_2 = first(
+        &stack,
+        "DAEMON_UP of daemon 2",
+        limit,
+        |r| matches!(&r.envelope.event, Event::DaemonUp { daemon } if *daemon == id(2)),
+    )
+    .await?;
+    wait_for_checkpoint(&client, up_2.seq).await?;
+    let alerts_after_2_up = alerts(&url, false)?;
+
+    // 2. Three of four lost at once; an operator's move to one of them meanwhile.
+    for n in [2, 3, 4] {
+        procs[n - 1].signal("-STOP")?;
+    }
+    let froze_4_at = now_ms();
+    let stuck_job = jobs_of(&stack.events().await?, &id(1))[0].clone();
+    let moved = handoff_ok(
+        &url,
+        &[
+            "--json",
+            "move-job",
+            stuck_job.as_str(),
+            "--to",
+            id(4).as_str(),
+        ],
+    )?
+    .json()?;
+    let stuck_move = CommandId::new(
+        moved["command"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no move id in {moved}"))?,
+    )?;
+    let paused = first(&stack, "FAILOVER_PAUSED", limit, |r| {
+        matches!(r.envelope.event, Event::FailoverPaused { .. })
+    })
+    .await?;
+    let stuck = first(
+        &stack,
+        "MOVE_STUCK",
+        limit,
+        |r| matches!(&r.envelope.event, Event::MoveStuck { job, .. } if *job == stuck_job),
+    )
+    .await?;
+    // The delay runs out while paused: wait until daemon 2 has been silent for the
+    // threshold, the delay and a second more, on the server's clock.
+    let wait = (DOWN_AFTER + DELAY + 1) * 1000;
+    until("the policy's delay to run out", limit, || async {
+        Ok(silence_ms(&stores, &id(2)).await? > wait)
+    })
+    .await?;
+    let silent_when_checked_ms = silence_ms(&stores, &id(2)).await?;
+    let seq = stack.last_seq().await?;
+    wait_for_checkpoint(&client, seq).await?;
+    let alerts_while_paused = alerts(&url, false)?;
+    // The operator gives up on the stuck move: the job goes back to daemon 1.
+    let state = state_now(&stack.events().await?);
+    let stuck_epoch = state.jobs[&stuck_job].epoch;
+    stack
+        .apply(Command::FailJobMove(FailJobMove {
+            job: stuck_job.clone(),
+            move_id: stuck_move.clone(),
+            epoch: stuck_epoch,
+            reason: "destination frozen".into(),
+        }))
+        .await?;
+    let theft_failed = first(
+        &stack,
+        "THEFT_FAILED",
+        limit,
+        |r| matches!(&r.envelope.event, Event::JobMoveFailed { job, .. } if *job == stuck_job),
+    )
+    .await?;
+
+    // 3. Two come back: the guard lifts, daemon 4's jobs move.
+    let daemon_4_jobs = jobs_of(&stack.events().await?, &id(4));
+    procs[1].signal("-CONT")?;
+    procs[2].signal("-CONT")?;
+    let resumed = first(&stack, "FAILOVER_RESUMED", limit, |r| {
+        matches!(r.envelope.event, Event::FailoverResumed { .. })
+    })
+    .await?;
+    until(
+        "daemon 4's jobs to move and complete",
+        TIMEOUT * 2,
+        || async {
+            let events = stack.events().await?;
+            Ok(daemon_4_jobs.iter().all(|j| {
+                events.iter().any(|r| {
+                    matches!(&r.envelope.event, Event::JobMoveCompleted { job, daemon, .. }
+                    if job == j && *daemon != id(4))
+                })
+            }))
+        },
+    )
+    .await?;
+    let events = stack.events().await?;
+    let mut moved = Vec::new();
+    for j in &daemon_4_jobs {
+        let decided = events
+            .iter()
+            .find(|r| matches!(&r.envelope.event, Event::FailoverDecided { job, .. } if job == j))
+            .ok_or_else(|| anyhow!("no FailoverDecided for {j}"))?;
+        let Event::FailoverDecided { to, inputs, .. } = &decided.envelope.event else {
+            unreachable!()
+        };
+        let completed = events
+            .iter()
+            .rev()
+            .find_map(|r| match &r.envelope.event {
+                Event::JobMoveCompleted {
+                    job, epoch, head, ..
+                } if job == j => Some((*epoch, head.clone())),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("{j} did not complete"))?;
+        let scan = scan_oplog(&stores, j).await?;
+        let source_at_head = completed
+            .1
+            .as_ref()
+            .and_then(|h| h.ts.parse::<Ts>().ok())
+            .and_then(|ts| scan.source_at.get(&ts))
+            .map(|c| c.to_string());
+        moved.push(Moved {
+            job: j.clone(),
+            to: to.clone(),
+            actor: decided.envelope.actor.to_string(),
+            inputs: inputs.clone(),
+            epoch: completed.0,
+            head: completed.1,
+            source_at_head,
+        });
+    }
+
+    // 4. Daemon 4 comes back, having lost everything.
+    procs[3].signal("-CONT")?;
+    first(
+        &stack,
+        "DAEMON_UP of daemon 4",
+        limit,
+        |r| matches!(&r.envelope.event, Event::DaemonUp { daemon } if *daemon == id(4)),
+    )
+    .await?;
+    let log4 = root.join("daemon4.log");
+    until("daemon 4 to let go of its old jobs", limit, || async {
+        let log = std::fs::read_to_string(&log4)?;
+        Ok(daemon_4_jobs.iter().chain([&stuck_job]).all(|j| {
+            log.lines()
+                .any(|l| l.contains(j.as_str()) && l.contains("dropping its head"))
+        }))
+    })
+    .await?;
+    // A completion of the failed move, signed by daemon 4 with its old epoch.
+    let d4 = handoff_protocol::auth::Credentials::load(&daemon_creds[3])?;
+    let stale_completion = send_command(
+        &client,
+        &d4,
+        &new_id(),
+        &Command::CompleteJobMove(CompleteJobMove {
+            job: stuck_job.clone(),
+            move_id: stuck_move.clone(),
+            epoch: stuck_epoch,
+            head: None,
+        }),
+    )
+    .await?
+    .map(|_| ());
+    let snapshots_after = stores.snapshots(None).await?;
+    let mut heads_after = Vec::new();
+    let mut fences_after = Vec::new();
+    for j in daemon_4_jobs.iter().chain([&stuck_job]) {
+        heads_after.push((j.clone(), stores.head(j).await?));
+        fences_after.push((j.clone(), stores.fences.read(j).await?.epoch));
+    }
+    let daemon_4_log = std::fs::read_to_string(&log4)?;
+    let events = stack.events().await?;
+    keep.push(Box::new(procs));
+    keep.push(Box::new(agent));
+    keep.push(Box::new(monitor));
+    keep.push(Box::new(projector));
+    keep.push(Box::new(stack));
+    Ok(Story {
+        daemons: (1..=4).map(id).collect(),
+        froze_2_at,
+        down_2,
+        up_2,
+        alerts_while_2_down,
+        daemons_while_2_down,
+        alerts_after_2_up,
+        paused,
+        alerts_while_paused,
+        silent_when_checked_ms,
+        stuck,
+        stuck_job,
+        stuck_move,
+        stuck_epoch,
+        theft_failed,
+        resumed,
+        moved,
+        froze_4_at,
+        snapshots_after,
+        heads_after,
+        fences_after,
+        stale_completion,
+        daemon_4_log,
+        events,
+    })
+}
+
+fn open_alert<'a>(alerts: &'a [AlertView], kind: AlertKind, about: &str) -> Option<&'a AlertView> {
+    alerts
+        .iter()
+        .find(|a| a.kind == kind && a.about == about && a.is_open())
+}
+
+#[test]
+fn the_threshold_crossed_raises_daemon_down_and_a_heartbeat_brings_it_back() {
+    let s = story();
+    let d2 = &s.daemons[1];
+    // Judged on the monitor's clock: not before the threshold (less the last heartbeat's
+    // interval), not much after.
+    let after = s.down_2.envelope.at.saturating_sub(s.froze_2_at);
+    assert!(
+        (DOWN_AFTER * 1000 - 300..DOWN_AFTER * 1000 + 3000).contains(&after),
+        "DAEMON_DOWN {after} ms after the freeze"
+    );
+    assert_eq!(s.down_2.envelope.actor.as_str(), "monitor");
+    let alert = open_alert(&s.alerts_while_2_down, AlertKind::DaemonDown, d2.as_str())
+        .unwrap_or_else(|| panic!("no open DAEMON_DOWN in {:?}", s.alerts_while_2_down));
+    assert_eq!(alert.raised_seq, s.down_2.seq);
+    let listed = s.daemons_while_2_down.as_array().expect("a list");
+    let row = listed
+        .iter()
+        .find(|d| d["daemon"] == d2.as_str())
+        .expect("daemon 2 listed");
+    assert_eq!(row["status"]["liveness"], "down", "{row}");
+    assert!(
+        row["heartbeat_age_ms"].as_u64().unwrap_or(0) >= DOWN_AFTER * 1000 - 300,
+        "{row}"
+    );
+    let up_row = listed
+        .iter()
+        .find(|d| d["daemon"] == s.daemons[0].as_str())
+        .expect("daemon 1 listed");
+    assert!(
+        up_row["heartbeat_age_ms"].as_u64().unwrap_or(u64::MAX) < 2000,
+        "{up_row}"
+    );
+    assert!(s.up_2.seq > s.down_2.seq);
+    assert!(open_alert(&s.alerts_after_2_up, AlertKind::DaemonDown, d2.as_str()).is_none());
+}
+
+#[test]
+fn a_daemon_back_within_the_delay_keeps_its_jobs() {
+    let s = story();
+    let d2 = &s.daemons[1];
+    assert!(
+        !s.events.iter().any(|r| matches!(&r.envelope.event,
+            Event::FailoverDecided { from, .. } if from == d2)),
+        "the policy moved a job of daemon 2, which came back"
+    );
+    assert!(
+        s.up_2.envelope.at - s.down_2.envelope.at < DELAY * 1000,
+        "the flap lasted longer than the delay"
+    );
+}
+
+#[test]
+fn too_many_daemons_down_pause_the_policy_with_an_alert() {
+    let s = story();
+    let Event::FailoverPaused {
+        down,
+        active,
+        max_down_percent,
+    } = &s.paused.envelope.event
+    else {
+        unreachable!()
+    };
+    assert_eq!((down.len(), *active, *max_down_percent), (3, 4, 50));
+    assert_eq!(s.paused.envelope.actor.as_str(), "failover-policy");
+    assert!(open_alert(&s.alerts_while_paused, AlertKind::FailoverPaused, "fleet").is_some());
+    for d in &s.daemons[1..] {
+        assert!(open_alert(&s.alerts_while_paused, AlertKind::DaemonDown, d.as_str()).is_some());
+    }
+    assert!(s.silent_when_checked_ms > (DOWN_AFTER + DELAY) * 1000);
+    assert!(
+        !s.events
+            .iter()
+            .any(|r| is_failover(r) && r.seq < s.resumed.seq),
+        "the policy moved a job while paused"
+    );
+    assert!(s.resumed.seq > s.paused.seq);
+}
+
+#[test]
+fn a_move_to_a_frozen_daemon_is_stuck_and_failing_it_raises_theft_failed() {
+    let s = story();
+    let Event::MoveStuck { move_id, .. } = &s.stuck.envelope.event else {
+        unreachable!()
+    };
+    assert_eq!(move_id, &s.stuck_move);
+    assert!(open_alert(
+        &s.alerts_while_paused,
+        AlertKind::MoveStuck,
+        s.stuck_job.as_str()
+    )
+    .is_some());
+    assert!(s.theft_failed.seq > s.stuck.seq);
+    // The job went back to daemon 1 with a new epoch, and no automatic move touched it.
+    let Event::JobMoveFailed {
+        returned_to, epoch, ..
+    } = &s.theft_failed.envelope.event
+    else {
+        unreachable!()
+    };
+    assert_eq!(returned_to, &s.daemons[0]);
+    assert!(*epoch > s.stuck_epoch);
+}
+
+#[test]
+fn automatic_failover_moves_the_down_daemons_jobs_spread_and_rebuilt() {
+    let s = story();
+    assert_eq!(s.moved.len(), 2);
+    for m in &s.moved {
+        assert_eq!(m.actor, "failover-policy", "{m:?}");
+        assert_eq!(m.inputs.candidates.first().map(|c| &c.daemon), Some(&m.to));
+        assert!(m.inputs.down_for_ms >= DELAY * 1000, "{m:?}");
+        assert!(m.to != s.daemons[3], "{m:?}");
+        let head = m
+            .head
+            .as_ref()
+            .unwrap_or_else(|| panic!("{m:?}: no head point"));
+        assert_eq!(
+            Some(&head.checksum),
+            m.source_at_head.as_ref(),
+            "{}: the rebuilt head differs from the source at {}",
+            m.job,
+            head.ts
+        );
+    }
+    assert_ne!(s.moved[0].to, s.moved[1].to, "both jobs went to one daemon");
+    let started: Vec<_> = s
+        .events
+        .iter()
+        .filter(|r| {
+            matches!(
+                &r.envelope.event,
+                Event::MoveStarted {
+                    automatic: true,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(started.len(), 2);
+    assert!(started.iter().all(|r| r.seq > s.resumed.seq));
+}
+
+#[test]
+fn the_thawed_daemon_is_fenced_and_overwrites_nothing() {
+    let s = story();
+    let d4 = &s.daemons[3];
+    let late: Vec<_> = s
+        .snapshots_after
+        .iter()
+        .filter(|m| m.daemon.as_ref() == Some(d4) && m.taken_at_ms > s.froze_4_at)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "daemon 4 stored snapshots after it lost its jobs: {late:?}"
+    );
+    for m in &s.moved {
+        let (_, head) = s
+            .heads_after
+            .iter()
+            .find(|(j, _)| *j == m.job)
+            .expect("read");
+        let head = head.as_ref().expect("a head record");
+        assert_eq!((&head.daemon, head.epoch), (&m.to, m.epoch), "{}", m.job);
+        let fence = s
+            .fences_after
+            .iter()
+            .find(|(j, _)| *j == m.job)
+            .expect("read")
+            .1;
+        assert!(fence >= m.epoch, "{}: fence {fence}", m.job);
+    }
+    let (_, stuck_head) = s
+        .heads_after
+        .iter()
+        .find(|(j, _)| *j == s.stuck_job)
+        .expect("read");
+    if let Some(h) = stuck_head {
+        assert_ne!(
+            &h.daemon, d4,
+            "daemon 4 wrote the head of the job it never got"
+        );
+    }
+    let refused = s
+        .stale_completion
+        .as_ref()
+        .expect_err("a stale completion was applied");
+    assert_eq!(refused.reason, "move_not_in_progress", "{refused:?}");
+    assert!(
+        !s.events.iter().any(|r| matches!(&r.envelope.event,
+            Event::JobMoveCompleted { daemon, .. } if daemon == d4)),
+        "daemon 4 completed a move after it was fenced"
+    );
+    assert!(
+        s.daemon_4_log.contains("dropping its head"),
+        "daemon 4's log: {}",
+        s.daemon_4_log
+    );
+}
