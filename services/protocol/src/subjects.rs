@@ -122,7 +122,7 @@ mod tests {
         let id = DaemonId::new("backup-1.example.net:/data/backup_2/").unwrap();
         let token = daemon_token(&id);
         assert!(!token.contains('.') && !token.contains('*') && !token.contains('>'));
-        assert_eq!(daemon_from_token(&token), Some(id));
+        assert_eq!(daemon_from_token(&token), Some(id.clone()));
         assert_eq!(daemon_from_token("%zz"), None);
         let key = daemon_key(&id);
         assert!(key
