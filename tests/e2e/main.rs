@@ -1,6 +1,7 @@
 //! End-to-end tests: the command service, the projector and the `handoff` binary against a
 //! real nats-server per test (ephemeral port, temporary store, `sync_interval: always`).
 
+mod alerts;
 mod bad_input;
 mod cli;
 mod cluster;

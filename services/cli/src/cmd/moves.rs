@@ -262,6 +262,7 @@ async fn wait(
         .map(|j| (j, MovePhase::Requested))
         .collect();
     let bars = Bars::new(!ctx.json, phases.keys());
+    let mut epochs: BTreeMap<JobId, u64> = BTreeMap::new();
     if !ctx.json {
         bars.println(format!(
             "waiting for {} job(s) to be rebuilt on the destination...",
@@ -273,7 +274,13 @@ async fn wait(
             r = reader.next() => r?,
             Some(m) = progress.next() => {
                 if let Ok(p) = serde_json::from_slice::<handoff_dataplane::daemon::Progress>(&m.payload) {
-                    bars.update(&p);
+                    // A report with an older epoch than one already seen is from a daemon
+                    // that lost the job: not this rebuild's progress.
+                    let newest = epochs.entry(p.job.clone()).or_insert(p.epoch);
+                    if p.epoch >= *newest {
+                        *newest = p.epoch;
+                        bars.update(&p);
+                    }
                 }
                 continue;
             }
