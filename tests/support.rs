@@ -745,6 +745,28 @@ impl Up {
     }
 }
 
+/// A data-plane story's stack: a fresh server, one command service, the data plane's
+/// stores, and the schedule's hours lasting `hour_ms` (with 300 hours of oplog kept).
+pub async fn data_stack(hour_ms: u64) -> Result<(Stack, Stores)> {
+    let server = NatsServer::start().await?;
+    let url = server.url();
+    let commands = CommandService::start(&url, Default::default()).await?;
+    let client = server.connect().await?;
+    let stores = Stores::open(client.clone(), 1).await?;
+    let stack = Stack::on(server, client, Some(commands))?;
+    handoff_ok(
+        &url,
+        &[
+            "schedule",
+            "--hour-ms",
+            &hour_ms.to_string(),
+            "--oplog-ttl-hours",
+            "300",
+        ],
+    )?;
+    Ok((stack, stores))
+}
+
 /// A `handoff` process of a story (agent, daemon, monitor), its log in a file.
 pub struct Proc {
     pub child: Child,

@@ -19,7 +19,6 @@ use handoff_dataplane::store::{now_ms, SnapshotMeta, Stores};
 use handoff_domain::auth::Role;
 use handoff_domain::model::HeadPoint;
 use handoff_domain::{DaemonId, Event, JobId};
-use handoff_testkit::NatsServer;
 use handoff_tests::*;
 use serde_json::Value;
 
@@ -111,28 +110,14 @@ fn restore_json(url: &str, job: &str, out: &Path, args: &[&str]) -> Result<Value
 }
 
 async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Story> {
-    let server = NatsServer::start().await?;
-    let url = server.url();
+    let (stack, stores) = data_stack(HOUR_MS).await?;
+    let (url, client) = (stack.url(), stack.client.clone());
     let dir = tempfile::tempdir()?;
     let logs = dir.path().to_path_buf();
-    let commands = CommandService::start(&url, Default::default()).await?;
-    let client = server.connect().await?;
-    let stores = Stores::open(client.clone(), 1).await?;
-    let stack = Stack::on(server, client.clone(), Some(commands))?;
     let schedule = Schedule {
         hour_ms: HOUR_MS,
         ..Schedule::default()
     };
-    handoff_ok(
-        &url,
-        &[
-            "schedule",
-            "--hour-ms",
-            &HOUR_MS.to_string(),
-            "--oplog-ttl-hours",
-            "300",
-        ],
-    )?;
     let root = dir.path().to_path_buf();
     let head = |n: usize| root.join(format!("heads{n}"));
     let id = |n: usize| {

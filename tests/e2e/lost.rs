@@ -31,7 +31,6 @@ use handoff_domain::{Command, CommandId, DaemonId, Event, JobId};
 use handoff_eventlog::Recorded;
 use handoff_protocol::views::AlertView;
 use handoff_protocol::ErrorBody;
-use handoff_testkit::NatsServer;
 use handoff_tests::*;
 use serde_json::Value;
 
@@ -178,24 +177,10 @@ async fn play(
     keep: &mut Vec<Box<dyn std::any::Any + Send>>,
     root: &std::path::Path,
 ) -> Result<Story> {
-    let server = NatsServer::start().await?;
-    let url = server.url();
+    let (stack, stores) = data_stack(HOUR_MS).await?;
+    let (url, client) = (stack.url(), stack.client.clone());
     let root = root.to_path_buf();
-    let commands = CommandService::start(&url, Default::default()).await?;
-    let client = server.connect().await?;
-    let stores = Stores::open(client.clone(), 1).await?;
-    let stack = Stack::on(server, client.clone(), Some(commands))?;
     let projector = ProjectorProcess::spawn(&url, &root.join("views"), &[])?;
-    handoff_ok(
-        &url,
-        &[
-            "schedule",
-            "--hour-ms",
-            &HOUR_MS.to_string(),
-            "--oplog-ttl-hours",
-            "300",
-        ],
-    )?;
     let head = |n: usize| root.join(format!("heads{n}"));
     let id = |n: usize| {
         DaemonId::new(format!("d{n}.lost:{}/", head(n).display())).expect("a valid daemon id")

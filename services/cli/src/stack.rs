@@ -264,13 +264,8 @@ impl Stack {
             .set_settings(&settings)
             .await
             .map_err(|e| Failure::Usage(format!("--hour-ms: {e}")))?;
-        self.spawn(move |stop| async move {
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                stop.await;
-                let _ = tx.send(true);
-            });
-            handoff_dataplane::agent::run(stores, agent, agent_creds, rx).await
+        self.spawn(move |stop| {
+            handoff_dataplane::agent::run(stores, agent, agent_creds, stop_flag(stop))
         });
         for n in 1..=3 {
             self.spawn_daemon(data, n).await?;
@@ -301,13 +296,8 @@ impl Stack {
         let stores = handoff_dataplane::store::Stores::open(client, replicas)
             .await
             .map_err(|e| Failure::Usage(e.to_string()))?;
-        self.spawn(move |stop| async move {
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                stop.await;
-                let _ = tx.send(true);
-            });
-            handoff_monitor::run(stores, settings, creds, Some(policy), rx).await
+        self.spawn(move |stop| {
+            handoff_monitor::run(stores, settings, creds, Some(policy), stop_flag(stop))
         });
         Ok(())
     }
@@ -405,6 +395,18 @@ async fn connect(url: &str, seed: Option<String>) -> Result<async_nats::Client, 
         .connect(url)
         .await
         .map_err(|e| Failure::Usage(format!("cannot connect to NATS at {url}: {e}")))
+}
+
+/// A flag that turns true when `stop` completes, for the services that watch one.
+fn stop_flag(
+    stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stop.await;
+        let _ = tx.send(true);
+    });
+    rx
 }
 
 /// The sample fleet's daemons.

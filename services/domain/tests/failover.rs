@@ -28,6 +28,17 @@ fn failover(job: &str, from: usize) -> Command {
     })
 }
 
+/// The move id and the destination's epoch of a move's first job.
+fn started(decision: &handoff_domain::Decision) -> (handoff_domain::CommandId, u64) {
+    match decision
+        .events()
+        .find(|e| matches!(e, Event::JobMoveStarted { .. }))
+    {
+        Some(Event::JobMoveStarted { move_id, epoch, .. }) => (move_id.clone(), *epoch),
+        _ => panic!("no JobMoveStarted"),
+    }
+}
+
 fn open(w: &World, kind: AlertKind, about: impl std::fmt::Display) -> bool {
     w.state.alerts.contains(&AlertKey::new(kind, about))
 }
@@ -111,13 +122,7 @@ fn the_policy_never_moves_a_job_back_where_an_operator_moved_it_from() {
     let mut w = fleet_of(3);
     // The operator moves job a from daemon 1 to daemon 2; it completes there.
     let m = w.ok(move_job("p/a", 2));
-    let (move_id, epoch) = match m
-        .events()
-        .find(|e| matches!(e, Event::JobMoveStarted { .. }))
-    {
-        Some(Event::JobMoveStarted { move_id, epoch, .. }) => (move_id.clone(), *epoch),
-        _ => panic!("no JobMoveStarted"),
-    };
+    let (move_id, epoch) = started(&m);
     w.ok(Command::CompleteJobMove(CompleteJobMove {
         job: j("p/a"),
         move_id,
@@ -197,13 +202,7 @@ fn the_policy_starts_no_more_than_its_concurrent_rebuilds() {
 fn move_stuck_opens_once_and_closes_with_the_next_phase() {
     let mut w = fleet_of(2);
     let m = w.ok(move_job("p/a", 2));
-    let (move_id, epoch) = match m
-        .events()
-        .find(|e| matches!(e, Event::JobMoveStarted { .. }))
-    {
-        Some(Event::JobMoveStarted { move_id, epoch, .. }) => (move_id.clone(), *epoch),
-        _ => panic!("no JobMoveStarted"),
-    };
+    let (move_id, epoch) = started(&m);
     let stuck = Command::ReportMoveStuck(ReportMoveStuck {
         job: j("p/a"),
         move_id: move_id.clone(),
