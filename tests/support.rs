@@ -745,6 +745,42 @@ impl Up {
     }
 }
 
+/// What a story keeps alive (servers, processes, directories) until the test process
+/// ends.
+pub type Keep = Vec<Box<dyn std::any::Any + Send>>;
+
+/// Plays a module's story once and hands every test its record (`play` returns it with
+/// what must stay alive). The story runs in a
+/// thread and runtime of its own that live as long as the test process: the processes it
+/// starts die with the thread that started them.
+pub fn story_once<T, F, Fut>(
+    cell: &'static std::sync::OnceLock<Result<T, String>>,
+    play: F,
+) -> &'static T
+where
+    T: Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = (Result<T>, Keep)>,
+{
+    let result = cell.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("a runtime");
+            let (record, _keep) = rt.block_on(play());
+            let _ = tx.send(record.map_err(|e| format!("{e:#}")));
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err("the story thread died".into()))
+    });
+    match result {
+        Ok(s) => s,
+        Err(e) => panic!("the story failed: {e}"),
+    }
+}
+
 /// A data-plane story's stack: a fresh server, one command service, the data plane's
 /// stores, and the schedule's hours lasting `hour_ms` (with 300 hours of oplog kept).
 pub async fn data_stack(hour_ms: u64) -> Result<(Stack, Stores)> {
@@ -793,6 +829,36 @@ impl Proc {
             child,
             name: name.to_owned(),
         })
+    }
+
+    /// Runs `handoff daemon --id ID` (100 GiB of head space) as the daemon's user,
+    /// logging to `<name>.log`.
+    pub fn daemon(
+        url: &str,
+        dir: &Path,
+        name: &str,
+        creds: &Path,
+        id: &DaemonId,
+        workers: &str,
+        heartbeat_ms: &str,
+    ) -> Result<Proc> {
+        Proc::spawn(
+            url,
+            dir,
+            name,
+            creds,
+            &[
+                "daemon",
+                "--id",
+                id.as_str(),
+                "--head-space",
+                "100GiB",
+                "--num-workers",
+                workers,
+                "--heartbeat-ms",
+                heartbeat_ms,
+            ],
+        )
     }
 
     pub fn signal(&self, signal: &str) -> Result<()> {

@@ -67,31 +67,11 @@ static STORY: OnceLock<Result<Story, String>> = OnceLock::new();
 
 /// The story, run once for every test of this module.
 fn story() -> &'static Story {
-    let result = STORY.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Its own thread and runtime: the processes die with the thread that started
-        // them, so the thread lives as long as the test process.
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().expect("a runtime");
-            let keep = rt.block_on(async {
-                let mut keep = Vec::new();
-                let r = run_story(&mut keep).await.map_err(|e| format!("{e:#}"));
-                let _ = tx.send(r);
-                keep
-            });
-            // Keep the server and processes until the test process ends.
-            let _keep = keep;
-            loop {
-                std::thread::park();
-            }
-        });
-        rx.recv()
-            .unwrap_or_else(|_| Err("the story thread died".into()))
-    });
-    match result {
-        Ok(s) => s,
-        Err(e) => panic!("the story failed: {e}"),
-    }
+    story_once(&STORY, || async {
+        let mut keep = Keep::new();
+        let record = run_story(&mut keep).await;
+        (record, keep)
+    })
 }
 
 fn events_of(events: &[handoff_eventlog::Recorded], kind: &str) -> usize {
@@ -109,7 +89,7 @@ fn restore_json(url: &str, job: &str, out: &Path, args: &[&str]) -> Result<Value
     handoff_ok(url, &full)?.json()
 }
 
-async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Story> {
+async fn run_story(keep: &mut Keep) -> Result<Story> {
     let (stack, stores) = data_stack(HOUR_MS).await?;
     let (url, client) = (stack.url(), stack.client.clone());
     let dir = tempfile::tempdir()?;
@@ -132,22 +112,14 @@ async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Stor
     }
     let agent_creds = stack.user("agent", &[Role::BackupAgent], None).await?.1;
     let spawn_daemon = |n: usize, workers: &str| {
-        Proc::spawn(
+        Proc::daemon(
             &url,
             dir.path(),
             &format!("daemon{n}"),
             &daemon_creds[n - 1],
-            &[
-                "daemon",
-                "--id",
-                id(n).as_str(),
-                "--head-space",
-                "100GiB",
-                "--num-workers",
-                workers,
-                "--heartbeat-ms",
-                "500",
-            ],
+            &id(n),
+            workers,
+            "500",
         )
     };
     let agent = Proc::spawn(

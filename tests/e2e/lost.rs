@@ -89,26 +89,11 @@ struct Story {
 static STORY: OnceLock<Result<Story, String>> = OnceLock::new();
 
 fn story() -> &'static Story {
-    let result = STORY.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Its own thread and runtime: the processes die with the thread that started
-        // them, so the thread lives as long as the test process.
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().expect("a runtime");
-            let mut keep = Vec::new();
-            let story = rt
-                .block_on(run_story(&mut keep))
-                .map_err(|e| format!("{e:#}"));
-            let _ = tx.send(story);
-            std::thread::park();
-            drop(keep);
-        });
-        rx.recv().unwrap_or_else(|e| Err(e.to_string()))
-    });
-    match result {
-        Ok(s) => s,
-        Err(e) => panic!("the story failed: {e}"),
-    }
+    story_once(&STORY, || async {
+        let mut keep = Keep::new();
+        let record = run_story(&mut keep).await;
+        (record, keep)
+    })
 }
 
 /// The first event (from the start) that `pred` accepts, waiting up to `limit`.
@@ -153,7 +138,7 @@ fn is_failover(r: &Recorded) -> bool {
     matches!(r.envelope.event, Event::FailoverDecided { .. })
 }
 
-async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Story> {
+async fn run_story(keep: &mut Keep) -> Result<Story> {
     let dir = tempfile::tempdir()?;
     let root = dir.path().to_path_buf();
     let result = play(keep, &root).await;
@@ -173,10 +158,7 @@ async fn run_story(keep: &mut Vec<Box<dyn std::any::Any + Send>>) -> Result<Stor
     })
 }
 
-async fn play(
-    keep: &mut Vec<Box<dyn std::any::Any + Send>>,
-    root: &std::path::Path,
-) -> Result<Story> {
+async fn play(keep: &mut Keep, root: &std::path::Path) -> Result<Story> {
     let (stack, stores) = data_stack(HOUR_MS).await?;
     let (url, client) = (stack.url(), stack.client.clone());
     let root = root.to_path_buf();
@@ -219,22 +201,14 @@ async fn play(
     )?;
     let mut procs = Vec::new();
     for n in 1..=4 {
-        procs.push(Proc::spawn(
+        procs.push(Proc::daemon(
             &url,
             &root,
             &format!("daemon{n}"),
             &daemon_creds[n - 1],
-            &[
-                "daemon",
-                "--id",
-                id(n).as_str(),
-                "--head-space",
-                "100GiB",
-                "--num-workers",
-                "2",
-                "--heartbeat-ms",
-                "200",
-            ],
+            &id(n),
+            "2",
+            "200",
         )?);
     }
     for n in 1..=4 {
