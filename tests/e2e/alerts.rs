@@ -181,7 +181,7 @@ async fn an_operators_move_wins_over_a_pending_automatic_move() -> Result<()> {
     ])
     .await?;
     let daemons: Vec<DaemonId> = (1..=3).map(daemon).collect();
-    let beats = Heartbeats::start(stores, &daemons);
+    let beats = Heartbeats::start(stores.clone(), &daemons);
     stack.apply(register(1, settings(100))).await?;
     stack.apply(configure_project("p")).await?;
     stack.apply(replica_set("p", "a", 1)).await?;
@@ -196,6 +196,13 @@ async fn an_operators_move_wins_over_a_pending_automatic_move() -> Result<()> {
     .await?;
     // While the policy waits out its delay, the operator moves the jobs.
     stack.apply(move_jobs(1, 3)).await?;
+    // No daemon process runs here: the command service itself raised the moved job's
+    // fence to the destination's epoch.
+    let a = job("p/a");
+    until("the moved job's fence to rise", TIMEOUT, || async {
+        Ok(stores.fences.read(&a).await?.epoch == 2)
+    })
+    .await?;
     // The move never completes (no daemon process here): MOVE_STUCK comes after the
     // delay ran out, so by then the policy had its chance.
     let stuck = first(&stack, "MOVE_STUCK", |e| {

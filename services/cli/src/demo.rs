@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use handoff_dataplane::agent::AgentConfig;
 use handoff_dataplane::store::{now_ms, Stores};
+use handoff_domain::model::Liveness;
+use handoff_domain::state::DaemonStatus;
 use handoff_domain::{Command, Event, JobId};
 
 use crate::cmd::{self, history::Filter};
@@ -41,6 +43,28 @@ pub async fn demo(ctx: &Context, a: DemoArgs) -> Result<(), Failure> {
 
 /// An hour of snapshot schedule lasts this long in the demo: a 6-hour interval is 3.6 s.
 const HOUR_MS: u64 = 600;
+
+/// The demo's monitor threshold: DAEMON_DOWN after this long without a heartbeat.
+const DOWN_AFTER: Duration = Duration::from_secs(2);
+
+/// Waits until the views say `daemon` is `liveness` (the monitor reported it).
+async fn wait_liveness(
+    api: &crate::client::Api,
+    daemon: &handoff_domain::DaemonId,
+    liveness: Liveness,
+) -> Result<(), Failure> {
+    until(
+        &format!("{daemon} to be {liveness:?}"),
+        Duration::from_secs(30),
+        || async {
+            let view: handoff_protocol::views::DaemonView = api
+                .query("daemon", serde_json::json!({ "daemon": daemon }))
+                .await?;
+            Ok(view.state.status == DaemonStatus::Active(liveness))
+        },
+    )
+    .await
+}
 
 /// Polls `check` every 100 ms until it holds, at most `limit`.
 async fn until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<(), Failure>
@@ -88,6 +112,15 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
         ..AgentConfig::default()
     };
     stack.start_data_plane(dir, HOUR_MS, agent, 1).await?;
+    stack
+        .start_monitor(
+            handoff_monitor::Settings {
+                threshold: DOWN_AFTER,
+                ..Default::default()
+            },
+            1,
+        )
+        .await?;
     let stores = Stores::open(api.client.clone(), 1)
         .await
         .map_err(store_error)?;
@@ -128,39 +161,31 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
 
     step(
         2,
-        &format!("The server of {lost} fails (its process is killed): DAEMON_DOWN"),
+        &format!(
+            "The server of {lost} fails (its process is killed): the monitor hears no heartbeat for {} s, DAEMON_DOWN",
+            DOWN_AFTER.as_secs()
+        ),
     );
     stack.kill_daemon(&lost);
-    api.command(
-        &cmd::command_id(None)?,
-        &Command::ReportDaemonLiveness(ReportDaemonLiveness {
-            daemon: lost.clone(),
-            up: false,
-        }),
-    )
-    .await?;
-    settle(&api).await?;
+    wait_liveness(&api, &lost, Liveness::Down).await?;
     cmd::fleet::daemons(&ctx).await?;
+    println!();
+    cmd::monitor::alerts(&ctx, cmd::monitor::AlertsArgs { all: false }).await?;
 
     step(
         3,
         "Moving its jobs onto a daemon that is down is refused, before anything changes",
     );
-    let down = sample_daemon(2);
-    api.command(
-        &cmd::command_id(None)?,
-        &Command::ReportDaemonLiveness(ReportDaemonLiveness {
-            daemon: down.clone(),
-            up: false,
-        }),
-    )
-    .await?;
+    let frozen = sample_daemon(2);
+    println!("{frozen} stops answering for a while (SIGSTOP)...");
+    stack.signal_daemon(&frozen, "-STOP")?;
+    wait_liveness(&api, &frozen, Liveness::Down).await?;
     match api
         .command(
             &cmd::command_id(None)?,
             &Command::MoveJobs(MoveJobs {
                 from: lost.clone(),
-                to: down.clone(),
+                to: frozen.clone(),
                 reason: None,
                 dry_run: false,
             }),
@@ -170,14 +195,9 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
         Err(Failure::Refused(e)) => println!("refused: {} ({})", e.message, e.reason),
         other => return Err(Failure::Usage(format!("expected a refusal, got {other:?}"))),
     }
-    api.command(
-        &cmd::command_id(None)?,
-        &Command::ReportDaemonLiveness(ReportDaemonLiveness {
-            daemon: down,
-            up: true,
-        }),
-    )
-    .await?;
+    stack.signal_daemon(&frozen, "-CONT")?;
+    wait_liveness(&api, &frozen, Liveness::Up).await?;
+    println!("{frozen} answers again (SIGCONT): the monitor appended DAEMON_UP");
 
     step(
         4,

@@ -347,6 +347,23 @@ impl Stack {
         Ok(())
     }
 
+    /// Sends a signal to a sample daemon's process (`-STOP` freezes it, `-CONT` thaws it).
+    pub fn signal_daemon(&self, id: &DaemonId, signal: &str) -> Result<(), Failure> {
+        let (_, child) = self
+            .daemons
+            .iter()
+            .find(|(d, _)| d == id)
+            .ok_or_else(|| Failure::Usage(format!("no process runs {id}")))?;
+        let ok = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()?
+            .success();
+        if !ok {
+            return Err(Failure::Usage(format!("kill {signal} {id} failed")));
+        }
+        Ok(())
+    }
+
     /// Kills a sample daemon's process outright (SIGKILL), as a lost server would.
     pub fn kill_daemon(&mut self, id: &DaemonId) {
         if let Some(k) = self.daemons.iter().position(|(d, _)| d == id) {

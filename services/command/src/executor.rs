@@ -7,6 +7,7 @@ use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use handoff_domain::auth::{authorize, Principal};
 use handoff_domain::decide::alert_of_rejection;
 use handoff_domain::{decide, Actor, Command, CommandId, Context, Event, UserKey};
@@ -115,11 +116,16 @@ impl Executor {
             .collect();
         async move {
             let Some(fences) = fences else { return };
-            for (job, epoch) in raise {
-                if let Err(e) = fences.raise(&job, epoch).await {
-                    tracing::warn!(%job, epoch, error = %e, "could not raise the fence");
-                }
-            }
+            futures::stream::iter(raise)
+                .for_each_concurrent(64, |(job, epoch)| {
+                    let fences = fences.clone();
+                    async move {
+                        if let Err(e) = fences.raise(&job, epoch).await {
+                            tracing::warn!(%job, epoch, error = %e, "could not raise the fence");
+                        }
+                    }
+                })
+                .await;
         }
     }
 
@@ -452,7 +458,9 @@ impl Executor {
                 continue;
             }
             if !dry_run {
-                self.raise_fences(decision.events()).await;
+                // In the background: the reply does not wait for the fences (a fence only
+                // rises, so raises may land in any order; the new owner raises it too).
+                tokio::spawn(self.raise_fences(decision.events()));
             }
             return Ok(Applied {
                 command: request.id.clone(),

@@ -18,8 +18,9 @@
 //!    last sequence as the model saw it. On a conflict the model catches up with the
 //!    stream and the command is decided again.
 //! 6. The reply goes out only after JetStream acknowledged every event.
-//! 7. A job given a new epoch has its fence raised (`handoff_eventlog::fence`), so the
-//!    data plane's stores refuse its previous owner's writes from then on.
+//! 7. A job given a new epoch has its fence raised (`handoff_eventlog::fence`), in the
+//!    background once the events are appended, so the data plane's stores refuse its
+//!    previous owner's writes from then on.
 //!
 //! # Layout
 //! - [`model`]: the fold of the stream the decisions are made on.
