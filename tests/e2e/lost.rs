@@ -24,7 +24,7 @@ use handoff_dataplane::store::{now_ms, HeadRecord, SnapshotMeta, Stores};
 use handoff_dataplane::Ts;
 use handoff_domain::alert::AlertKind;
 use handoff_domain::auth::Role;
-use handoff_domain::command::{CompleteJobMove, FailJobMove};
+use handoff_domain::command::CompleteJobMove;
 use handoff_domain::event::FailoverInputs;
 use handoff_domain::model::HeadPoint;
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId};
@@ -348,14 +348,15 @@ async fn play(keep: &mut Keep, root: &std::path::Path) -> Result<Story> {
     // The operator gives up on the stuck move: the job goes back to daemon 1.
     let state = state_now(&stack.events().await?);
     let stuck_epoch = state.jobs[&stuck_job].epoch;
-    stack
-        .apply(Command::FailJobMove(FailJobMove {
-            job: stuck_job.clone(),
-            move_id: stuck_move.clone(),
-            epoch: stuck_epoch,
-            reason: "destination frozen".into(),
-        }))
-        .await?;
+    handoff_ok(
+        &url,
+        &[
+            "fail-move",
+            stuck_job.as_str(),
+            "--reason",
+            "destination frozen",
+        ],
+    )?;
     let theft_failed = first(
         &stack,
         "THEFT_FAILED",

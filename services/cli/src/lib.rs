@@ -108,6 +108,8 @@ pub enum Cmd {
     MoveJobs(cmd::moves::MoveJobsArgs),
     /// Move one job to another daemon ("Move head").
     MoveJob(cmd::moves::MoveJobArgs),
+    /// Give up a job's move (a lost destination, MOVE_STUCK): back to where it came from.
+    FailMove(cmd::moves::FailMoveArgs),
     /// Moves in progress and recent, with each job's phase.
     Moves,
     /// The audit trail of a job or a daemon, read from the event stream itself.
@@ -344,6 +346,7 @@ async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
         Cmd::Job(c) => cmd::fleet::job(ctx, c).await,
         Cmd::MoveJobs(a) => cmd::moves::move_jobs(ctx, a).await,
         Cmd::MoveJob(a) => cmd::moves::move_job(ctx, a).await,
+        Cmd::FailMove(a) => cmd::moves::fail_move(ctx, a).await,
         Cmd::Moves => cmd::moves::moves(ctx).await,
         Cmd::History(a) => cmd::history::history(ctx, a).await,
         Cmd::Watch(a) => cmd::history::watch(ctx, a).await,

@@ -1,13 +1,14 @@
-//! Moves: `move-jobs`, `move-job` (with `--dry-run` and `--wait`) and `moves`.
+//! Moves: `move-jobs`, `move-job` (with `--dry-run` and `--wait`), `fail-move` and `moves`.
 
 use std::collections::BTreeMap;
 
 use clap::Args;
 use futures::StreamExt;
-use handoff_domain::command::{MoveJob, MoveJobs};
+use handoff_domain::command::{FailJobMove, MoveJob, MoveJobs};
 use handoff_domain::model::MovePhase;
+use handoff_domain::state::Assignment;
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, MovePlan};
-use handoff_protocol::views::MoveView;
+use handoff_protocol::views::{JobView, MoveView};
 use handoff_protocol::{Applied, ErrorBody, ErrorCode};
 use serde_json::json;
 
@@ -52,6 +53,49 @@ pub struct MoveJobArgs {
     pub to: DaemonId,
     #[command(flatten)]
     pub options: MoveOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct FailMoveArgs {
+    /// The moving job whose move to give up (a stuck move: MOVE_STUCK).
+    #[arg(value_parser = job_id)]
+    pub job: JobId,
+    /// Why (recorded with THEFT_FAILED).
+    #[arg(long)]
+    pub reason: String,
+    /// The command id (a ULID); give the same one to retry safely.
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+/// Gives up a job's move (the destination is lost, or the move is stuck): the job goes
+/// back to the daemon it came from with a new epoch, so the destination is fenced off.
+pub async fn fail_move(ctx: &Context, a: FailMoveArgs) -> Result<(), Failure> {
+    let api = ctx.api().await?;
+    let view: JobView = api.query("job", json!({ "job": a.job })).await?;
+    let Assignment::Moving { move_id, to, .. } = &view.state.assignment else {
+        return Err(Failure::Refused(ErrorBody::new(
+            ErrorCode::Conflict,
+            "move_not_in_progress",
+            format!("job {} is not moving", a.job),
+        )));
+    };
+    let command = Command::FailJobMove(FailJobMove {
+        job: a.job.clone(),
+        move_id: move_id.clone(),
+        epoch: view.state.epoch,
+        reason: a.reason,
+    });
+    let applied = api.command(&command_id(a.id)?, &command).await?;
+    if ctx.json {
+        print_json(&applied);
+    } else {
+        println!(
+            "move {move_id} of {} failed (THEFT_FAILED): the job goes back from {to} to the daemon it came from",
+            a.job
+        );
+    }
+    Ok(())
 }
 
 pub async fn move_jobs(ctx: &Context, a: MoveJobsArgs) -> Result<(), Failure> {
