@@ -70,11 +70,16 @@ async fn start(
     let dir = tempfile::tempdir()?;
     let stores = Stores::open(stack.client.clone(), 1).await?;
     let projector = ProjectorProcess::spawn(&stack.url(), &dir.path().join("views"), &[])?;
+    let monitor = monitor(&stack, dir.path(), args).await?;
+    Ok((stack, stores, projector, monitor, dir))
+}
+
+/// `handoff monitor ARGS` as the monitor's user.
+async fn monitor(stack: &Stack, dir: &std::path::Path, args: &[&str]) -> Result<Proc> {
     let creds = stack.user("monitor", &[Role::BackupMonitor], None).await?.1;
     let mut full = vec!["monitor"];
     full.extend_from_slice(args);
-    let monitor = Proc::spawn(&stack.url(), dir.path(), "monitor", &creds, &full)?;
-    Ok((stack, stores, projector, monitor, dir))
+    Proc::spawn(&stack.url(), dir, "monitor", &creds, &full)
 }
 
 async fn first(stack: &Stack, what: &str, pred: impl Fn(&Event) -> bool) -> Result<Recorded> {
@@ -222,5 +227,45 @@ async fn an_operators_move_wins_over_a_pending_automatic_move() -> Result<()> {
         Event::MoveStarted { automatic: false, to, .. } if *to == daemon(3)
     ));
     assert_eq!(started[0].envelope.actor.as_str(), owner().0.user.as_str());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restarted_monitor_gives_every_daemon_a_fresh_grace_period() -> Result<()> {
+    let stack = Stack::start().await?;
+    let dir = tempfile::tempdir()?;
+    let stores = Stores::open(stack.client.clone(), 1).await?;
+    let beats = Heartbeats::start(stores.clone(), &[daemon(1), daemon(2)]);
+    stack.apply(register(1, settings(10))).await?;
+    stack.apply(register(2, settings(10))).await?;
+    // Daemon 2 falls silent while no monitor runs, for longer than the threshold.
+    beats.lose(&daemon(2));
+    let key = handoff_protocol::subjects::daemon_key(&daemon(2));
+    until("daemon 2's heartbeat to be 4 s old", TIMEOUT, || async {
+        let e = stores.heartbeats.entry(key.as_str()).await?;
+        let created = e.ok_or_else(|| anyhow!("no heartbeat"))?.created;
+        Ok(now_ms().saturating_sub(handoff_dataplane::store::time_ms(created)) > 4000)
+    })
+    .await?;
+    // A monitor that starts now must hear nothing for its own threshold first.
+    let started = now_ms();
+    let _monitor = monitor(&stack, dir.path(), &["--down-after", "2s"]).await?;
+    let down = first(
+        &stack,
+        "DAEMON_DOWN of daemon 2",
+        |e| matches!(e, Event::DaemonDown { daemon: d } if *d == daemon(2)),
+    )
+    .await?;
+    assert!(
+        down.envelope.at >= started + 2000,
+        "declared down {} ms after the monitor started",
+        down.envelope.at.saturating_sub(started)
+    );
+    let events = stack.events().await?;
+    assert!(
+        !events.iter().any(|r| matches!(&r.envelope.event,
+            Event::DaemonDown { daemon: d } if *d == daemon(1))),
+        "daemon 1 kept sending heartbeats"
+    );
     Ok(())
 }
