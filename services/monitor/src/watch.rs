@@ -268,7 +268,9 @@ impl Watch {
                 continue;
             };
             let down_for = now.duration_since(since);
-            if down_for < policy.delay {
+            // Heard again since: it is about to be reported up, and keeps its jobs.
+            let heard_again = self.heard.get(&daemon).is_some_and(|h| *h > since);
+            if down_for < policy.delay || heard_again {
                 continue;
             }
             for job in &state.daemons[&daemon].jobs {

@@ -283,3 +283,20 @@ fn a_move_without_progress_is_stuck_and_progress_resets_the_clock() {
     assert_eq!(f.run(&mut w, t0 + s(51)), vec!["stuck p/rs0"]);
     assert!(f.run(&mut w, t0 + s(60)).is_empty(), "raised once");
 }
+
+#[test]
+fn a_daemon_heard_again_after_the_delay_is_brought_up_not_failed_over() {
+    let mut f = Fleet::new(3, 1);
+    let t0 = Instant::now();
+    let mut w = Watch::new(settings(Some(policy())));
+    w.observe(&f.state, t0);
+    for t in [5, 10, 15, 20, 25, 30] {
+        w.heartbeat(d(2), t0 + s(t));
+        w.heartbeat(d(3), t0 + s(t));
+    }
+    assert_eq!(f.run(&mut w, t0 + s(11)), vec![format!("down {}", d(1))]);
+    // Back just as the 20 s delay ran out: the same tick brings it up and moves nothing.
+    w.heartbeat(d(1), t0 + s(31));
+    assert_eq!(f.run(&mut w, t0 + s(32)), vec![format!("up {}", d(1))]);
+    assert!(f.run(&mut w, t0 + s(33)).is_empty());
+}
