@@ -55,7 +55,7 @@ async fn on_a_cluster_a_lost_acknowledgement_retried_is_recognised() -> Result<(
 
     let id = new_id();
     let before = log.last_sequence().await?;
-    proxy.drop_next_acks(1);
+    proxy.drop_next_acks_of(handoff_protocol::subjects::STREAM, 1);
     let lost = send(&client, &id, &move_jobs(1, 2))
         .await?
         .expect_err("the ack was lost");

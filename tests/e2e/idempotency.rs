@@ -77,7 +77,7 @@ async fn a_lost_acknowledgement_retried_is_recognised_as_applied() -> Result<()>
     fleet(&stack).await?;
     let before = stack.last_seq().await?;
     let id = new_id();
-    proxy.drop_next_acks(1);
+    proxy.drop_next_acks_of(handoff_protocol::subjects::STREAM, 1);
     let lost = stack
         .send_as(&id, &move_jobs(1, 2))
         .await?
@@ -111,7 +111,7 @@ async fn a_large_move_cut_half_way_is_finished_by_its_retry() -> Result<()> {
     let (stack, proxy) = lossy_stack().await?;
     let jobs = big_fleet(&stack).await?;
     let id = new_id();
-    proxy.drop_next_acks(1);
+    proxy.drop_next_acks_of(handoff_protocol::subjects::STREAM, 1);
     let cut = stack
         .send_as(&id, &move_jobs(1, 2))
         .await?

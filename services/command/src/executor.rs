@@ -108,9 +108,9 @@ impl Executor {
         let fences = self.fences.clone();
         let raise: Vec<(handoff_domain::JobId, u64)> = events
             .filter_map(|event| match event {
+                // A new job has no previous owner to fence off: its daemon raises it.
                 Event::JobMoveStarted { job, epoch, .. }
-                | Event::JobMoveFailed { job, epoch, .. }
-                | Event::BackupJobCreated { job, epoch, .. } => Some((job.clone(), *epoch)),
+                | Event::JobMoveFailed { job, epoch, .. } => Some((job.clone(), *epoch)),
                 _ => None,
             })
             .collect();

@@ -1,11 +1,12 @@
 //! A TCP proxy between one NATS client and the server that can lose JetStream
 //! acknowledgements: armed with [`AckDropper::drop_next_acks`], it swallows the next
 //! publish acknowledgements (`{"stream":..,"seq":..}` replies) on their way to the
-//! client, exactly as a network fault after the server stored the message would. The
-//! rest of the protocol passes through untouched.
+//! client, exactly as a network fault after the server stored the message would, of any
+//! stream or of one stream only ([`AckDropper::drop_next_acks_of`]). The rest of the
+//! protocol passes through untouched.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,7 +16,17 @@ pub struct AckDropper {
     port: u16,
     armed: Arc<AtomicUsize>,
     dropped: Arc<AtomicUsize>,
+    /// Only acknowledgements of this stream are lost, when set.
+    stream: Arc<Mutex<Option<String>>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What the relay shares with the dropper.
+#[derive(Clone)]
+struct Arming {
+    armed: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
+    stream: Arc<Mutex<Option<String>>>,
 }
 
 impl AckDropper {
@@ -23,24 +34,28 @@ impl AckDropper {
     pub async fn start(upstream_port: u16) -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let armed = Arc::new(AtomicUsize::new(0));
-        let dropped = Arc::new(AtomicUsize::new(0));
-        let (a, d) = (armed.clone(), dropped.clone());
+        let arming = Arming {
+            armed: Arc::new(AtomicUsize::new(0)),
+            dropped: Arc::new(AtomicUsize::new(0)),
+            stream: Arc::new(Mutex::new(None)),
+        };
+        let shared = arming.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let (a, d) = (a.clone(), d.clone());
+                let arming = shared.clone();
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await {
                         // Ignored: a connection ends when either side closes it.
-                        let _ = relay(client, server, a, d).await;
+                        let _ = relay(client, server, arming).await;
                     }
                 });
             }
         });
         Ok(AckDropper {
             port,
-            armed,
-            dropped,
+            armed: arming.armed,
+            dropped: arming.dropped,
+            stream: arming.stream,
             task,
         })
     }
@@ -51,6 +66,13 @@ impl AckDropper {
 
     /// Loses the next `n` publish acknowledgements.
     pub fn drop_next_acks(&self, n: usize) {
+        *self.stream.lock().expect("not poisoned") = None;
+        self.armed.store(n, Ordering::SeqCst);
+    }
+
+    /// Loses the next `n` publish acknowledgements of `stream`; others pass.
+    pub fn drop_next_acks_of(&self, stream: &str, n: usize) {
+        *self.stream.lock().expect("not poisoned") = Some(stream.to_owned());
         self.armed.store(n, Ordering::SeqCst);
     }
 
@@ -66,12 +88,12 @@ impl Drop for AckDropper {
     }
 }
 
-async fn relay(
-    client: TcpStream,
-    server: TcpStream,
-    armed: Arc<AtomicUsize>,
-    dropped: Arc<AtomicUsize>,
-) -> std::io::Result<()> {
+async fn relay(client: TcpStream, server: TcpStream, arming: Arming) -> std::io::Result<()> {
+    let Arming {
+        armed,
+        dropped,
+        stream,
+    } = arming;
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let upstream = tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
@@ -86,7 +108,8 @@ async fn relay(
         // Forward every complete frame, swallowing acknowledgements while armed.
         while let Some(len) = frame_len(&buf) {
             let frame: Vec<u8> = buf.drain(..len).collect();
-            if is_pub_ack(&frame)
+            let of = stream.lock().expect("not poisoned").clone();
+            if is_pub_ack(&frame, of.as_deref())
                 && armed
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                     .is_ok()
@@ -114,14 +137,19 @@ fn frame_len(buf: &[u8]) -> Option<usize> {
     }
 }
 
-fn is_pub_ack(frame: &[u8]) -> bool {
+/// A publish acknowledgement (of `stream`, when given).
+fn is_pub_ack(frame: &[u8], stream: Option<&str>) -> bool {
     if !frame.starts_with(b"MSG ") {
         return false;
     }
     let Some(body) = frame.windows(2).position(|w| w == b"\r\n") else {
         return false;
     };
-    frame[body + 2..].starts_with(b"{\"stream\":")
+    let body = &frame[body + 2..];
+    match stream {
+        None => body.starts_with(b"{\"stream\":"),
+        Some(s) => body.starts_with(format!("{{\"stream\":\"{s}\"").as_bytes()),
+    }
 }
 
 #[cfg(test)]
@@ -134,9 +162,10 @@ mod tests {
         assert_eq!(frame_len(b"MSG a 1 3\r\nabc\r\nPING"), Some(16));
         assert_eq!(frame_len(b"MSG a 1 3\r\nab"), None);
         assert_eq!(frame_len(b"HMSG a 1 2 5\r\nhhabc\r\n"), Some(21));
-        assert!(is_pub_ack(
-            b"MSG _INBOX.x 1 20\r\n{\"stream\":\"S\",\"seq\":1}\r\n"
-        ));
-        assert!(!is_pub_ack(b"MSG _INBOX.x 1 2\r\n{}\r\n"));
+        let ack = b"MSG _INBOX.x 1 20\r\n{\"stream\":\"S\",\"seq\":1}\r\n";
+        assert!(is_pub_ack(ack, None));
+        assert!(is_pub_ack(ack, Some("S")));
+        assert!(!is_pub_ack(ack, Some("KV_other")));
+        assert!(!is_pub_ack(b"MSG _INBOX.x 1 2\r\n{}\r\n", None));
     }
 }
