@@ -425,12 +425,15 @@ async fn up_runs_its_own_nats_server_and_stops_it() -> Result<()> {
 #[tokio::test]
 async fn the_demo_tells_the_story() -> Result<()> {
     let mut demo = Background::spawn(None, &["demo"])?;
-    demo.wait_for_line("done:")?;
+    // The whole story: a daemon lost and detected, another frozen and thawed, two
+    // rebuilds, restores, the next snapshots.
+    demo.wait_for_line_within("done:", TIMEOUT * 4)?;
     let (code, lines) = demo.finish()?;
     assert_eq!(code, 0, "{lines:?}");
     let text = lines.join("\n");
     for expected in [
         "DAEMON_DOWN",
+        "the monitor appended DAEMON_UP",
         "process is killed",
         "refused:",
         "dry run",
