@@ -209,35 +209,22 @@ async fn users_are_managed_with_the_cli() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let creds = dir.path().join("rita.creds");
     let out = creds.to_string_lossy().into_owned();
-    handoff_ok(
-        &url,
-        &[
-            "user",
-            "add",
-            "rita",
-            "--role",
-            "GLOBAL_READ_ONLY",
-            "--out",
-            &out,
-        ],
-    )?;
+    let add_rita = [
+        "user",
+        "add",
+        "rita",
+        "--role",
+        "GLOBAL_READ_ONLY",
+        "--out",
+        &out,
+    ];
+    handoff_ok(&url, &add_rita)?;
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(
         std::fs::metadata(&creds)?.permissions().mode() & 0o777,
         0o600
     );
-    let exists = handoff(
-        &url,
-        &[
-            "user",
-            "add",
-            "rita",
-            "--role",
-            "GLOBAL_READ_ONLY",
-            "--out",
-            &out,
-        ],
-    )?;
+    let exists = handoff(&url, &add_rita)?;
     assert_eq!(exists.code, 2, "an existing file is never overwritten");
     let list = handoff_ok(&url, &["user", "list", "--json"])?.json()?;
     let names: Vec<_> = list

@@ -320,30 +320,39 @@ impl Executor {
             message: error.message.clone(),
             client: request.client.clone(),
         };
-        let ctx = Context {
-            command: refusal,
-            actor: system_actor(),
-            at_ms: now_ms(),
-        };
-        let messages = self.messages(&ctx, "refusal", &[event], true, None);
-        let a = self.log.append(&messages).await.map_err(unavailable)?;
-        self.appended = self.appended.max(a.last_seq);
-        Ok(())
+        self.append_alone(refusal, system_actor(), "refusal", event)
+            .await
+            .map_err(unavailable)
     }
 
     /// Appends an alert a rejection raised (best effort: the caller hears the rejection
     /// either way).
     async fn record_alert(&mut self, actor: &Actor, event: Event) {
+        if let Err(e) = self
+            .append_alone(new_command_id(), actor.clone(), "alert", event)
+            .await
+        {
+            tracing::warn!(error = %e, "could not record an alert");
+        }
+    }
+
+    /// Appends one event that no decision made (a refusal, an alert) under its own id.
+    async fn append_alone(
+        &mut self,
+        id: CommandId,
+        actor: Actor,
+        digest: &str,
+        event: Event,
+    ) -> Result<(), AppendError> {
         let ctx = Context {
-            command: new_command_id(),
-            actor: actor.clone(),
+            command: id,
+            actor,
             at_ms: now_ms(),
         };
-        let messages = self.messages(&ctx, "alert", &[event], true, None);
-        match self.log.append(&messages).await {
-            Ok(a) => self.appended = self.appended.max(a.last_seq),
-            Err(e) => tracing::warn!(error = %e, "could not record an alert"),
-        }
+        let messages = self.messages(&ctx, digest, &[event], true, None);
+        let a = self.log.append(&messages).await?;
+        self.appended = self.appended.max(a.last_seq);
+        Ok(())
     }
 
     /// Decides and appends a verified request; `signature` is its fingerprint, written on

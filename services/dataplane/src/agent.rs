@@ -113,16 +113,7 @@ pub async fn run(
         tasks.spawn(async move { groom_loop(stores, config, creds, jobs, ttl, stop).await });
     }
     // The jobs that exist already, and the retention each was grown to.
-    let end = match log
-        .jetstream()
-        .get_stream(log.stream_name())
-        .await?
-        .get_last_raw_message_by_subject("handoff.evt.job.>")
-        .await
-    {
-        Ok(m) => m.sequence,
-        Err(_) => 0, // No job yet.
-    };
+    let end = log.last_sequence_of("handoff.evt.job.>").await?;
     tracing::debug!(end, "reading the jobs that exist");
     let mut known = Vec::new();
     let mut seen = 0;

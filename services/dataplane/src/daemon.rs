@@ -173,16 +173,7 @@ pub async fn run(
     )
     .await?;
     let subject = subjects::daemon(&config.id);
-    let end = match log
-        .jetstream()
-        .get_stream(log.stream_name())
-        .await?
-        .get_last_raw_message_by_subject(&subject)
-        .await
-    {
-        Ok(m) => m.sequence,
-        Err(_) => 0,
-    };
+    let end = log.last_sequence_of(&subject).await?;
     let mut reader = log.read_filtered(1, &subject).await?;
     let mut desired = BTreeMap::new();
     let mut seq = 0;
@@ -243,22 +234,12 @@ async fn drop_when_moved(
     job: JobId,
 ) {
     let subject = subjects::aggregate(&handoff_domain::event::Aggregate::Job(job.clone()));
-    let mut stream = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if stream.is_none() {
-            stream = log.jetstream().get_stream(log.stream_name()).await.ok();
-        }
-        let Some(stream) = &stream else {
+        let Ok(Some(last)) = log.last_event_of(&subject).await else {
             continue;
         };
-        let Ok(m) = stream.get_last_raw_message_by_subject(&subject).await else {
-            continue;
-        };
-        let Ok(envelope) = handoff_protocol::EventEnvelope::decode(&m.payload) else {
-            continue;
-        };
-        match envelope.event {
+        match last.envelope.event {
             Event::JobMoveCompleted { daemon, .. } if daemon != shared.id => {
                 if running.lock().await.contains_key(&job) {
                     return; // It came back meanwhile.
@@ -643,14 +624,8 @@ async fn owner(shared: &Shared, job: &JobId) -> anyhow::Result<Option<DaemonId>>
     )
     .await?;
     let subject = subjects::aggregate(&handoff_domain::event::Aggregate::Job(job.clone()));
-    let stream = log.jetstream().get_stream(log.stream_name()).await?;
-    let Ok(last) = stream.get_last_raw_message_by_subject(&subject).await else {
-        return Ok(None);
-    };
-    let mut reader = log.read_filtered(1, &subject).await?;
     let mut owner = None;
-    loop {
-        let r = reader.next().await?;
+    for r in log.events_of(&subject).await? {
         owner = match r.envelope.event {
             Event::BackupJobCreated { daemon, .. } | Event::JobMoveCompleted { daemon, .. } => {
                 Some(daemon)
@@ -659,10 +634,8 @@ async fn owner(shared: &Shared, job: &JobId) -> anyhow::Result<Option<DaemonId>>
             Event::JobMoveStarted { .. } => None,
             _ => owner,
         };
-        if r.seq >= last.sequence {
-            return Ok(owner);
-        }
     }
+    Ok(owner)
 }
 
 /// A command id derived from a move and a job, so the completion of one job's move has

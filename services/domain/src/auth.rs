@@ -152,6 +152,13 @@ pub fn authorize(who: &Principal, command: &Command, state: &State) -> Result<()
             deny("it needs GLOBAL_OWNER or GLOBAL_BACKUP_ADMIN".into())
         }
     };
+    let needs = |role: Role, reason: &str| -> Result<(), Forbidden> {
+        if who.roles.contains(&role) {
+            Ok(())
+        } else {
+            deny(reason.to_owned())
+        }
+    };
     // The daemon a job is moving to, if it is moving.
     let destination = |job: &crate::ids::JobId| {
         state.jobs.get(job).and_then(|j| match &j.assignment {
@@ -195,11 +202,7 @@ pub fn authorize(who: &Principal, command: &Command, state: &State) -> Result<()
             }
         }
         Command::AddUser(_) | Command::RemoveUser(_) => {
-            if who.roles.contains(&Role::GlobalOwner) {
-                Ok(())
-            } else {
-                deny("managing users needs GLOBAL_OWNER".into())
-            }
+            needs(Role::GlobalOwner, "managing users needs GLOBAL_OWNER")
         }
         Command::ReportDaemonLiveness(_) => {
             if who.roles.contains(&Role::BackupMonitor) {
@@ -211,19 +214,13 @@ pub fn authorize(who: &Principal, command: &Command, state: &State) -> Result<()
         Command::ReportHeadSpace(_)
         | Command::ReportMoveStuck(_)
         | Command::ReportFailoverGuard(_)
-        | Command::FailoverJob(_) => {
-            if who.roles.contains(&Role::BackupMonitor) {
-                Ok(())
-            } else {
-                deny("only the monitor reports alerts and runs the failover policy".into())
-            }
-        }
-        Command::ResizeOplogTtl(_) => {
-            if who.roles.contains(&Role::BackupAgent) {
-                Ok(())
-            } else {
-                deny("only the agent reports on the oplog store".into())
-            }
-        }
+        | Command::FailoverJob(_) => needs(
+            Role::BackupMonitor,
+            "only the monitor reports alerts and runs the failover policy",
+        ),
+        Command::ResizeOplogTtl(_) => needs(
+            Role::BackupAgent,
+            "only the agent reports on the oplog store",
+        ),
     }
 }

@@ -35,6 +35,8 @@ use thiserror::Error;
 
 pub use reader::{EventReader, ReadError, Recorded};
 
+use handoff_protocol::EventEnvelope;
+
 /// The most messages in one atomic batch (nats-server's limit).
 pub const MAX_BATCH: usize = 1000;
 
@@ -225,6 +227,63 @@ impl EventLog {
             .await
             .map_err(|e| AppendError::Unavailable(e.to_string()))?;
         Ok(info.state.last_sequence)
+    }
+
+    /// The last message on the subjects matching `filter`, if any. A direct get with the
+    /// subject in the request's own subject, so NATS permissions can allow it per subject
+    /// (a daemon may ask about its own subject and the jobs' only).
+    async fn last_message_of(
+        &self,
+        filter: &str,
+    ) -> Result<Option<jetstream::message::StreamMessage>, ReadError> {
+        match self.stream.direct_get_last_for_subject(filter).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ReadError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// The sequence of the last event on the subjects matching `filter` (0 when none).
+    pub async fn last_sequence_of(&self, filter: &str) -> Result<u64, ReadError> {
+        Ok(self
+            .last_message_of(filter)
+            .await?
+            .map_or(0, |m| m.sequence))
+    }
+
+    /// The last event on the subjects matching `filter`, if any.
+    pub async fn last_event_of(&self, filter: &str) -> Result<Option<Recorded>, ReadError> {
+        let Some(m) = self.last_message_of(filter).await? else {
+            return Ok(None);
+        };
+        let envelope = EventEnvelope::decode(&m.payload).map_err(|source| ReadError::Decode {
+            seq: m.sequence,
+            subject: m.subject.to_string(),
+            source,
+        })?;
+        Ok(Some(Recorded {
+            seq: m.sequence,
+            subject: m.subject.to_string(),
+            envelope,
+        }))
+    }
+
+    /// Every event on the subjects matching `filter`, up to the last one there now.
+    pub async fn events_of(&self, filter: &str) -> Result<Vec<Recorded>, ReadError> {
+        let end = self.last_sequence_of(filter).await?;
+        let mut events = Vec::new();
+        if end == 0 {
+            return Ok(events);
+        }
+        let mut reader = self.read_filtered(1, filter).await?;
+        loop {
+            let r = reader.next().await?;
+            let seq = r.seq;
+            events.push(r);
+            if seq >= end {
+                return Ok(events);
+            }
+        }
     }
 
     /// Reads the stream in order from `start` (1 for the beginning).

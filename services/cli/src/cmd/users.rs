@@ -163,21 +163,8 @@ pub async fn user(ctx: &Context, c: UserCmd) -> Result<(), Failure> {
 async fn list(ctx: &Context) -> Result<Vec<UserRow>, Failure> {
     let api = ctx.api().await?;
     let log = api.log().await?;
-    let stream = log
-        .jetstream()
-        .get_stream(log.stream_name())
-        .await
-        .map_err(|e| Failure::Usage(e.to_string()))?;
-    let Ok(last) = stream
-        .get_last_raw_message_by_subject(subjects::USERS)
-        .await
-    else {
-        return Ok(Vec::new());
-    };
-    let mut reader = log.read_filtered(1, subjects::USERS).await?;
     let mut users: std::collections::BTreeMap<Actor, UserRow> = Default::default();
-    loop {
-        let r = reader.next().await?;
+    for r in log.events_of(subjects::USERS).await? {
         match r.envelope.event {
             Event::UserAdded {
                 user,
@@ -202,10 +189,8 @@ async fn list(ctx: &Context) -> Result<Vec<UserRow>, Failure> {
             }
             _ => {}
         }
-        if r.seq >= last.sequence {
-            return Ok(users.into_values().collect());
-        }
     }
+    Ok(users.into_values().collect())
 }
 
 pub fn nats_config(ctx: &Context, a: NatsConfigArgs) -> Result<(), Failure> {
