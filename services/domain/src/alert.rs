@@ -13,66 +13,11 @@
 //! | MOVE_STUCK | `MoveStuck` | the job's next phase, completion or failure |
 //! | FAILOVER_PAUSED | `FailoverPaused` | `FailoverResumed` |
 
-use serde::{Deserialize, Serialize};
-
 use crate::event::Event;
 
-/// An alert's type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum AlertKind {
-    DaemonDown,
-    DaemonUp,
-    TheftFailed,
-    LowHeadFreeSpace,
-    OplogTtlResize,
-    BindFailure,
-    MoveStuck,
-    /// Automatic failover stopped itself: too many daemons are down at once.
-    FailoverPaused,
-}
-
-impl AlertKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AlertKind::DaemonDown => "DAEMON_DOWN",
-            AlertKind::DaemonUp => "DAEMON_UP",
-            AlertKind::TheftFailed => "THEFT_FAILED",
-            AlertKind::LowHeadFreeSpace => "LOW_HEAD_FREE_SPACE",
-            AlertKind::OplogTtlResize => "OPLOG_TTL_RESIZE",
-            AlertKind::BindFailure => "BIND_FAILURE",
-            AlertKind::MoveStuck => "MOVE_STUCK",
-            AlertKind::FailoverPaused => "FAILOVER_PAUSED",
-        }
-    }
-}
-
-impl std::fmt::Display for AlertKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One alert: its type and what it is about (a daemon, a job, or `fleet`).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-pub struct AlertKey {
-    pub kind: AlertKind,
-    pub about: String,
-}
-
-impl AlertKey {
-    pub fn new(kind: AlertKind, about: impl std::fmt::Display) -> Self {
-        AlertKey {
-            kind,
-            about: about.to_string(),
-        }
-    }
-}
-
-/// What the fleet as a whole is called in an alert about it.
-pub const FLEET: &str = "fleet";
+// The alert names sit below the events that carry them; their old paths here stay for
+// callers.
+pub use crate::model::{AlertKey, AlertKind, FLEET};
 
 /// What an event does to the alerts.
 #[derive(Clone, Debug, PartialEq, Eq)]

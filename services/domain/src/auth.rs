@@ -23,79 +23,12 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::command::Command;
-use crate::ids::{Actor, DaemonId, UserKey};
+use crate::ids::{Actor, DaemonId, JobId};
 use crate::state::{Assignment, State};
 
-/// A role, with Ops Manager's names for people's roles.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Role {
-    /// Everything, users included.
-    GlobalOwner,
-    /// Daemons, projects, jobs and moves; not users.
-    GlobalBackupAdmin,
-    /// Reads everything; changes nothing.
-    GlobalReadOnly,
-    /// A backup daemon: registers itself and reports on the moves to it.
-    BackupDaemon,
-    /// The agent: reports on the oplog store (OPLOG_TTL_RESIZE).
-    BackupAgent,
-    /// The monitor: reports liveness and alerts, and runs the failover policy.
-    BackupMonitor,
-}
-
-impl Role {
-    /// The name on the wire and in Ops Manager, e.g. `GLOBAL_OWNER`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::GlobalOwner => "GLOBAL_OWNER",
-            Role::GlobalBackupAdmin => "GLOBAL_BACKUP_ADMIN",
-            Role::GlobalReadOnly => "GLOBAL_READ_ONLY",
-            Role::BackupDaemon => "BACKUP_DAEMON",
-            Role::BackupAgent => "BACKUP_AGENT",
-            Role::BackupMonitor => "BACKUP_MONITOR",
-        }
-    }
-
-    /// Every role.
-    pub const ALL: [Role; 6] = [
-        Role::GlobalOwner,
-        Role::GlobalBackupAdmin,
-        Role::GlobalReadOnly,
-        Role::BackupDaemon,
-        Role::BackupAgent,
-        Role::BackupMonitor,
-    ];
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| {
-                let names: Vec<_> = Role::ALL.iter().map(|r| r.as_str()).collect();
-                format!("unknown role {s:?}; one of {}", names.join(", "))
-            })
-    }
-}
-
-/// A user as the events made it: its roles and the key its commands are signed with.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-pub struct User {
-    pub roles: BTreeSet<Role>,
-    pub key: UserKey,
-    pub daemon: Option<DaemonId>,
-}
+// Role and User sit below the commands, events and state that carry them; their old paths
+// here stay for callers.
+pub use crate::model::Role;
 
 /// A verified caller: its name, roles, and for a daemon, which daemon it is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,13 +93,13 @@ pub fn authorize(who: &Principal, command: &Command, state: &State) -> Result<()
         }
     };
     // The daemon a job is moving to, if it is moving.
-    let destination = |job: &crate::ids::JobId| {
+    let destination = |job: &JobId| {
         state.jobs.get(job).and_then(|j| match &j.assignment {
             Assignment::Moving { to, .. } => Some(to.clone()),
             _ => None,
         })
     };
-    let destination_only = |job: &crate::ids::JobId| -> Result<(), Forbidden> {
+    let destination_only = |job: &JobId| -> Result<(), Forbidden> {
         match destination(job) {
             Some(to) if who.is_daemon(&to) => Ok(()),
             Some(to) => deny(format!(

@@ -3,13 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Role;
-use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId, UserKey};
+use crate::ids::{Actor, CommandId, DaemonId, Invalid, JobId, Label, ProjectId, UserKey};
 use crate::model::{
-    DaemonSettings, Deployment, HeadPoint, JobSize, MovePhase, MAX_DAEMON_FILTER, MAX_LABELS,
+    DaemonSettings, Deployment, HeadPoint, JobSize, MovePhase, Role, MAX_DAEMON_FILTER, MAX_LABELS,
     MAX_OPLOG_TTL_HOURS, MAX_REASON, MAX_SHARDS, MAX_WORKERS,
 };
-use crate::rejection::Invalid;
 
 /// Register a backup daemon (it takes jobs once registered and up).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,37 +313,7 @@ impl Command {
                 }
                 Ok(())
             }
-            Command::CreateBackupJobs(c) => match &c.deployment {
-                Deployment::ReplicaSet { size, .. } => size.validate(),
-                Deployment::ShardedCluster {
-                    shards,
-                    config_servers,
-                    ..
-                } => {
-                    if shards.is_empty() || shards.len() > MAX_SHARDS {
-                        return Err(Invalid::new(
-                            "shards",
-                            format!("a sharded cluster has 1 to {MAX_SHARDS} shards"),
-                        ));
-                    }
-                    let mut names: Vec<&str> = shards.iter().map(|s| s.name.as_str()).collect();
-                    names.sort_unstable();
-                    if names.windows(2).any(|w| w[0] == w[1]) {
-                        return Err(Invalid::new("shards", "shard names must be unique"));
-                    }
-                    if names.contains(&"config") {
-                        return Err(Invalid::new(
-                            "shards",
-                            "'config' names the config servers' job; choose another shard name",
-                        ));
-                    }
-                    shards
-                        .iter()
-                        .map(|s| &s.size)
-                        .chain(std::iter::once(config_servers))
-                        .try_for_each(JobSize::validate)
-                }
-            },
+            Command::CreateBackupJobs(c) => c.validate(),
             Command::MoveJobs(c) => {
                 check_reason("reason", c.reason.as_deref().unwrap_or(""), false)
             }
@@ -376,34 +344,7 @@ impl Command {
                 }
                 check_reason("reason", &c.reason, true)
             }
-            Command::AddUser(c) => {
-                if c.user.as_str() == SYSTEM_ACTOR {
-                    return Err(Invalid::new(
-                        "user",
-                        format!("'{SYSTEM_ACTOR}' is the service's own name; choose another"),
-                    ));
-                }
-                if c.roles.is_empty() {
-                    return Err(Invalid::new("roles", "a user needs at least one role"));
-                }
-                let mut roles = c.roles.clone();
-                roles.sort_unstable();
-                roles.dedup();
-                if roles.len() != c.roles.len() {
-                    return Err(Invalid::new("roles", "each role at most once"));
-                }
-                match (c.roles.contains(&Role::BackupDaemon), &c.daemon) {
-                    (true, None) => Err(Invalid::new(
-                        "daemon",
-                        "a BACKUP_DAEMON user names the daemon it runs as",
-                    )),
-                    (false, Some(_)) => Err(Invalid::new(
-                        "daemon",
-                        "only a BACKUP_DAEMON user is bound to a daemon",
-                    )),
-                    _ => Ok(()),
-                }
-            }
+            Command::AddUser(c) => c.validate(),
             Command::RemoveUser(_) | Command::ReportMoveStuck(_) => Ok(()),
             Command::ReportHeadSpace(c) => {
                 check_range("threshold_percent", c.threshold_percent, 1, 99)
@@ -427,6 +368,73 @@ impl Command {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+impl CreateBackupJobs {
+    fn validate(&self) -> Result<(), Invalid> {
+        match &self.deployment {
+            Deployment::ReplicaSet { size, .. } => size.validate(),
+            Deployment::ShardedCluster {
+                shards,
+                config_servers,
+                ..
+            } => {
+                if shards.is_empty() || shards.len() > MAX_SHARDS {
+                    return Err(Invalid::new(
+                        "shards",
+                        format!("a sharded cluster has 1 to {MAX_SHARDS} shards"),
+                    ));
+                }
+                let mut names: Vec<&str> = shards.iter().map(|s| s.name.as_str()).collect();
+                names.sort_unstable();
+                if names.windows(2).any(|w| w[0] == w[1]) {
+                    return Err(Invalid::new("shards", "shard names must be unique"));
+                }
+                if names.contains(&"config") {
+                    return Err(Invalid::new(
+                        "shards",
+                        "'config' names the config servers' job; choose another shard name",
+                    ));
+                }
+                shards
+                    .iter()
+                    .map(|s| &s.size)
+                    .chain(std::iter::once(config_servers))
+                    .try_for_each(JobSize::validate)
+            }
+        }
+    }
+}
+
+impl AddUser {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.user.as_str() == SYSTEM_ACTOR {
+            return Err(Invalid::new(
+                "user",
+                format!("'{SYSTEM_ACTOR}' is the service's own name; choose another"),
+            ));
+        }
+        if self.roles.is_empty() {
+            return Err(Invalid::new("roles", "a user needs at least one role"));
+        }
+        let mut roles = self.roles.clone();
+        roles.sort_unstable();
+        roles.dedup();
+        if roles.len() != self.roles.len() {
+            return Err(Invalid::new("roles", "each role at most once"));
+        }
+        match (self.roles.contains(&Role::BackupDaemon), &self.daemon) {
+            (true, None) => Err(Invalid::new(
+                "daemon",
+                "a BACKUP_DAEMON user names the daemon it runs as",
+            )),
+            (false, Some(_)) => Err(Invalid::new(
+                "daemon",
+                "only a BACKUP_DAEMON user is bound to a daemon",
+            )),
+            _ => Ok(()),
         }
     }
 }

@@ -9,10 +9,11 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::alert::{AlertKey, AlertKind, FLEET};
-use crate::auth::Role;
 use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId, UserKey};
-use crate::model::{DaemonSettings, HeadPoint, JobSize, JobTarget, MovePhase, MoveScope};
+use crate::model::{
+    AlertKey, AlertKind, DaemonSettings, HeadPoint, JobSize, JobTarget, MovePhase, MoveScope, Role,
+    FLEET,
+};
 
 /// A job handed to a daemon, with the epoch it must attach to everything it writes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,8 +4,25 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use crate::rejection::Invalid;
+/// A field that does not have the form it must have. Fix the request; never retry as is.
+#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[error("invalid {field}: {reason}")]
+pub struct Invalid {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Invalid {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
 
 /// A token of a project, deployment, shard or label: letters, digits, `-` and `_`.
 fn check_token(field: &'static str, value: &str, max: usize) -> Result<(), Invalid> {

@@ -10,17 +10,32 @@
 //! ```
 //!
 //! # Layout
-//! - [`ids`]: validated identifiers (daemons as Ops Manager names them, `host:/dir/`).
-//! - [`model`]: daemon settings, deployments, job states and move phases.
+//! Each file imports only from the layers before it, never back up, so that a lower
+//! layer reads and compiles without the ones above it and no cycle can creep in:
+//!
+//! ```text
+//! ids -> model, rejection -> command, event -> alert -> state -> auth, decide
+//! ```
+//!
+//! - [`ids`]: validated identifiers (daemons as Ops Manager names them, `host:/dir/`),
+//!   and [`Invalid`], the error of a field that lacks its form.
+//! - [`model`]: the values commands and events carry: daemon settings, deployments, job
+//!   states and move phases, roles ([`Role`](model::Role)), and the alerts' names
+//!   ([`AlertKind`](model::AlertKind), [`AlertKey`](model::AlertKey)).
+//! - [`rejection`]: why a command was refused, each reason with its own variant.
 //! - [`command`]: what callers ask for (`MoveJobs`, `MoveJob`, `CompleteJobMove`, ...).
 //! - [`event`]: what happened (`JobMoveStarted`, `JobMoveFailed` = THEFT_FAILED, ...), each
 //!   belonging to one aggregate (daemon, project, job, move).
-//! - [`state`]: the state and `evolve`.
-//! - [`decide`](mod@decide): the rules, including placement and the destination checks
-//!   of a move.
-//! - [`rejection`]: why a command was refused, each reason with its own variant.
-//! - [`auth`]: users, roles, and who may send which command (MISSION rule 1).
 //! - [`alert`]: which events raise and close each alert (DAEMON_DOWN, MOVE_STUCK, ...).
+//! - [`state`]: the state (users and open alerts included) and `evolve`.
+//! - [`auth`]: who may send which command (MISSION rule 1).
+//! - [`decide`](mod@decide): the rules, one file per aggregate under `decide/`:
+//!   `daemons`, `users`, `jobs` (with placement), `moves` (with the destination checks),
+//!   `failover` and `alerts`; `decide/mod.rs` holds the entry point and dispatch.
+//!
+//! `Role`, `User`, `AlertKind`, `AlertKey` and `FLEET` moved down from [`auth`] and
+//! [`alert`], and `Invalid` from [`rejection`]; those modules re-export them, so the
+//! old paths keep working.
 //!
 //! # How a command flows
 //! The command service validates the request into a [`Command`], calls [`decide()`] with

@@ -1,12 +1,11 @@
 //! The values that commands and events carry: daemon settings, deployments, job and move
-//! phases. Ops Manager's names throughout.
+//! phases, roles, and the names of alerts. Ops Manager's names throughout.
 
 use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{DaemonId, DeploymentName, Label};
-use crate::rejection::Invalid;
+use crate::ids::{DaemonId, DeploymentName, Invalid, Label};
 
 /// Largest byte count accepted anywhere (1 EiB): keeps sums far from overflow.
 pub const MAX_BYTES: u64 = 1 << 60;
@@ -262,3 +261,122 @@ impl HeadPoint {
         Ok(())
     }
 }
+
+/// A role, with Ops Manager's names for people's roles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Role {
+    /// Everything, users included.
+    GlobalOwner,
+    /// Daemons, projects, jobs and moves; not users.
+    GlobalBackupAdmin,
+    /// Reads everything; changes nothing.
+    GlobalReadOnly,
+    /// A backup daemon: registers itself and reports on the moves to it.
+    BackupDaemon,
+    /// The agent: reports on the oplog store (OPLOG_TTL_RESIZE).
+    BackupAgent,
+    /// The monitor: reports liveness and alerts, and runs the failover policy.
+    BackupMonitor,
+}
+
+impl Role {
+    /// The name on the wire and in Ops Manager, e.g. `GLOBAL_OWNER`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::GlobalOwner => "GLOBAL_OWNER",
+            Role::GlobalBackupAdmin => "GLOBAL_BACKUP_ADMIN",
+            Role::GlobalReadOnly => "GLOBAL_READ_ONLY",
+            Role::BackupDaemon => "BACKUP_DAEMON",
+            Role::BackupAgent => "BACKUP_AGENT",
+            Role::BackupMonitor => "BACKUP_MONITOR",
+        }
+    }
+
+    /// Every role.
+    pub const ALL: [Role; 6] = [
+        Role::GlobalOwner,
+        Role::GlobalBackupAdmin,
+        Role::GlobalReadOnly,
+        Role::BackupDaemon,
+        Role::BackupAgent,
+        Role::BackupMonitor,
+    ];
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let names: Vec<_> = Role::ALL.iter().map(|r| r.as_str()).collect();
+                format!("unknown role {s:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
+/// An alert's type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AlertKind {
+    DaemonDown,
+    DaemonUp,
+    TheftFailed,
+    LowHeadFreeSpace,
+    OplogTtlResize,
+    BindFailure,
+    MoveStuck,
+    /// Automatic failover stopped itself: too many daemons are down at once.
+    FailoverPaused,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::DaemonDown => "DAEMON_DOWN",
+            AlertKind::DaemonUp => "DAEMON_UP",
+            AlertKind::TheftFailed => "THEFT_FAILED",
+            AlertKind::LowHeadFreeSpace => "LOW_HEAD_FREE_SPACE",
+            AlertKind::OplogTtlResize => "OPLOG_TTL_RESIZE",
+            AlertKind::BindFailure => "BIND_FAILURE",
+            AlertKind::MoveStuck => "MOVE_STUCK",
+            AlertKind::FailoverPaused => "FAILOVER_PAUSED",
+        }
+    }
+}
+
+impl std::fmt::Display for AlertKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One alert: its type and what it is about (a daemon, a job, or `fleet`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct AlertKey {
+    pub kind: AlertKind,
+    pub about: String,
+}
+
+impl AlertKey {
+    pub fn new(kind: AlertKind, about: impl std::fmt::Display) -> Self {
+        AlertKey {
+            kind,
+            about: about.to_string(),
+        }
+    }
+}
+
+/// What the fleet as a whole is called in an alert about it.
+pub const FLEET: &str = "fleet";

@@ -7,23 +7,9 @@ use thiserror::Error;
 
 use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId};
 
-/// A field that does not have the form it must have. Fix the request; never retry as is.
-#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[error("invalid {field}: {reason}")]
-pub struct Invalid {
-    pub field: String,
-    pub reason: String,
-}
-
-impl Invalid {
-    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            reason: reason.into(),
-        }
-    }
-}
+// `Invalid` sits with the ids, which are validated first and so cannot import upward; its
+// old path here stays for callers.
+pub use crate::ids::Invalid;
 
 /// The kinds of thing a command may name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,10 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::alert::{self, AlertKey, Effect};
+use crate::alert::{self, Effect};
 use crate::event::Event;
-use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId};
-use crate::model::{DaemonSettings, JobSize, JobStatus, JobTarget, Liveness, MovePhase, MoveScope};
+use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId, UserKey};
+use crate::model::{
+    AlertKey, DaemonSettings, JobSize, JobStatus, JobTarget, Liveness, MovePhase, MoveScope, Role,
+};
 
 /// A daemon is active (up or down) until it is removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +112,15 @@ pub struct Move {
     pub jobs: BTreeMap<JobId, MovePhase>,
 }
 
+/// A user as the events made it: its roles and the key its commands are signed with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct User {
+    pub roles: BTreeSet<Role>,
+    pub key: UserKey,
+    pub daemon: Option<DaemonId>,
+}
+
 /// Everything `decide` needs to know.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -119,7 +130,7 @@ pub struct State {
     pub jobs: BTreeMap<JobId, Job>,
     pub moves: BTreeMap<CommandId, Move>,
     /// Current users, by name (removed ones are gone).
-    pub users: BTreeMap<Actor, crate::auth::User>,
+    pub users: BTreeMap<Actor, User>,
     /// The open alerts.
     #[serde(default)]
     pub alerts: BTreeSet<AlertKey>,
@@ -139,29 +150,9 @@ pub fn evolve(mut state: State, event: &Event) -> State {
 impl State {
     /// Folds one event into the state, in place.
     pub fn apply(&mut self, event: &Event) {
-        for effect in alert::effects(event) {
-            match effect {
-                Effect::Open { key, .. } => {
-                    self.alerts.insert(key);
-                }
-                Effect::Close { key } => {
-                    self.alerts.remove(&key);
-                }
-                Effect::Notice { .. } => {}
-            }
-        }
+        self.fold_alerts(event);
         match event {
-            Event::DaemonRegistered { daemon, settings } => {
-                self.daemons.insert(
-                    daemon.clone(),
-                    Daemon {
-                        settings: settings.clone(),
-                        status: DaemonStatus::Active(Liveness::Up),
-                        jobs: BTreeSet::new(),
-                        used_bytes: 0,
-                    },
-                );
-            }
+            Event::DaemonRegistered { daemon, settings } => self.register_daemon(daemon, settings),
             Event::DaemonConfigured { daemon, settings } => {
                 if let Some(d) = self.daemons.get_mut(daemon) {
                     d.settings = settings.clone();
@@ -172,17 +163,8 @@ impl State {
                     d.status = DaemonStatus::Removed;
                 }
             }
-            Event::DaemonDown { daemon } | Event::DaemonUp { daemon } => {
-                let liveness = match event {
-                    Event::DaemonDown { .. } => Liveness::Down,
-                    _ => Liveness::Up,
-                };
-                if let Some(d) = self.daemons.get_mut(daemon) {
-                    if let DaemonStatus::Active(_) = d.status {
-                        d.status = DaemonStatus::Active(liveness);
-                    }
-                }
-            }
+            Event::DaemonDown { daemon } => self.set_liveness(daemon, Liveness::Down),
+            Event::DaemonUp { daemon } => self.set_liveness(daemon, Liveness::Up),
             Event::ProjectConfigured {
                 project,
                 daemon_filter,
@@ -203,26 +185,7 @@ impl State {
                 size,
                 daemon,
                 epoch,
-            } => {
-                if self.jobs.contains_key(job) {
-                    return;
-                }
-                self.jobs.insert(
-                    job.clone(),
-                    Job {
-                        project: project.clone(),
-                        target: target.clone(),
-                        size: *size,
-                        status: JobStatus::Active,
-                        epoch: *epoch,
-                        assignment: Assignment::Assigned {
-                            daemon: daemon.clone(),
-                        },
-                        operator_moved_from: None,
-                    },
-                );
-                self.take(daemon, job, size.head_size_bytes);
-            }
+            } => self.create_job(job, project, target, *size, daemon, *epoch),
             Event::JobsAssigned { .. } | Event::JobsReleased { .. } => {
                 // Notices addressed to a daemon; the job events carry the state.
             }
@@ -246,7 +209,7 @@ impl State {
             } => {
                 self.users.insert(
                     user.clone(),
-                    crate::auth::User {
+                    User {
                         roles: roles.clone(),
                         key: key.clone(),
                         daemon: daemon.clone(),
@@ -281,29 +244,7 @@ impl State {
                 from,
                 to,
                 epoch,
-            } => {
-                let by_operator = self.moves.get(move_id).is_some_and(|m| !m.automatic);
-                let Some(j) = self.jobs.get_mut(job) else {
-                    return;
-                };
-                let size = j.size.head_size_bytes;
-                let owner = j.owner().clone();
-                if by_operator {
-                    j.operator_moved_from = Some(from.clone());
-                }
-                j.assignment = Assignment::Moving {
-                    from: from.clone(),
-                    to: to.clone(),
-                    move_id: move_id.clone(),
-                    phase: MovePhase::Requested,
-                };
-                j.epoch = *epoch;
-                self.release(&owner, job, size);
-                self.take(to, job, size);
-                if let Some(m) = self.moves.get_mut(move_id) {
-                    m.jobs.insert(job.clone(), MovePhase::Requested);
-                }
-            }
+            } => self.start_job_move(job, move_id, from, to, *epoch),
             Event::JobMovePhaseReported {
                 job,
                 move_id,
@@ -314,35 +255,139 @@ impl State {
                 move_id,
                 daemon,
                 ..
-            } => {
-                if let Some(j) = self.jobs.get_mut(job) {
-                    j.assignment = Assignment::Assigned {
-                        daemon: daemon.clone(),
-                    };
-                }
-                self.set_move_phase(job, move_id, MovePhase::Completed);
-            }
+            } => self.complete_job_move(job, move_id, daemon),
             Event::JobMoveFailed {
                 job,
                 move_id,
                 returned_to,
                 epoch,
                 ..
-            } => {
-                let Some(j) = self.jobs.get_mut(job) else {
-                    return;
-                };
-                let size = j.size.head_size_bytes;
-                let owner = j.owner().clone();
-                j.assignment = Assignment::Assigned {
-                    daemon: returned_to.clone(),
-                };
-                j.epoch = *epoch;
-                self.release(&owner, job, size);
-                self.take(returned_to, job, size);
-                self.set_move_phase(job, move_id, MovePhase::Failed);
+            } => self.fail_job_move(job, move_id, returned_to, *epoch),
+        }
+    }
+
+    fn fold_alerts(&mut self, event: &Event) {
+        for effect in alert::effects(event) {
+            match effect {
+                Effect::Open { key, .. } => {
+                    self.alerts.insert(key);
+                }
+                Effect::Close { key } => {
+                    self.alerts.remove(&key);
+                }
+                Effect::Notice { .. } => {}
             }
         }
+    }
+
+    fn register_daemon(&mut self, daemon: &DaemonId, settings: &DaemonSettings) {
+        self.daemons.insert(
+            daemon.clone(),
+            Daemon {
+                settings: settings.clone(),
+                status: DaemonStatus::Active(Liveness::Up),
+                jobs: BTreeSet::new(),
+                used_bytes: 0,
+            },
+        );
+    }
+
+    fn set_liveness(&mut self, daemon: &DaemonId, liveness: Liveness) {
+        if let Some(d) = self.daemons.get_mut(daemon) {
+            if let DaemonStatus::Active(_) = d.status {
+                d.status = DaemonStatus::Active(liveness);
+            }
+        }
+    }
+
+    fn create_job(
+        &mut self,
+        job: &JobId,
+        project: &ProjectId,
+        target: &JobTarget,
+        size: JobSize,
+        daemon: &DaemonId,
+        epoch: u64,
+    ) {
+        if self.jobs.contains_key(job) {
+            return;
+        }
+        self.jobs.insert(
+            job.clone(),
+            Job {
+                project: project.clone(),
+                target: target.clone(),
+                size,
+                status: JobStatus::Active,
+                epoch,
+                assignment: Assignment::Assigned {
+                    daemon: daemon.clone(),
+                },
+                operator_moved_from: None,
+            },
+        );
+        self.take(daemon, job, size.head_size_bytes);
+    }
+
+    fn start_job_move(
+        &mut self,
+        job: &JobId,
+        move_id: &CommandId,
+        from: &DaemonId,
+        to: &DaemonId,
+        epoch: u64,
+    ) {
+        let by_operator = self.moves.get(move_id).is_some_and(|m| !m.automatic);
+        let Some(j) = self.jobs.get_mut(job) else {
+            return;
+        };
+        let size = j.size.head_size_bytes;
+        let owner = j.owner().clone();
+        if by_operator {
+            j.operator_moved_from = Some(from.clone());
+        }
+        j.assignment = Assignment::Moving {
+            from: from.clone(),
+            to: to.clone(),
+            move_id: move_id.clone(),
+            phase: MovePhase::Requested,
+        };
+        j.epoch = epoch;
+        self.release(&owner, job, size);
+        self.take(to, job, size);
+        if let Some(m) = self.moves.get_mut(move_id) {
+            m.jobs.insert(job.clone(), MovePhase::Requested);
+        }
+    }
+
+    fn complete_job_move(&mut self, job: &JobId, move_id: &CommandId, daemon: &DaemonId) {
+        if let Some(j) = self.jobs.get_mut(job) {
+            j.assignment = Assignment::Assigned {
+                daemon: daemon.clone(),
+            };
+        }
+        self.set_move_phase(job, move_id, MovePhase::Completed);
+    }
+
+    fn fail_job_move(
+        &mut self,
+        job: &JobId,
+        move_id: &CommandId,
+        returned_to: &DaemonId,
+        epoch: u64,
+    ) {
+        let Some(j) = self.jobs.get_mut(job) else {
+            return;
+        };
+        let size = j.size.head_size_bytes;
+        let owner = j.owner().clone();
+        j.assignment = Assignment::Assigned {
+            daemon: returned_to.clone(),
+        };
+        j.epoch = epoch;
+        self.release(&owner, job, size);
+        self.take(returned_to, job, size);
+        self.set_move_phase(job, move_id, MovePhase::Failed);
     }
 
     fn take(&mut self, daemon: &DaemonId, job: &JobId, size: u64) {
