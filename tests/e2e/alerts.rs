@@ -7,13 +7,14 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
-use handoff_dataplane::store::{now_ms, Heartbeat, Stores};
+use anyhow::{anyhow, Result};
+use handoff_dataplane::store::{Heartbeat, Stores};
 use handoff_domain::alert::AlertKind;
 use handoff_domain::auth::Role;
 use handoff_domain::command::ConfigureDaemon;
 use handoff_domain::{Command, DaemonId, Event};
 use handoff_eventlog::Recorded;
+use handoff_protocol::now_ms;
 use handoff_protocol::views::AlertView;
 use handoff_tests::*;
 
@@ -82,22 +83,9 @@ async fn monitor(stack: &Stack, dir: &std::path::Path, args: &[&str]) -> Result<
     Proc::spawn(&stack.url(), dir, "monitor", &creds, &full)
 }
 
+/// The first event that `pred` accepts, waiting up to [`TIMEOUT`].
 async fn first(stack: &Stack, what: &str, pred: impl Fn(&Event) -> bool) -> Result<Recorded> {
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some(r) = stack
-            .events()
-            .await?
-            .into_iter()
-            .find(|r| pred(&r.envelope.event))
-        {
-            return Ok(r);
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    first_event(stack, what, TIMEOUT, |r| pred(&r.envelope.event)).await
 }
 
 /// `handoff alerts` once the projector has folded everything appended so far.
@@ -205,7 +193,7 @@ async fn an_operators_move_wins_over_a_pending_automatic_move() -> Result<()> {
     // fence to the destination's epoch.
     let a = job("p/a");
     until("the moved job's fence to rise", TIMEOUT, || async {
-        Ok(stores.fences.read(&a).await?.epoch == 2)
+        Ok((stores.fences.read(&a).await?.epoch == 2).then_some(()))
     })
     .await?;
     // The move never completes (no daemon process here): MOVE_STUCK comes after the
@@ -244,7 +232,8 @@ async fn a_restarted_monitor_gives_every_daemon_a_fresh_grace_period() -> Result
     until("daemon 2's heartbeat to be 4 s old", TIMEOUT, || async {
         let e = stores.heartbeats.entry(key.as_str()).await?;
         let created = e.ok_or_else(|| anyhow!("no heartbeat"))?.created;
-        Ok(now_ms().saturating_sub(handoff_dataplane::store::time_ms(created)) > 4000)
+        let age = now_ms().saturating_sub(handoff_dataplane::store::time_ms(created));
+        Ok((age > 4000).then_some(()))
     })
     .await?;
     // A monitor that starts now must hear nothing for its own threshold first.

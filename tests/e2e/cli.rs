@@ -460,7 +460,8 @@ async fn services_log_structured_json() -> Result<()> {
     let server = handoff_testkit::NatsServer::start().await?;
     let dir = tempfile::tempdir()?;
     let log = dir.path().join("service.log");
-    let mut child = std::process::Command::new(handoff_bin()?)
+    let mut command = std::process::Command::new(handoff_bin()?);
+    command
         .args([
             "--nats-url",
             &server.url(),
@@ -472,10 +473,10 @@ async fn services_log_structured_json() -> Result<()> {
         ])
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
+        .stderr(std::fs::File::create(&log)?);
+    let mut service = handoff_testkit::Child::spawn("command-service", &mut command)?;
     let url = server.url();
-    let registered = wait_for("the command service", || {
+    let registered = until("the command service", TIMEOUT, || {
         let url = url.clone();
         async move {
             let run = handoff(&url, &["daemon", "register", D1, "--head-space", "1GiB"])?;
@@ -484,10 +485,8 @@ async fn services_log_structured_json() -> Result<()> {
     })
     .await?;
     assert!(registered.stdout.contains("registered"));
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()?;
-    child.wait()?;
+    // Stopped cleanly, so its last lines are flushed.
+    service.terminate(TIMEOUT)?;
     let text = std::fs::read_to_string(&log)?;
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -617,13 +616,17 @@ async fn up_rebuilds_heads_for_real() -> Result<()> {
     let url = up.url();
     let client = up.server.connect().await?;
     let stores = handoff_dataplane::store::Stores::open(client, 1).await?;
-    wait_for("the first scheduled snapshot of sales/orders", || {
-        let stores = stores.clone();
-        async move {
-            let snaps = stores.snapshots(Some(&job("sales/orders"))).await?;
-            Ok(snaps.iter().any(|s| s.daemon.is_some()).then_some(()))
-        }
-    })
+    until(
+        "the first scheduled snapshot of sales/orders",
+        TIMEOUT,
+        || {
+            let stores = stores.clone();
+            async move {
+                let snaps = stores.snapshots(Some(&job("sales/orders"))).await?;
+                Ok(snaps.iter().any(|s| s.daemon.is_some()).then_some(()))
+            }
+        },
+    )
     .await?;
     let out = handoff_ok(&url, &["move-job", "sales/orders", "--to", D3, "--wait"])?.stdout;
     assert!(

@@ -2,7 +2,15 @@
 //! sets and a sharded cluster, writes running; daemon 1 is killed; all its jobs move to
 //! daemon 2 while writes continue. The story runs once (real processes: the agent and
 //! the daemons are `handoff` binaries) and records what happened; each test asserts one
-//! rule on the record.
+//! rule on the record. Its steps, one function each in [`run_story`]:
+//!
+//! 1. The fleet starts and the jobs are placed: daemon 1 takes rs1 and the sharded
+//!    cluster, daemon 3 takes rs2, daemon 2 owns nothing; every job gets a snapshot.
+//! 2. Daemon 1 is killed and its jobs move to daemon 2, which is frozen meanwhile so the
+//!    move stays in flight; restores run from the stores during the move.
+//! 3. Daemon 2 is thawed, killed mid-rebuild, and restarted: it finishes by itself.
+//! 4. The moved jobs' next snapshots come at their next slot.
+//! 5. A move of rs2 from a corrupt snapshot fails, and daemon 3 keeps backing rs2 up.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -15,10 +23,11 @@ use futures::StreamExt;
 use handoff_dataplane::daemon::Progress;
 use handoff_dataplane::oplog::{self, Ts};
 use handoff_dataplane::schedule::Schedule;
-use handoff_dataplane::store::{now_ms, SnapshotMeta, Stores};
+use handoff_dataplane::store::{SnapshotMeta, Stores};
 use handoff_domain::auth::Role;
 use handoff_domain::model::HeadPoint;
 use handoff_domain::{DaemonId, Event, JobId};
+use handoff_protocol::now_ms;
 use handoff_tests::*;
 use serde_json::Value;
 
@@ -68,7 +77,7 @@ static STORY: OnceLock<Result<Story, String>> = OnceLock::new();
 /// The story, run once for every test of this module.
 fn story() -> &'static Story {
     story_once(&STORY, || async {
-        let mut keep = Keep::new();
+        let mut keep = Keep::default();
         let record = run_story(&mut keep).await;
         (record, keep)
     })
@@ -89,41 +98,148 @@ fn restore_json(url: &str, job: &str, out: &Path, args: &[&str]) -> Result<Value
     handoff_ok(url, &full)?.json()
 }
 
+/// The story's running parts: the stack and its stores, the agent, and where the daemons'
+/// heads and every process's log go.
+struct Fleet {
+    stack: Stack,
+    stores: Stores,
+    dir: tempfile::TempDir,
+    /// Daemon `n`'s credentials file is at `n - 1`.
+    daemon_creds: Vec<PathBuf>,
+    agent: Proc,
+}
+
+impl Fleet {
+    fn url(&self) -> String {
+        self.stack.url()
+    }
+
+    fn id(&self, n: usize) -> DaemonId {
+        daemon_id(self.dir.path(), n)
+    }
+
+    /// Starts daemon `n` with `workers` rebuild workers.
+    fn spawn_daemon(&self, n: usize, workers: &str) -> Result<Proc> {
+        Proc::daemon(
+            &self.url(),
+            self.dir.path(),
+            &format!("daemon{n}"),
+            &self.daemon_creds[n - 1],
+            &self.id(n),
+            workers,
+            "500",
+        )
+    }
+
+    /// Starts daemon `n` and waits until it has registered.
+    async fn start_daemon(&self, n: usize, workers: &str) -> Result<Proc> {
+        let daemon = self.spawn_daemon(n, workers)?;
+        let id = self.id(n);
+        first_event(&self.stack, &format!("daemon {n} to register"), TIMEOUT, |r| {
+            matches!(&r.envelope.event, Event::DaemonRegistered { daemon, .. } if *daemon == id)
+        })
+        .await?;
+        Ok(daemon)
+    }
+
+    /// How many events of `kind` the stream holds.
+    async fn count(&self, kind: &str) -> Result<usize> {
+        Ok(events_of(&self.stack.events().await?, kind))
+    }
+}
+
+/// Daemon `n`'s id, `d<n>.test:<its head directory under root>/`.
+fn daemon_id(root: &Path, n: usize) -> DaemonId {
+    let head = root.join(format!("heads{n}"));
+    DaemonId::new(format!("d{n}.test:{}/", head.display())).expect("a valid daemon id")
+}
+
+/// The jobs of daemon 1, which all move: a replica set and the sharded cluster's.
+fn moving_jobs() -> Vec<JobId> {
+    ["p/rs1", "p/sc/s0", "p/sc/s1", "p/sc/config"]
+        .into_iter()
+        .map(job)
+        .collect()
+}
+
+/// The job of daemon 3, which stays where it is until its own move fails.
+fn staying_job() -> JobId {
+    job("p/rs2")
+}
+
+/// The move of daemon 1's jobs, once sent.
+struct Move {
+    id: String,
+    started_ms: u64,
+}
+
 async fn run_story(keep: &mut Keep) -> Result<Story> {
-    let (stack, stores) = data_stack(HOUR_MS).await?;
-    let (url, client) = (stack.url(), stack.client.clone());
-    let dir = tempfile::tempdir()?;
-    let logs = dir.path().to_path_buf();
     let schedule = Schedule {
         hour_ms: HOUR_MS,
         ..Schedule::default()
     };
-    let root = dir.path().to_path_buf();
-    let head = |n: usize| root.join(format!("heads{n}"));
-    let id = |n: usize| {
-        DaemonId::new(format!("d{n}.test:{}/", head(n).display())).expect("a valid daemon id")
-    };
+    let (moved, still) = (moving_jobs(), staying_job());
+    let fleet = start_the_fleet().await?;
+    let [d1, d2, mut d3] = place_the_jobs(&fleet).await?;
+    wait_for_every_first_snapshot(&fleet).await?;
+    let (d2, mv) = lose_daemon_1_and_move_its_jobs(&fleet, d1, d2)?;
+    let restores = restore_during_the_move(&fleet, &schedule, &mv).await?;
+    let killed = kill_the_destination_mid_rebuild(&fleet, d2, &mv).await?;
+    let (d2, progress_after_restart) = restart_the_destination(&fleet, &mv).await?;
+    let after = read_what_the_move_left(&fleet, killed.at_seq).await?;
+    wait_for_the_next_snapshots(&fleet, &after.completed).await?;
+    let failure = fail_a_move_from_a_corrupt_snapshot(&fleet, &mut d3).await?;
+    let snapshots = fleet.stores.snapshots(None).await?;
+    let (destination, logs) = (fleet.id(2), fleet.dir.path().to_path_buf());
+    let daemon_subjects = [2, 3]
+        .map(|n| handoff_protocol::subjects::daemon(&fleet.id(n)))
+        .to_vec();
+    let Fleet {
+        stack, dir, agent, ..
+    } = fleet;
+    keep.process(agent).process(d2).process(d3);
+    keep.stack(stack).dir(dir);
+    Ok(Story {
+        schedule,
+        moved,
+        still,
+        destination,
+        move_started_ms: mv.started_ms,
+        completed: after.completed,
+        snapshots,
+        oplog: after.oplog,
+        restores: restores.runs,
+        pit_at: restores.pit_at,
+        moving_after_restores: restores.moving_after,
+        completed_when_killed: killed.completed,
+        rebuild_seen_before_kill: killed.rebuild_seen,
+        progress_after_restart,
+        consumer_filters: after.consumer_filters,
+        daemon_subjects,
+        events_after_kill: after.events_after_kill,
+        failed_reason: failure.reason,
+        failed_back_to: failure.back_to,
+        snapshot_after_failure: failure.snapshot_after,
+        logs,
+    })
+}
+
+/// A stack with the schedule's short hours, the daemons' and the agent's users, and the
+/// agent writing to every job's source.
+async fn start_the_fleet() -> Result<Fleet> {
+    let (stack, stores) = data_stack(HOUR_MS).await?;
+    let dir = tempfile::tempdir()?;
     let mut daemon_creds = Vec::new();
     for n in 1..=3 {
+        let id = daemon_id(dir.path(), n);
         let user = stack
-            .user(&format!("d{n}"), &[Role::BackupDaemon], Some(id(n)))
+            .user(&format!("d{n}"), &[Role::BackupDaemon], Some(id))
             .await?;
         daemon_creds.push(user.1);
     }
     let agent_creds = stack.user("agent", &[Role::BackupAgent], None).await?.1;
-    let spawn_daemon = |n: usize, workers: &str| {
-        Proc::daemon(
-            &url,
-            dir.path(),
-            &format!("daemon{n}"),
-            &daemon_creds[n - 1],
-            &id(n),
-            workers,
-            "500",
-        )
-    };
     let agent = Proc::spawn(
-        &url,
+        &stack.url(),
         dir.path(),
         "agent",
         &agent_creds,
@@ -141,20 +257,24 @@ async fn run_story(keep: &mut Keep) -> Result<Story> {
             "256",
         ],
     )?;
-    let registered = |n: usize| {
-        let stack = &stack;
-        async move {
-            let events = stack.events().await?;
-            Ok(events.iter().any(|r| matches!(&r.envelope.event, Event::DaemonRegistered { daemon, .. } if *daemon == id(n))))
-        }
-    };
-    // Daemon 1 alone takes the first replica set and the sharded cluster.
-    let d1 = spawn_daemon(1, "2")?;
-    until("daemon 1 to register", TIMEOUT, || registered(1)).await?;
+    Ok(Fleet {
+        stack,
+        stores,
+        dir,
+        daemon_creds,
+        agent,
+    })
+}
+
+/// Daemon 1 alone takes the first replica set and the sharded cluster; daemon 3 takes
+/// the second replica set; daemon 2 comes last and owns nothing. The three daemons.
+async fn place_the_jobs(fleet: &Fleet) -> Result<[Proc; 3]> {
+    let stack = &fleet.stack;
+    let d1 = fleet.start_daemon(1, "2").await?;
     stack.apply(configure_project("p")).await?;
     stack.apply(replica_set("p", "rs1", 1)).await?;
     handoff_ok(
-        &url,
+        &fleet.url(),
         &[
             "job",
             "create",
@@ -168,77 +288,95 @@ async fn run_story(keep: &mut Keep) -> Result<Story> {
             "1GiB",
         ],
     )?;
-    // Daemon 3 takes the second replica set; daemon 2 comes last and owns nothing.
-    let d3 = spawn_daemon(3, "2")?;
-    until("daemon 3 to register", TIMEOUT, || registered(3)).await?;
+    let d3 = fleet.start_daemon(3, "2").await?;
     stack.apply(replica_set("p", "rs2", 1)).await?;
-    let mut d2 = spawn_daemon(2, "1")?;
-    until("daemon 2 to register", TIMEOUT, || registered(2)).await?;
-    let moved: Vec<JobId> = ["p/rs1", "p/sc/s0", "p/sc/s1", "p/sc/config"]
-        .into_iter()
-        .map(job)
-        .collect();
-    let still = job("p/rs2");
+    let d2 = fleet.start_daemon(2, "1").await?;
+    Ok([d1, d2, d3])
+}
 
-    // Every job has a snapshot cut by its daemon: heads are built and current.
+/// Every job has a snapshot cut by its daemon: heads are built and current.
+async fn wait_for_every_first_snapshot(fleet: &Fleet) -> Result<()> {
+    let jobs: Vec<JobId> = moving_jobs().into_iter().chain([staying_job()]).collect();
     until(
         "every job's first scheduled snapshot",
         Duration::from_secs(30),
         || async {
-            let snaps = stores.snapshots(None).await?;
-            Ok(moved
+            let snaps = fleet.stores.snapshots(None).await?;
+            Ok(jobs
                 .iter()
-                .chain([&still])
-                .all(|j| snaps.iter().any(|s| s.job == *j && s.daemon.is_some())))
+                .all(|j| snaps.iter().any(|s| s.job == *j && s.daemon.is_some()))
+                .then_some(()))
         },
     )
-    .await?;
+    .await
+}
 
-    // Daemon 1 dies. Daemon 2 is paused so the move stays in flight for a while.
+/// Daemon 1 dies, and its jobs move to daemon 2. Daemon 2 is paused first, so the move
+/// stays in flight for a while; it comes back paused.
+fn lose_daemon_1_and_move_its_jobs(fleet: &Fleet, d1: Proc, mut d2: Proc) -> Result<(Proc, Move)> {
+    let url = fleet.url();
     d1.kill()?;
-    handoff_ok(&url, &["daemon", "down", id(1).as_str()])?;
-    d2.signal("-STOP")?;
-    let move_started_ms = now_ms();
+    handoff_ok(&url, &["daemon", "down", fleet.id(1).as_str()])?;
+    d2.signal(Signal::Stop)?;
+    let started_ms = now_ms();
     let out = handoff_ok(
         &url,
         &[
             "--json",
             "move-jobs",
             "--from",
-            id(1).as_str(),
+            fleet.id(1).as_str(),
             "--to",
-            id(2).as_str(),
+            fleet.id(2).as_str(),
             "--reason",
             "daemon 1 lost",
         ],
     )?
     .json()?;
-    let move_id = out["command"]
+    let id = out["command"]
         .as_str()
         .ok_or_else(|| anyhow!("no move id in {out}"))?
         .to_owned();
+    Ok((d2, Move { id, started_ms }))
+}
 
-    // While it moves: the other job keeps its snapshots, a scheduled slot passes for the
-    // moving ones, and restores run from the stores alone.
+/// The restores run while the jobs move.
+struct Restores {
+    runs: Vec<RestoreRun>,
+    /// The `--at` of the point-in-time restore (seconds).
+    pit_at: u64,
+    /// How many jobs were still moving once the restores were done.
+    moving_after: usize,
+}
+
+/// While it moves: the other job keeps its snapshots, a scheduled slot passes for the
+/// moving ones, and restores run from the stores alone.
+async fn restore_during_the_move(
+    fleet: &Fleet,
+    schedule: &Schedule,
+    mv: &Move,
+) -> Result<Restores> {
+    let (stores, still) = (&fleet.stores, staying_job());
     let interval = schedule.interval_ms();
     until(
         "a slot to pass and daemon 3 to snapshot during the move",
         Duration::from_secs(30),
         || async {
             let snaps = stores.snapshots(Some(&still)).await?;
-            Ok(now_ms() > move_started_ms + interval + 500
-                && snaps.iter().any(|s| s.taken_at_ms > move_started_ms))
+            Ok((now_ms() > mv.started_ms + interval + 500
+                && snaps.iter().any(|s| s.taken_at_ms > mv.started_ms))
+            .then_some(()))
         },
     )
     .await?;
-    let mut restores = Vec::new();
     let latest = stores
-        .snapshots(Some(&moved[0]))
+        .snapshots(Some(&job("p/rs1")))
         .await?
         .last()
         .cloned()
         .ok_or_else(|| anyhow!("no snapshot"))?;
     let at = (now_ms() / 1000).to_string();
+    let mut runs = Vec::new();
     for (what, args) in [
         (
             "snapshot of p/rs1",
@@ -253,7 +391,7 @@ async fn run_story(keep: &mut Keep) -> Result<Story> {
             vec!["--job", "p/rs1", "--oplog-ts", &format!("{at}:1")],
         ),
     ] {
-        let out_dir = dir.path().join(format!("restore-{}", restores.len()));
+        let out_dir = fleet.dir.path().join(format!("restore-{}", runs.len()));
         let mut full = vec![
             "--json",
             "restore",
@@ -261,66 +399,114 @@ async fn run_story(keep: &mut Keep) -> Result<Story> {
             out_dir.to_str().unwrap_or_default(),
         ];
         full.extend(args.iter().copied());
-        let run = handoff(&url, &full)?;
-        restores.push(RestoreRun {
+        let run = handoff(&fleet.url(), &full)?;
+        runs.push(RestoreRun {
             what: what.to_owned(),
             code: run.code,
             output: run.json().unwrap_or(Value::Null),
             stderr: run.stderr.clone(),
         });
     }
-    let events = stack.events().await?;
-    let moving_after_restores = moved.len() - events_of(&events, "JobMoveCompleted");
+    let moving_after = moving_jobs().len() - fleet.count("JobMoveCompleted").await?;
+    Ok(Restores {
+        runs,
+        pit_at: at.parse()?,
+        moving_after,
+    })
+}
 
-    // Daemon 2 wakes up, starts rebuilding, and is killed in the middle.
-    let mut progress = client
-        .subscribe(handoff_dataplane::store::progress_subject(&move_id))
+/// What was true when the destination was killed.
+struct Killed {
+    /// It had reported progress of a rebuild.
+    rebuild_seen: bool,
+    /// The stream's last sequence.
+    at_seq: u64,
+    /// Moves completed by then.
+    completed: usize,
+}
+
+/// Daemon 2 wakes up, starts rebuilding, and is killed in the middle.
+async fn kill_the_destination_mid_rebuild(
+    fleet: &Fleet,
+    mut d2: Proc,
+    mv: &Move,
+) -> Result<Killed> {
+    let mut progress = fleet
+        .stack
+        .client
+        .subscribe(handoff_protocol::subjects::progress(&mv.id))
         .await?;
-    d2.signal("-CONT")?;
-    let mut rebuild_seen_before_kill = false;
+    d2.signal(Signal::Cont)?;
+    let mut rebuild_seen = false;
     while let Ok(Some(m)) = tokio::time::timeout(TIMEOUT, progress.next()).await {
         let p: Progress = serde_json::from_slice(&m.payload)?;
         if p.snapshot_bytes > 0 || p.entries_applied > 0 {
-            rebuild_seen_before_kill = true;
+            rebuild_seen = true;
             break;
         }
     }
     d2.kill()?;
-    let killed_at = stack.last_seq().await?;
-    let completed_when_killed = events_of(&stack.events().await?, "JobMoveCompleted");
-    // Progress after the restart, in order, to see how many rebuilds ran at once: a new
-    // subscription (the old one may still hold reports of the killed process), in place
-    // before the daemon starts (a round trip on the same connection orders it).
-    drop(progress);
-    let mut progress = client
-        .subscribe(handoff_dataplane::store::progress_subject(&move_id))
+    Ok(Killed {
+        rebuild_seen,
+        at_seq: fleet.stack.last_seq().await?,
+        completed: fleet.count("JobMoveCompleted").await?,
+    })
+}
+
+/// Daemon 2 starts again and finishes every rebuild by itself. The daemon, and the jobs
+/// of its progress reports in order (repeats folded), to see how many rebuilds ran at
+/// once.
+async fn restart_the_destination(fleet: &Fleet, mv: &Move) -> Result<(Proc, Vec<JobId>)> {
+    // A new subscription (the old one may still hold reports of the killed process), in
+    // place before the daemon starts (a round trip on the same connection orders it).
+    let mut progress = fleet
+        .stack
+        .client
+        .subscribe(handoff_protocol::subjects::progress(&mv.id))
         .await?;
-    stack.last_seq().await?;
+    fleet.stack.last_seq().await?;
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
     let follower = tokio::spawn(async move {
         while let Some(m) = progress.next().await {
             if let Ok(p) = serde_json::from_slice::<Progress>(&m.payload) {
+                // Ignored: the receiver outlives the follower, which is aborted first.
                 let _ = seen_tx.send(p.job);
             }
         }
     });
-    d2 = spawn_daemon(2, "1")?;
+    let d2 = fleet.spawn_daemon(2, "1")?;
+    let moving = moving_jobs().len();
     until(
         "every moved job to complete on daemon 2",
         Duration::from_secs(60),
-        || async { Ok(events_of(&stack.events().await?, "JobMoveCompleted") == moved.len()) },
+        || async { Ok((fleet.count("JobMoveCompleted").await? == moving).then_some(())) },
     )
     .await?;
     follower.abort();
-    let mut progress_after_restart = Vec::new();
+    let mut jobs = Vec::new();
     while let Ok(job) = seen_rx.try_recv() {
-        if progress_after_restart.last() != Some(&job) {
-            progress_after_restart.push(job);
+        if jobs.last() != Some(&job) {
+            jobs.push(job);
         }
     }
-    // Every daemon reads its own subject only: the server filters for it.
+    Ok((d2, jobs))
+}
+
+/// What the stores and the stream hold once the move is over.
+struct AfterTheMove {
+    /// The filter subjects of the event stream's consumers.
+    consumer_filters: Vec<String>,
+    completed: BTreeMap<JobId, (u64, Option<HeadPoint>)>,
+    events_after_kill: Vec<String>,
+    oplog: BTreeMap<JobId, OplogScan>,
+}
+
+/// Reads the consumers' filters (every daemon reads its own subject only: the server
+/// filters for it), each job's completion, who acted after the kill (at `killed_at`), and
+/// each moved job's oplog.
+async fn read_what_the_move_left(fleet: &Fleet, killed_at: u64) -> Result<AfterTheMove> {
     let mut consumer_filters = Vec::new();
-    let events_stream = jetstream::new(client.clone())
+    let events_stream = jetstream::new(fleet.stack.client.clone())
         .get_stream(handoff_protocol::subjects::STREAM)
         .await?;
     let mut consumers = events_stream.consumers();
@@ -329,7 +515,7 @@ async fn run_story(keep: &mut Keep) -> Result<Story> {
         consumer_filters.push(c.config.filter_subject.clone());
         consumer_filters.extend(c.config.filter_subjects.clone());
     }
-    let events = stack.events().await?;
+    let events = fleet.stack.events().await?;
     let mut completed = BTreeMap::new();
     for r in &events {
         if let Event::JobMoveCompleted { job, head, .. } = &r.envelope.event {
@@ -342,27 +528,53 @@ async fn run_story(keep: &mut Keep) -> Result<Story> {
         .map(|r| format!("{} by {}", r.envelope.event.type_name(), r.envelope.actor))
         .collect();
     let mut oplog = BTreeMap::new();
-    for j in &moved {
-        oplog.insert(j.clone(), scan_oplog(&stores, j).await?);
+    for j in moving_jobs() {
+        let scan = scan_oplog(&fleet.stores, &j).await?;
+        oplog.insert(j, scan);
     }
+    Ok(AfterTheMove {
+        consumer_filters,
+        completed,
+        events_after_kill,
+        oplog,
+    })
+}
 
-    // The moved jobs' next snapshots come at their next regular slot.
+/// The moved jobs' next snapshots come at their next regular slot, after the last
+/// completion in `completed`.
+async fn wait_for_the_next_snapshots(
+    fleet: &Fleet,
+    completed: &BTreeMap<JobId, (u64, Option<HeadPoint>)>,
+) -> Result<()> {
     let done_at = completed.values().map(|(at, _)| *at).max().unwrap_or(0);
+    let moved = moving_jobs();
     until(
         "a snapshot of each moved job after the move",
         Duration::from_secs(30),
         || async {
-            let snaps = stores.snapshots(None).await?;
+            let snaps = fleet.stores.snapshots(None).await?;
             Ok(moved
                 .iter()
-                .all(|j| snaps.iter().any(|s| s.job == *j && s.taken_at_ms > done_at)))
+                .all(|j| snaps.iter().any(|s| s.job == *j && s.taken_at_ms > done_at))
+                .then_some(()))
         },
     )
-    .await?;
+    .await
+}
 
-    // A move that cannot finish: the latest snapshot of rs2 is corrupt.
-    d3.signal("-STOP")?;
-    let mut bad = stores
+/// How the move of rs2 failed.
+struct Failure {
+    reason: Option<String>,
+    back_to: Option<(DaemonId, u64)>,
+    snapshot_after: Option<SnapshotMeta>,
+}
+
+/// A move that cannot finish: the latest snapshot of rs2 is corrupt. Daemon 3 is paused
+/// meanwhile, so it takes no newer snapshot; thawed, it backs rs2 up again.
+async fn fail_a_move_from_a_corrupt_snapshot(fleet: &Fleet, d3: &mut Proc) -> Result<Failure> {
+    let (stores, still) = (&fleet.stores, staying_job());
+    d3.signal(Signal::Stop)?;
+    let bad = stores
         .snapshots(Some(&still))
         .await?
         .last()
@@ -371,10 +583,15 @@ async fn run_story(keep: &mut Keep) -> Result<Story> {
     stores
         .put_snapshot_unfenced(&bad, b"{\"id\":\"d1\",\"doc\":{\"not\":\"the data\"}}\n")
         .await?;
-    bad.size_bytes = 0;
     let failed_move = handoff_ok(
-        &url,
-        &["--json", "move-job", still.as_str(), "--to", id(2).as_str()],
+        &fleet.url(),
+        &[
+            "--json",
+            "move-job",
+            still.as_str(),
+            "--to",
+            fleet.id(2).as_str(),
+        ],
     )?
     .json()?;
     let failed_id = failed_move["command"]
@@ -382,75 +599,43 @@ async fn run_story(keep: &mut Keep) -> Result<Story> {
         .unwrap_or_default()
         .to_owned();
     until("the move of rs2 to fail", TIMEOUT, || async {
-        Ok(events_of(&stack.events().await?, "JobMoveFailed") > 0)
+        Ok((fleet.count("JobMoveFailed").await? > 0).then_some(()))
     })
     .await?;
-    d3.signal("-CONT")?;
-    let events = stack.events().await?;
-    let mut failed_reason = None;
-    let mut failed_back_to = None;
-    for r in &events {
+    d3.signal(Signal::Cont)?;
+    let mut reason = None;
+    let mut back_to = None;
+    for r in &fleet.stack.events().await? {
         match &r.envelope.event {
             Event::JobMoveFailed {
-                reason,
+                reason: why,
                 returned_to,
                 epoch,
                 move_id,
                 ..
             } if move_id.as_str() == failed_id => {
-                failed_reason = Some(reason.clone());
-                failed_back_to = Some((returned_to.clone(), *epoch));
+                reason = Some(why.clone());
+                back_to = Some((returned_to.clone(), *epoch));
             }
             _ => {}
         }
     }
-    let back_epoch = failed_back_to.as_ref().map_or(0, |(_, e)| *e);
-    until(
+    let back_epoch = back_to.as_ref().map_or(0, |(_, e)| *e);
+    let snapshot_after = until(
         "daemon 3 to snapshot rs2 again with its new epoch",
         Duration::from_secs(30),
         || async {
             let snaps = stores.snapshots(Some(&still)).await?;
             Ok(snaps
-                .iter()
-                .any(|s| s.epoch == back_epoch && s.daemon.is_some()))
+                .into_iter()
+                .find(|s| s.epoch == back_epoch && s.daemon.is_some()))
         },
     )
     .await?;
-    let snapshot_after_failure = stores
-        .snapshots(Some(&still))
-        .await?
-        .into_iter()
-        .find(|s| s.epoch == back_epoch && s.daemon.is_some());
-    let snapshots = stores.snapshots(None).await?;
-    keep.push(Box::new(stack));
-    keep.push(Box::new(agent));
-    keep.push(Box::new(d2));
-    keep.push(Box::new(d3));
-    keep.push(Box::new(dir));
-    Ok(Story {
-        schedule,
-        moved,
-        still,
-        destination: id(2),
-        move_started_ms,
-        completed,
-        snapshots,
-        oplog,
-        restores,
-        pit_at: at.parse()?,
-        moving_after_restores,
-        completed_when_killed,
-        rebuild_seen_before_kill,
-        progress_after_restart,
-        consumer_filters,
-        daemon_subjects: [2, 3]
-            .map(|n| handoff_protocol::subjects::daemon(&id(n)))
-            .to_vec(),
-        events_after_kill,
-        failed_reason,
-        failed_back_to,
-        snapshot_after_failure,
-        logs,
+    Ok(Failure {
+        reason,
+        back_to,
+        snapshot_after: Some(snapshot_after),
     })
 }
 
@@ -666,16 +851,11 @@ fn a_rebuild_from_a_corrupt_snapshot_fails_the_move_and_the_job_is_not_lost() {
     assert_eq!(snap.daemon.as_ref(), Some(&owner));
 }
 
-/// Oplog retention: entries past the window that nothing needs are purged and expired
-/// snapshots go; when the only daemon dies, the entries after its last snapshot are kept
-/// past the window and the retention grows with OPLOG_TTL_RESIZE events.
-#[tokio::test]
-async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> Result<()> {
-    let stack = Stack::start().await?;
+/// The retention test's fleet on `stack`: an hour of 100 ms (snapshots every 0.6 s, a
+/// 2.4 s window, snapshots kept 4.8 s, no daily, weekly or monthly tier), the agent, and
+/// one daemon, registered. The agent and the daemon, their logs in `dir`.
+async fn start_a_fleet_of_short_retention(stack: &Stack, dir: &Path) -> Result<(Proc, Proc)> {
     let url = stack.url();
-    let dir = tempfile::tempdir()?;
-    let stores = Stores::open(stack.client.clone(), 1).await?;
-    // An hour of 100 ms: snapshots every 0.6 s, a 2.4 s window, snapshots kept 4.8 s.
     handoff_ok(
         &url,
         &[
@@ -691,9 +871,9 @@ async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> R
         ],
     )?;
     let agent_creds = stack.user("agent", &[Role::BackupAgent], None).await?.1;
-    let _agent = Proc::spawn(
+    let agent = Proc::spawn(
         &url,
-        dir.path(),
+        dir,
         "agent",
         &agent_creds,
         &[
@@ -710,7 +890,7 @@ async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> R
             "128",
         ],
     )?;
-    let id = format!("r1.test:{}/", dir.path().join("heads").display());
+    let id = format!("r1.test:{}/", dir.join("heads").display());
     let d1_creds = stack
         .user(
             "r1",
@@ -721,17 +901,30 @@ async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> R
         .1;
     let d1 = Proc::spawn(
         &url,
-        dir.path(),
+        dir,
         "daemon1",
         &d1_creds,
         &["daemon", "--id", &id, "--head-space", "10GiB"],
     )?;
-    wait_for("the daemon to register", || async {
+    until("the daemon to register", TIMEOUT, || async {
         Ok(of_type(&stack.events().await?, "DaemonRegistered")
             .first()
             .map(|_| ()))
     })
     .await?;
+    Ok((agent, d1))
+}
+
+/// Oplog retention: entries past the window that nothing needs are purged and expired
+/// snapshots go; when the only daemon dies, the entries after its last snapshot are kept
+/// past the window and the retention grows with OPLOG_TTL_RESIZE events.
+#[tokio::test]
+async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> Result<()> {
+    let stack = Stack::start().await?;
+    let url = stack.url();
+    let dir = tempfile::tempdir()?;
+    let stores = Stores::open(stack.client.clone(), 1).await?;
+    let (_agent, d1) = start_a_fleet_of_short_retention(&stack, dir.path()).await?;
     stack.apply(configure_project("p")).await?;
     stack.apply(replica_set("p", "rs", 1)).await?;
     let rs = job("p/rs");
@@ -742,7 +935,8 @@ async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> R
         || async {
             let first = stores.oplog_first(&rs).await?.map(|(s, _)| s).unwrap_or(0);
             let snaps = stores.snapshots(Some(&rs)).await?;
-            Ok(first > 1 && !snaps.is_empty() && snaps.iter().all(|s| s.daemon.is_some()))
+            let expired = !snaps.is_empty() && snaps.iter().all(|s| s.daemon.is_some());
+            Ok((first > 1 && expired).then_some(()))
         },
     )
     .await?;
@@ -759,7 +953,7 @@ async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> R
         .last()
         .cloned()
         .ok_or_else(|| anyhow!("no snapshot"))?;
-    wait_for("OPLOG_TTL_RESIZE", || async {
+    until("OPLOG_TTL_RESIZE", TIMEOUT, || async {
         let events = stack.events().await?;
         Ok(events.iter().find_map(|r| match &r.envelope.event {
             Event::OplogTtlResized {
@@ -779,7 +973,7 @@ async fn retention_purges_what_nothing_needs_and_grows_for_what_is_needed() -> R
     // Well past the original window (the retention has grown a second time), the entries
     // after the last snapshot are all there: a restore to the end of the oplog replays
     // them and matches the source.
-    wait_for("a second OPLOG_TTL_RESIZE", || async {
+    until("a second OPLOG_TTL_RESIZE", TIMEOUT, || async {
         let events = stack.events().await?;
         Ok(events.iter().find_map(|r| match &r.envelope.event {
             Event::OplogTtlResized {
@@ -878,14 +1072,14 @@ async fn the_agent_needs_no_daemon_and_resumes_after_a_kill() -> Result<()> {
     let agent_creds = stack.user("agent", &[Role::BackupAgent], None).await?.1;
     let agent = Proc::spawn(&url, dir.path(), "agent", &agent_creds, &args)?;
     until("oplog saved with no daemon running", TIMEOUT, || async {
-        Ok(last_n().await? >= 300)
+        Ok((last_n().await? >= 300).then_some(()))
     })
     .await?;
     agent.kill()?;
     let at_kill = last_n().await?;
     let _agent = Proc::spawn(&url, dir.path(), "agent-again", &agent_creds, &args)?;
     until("the oplog to go on after the restart", TIMEOUT, || async {
-        Ok(last_n().await? >= at_kill + 300)
+        Ok((last_n().await? >= at_kill + 300).then_some(()))
     })
     .await?;
     let scan = scan_oplog(&stores, &rs).await?;

@@ -15,12 +15,12 @@
 //! 4. Daemon 4 is thawed: fenced, it writes no snapshot and no head position of the jobs
 //!    it lost, and lets their heads go.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use handoff_dataplane::store::{now_ms, HeadRecord, SnapshotMeta, Stores};
+use handoff_dataplane::store::{HeadRecord, SnapshotMeta, Stores};
 use handoff_dataplane::Ts;
 use handoff_domain::alert::AlertKind;
 use handoff_domain::auth::Role;
@@ -29,6 +29,7 @@ use handoff_domain::event::FailoverInputs;
 use handoff_domain::model::HeadPoint;
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId};
 use handoff_eventlog::Recorded;
+use handoff_protocol::now_ms;
 use handoff_protocol::views::AlertView;
 use handoff_protocol::ErrorBody;
 use handoff_tests::*;
@@ -90,30 +91,14 @@ static STORY: OnceLock<Result<Story, String>> = OnceLock::new();
 
 fn story() -> &'static Story {
     story_once(&STORY, || async {
-        let mut keep = Keep::new();
+        let mut keep = Keep::default();
         let record = run_story(&mut keep).await;
         (record, keep)
     })
 }
 
-/// The first event (from the start) that `pred` accepts, waiting up to `limit`.
-async fn first(
-    stack: &Stack,
-    what: &str,
-    limit: Duration,
-    pred: impl Fn(&Recorded) -> bool,
-) -> Result<Recorded> {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if let Some(r) = stack.events().await?.into_iter().find(|r| pred(r)) {
-            return Ok(r);
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+/// How long each step may wait for the monitor or the policy to act.
+const LIMIT: Duration = Duration::from_secs(DOWN_AFTER + 10);
 
 fn alerts(url: &str, all: bool) -> Result<Vec<AlertView>> {
     let mut args = vec!["--json", "alerts"];
@@ -138,11 +123,97 @@ fn is_failover(r: &Recorded) -> bool {
     matches!(r.envelope.event, Event::FailoverDecided { .. })
 }
 
+/// The fleet's state folded from `events`.
+fn state_of(events: &[Recorded]) -> handoff_domain::State {
+    let mut s = handoff_domain::State::default();
+    for r in events {
+        s.apply(&r.envelope.event);
+    }
+    s
+}
+
+/// The jobs daemon `d` owns after `events`.
+fn jobs_of(events: &[Recorded], d: &DaemonId) -> Vec<JobId> {
+    state_of(events).daemons[d].jobs.iter().cloned().collect()
+}
+
+/// The story's running parts: the stack and its stores, the projector, the agent and
+/// the four daemons, their heads and logs under `root`.
+struct Fleet {
+    stack: Stack,
+    stores: Stores,
+    root: PathBuf,
+    /// Daemon `n`'s credentials file is at `n - 1`.
+    daemon_creds: Vec<PathBuf>,
+    /// Daemon `n` is at `n - 1`.
+    daemons: Vec<Proc>,
+    agent: Proc,
+    projector: ProjectorProcess,
+}
+
+impl Fleet {
+    fn url(&self) -> String {
+        self.stack.url()
+    }
+
+    fn id(&self, n: usize) -> DaemonId {
+        daemon_id(&self.root, n)
+    }
+
+    /// Daemon `n` stops answering (SIGSTOP), as a server that is lost.
+    fn freeze(&mut self, n: usize) -> Result<()> {
+        self.daemons[n - 1].signal(Signal::Stop)
+    }
+
+    /// Daemon `n` comes back (SIGCONT).
+    fn thaw(&mut self, n: usize) -> Result<()> {
+        self.daemons[n - 1].signal(Signal::Cont)
+    }
+
+    /// The first event (from the start) that `pred` accepts, waiting up to [`LIMIT`].
+    async fn first(&self, what: &str, pred: impl Fn(&Event) -> bool) -> Result<Recorded> {
+        first_event(&self.stack, what, LIMIT, |r| pred(&r.envelope.event)).await
+    }
+
+    /// The first DAEMON_DOWN of daemon `n`.
+    async fn daemon_down(&self, n: usize) -> Result<Recorded> {
+        let id = self.id(n);
+        self.first(
+            &format!("DAEMON_DOWN of daemon {n}"),
+            |e| matches!(e, Event::DaemonDown { daemon } if *daemon == id),
+        )
+        .await
+    }
+
+    /// The first DAEMON_UP of daemon `n`.
+    async fn daemon_up(&self, n: usize) -> Result<Recorded> {
+        let id = self.id(n);
+        self.first(
+            &format!("DAEMON_UP of daemon {n}"),
+            |e| matches!(e, Event::DaemonUp { daemon } if *daemon == id),
+        )
+        .await
+    }
+
+    /// Waits until the projector has folded every event appended so far.
+    async fn settle(&self) -> Result<()> {
+        let seq = self.stack.last_seq().await?;
+        wait_for_checkpoint(&self.stack.client, seq).await?;
+        Ok(())
+    }
+}
+
+/// Daemon `n`'s id, `d<n>.lost:<its head directory under root>/`.
+fn daemon_id(root: &Path, n: usize) -> DaemonId {
+    let head = root.join(format!("heads{n}"));
+    DaemonId::new(format!("d{n}.lost:{}/", head.display())).expect("a valid daemon id")
+}
+
 async fn run_story(keep: &mut Keep) -> Result<Story> {
     let dir = tempfile::tempdir()?;
     let root = dir.path().to_path_buf();
     let result = play(keep, &root).await;
-    keep.push(Box::new(dir));
+    keep.dir(dir);
     // A failed story says what the monitor and the daemons logged.
     result.map_err(|e| {
         let mut logs = String::new();
@@ -158,31 +229,79 @@ async fn run_story(keep: &mut Keep) -> Result<Story> {
     })
 }
 
-async fn play(keep: &mut Keep, root: &std::path::Path) -> Result<Story> {
+/// The story's four steps (see the module's documentation), recorded.
+async fn play(keep: &mut Keep, root: &Path) -> Result<Story> {
+    let mut fleet = start_the_fleet(root).await?;
+    give_each_daemon_two_jobs(&fleet).await?;
+    let monitor = start_the_monitor(&fleet).await?;
+    let flap = lose_daemon_2_for_a_moment(&mut fleet).await?;
+    let pause = lose_three_of_four(&mut fleet).await?;
+    let theft = give_up_the_stuck_move(&fleet, &pause.stuck_job).await?;
+    let failover = bring_two_back(&mut fleet).await?;
+    let fenced = bring_daemon_4_back(&mut fleet, &failover.jobs, &pause, theft.epoch).await?;
+    let events = fleet.stack.events().await?;
+    let daemons = (1..=4).map(|n| fleet.id(n)).collect();
+    let Fleet {
+        stack,
+        daemons: processes,
+        agent,
+        projector,
+        ..
+    } = fleet;
+    for p in processes {
+        keep.process(p);
+    }
+    keep.process(agent).process(monitor).process(projector);
+    keep.stack(stack);
+    Ok(Story {
+        daemons,
+        froze_2_at: flap.froze_at,
+        down_2: flap.down,
+        up_2: flap.up,
+        alerts_while_2_down: flap.alerts_while_down,
+        daemons_while_2_down: flap.daemons_while_down,
+        alerts_after_2_up: flap.alerts_after_up,
+        paused: pause.paused,
+        alerts_while_paused: pause.alerts,
+        silent_when_checked_ms: pause.silent_when_checked_ms,
+        stuck: pause.stuck,
+        stuck_job: pause.stuck_job,
+        stuck_move: pause.stuck_move,
+        stuck_epoch: theft.epoch,
+        theft_failed: theft.failed,
+        resumed: failover.resumed,
+        moved: failover.moved,
+        froze_4_at: pause.froze_4_at,
+        snapshots_after: fenced.snapshots,
+        heads_after: fenced.heads,
+        fences_after: fenced.fences,
+        stale_completion: fenced.stale_completion,
+        daemon_4_log: fenced.log,
+        events,
+    })
+}
+
+/// A stack with the schedule's short hours, a projector, the users of the daemons, the
+/// agent and the monitor, the agent, and four daemons, each registered.
+async fn start_the_fleet(root: &Path) -> Result<Fleet> {
     let (stack, stores) = data_stack(HOUR_MS).await?;
-    let (url, client) = (stack.url(), stack.client.clone());
-    let root = root.to_path_buf();
+    let url = stack.url();
     let projector = ProjectorProcess::spawn(&url, &root.join("views"), &[])?;
-    let head = |n: usize| root.join(format!("heads{n}"));
-    let id = |n: usize| {
-        DaemonId::new(format!("d{n}.lost:{}/", head(n).display())).expect("a valid daemon id")
-    };
     let mut daemon_creds: Vec<PathBuf> = Vec::new();
     for n in 1..=4 {
         let user = stack
-            .user(&format!("d{n}"), &[Role::BackupDaemon], Some(id(n)))
+            .user(
+                &format!("d{n}"),
+                &[Role::BackupDaemon],
+                Some(daemon_id(root, n)),
+            )
             .await?;
         daemon_creds.push(user.1);
     }
     let agent_creds = stack.user("agent", &[Role::BackupAgent], None).await?.1;
-    let monitor_creds = stack.user("monitor", &[Role::BackupMonitor], None).await?.1;
-    let policy_creds = stack
-        .user("failover-policy", &[Role::BackupMonitor], None)
-        .await?
-        .1;
     let agent = Proc::spawn(
         &url,
-        &root,
+        root,
         "agent",
         &agent_creds,
         &[
@@ -199,62 +318,78 @@ async fn play(keep: &mut Keep, root: &std::path::Path) -> Result<Story> {
             "128",
         ],
     )?;
-    let mut procs = Vec::new();
+    let mut daemons = Vec::new();
     for n in 1..=4 {
-        procs.push(Proc::daemon(
+        daemons.push(Proc::daemon(
             &url,
-            &root,
+            root,
             &format!("daemon{n}"),
             &daemon_creds[n - 1],
-            &id(n),
+            &daemon_id(root, n),
             "2",
             "200",
         )?);
     }
     for n in 1..=4 {
-        first(&stack, &format!("daemon {n} to register"), TIMEOUT, |r| {
-            matches!(&r.envelope.event, Event::DaemonRegistered { daemon, .. } if *daemon == id(n))
+        let id = daemon_id(root, n);
+        first_event(&stack, &format!("daemon {n} to register"), TIMEOUT, |r| {
+            matches!(&r.envelope.event, Event::DaemonRegistered { daemon, .. } if *daemon == id)
         })
         .await?;
     }
-    // Two replica sets per daemon (placement takes the least loaded).
+    Ok(Fleet {
+        stack,
+        stores,
+        root: root.to_path_buf(),
+        daemon_creds,
+        daemons,
+        agent,
+        projector,
+    })
+}
+
+/// Two replica sets per daemon (placement takes the least loaded), every head built and
+/// snapshotted once before anything is lost.
+async fn give_each_daemon_two_jobs(fleet: &Fleet) -> Result<()> {
+    let stack = &fleet.stack;
     stack.apply(configure_project("p")).await?;
     for k in 1..=8 {
         stack.apply(replica_set("p", &format!("rs{k}"), 1)).await?;
     }
-    let state_now = |events: &[Recorded]| {
-        let mut s = handoff_domain::State::default();
-        for r in events {
-            s.apply(&r.envelope.event);
-        }
-        s
-    };
-    let jobs_of = |events: &[Recorded], d: &DaemonId| -> Vec<JobId> {
-        state_now(events).daemons[d].jobs.iter().cloned().collect()
-    };
     let events = stack.events().await?;
     for n in 1..=4 {
-        if jobs_of(&events, &id(n)).len() != 2 {
+        if jobs_of(&events, &fleet.id(n)).len() != 2 {
             bail!("daemon {n} should own two jobs");
         }
     }
-    // Every head built and snapshotted once before anything is lost.
     until(
         "every job to have a daemon's snapshot",
         TIMEOUT * 2,
         || async {
-            let snaps = stores.snapshots(None).await?;
-            Ok((1..=8).all(|k| {
-                snaps
-                    .iter()
-                    .any(|s| s.job.as_str() == format!("p/rs{k}") && s.daemon.is_some())
-            }))
+            let snaps = fleet.stores.snapshots(None).await?;
+            Ok((1..=8)
+                .all(|k| {
+                    snaps
+                        .iter()
+                        .any(|s| s.job.as_str() == format!("p/rs{k}") && s.daemon.is_some())
+                })
+                .then_some(()))
         },
     )
-    .await?;
-    let monitor = Proc::spawn(
-        &url,
-        &root,
+    .await
+}
+
+/// The monitor with automatic failover on, as the `failover-policy` user.
+async fn start_the_monitor(fleet: &Fleet) -> Result<Proc> {
+    let stack = &fleet.stack;
+    let monitor_creds = stack.user("monitor", &[Role::BackupMonitor], None).await?.1;
+    let policy_creds = stack
+        .user("failover-policy", &[Role::BackupMonitor], None)
+        .await?
+        .1;
+    Proc::spawn(
+        &fleet.url(),
+        &fleet.root,
         "monitor",
         &monitor_creds,
         &[
@@ -273,40 +408,62 @@ async fn play(keep: &mut Keep, root: &std::path::Path) -> Result<Story> {
             "--policy-creds",
             policy_creds.to_str().unwrap_or_default(),
         ],
-    )?;
-    let limit = Duration::from_secs(DOWN_AFTER + 10);
-
-    // 1. Daemon 2 is lost for a moment.
-    let froze_2_at = now_ms();
-    procs[1].signal("-STOP")?;
-    let down_2 = first(
-        &stack,
-        "DAEMON_DOWN of daemon 2",
-        limit,
-        |r| matches!(&r.envelope.event, Event::DaemonDown { daemon } if *daemon == id(2)),
     )
-    .await?;
-    let seq = stack.last_seq().await?;
-    wait_for_checkpoint(&client, seq).await?;
-    let alerts_while_2_down = alerts(&url, false)?;
-    let daemons_while_2_down = handoff_ok(&url, &["--json", "daemons"])?.json()?;
-    procs[1].signal("-CONT")?;
-    let up_2 = first(
-        &stack,
-        "DAEMON_UP of daemon 2",
-        limit,
-        |r| matches!(&r.envelope.event, Event::DaemonUp { daemon } if *daemon == id(2)),
-    )
-    .await?;
-    wait_for_checkpoint(&client, up_2.seq).await?;
-    let alerts_after_2_up = alerts(&url, false)?;
+}
 
-    // 2. Three of four lost at once; an operator's move to one of them meanwhile.
+/// Step 1, recorded.
+struct Flap {
+    froze_at: u64,
+    down: Recorded,
+    up: Recorded,
+    alerts_while_down: Vec<AlertView>,
+    daemons_while_down: Value,
+    alerts_after_up: Vec<AlertView>,
+}
+
+/// Step 1: Daemon 2 is lost for a moment: frozen until DAEMON_DOWN, then thawed.
+async fn lose_daemon_2_for_a_moment(fleet: &mut Fleet) -> Result<Flap> {
+    let url = fleet.url();
+    let froze_at = now_ms();
+    fleet.freeze(2)?;
+    let down = fleet.daemon_down(2).await?;
+    fleet.settle().await?;
+    let alerts_while_down = alerts(&url, false)?;
+    let daemons_while_down = handoff_ok(&url, &["--json", "daemons"])?.json()?;
+    fleet.thaw(2)?;
+    let up = fleet.daemon_up(2).await?;
+    wait_for_checkpoint(&fleet.stack.client, up.seq).await?;
+    let alerts_after_up = alerts(&url, false)?;
+    Ok(Flap {
+        froze_at,
+        down,
+        up,
+        alerts_while_down,
+        daemons_while_down,
+        alerts_after_up,
+    })
+}
+
+/// Step 2, recorded.
+struct Pause {
+    froze_4_at: u64,
+    paused: Recorded,
+    alerts: Vec<AlertView>,
+    silent_when_checked_ms: u64,
+    stuck: Recorded,
+    stuck_job: JobId,
+    stuck_move: CommandId,
+}
+
+/// Step 2: Three of four lost at once; an operator's move to one of them meanwhile. The
+/// policy pauses, and the delay runs out while it is paused.
+async fn lose_three_of_four(fleet: &mut Fleet) -> Result<Pause> {
+    let url = fleet.url();
     for n in [2, 3, 4] {
-        procs[n - 1].signal("-STOP")?;
+        fleet.freeze(n)?;
     }
     let froze_4_at = now_ms();
-    let stuck_job = jobs_of(&stack.events().await?, &id(1))[0].clone();
+    let stuck_job = jobs_of(&fleet.stack.events().await?, &fleet.id(1))[0].clone();
     let moved = handoff_ok(
         &url,
         &[
@@ -314,7 +471,7 @@ async fn play(keep: &mut Keep, root: &std::path::Path) -> Result<Story> {
             "move-job",
             stuck_job.as_str(),
             "--to",
-            id(4).as_str(),
+            fleet.id(4).as_str(),
         ],
     )?
     .json()?;
@@ -323,33 +480,51 @@ async fn play(keep: &mut Keep, root: &std::path::Path) -> Result<Story> {
             .as_str()
             .ok_or_else(|| anyhow!("no move id in {moved}"))?,
     )?;
-    let paused = first(&stack, "FAILOVER_PAUSED", limit, |r| {
-        matches!(r.envelope.event, Event::FailoverPaused { .. })
-    })
-    .await?;
-    let stuck = first(
-        &stack,
-        "MOVE_STUCK",
-        limit,
-        |r| matches!(&r.envelope.event, Event::MoveStuck { job, .. } if *job == stuck_job),
-    )
-    .await?;
+    let paused = fleet
+        .first("FAILOVER_PAUSED", |e| {
+            matches!(e, Event::FailoverPaused { .. })
+        })
+        .await?;
+    let stuck = fleet
+        .first(
+            "MOVE_STUCK",
+            |e| matches!(e, Event::MoveStuck { job, .. } if *job == stuck_job),
+        )
+        .await?;
     // The delay runs out while paused: wait until daemon 2 has been silent for the
     // threshold, the delay and a second more, on the server's clock.
     let wait = (DOWN_AFTER + DELAY + 1) * 1000;
-    until("the policy's delay to run out", limit, || async {
-        Ok(silence_ms(&stores, &id(2)).await? > wait)
+    let d2 = fleet.id(2);
+    until("the policy's delay to run out", LIMIT, || async {
+        Ok((silence_ms(&fleet.stores, &d2).await? > wait).then_some(()))
     })
     .await?;
-    let silent_when_checked_ms = silence_ms(&stores, &id(2)).await?;
-    let seq = stack.last_seq().await?;
-    wait_for_checkpoint(&client, seq).await?;
-    let alerts_while_paused = alerts(&url, false)?;
-    // The operator gives up on the stuck move: the job goes back to daemon 1.
-    let state = state_now(&stack.events().await?);
-    let stuck_epoch = state.jobs[&stuck_job].epoch;
+    let silent_when_checked_ms = silence_ms(&fleet.stores, &d2).await?;
+    fleet.settle().await?;
+    let alerts = alerts(&url, false)?;
+    Ok(Pause {
+        froze_4_at,
+        paused,
+        alerts,
+        silent_when_checked_ms,
+        stuck,
+        stuck_job,
+        stuck_move,
+    })
+}
+
+/// The stuck move given up.
+struct Theft {
+    /// The job's epoch while it was stuck.
+    epoch: u64,
+    failed: Recorded,
+}
+
+/// The operator gives up on the stuck move: the job goes back to daemon 1.
+async fn give_up_the_stuck_move(fleet: &Fleet, stuck_job: &JobId) -> Result<Theft> {
+    let epoch = state_of(&fleet.stack.events().await?).jobs[stuck_job].epoch;
     handoff_ok(
-        &url,
+        &fleet.url(),
         &[
             "fail-move",
             stuck_job.as_str(),
@@ -357,39 +532,65 @@ async fn play(keep: &mut Keep, root: &std::path::Path) -> Result<Story> {
             "destination frozen",
         ],
     )?;
-    let theft_failed = first(
-        &stack,
-        "THEFT_FAILED",
-        limit,
-        |r| matches!(&r.envelope.event, Event::JobMoveFailed { job, .. } if *job == stuck_job),
-    )
-    .await?;
+    let failed = fleet
+        .first(
+            "THEFT_FAILED",
+            |e| matches!(e, Event::JobMoveFailed { job, .. } if job == stuck_job),
+        )
+        .await?;
+    Ok(Theft { epoch, failed })
+}
 
-    // 3. Two come back: the guard lifts, daemon 4's jobs move.
-    let daemon_4_jobs = jobs_of(&stack.events().await?, &id(4));
-    procs[1].signal("-CONT")?;
-    procs[2].signal("-CONT")?;
-    let resumed = first(&stack, "FAILOVER_RESUMED", limit, |r| {
-        matches!(r.envelope.event, Event::FailoverResumed { .. })
-    })
-    .await?;
+/// Step 3, recorded.
+struct Failover {
+    resumed: Recorded,
+    /// Daemon 4's jobs, which the policy moved.
+    jobs: Vec<JobId>,
+    moved: Vec<Moved>,
+}
+
+/// Step 3: Two come back: the guard lifts, and daemon 4's jobs move and complete.
+async fn bring_two_back(fleet: &mut Fleet) -> Result<Failover> {
+    let d4 = fleet.id(4);
+    let jobs = jobs_of(&fleet.stack.events().await?, &d4);
+    fleet.thaw(2)?;
+    fleet.thaw(3)?;
+    let resumed = fleet
+        .first("FAILOVER_RESUMED", |e| {
+            matches!(e, Event::FailoverResumed { .. })
+        })
+        .await?;
     until(
         "daemon 4's jobs to move and complete",
         TIMEOUT * 2,
         || async {
-            let events = stack.events().await?;
-            Ok(daemon_4_jobs.iter().all(|j| {
-                events.iter().any(|r| {
-                    matches!(&r.envelope.event, Event::JobMoveCompleted { job, daemon, .. }
-                    if job == j && *daemon != id(4))
+            let events = fleet.stack.events().await?;
+            Ok(jobs
+                .iter()
+                .all(|j| {
+                    events.iter().any(|r| {
+                        matches!(&r.envelope.event, Event::JobMoveCompleted { job, daemon, .. }
+                    if job == j && *daemon != d4)
+                    })
                 })
-            }))
+                .then_some(()))
         },
     )
     .await?;
-    let events = stack.events().await?;
+    let moved = record_the_failovers(fleet, &jobs).await?;
+    Ok(Failover {
+        resumed,
+        jobs,
+        moved,
+    })
+}
+
+/// Each of `jobs` as the policy moved it: its decision, its completion, and the source's
+/// checksum at the rebuilt head's timestamp.
+async fn record_the_failovers(fleet: &Fleet, jobs: &[JobId]) -> Result<Vec<Moved>> {
+    let events = fleet.stack.events().await?;
     let mut moved = Vec::new();
-    for j in &daemon_4_jobs {
+    for j in jobs {
         let decided = events
             .iter()
             .find(|r| matches!(&r.envelope.event, Event::FailoverDecided { job, .. } if job == j))
@@ -397,7 +598,7 @@ async fn play(keep: &mut Keep, root: &std::path::Path) -> Result<Story> {
         let Event::FailoverDecided { to, inputs, .. } = &decided.envelope.event else {
             unreachable!()
         };
-        let completed = events
+        let (epoch, head) = events
             .iter()
             .rev()
             .find_map(|r| match &r.envelope.event {
@@ -407,9 +608,8 @@ async fn play(keep: &mut Keep, root: &std::path::Path) -> Result<Story> {
                 _ => None,
             })
             .ok_or_else(|| anyhow!("{j} did not complete"))?;
-        let scan = scan_oplog(&stores, j).await?;
-        let source_at_head = completed
-            .1
+        let scan = scan_oplog(&fleet.stores, j).await?;
+        let source_at_head = head
             .as_ref()
             .and_then(|h| h.ts.parse::<Ts>().ok())
             .and_then(|ts| scan.source_at.get(&ts))
@@ -419,84 +619,75 @@ async fn play(keep: &mut Keep, root: &std::path::Path) -> Result<Story> {
             to: to.clone(),
             actor: decided.envelope.actor.to_string(),
             inputs: inputs.clone(),
-            epoch: completed.0,
-            head: completed.1,
+            epoch,
+            head,
             source_at_head,
         });
     }
+    Ok(moved)
+}
 
-    // 4. Daemon 4 comes back, having lost everything.
-    procs[3].signal("-CONT")?;
-    first(
-        &stack,
-        "DAEMON_UP of daemon 4",
-        limit,
-        |r| matches!(&r.envelope.event, Event::DaemonUp { daemon } if *daemon == id(4)),
-    )
-    .await?;
-    let log4 = root.join("daemon4.log");
-    until("daemon 4 to let go of its old jobs", limit, || async {
+/// Step 4, recorded.
+struct Fenced {
+    snapshots: Vec<SnapshotMeta>,
+    heads: Vec<(JobId, Option<HeadRecord>)>,
+    fences: Vec<(JobId, u64)>,
+    stale_completion: Result<(), ErrorBody>,
+    log: String,
+}
+
+/// Step 4: Daemon 4 comes back, having lost everything (`lost`, and the stuck move's job):
+/// it lets their heads go, and a completion of the failed move signed by it with its old
+/// epoch (`stuck_epoch`) is refused.
+async fn bring_daemon_4_back(
+    fleet: &mut Fleet,
+    lost: &[JobId],
+    pause: &Pause,
+    stuck_epoch: u64,
+) -> Result<Fenced> {
+    fleet.thaw(4)?;
+    fleet.daemon_up(4).await?;
+    let every: Vec<&JobId> = lost.iter().chain([&pause.stuck_job]).collect();
+    let log4 = fleet.root.join("daemon4.log");
+    until("daemon 4 to let go of its old jobs", LIMIT, || async {
         let log = std::fs::read_to_string(&log4)?;
-        Ok(daemon_4_jobs.iter().chain([&stuck_job]).all(|j| {
-            log.lines()
-                .any(|l| l.contains(j.as_str()) && l.contains("dropping its head"))
-        }))
+        Ok(every
+            .iter()
+            .all(|j| {
+                log.lines()
+                    .any(|l| l.contains(j.as_str()) && l.contains("dropping its head"))
+            })
+            .then_some(()))
     })
     .await?;
-    // A completion of the failed move, signed by daemon 4 with its old epoch.
-    let d4 = handoff_protocol::auth::Credentials::load(&daemon_creds[3])?;
+    let d4 = handoff_protocol::auth::Credentials::load(&fleet.daemon_creds[3])?;
     let stale_completion = send_command(
-        &client,
+        &fleet.stack.client,
         &d4,
         &new_id(),
         &Command::CompleteJobMove(CompleteJobMove {
-            job: stuck_job.clone(),
-            move_id: stuck_move.clone(),
+            job: pause.stuck_job.clone(),
+            move_id: pause.stuck_move.clone(),
             epoch: stuck_epoch,
             head: None,
         }),
     )
     .await?
     .map(|_| ());
-    let snapshots_after = stores.snapshots(None).await?;
-    let mut heads_after = Vec::new();
-    let mut fences_after = Vec::new();
-    for j in daemon_4_jobs.iter().chain([&stuck_job]) {
-        heads_after.push((j.clone(), stores.head(j).await?));
-        fences_after.push((j.clone(), stores.fences.read(j).await?.epoch));
+    let stores = &fleet.stores;
+    let snapshots = stores.snapshots(None).await?;
+    let mut heads = Vec::new();
+    let mut fences = Vec::new();
+    for j in every {
+        heads.push((j.clone(), stores.head(j).await?));
+        fences.push((j.clone(), stores.fences.read(j).await?.epoch));
     }
-    let daemon_4_log = std::fs::read_to_string(&log4)?;
-    let events = stack.events().await?;
-    keep.push(Box::new(procs));
-    keep.push(Box::new(agent));
-    keep.push(Box::new(monitor));
-    keep.push(Box::new(projector));
-    keep.push(Box::new(stack));
-    Ok(Story {
-        daemons: (1..=4).map(id).collect(),
-        froze_2_at,
-        down_2,
-        up_2,
-        alerts_while_2_down,
-        daemons_while_2_down,
-        alerts_after_2_up,
-        paused,
-        alerts_while_paused,
-        silent_when_checked_ms,
-        stuck,
-        stuck_job,
-        stuck_move,
-        stuck_epoch,
-        theft_failed,
-        resumed,
-        moved,
-        froze_4_at,
-        snapshots_after,
-        heads_after,
-        fences_after,
+    Ok(Fenced {
+        snapshots,
+        heads,
+        fences,
         stale_completion,
-        daemon_4_log,
-        events,
+        log: std::fs::read_to_string(&log4)?,
     })
 }
 

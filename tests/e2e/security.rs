@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use handoff_domain::auth::Role;
 use handoff_domain::command::{AddUser, CompleteJobMove, RemoveUser};
 use handoff_domain::{Actor, Command, Event};
@@ -306,18 +306,23 @@ async fn connect_as(
     Ok((client, rx))
 }
 
-/// Waits for a permissions violation about `subject`.
+/// Waits for a permissions violation about `subject` among the errors the server sends.
 async fn violation(errors: &mut mpsc::UnboundedReceiver<String>, subject: &str) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let e = tokio::time::timeout_at(deadline, errors.recv())
-            .await
-            .with_context(|| format!("no permissions violation for {subject}"))?
-            .context("the connection closed")?;
-        if e.contains("Permissions Violation") && e.contains(subject) {
-            return Ok(());
-        }
-    }
+    until(
+        &format!("a permissions violation for {subject}"),
+        TIMEOUT,
+        || {
+            // What the server has sent since the last poll.
+            let seen = std::iter::from_fn(|| errors.try_recv().ok())
+                .any(|e| e.contains("Permissions Violation") && e.contains(subject));
+            std::future::ready(match seen {
+                true => Ok(Some(())),
+                false if errors.is_closed() => Err(anyhow!("the connection closed")),
+                false => Ok(None),
+            })
+        },
+    )
+    .await
 }
 
 /// `handoff up` on a server of its own runs the generated configuration: nothing connects
@@ -367,13 +372,17 @@ async fn the_generated_nats_configuration_walls_off_each_process() -> Result<()>
     let before = stream.info().await?.state.last_sequence;
     // An operator's key: the endpoints answer, the stream cannot be written.
     let status = operator
-        .request("handoff.query.status", "{}".into())
+        .request(handoff_protocol::subjects::query("status"), "{}".into())
         .await?;
     assert!(String::from_utf8_lossy(&status.payload).contains("checkpoint"));
     operator
         .publish(handoff_protocol::subjects::daemon(&d1), "{}".into())
         .await?;
-    violation(&mut operator_errors, "handoff.evt.daemon").await?;
+    violation(
+        &mut operator_errors,
+        &format!("{}.daemon", handoff_protocol::subjects::EVENTS),
+    )
+    .await?;
     let purge = js
         .get_stream(handoff_protocol::subjects::STREAM)
         .await?
@@ -386,17 +395,25 @@ async fn the_generated_nats_configuration_walls_off_each_process() -> Result<()>
     daemon
         .publish(handoff_protocol::subjects::daemon(&d1), "{}".into())
         .await?;
-    violation(&mut daemon_errors, "handoff.evt.daemon").await?;
+    violation(
+        &mut daemon_errors,
+        &format!("{}.daemon", handoff_protocol::subjects::EVENTS),
+    )
+    .await?;
     let moved = daemon
         .send_request(
-            "handoff.cmd.move-jobs",
+            handoff_protocol::subjects::command("move-jobs"),
             async_nats::Request::new()
                 .payload("{}".into())
                 .timeout(Some(Duration::from_secs(2))),
         )
         .await;
     assert!(moved.is_err(), "a daemon's key reached move-jobs");
-    violation(&mut daemon_errors, "handoff.cmd.move-jobs").await?;
+    violation(
+        &mut daemon_errors,
+        &handoff_protocol::subjects::command("move-jobs"),
+    )
+    .await?;
     let log = handoff_eventlog::EventLog::attach(daemon.clone(), Default::default()).await?;
     let own = log
         .read_filtered(1, &handoff_protocol::subjects::daemon(&d1))

@@ -15,8 +15,8 @@ use futures::StreamExt;
 use handoff_dataplane::head::{HeadMeta, HeadStatus, Heads};
 use handoff_dataplane::oplog::Ts;
 use handoff_dataplane::rebuild::{self, Outcome, Quiet};
-use handoff_dataplane::source::{Source, Workload};
-use handoff_dataplane::store::{self, SnapshotMeta, Stores};
+use handoff_dataplane::source::sim::{Config, Sim};
+use handoff_dataplane::store::{SnapshotMeta, Stores};
 use handoff_domain::JobId;
 use handoff_natsd::NatsProcess;
 use serde::Deserialize;
@@ -56,10 +56,11 @@ pub async fn measure(initial: u64, entries: u64, runs: usize) -> Result<Data> {
     let client = async_nats::connect(nats.url()).await?;
     let stores = Stores::open(client.clone(), 1).await?;
     let job = JobId::new("bench/rs").expect("valid");
-    let mut source = Source::new(&Workload {
+    let mut source = Sim::new(&Config {
         seed: initial ^ entries,
         initial_bytes: initial,
         doc_bytes: 256,
+        ..Config::default()
     });
     let mut data = Vec::new();
     for (id, doc) in source.documents() {
@@ -74,14 +75,14 @@ pub async fn measure(initial: u64, entries: u64, runs: usize) -> Result<Data> {
         oplog_seq: 0,
         checksum: source.checksum(),
         size_bytes: data.len() as u64,
-        taken_at_ms: store::now_ms(),
+        taken_at_ms: handoff_protocol::now_ms(),
         slot_ms: None,
         daemon: None,
     };
     stores.put_snapshot(&snapshot, &data).await?;
     // The oplog, in messages of at most 512 KiB, published pipelined.
     let js = jetstream::new(client.clone());
-    let subject = store::oplog_subject(&job);
+    let subject = handoff_protocol::subjects::oplog(&job);
     let mut acks = Vec::new();
     let mut buf = Vec::new();
     for k in 0..entries {
@@ -90,7 +91,7 @@ pub async fn measure(initial: u64, entries: u64, runs: usize) -> Result<Data> {
             i: (k % 1000) as u32 + 1,
         };
         source.step(ts, &mut buf);
-        if buf.len() >= store::MAX_MESSAGE_BYTES || k + 1 == entries {
+        if buf.len() >= handoff_protocol::dataplane::MAX_MESSAGE_BYTES || k + 1 == entries {
             acks.push(
                 js.publish(subject.clone(), std::mem::take(&mut buf).into())
                     .await?,
@@ -191,7 +192,7 @@ async fn raw_rebuild(
     let stream = stores.oplog.clone();
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: store::oplog_subject(job),
+            filter_subject: handoff_protocol::subjects::oplog(job),
             ..Default::default()
         })
         .await?;

@@ -14,6 +14,10 @@
 //!
 //! Each benchmark runs on a fresh nats-server with `sync_interval: always`, as the tests
 //! and the local stack do.
+//!
+//! # Layout
+//! - this file: the command-path benchmarks (a), (b), (c) and the shared [`Bench`] setup.
+//! - `dataplane`: the data plane's benchmarks (d) and (e).
 
 mod dataplane;
 
@@ -23,13 +27,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
+use handoff_client::{new_command_id, Client, Retry};
 use handoff_domain::command::*;
 use handoff_domain::ids::DeploymentName;
 use handoff_domain::model::{DaemonSettings, Deployment, JobSize, Shard};
-use handoff_domain::{Actor, Command, CommandId, DaemonId, JobId, ProjectId};
+use handoff_domain::{Actor, Command, DaemonId, JobId, ProjectId};
 use handoff_natsd::NatsProcess;
-use handoff_protocol::auth::{Credentials, SIGNATURE_HEADER};
-use handoff_protocol::{Applied, Reply};
+use handoff_protocol::auth::Credentials;
+use handoff_protocol::Applied;
 use tokio::sync::oneshot;
 
 #[global_allocator]
@@ -45,8 +50,8 @@ struct Bench {
     _dir: tempfile::TempDir,
     client: async_nats::Client,
     stop: Option<oneshot::Sender<()>>,
-    /// The first owner: every command is signed, as in production.
-    owner: Credentials,
+    /// Signs as the first owner: every command is signed, as in production.
+    commands: Client,
 }
 
 impl Bench {
@@ -69,28 +74,22 @@ impl Bench {
         tokio::spawn(service.run(async {
             let _ = stopped.await;
         }));
+        let commands = Client::new(client.clone(), owner, "handoff-bench")
+            .with_retry(Retry::once(Duration::from_secs(30)));
         Ok(Bench {
             nats,
             _dir: dir,
             client,
             stop: Some(stop),
-            owner,
+            commands,
         })
     }
 
     async fn send(&self, command: &Command) -> Result<Applied> {
-        let id = CommandId::new(ulid::Ulid::new().to_string())?;
-        let signed = self.owner.sign_command(&id, command, Some("handoff-bench"));
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(SIGNATURE_HEADER, signed.signature.as_str());
-        let reply = self
-            .client
-            .request_with_headers(signed.subject, headers, signed.payload.into())
-            .await?;
-        let reply: Reply = serde_json::from_slice(&reply.payload)?;
-        reply
-            .into_result()
-            .map_err(|e| anyhow::anyhow!("{} refused: {}", command.name(), e.message))
+        self.commands
+            .send(&new_command_id(), command)
+            .await
+            .map_err(|e| anyhow::anyhow!("{} refused: {e}", command.name()))
     }
 
     /// A raw stream with the event stream's settings, for the baselines.

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
+use handoff_client::{Client, Outage, Retry, SendError};
 use handoff_domain::{Command, CommandId};
 use handoff_eventlog::EventLog;
-use handoff_protocol::auth::{Credentials, SIGNATURE_HEADER};
-use handoff_protocol::{subjects, Applied, ErrorBody, Reply};
+use handoff_protocol::auth::Credentials;
+use handoff_protocol::{subjects, Applied, ErrorBody};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -63,20 +64,19 @@ impl Api {
         })
     }
 
-    /// Sends a command signed with the caller's key; a refusal is a [`Failure::Refused`].
+    /// Sends a command signed with the caller's key, retried with the same id while
+    /// handoff is briefly unavailable; a refusal is a [`Failure::Refused`].
     pub async fn command(&self, id: &CommandId, command: &Command) -> Result<Applied, Failure> {
-        let signed = self
-            .creds()?
-            .sign_command(id, command, Some(&client_name()));
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(SIGNATURE_HEADER, signed.signature.as_str());
-        let reply = self
-            .request_with(signed.subject, signed.payload, Some(headers))
-            .await?;
-        let reply: Reply = serde_json::from_slice(&reply).map_err(|e| {
-            Failure::Usage(format!("unreadable reply from the command service: {e}"))
-        })?;
-        reply.into_result().map_err(Failure::Refused)
+        let client = Client::new(self.client.clone(), self.creds()?.clone(), client_name())
+            .with_retry(Retry::INTERACTIVE);
+        client.send(id, command).await.map_err(|e| match e {
+            SendError::Unavailable {
+                last: Outage::Service(body),
+                ..
+            } => Failure::Refused(body),
+            SendError::Unavailable { .. } => Failure::Usage(e.to_string()),
+            refused => Failure::Refused(refused.body()),
+        })
     }
 
     /// Asks the projector; a `not_found` or `validation` answer is a refusal.
@@ -98,21 +98,9 @@ impl Api {
     }
 
     async fn request(&self, subject: String, body: Vec<u8>) -> Result<bytes::Bytes, Failure> {
-        self.request_with(subject, body, None).await
-    }
-
-    async fn request_with(
-        &self,
-        subject: String,
-        body: Vec<u8>,
-        headers: Option<async_nats::HeaderMap>,
-    ) -> Result<bytes::Bytes, Failure> {
-        let mut request = async_nats::Request::new()
+        let request = async_nats::Request::new()
             .payload(body.into())
             .timeout(Some(REQUEST_TIMEOUT));
-        if let Some(h) = headers {
-            request = request.headers(h);
-        }
         match self.client.send_request(subject.clone(), request).await {
             Ok(m) => Ok(m.payload),
             Err(e) => Err(Failure::Usage(match e.kind() {

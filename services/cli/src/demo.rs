@@ -11,14 +11,17 @@ use clap::Args;
 use handoff_domain::command::*;
 use std::time::{Duration, Instant};
 
-use handoff_dataplane::agent::AgentConfig;
-use handoff_dataplane::store::{now_ms, Stores};
+use handoff_dataplane::agent::{self, SourceConfig};
+use handoff_dataplane::source::sim;
+use handoff_dataplane::store::Stores;
 use handoff_domain::model::Liveness;
 use handoff_domain::state::DaemonStatus;
 use handoff_domain::{Command, Event, JobId};
+use handoff_protocol::now_ms;
 
 use crate::cmd::{self, history::Filter};
-use crate::stack::{sample_daemon, seed, settle, Stack};
+use crate::sample::{sample_daemon, seed, settle};
+use crate::stack::Stack;
 use crate::{Context, Failure};
 
 #[derive(Debug, Args)]
@@ -86,30 +89,65 @@ fn store_error(e: impl std::fmt::Display) -> Failure {
     Failure::Usage(e.to_string())
 }
 
+/// The jobs of the lost daemon that reached their new one, and when the last one did.
+struct Moved {
+    jobs: Vec<JobId>,
+    done_at: u64,
+}
+
 async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> {
     let api = stack.api().await?;
-    let ctx = Context {
+    let ctx = owner_context(stack);
+    let (lost, spare) = (sample_daemon(1), sample_daemon(3));
+
+    let stores = build_a_fleet(stack, dir, &api, &ctx).await?;
+    lose_a_daemon(stack, &api, &ctx, &lost).await?;
+    freeze_and_thaw_a_daemon(stack, &api, &lost).await?;
+    dry_run_the_move(&api, &lost, &spare).await?;
+    let from_seq = move_its_jobs(&api, &ctx, &lost, &spare).await?;
+    let moved = check_every_head(&api, &stores, from_seq).await?;
+    restore_a_point_in_time(&ctx, dir).await?;
+    see_snapshots_resume(&api, &ctx, &stores, &moved).await?;
+    replay_its_history(&ctx, &lost).await?;
+    remove_the_lost_daemon(&api, &ctx, lost).await?;
+    println!("\ndone: every job is on a healthy daemon, its head verified against the source, and every step is an event.");
+    Ok(())
+}
+
+/// The demo's commands run as the stack's owner, against the stack it started.
+fn owner_context(stack: &Stack) -> Context {
+    Context {
         url: stack.url.clone(),
         url_given: true,
         json: false,
         creds: Some(stack.owner.clone()),
         creds_path: Some(stack.owner_path.clone()),
         nats_seed: stack.keys.as_ref().map(|k| k.operator.clone()),
-    };
-    let (lost, spare) = (sample_daemon(1), sample_daemon(3));
+    }
+}
 
+/// Waits for every job's first snapshot: a move later rebuilds each head from one.
+async fn build_a_fleet(
+    stack: &mut Stack,
+    dir: &std::path::Path,
+    api: &crate::client::Api,
+    ctx: &Context,
+) -> Result<Stores, Failure> {
     step(
         1,
         "A fleet: three backup daemons, two projects, five backup jobs",
     );
-    seed(&api).await?;
-    let agent = AgentConfig {
-        ops_per_sec: 150,
+    seed(api).await?;
+    let agent = agent::Config {
+        source: SourceConfig::Sim(sim::Config {
+            ops_per_sec: 150,
+            initial_bytes: 1 << 20,
+            doc_bytes: 256,
+            ..sim::Config::default()
+        }),
         slice_ms: 250,
         groom_ms: 1000,
-        initial_bytes: 1 << 20,
-        doc_bytes: 256,
-        ..AgentConfig::default()
+        ..agent::Config::default()
     };
     stack.start_data_plane(dir, HOUR_MS, agent, 1).await?;
     stack
@@ -145,12 +183,12 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
         },
     )
     .await?;
-    settle(&api).await?;
+    settle(api).await?;
     println!("the agent writes to every source and saves its oplog; each daemon keeps a head per job and takes a snapshot every 6 hours (3.6 s here)");
-    cmd::fleet::daemons(&ctx).await?;
+    cmd::fleet::daemons(ctx).await?;
     println!();
     cmd::fleet::jobs(
-        &ctx,
+        ctx,
         cmd::fleet::JobsArgs {
             daemon: None,
             project: None,
@@ -158,7 +196,15 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
         },
     )
     .await?;
+    Ok(stores)
+}
 
+async fn lose_a_daemon(
+    stack: &mut Stack,
+    api: &crate::client::Api,
+    ctx: &Context,
+    lost: &handoff_domain::DaemonId,
+) -> Result<(), Failure> {
     step(
         2,
         &format!(
@@ -166,20 +212,29 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
             DOWN_AFTER.as_secs()
         ),
     );
-    stack.kill_daemon(&lost);
-    wait_liveness(&api, &lost, Liveness::Down).await?;
-    cmd::fleet::daemons(&ctx).await?;
+    stack.kill_daemon(lost);
+    wait_liveness(api, lost, Liveness::Down).await?;
+    cmd::fleet::daemons(ctx).await?;
     println!();
-    cmd::monitor::alerts(&ctx, cmd::monitor::AlertsArgs { all: false }).await?;
+    cmd::monitor::alerts(ctx, cmd::monitor::AlertsArgs { all: false }).await?;
+    Ok(())
+}
 
+/// The frozen daemon is let go again so that, for the rest of the story, only the lost one
+/// is down.
+async fn freeze_and_thaw_a_daemon(
+    stack: &Stack,
+    api: &crate::client::Api,
+    lost: &handoff_domain::DaemonId,
+) -> Result<(), Failure> {
     step(
         3,
         "Moving its jobs onto a daemon that is down is refused, before anything changes",
     );
     let frozen = sample_daemon(2);
     println!("{frozen} stops answering for a while (SIGSTOP)...");
-    stack.signal_daemon(&frozen, "-STOP")?;
-    wait_liveness(&api, &frozen, Liveness::Down).await?;
+    stack.signal_daemon(&frozen, libc::SIGSTOP)?;
+    wait_liveness(api, &frozen, Liveness::Down).await?;
     match api
         .command(
             &cmd::command_id(None)?,
@@ -195,10 +250,17 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
         Err(Failure::Refused(e)) => println!("refused: {} ({})", e.message, e.reason),
         other => return Err(Failure::Usage(format!("expected a refusal, got {other:?}"))),
     }
-    stack.signal_daemon(&frozen, "-CONT")?;
-    wait_liveness(&api, &frozen, Liveness::Up).await?;
+    stack.signal_daemon(&frozen, libc::SIGCONT)?;
+    wait_liveness(api, &frozen, Liveness::Up).await?;
     println!("{frozen} answers again (SIGCONT): the monitor appended DAEMON_UP");
+    Ok(())
+}
 
+async fn dry_run_the_move(
+    api: &crate::client::Api,
+    lost: &handoff_domain::DaemonId,
+    spare: &handoff_domain::DaemonId,
+) -> Result<(), Failure> {
     step(
         4,
         &format!("An administrator checks the move to {spare} with a dry run"),
@@ -220,14 +282,23 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
             plan.jobs.len()
         );
     }
+    Ok(())
+}
 
+/// Returns where the move's events start in the event log, for `check_every_head`.
+async fn move_its_jobs(
+    api: &crate::client::Api,
+    ctx: &Context,
+    lost: &handoff_domain::DaemonId,
+    spare: &handoff_domain::DaemonId,
+) -> Result<u64, Failure> {
     step(
         5,
         &format!("The administrator moves every job of the lost daemon; {spare} rebuilds each head from the latest snapshot and the saved oplog, while writes go on"),
     );
     let from_seq = api.log().await?.last_sequence().await? + 1;
     cmd::moves::move_jobs(
-        &ctx,
+        ctx,
         cmd::moves::MoveJobsArgs {
             from: lost.clone(),
             to: spare.clone(),
@@ -240,7 +311,14 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
         },
     )
     .await?;
+    Ok(from_seq)
+}
 
+async fn check_every_head(
+    api: &crate::client::Api,
+    stores: &Stores,
+    from_seq: u64,
+) -> Result<Moved, Failure> {
     step(
         6,
         "Each rebuilt head is checked against the source at the same oplog timestamp",
@@ -248,8 +326,10 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
     let log = api.log().await?;
     let end = log.last_sequence().await?;
     let mut reader = log.read_from(from_seq).await?;
-    let mut moved = Vec::new();
-    let mut done_at = 0;
+    let mut moved = Moved {
+        jobs: Vec::new(),
+        done_at: 0,
+    };
     loop {
         let r = reader.next().await?;
         if let Event::JobMoveCompleted {
@@ -258,10 +338,10 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
             ..
         } = &r.envelope.event
         {
-            moved.push(job.clone());
-            done_at = done_at.max(r.envelope.at);
+            moved.jobs.push(job.clone());
+            moved.done_at = moved.done_at.max(r.envelope.at);
             let ts = head.ts.parse().map_err(Failure::Usage)?;
-            let source = handoff_dataplane::restore::source_checksum_at(&stores, job, ts)
+            let source = handoff_dataplane::restore::source_checksum_at(stores, job, ts)
                 .await
                 .map_err(store_error)?;
             let verdict = match source {
@@ -280,13 +360,16 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
             break;
         }
     }
+    Ok(moved)
+}
 
+async fn restore_a_point_in_time(ctx: &Context, dir: &std::path::Path) -> Result<(), Failure> {
     step(
         7,
         "Restores never needed the lost daemon: sales/catalog to one point in time",
     );
     cmd::data::restore(
-        &ctx,
+        ctx,
         cmd::data::RestoreArgs {
             job: "sales/catalog".into(),
             snapshot: None,
@@ -296,24 +379,34 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
         },
     )
     .await?;
+    Ok(())
+}
 
+async fn see_snapshots_resume(
+    api: &crate::client::Api,
+    ctx: &Context,
+    stores: &Stores,
+    moved: &Moved,
+) -> Result<(), Failure> {
     step(
         8,
         "Snapshots of the moved jobs resume at their next regular slot",
     );
+    let done_at = moved.done_at;
     until(
         "a snapshot of each moved job",
         Duration::from_secs(30),
         || async {
             let snaps = stores.snapshots(None).await.map_err(store_error)?;
             Ok(moved
+                .jobs
                 .iter()
                 .all(|j| snaps.iter().any(|s| s.job == *j && s.taken_at_ms > done_at)))
         },
     )
     .await?;
     let snaps = stores.snapshots(None).await.map_err(store_error)?;
-    for j in &moved {
+    for j in &moved.jobs {
         if let Some(s) = snaps
             .iter()
             .find(|s| s.job == *j && s.taken_at_ms > done_at)
@@ -328,15 +421,18 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
             );
         }
     }
-    settle(&api).await?;
-    cmd::fleet::daemons(&ctx).await?;
+    settle(api).await?;
+    cmd::fleet::daemons(ctx).await?;
+    Ok(())
+}
 
+async fn replay_its_history(ctx: &Context, lost: &handoff_domain::DaemonId) -> Result<(), Failure> {
     step(
         9,
         &format!("The audit trail of {lost}, replayed from the event stream"),
     );
     cmd::history::history(
-        &ctx,
+        ctx,
         cmd::history::HistoryArgs {
             filter: Filter {
                 job: None,
@@ -346,15 +442,22 @@ async fn story(stack: &mut Stack, dir: &std::path::Path) -> Result<(), Failure> 
         },
     )
     .await?;
+    Ok(())
+}
 
+/// Only now may the lost daemon be removed: it holds no job any more.
+async fn remove_the_lost_daemon(
+    api: &crate::client::Api,
+    ctx: &Context,
+    lost: handoff_domain::DaemonId,
+) -> Result<(), Failure> {
     step(10, "The lost daemon, now empty, is removed");
     api.command(
         &cmd::command_id(None)?,
         &Command::RemoveDaemon(RemoveDaemon { daemon: lost }),
     )
     .await?;
-    settle(&api).await?;
-    cmd::fleet::daemons(&ctx).await?;
-    println!("\ndone: every job is on a healthy daemon, its head verified against the source, and every step is an event.");
+    settle(api).await?;
+    cmd::fleet::daemons(ctx).await?;
     Ok(())
 }

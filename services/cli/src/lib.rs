@@ -6,8 +6,12 @@
 //! - [`cmd`]: one module per group of subcommands (fleet, moves, history).
 //! - [`secrets`]: credentials and NATS keys on disk, and the server's authorization.
 //! - [`stack`]: `handoff up`: a nats-server child, the services and a sample fleet.
+//! - [`sample`]: the sample fleet.
 //! - [`demo`]: `handoff demo`: the story of a lost daemon, told on a local stack.
 //! - [`output`]: tables, sizes and times for people; `--json` prints the wire values.
+//!
+//! [`cmd::history::describe`] is a pure match table, one arm per event, and is longer than
+//! 120 lines by design.
 //!
 //! Exit codes: 0 done, 1 refused by the service (the reason is printed), 2 usage or
 //! connection error.
@@ -16,6 +20,7 @@ pub mod client;
 pub mod cmd;
 pub mod demo;
 pub mod output;
+pub mod sample;
 pub mod secrets;
 pub mod stack;
 

@@ -12,15 +12,13 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use handoff_domain::auth::Role;
-use handoff_domain::command::*;
-use handoff_domain::ids::DeploymentName;
-use handoff_domain::model::{DaemonSettings, Deployment, HeadDiskType, JobSize, Shard};
-use handoff_domain::Actor;
-use handoff_domain::{Command, CommandId, DaemonId, Label, ProjectId};
+use handoff_domain::command::AddUser;
+use handoff_domain::{Actor, Command, DaemonId};
 use handoff_natsd::NatsProcess;
 use handoff_protocol::auth::Credentials;
 use tokio::sync::oneshot;
 
+use crate::sample::{sample_daemon, seed, settle};
 use crate::secrets::{self, NatsKeys};
 use crate::{Context, Failure};
 
@@ -213,7 +211,11 @@ impl Stack {
             .await
         {
             Ok(_) => {}
-            Err(Failure::Refused(e)) if e.reason == "already_exists" => {}
+            Err(Failure::Refused(e))
+                if matches!(
+                    e.rejection.as_deref(),
+                    Some(handoff_domain::Rejection::AlreadyExists { .. })
+                ) => {}
             Err(e) => return Err(e),
         }
         Ok((creds, path))
@@ -244,7 +246,7 @@ impl Stack {
         &mut self,
         data: &Path,
         hour_ms: u64,
-        agent: handoff_dataplane::agent::AgentConfig,
+        agent: handoff_dataplane::agent::Config,
         replicas: usize,
     ) -> Result<(), Failure> {
         let agent_seed = self.keys.as_ref().map(|k| k.agent.clone());
@@ -264,9 +266,7 @@ impl Stack {
             .set_settings(&settings)
             .await
             .map_err(|e| Failure::Usage(format!("--hour-ms: {e}")))?;
-        self.spawn(move |stop| {
-            handoff_dataplane::agent::run(stores, agent, agent_creds, stop_flag(stop))
-        });
+        self.spawn(move |stop| handoff_dataplane::agent::run(stores, agent, agent_creds, stop));
         for n in 1..=3 {
             self.spawn_daemon(data, n).await?;
         }
@@ -293,12 +293,13 @@ impl Stack {
             )
             .await?;
         let client = connect(&self.url, seed).await?;
-        let stores = handoff_dataplane::store::Stores::open(client, replicas)
-            .await
-            .map_err(|e| Failure::Usage(e.to_string()))?;
-        self.spawn(move |stop| {
-            handoff_monitor::run(stores, settings, creds, Some(policy), stop_flag(stop))
-        });
+        let config = handoff_monitor::Config {
+            settings,
+            creds,
+            policy_creds: Some(policy),
+            replicas,
+        };
+        self.spawn(move |stop| handoff_monitor::run(client, config, stop));
         Ok(())
     }
 
@@ -347,21 +348,16 @@ impl Stack {
         Ok(())
     }
 
-    /// Sends a signal to a sample daemon's process (`-STOP` freezes it, `-CONT` thaws it).
-    pub fn signal_daemon(&self, id: &DaemonId, signal: &str) -> Result<(), Failure> {
+    /// Sends a signal to a sample daemon's process (`SIGSTOP` freezes it, `SIGCONT` thaws
+    /// it).
+    pub fn signal_daemon(&self, id: &DaemonId, signal: libc::c_int) -> Result<(), Failure> {
         let (_, child) = self
             .daemons
             .iter()
             .find(|(d, _)| d == id)
             .ok_or_else(|| Failure::Usage(format!("no process runs {id}")))?;
-        let ok = std::process::Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()?
-            .success();
-        if !ok {
-            return Err(Failure::Usage(format!("kill {signal} {id} failed")));
-        }
-        Ok(())
+        signal_process(child, signal)
+            .map_err(|e| Failure::Usage(format!("signal {signal} to {id} failed: {e}")))
     }
 
     /// Kills a sample daemon's process outright (SIGKILL), as a lost server would.
@@ -377,10 +373,9 @@ impl Stack {
     /// Stops the services, then the nats-server it started.
     pub async fn stop(mut self) {
         for (_, child) in &self.daemons {
-            // SIGTERM: the daemons flush their heads and stop.
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+            // SIGTERM: the daemons flush their heads and stop. Ignored: one that is gone
+            // already has nothing to flush.
+            let _ = signal_process(child, libc::SIGTERM);
         }
         for (_, mut child) in self.daemons.drain(..) {
             let _ = child.wait();
@@ -402,6 +397,17 @@ impl Stack {
     }
 }
 
+/// Sends `signal` to a child process that has not been waited for (so its pid is still
+/// its own).
+fn signal_process(child: &std::process::Child, signal: libc::c_int) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(child.id()).map_err(std::io::Error::other)?;
+    // SAFETY: kill(2) only reads its two integer arguments.
+    match unsafe { libc::kill(pid, signal) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 /// A client of `url`, as the NATS identity of `seed` when given.
 async fn connect(url: &str, seed: Option<String>) -> Result<async_nats::Client, Failure> {
     let options = match seed {
@@ -412,130 +418,6 @@ async fn connect(url: &str, seed: Option<String>) -> Result<async_nats::Client, 
         .connect(url)
         .await
         .map_err(|e| Failure::Usage(format!("cannot connect to NATS at {url}: {e}")))
-}
-
-/// A flag that turns true when `stop` completes, for the services that watch one.
-fn stop_flag(
-    stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-) -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        stop.await;
-        let _ = tx.send(true);
-    });
-    rx
-}
-
-/// The sample fleet's daemons.
-pub fn sample_daemon(n: usize) -> DaemonId {
-    DaemonId::new(format!("backup{n}.example.net:/data/backup/")).expect("a valid daemon id")
-}
-
-/// The sample fleet: three daemons, two projects, two replica sets and a sharded
-/// cluster. Each command has a fixed id, so seeding twice changes nothing.
-pub fn sample_fleet() -> Vec<(CommandId, Command)> {
-    let gib = |n: u64| n << 30;
-    let daemon = |n: usize, disk: HeadDiskType, labels: &[&str]| {
-        Command::RegisterDaemon(RegisterDaemon {
-            daemon: sample_daemon(n),
-            settings: DaemonSettings {
-                head_space_bytes: gib(500),
-                head_disk_type: disk,
-                labels: labels
-                    .iter()
-                    .map(|l| Label::new(*l).expect("valid"))
-                    .collect(),
-                num_workers: 4,
-                ..DaemonSettings::default()
-            },
-        })
-    };
-    let name = |s: &str| DeploymentName::new(s).expect("a valid name");
-    let size = |head: u64, oplog: u64| JobSize {
-        head_size_bytes: gib(head),
-        oplog_bytes_per_hour: oplog,
-    };
-    let commands = vec![
-        daemon(1, HeadDiskType::Hdd, &["eu"]),
-        daemon(2, HeadDiskType::Hdd, &["eu"]),
-        daemon(3, HeadDiskType::Ssd, &["eu"]),
-        Command::ConfigureProject(ConfigureProject {
-            project: ProjectId::new("sales").expect("valid"),
-            daemon_filter: vec![],
-            label_filter: vec![],
-        }),
-        Command::ConfigureProject(ConfigureProject {
-            project: ProjectId::new("analytics").expect("valid"),
-            daemon_filter: vec![],
-            label_filter: vec![Label::new("eu").expect("valid")],
-        }),
-        Command::CreateBackupJobs(CreateBackupJobs {
-            project: ProjectId::new("sales").expect("valid"),
-            deployment: Deployment::ReplicaSet {
-                name: name("orders"),
-                size: size(40, 200_000_000),
-            },
-        }),
-        Command::CreateBackupJobs(CreateBackupJobs {
-            project: ProjectId::new("analytics").expect("valid"),
-            deployment: Deployment::ReplicaSet {
-                name: name("events"),
-                size: size(60, 2_000_000_000),
-            },
-        }),
-        Command::CreateBackupJobs(CreateBackupJobs {
-            project: ProjectId::new("sales").expect("valid"),
-            deployment: Deployment::ShardedCluster {
-                name: name("catalog"),
-                shards: vec![
-                    Shard {
-                        name: name("shard0"),
-                        size: size(30, 100_000_000),
-                    },
-                    Shard {
-                        name: name("shard1"),
-                        size: size(30, 100_000_000),
-                    },
-                ],
-                config_servers: size(1, 1_000_000),
-            },
-        }),
-    ];
-    commands
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let id = CommandId::new(format!("{:026}", i + 1)).expect("digits are a valid ULID");
-            (id, c)
-        })
-        .collect()
-}
-
-/// Creates the sample fleet (again: each command's fixed id makes a repeat a no-op).
-pub async fn seed(api: &crate::client::Api) -> Result<(), Failure> {
-    for (id, command) in sample_fleet() {
-        api.command(&id, &command).await?;
-    }
-    Ok(())
-}
-
-/// Waits until the projector's views include everything appended so far.
-pub async fn settle(api: &crate::client::Api) -> Result<(), Failure> {
-    let end = api.log().await?.last_sequence().await?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let s: handoff_protocol::api::query::Status =
-            api.query("status", serde_json::json!({})).await?;
-        if s.checkpoint >= end {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(Failure::Usage(
-                "the projector did not catch up within 10 s".into(),
-            ));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
 }
 
 pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {

@@ -4,17 +4,21 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use handoff_domain::auth::{authorize, Principal};
 use handoff_domain::decide::alert_of_rejection;
-use handoff_domain::{decide, Actor, Command, CommandId, Context, Event, UserKey};
+use handoff_domain::{
+    decide, Actor, Command, CommandId, Context, Decision, Event, Rejection, UserKey,
+};
 use handoff_eventlog::fence::Fences;
 use handoff_eventlog::{AppendError, EventLog, EventReader, Outgoing, ReadError};
 use handoff_protocol::api::{AppendedEvent, CommandRequest};
-use handoff_protocol::{subjects, Applied, ErrorBody, ErrorCode, EventEnvelope};
+use handoff_protocol::{
+    new_command_id, now_ms, subjects, Applied, ErrorBody, ErrorCode, EventEnvelope,
+};
 
 use crate::model::Model;
 
@@ -35,6 +39,14 @@ pub struct Executor {
     seen: HashMap<String, u64>,
     /// Raised after each append that gives a job a new epoch.
     fences: Option<Fences>,
+}
+
+/// What appending a decision wrote, or found written by an earlier attempt.
+struct Written {
+    /// Every event of the command so far, in stream order.
+    events: Vec<AppendedEvent>,
+    /// An earlier attempt whose acknowledgement was lost stored a unit already.
+    duplicate: bool,
 }
 
 /// A request as it arrived, for checking its signature.
@@ -366,26 +378,8 @@ impl Executor {
         self.catch_up(self.appended).await.map_err(unavailable)?;
         let mut caught_up_with_stream = false;
         for _attempt in 0..MAX_ATTEMPTS {
-            if let Some(record) = self.model.command(&request.id) {
-                if record.digest != digest {
-                    return Err(ErrorBody::new(
-                        ErrorCode::Validation,
-                        "id_reused",
-                        format!(
-                            "command id {} was already used for a different command; use a new id",
-                            request.id
-                        ),
-                    ));
-                }
-                if record.complete {
-                    return Ok(Applied {
-                        command: request.id.clone(),
-                        events: record.events.clone(),
-                        duplicate: true,
-                        dry_run: false,
-                        plan: None,
-                    });
-                }
+            if let Some(earlier) = self.earlier_answer(&request, &digest)? {
+                return Ok(earlier);
             }
             let ctx = Context {
                 command: request.id.clone(),
@@ -402,82 +396,17 @@ impl Executor {
                     caught_up_with_stream = true;
                     continue;
                 }
-                Err(rejection) => {
-                    if let Some(alert) =
-                        alert_of_rejection(&request.command, &rejection, &self.model.state)
-                    {
-                        self.record_alert(&request.actor, alert).await;
-                    }
-                    return Err(rejection.into());
-                }
+                Err(rejection) => return Err(self.reject(&request, rejection).await),
             };
-            let dry_run = matches!(
-                &request.command,
-                Command::MoveJobs(c) if c.dry_run
-            ) || matches!(&request.command, Command::MoveJob(c) if c.dry_run);
-            let mut appended_events = self
-                .model
-                .command(&request.id)
-                .map(|r| r.events.clone())
-                .unwrap_or_default();
-            let units = decision.units.len();
-            let mut conflict = false;
-            // An earlier attempt whose acknowledgement was lost stored this unit already.
-            let mut duplicate = false;
-            for (u, unit) in decision.units.iter().enumerate() {
-                let is_last_unit = u + 1 == units;
-                let messages =
-                    self.messages(&ctx, &digest, unit, is_last_unit, signature.as_deref());
-                match self.log.append(&messages).await {
-                    Ok(a) => {
-                        duplicate |= a.duplicate;
-                        self.appended = self.appended.max(a.last_seq);
-                        appended_events.extend(unit.iter().zip(&messages).enumerate().map(
-                            |(i, (event, m))| AppendedEvent {
-                                seq: a.first_seq + i as u64,
-                                subject: m.subject.clone(),
-                                kind: event.type_name().to_owned(),
-                            },
-                        ));
-                        if !is_last_unit {
-                            // The next unit's expectations include this one's writes.
-                            self.catch_up(a.last_seq).await.map_err(unavailable)?;
-                        }
-                    }
-                    Err(AppendError::Conflict { description }) => {
-                        tracing::debug!(command = %request.id, %description, "conflict; deciding again");
-                        conflict = true;
-                        break;
-                    }
-                    Err(AppendError::Unavailable(e)) => return Err(unavailable(e)),
-                    Err(AppendError::Refused { code, description }) => {
-                        return Err(ErrorBody::new(
-                            ErrorCode::Internal,
-                            "append_refused",
-                            format!(
-                                "the event log refused the append (code {code}): {description}"
-                            ),
-                        ))
-                    }
-                }
-            }
-            if conflict {
+            let Some(written) = self
+                .append_decision(&request, &ctx, &digest, &decision, signature.as_deref())
+                .await?
+            else {
                 self.catch_up_with_stream().await?;
                 caught_up_with_stream = true;
                 continue;
-            }
-            if !dry_run {
-                // In the background: the reply does not wait for the fences (a fence only
-                // rises, so raises may land in any order; the new owner raises it too).
-                tokio::spawn(self.raise_fences(decision.events()));
-            }
-            return Ok(Applied {
-                command: request.id.clone(),
-                events: if dry_run { vec![] } else { appended_events },
-                duplicate,
-                dry_run,
-                plan: decision.plan,
-            });
+            };
+            return Ok(self.applied(&request, decision, written));
         }
         Err(ErrorBody::new(
             ErrorCode::Conflict,
@@ -487,6 +416,135 @@ impl Executor {
                 request.id
             ),
         ))
+    }
+
+    /// The answer already given to this command id, if it completed; a refusal if the id
+    /// was used for a different command.
+    fn earlier_answer(
+        &self,
+        request: &CommandRequest<Command>,
+        digest: &str,
+    ) -> Result<Option<Applied>, ErrorBody> {
+        let Some(record) = self.model.command(&request.id) else {
+            return Ok(None);
+        };
+        if record.digest != digest {
+            return Err(ErrorBody::new(
+                ErrorCode::Validation,
+                "id_reused",
+                format!(
+                    "command id {} was already used for a different command; use a new id",
+                    request.id
+                ),
+            ));
+        }
+        if !record.complete {
+            return Ok(None);
+        }
+        Ok(Some(Applied {
+            command: request.id.clone(),
+            events: record.events.clone(),
+            duplicate: true,
+            dry_run: false,
+            plan: None,
+        }))
+    }
+
+    /// Records the alert a final rejection raises, if any, before the caller hears it.
+    async fn reject(
+        &mut self,
+        request: &CommandRequest<Command>,
+        rejection: Rejection,
+    ) -> ErrorBody {
+        if let Some(alert) = alert_of_rejection(&request.command, &rejection, &self.model.state) {
+            self.record_alert(&request.actor, alert).await;
+        }
+        rejection.into()
+    }
+
+    /// Appends the decision's units in order. `None` on a conflict: the caller catches up
+    /// and decides again.
+    async fn append_decision(
+        &mut self,
+        request: &CommandRequest<Command>,
+        ctx: &Context,
+        digest: &str,
+        decision: &Decision,
+        signature: Option<&str>,
+    ) -> Result<Option<Written>, ErrorBody> {
+        let mut written = Written {
+            events: self
+                .model
+                .command(&request.id)
+                .map(|r| r.events.clone())
+                .unwrap_or_default(),
+            duplicate: false,
+        };
+        let units = decision.units.len();
+        for (u, unit) in decision.units.iter().enumerate() {
+            let is_last_unit = u + 1 == units;
+            let messages = self.messages(ctx, digest, unit, is_last_unit, signature);
+            match self.log.append(&messages).await {
+                Ok(a) => {
+                    written.duplicate |= a.duplicate;
+                    self.appended = self.appended.max(a.last_seq);
+                    written
+                        .events
+                        .extend(
+                            unit.iter()
+                                .zip(&messages)
+                                .enumerate()
+                                .map(|(i, (event, m))| AppendedEvent {
+                                    seq: a.first_seq + i as u64,
+                                    subject: m.subject.clone(),
+                                    kind: event.type_name().to_owned(),
+                                }),
+                        );
+                    if !is_last_unit {
+                        // The next unit's expectations include this one's writes.
+                        self.catch_up(a.last_seq).await.map_err(unavailable)?;
+                    }
+                }
+                Err(AppendError::Conflict { description }) => {
+                    tracing::debug!(command = %request.id, %description, "conflict; deciding again");
+                    return Ok(None);
+                }
+                Err(AppendError::Unavailable(e)) => return Err(unavailable(e)),
+                Err(AppendError::Refused { code, description }) => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::Internal,
+                        "append_refused",
+                        format!("the event log refused the append (code {code}): {description}"),
+                    ))
+                }
+            }
+        }
+        Ok(Some(written))
+    }
+
+    /// The reply to a command whose decision is appended.
+    fn applied(
+        &self,
+        request: &CommandRequest<Command>,
+        decision: Decision,
+        written: Written,
+    ) -> Applied {
+        let dry_run = matches!(
+            &request.command,
+            Command::MoveJobs(c) if c.dry_run
+        ) || matches!(&request.command, Command::MoveJob(c) if c.dry_run);
+        if !dry_run {
+            // In the background: the reply does not wait for the fences (a fence only
+            // rises, so raises may land in any order; the new owner raises it too).
+            tokio::spawn(self.raise_fences(decision.events()));
+        }
+        Applied {
+            command: request.id.clone(),
+            events: if dry_run { vec![] } else { written.events },
+            duplicate: written.duplicate,
+            dry_run,
+            plan: decision.plan,
+        }
     }
 
     fn messages(
@@ -523,17 +581,6 @@ impl Executor {
     }
 }
 
-fn new_command_id() -> CommandId {
-    CommandId::new(ulid::Ulid::new().to_string()).expect("a ULID is a command id")
-}
-
 fn system_actor() -> Actor {
     Actor::new(handoff_domain::command::SYSTEM_ACTOR).expect("the system actor is valid")
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -1,34 +1,44 @@
-//! The agent: runs the simulated sources of the jobs it backs up, performs each new job's
-//! initial sync (its first snapshot), ships the oplog in slices to the oplog store, and
-//! grooms the stores (oplog retention with OPLOG_TTL_RESIZE, snapshot expiry by tier).
-//! It never talks to a daemon: the oplog is saved while a job moves or its daemon is dead.
+//! The agent: reads each job's source through the [`Source`] seam (the simulated MongoDB
+//! so far, see [`crate::source`]), performs each new job's initial sync (its first
+//! snapshot), ships the oplog in slices to the oplog store, and grooms the stores (oplog
+//! retention with OPLOG_TTL_RESIZE, snapshot expiry by tier). It never talks to a daemon:
+//! the oplog is saved while a job moves or its daemon is dead.
+//!
+//! A job flows: its `BackupJobCreated` event starts one task → the task carries the job's
+//! source on from the stores (the latest snapshot plus the oplog after it) or, for a new
+//! job, starts one and writes its documents as the initial snapshot → about every 20 ms
+//! it takes the entries the source has ready, cuts them into messages, and ships a slice
+//! once it is big or old enough, each message exactly once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
+use std::future::Future;
+
+use futures::StreamExt;
+use handoff_client::{Client, SendError};
 use handoff_domain::command::ResizeOplogTtl;
-use handoff_domain::{Command, CommandId, Event, JobId, ProjectId};
+use handoff_domain::{Command, Event, JobId, ProjectId};
+use handoff_protocol::subjects::JOB_EVENTS;
+use handoff_protocol::{new_command_id, now_ms};
 use tokio::sync::watch;
 
-use crate::commands::Commands;
+use crate::checksum::Checksum;
 use crate::oplog::{self, Ts};
+use crate::restore::{self, RestoreError};
 use crate::retention::{self, Hold};
-use crate::source::{Source, Workload};
-use crate::store::{self, now_ms, SnapshotMeta, Stores};
+use crate::source::{sim, Factory, Resume, Source, SourceError};
+use crate::store::{self, SnapshotMeta, StoreError, Stores};
 
 /// How the agent runs.
 #[derive(Clone, Debug)]
-pub struct AgentConfig {
+pub struct Config {
     /// Projects to back up (empty: all).
     pub projects: Vec<ProjectId>,
-    pub seed: u64,
-    /// Data of a new job before its initial sync, in bytes.
-    pub initial_bytes: u64,
-    pub doc_bytes: usize,
-    /// Writes per second on each job's source.
-    pub ops_per_sec: u32,
+    /// Where the jobs' data is read from.
+    pub source: SourceConfig,
     /// A slice is shipped when it holds this many bytes...
     pub slice_bytes: usize,
     /// ...or when its oldest entry is this old.
@@ -37,14 +47,11 @@ pub struct AgentConfig {
     pub groom_ms: u64,
 }
 
-impl Default for AgentConfig {
+impl Default for Config {
     fn default() -> Self {
-        AgentConfig {
+        Config {
             projects: Vec::new(),
-            seed: 1,
-            initial_bytes: 1 << 20,
-            doc_bytes: 512,
-            ops_per_sec: 200,
+            source: SourceConfig::default(),
             slice_bytes: 10 << 20,
             slice_ms: 1000,
             groom_ms: 10_000,
@@ -52,56 +59,85 @@ impl Default for AgentConfig {
     }
 }
 
-/// One cluster-wide clock, so that every job's entries (the shards of a cluster and its
-/// config servers too) are ordered on one time line: a common point is one timestamp.
-#[derive(Clone, Default)]
-pub struct Clock(Arc<Mutex<Ts>>);
+/// The kind of source the agent reads every job from, with its settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// The simulated MongoDB ([`sim`]).
+    Sim(sim::Config),
+}
 
-impl Clock {
-    /// Never gives `ts` or anything before it.
-    pub fn floor(&self, ts: Ts) {
-        let mut last = self.0.lock().expect("clock lock");
-        *last = (*last).max(ts);
-    }
-
-    pub fn next(&self) -> Ts {
-        let now = (now_ms() / 1000) as u32;
-        let mut last = self.0.lock().expect("clock lock");
-        *last = if now > last.t {
-            Ts { t: now, i: 1 }
-        } else {
-            Ts {
-                t: last.t,
-                i: last.i + 1,
-            }
-        };
-        *last
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig::Sim(sim::Config::default())
     }
 }
 
-fn job_seed(seed: u64, job: &JobId) -> u64 {
-    crate::checksum::doc_hash(job.as_str(), &seed.to_le_bytes())
+/// Why the agent, or one job's task, stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The event log's stream is not there or not reachable: start the agent again once
+    /// NATS and the command service are up.
+    #[error("cannot attach to the event log: {0}")]
+    Attach(#[from] handoff_eventlog::OpenError),
+    /// The job events cannot be read: start the agent again.
+    #[error("cannot read the job events: {0}")]
+    Events(#[from] handoff_eventlog::ReadError),
+    /// A store failed. A job's task stops (the agent started again carries the job on
+    /// from its stores); a groom tries again at its next round.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A job's data cannot be rebuilt from its stores to carry its source on: the stores
+    /// need looking at (a corrupt snapshot, an oplog that does not match its checksum).
+    #[error("cannot carry the source on from the stores: {0}")]
+    Resume(#[from] RestoreError),
+    /// A job's source cannot go on; the error says what it needs.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The grown retention was not recorded: the oplog is not purged past it, and the
+    /// next groom tries again.
+    #[error("OPLOG_TTL_RESIZE of {job} not recorded: {source}")]
+    Resize {
+        job: JobId,
+        #[source]
+        source: SendError,
+    },
 }
 
-/// Runs until `stop` turns true.
-/// Runs the agent until `stop` turns true; `creds` (a BACKUP_AGENT user) sign its
+/// Runs the agent until `shutdown` completes; `creds` (a BACKUP_AGENT user) sign its
 /// reports.
 pub async fn run(
     stores: Stores,
-    config: AgentConfig,
+    config: Config,
+    creds: handoff_protocol::auth::Credentials,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let stop = crate::shutdown_flag(shutdown);
+    match config.source.clone() {
+        SourceConfig::Sim(sim) => {
+            run_with(stores, config, sim::Cluster::new(sim), creds, stop).await
+        }
+    }
+}
+
+type Tasks = tokio::task::JoinSet<Result<(), AgentError>>;
+
+async fn run_with<F: Factory>(
+    stores: Stores,
+    config: Config,
+    factory: F,
     creds: handoff_protocol::auth::Credentials,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> Result<(), AgentError> {
     let log = handoff_eventlog::EventLog::attach(
         stores.client.clone(),
         handoff_eventlog::Config::default(),
     )
     .await?;
-    let mut reader = log.read_filtered(1, "handoff.evt.job.>").await?;
-    let clock = Clock::default();
+    let mut reader = log.read_filtered(1, JOB_EVENTS).await?;
+    let factory = Arc::new(factory);
     let jobs: Arc<Mutex<BTreeSet<JobId>>> = Arc::default();
     let ttl: Ttl = Arc::default();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = Tasks::new();
     {
         let (stores, config, jobs, ttl, stop) = (
             stores.clone(),
@@ -113,7 +149,7 @@ pub async fn run(
         tasks.spawn(async move { groom_loop(stores, config, creds, jobs, ttl, stop).await });
     }
     // The jobs that exist already, and the retention each was grown to.
-    let end = log.last_sequence_of("handoff.evt.job.>").await?;
+    let end = log.last_sequence_of(JOB_EVENTS).await?;
     tracing::debug!(end, "reading the jobs that exist");
     let mut known = Vec::new();
     let mut seen = 0;
@@ -125,7 +161,7 @@ pub async fn run(
         seen = r.seq;
         note(&r.envelope.event, &config, &ttl, &mut known);
     }
-    // A restarted agent's clock goes on after every timestamp already stored, so the
+    // Sources made from now on go on after every timestamp already stored, so the
     // timestamps of all jobs stay one time line.
     for (job, _) in &known {
         if let Some((_, headers)) = stores.oplog_last(job).await? {
@@ -133,23 +169,23 @@ pub async fn run(
                 .get(oplog::LAST_TS)
                 .and_then(|v| v.as_str().parse().ok())
             {
-                clock.floor(ts);
+                factory.seen(ts);
             }
         }
     }
     let stopped = stop.clone();
-    let start = |job: JobId, epoch: u64, tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>| {
+    let start = |job: JobId, epoch: u64, tasks: &mut Tasks| {
         if !jobs.lock().expect("jobs lock").insert(job.clone()) {
             return;
         }
-        let (stores, config, clock, stop) = (
+        let (stores, config, factory, stop) = (
             stores.clone(),
             config.clone(),
-            clock.clone(),
+            factory.clone(),
             stopped.clone(),
         );
         tasks.spawn(async move {
-            if let Err(e) = run_source(&stores, &config, &clock, &job, epoch, stop).await {
+            if let Err(e) = run_source(&stores, &config, &*factory, &job, epoch, stop).await {
                 tracing::error!(%job, error = %e, "the source of a job stopped");
             }
             Ok(())
@@ -175,10 +211,13 @@ pub async fn run(
 }
 
 /// Each job's oplog retention, in hours, once it has grown.
+/// Each job's oplog TTL in hours, as grown by the agent. Its lock (like the jobs set's)
+/// is held for a map operation only, never across an await; it is poisoned only if a
+/// holder panicked, which already ended the agent, hence the `expect`s.
 type Ttl = Arc<Mutex<HashMap<JobId, u32>>>;
 
 /// Takes note of a job event: a new job to back up, or a retention that grew.
-fn note(event: &Event, config: &AgentConfig, ttl: &Ttl, new: &mut Vec<(JobId, u64)>) {
+fn note(event: &Event, config: &Config, ttl: &Ttl, new: &mut Vec<(JobId, u64)>) {
     match event {
         Event::BackupJobCreated {
             job,
@@ -195,82 +234,81 @@ fn note(event: &Event, config: &AgentConfig, ttl: &Ttl, new: &mut Vec<(JobId, u6
     }
 }
 
-/// A message cut from the slice being built.
+/// A message cut from the slice being built; empty until its first entry.
+#[derive(Default)]
 struct Part {
     payload: Vec<u8>,
     first: Ts,
     last: Ts,
     last_n: u64,
-    checksum: crate::Checksum,
+    checksum: Checksum,
 }
 
-async fn run_source(
+/// The job's source: carried on from the stores, or new, and then synced into them.
+async fn open<F: Factory>(
     stores: &Stores,
-    config: &AgentConfig,
-    clock: &Clock,
+    factory: &F,
+    job: &JobId,
+    epoch: u64,
+) -> Result<F::Source, AgentError> {
+    match restore::latest(stores, job).await? {
+        Some((docs, n, ts)) => {
+            tracing::info!(%job, n, "resuming the source from the stores");
+            Ok(factory.resume(job, Resume { ts, n, docs }).await?)
+        }
+        None => {
+            let source = factory.start(job).await?;
+            initial_sync(stores, job, epoch, &source).await?;
+            Ok(source)
+        }
+    }
+}
+
+async fn run_source<F: Factory>(
+    stores: &Stores,
+    config: &Config,
+    factory: &F,
     job: &JobId,
     epoch: u64,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let workload = Workload {
-        seed: job_seed(config.seed, job),
-        initial_bytes: config.initial_bytes,
-        doc_bytes: config.doc_bytes,
-    };
+) -> Result<(), AgentError> {
     let mut last_seq = stores.oplog_last(job).await?.map_or(0, |(s, _)| s);
-    let mut source = match crate::restore::latest(stores, job).await? {
-        Some((docs, n, ts)) => {
-            clock.floor(ts);
-            tracing::info!(%job, n, "resuming the source from the stores");
-            Source::resume(&workload, docs, n)
-        }
-        None => {
-            let source = Source::new(&workload);
-            initial_sync(stores, job, epoch, &source, clock.next()).await?;
-            source
-        }
-    };
-    let subject = store::oplog_subject(job);
+    let mut source = open(stores, factory, job, epoch).await?;
+    let subject = handoff_protocol::subjects::oplog(job);
     let mut parts: Vec<Part> = Vec::new();
-    let mut current: Option<Part> = None;
+    let mut part = Part::default();
     let mut slice_bytes = 0usize;
     let mut slice_started: Option<Instant> = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let started = Instant::now();
-    let mut done_ops: u64 = 0;
     loop {
         tokio::select! {
             _ = stop.changed() => return Ok(()),
             _ = ticker.tick() => {}
         }
-        let due = (started.elapsed().as_millis() as u64 * u64::from(config.ops_per_sec)) / 1000;
-        while done_ops < due {
-            let ts = clock.next();
-            let part = current.get_or_insert_with(|| Part {
-                payload: Vec::new(),
-                first: ts,
-                last: ts,
-                last_n: 0,
-                checksum: Default::default(),
-            });
+        while let Some(entry) = source.next_entry().await? {
             let before = part.payload.len();
-            part.last_n = source.step(ts, &mut part.payload);
-            part.last = ts;
-            part.checksum = source.checksum();
+            if before == 0 {
+                part.first = entry.ts;
+            }
+            oplog::encode_into(&mut part.payload, &entry);
+            part.last = entry.ts;
+            part.last_n = entry.n;
+            part.checksum = entry.c;
             slice_bytes += part.payload.len() - before;
             slice_started.get_or_insert_with(Instant::now);
-            if part.payload.len() >= store::MAX_MESSAGE_BYTES {
-                parts.extend(current.take());
+            if part.payload.len() >= handoff_protocol::dataplane::MAX_MESSAGE_BYTES {
+                parts.push(std::mem::take(&mut part));
             }
-            done_ops += 1;
         }
         let old =
             slice_started.is_some_and(|s| s.elapsed() >= Duration::from_millis(config.slice_ms));
         if slice_bytes >= config.slice_bytes || old {
-            parts.extend(current.take());
-            for part in parts.drain(..) {
-                last_seq = ship(stores, &subject, job, &part, last_seq).await?;
+            if !part.payload.is_empty() {
+                parts.push(std::mem::take(&mut part));
+            }
+            for message in parts.drain(..) {
+                last_seq = ship(stores, &subject, job, &message, last_seq).await?;
             }
             slice_bytes = 0;
             slice_started = None;
@@ -278,25 +316,28 @@ async fn run_source(
     }
 }
 
-async fn initial_sync(
+/// Writes the source's documents as the job's first snapshot, at the source's point.
+async fn initial_sync<S: Source>(
     stores: &Stores,
     job: &JobId,
     epoch: u64,
-    source: &Source,
-    ts: Ts,
-) -> anyhow::Result<()> {
-    let mut data = Vec::with_capacity(source.data_bytes() as usize + 1024);
-    for (id, doc) in source.documents() {
-        crate::snapshot::write_line(&mut data, id, doc.as_bytes());
+    source: &S,
+) -> Result<(), AgentError> {
+    let point = source.point();
+    let mut data = Vec::new();
+    let mut documents = std::pin::pin!(source.documents());
+    while let Some(doc) = documents.next().await {
+        let doc = doc?;
+        crate::snapshot::write_line(&mut data, &doc.id, doc.json.as_bytes());
     }
     let meta = SnapshotMeta {
         id: ulid::Ulid::new().to_string(),
         job: job.clone(),
         epoch,
-        ts,
-        n: source.last_n(),
+        ts: point.ts,
+        n: point.n,
         oplog_seq: 0,
-        checksum: source.checksum(),
+        checksum: point.checksum,
         size_bytes: data.len() as u64,
         taken_at_ms: now_ms(),
         slot_ms: None,
@@ -316,7 +357,7 @@ async fn ship(
     job: &JobId,
     part: &Part,
     last_seq: u64,
-) -> anyhow::Result<u64> {
+) -> Result<u64, AgentError> {
     let mut wait = Duration::from_millis(50);
     loop {
         let message = PublishMessage::build()
@@ -356,13 +397,13 @@ async fn ship(
 
 async fn groom_loop(
     stores: Stores,
-    config: AgentConfig,
+    config: Config,
     creds: handoff_protocol::auth::Credentials,
     jobs: Arc<Mutex<BTreeSet<JobId>>>,
     ttl: Ttl,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let commands = Commands::new(stores.client.clone(), creds, "handoff-agent".into());
+) -> Result<(), AgentError> {
+    let client = Client::new(stores.client.clone(), creds, "handoff-agent");
     let mut ticker = tokio::time::interval(Duration::from_millis(config.groom_ms.max(50)));
     loop {
         tokio::select! {
@@ -379,7 +420,7 @@ async fn groom_loop(
         };
         for job in list {
             let hours = ttl.lock().expect("ttl lock").get(&job).copied();
-            match groom(&stores, &commands, &settings, &job, hours, &leases).await {
+            match groom(&stores, &client, &settings, &job, hours, &leases).await {
                 Ok(Some(grown)) => {
                     ttl.lock().expect("ttl lock").insert(job.clone(), grown);
                 }
@@ -396,12 +437,12 @@ async fn groom_loop(
 /// the job's retention if it grew before. Returns the retention if it grows now.
 pub async fn groom(
     stores: &Stores,
-    commands: &Commands,
+    client: &Client,
     settings: &store::Settings,
     job: &JobId,
     grown: Option<u32>,
     leases: &[store::Lease],
-) -> anyhow::Result<Option<u32>> {
+) -> Result<Option<u32>, AgentError> {
     let hour = settings.hour_ms();
     let now = now_ms();
     let hours = grown
@@ -476,9 +517,9 @@ pub async fn groom(
             &holds,
         );
         if let Some((new_hours, reason)) = plan.resize {
-            commands
+            client
                 .send(
-                    &new_id(),
+                    &new_command_id(),
                     &Command::ResizeOplogTtl(ResizeOplogTtl {
                         job: job.clone(),
                         previous_hours: hours,
@@ -487,7 +528,10 @@ pub async fn groom(
                     }),
                 )
                 .await
-                .map_err(|e| anyhow::anyhow!("OPLOG_TTL_RESIZE not recorded: {}", e.message))?;
+                .map_err(|source| AgentError::Resize {
+                    job: job.clone(),
+                    source,
+                })?;
             tracing::warn!(%job, hours = new_hours, reason, "oplog retention grown (OPLOG_TTL_RESIZE)");
             resized = Some(new_hours);
         }
@@ -496,7 +540,20 @@ pub async fn groom(
             tracing::debug!(%job, below, purged, "oplog purged");
         }
     }
-    // Snapshots past their tiers' retention go; never the latest nor the window's base.
+    expire_snapshots(stores, settings, job, &snaps, pit_base, now).await?;
+    Ok(resized)
+}
+
+/// Deletes the job's snapshots past their tiers' retention; never the latest nor the
+/// point-in-time window's base.
+async fn expire_snapshots(
+    stores: &Stores,
+    settings: &store::Settings,
+    job: &JobId,
+    snaps: &[SnapshotMeta],
+    pit_base: Option<&SnapshotMeta>,
+    now: u64,
+) -> Result<(), AgentError> {
     let schedule = match stores.own_schedule(job).await? {
         Some(s) => s,
         None => settings.schedule.clone(),
@@ -507,7 +564,7 @@ pub async fn groom(
         .chain(pit_base)
         .map(|s| (s.id.as_str(), ()))
         .collect();
-    for s in &snaps {
+    for s in snaps {
         if keep.contains_key(s.id.as_str()) {
             continue;
         }
@@ -516,10 +573,5 @@ pub async fn groom(
             tracing::info!(%job, snapshot = %s.id, "snapshot expired");
         }
     }
-    Ok(resized)
-}
-
-/// A fresh command id.
-pub fn new_id() -> CommandId {
-    CommandId::new(ulid::Ulid::new().to_string()).expect("a ULID is a command id")
+    Ok(())
 }

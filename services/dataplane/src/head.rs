@@ -77,7 +77,13 @@ pub enum HeadError {
         source_checksum: Checksum,
     },
     #[error("the head's position is unreadable: {0}")]
-    Meta(String),
+    Meta(#[source] serde_json::Error),
+    #[error("cannot create the head directory {}: {source}", dir.display())]
+    Dir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Every head of one daemon.
@@ -87,7 +93,10 @@ pub struct Heads {
 
 impl Heads {
     pub fn open(dir: &Path) -> Result<Heads, HeadError> {
-        std::fs::create_dir_all(dir).map_err(|e| HeadError::Meta(e.to_string()))?;
+        std::fs::create_dir_all(dir).map_err(|source| HeadError::Dir {
+            dir: dir.to_owned(),
+            source,
+        })?;
         Ok(Heads {
             db: sled::Config::new().path(dir.join("heads")).open()?,
         })
@@ -137,7 +146,7 @@ impl Head {
         match self.tree.get(META)? {
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
-                .map_err(|e| HeadError::Meta(e.to_string())),
+                .map_err(HeadError::Meta),
             None => Ok(None),
         }
     }
@@ -262,7 +271,7 @@ impl Head {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{Source, Workload};
+    use crate::source::sim::{Config, Sim};
     use proptest::prelude::*;
 
     fn empty(job: &JobId) -> HeadMeta {
@@ -278,7 +287,7 @@ mod tests {
             let heads = Heads::open(dir.path()).unwrap();
             let job = JobId::new("p/rs").unwrap();
             let head = heads.head(&job).unwrap();
-            let mut source = Source::new(&Workload { seed, initial_bytes: 3_000, doc_bytes: 80 });
+            let mut source = Sim::new(&Config { seed, initial_bytes: 3_000, doc_bytes: 80, ..Config::default() });
             let mut meta = empty(&job);
             let mut sum = Checksum::default();
             let docs: Vec<(String, Vec<u8>)> = source.documents().into_iter().map(|(i, d)| (i.to_owned(), d.as_bytes().to_vec())).collect();

@@ -10,7 +10,44 @@ use tokio::sync::watch;
 
 use crate::head::{Head, HeadError, HeadMeta};
 use crate::oplog;
-use crate::store::{self, now_ms, SnapshotMeta, Stores};
+use crate::store::{self, SnapshotMeta, StoreError, Stores};
+use handoff_protocol::now_ms;
+
+/// How long a replay waits for the next oplog message it knows is stored.
+const SILENCE: Duration = Duration::from_secs(30);
+
+/// Why a rebuild stopped before it could say whether it can finish. A caller tries again
+/// later; a rebuild that cannot finish is [`Outcome::Failed`] instead.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    #[error(transparent)]
+    Oplog(#[from] OplogError),
+}
+
+/// Why reading a job's oplog broke off (the reader, not the entries in it).
+#[derive(Debug, thiserror::Error)]
+pub enum OplogError {
+    /// The oplog store closed the reader.
+    #[error("the oplog reader ended")]
+    Ended,
+    /// Nothing arrived although more was stored when the reader started.
+    #[error("no oplog message within {0:?}")]
+    Silent(Duration),
+    /// A message came without its stream position.
+    #[error("an oplog message has no stream position: {0}")]
+    Info(#[source] async_nats::Error),
+    /// A message is not an oplog slice (a follower stops; a rebuild fails instead).
+    #[error("oplog message {seq} is unreadable: {source}")]
+    Unreadable {
+        seq: u64,
+        #[source]
+        source: oplog::SliceError,
+    },
+}
 
 /// Told how a rebuild progresses (a daemon publishes it; a benchmark ignores it).
 #[allow(async_fn_in_trait)]
@@ -48,10 +85,10 @@ pub async fn restore_snapshot(
     meta: &mut HeadMeta,
     snapshot: &SnapshotMeta,
     observer: &mut impl Observer,
-) -> anyhow::Result<Outcome> {
+) -> Result<Outcome, RebuildError> {
     let data = match stores.read_snapshot(snapshot).await {
         Ok(d) => d,
-        Err(store::StoreError::MissingSnapshot(name)) => {
+        Err(StoreError::MissingSnapshot(name)) => {
             return Ok(Outcome::Failed(format!(
                 "snapshot {name} is missing from the snapshot store"
             )))
@@ -108,7 +145,7 @@ pub async fn replay(
     meta: &mut HeadMeta,
     cancelled: &mut watch::Receiver<bool>,
     observer: &mut impl Observer,
-) -> anyhow::Result<Outcome> {
+) -> Result<Outcome, RebuildError> {
     let Some((last_seq, _)) = stores.oplog_last(job).await? else {
         return verified(head, meta);
     };
@@ -119,7 +156,7 @@ pub async fn replay(
     loop {
         let m = tokio::select! {
             _ = cancelled.changed() => return Ok(Outcome::Cancelled),
-            m = tokio::time::timeout(Duration::from_secs(30), messages.next()) => m,
+            m = tokio::time::timeout(SILENCE, messages.next()) => m,
         };
         let m = match m {
             Ok(Some(Ok(m))) => m,
@@ -127,10 +164,10 @@ pub async fn replay(
                 tracing::debug!(error = %e, "oplog reader hiccup");
                 continue;
             }
-            Ok(None) => anyhow::bail!("the oplog reader ended"),
-            Err(_) => anyhow::bail!("no oplog message within 30 s"),
+            Ok(None) => return Err(OplogError::Ended.into()),
+            Err(_) => return Err(OplogError::Silent(SILENCE).into()),
         };
-        let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let info = m.info().map_err(OplogError::Info)?;
         let (seq, pending, published) = (
             info.stream_sequence,
             info.pending,
@@ -138,10 +175,10 @@ pub async fn replay(
         );
         let entries = match oplog::decode(&m.payload) {
             Ok(e) => e,
-            Err(e) => {
-                return Ok(Outcome::Failed(format!(
-                    "oplog message {seq} is unreadable: {e}"
-                )))
+            Err(source) => {
+                return Ok(Outcome::Failed(
+                    OplogError::Unreadable { seq, source }.to_string(),
+                ))
             }
         };
         match head.apply(meta, seq, &entries) {
@@ -162,7 +199,7 @@ pub async fn replay(
 }
 
 /// Done if the head's documents add up to the source's checksum at its point.
-pub fn verified(head: &Head, meta: &HeadMeta) -> anyhow::Result<Outcome> {
+pub fn verified(head: &Head, meta: &HeadMeta) -> Result<Outcome, RebuildError> {
     match head.verify(meta) {
         Ok(()) => Ok(Outcome::Done),
         Err(e @ HeadError::Diverged { .. }) => Ok(Outcome::Failed(e.to_string())),

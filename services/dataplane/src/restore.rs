@@ -19,7 +19,8 @@ use serde::Serialize;
 
 use crate::checksum::Checksum;
 use crate::oplog::{self, Ts};
-use crate::store::{now_ms, SnapshotMeta, StoreError, Stores};
+use crate::store::{SnapshotMeta, StoreError, Stores};
+use handoff_protocol::now_ms;
 
 /// The point to restore to.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -7,127 +7,19 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use futures::{StreamExt, TryStreamExt};
-use handoff_domain::{DaemonId, JobId};
-use serde::{Deserialize, Serialize};
+use handoff_domain::JobId;
 use tokio::io::AsyncReadExt;
 
 use handoff_eventlog::fence::{FenceError, Fences};
 
-use crate::checksum::Checksum;
-use crate::oplog::Ts;
-use crate::retention::Retention;
 use crate::schedule::Schedule;
+use handoff_protocol::subjects;
 
-/// The oplog store.
-pub const OPLOG_STREAM: &str = "HANDOFF_OPLOG";
-/// Every job's oplog subject starts with this.
-pub const OPLOG_SUBJECTS: &str = "handoff.oplog.>";
-/// The snapshot store.
-pub const SNAPSHOT_BUCKET: &str = "handoff_snapshots";
-/// Data plane settings: `config` and `schedule/<job>`.
-pub const CONFIG_BUCKET: &str = "handoff_dataplane";
-/// Where each job's head stands, by job.
-pub const HEADS_BUCKET: &str = "handoff_heads";
-/// Restores in progress, each holding the oplog it reads.
-pub const LEASES_BUCKET: &str = "handoff_leases";
-/// Daemon heartbeats, by daemon key (`subjects::daemon_key`).
-pub const HEARTBEATS_BUCKET: &str = "handoff_heartbeats";
-/// Largest oplog message; a slice larger than this is sent as several.
-pub const MAX_MESSAGE_BYTES: usize = 512 * 1024;
-/// The snapshot metadata key in an object's metadata.
-const META_KEY: &str = "handoff-snapshot";
-
-/// A job's oplog subject.
-pub fn oplog_subject(job: &JobId) -> String {
-    format!("handoff.oplog.{job}")
-}
-
-/// Where a move's rebuild progress is published (core NATS, not stored).
-pub fn progress_subject(move_id: &str) -> String {
-    format!("handoff.progress.{move_id}")
-}
-
-/// The data plane's settings, shared by the agent, the daemons and restores.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// The default snapshot schedule (a job may have its own).
-    pub schedule: Schedule,
-    /// Oplog retention.
-    pub retention: Retention,
-}
-
-impl Settings {
-    pub fn validate(&self) -> Result<(), String> {
-        self.schedule.validate()?;
-        self.retention.validate()
-    }
-
-    pub fn hour_ms(&self) -> u64 {
-        self.schedule.hour_ms
-    }
-}
-
-/// What the snapshot store records with each snapshot.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct SnapshotMeta {
-    /// A ULID; the object is `<job>/<id>`.
-    pub id: String,
-    pub job: JobId,
-    /// The epoch of the job's owner that cut it (the agent's initial sync uses the job's
-    /// first epoch).
-    pub epoch: u64,
-    /// The oplog timestamp and entry number the data is at.
-    pub ts: Ts,
-    pub n: u64,
-    /// The oplog message holding entry `n` (0: before any oplog); replay starts there.
-    pub oplog_seq: u64,
-    pub checksum: Checksum,
-    pub size_bytes: u64,
-    pub taken_at_ms: u64,
-    /// The scheduled slot it was taken for (none for the initial sync).
-    pub slot_ms: Option<u64>,
-    /// Who cut it: a daemon, or none for the agent's initial sync.
-    pub daemon: Option<DaemonId>,
-}
-
-impl SnapshotMeta {
-    pub fn object_name(&self) -> String {
-        format!("{}/{}", self.job, self.id)
-    }
-}
-
-/// Where a job's head stands, as its daemon last said.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct HeadRecord {
-    pub daemon: DaemonId,
-    pub epoch: u64,
-    /// Every oplog message up to this stream sequence is applied.
-    pub applied_seq: u64,
-    pub n: u64,
-    pub ts: Ts,
-    pub checksum: Checksum,
-    pub at_ms: u64,
-}
-
-/// A restore reading a job's oplog from `from_seq`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Lease {
-    pub job: JobId,
-    pub from_seq: u64,
-    pub at_ms: u64,
-}
-
-/// A daemon's heartbeat.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Heartbeat {
-    pub daemon: DaemonId,
-    pub at_ms: u64,
-    pub started_at_ms: u64,
-    pub pid: u32,
-    pub jobs: usize,
-    pub rebuilding: usize,
-}
+use handoff_protocol::dataplane::SNAPSHOT_META_KEY as META_KEY;
+pub use handoff_protocol::dataplane::{HeadRecord, Heartbeat, Lease, Settings, SnapshotMeta};
+use handoff_protocol::dataplane::{
+    CONFIG_BUCKET, HEADS_BUCKET, HEARTBEATS_BUCKET, LEASES_BUCKET, OPLOG_STREAM, SNAPSHOT_BUCKET,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -155,12 +47,7 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use handoff_protocol::now_ms;
 
 /// Handles to every store.
 #[derive(Clone)]
@@ -184,7 +71,7 @@ impl Stores {
         let oplog = js
             .get_or_create_stream(stream::Config {
                 name: OPLOG_STREAM.into(),
-                subjects: vec![OPLOG_SUBJECTS.into()],
+                subjects: vec![subjects::OPLOG.into()],
                 storage: stream::StorageType::File,
                 num_replicas: replicas,
                 // Retention purges per job up to a sequence; never an age or size limit,
@@ -402,7 +289,7 @@ impl Stores {
             .oplog
             .create_consumer(consumer::pull::OrderedConfig {
                 deliver_policy,
-                filter_subject: oplog_subject(job),
+                filter_subject: subjects::oplog(job),
                 ..Default::default()
             })
             .await
@@ -423,7 +310,7 @@ impl Stores {
             .oplog
             .create_consumer(consumer::pull::OrderedConfig {
                 deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
-                filter_subject: oplog_subject(job),
+                filter_subject: subjects::oplog(job),
                 ..Default::default()
             })
             .await
@@ -441,7 +328,7 @@ impl Stores {
     pub async fn oplog_first(&self, job: &JobId) -> Result<Option<(u64, u64)>, StoreError> {
         match self
             .oplog
-            .direct_get_first_for_subject(oplog_subject(job))
+            .direct_get_first_for_subject(subjects::oplog(job))
             .await
         {
             Ok(m) => Ok(Some((m.sequence, time_ms(m.time)))),
@@ -457,7 +344,7 @@ impl Stores {
     ) -> Result<Option<(u64, async_nats::HeaderMap)>, StoreError> {
         match self
             .oplog
-            .direct_get_last_for_subject(oplog_subject(job))
+            .direct_get_last_for_subject(subjects::oplog(job))
             .await
         {
             Ok(m) => Ok(Some((m.sequence, m.headers))),
@@ -480,7 +367,7 @@ impl Stores {
         let r = self
             .oplog
             .purge()
-            .filter(oplog_subject(job))
+            .filter(subjects::oplog(job))
             .sequence(below)
             .await
             .map_err(unavailable)?;
@@ -584,31 +471,4 @@ impl Stores {
 
 pub fn time_ms(t: time::OffsetDateTime) -> u64 {
     (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The NATS permissions name the data plane's streams: they must be these.
-    #[test]
-    fn the_permissions_name_the_data_plane_streams() {
-        let mut ours = vec![OPLOG_STREAM.to_owned(), format!("OBJ_{SNAPSHOT_BUCKET}")];
-        for b in [
-            CONFIG_BUCKET,
-            HEADS_BUCKET,
-            LEASES_BUCKET,
-            HEARTBEATS_BUCKET,
-            handoff_eventlog::fence::BUCKET,
-        ] {
-            ours.push(format!("KV_{b}"));
-        }
-        let mut listed: Vec<String> = handoff_protocol::permissions::DATA_STREAMS
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
-        ours.sort();
-        listed.sort();
-        assert_eq!(ours, listed);
-    }
 }

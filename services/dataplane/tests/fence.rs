@@ -2,10 +2,11 @@
 //! a write whose epoch is older than the job's, and keep nothing of it.
 
 use anyhow::Result;
-use handoff_dataplane::store::{now_ms, HeadRecord, SnapshotMeta, StoreError, Stores};
+use handoff_dataplane::store::{HeadRecord, SnapshotMeta, StoreError, Stores};
 use handoff_dataplane::{Checksum, Ts};
 use handoff_domain::{DaemonId, JobId};
 use handoff_eventlog::fence::FenceError;
+use handoff_protocol::now_ms;
 use handoff_testkit::NatsServer;
 
 fn snapshot(job: &JobId, epoch: u64, daemon: &str) -> SnapshotMeta {

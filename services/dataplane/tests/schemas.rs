@@ -4,12 +4,12 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use handoff_dataplane::daemon::Progress;
 use handoff_dataplane::oplog::Ts;
-use handoff_dataplane::source::{Source, Workload};
+use handoff_dataplane::source::sim::{Config, Sim};
 use handoff_dataplane::store::{HeadRecord, Heartbeat, Lease, Settings, SnapshotMeta};
 use handoff_domain::model::MovePhase;
 use handoff_domain::{DaemonId, JobId};
+use handoff_protocol::dataplane::{Done, Progress};
 use serde_json::Value;
 
 fn dir() -> PathBuf {
@@ -36,7 +36,7 @@ fn assert_valid(path: &str, instance: &Value) {
 fn schema_files_match_the_code() {
     let update = std::env::var_os("UPDATE_SCHEMAS").is_some();
     let mut expected = BTreeSet::new();
-    for (path, schema) in handoff_dataplane::schemas::all() {
+    for (path, schema) in handoff_protocol::dataplane::schemas::all() {
         let generated = serde_json::to_value(&schema).unwrap();
         let file = dir().join(&path);
         if update {
@@ -69,10 +69,11 @@ fn schema_files_match_the_code() {
 /// Real values, as the agent, the daemons and restores write them, match their schemas.
 #[test]
 fn real_values_match_their_schemas() {
-    let mut source = Source::new(&Workload {
+    let mut source = Sim::new(&Config {
         seed: 7,
         initial_bytes: 2_000,
         doc_bytes: 100,
+        ..Config::default()
     });
     let mut snapshot = Vec::new();
     for (id, doc) in source.documents() {
@@ -182,4 +183,27 @@ fn real_values_match_their_schemas() {
         "dataplane/progress.json",
         &serde_json::to_value(&p).unwrap(),
     );
+    let ends = [
+        Done::Completed {
+            ts: Ts {
+                t: 1_700_000_000,
+                i: 3,
+            },
+            checksum: Default::default(),
+        },
+        Done::Failed {
+            reason: "no snapshot".into(),
+        },
+    ];
+    for done in ends {
+        let last = Progress {
+            phase: MovePhase::Completed,
+            done: Some(done),
+            ..p.clone()
+        };
+        assert_valid(
+            "dataplane/progress.json",
+            &serde_json::to_value(&last).unwrap(),
+        );
+    }
 }

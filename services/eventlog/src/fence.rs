@@ -13,7 +13,7 @@ use handoff_domain::JobId;
 use serde::{Deserialize, Serialize};
 
 /// The bucket of fences, one key per job.
-pub const BUCKET: &str = "handoff_fences";
+pub use handoff_protocol::dataplane::FENCES_BUCKET as BUCKET;
 
 /// A fence as stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]

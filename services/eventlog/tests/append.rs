@@ -7,7 +7,7 @@ use handoff_testkit::NatsServer;
 
 fn msg(subject: &str, id: &str, expected: u64) -> Outgoing {
     Outgoing {
-        subject: format!("handoff.evt.{subject}"),
+        subject: format!("{}.{subject}", handoff_protocol::subjects::EVENTS),
         payload: bytes::Bytes::from(format!("{{\"id\":\"{id}\"}}")),
         msg_id: id.to_owned(),
         expected_last_subject_seq: expected,

@@ -12,22 +12,60 @@
 //!
 //! Any number of monitors may run: what they send is decided by the state, so two
 //! monitors appending the same DAEMON_DOWN append it once.
+//!
+//! # Layout
+//! - [`watch`]: the pure core. The state, the clock and what was heard come in; the
+//!   commands that are due go out. Property-tested without a server.
+//! - this file: the shell. It folds the stream, watches the heartbeat bucket and the
+//!   progress subjects, ticks, and sends what the core finds due through the command
+//!   client.
 
 pub mod watch;
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
-use handoff_dataplane::commands::Commands;
-use handoff_dataplane::daemon::Progress;
-use handoff_dataplane::store::Stores;
-use handoff_domain::{Command, CommandId, State};
+use handoff_client::{new_command_id, Client};
+use handoff_domain::{Command, State};
 use handoff_eventlog::{EventLog, EventReader};
 use handoff_protocol::auth::Credentials;
+use handoff_protocol::dataplane::{Progress, HEARTBEATS_BUCKET};
 use handoff_protocol::subjects;
-use tokio::sync::watch as signal;
+use thiserror::Error;
 
 pub use watch::{Due, Policy, Settings, Watch};
+
+/// What the monitor runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The thresholds and the failover policy.
+    pub settings: Settings,
+    /// The monitor's own user (BACKUP_MONITOR), which signs its reports.
+    pub creds: Credentials,
+    /// The failover policy's user, which signs its moves (the monitor's own when none).
+    pub policy_creds: Option<Credentials>,
+    /// Replicas of the heartbeat bucket, if the monitor is the first to need it.
+    pub replicas: usize,
+}
+
+/// Why the monitor stopped.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("cannot open the event stream: {0}")]
+    Open(#[from] handoff_eventlog::OpenError),
+    #[error("cannot read the event stream: {0}")]
+    Read(#[from] handoff_eventlog::ReadError),
+    #[error("cannot find the end of the event stream: {0}")]
+    End(#[from] handoff_eventlog::AppendError),
+    #[error("the event stream did not deliver sequence {0} in time")]
+    Behind(u64),
+    #[error("cannot watch the heartbeat bucket: {0}")]
+    Heartbeats(String),
+    #[error("cannot hear rebuild progress: {0}")]
+    Progress(#[from] async_nats::SubscribeError),
+}
 
 /// Folds the stream into the state the monitor judges on.
 struct Fold {
@@ -37,11 +75,11 @@ struct Fold {
 }
 
 impl Fold {
-    async fn until(&mut self, seq: u64) -> anyhow::Result<()> {
+    async fn until(&mut self, seq: u64) -> Result<(), Error> {
         while self.applied < seq {
             let r = tokio::time::timeout(Duration::from_secs(10), self.reader.next())
                 .await
-                .map_err(|_| anyhow::anyhow!("the event stream did not deliver {seq}"))??;
+                .map_err(|_| Error::Behind(seq))??;
             self.state.apply(&r.envelope.event);
             self.applied = r.seq;
         }
@@ -49,22 +87,53 @@ impl Fold {
     }
 }
 
-/// Runs the monitor until `stop` turns true. `policy_creds` signs the failover policy's
-/// moves (the monitor's own credentials when none).
+/// The heartbeat bucket, created if no daemon has made it yet.
+async fn heartbeat_bucket(
+    client: &async_nats::Client,
+    replicas: usize,
+) -> Result<kv::Store, Error> {
+    let js = jetstream::new(client.clone());
+    if let Ok(store) = js.get_key_value(HEARTBEATS_BUCKET).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: HEARTBEATS_BUCKET.into(),
+        history: 1,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| Error::Heartbeats(e.to_string()))
+}
+
+async fn watch_heartbeats(bucket: &kv::Store) -> Result<kv::Watch, Error> {
+    bucket
+        .watch_all()
+        .await
+        .map_err(|e| Error::Heartbeats(e.to_string()))
+}
+
+/// Runs the monitor over `client` until `shutdown` completes.
 pub async fn run(
-    stores: Stores,
-    settings: Settings,
-    creds: Credentials,
-    policy_creds: Option<Credentials>,
-    mut stop: signal::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let client = stores.client.clone();
+    client: async_nats::Client,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    tokio::pin!(shutdown);
+    let Config {
+        settings,
+        creds,
+        policy_creds,
+        replicas,
+    } = config;
     let name = format!(
         "handoff-monitor {}",
         std::env::var("HOSTNAME").unwrap_or_default()
     );
-    let monitor = Commands::new(client.clone(), creds.clone(), name.clone());
-    let policy = Commands::new(client.clone(), policy_creds.unwrap_or(creds), name);
+    let monitor = Client::new(client.clone(), creds.clone(), name.clone());
+    let policy = Client::new(client.clone(), policy_creds.unwrap_or(creds), name);
+    let bucket = heartbeat_bucket(&client, replicas).await?;
     let log = EventLog::attach(client.clone(), handoff_eventlog::Config::default()).await?;
     let mut fold = Fold {
         reader: log.read_from(1).await?,
@@ -77,8 +146,8 @@ pub async fn run(
     // Every daemon gets a fresh grace period from now: nothing read back from history
     // says a daemon is silent.
     watch.observe(&fold.state, Instant::now());
-    let mut heartbeats = stores.heartbeats.watch_all().await?;
-    let mut progress = client.subscribe("handoff.progress.>").await?;
+    let mut heartbeats = watch_heartbeats(&bucket).await?;
+    let mut progress = client.subscribe(subjects::PROGRESS).await?;
     let every =
         (watch.settings().threshold / 5).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut tick = tokio::time::interval(every);
@@ -91,7 +160,7 @@ pub async fn run(
     );
     loop {
         tokio::select! {
-            _ = stop.changed() => return Ok(()),
+            _ = &mut shutdown => return Ok(()),
             r = fold.reader.next() => {
                 let r = r?;
                 // Observed at the next tick, which is precise enough for every clock here.
@@ -107,7 +176,7 @@ pub async fn run(
                 Some(_) => {}
                 None => {
                     tracing::warn!("the heartbeat watch ended; watching again");
-                    heartbeats = stores.heartbeats.watch_all().await?;
+                    heartbeats = watch_heartbeats(&bucket).await?;
                 }
             },
             Some(m) = progress.next() => {
@@ -126,8 +195,8 @@ pub async fn run(
 }
 
 /// Sends one command and, once applied, folds its events so the next decision sees them.
-async fn send(commands: &Commands, fold: &mut Fold, command: &Command) {
-    let id = CommandId::new(ulid::Ulid::new().to_string()).expect("a ULID is a command id");
+async fn send(commands: &Client, fold: &mut Fold, command: &Command) {
+    let id = new_command_id();
     match commands.send(&id, command).await {
         Ok(applied) => {
             if let Some(last) = applied.events.iter().map(|e| e.seq).max() {
@@ -143,7 +212,7 @@ async fn send(commands: &Commands, fold: &mut Fold, command: &Command) {
             }
         }
         Err(e) => {
-            tracing::info!(command = command.name(), reason = %e.reason, message = %e.message, "not applied");
+            tracing::info!(command = command.name(), reason = %e.body().reason, message = %e, "not applied");
         }
     }
 }

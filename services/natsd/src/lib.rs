@@ -4,6 +4,10 @@
 //! The server listens on loopback only, keeps its store and configuration in one
 //! directory, syncs every write (`sync_interval: always`, so an acknowledged event is on
 //! disk) and is ready once it answers JetStream requests.
+//!
+//! # Layout
+//! One file: [`find_binary`] locates the pinned server, [`NatsProcess`] starts one (alone
+//! or as a node of a cluster), waits for it to be ready, restarts and stops it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

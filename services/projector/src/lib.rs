@@ -18,6 +18,12 @@
 //!    answers from the store.
 //!
 //! `rebuild` clears the store first and folds the whole stream again.
+//!
+//! # Layout
+//! - this file: [`Config`], [`start`], the consumer, the reader task and the fold loop.
+//! - [`views`]: the pure fold of events into view records (what each event touches).
+//! - [`store`]: the sled trees, the checkpoint and the writer thread's atomic batches.
+//! - [`query`]: the `handoff-query` micro service answering from the store.
 
 pub mod query;
 pub mod store;

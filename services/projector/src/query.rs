@@ -157,166 +157,182 @@ fn answer(
     payload: &[u8],
 ) -> Result<Value, ErrorBody> {
     match name {
-        "status" => {
-            parse::<Empty>(name, payload)?;
-            Ok(json!({ "checkpoint": *checkpoint.borrow() }))
-        }
-        "daemons" => {
-            parse::<Empty>(name, payload)?;
-            Ok(Value::Array(values(store, &views::prefix(&["daemon"]))?))
-        }
-        "projects" => {
-            parse::<Empty>(name, payload)?;
-            Ok(Value::Array(values(store, &views::prefix(&["project"]))?))
-        }
-        "daemon" => {
-            let q: ByDaemon = parse_required(name, payload)?;
-            one(
-                store,
-                &views::daemon_key(&q.daemon),
-                "daemon",
-                q.daemon.as_str(),
-            )
-        }
-        "assignments" => {
-            let q: ByDaemon = parse_required(name, payload)?;
-            let daemon: DaemonView = typed(one(
-                store,
-                &views::daemon_key(&q.daemon),
-                "daemon",
-                q.daemon.as_str(),
-            )?)?;
-            let mut out = Vec::new();
-            for j in &daemon.state.jobs {
-                let job: JobView = typed(one(store, &views::job_key(j), "job", j.as_str())?)?;
-                out.push(AssignmentView {
-                    daemon: q.daemon.clone(),
-                    job: j.clone(),
-                    epoch: job.state.epoch,
-                    moving_in: match job.state.assignment {
-                        Assignment::Moving { move_id, .. } => Some(move_id),
-                        Assignment::Assigned { .. } => None,
-                    },
-                });
-            }
-            serde_json::to_value(out).map_err(internal)
-        }
-        "jobs" => {
-            let f: JobsFilter = parse(name, payload)?;
-            let mut out = Vec::new();
-            for v in values(store, &views::prefix(&["job"]))? {
-                let job: JobView = serde_json::from_value(v.clone()).map_err(internal)?;
-                let moving = matches!(job.state.assignment, Assignment::Moving { .. });
-                let involved = |d: &DaemonId| {
-                    job.owner == *d
-                        || matches!(&job.state.assignment, Assignment::Moving { from, .. } if from == d)
-                };
-                if f.daemon.as_ref().is_some_and(|d| !involved(d))
-                    || f.project.as_ref().is_some_and(|p| job.state.project != *p)
-                    || f.moving.is_some_and(|m| m != moving)
-                {
-                    continue;
-                }
-                out.push(v);
-            }
-            Ok(Value::Array(out))
-        }
-        "job" => {
-            let q: ByJob = parse_required(name, payload)?;
-            one(store, &views::job_key(&q.job), "job", q.job.as_str())
-        }
-        "alerts" => {
-            let q: handoff_protocol::api::query::Alerts = parse(name, payload)?;
-            let mut alerts: Vec<views::AlertView> = values(store, &views::prefix(&["alert"]))?
-                .into_iter()
-                .map(|v| serde_json::from_value(v).map_err(internal))
-                .filter(|a| !matches!(a, Ok(a) if !q.all && !views::AlertView::is_open(a)))
-                .collect::<Result<_, _>>()?;
-            alerts.sort_by_key(|a| std::cmp::Reverse(a.raised_seq));
-            serde_json::to_value(alerts).map_err(internal)
-        }
-        "moves" => {
-            parse::<Empty>(name, payload)?;
-            let mut moves: Vec<MoveView> = values(store, &views::prefix(&["move"]))?
-                .into_iter()
-                .map(|v| serde_json::from_value(v).map_err(internal))
-                .collect::<Result<_, _>>()?;
-            moves.sort_by(|a, b| b.move_id.cmp(&a.move_id));
-            serde_json::to_value(moves).map_err(internal)
-        }
-        "move" => {
-            let q: ByMove = parse_required(name, payload)?;
-            one(
-                store,
-                &views::move_key(&q.move_id),
-                "move",
-                q.move_id.as_str(),
-            )
-        }
-        "history" => {
-            let q: History = parse(name, payload)?;
-            let seqs: Vec<u64> = match (&q.job, &q.daemon) {
-                (Some(j), None) => {
-                    typed::<JobView>(one(store, &views::job_key(j), "job", j.as_str())?)?.history
-                }
-                (None, Some(d)) => {
-                    let mut seqs = Vec::new();
-                    for (_, chunk) in store
-                        .scan(&views::prefix(&["hist", "daemon", d.as_str()]))
-                        .map_err(internal)?
-                    {
-                        seqs.extend(serde_json::from_slice::<Vec<u64>>(&chunk).map_err(internal)?);
-                    }
-                    seqs
-                }
-                _ => {
-                    return Err(ErrorBody::new(
-                        ErrorCode::Validation,
-                        "malformed",
-                        "history needs exactly one of job or daemon",
-                    ))
-                }
-            };
-            let mut entries = Vec::new();
-            // The batch holding the last event looked up; histories often stay in one.
-            let mut batch: Option<(Vec<u8>, Vec<u8>)> = None;
-            for seq in seqs {
-                let cached = batch
-                    .as_ref()
-                    .and_then(|(_, framed)| views::find_framed(framed, seq).map(<[u8]>::to_vec));
-                let stored = match cached {
-                    Some(p) => p,
-                    None => {
-                        let k = views::events_key(seq);
-                        let framed = store.get(&k).map_err(internal)?.ok_or_else(|| {
-                            internal(format!("history names event {seq}, which is not stored"))
-                        })?;
-                        let p = views::find_framed(&framed, seq)
-                            .ok_or_else(|| {
-                                internal(format!("history names event {seq}, which is not stored"))
-                            })?
-                            .to_vec();
-                        batch = Some((k, framed));
-                        p
-                    }
-                };
-                let e = EventEnvelope::decode(&stored).map_err(internal)?;
-                entries.push(HistoryEntry {
-                    seq,
-                    at: e.at,
-                    actor: e.actor.to_string(),
-                    command: e.command,
-                    event: e.event,
-                });
-            }
-            serde_json::to_value(entries).map_err(internal)
-        }
+        "status" => status(checkpoint, parse(name, payload)?),
+        "daemons" => daemons(store, parse(name, payload)?),
+        "projects" => projects(store, parse(name, payload)?),
+        "daemon" => daemon(store, parse_required(name, payload)?),
+        "assignments" => assignments(store, parse_required(name, payload)?),
+        "jobs" => jobs(store, parse(name, payload)?),
+        "job" => job(store, parse_required(name, payload)?),
+        "alerts" => alerts(store, parse(name, payload)?),
+        "moves" => moves(store, parse(name, payload)?),
+        "move" => one_move(store, parse_required(name, payload)?),
+        "history" => history(store, parse(name, payload)?),
         other => Err(ErrorBody::new(
             ErrorCode::NotFound,
             "unknown_query",
             format!("unknown query {other}"),
         )),
     }
+}
+
+fn status(checkpoint: &watch::Receiver<u64>, _: Empty) -> Result<Value, ErrorBody> {
+    Ok(json!({ "checkpoint": *checkpoint.borrow() }))
+}
+
+fn daemons(store: &SledStore, _: Empty) -> Result<Value, ErrorBody> {
+    Ok(Value::Array(values(store, &views::prefix(&["daemon"]))?))
+}
+
+fn projects(store: &SledStore, _: Empty) -> Result<Value, ErrorBody> {
+    Ok(Value::Array(values(store, &views::prefix(&["project"]))?))
+}
+
+fn daemon(store: &SledStore, q: ByDaemon) -> Result<Value, ErrorBody> {
+    one(
+        store,
+        &views::daemon_key(&q.daemon),
+        "daemon",
+        q.daemon.as_str(),
+    )
+}
+
+fn assignments(store: &SledStore, q: ByDaemon) -> Result<Value, ErrorBody> {
+    let daemon: DaemonView = typed(one(
+        store,
+        &views::daemon_key(&q.daemon),
+        "daemon",
+        q.daemon.as_str(),
+    )?)?;
+    let mut out = Vec::new();
+    for j in &daemon.state.jobs {
+        let job: JobView = typed(one(store, &views::job_key(j), "job", j.as_str())?)?;
+        out.push(AssignmentView {
+            daemon: q.daemon.clone(),
+            job: j.clone(),
+            epoch: job.state.epoch,
+            moving_in: match job.state.assignment {
+                Assignment::Moving { move_id, .. } => Some(move_id),
+                Assignment::Assigned { .. } => None,
+            },
+        });
+    }
+    serde_json::to_value(out).map_err(internal)
+}
+
+fn jobs(store: &SledStore, f: JobsFilter) -> Result<Value, ErrorBody> {
+    let mut out = Vec::new();
+    for v in values(store, &views::prefix(&["job"]))? {
+        let job: JobView = serde_json::from_value(v.clone()).map_err(internal)?;
+        let moving = matches!(job.state.assignment, Assignment::Moving { .. });
+        let involved = |d: &DaemonId| {
+            job.owner == *d
+                || matches!(&job.state.assignment, Assignment::Moving { from, .. } if from == d)
+        };
+        if f.daemon.as_ref().is_some_and(|d| !involved(d))
+            || f.project.as_ref().is_some_and(|p| job.state.project != *p)
+            || f.moving.is_some_and(|m| m != moving)
+        {
+            continue;
+        }
+        out.push(v);
+    }
+    Ok(Value::Array(out))
+}
+
+fn job(store: &SledStore, q: ByJob) -> Result<Value, ErrorBody> {
+    one(store, &views::job_key(&q.job), "job", q.job.as_str())
+}
+
+fn alerts(store: &SledStore, q: handoff_protocol::api::query::Alerts) -> Result<Value, ErrorBody> {
+    let mut alerts: Vec<views::AlertView> = values(store, &views::prefix(&["alert"]))?
+        .into_iter()
+        .map(|v| serde_json::from_value(v).map_err(internal))
+        .filter(|a| !matches!(a, Ok(a) if !q.all && !views::AlertView::is_open(a)))
+        .collect::<Result<_, _>>()?;
+    alerts.sort_by_key(|a| std::cmp::Reverse(a.raised_seq));
+    serde_json::to_value(alerts).map_err(internal)
+}
+
+fn moves(store: &SledStore, _: Empty) -> Result<Value, ErrorBody> {
+    let mut moves: Vec<MoveView> = values(store, &views::prefix(&["move"]))?
+        .into_iter()
+        .map(|v| serde_json::from_value(v).map_err(internal))
+        .collect::<Result<_, _>>()?;
+    moves.sort_by(|a, b| b.move_id.cmp(&a.move_id));
+    serde_json::to_value(moves).map_err(internal)
+}
+
+fn one_move(store: &SledStore, q: ByMove) -> Result<Value, ErrorBody> {
+    one(
+        store,
+        &views::move_key(&q.move_id),
+        "move",
+        q.move_id.as_str(),
+    )
+}
+
+fn history(store: &SledStore, q: History) -> Result<Value, ErrorBody> {
+    let seqs: Vec<u64> = match (&q.job, &q.daemon) {
+        (Some(j), None) => {
+            typed::<JobView>(one(store, &views::job_key(j), "job", j.as_str())?)?.history
+        }
+        (None, Some(d)) => {
+            let mut seqs = Vec::new();
+            for (_, chunk) in store
+                .scan(&views::prefix(&["hist", "daemon", d.as_str()]))
+                .map_err(internal)?
+            {
+                seqs.extend(serde_json::from_slice::<Vec<u64>>(&chunk).map_err(internal)?);
+            }
+            seqs
+        }
+        _ => {
+            return Err(ErrorBody::new(
+                ErrorCode::Validation,
+                "malformed",
+                "history needs exactly one of job or daemon",
+            ))
+        }
+    };
+    serde_json::to_value(history_entries(store, seqs)?).map_err(internal)
+}
+
+/// The stored events at `seqs`, in that order.
+fn history_entries(store: &SledStore, seqs: Vec<u64>) -> Result<Vec<HistoryEntry>, ErrorBody> {
+    let mut entries = Vec::new();
+    // The batch holding the last event looked up; histories often stay in one.
+    let mut batch: Option<(Vec<u8>, Vec<u8>)> = None;
+    for seq in seqs {
+        let cached = batch
+            .as_ref()
+            .and_then(|(_, framed)| views::find_framed(framed, seq).map(<[u8]>::to_vec));
+        let stored = match cached {
+            Some(p) => p,
+            None => {
+                let k = views::events_key(seq);
+                let framed = store.get(&k).map_err(internal)?.ok_or_else(|| {
+                    internal(format!("history names event {seq}, which is not stored"))
+                })?;
+                let p = views::find_framed(&framed, seq)
+                    .ok_or_else(|| {
+                        internal(format!("history names event {seq}, which is not stored"))
+                    })?
+                    .to_vec();
+                batch = Some((k, framed));
+                p
+            }
+        };
+        let e = EventEnvelope::decode(&stored).map_err(internal)?;
+        entries.push(HistoryEntry {
+            seq,
+            at: e.at,
+            actor: e.actor.to_string(),
+            command: e.command,
+            event: e.event,
+        });
+    }
+    Ok(entries)
 }
 
 /// Parses a query whose fields are required (an empty body is malformed).

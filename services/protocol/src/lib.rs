@@ -8,12 +8,16 @@
 //!   decoding reads older versions (upcasting).
 //! - [`api`]: command requests, replies and error codes; query requests.
 //! - [`auth`]: signed commands and credentials files.
+//! - [`clock`]: the wall clock and new command ids.
+//! - [`dataplane`]: the data plane's stores, records, oplog and snapshot formats.
 //! - [`permissions`]: the nats-server authorization of each process role.
 //! - [`views`]: what queries answer.
 //! - [`schemas`]: the JSON Schema of everything above, as written to `schemas/`.
 
 pub mod api;
 pub mod auth;
+pub mod clock;
+pub mod dataplane;
 pub mod envelope;
 pub mod permissions;
 pub mod schemas;
@@ -21,4 +25,5 @@ pub mod subjects;
 pub mod views;
 
 pub use api::{Applied, CommandRequest, ErrorBody, ErrorCode, Reply};
+pub use clock::{new_command_id, now_ms};
 pub use envelope::{DecodeError, EventEnvelope};

@@ -19,20 +19,21 @@
 
 use handoff_domain::DaemonId;
 
+use crate::dataplane::{
+    self as dp, CONFIG_BUCKET, FENCES_BUCKET, HEADS_BUCKET, HEARTBEATS_BUCKET, LEASES_BUCKET,
+    SNAPSHOT_BUCKET,
+};
 use crate::subjects;
 
-/// The streams of the data plane (the oplog stream, and the streams behind the
-/// key-value buckets and the object store). Kept equal to the data plane's names by a
-/// test there.
-pub const DATA_STREAMS: &[&str] = &[
-    "HANDOFF_OPLOG",
-    "OBJ_handoff_snapshots",
-    "KV_handoff_dataplane",
-    "KV_handoff_heads",
-    "KV_handoff_leases",
-    "KV_handoff_heartbeats",
-    "KV_handoff_fences",
-];
+/// Publishing to a key-value bucket's keys.
+fn kv(bucket: &str) -> String {
+    format!("$KV.{bucket}.>")
+}
+
+/// Using an object store's chunks and metadata.
+fn object_store(bucket: &str) -> String {
+    format!("$O.{bucket}.>")
+}
 
 /// A process role, and so a set of permissions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,7 +98,7 @@ fn event_log_reads() -> Vec<String> {
 /// Using the data plane's streams, buckets and object store.
 fn data_plane() -> Vec<String> {
     let mut allow = Vec::new();
-    for s in DATA_STREAMS {
+    for s in dp::streams() {
         allow.push(format!("$JS.API.*.*.{s}"));
         allow.push(format!("$JS.API.*.*.{s}.>"));
         allow.push(format!("$JS.API.CONSUMER.MSG.NEXT.{s}.*"));
@@ -135,24 +136,24 @@ fn permissions(role: &ProcessRole) -> String {
                     format!("{}.>", subjects::COMMANDS),
                     format!("{}.>", subjects::QUERIES),
                     "$SRV.>".into(),
-                    "$KV.handoff_leases.>".into(),
-                    "$KV.handoff_dataplane.>".into(),
+                    kv(LEASES_BUCKET),
+                    kv(CONFIG_BUCKET),
                 ],
                 event_log_reads(),
                 data_plane(),
             ]
             .concat(),
             event_log_writes(),
-            vec!["_INBOX.>".into(), "handoff.progress.>".into()],
+            vec!["_INBOX.>".into(), subjects::PROGRESS.into()],
         ),
         ProcessRole::Agent => (
             [
                 vec![
                     js_info,
                     subjects::command("resize-oplog-ttl"),
-                    "handoff.oplog.>".into(),
+                    subjects::OPLOG.into(),
                     "$KV.>".into(),
-                    "$O.handoff_snapshots.>".into(),
+                    object_store(SNAPSHOT_BUCKET),
                 ],
                 event_log_reads(),
                 data_plane(),
@@ -176,7 +177,7 @@ fn permissions(role: &ProcessRole) -> String {
             ]
             .concat(),
             [event_log_writes(), vec!["$KV.>".into(), "$O.>".into()]].concat(),
-            vec!["_INBOX.>".into(), "handoff.progress.>".into()],
+            vec!["_INBOX.>".into(), subjects::PROGRESS.into()],
         ),
         ProcessRole::Daemon(d) => {
             let s = subjects::STREAM;
@@ -189,11 +190,11 @@ fn permissions(role: &ProcessRole) -> String {
                         subjects::command("report-job-move-phase"),
                         subjects::command("complete-job-move"),
                         subjects::command("fail-job-move"),
-                        "handoff.progress.>".into(),
-                        "$KV.handoff_heartbeats.>".into(),
-                        "$KV.handoff_heads.>".into(),
-                        "$KV.handoff_fences.>".into(),
-                        "$O.handoff_snapshots.>".into(),
+                        subjects::PROGRESS.into(),
+                        kv(HEARTBEATS_BUCKET),
+                        kv(HEADS_BUCKET),
+                        kv(FENCES_BUCKET),
+                        object_store(SNAPSHOT_BUCKET),
                         format!("$JS.API.STREAM.INFO.{s}"),
                         format!("$JS.API.CONSUMER.CREATE.{s}.*.{own}"),
                         format!("$JS.API.CONSUMER.CREATE.{s}.*.{}.job.>", subjects::EVENTS),

@@ -35,6 +35,24 @@ pub const USERS: &str = "handoff.evt.user.>";
 pub const AUDIT: &str = "handoff.evt.audit.>";
 /// Every automatic failover decision, as a filter.
 pub const FAILOVERS: &str = "handoff.evt.failover.>";
+/// Every job's events, as a filter.
+pub const JOB_EVENTS: &str = "handoff.evt.job.>";
+/// A job's event subject is this prefix and the job id.
+pub const JOB_EVENTS_PREFIX: &str = "handoff.evt.job.";
+/// Every rebuild's progress (core NATS, not stored), as a filter.
+pub const PROGRESS: &str = "handoff.progress.>";
+/// Every job's oplog subject, as a filter (the oplog store's subjects).
+pub const OPLOG: &str = "handoff.oplog.>";
+
+/// A job's oplog subject in the oplog store.
+pub fn oplog(job: &handoff_domain::JobId) -> String {
+    format!("handoff.oplog.{job}")
+}
+
+/// Where a move's rebuild progress is published.
+pub fn progress(move_id: &str) -> String {
+    format!("handoff.progress.{move_id}")
+}
 
 /// Encodes a daemon id into one subject token.
 pub fn daemon_token(id: &DaemonId) -> String {

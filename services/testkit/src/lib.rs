@@ -1,17 +1,32 @@
-//! Test kit: a real nats-server for tests, never a mock.
+//! Test kit: a real nats-server for tests, never a mock, and the two things every
+//! end-to-end test needs around it: waiting for a condition and owning a child process.
 //!
 //! [`NatsServer::start`] runs the pinned nats-server as a child process on an ephemeral
 //! loopback port with its own temporary JetStream store and `sync_interval: always` (so an
 //! acknowledged write is on disk), waits for it to answer JetStream requests, can
 //! [`restart`](NatsServer::restart) it on the same port and store, and kills it and removes
-//! the store on drop. [`proxy::AckDropper`] sits between a client and the server and loses
-//! JetStream acknowledgements on demand.
+//! the store on drop.
 //!
 //! The binary is `$NATS_SERVER_BIN`, else the project's `.tools/bin/nats-server` (put there
 //! by `scripts/install-nats`), else `nats-server` on `PATH`; when none is found the error
 //! says how to install it.
+//!
+//! # Layout
+//! - [`NatsServer`], [`NatsCluster`]: one server or a cluster per test.
+//! - [`until`] (`wait`): the one poller. A test waits for what it expects by polling it to a
+//!   deadline, never by sleeping a fixed time; a timeout says what was waited for.
+//! - [`Child`], [`Signal`] (`child`): a child process that dies with the test (even a
+//!   killed one), is signalled by pid, waited for with a deadline, and killed and reaped
+//!   on drop.
+//! - [`proxy::AckDropper`]: sits between a client and the server and loses JetStream
+//!   acknowledgements on demand.
 
+mod child;
 pub mod proxy;
+mod wait;
+
+pub use child::{Child, Signal};
+pub use wait::until;
 
 use std::path::{Path, PathBuf};
 

@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use clap::{ArgGroup, Args};
+use clap::{ArgGroup, Args, ValueEnum};
 use handoff_dataplane::restore::{self, Target};
+use handoff_dataplane::source::sim;
 use handoff_dataplane::store::Stores;
 use handoff_dataplane::{agent, daemon, Ts};
 use handoff_domain::model::DaemonSettings;
 use handoff_domain::{DaemonId, JobId, ProjectId};
-use tokio::sync::watch;
 
 use super::fleet::{daemon_id, job_id, project_id, SettingsArgs};
 use super::print_json;
@@ -24,18 +24,9 @@ pub struct AgentArgs {
     /// Back up only these projects' jobs (repeat; default: every project).
     #[arg(long = "project", value_parser = project_id)]
     pub projects: Vec<ProjectId>,
-    /// Seed of the simulated workload (the same seed, the same data).
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// Data of a new job before its initial sync (e.g. 4MiB).
-    #[arg(long, value_parser = size, default_value = "1MiB")]
-    pub initial_size: u64,
-    /// Size of one document.
-    #[arg(long, value_parser = size, default_value = "512")]
-    pub doc_size: u64,
-    /// Writes per second on each job's source.
-    #[arg(long, default_value_t = 200)]
-    pub ops_per_sec: u32,
+    /// What every job's data is read from.
+    #[arg(long, value_enum, default_value_t = SourceKind::Sim)]
+    pub source: SourceKind,
     /// Ship a slice of oplog when it holds this much...
     #[arg(long, value_parser = size, default_value = "10MB")]
     pub slice_size: u64,
@@ -48,16 +39,48 @@ pub struct AgentArgs {
     /// Copies of the stores it creates (3 on a cluster).
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
+    #[command(flatten)]
+    pub sim: SimArgs,
+}
+
+/// The kinds of source the agent can read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SourceKind {
+    /// The simulated MongoDB: a deterministic workload from a seed, one per job.
+    Sim,
+}
+
+/// The simulated source's workload (`--source sim`).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Simulated source (--source sim)")]
+pub struct SimArgs {
+    /// Seed of the simulated workload (the same seed, the same data).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Data of a new job before its initial sync (e.g. 4MiB).
+    #[arg(long, value_parser = size, default_value = "1MiB")]
+    pub initial_size: u64,
+    /// Size of one document.
+    #[arg(long, value_parser = size, default_value = "512")]
+    pub doc_size: u64,
+    /// Writes per second on each job's source.
+    #[arg(long, default_value_t = 200)]
+    pub ops_per_sec: u32,
 }
 
 impl AgentArgs {
-    pub fn config(&self) -> agent::AgentConfig {
-        agent::AgentConfig {
+    pub fn config(&self) -> agent::Config {
+        let source = match self.source {
+            SourceKind::Sim => agent::SourceConfig::Sim(sim::Config {
+                seed: self.sim.seed,
+                initial_bytes: self.sim.initial_size,
+                doc_bytes: self.sim.doc_size as usize,
+                ops_per_sec: self.sim.ops_per_sec,
+            }),
+        };
+        agent::Config {
             projects: self.projects.clone(),
-            seed: self.seed,
-            initial_bytes: self.initial_size,
-            doc_bytes: self.doc_size as usize,
-            ops_per_sec: self.ops_per_sec,
+            source,
             slice_bytes: self.slice_size as usize,
             slice_ms: self.slice_ms,
             groom_ms: self.groom_ms,
@@ -87,16 +110,6 @@ async fn stores(ctx: &Context, replicas: usize) -> Result<Stores, Failure> {
         .map_err(|e| Failure::Usage(e.to_string()))
 }
 
-/// A stop signal that turns true on Ctrl-C or SIGTERM.
-pub fn stop_on_signal() -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        crate::shutdown_signal().await;
-        let _ = tx.send(true);
-    });
-    rx
-}
-
 /// The process's own credentials: a daemon and the agent sign their reports.
 fn own_creds(ctx: &Context, role: &str) -> Result<handoff_protocol::auth::Credentials, Failure> {
     ctx.creds.clone().ok_or_else(|| {
@@ -115,7 +128,7 @@ pub async fn run_agent(ctx: &Context, a: AgentArgs) -> Result<(), Failure> {
     let creds = own_creds(ctx, "agent")?;
     let stores = stores(ctx, a.replicas).await?;
     tracing::info!(user = %creds.user, "agent running");
-    agent::run(stores, a.config(), creds, stop_on_signal())
+    agent::run(stores, a.config(), creds, crate::shutdown_signal())
         .await
         .map_err(|e| Failure::Usage(format!("agent: {e:#}")))
 }
@@ -131,7 +144,7 @@ pub async fn run_daemon(ctx: &Context, a: DaemonRunArgs) -> Result<(), Failure> 
         .head_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(id.as_str().split_once(':').map_or("/", |(_, d)| d)));
-    let config = daemon::DaemonConfig {
+    let config = daemon::Config {
         id,
         head_dir,
         settings: a.settings.apply(DaemonSettings::default()),
@@ -139,7 +152,7 @@ pub async fn run_daemon(ctx: &Context, a: DaemonRunArgs) -> Result<(), Failure> 
         creds: own_creds(ctx, "daemon")?,
     };
     let stores = stores(ctx, 1).await?;
-    daemon::run(stores, config, stop_on_signal())
+    daemon::run(stores, config, crate::shutdown_signal())
         .await
         .map_err(|e| Failure::Usage(format!("daemon: {e:#}")))
 }

@@ -194,12 +194,12 @@ pub enum JobCmd {
 async fn heartbeat_ages(client: &async_nats::Client, daemons: &[DaemonView]) -> Vec<Option<u64>> {
     let js = async_nats::jetstream::new(client.clone());
     let Ok(kv) = js
-        .get_key_value(handoff_dataplane::store::HEARTBEATS_BUCKET)
+        .get_key_value(handoff_protocol::dataplane::HEARTBEATS_BUCKET)
         .await
     else {
         return vec![None; daemons.len()];
     };
-    let now = handoff_dataplane::store::now_ms();
+    let now = handoff_protocol::now_ms();
     let mut ages = Vec::with_capacity(daemons.len());
     for d in daemons {
         let token = handoff_protocol::subjects::daemon_key(&d.daemon);
@@ -535,7 +535,11 @@ pub async fn job(ctx: &Context, c: JobCmd) -> Result<(), Failure> {
         .events
         .iter()
         .filter(|e| e.kind == "BackupJobCreated")
-        .map(|e| e.subject.trim_start_matches("handoff.evt.job.").to_owned())
+        .map(|e| {
+            e.subject
+                .trim_start_matches(handoff_protocol::subjects::JOB_EVENTS_PREFIX)
+                .to_owned()
+        })
         .collect();
     println!("created {} job(s): {}", created.len(), created.join(", "));
     Ok(())

@@ -103,18 +103,15 @@ pub async fn run_monitor(ctx: &Context, a: MonitorArgs) -> Result<(), Failure> {
         None => None,
     };
     let client = ctx.api().await?.client;
-    let stores = handoff_dataplane::store::Stores::open(client, a.replicas)
-        .await
-        .map_err(|e| Failure::Usage(e.to_string()))?;
-    handoff_monitor::run(
-        stores,
+    let config = handoff_monitor::Config {
         settings,
         creds,
         policy_creds,
-        super::data::stop_on_signal(),
-    )
-    .await
-    .map_err(|e| Failure::Usage(format!("monitor: {e:#}")))
+        replicas: a.replicas,
+    };
+    handoff_monitor::run(client, config, crate::shutdown_signal())
+        .await
+        .map_err(|e| Failure::Usage(format!("monitor: {e:#}")))
 }
 
 #[derive(Debug, Args)]

@@ -263,7 +263,7 @@ impl Bars {
         }
     }
 
-    fn update(&self, p: &handoff_dataplane::daemon::Progress) {
+    fn update(&self, p: &handoff_protocol::dataplane::Progress) {
         let Some(bar) = self.bars.get(&p.job) else {
             return;
         };
@@ -295,10 +295,12 @@ async fn wait(
     from_seq: u64,
 ) -> Result<(), Failure> {
     let log = api.log().await?;
-    let mut reader = log.read_filtered(from_seq, "handoff.evt.job.>").await?;
+    let mut reader = log
+        .read_filtered(from_seq, handoff_protocol::subjects::JOB_EVENTS)
+        .await?;
     let mut progress = api
         .client
-        .subscribe(handoff_dataplane::store::progress_subject(id.as_str()))
+        .subscribe(handoff_protocol::subjects::progress(id.as_str()))
         .await
         .map_err(|e| Failure::Usage(format!("cannot follow the rebuild's progress: {e}")))?;
     let mut phases: BTreeMap<JobId, MovePhase> = jobs
@@ -317,7 +319,7 @@ async fn wait(
         let r = tokio::select! {
             r = reader.next() => r?,
             Some(m) = progress.next() => {
-                if let Ok(p) = serde_json::from_slice::<handoff_dataplane::daemon::Progress>(&m.payload) {
+                if let Ok(p) = serde_json::from_slice::<handoff_protocol::dataplane::Progress>(&m.payload) {
                     // A report with an older epoch than one already seen is from a daemon
                     // that lost the job: not this rebuild's progress.
                     let newest = epochs.entry(p.job.clone()).or_insert(p.epoch);

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::checksum::Checksum;
+use super::checksum::Checksum;
 
 /// First timestamp of a slice (`t:i`).
 pub const FIRST_TS: &str = "Handoff-First-Ts";

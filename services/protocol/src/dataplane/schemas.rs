@@ -4,10 +4,9 @@
 use schemars::{schema_for, JsonSchema, Schema};
 use serde::Serialize;
 
-use crate::checksum::Checksum;
-use crate::daemon::Progress;
-use crate::oplog::{Op, Ts};
-use crate::store::{HeadRecord, Heartbeat, Lease, Settings, SnapshotMeta};
+use super::checksum::Checksum;
+use super::oplog::{Op, Ts};
+use super::{HeadRecord, Heartbeat, Lease, Progress, Settings, SnapshotMeta};
 
 /// One line of an oplog message (`handoff.oplog.<job>`): JSON lines, one entry each.
 #[derive(Serialize, JsonSchema)]
@@ -51,7 +50,7 @@ pub fn all() -> Vec<(String, Schema)> {
         ("dataplane/settings.json".into(), schema_for!(Settings)),
         (
             "dataplane/schedule.json".into(),
-            schema_for!(crate::schedule::Schedule),
+            schema_for!(super::schedule::Schedule),
         ),
         ("dataplane/progress.json".into(), schema_for!(Progress)),
     ]
