@@ -10,5 +10,6 @@ mod dataplane;
 mod idempotency;
 mod lost;
 mod moves;
+mod outages;
 mod projector;
 mod security;

@@ -69,6 +69,33 @@ fn unavailable(e: impl std::fmt::Display) -> ErrorBody {
     )
 }
 
+/// The answer to an append that failed other than by a conflict: an outage is
+/// `unavailable` (the caller retries with the same id), the log's refusal of the append
+/// `internal` (a bug; the same append gets the same answer).
+fn append_failure(e: AppendError) -> ErrorBody {
+    match e {
+        AppendError::Refused { code, description } => ErrorBody::new(
+            ErrorCode::Internal,
+            "append_refused",
+            format!("the event log refused the append (code {code}): {description}"),
+        ),
+        e => unavailable(e),
+    }
+}
+
+/// The answer to a command that lost to other commands at every attempt: transient (the
+/// others are done soon), so `unavailable`, which clients retry with the same id. A
+/// `conflict` would read as final ("another command holds the job").
+fn too_many_conflicts(id: &CommandId) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Unavailable,
+        "too_many_conflicts",
+        format!(
+            "command {id} conflicted with other commands {MAX_ATTEMPTS} times; retry with the same id"
+        ),
+    )
+}
+
 /// A stable digest of a command and its actor (FNV-1a over its JSON), so that an id
 /// reused for a different command is refused rather than answered as a duplicate.
 pub fn digest(request: &CommandRequest<Command>) -> String {
@@ -408,14 +435,7 @@ impl Executor {
             };
             return Ok(self.applied(&request, decision, written));
         }
-        Err(ErrorBody::new(
-            ErrorCode::Conflict,
-            "too_many_conflicts",
-            format!(
-                "command {} conflicted with other commands {MAX_ATTEMPTS} times; retry with the same id",
-                request.id
-            ),
-        ))
+        Err(too_many_conflicts(&request.id))
     }
 
     /// The answer already given to this command id, if it completed; a refusal if the id
@@ -509,14 +529,7 @@ impl Executor {
                     tracing::debug!(command = %request.id, %description, "conflict; deciding again");
                     return Ok(None);
                 }
-                Err(AppendError::Unavailable(e)) => return Err(unavailable(e)),
-                Err(AppendError::Refused { code, description }) => {
-                    return Err(ErrorBody::new(
-                        ErrorCode::Internal,
-                        "append_refused",
-                        format!("the event log refused the append (code {code}): {description}"),
-                    ))
-                }
+                Err(e) => return Err(append_failure(e)),
             }
         }
         Ok(Some(written))
@@ -583,4 +596,28 @@ impl Executor {
 
 fn system_actor() -> Actor {
     Actor::new(handoff_domain::command::SYSTEM_ACTOR).expect("the system actor is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What may pass by itself (an outage of the log, the server unable to store now,
+    /// losing to other commands every time) is `unavailable`, which clients retry with
+    /// the same id; only the log's refusal of the append itself is final.
+    #[test]
+    fn transient_failures_are_unavailable_and_only_a_refused_append_is_final() {
+        let id = new_command_id();
+        assert_eq!(too_many_conflicts(&id).code, ErrorCode::Unavailable);
+        let outage = append_failure(AppendError::Unavailable("timed out".into()));
+        assert_eq!(outage.code, ErrorCode::Unavailable);
+        let refused = append_failure(AppendError::Refused {
+            code: 10174,
+            description: "atomic publish is disabled".into(),
+        });
+        assert_eq!(
+            (refused.code, refused.reason.as_str()),
+            (ErrorCode::Internal, "append_refused")
+        );
+    }
 }

@@ -46,6 +46,37 @@ const WRONG_LAST_SEQUENCE: u64 = 10071;
 /// (nats-server 2.14+ checks this before the expected sequences).
 const BATCH_DUPLICATE_MSG_ID: u64 = 10201;
 
+/// How an append's JetStream error is to be taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerError {
+    /// A failed expectation or an id already stored: our own earlier attempt may be
+    /// stored, so read the stream back to tell a duplicate from a conflict.
+    CheckStored,
+    /// The server cannot store the append now (resources, storage, a batch it lost
+    /// track of, too many batches at once, no leader): nothing was stored, and the same
+    /// messages retried later may be.
+    Transient,
+    /// Anything else: a bug or a misconfiguration. The same append gets the same answer.
+    Refused,
+}
+
+/// The class of a JetStream error code (`err_code`, nats-server's `server/errors.json`).
+///
+/// Transient: 10008 JetStream temporarily unavailable, 10023 insufficient resources,
+/// 10028 insufficient memory, 10047 insufficient storage, 10077 stream store failed,
+/// 10118 and 10194 stream offline, 10163 expected last sequence per subject temporarily
+/// unavailable, 10167 too many requests, 10176 atomic batch incomplete (the server
+/// dropped it: abandoned, or its first message refused), 10210 and 10211 too many
+/// batches in flight. A timeout never reaches here: it is an outage already.
+pub fn classify(code: u64) -> ServerError {
+    match code {
+        WRONG_LAST_SEQUENCE | BATCH_DUPLICATE_MSG_ID => ServerError::CheckStored,
+        10008 | 10023 | 10028 | 10047 | 10077 | 10118 | 10163 | 10167 | 10176 | 10194 | 10210
+        | 10211 => ServerError::Transient,
+        _ => ServerError::Refused,
+    }
+}
+
 /// How the event stream is set up.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -112,12 +143,13 @@ pub enum AppendError {
     /// since the decision. Reload the state and decide again.
     #[error("conflict: an aggregate changed since the decision ({description})")]
     Conflict { description: String },
-    /// The server refused the append for another reason (a bug or a misconfiguration):
-    /// do not retry as is.
+    /// The server refused the append for a reason that does not pass (a bug or a
+    /// misconfiguration, see [`classify`]): do not retry as is.
     #[error("the event log refused the append: {description} (code {code})")]
     Refused { code: u64, description: String },
-    /// The server could not be reached or did not answer in time; the append may or may
-    /// not be stored. Retry the same messages: a stored one is recognised.
+    /// The server could not be reached, did not answer in time, or cannot store now (out
+    /// of resources or storage, too many batches at once: see [`classify`]); the append
+    /// may or may not be stored. Retry the same messages: a stored one is recognised.
     #[error("the event log is unavailable: {0}")]
     Unavailable(String),
 }
@@ -322,26 +354,30 @@ impl EventLog {
                     duplicate: reply.duplicate,
                 })
             }
-            Some(e)
-                if e.err_code == WRONG_LAST_SEQUENCE || e.err_code == BATCH_DUPLICATE_MSG_ID =>
-            {
-                // Either someone else wrote, or our own earlier attempt was stored and its
-                // acknowledgement lost: the stored messages tell which.
-                match self.already_stored(messages).await? {
-                    Some(first_seq) => Ok(Appended {
-                        first_seq,
-                        last_seq: first_seq + n - 1,
-                        duplicate: true,
-                    }),
-                    None => Err(AppendError::Conflict {
-                        description: e.description,
-                    }),
+            Some(e) => match classify(e.err_code) {
+                ServerError::CheckStored => {
+                    // Either someone else wrote, or our own earlier attempt was stored and
+                    // its acknowledgement lost: the stored messages tell which.
+                    match self.already_stored(messages).await? {
+                        Some(first_seq) => Ok(Appended {
+                            first_seq,
+                            last_seq: first_seq + n - 1,
+                            duplicate: true,
+                        }),
+                        None => Err(AppendError::Conflict {
+                            description: e.description,
+                        }),
+                    }
                 }
-            }
-            Some(e) => Err(AppendError::Refused {
-                code: e.err_code,
-                description: e.description,
-            }),
+                ServerError::Transient => Err(AppendError::Unavailable(format!(
+                    "{} (code {})",
+                    e.description, e.err_code
+                ))),
+                ServerError::Refused => Err(AppendError::Refused {
+                    code: e.err_code,
+                    description: e.description,
+                }),
+            },
         }
     }
 
@@ -422,4 +458,34 @@ impl EventLog {
 
 fn msg_id(headers: &HeaderMap) -> Option<String> {
     headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What nats-server answers when it cannot store now (checked in its
+    /// `server/errors.json`) is an outage to retry, never a final refusal; a check that
+    /// failed is read back; a request the server will never accept is refused.
+    #[test]
+    fn transient_server_errors_are_unavailable() {
+        for (code, what) in [
+            (10023, "insufficient resources"),
+            (10047, "insufficient storage resources available"),
+            (10077, "stream store failed"),
+            (10176, "atomic publish batch is incomplete"),
+            (10210, "atomic publish too many inflight"),
+        ] {
+            assert_eq!(classify(code), ServerError::Transient, "{code} {what}");
+        }
+        assert_eq!(classify(10071), ServerError::CheckStored);
+        assert_eq!(classify(10201), ServerError::CheckStored);
+        for (code, what) in [
+            (10174, "atomic publish is disabled"),
+            (10199, "atomic publish batch is too large"),
+            (10054, "message size exceeds maximum allowed"),
+        ] {
+            assert_eq!(classify(code), ServerError::Refused, "{code} {what}");
+        }
+    }
 }
