@@ -5,6 +5,7 @@ mod alerts;
 mod bad_input;
 mod cli;
 mod cluster;
+mod command_model;
 mod concurrency;
 mod dataplane;
 mod idempotency;

@@ -17,7 +17,7 @@ use handoff_eventlog::fence::Fences;
 use handoff_eventlog::{AppendError, EventLog, EventReader, Outgoing, ReadError};
 use handoff_protocol::api::{AppendedEvent, CommandRequest};
 use handoff_protocol::{
-    new_command_id, now_ms, subjects, Applied, ErrorBody, ErrorCode, EventEnvelope,
+    new_command_id, now_ms, subjects, Applied, DecodeError, ErrorBody, ErrorCode, EventEnvelope,
 };
 
 use crate::model::Model;
@@ -39,6 +39,10 @@ pub struct Executor {
     seen: HashMap<String, u64>,
     /// Raised after each append that gives a job a new epoch.
     fences: Option<Fences>,
+    /// Set when the model met an event it cannot fold (undecodable, or after a hole):
+    /// the answer to every command from then on. The model is never folded further, so
+    /// nothing is decided on it.
+    stopped: Option<ErrorBody>,
 }
 
 /// What appending a decision wrote, or found written by an earlier attempt.
@@ -121,15 +125,76 @@ impl Executor {
             read_timeout,
             seen: HashMap::new(),
             fences: None,
+            stopped: None,
         };
         let end = executor
             .log
             .last_sequence()
             .await
             .map_err(|e| ReadError::Unavailable(e.to_string()))?;
-        executor.catch_up(end).await?;
-        tracing::info!(applied = executor.model.applied, "command model loaded");
+        match executor.catch_up(end).await {
+            Ok(()) => tracing::info!(applied = executor.model.applied, "command model loaded"),
+            // Started all the same, to answer every command with the reason.
+            Err(_) if executor.stopped.is_some() => {}
+            Err(e) => return Err(ReadError::Unavailable(e.message)),
+        }
         Ok(executor)
+    }
+
+    /// Whether the model stopped at an event it cannot fold; every command is then
+    /// answered with [`Executor::stopped`]'s reason.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.is_some()
+    }
+
+    /// Why the model stopped, if it did.
+    pub fn stopped(&self) -> Option<&ErrorBody> {
+        self.stopped.as_ref()
+    }
+
+    fn check_running(&self) -> Result<(), ErrorBody> {
+        match &self.stopped {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the next event (waiting for one) and folds it in, or stops the model for
+    /// good if it cannot be folded. Cancel safe: nothing changes before an event is read.
+    async fn fold_one(&mut self) -> Result<(), ErrorBody> {
+        self.check_running()?;
+        let (code, problem) = match self.reader.next().await {
+            Ok(r) => match self.model.apply(&r) {
+                Ok(()) => return Ok(()),
+                Err(gap) => (ErrorCode::Internal, gap.to_string()),
+            },
+            Err(ReadError::Decode {
+                seq,
+                subject,
+                source,
+            }) => (
+                // Written by a newer build: an upgraded instance can decide, so the
+                // caller retries; anything else is a bug or a damaged stream.
+                if matches!(source, DecodeError::NewerVersion { .. }) {
+                    ErrorCode::Unavailable
+                } else {
+                    ErrorCode::Internal
+                },
+                format!("event {seq} on {subject} cannot be decoded: {source}"),
+            ),
+            Err(e @ ReadError::Unavailable(_)) => return Err(unavailable(e)),
+        };
+        tracing::error!(applied = self.model.applied, %problem, "the command model stopped; no command is decided from now on");
+        let why = ErrorBody::new(
+            code,
+            "model_stopped",
+            format!(
+                "this command service stopped deciding after event {}: {problem}; it decides nothing on a model without that event (another instance may; retry with the same id)",
+                self.model.applied
+            ),
+        );
+        self.stopped = Some(why.clone());
+        Err(why)
     }
 
     /// Raises the jobs' fences after each append that gives a job a new epoch.
@@ -169,34 +234,37 @@ impl Executor {
     }
 
     /// Folds events until the model has applied `target`.
-    async fn catch_up(&mut self, target: u64) -> Result<(), ReadError> {
+    async fn catch_up(&mut self, target: u64) -> Result<(), ErrorBody> {
+        self.check_running()?;
         while self.model.applied < target {
-            let next = tokio::time::timeout(self.read_timeout, self.reader.next())
+            let read_timeout = self.read_timeout;
+            let next = self.model.applied + 1;
+            tokio::time::timeout(read_timeout, self.fold_one())
                 .await
                 .map_err(|_| {
-                    ReadError::Unavailable(format!(
-                        "the event stream did not deliver sequence {} within {:?}",
-                        self.model.applied + 1,
-                        self.read_timeout
+                    unavailable(format!(
+                        "the event stream did not deliver sequence {next} within {read_timeout:?}"
                     ))
                 })??;
-            self.model.apply(&next);
         }
         Ok(())
     }
 
     /// Waits for the next event of the stream and folds it in (between commands, so the
-    /// model stays current). Cancel safe.
+    /// model stays current). Cancel safe. An event that stops the model is not an error
+    /// here (commands hear it); only a stream that cannot be read is.
     pub async fn fold_next(&mut self) -> Result<(), ReadError> {
-        let next = self.reader.next().await?;
-        self.model.apply(&next);
-        Ok(())
+        match self.fold_one().await {
+            Err(e) if self.stopped.is_none() => Err(ReadError::Unavailable(e.message)),
+            _ => Ok(()),
+        }
     }
 
     /// Catches up with the whole stream as it is now.
     async fn catch_up_with_stream(&mut self) -> Result<(), ErrorBody> {
+        self.check_running()?;
         let end = self.log.last_sequence().await.map_err(unavailable)?;
-        self.catch_up(end).await.map_err(unavailable)
+        self.catch_up(end).await
     }
 
     /// Checks who signed `request`: a current user, whose key verifies the signature over
@@ -219,7 +287,7 @@ impl Executor {
                 ),
             ));
         };
-        self.catch_up(self.appended).await.map_err(unavailable)?;
+        self.catch_up(self.appended).await?;
         let actor = &request.actor;
         let key = match self.user_key(actor) {
             Some(k) => k,
@@ -349,6 +417,7 @@ impl Executor {
         request: &CommandRequest<Command>,
         error: &ErrorBody,
     ) -> Result<(), ErrorBody> {
+        self.check_running()?;
         let refusal = new_command_id();
         let event = Event::CommandRefused {
             refusal: refusal.clone(),
@@ -402,7 +471,7 @@ impl Executor {
         signature: Option<String>,
     ) -> Result<Applied, ErrorBody> {
         let digest = digest(&request);
-        self.catch_up(self.appended).await.map_err(unavailable)?;
+        self.catch_up(self.appended).await?;
         let mut caught_up_with_stream = false;
         for _attempt in 0..MAX_ATTEMPTS {
             if let Some(earlier) = self.earlier_answer(&request, &digest)? {
@@ -522,7 +591,7 @@ impl Executor {
                         );
                     if !is_last_unit {
                         // The next unit's expectations include this one's writes.
-                        self.catch_up(a.last_seq).await.map_err(unavailable)?;
+                        self.catch_up(a.last_seq).await?;
                     }
                 }
                 Err(AppendError::Conflict { description }) => {

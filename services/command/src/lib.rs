@@ -12,7 +12,10 @@
 //!    command (`handoff_domain::auth`). A refusal (`forbidden`) is itself appended as a
 //!    `CommandRefused` event, and nothing else is.
 //! 3. The [`executor`] catches its [`model`] up with what it appended before, and
-//!    answers a command id it already applied with the events of the first time.
+//!    answers a command id it already applied with the events of the first time. An
+//!    event the model cannot fold (undecodable, or not the next sequence) stops it for
+//!    good: from then on every command is answered `model_stopped` with the event named,
+//!    and nothing is decided on a model with a hole.
 //! 4. `handoff_domain::decide` returns the events (in atomic units) or a rejection.
 //! 5. Each unit is appended as one atomic batch, every event expecting its subject's
 //!    last sequence as the model saw it. On a conflict the model catches up with the
@@ -103,7 +106,9 @@ pub async fn start(client: Client, config: Config) -> Result<CommandService, Err
     let mut executor = Executor::start(log, config.read_timeout)
         .await?
         .with_fences(fences);
-    if let Some((user, key)) = &config.bootstrap_owner {
+    if let Some(why) = executor.stopped() {
+        tracing::error!(reason = %why.message, "the command model is stopped: every command is answered with the reason");
+    } else if let Some((user, key)) = &config.bootstrap_owner {
         match executor.bootstrap_owner(user, key).await {
             Ok(true) => tracing::info!(%user, "added the first GLOBAL_OWNER"),
             Ok(false) => tracing::debug!(%user, "users exist; the first owner is not added again"),
@@ -187,7 +192,8 @@ impl CommandService {
                         tracing::warn!(error = %e, "could not send a reply");
                     }
                 }
-                folded = executor.fold_next() => folded?,
+                // A stopped model folds nothing more; commands hear why.
+                folded = executor.fold_next(), if !executor.is_stopped() => folded?,
             }
         }
         // Ignored: stopping only unsubscribes; the process is going away either way.

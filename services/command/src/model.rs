@@ -7,6 +7,16 @@ use std::collections::HashMap;
 use handoff_domain::{CommandId, State};
 use handoff_eventlog::Recorded;
 use handoff_protocol::api::AppendedEvent;
+use thiserror::Error;
+
+/// The stream delivered an event that is not the next one: folding it would leave a
+/// hole in the model, which every later decision would be made on.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("the stream delivered event {got} after event {applied}: the events between are missing")]
+pub struct Gap {
+    pub applied: u64,
+    pub got: u64,
+}
 
 /// What one command id appended so far.
 #[derive(Clone, Debug, Default)]
@@ -33,8 +43,20 @@ pub struct Model {
 }
 
 impl Model {
-    /// Folds the next event of the stream in.
-    pub fn apply(&mut self, r: &Recorded) {
+    /// Folds the next event of the stream in. The stream has no holes (nothing is ever
+    /// deleted from it), so the next event is the one after [`Model::applied`]: one
+    /// already folded (a redelivery) changes nothing, a later one is a [`Gap`] and is not
+    /// folded.
+    pub fn apply(&mut self, r: &Recorded) -> Result<(), Gap> {
+        if r.seq <= self.applied {
+            return Ok(());
+        }
+        if r.seq != self.applied + 1 {
+            return Err(Gap {
+                applied: self.applied,
+                got: r.seq,
+            });
+        }
         self.state.apply(&r.envelope.event);
         self.has_users |= matches!(r.envelope.event, handoff_domain::Event::UserAdded { .. });
         self.last_seq.insert(r.subject.clone(), r.seq);
@@ -52,6 +74,7 @@ impl Model {
             }
         }
         self.applied = r.seq;
+        Ok(())
     }
 
     /// The last sequence of `subject`, 0 if it has none.
@@ -61,5 +84,47 @@ impl Model {
 
     pub fn command(&self, id: &CommandId) -> Option<&CommandRecord> {
         self.commands.get(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use handoff_domain::{Actor, DaemonId, Event};
+    use handoff_protocol::EventEnvelope;
+
+    fn recorded(seq: u64, n: usize) -> Recorded {
+        let daemon = DaemonId::new(format!("backup{n}.example.net:/data/backup/")).unwrap();
+        Recorded {
+            seq,
+            subject: format!("handoff.evt.daemon.{n}"),
+            envelope: EventEnvelope {
+                event: Event::DaemonDown { daemon },
+                version: Event::VERSION,
+                command: handoff_protocol::new_command_id(),
+                actor: Actor::new("admin").unwrap(),
+                at: 0,
+                last: true,
+                digest: String::new(),
+                signature: None,
+            },
+        }
+    }
+
+    /// Events are folded one after the other: a redelivered one changes nothing, one
+    /// after a hole is refused and leaves the model as it was.
+    #[test]
+    fn the_fold_takes_only_the_next_event() {
+        let mut model = Model::default();
+        model.apply(&recorded(1, 1)).unwrap();
+        model.apply(&recorded(2, 2)).unwrap();
+        model.apply(&recorded(2, 2)).unwrap();
+        assert_eq!(model.applied, 2);
+        assert_eq!(
+            model.apply(&recorded(4, 3)),
+            Err(Gap { applied: 2, got: 4 })
+        );
+        assert_eq!(model.applied, 2);
+        assert_eq!(model.last_seq("handoff.evt.daemon.3"), 0);
     }
 }
