@@ -13,4 +13,5 @@ mod lost;
 mod moves;
 mod outages;
 mod projector;
+mod reports;
 mod security;

@@ -10,7 +10,7 @@ use handoff_client::SendError;
 use handoff_domain::command::{CompleteJobMove, FailJobMove, ReportJobMovePhase};
 use handoff_domain::event::Aggregate;
 use handoff_domain::model::{HeadPoint, MovePhase};
-use handoff_domain::{Command, CommandId, DaemonId, Event, JobId};
+use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, Rejection};
 use handoff_protocol::subjects;
 use tokio::sync::{mpsc, watch};
 
@@ -149,7 +149,7 @@ async fn finish(
         let id = completion_id(move_id, job);
         match shared.client.send(&id, &command).await {
             Ok(_) => {}
-            Err(e @ SendError::Unavailable { .. }) => return Err(JobError::Send(e)),
+            Err(e) if !is_final(&e) => return Err(JobError::Send(e)),
             Err(e) => return completion_refused(shared, job, move_id, head, meta, e).await,
         }
         tracing::info!(%job, move_id = %move_id, ts = %point.ts, checksum = %point.checksum, "move completed");
@@ -168,8 +168,8 @@ async fn finish(
     Ok(Ok(()))
 }
 
-/// The command service refused the completion: completed before (a rebuild again after a
-/// crash or a divergence), or the move is over without us.
+/// The command service refused the completion for good ([`is_final`]): completed before (a
+/// rebuild again after a crash or a lost reply), or the move is over without us.
 async fn completion_refused(
     shared: &Shared,
     job: &JobId,
@@ -294,5 +294,71 @@ pub(super) async fn watch_move(
         // The daemon is shutting down if nobody listens any more.
         let _ = reports.send(Input::MoveEnded { job, end });
         return;
+    }
+}
+
+/// Whether a refused report settles it: the move is not the job's current one any more
+/// (`move_not_in_progress`) or the job has a newer epoch (`stale_epoch`), so the same
+/// report can never be applied. Everything else (an outage, a server in trouble, a clock
+/// out of the signature's window, too many conflicts, a user not known yet) may pass
+/// later: the report is sent again with the same id, and what it reports is kept.
+fn is_final(e: &SendError) -> bool {
+    matches!(
+        e,
+        SendError::Rejected(Rejection::StaleEpoch { .. } | Rejection::MoveNotInProgress { .. })
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use handoff_client::Outage;
+    use handoff_protocol::{ErrorBody, ErrorCode};
+
+    use super::*;
+
+    fn refused(code: ErrorCode, reason: &str) -> SendError {
+        SendError::Refused(ErrorBody::new(code, reason, reason))
+    }
+
+    /// Only the two answers that say the move is over without this daemon settle a
+    /// report; a server's trouble (a full disk, too many batches, an incomplete batch, too
+    /// many conflicts), a clock that is off, an outage or any other refusal is retried.
+    #[test]
+    fn only_a_stale_epoch_or_a_move_not_in_progress_is_final() {
+        let job = JobId::new("p/rs1").unwrap();
+        let move_id = CommandId::new("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
+        let finals = [
+            SendError::Rejected(Rejection::StaleEpoch {
+                job: job.clone(),
+                reported: 2,
+                current: 3,
+            }),
+            SendError::Rejected(Rejection::MoveNotInProgress {
+                job: job.clone(),
+                move_id,
+            }),
+        ];
+        for e in &finals {
+            assert!(is_final(e), "{e:?}");
+        }
+        let retried = [
+            refused(ErrorCode::Internal, "insufficient_resources"),
+            refused(ErrorCode::Internal, "too_many_batches"),
+            refused(ErrorCode::Internal, "incomplete_batch"),
+            refused(ErrorCode::Forbidden, "expired"),
+            refused(ErrorCode::Conflict, "too_many_conflicts"),
+            refused(ErrorCode::Forbidden, "unknown_user"),
+            SendError::Rejected(Rejection::NotFound {
+                kind: handoff_domain::rejection::Kind::Job,
+                id: job.to_string(),
+            }),
+            SendError::Unavailable {
+                attempts: 3,
+                last: Outage::Service(ErrorBody::new(ErrorCode::Unavailable, "unavailable", "down")),
+            },
+        ];
+        for e in &retried {
+            assert!(!is_final(e), "{e:?}");
+        }
     }
 }
