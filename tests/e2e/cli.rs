@@ -258,7 +258,7 @@ async fn move_jobs_plans_moves_and_waits() -> Result<()> {
         let job = handoff_domain::JobId::new(j["job"].as_str().expect("an id"))?;
         let epoch = j["epoch"].as_u64().expect("an epoch");
         let complete = Command::CompleteJobMove(CompleteJobMove {
-            head: None,
+            head: rebuilt_head(),
             job,
             move_id: move_id.clone(),
             epoch,

@@ -220,7 +220,7 @@ async fn a_move_runs_to_completion_and_failure() -> Result<()> {
         .report(
             2,
             Command::CompleteJobMove(CompleteJobMove {
-                head: None,
+                head: rebuilt_head(),
                 job: job("p1/rs0"),
                 move_id: move_id.clone(),
                 epoch,

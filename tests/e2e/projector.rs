@@ -18,7 +18,7 @@ async fn move_and_complete(stack: &Stack, from: usize, to: usize) -> Result<()> 
             .report(
                 to,
                 Command::CompleteJobMove(CompleteJobMove {
-                    head: None,
+                    head: rebuilt_head(),
                     job: j.job,
                     move_id: plan.move_id.clone(),
                     epoch: j.epoch,

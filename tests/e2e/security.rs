@@ -156,7 +156,7 @@ async fn every_command_is_signed_by_a_user_allowed_to_send_it() -> Result<()> {
         job: plan.0.clone(),
         move_id: id.clone(),
         epoch: plan.1,
-        head: None,
+        head: rebuilt_head(),
     });
     let s = wrong_daemon.sign_command(&new_id(), &complete, Some("handoff-tests"));
     refused_as(&stack, s, "forbidden").await?;

@@ -2,7 +2,7 @@
 //! replica sets of a project, and every command is one the tests send again and again.
 
 use handoff_domain::command::*;
-use handoff_domain::model::{DaemonSettings, Deployment, HeadDiskType, JobSize};
+use handoff_domain::model::{DaemonSettings, Deployment, HeadDiskType, HeadPoint, JobSize};
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, Label, ProjectId};
 use handoff_eventlog::Recorded;
 
@@ -21,6 +21,15 @@ pub fn project(name: &str) -> ProjectId {
 
 pub fn job(id: &str) -> JobId {
     JobId::new(id).expect("a valid job id")
+}
+
+/// Where a rebuilt head stands, as a destination reports it with `CompleteJobMove` (a
+/// completion without it is refused).
+pub fn rebuilt_head() -> Option<HeadPoint> {
+    Some(HeadPoint {
+        ts: "1700000000:1".into(),
+        checksum: "3-9f3a".into(),
+    })
 }
 
 pub fn label(l: &str) -> Label {

@@ -61,6 +61,12 @@ pub enum Rejection {
     #[error("job {job} is not moving in move {move_id}")]
     MoveNotInProgress { job: JobId, move_id: CommandId },
 
+    /// A completion must say where the rebuilt head stands (its timestamp and checksum,
+    /// as checked against the source): without it nobody can tell the head is right.
+    /// Send the completion again with the head's point.
+    #[error("cannot complete the move of job {job} in move {move_id}: the rebuilt head's point is missing")]
+    HeadMissing { job: JobId, move_id: CommandId },
+
     /// The reporter writes with an epoch older than the job's: it no longer owns the job.
     #[error("stale epoch for job {job}: reported {reported}, current {current}")]
     StaleEpoch {
@@ -184,7 +190,7 @@ impl Rejection {
     pub fn class(&self) -> RejectionClass {
         use Rejection::*;
         match self {
-            Invalid(_) => RejectionClass::Validation,
+            Invalid(_) | HeadMissing { .. } => RejectionClass::Validation,
             NotFound { .. } => RejectionClass::NotFound,
             AlreadyExists { .. }
             | JobAlreadyMoving { .. }
@@ -218,6 +224,7 @@ impl Rejection {
             AlreadyExists { .. } => "already_exists",
             JobAlreadyMoving { .. } => "job_already_moving",
             MoveNotInProgress { .. } => "move_not_in_progress",
+            HeadMissing { .. } => "head_missing",
             StaleEpoch { .. } => "stale_epoch",
             MoveToSelf { .. } => "move_to_self",
             NothingToMove { .. } => "nothing_to_move",

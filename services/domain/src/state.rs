@@ -29,7 +29,8 @@ pub struct Daemon {
     pub status: DaemonStatus,
     /// The jobs it owns, those being rebuilt on it included.
     pub jobs: BTreeSet<JobId>,
-    /// Head space its jobs use: the sum of their head sizes.
+    /// Head space its jobs use: the sum of their head sizes, or `u64::MAX` when that sum
+    /// does not fit in a u64.
     pub used_bytes: u64,
 }
 
@@ -401,7 +402,19 @@ impl State {
     fn release(&mut self, daemon: &DaemonId, job: &JobId, size: u64) {
         if let Some(d) = self.daemons.get_mut(daemon) {
             if d.jobs.remove(job) {
-                d.used_bytes = d.used_bytes.saturating_sub(size);
+                d.used_bytes = if d.used_bytes == u64::MAX {
+                    // Saturated: the true sum is unknown, so subtracting would undercount.
+                    // Counted again from the jobs it still holds (rare: only heads past
+                    // 16 EiB saturate).
+                    let jobs = &self.jobs;
+                    d.jobs
+                        .iter()
+                        .filter_map(|j| jobs.get(j))
+                        .try_fold(0u64, |sum, j| sum.checked_add(j.size.head_size_bytes))
+                        .unwrap_or(u64::MAX)
+                } else {
+                    d.used_bytes.saturating_sub(size)
+                };
             }
         }
     }

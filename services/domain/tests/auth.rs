@@ -59,7 +59,7 @@ fn commands() -> Vec<Command> {
             job: j("p1/rs0"),
             move_id: id(99),
             epoch: 2,
-            head: None,
+            head: rebuilt_head(),
         }),
         Command::FailJobMove(FailJobMove {
             job: j("p1/rs0"),
@@ -176,7 +176,7 @@ fn a_refusal_says_what_is_missing() {
         job: j("p1/rs0"),
         move_id: id(99),
         epoch: 2,
-        head: None,
+        head: rebuilt_head(),
     });
     let e = authorize(&other_daemon, &complete, &w.state).unwrap_err();
     assert!(

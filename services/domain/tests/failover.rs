@@ -127,7 +127,7 @@ fn the_policy_never_moves_a_job_back_where_an_operator_moved_it_from() {
         job: j("p/a"),
         move_id,
         epoch,
-        head: None,
+        head: rebuilt_head(),
     }));
     w.ok(liveness(2, false));
     let candidates = failover_candidates(&w.state, &j("p/a"));

@@ -253,7 +253,7 @@ fn to_command(op: &Op, state: &State) -> Option<Command> {
         Op::Complete { job, stale } => {
             let (job, move_id, epoch) = pick_job(state, job)?;
             Command::CompleteJobMove(CompleteJobMove {
-                head: None,
+                head: rebuilt_head(),
                 job,
                 move_id: move_id.unwrap_or_else(|| id(999_999)),
                 epoch: if stale { epoch + 1 } else { epoch },

@@ -302,7 +302,7 @@ fn a_completed_move_leaves_the_job_on_the_destination() {
         phase: MovePhase::ReplayingOplog,
     }));
     w.ok(Command::CompleteJobMove(CompleteJobMove {
-        head: None,
+        head: rebuilt_head(),
         job: j("p1/rs0"),
         move_id: move_id.clone(),
         epoch: 2,
@@ -316,13 +316,43 @@ fn a_completed_move_leaves_the_job_on_the_destination() {
     let r = refused(
         &mut w,
         Command::CompleteJobMove(CompleteJobMove {
-            head: None,
+            head: rebuilt_head(),
             job: j("p1/rs0"),
             move_id,
             epoch: 2,
         }),
     );
     assert!(matches!(r, Rejection::MoveNotInProgress { .. }));
+}
+
+/// A destination completes a move by saying where the rebuilt head stands (its
+/// timestamp and checksum, checked against the source): a completion without it is
+/// refused and the job stays moving; a reporter that lost the job hears that first.
+#[test]
+fn a_completion_without_the_heads_point_is_refused() {
+    let mut w = fleet();
+    let move_id = w.ok(move_job("p1/rs0", 2)).plan.unwrap().move_id;
+    let complete = |epoch, head| {
+        Command::CompleteJobMove(CompleteJobMove {
+            job: j("p1/rs0"),
+            move_id: move_id.clone(),
+            epoch,
+            head,
+        })
+    };
+    let r = refused(&mut w, complete(2, None));
+    assert!(
+        matches!(&r, Rejection::HeadMissing { job, .. } if *job == j("p1/rs0")),
+        "{r}"
+    );
+    assert_eq!(r.class(), handoff_domain::RejectionClass::Validation);
+    let stale = refused(&mut w, complete(1, None));
+    assert!(matches!(stale, Rejection::StaleEpoch { .. }), "{stale}");
+    w.ok(complete(2, rebuilt_head()));
+    assert_eq!(
+        w.state.jobs[&j("p1/rs0")].assignment,
+        Assignment::Assigned { daemon: d(2) }
+    );
 }
 
 /// Rule 9: a failed move (THEFT_FAILED) returns the job to its previous owner with a

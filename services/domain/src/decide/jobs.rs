@@ -74,7 +74,8 @@ pub(super) fn create_backup_jobs(
     for (job, target, size) in wanted {
         let chosen = place(state, &job, &size, &reserved)?;
         let r = reserved.entry(chosen).or_default();
-        r.0 += size.head_size_bytes;
+        // Bounded by the daemon's free space, which `place` checked; saturating all the same.
+        r.0 = r.0.saturating_add(size.head_size_bytes);
         r.1 += 1;
         assigned
             .entry(chosen.clone())

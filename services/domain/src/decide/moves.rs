@@ -134,7 +134,14 @@ pub(super) fn report_phase(c: &ReportJobMovePhase, state: &State) -> Result<Deci
 }
 
 pub(super) fn complete(c: &CompleteJobMove, state: &State) -> Result<Decision, Rejection> {
+    // A reporter that lost the job hears that first: it must stop working on it.
     moving_job(state, &c.job, &c.move_id, c.epoch)?;
+    if c.head.is_none() {
+        return Err(Rejection::HeadMissing {
+            job: c.job.clone(),
+            move_id: c.move_id.clone(),
+        });
+    }
     let job = &state.jobs[&c.job];
     Ok(Decision::one(vec![Event::JobMoveCompleted {
         job: c.job.clone(),
@@ -258,11 +265,14 @@ fn check_destination(
         "project_filters",
         format!("{to} passes the daemon and label filters of every job's project"),
     );
-    let needed: u64 = jobs
+    // A daemon's heads can add up to more than a u64 holds (a failed move returns its
+    // job whatever the space): such a sum counts as u64::MAX, more than any daemon has,
+    // never as what is left after wrapping.
+    let needed = jobs
         .iter()
         .filter_map(|j| state.jobs.get(*j))
-        .map(|j| j.size.head_size_bytes)
-        .sum();
+        .try_fold(0u64, |sum, j| sum.checked_add(j.size.head_size_bytes))
+        .unwrap_or(u64::MAX);
     let free = d.free_bytes();
     if free <= needed {
         return Err(Rejection::InsufficientHeadSpace {

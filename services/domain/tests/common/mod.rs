@@ -181,6 +181,14 @@ pub fn fleet() -> World {
     w
 }
 
+/// Where a rebuilt head stands, as a destination reports it when it completes a move.
+pub fn rebuilt_head() -> Option<handoff_domain::model::HeadPoint> {
+    Some(handoff_domain::model::HeadPoint {
+        ts: "1700000000:1".into(),
+        checksum: "3-9f3a".into(),
+    })
+}
+
 /// A well-formed user key made of one base32 character.
 pub fn key(c: char) -> handoff_domain::UserKey {
     handoff_domain::UserKey::new(format!("U{}", c.to_string().repeat(55))).expect("a valid key")
