@@ -1,6 +1,8 @@
 //! The data plane's places on JetStream: the oplog store (a stream with one subject per
 //! job), the snapshot store (an object store), and key-value buckets for the data plane's
-//! settings, the heads' positions, restore leases and daemon heartbeats.
+//! settings, restore leases and daemon heartbeats; the heads' positions live beside the
+//! jobs' fences, in the fence bucket, so that a position is written in one step with its
+//! fence check.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,8 +20,11 @@ use handoff_protocol::subjects;
 use handoff_protocol::dataplane::SNAPSHOT_META_KEY as META_KEY;
 pub use handoff_protocol::dataplane::{HeadRecord, Heartbeat, Lease, Settings, SnapshotMeta};
 use handoff_protocol::dataplane::{
-    CONFIG_BUCKET, HEADS_BUCKET, HEARTBEATS_BUCKET, LEASES_BUCKET, OPLOG_STREAM, SNAPSHOT_BUCKET,
+    CONFIG_BUCKET, HEARTBEATS_BUCKET, LEASES_BUCKET, OPLOG_STREAM, SNAPSHOT_BUCKET,
 };
+
+/// The name of a job's head record beside its fence (key `head.<job>` in the fence bucket).
+const HEAD_RECORD: &str = "head";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -38,6 +43,9 @@ impl From<FenceError> for StoreError {
     fn from(e: FenceError) -> Self {
         match e {
             FenceError::Stale { .. } => StoreError::Fenced(e.to_string()),
+            // Not fenced: the job's epoch is unknown, so the write waits (refused, to be
+            // tried again) until the fence holds an epoch again.
+            FenceError::Corrupt { .. } => StoreError::Invalid(e.to_string()),
             FenceError::Unavailable(m) => StoreError::Unavailable(m),
         }
     }
@@ -57,10 +65,10 @@ pub struct Stores {
     pub oplog: stream::Stream,
     pub snapshots: object_store::ObjectStore,
     pub config: kv::Store,
-    pub heads: kv::Store,
     pub leases: kv::Store,
     pub heartbeats: kv::Store,
-    /// Each job's epoch: snapshots and head positions from an older one are refused.
+    /// Each job's epoch: snapshots and head positions from an older one are refused. The
+    /// heads' positions are kept here too, beside each job's fence (see [`Stores::put_head`]).
     pub fences: Fences,
 }
 
@@ -116,7 +124,6 @@ impl Stores {
         };
         Ok(Stores {
             config: bucket(CONFIG_BUCKET, 5).await?,
-            heads: bucket(HEADS_BUCKET, 1).await?,
             leases: bucket(LEASES_BUCKET, 1).await?,
             heartbeats: bucket(HEARTBEATS_BUCKET, 1).await?,
             fences: Fences::open(&js, replicas).await?,
@@ -374,53 +381,30 @@ impl Stores {
         Ok(r.purged)
     }
 
-    /// Records where a job's head stands. Fenced: refused if the job's fence or the
-    /// recorded head holds a newer epoch, so a daemon that lost the job never overwrites
-    /// its new owner's position.
+    /// Records where a job's head stands. Fenced, in one step: the record is kept beside
+    /// the job's fence and written only if the fence holds the record's epoch at the
+    /// moment of the write (raised to it first if it is lower), so a daemon that lost the
+    /// job never overwrites its new owner's position, however long it was frozen between
+    /// reading the fence and writing.
     pub async fn put_head(&self, job: &JobId, head: &HeadRecord) -> Result<(), StoreError> {
         let value: bytes::Bytes = serde_json::to_vec(head).expect("json").into();
-        loop {
-            self.fences.check(job, head.epoch).await?;
-            let entry = self.heads.entry(job.as_str()).await.map_err(unavailable)?;
-            let current = entry
-                .as_ref()
-                .filter(|e| e.operation == kv::Operation::Put)
-                .and_then(|e| serde_json::from_slice::<HeadRecord>(&e.value).ok());
-            if let Some(c) = &current {
-                if c.epoch > head.epoch {
-                    return Err(StoreError::Fenced(format!(
-                        "stale epoch for job {job}: the head record carries epoch {}, {} holds {}",
-                        head.epoch, c.daemon, c.epoch
-                    )));
-                }
-            }
-            let written = match &entry {
-                Some(e) => self
-                    .heads
-                    .update(job.as_str(), value.clone(), e.revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(kv::CreateError::from),
-                None => self
-                    .heads
-                    .create(job.as_str(), value.clone())
-                    .await
-                    .map(|_| ()),
-            };
-            match written {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(unavailable(e)),
-            }
-        }
+        self.fences
+            .put_beside(job, head.epoch, HEAD_RECORD, value)
+            .await
+            .map_err(|e| match e {
+                FenceError::Stale { current, .. } => StoreError::Fenced(format!(
+                    "stale epoch for job {job}: the head record of {} carries epoch {}, the job is at {current}",
+                    head.daemon, head.epoch
+                )),
+                other => other.into(),
+            })
     }
 
     pub async fn head(&self, job: &JobId) -> Result<Option<HeadRecord>, StoreError> {
         Ok(self
-            .heads
-            .get(job.as_str())
-            .await
-            .map_err(unavailable)?
+            .fences
+            .read_beside(job, HEAD_RECORD)
+            .await?
             .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 

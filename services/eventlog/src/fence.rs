@@ -7,8 +7,20 @@
 //! the append and the raise is raised before it matters. A write under a fence
 //! ([`Fences::commit`]) is a compare-and-set on the fence's revision: if the fence rose
 //! after the writer read it, the write is refused, however long the writer was frozen.
+//!
+//! A small record that must never be written by a daemon that lost the job (the head's
+//! position) lives beside the fence, in the same bucket under `<name>.<job>` (a job id
+//! has no `.`), and is written in one step with the fence check
+//! ([`Fences::write_beside`]): JetStream stores the message only if the fence's key is
+//! still at the revision the writer read (`Nats-Expected-Last-Subject-Sequence` with its
+//! `-Subject` form naming the fence's key), which it can check within one stream only.
+//!
+//! A fence value that does not parse is an error ([`FenceError::Corrupt`]), never epoch
+//! 0: an unknown epoch fences nothing off, so nothing is written under it until someone
+//! puts the job's epoch back (`{"epoch": N}`, N from `handoff job`).
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::{self, context::PublishErrorKind, kv};
+use bytes::Bytes;
 use handoff_domain::JobId;
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +31,23 @@ pub use handoff_protocol::dataplane::FENCES_BUCKET as BUCKET;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Fence {
     pub epoch: u64,
+}
+
+impl Fence {
+    /// A stored fence: `{"epoch": N}`, or the bare decimal N.
+    pub fn parse(value: &[u8]) -> Result<Fence, String> {
+        if let Ok(f) = serde_json::from_slice::<Fence>(value) {
+            return Ok(f);
+        }
+        std::str::from_utf8(value)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(|epoch| Fence { epoch })
+            .ok_or_else(|| {
+                let shown = String::from_utf8_lossy(&value[..value.len().min(64)]).into_owned();
+                format!("{shown:?} is neither {{\"epoch\": N}} nor a number")
+            })
+    }
 }
 
 /// A fence as read: its epoch and the revision a commit must find unchanged.
@@ -38,6 +67,11 @@ pub enum FenceError {
         epoch: u64,
         current: u64,
     },
+    /// The job's fence holds something that is not an epoch. The write is refused: with
+    /// the epoch unknown, nobody can tell whether the writer still owns the job. Put the
+    /// job's epoch back into the fence.
+    #[error("the fence of job {job} is unreadable: {detail}")]
+    Corrupt { job: JobId, detail: String },
     #[error("the fences are unavailable: {0}")]
     Unavailable(String),
 }
@@ -46,10 +80,16 @@ fn unavailable(e: impl std::fmt::Display) -> FenceError {
     FenceError::Unavailable(e.to_string())
 }
 
+/// The key of the record `name` kept beside `job`'s fence.
+fn beside(name: &str, job: &JobId) -> String {
+    format!("{name}.{job}")
+}
+
 /// The fence bucket.
 #[derive(Clone)]
 pub struct Fences {
     kv: kv::Store,
+    js: jetstream::Context,
 }
 
 impl Fences {
@@ -68,20 +108,31 @@ impl Fences {
                 .await
                 .map_err(unavailable)?,
         };
-        Ok(Fences { kv })
+        Ok(Fences {
+            kv,
+            js: js.clone(),
+        })
     }
 
     /// The job's fence now.
     pub async fn read(&self, job: &JobId) -> Result<Held, FenceError> {
         match self.kv.entry(job.as_str()).await.map_err(unavailable)? {
             Some(e) if e.operation == kv::Operation::Put => {
-                let fence: Fence = serde_json::from_slice(&e.value).unwrap_or_default();
+                let fence = Fence::parse(&e.value).map_err(|detail| FenceError::Corrupt {
+                    job: job.clone(),
+                    detail,
+                })?;
                 Ok(Held {
                     epoch: fence.epoch,
                     revision: e.revision,
                 })
             }
-            _ => Ok(Held {
+            // Deleted: no fence, but a write must still find the deletion unchanged.
+            Some(e) => Ok(Held {
+                epoch: 0,
+                revision: e.revision,
+            }),
+            None => Ok(Held {
                 epoch: 0,
                 revision: 0,
             }),
@@ -102,22 +153,21 @@ impl Fences {
     }
 
     /// Writes the fence at `epoch` if it is still at `held` (the revision unchanged).
-    /// Returns false if it moved meanwhile.
-    async fn swap(&self, job: &JobId, held: Held, epoch: u64) -> Result<bool, FenceError> {
+    /// Returns the fence's new revision, or none if it moved meanwhile.
+    async fn swap(&self, job: &JobId, held: Held, epoch: u64) -> Result<Option<u64>, FenceError> {
         let value = serde_json::to_vec(&Fence { epoch }).expect("json").into();
         let result = if held.revision == 0 {
-            self.kv.create(job.as_str(), value).await.map(|_| ())
+            self.kv.create(job.as_str(), value).await
         } else {
             self.kv
                 .update(job.as_str(), value, held.revision)
                 .await
-                .map(|_| ())
                 // A wrong last revision becomes AlreadyExists, as for a create.
                 .map_err(kv::CreateError::from)
         };
         match result {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
     }
@@ -130,7 +180,7 @@ impl Fences {
             if held.epoch >= epoch {
                 return Ok(held.epoch);
             }
-            if self.swap(job, held, epoch).await? {
+            if self.swap(job, held, epoch).await?.is_some() {
                 return Ok(epoch);
             }
         }
@@ -148,10 +198,95 @@ impl Fences {
                     current: held.epoch,
                 });
             }
-            if self.swap(job, held, epoch).await? {
+            if self.swap(job, held, epoch).await?.is_some() {
                 return Ok(());
             }
             held = self.read(job).await?;
         }
+    }
+
+    /// Writes the record `name` of `job` at `epoch`: refused if the job's fence is
+    /// higher, now or at the moment of the write.
+    pub async fn put_beside(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        name: &str,
+        value: Bytes,
+    ) -> Result<(), FenceError> {
+        loop {
+            let held = self.check(job, epoch).await?;
+            if self.write_beside(job, epoch, held, name, value.clone()).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes the record `name` of `job`, made at `epoch` after reading the fence as
+    /// `held`, in one step with the fence check: JetStream stores it only if the fence's
+    /// key is still at `held`'s revision, however long ago the read was. A fence below
+    /// `epoch` is raised to it first (by the same compare-and-set), so every record is
+    /// written while the fence holds exactly its epoch, and as fences only rise, no
+    /// record is ever followed by one of an older epoch.
+    ///
+    /// `Ok(false)`: the fence moved, but not past `epoch` (a commit touched it); read it
+    /// again and retry. [`FenceError::Stale`]: it rose past `epoch`.
+    pub async fn write_beside(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        held: Held,
+        name: &str,
+        value: Bytes,
+    ) -> Result<bool, FenceError> {
+        let stale = |current| FenceError::Stale {
+            job: job.clone(),
+            epoch,
+            current,
+        };
+        if epoch < held.epoch {
+            return Err(stale(held.epoch));
+        }
+        let revision = if held.epoch < epoch {
+            match self.swap(job, held, epoch).await? {
+                Some(r) => r,
+                None => return self.moved(job, epoch).await,
+            }
+        } else {
+            held.revision
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            revision.to_string().as_str(),
+        );
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            format!("{}{job}", self.kv.prefix).as_str(),
+        );
+        let subject = format!("{}{}", self.kv.prefix, beside(name, job));
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, value)
+            .await
+            .map_err(unavailable)?
+            .await;
+        match ack {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                self.moved(job, epoch).await
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// After a write found the fence moved: stale if it rose past `epoch`, else retry.
+    async fn moved(&self, job: &JobId, epoch: u64) -> Result<bool, FenceError> {
+        self.check(job, epoch).await.map(|_| false)
+    }
+
+    /// The record `name` kept beside `job`'s fence, if any.
+    pub async fn read_beside(&self, job: &JobId, name: &str) -> Result<Option<Bytes>, FenceError> {
+        self.kv.get(beside(name, job)).await.map_err(unavailable)
     }
 }

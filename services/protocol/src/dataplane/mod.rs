@@ -8,10 +8,10 @@
 //! | [`OPLOG_STREAM`] | stream | `handoff.oplog.<job>` | [`oplog`] JSON lines |
 //! | [`SNAPSHOT_BUCKET`] | object store | `<job>/<snapshot id>` | JSON lines, [`SnapshotMeta`] in the metadata |
 //! | [`CONFIG_BUCKET`] | key-value | `config`, `schedule/<job>` | [`Settings`], [`schedule::Schedule`] |
-//! | [`HEADS_BUCKET`] | key-value | job | [`HeadRecord`] |
+//! | [`HEADS_BUCKET`] | key-value | (unused: head records live beside the fences) | — |
 //! | [`LEASES_BUCKET`] | key-value | restore id | [`Lease`] |
 //! | [`HEARTBEATS_BUCKET`] | key-value | daemon key | [`Heartbeat`] |
-//! | [`FENCES_BUCKET`] | key-value | job | the job's highest epoch (decimal) |
+//! | [`FENCES_BUCKET`] | key-value | job; `head.<job>` | the job's highest epoch (`{"epoch": N}`); [`HeadRecord`], written under the fence |
 //! | — | core NATS | `handoff.progress.<move>` | [`Progress`] |
 
 pub mod checksum;
