@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use handoff_domain::JobId;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::watch;
 
 use crate::head::{Head, HeadError, HeadMeta};
@@ -77,8 +78,16 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// The most documents loaded into the head in one batch while a snapshot streams in.
+const LOAD_BATCH: usize = 4096;
+/// The longest line (one document) a snapshot may hold; a longer one is corruption.
+const MAX_LINE: usize = 64 << 20;
+
 /// Restores `snapshot` into an emptied `head`, checking its checksum; on success `meta`
 /// stands at the snapshot's point and records it as restored.
+///
+/// The data streams from the store in batches of documents: memory does not grow with
+/// the snapshot, and no size written in the snapshot's metadata sizes a buffer.
 pub async fn restore_snapshot(
     stores: &Stores,
     head: &Head,
@@ -86,8 +95,8 @@ pub async fn restore_snapshot(
     snapshot: &SnapshotMeta,
     observer: &mut impl Observer,
 ) -> Result<Outcome, RebuildError> {
-    let data = match stores.read_snapshot(snapshot).await {
-        Ok(d) => d,
+    let object = match stores.open_snapshot(snapshot).await {
+        Ok(o) => o,
         Err(StoreError::MissingSnapshot(name)) => {
             return Ok(Outcome::Failed(format!(
                 "snapshot {name} is missing from the snapshot store"
@@ -95,28 +104,57 @@ pub async fn restore_snapshot(
         }
         Err(e) => return Err(e.into()),
     };
-    let docs = match crate::snapshot::parse(&data) {
-        Ok(d) => d,
-        Err(e) => {
-            return Ok(Outcome::Failed(format!(
-                "snapshot {} of {} is corrupt: {e}",
-                snapshot.id, snapshot.job
-            )))
-        }
+    // For the progress only.
+    let total = object.info.size as u64;
+    let corrupt = |reason: String| {
+        Ok(Outcome::Failed(format!(
+            "snapshot {} of {} is corrupt: {reason}",
+            snapshot.id, snapshot.job
+        )))
     };
+    let unreadable =
+        |e: std::io::Error| StoreError::Invalid(format!("snapshot {} unreadable: {e}", snapshot.id));
     head.clear()?;
     meta.restored_from = None;
+    let mut reader = tokio::io::BufReader::new(object);
     let mut sum = crate::Checksum::default();
-    let total = data.len() as u64;
     let mut loaded = 0u64;
-    for chunk in docs.chunks(4096) {
-        head.load(meta, &mut sum, chunk)?;
-        loaded += chunk
-            .iter()
-            .map(|(id, d)| (id.len() + d.len() + 20) as u64)
-            .sum::<u64>();
-        observer.restored(loaded.min(total), total).await;
-        tokio::task::yield_now().await;
+    // Whole lines, up to a batch of them, and how many lines came before.
+    let mut batch = Vec::new();
+    let (mut in_batch, mut lines_before) = (0usize, 0usize);
+    loop {
+        let start = batch.len();
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut batch)
+            .await
+            .map_err(unreadable)?;
+        let end = n == 0;
+        if n > MAX_LINE && batch.last() != Some(&b'\n') {
+            return corrupt(format!(
+                "line {} is longer than {MAX_LINE} bytes",
+                lines_before + in_batch + 1
+            ));
+        }
+        if !end && batch.len() > start {
+            in_batch += 1;
+        }
+        if in_batch == LOAD_BATCH || (end && in_batch > 0) {
+            let docs = match crate::snapshot::parse(&batch) {
+                Ok(d) => d,
+                Err(e) => return corrupt(format!("after line {lines_before}: {e}")),
+            };
+            head.load(meta, &mut sum, &docs)?;
+            loaded += batch.len() as u64;
+            observer.restored(loaded.min(total), total).await;
+            lines_before += in_batch;
+            in_batch = 0;
+            batch.clear();
+            tokio::task::yield_now().await;
+        }
+        if end {
+            break;
+        }
     }
     if sum != snapshot.checksum {
         return Ok(Outcome::Failed(format!(

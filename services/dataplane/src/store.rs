@@ -23,6 +23,10 @@ use handoff_protocol::dataplane::{
     CONFIG_BUCKET, HEARTBEATS_BUCKET, LEASES_BUCKET, OPLOG_STREAM, SNAPSHOT_BUCKET,
 };
 
+/// The most bytes reserved up front for a snapshot read into memory: a wrong size in its
+/// metadata (2^64 - 1 aborted the daemon) costs no more than this.
+pub const RESERVE_AT_MOST: usize = 16 << 20;
+
 /// The name of a job's head record beside its fence (key `head.<job>` in the fence bucket).
 const HEAD_RECORD: &str = "head";
 
@@ -252,19 +256,32 @@ impl Stores {
         Ok(out)
     }
 
-    /// A snapshot's data, as stored.
+    /// A snapshot's data as it streams from the store. Its size is the store's business:
+    /// the metadata's `size_bytes` is a claim by whoever stored it.
+    pub async fn open_snapshot(
+        &self,
+        meta: &SnapshotMeta,
+    ) -> Result<object_store::Object, StoreError> {
+        self.snapshots
+            .get(meta.object_name())
+            .await
+            .map_err(|e| match e.kind() {
+                object_store::GetErrorKind::NotFound => {
+                    StoreError::MissingSnapshot(meta.object_name())
+                }
+                _ => unavailable(e),
+            })
+    }
+
+    /// A snapshot's data, as stored, in memory (a restore to a file keeps every document
+    /// anyway; a rebuild streams with [`Stores::open_snapshot`] instead). The buffer
+    /// grows with the data; the metadata's size only hints at it, up to [`RESERVE_AT_MOST`].
     pub async fn read_snapshot(&self, meta: &SnapshotMeta) -> Result<Vec<u8>, StoreError> {
-        let mut object =
-            self.snapshots
-                .get(meta.object_name())
-                .await
-                .map_err(|e| match e.kind() {
-                    object_store::GetErrorKind::NotFound => {
-                        StoreError::MissingSnapshot(meta.object_name())
-                    }
-                    _ => unavailable(e),
-                })?;
-        let mut data = Vec::with_capacity(meta.size_bytes as usize);
+        let mut object = self.open_snapshot(meta).await?;
+        let hint = usize::try_from(meta.size_bytes)
+            .unwrap_or(usize::MAX)
+            .min(RESERVE_AT_MOST);
+        let mut data = Vec::with_capacity(hint);
         object
             .read_to_end(&mut data)
             .await
