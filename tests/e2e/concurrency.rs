@@ -1,21 +1,88 @@
 //! Conflicting commands from several command service instances: exactly one wins per
 //! job, the others get a clear conflict.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use anyhow::Result;
-use handoff_command::Executor;
-use handoff_domain::Event;
+use anyhow::{Context as _, Result};
+use handoff_command::{executor::Signed, Executor};
+use handoff_domain::auth::Role;
+use handoff_domain::command::{ConfigureProject, FailoverJob, RemoveUser, ReportDaemonLiveness};
+use handoff_domain::{Command, CommandId, Event};
 use handoff_eventlog::EventLog;
-use handoff_protocol::api::CommandRequest;
-use handoff_protocol::ErrorCode;
+use handoff_protocol::api::{endpoint_of, CommandRequest, ENDPOINTS};
+use handoff_protocol::{Applied, ErrorBody, ErrorCode};
 use handoff_tests::*;
 
 use crate::moves::fleet;
 
+/// How many move requests (`move-jobs`, `move-job`) each of the `instances` command
+/// service instances handled, from their micro service stats: `$SRV.STATS` is answered
+/// by every instance, each with its own counts.
+async fn move_requests_per_instance(
+    client: &async_nats::Client,
+    instances: usize,
+) -> Result<Vec<u64>> {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await?;
+    client
+        .publish_with_reply(
+            format!("$SRV.STATS.{}", handoff_command::SERVICE_NAME),
+            inbox,
+            Default::default(),
+        )
+        .await?;
+    let mut handled = BTreeMap::new();
+    while handled.len() < instances {
+        let reply = tokio::time::timeout(TIMEOUT, replies.next())
+            .await?
+            .context("the stats replies ended")?;
+        let stats: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+        let moves: u64 = stats["endpoints"]
+            .as_array()
+            .context("stats list the endpoints")?
+            .iter()
+            .filter(|e| {
+                ["move-jobs", "move-job"]
+                    .map(handoff_protocol::subjects::command)
+                    .iter()
+                    .any(|s| e["subject"].as_str() == Some(s))
+            })
+            .filter_map(|e| e["num_requests"].as_u64())
+            .sum();
+        handled.insert(stats["id"].to_string(), moves);
+    }
+    Ok(handled.into_values().collect())
+}
+
+/// A second command service instance on the stack's stream, loaded, that folds only when
+/// a command makes it: an instance whose background fold is starved (a flood of
+/// requests) or slow, so its model lags what the other instance appended.
+async fn lagging_instance(stack: &Stack) -> Result<Executor> {
+    let log = EventLog::open(stack.client.clone(), Default::default()).await?;
+    Ok(Executor::start(log, Duration::from_secs(10)).await?)
+}
+
+/// Executes `command` as the owner on `instance`, past the signature check.
+async fn execute(
+    instance: &mut Executor,
+    stack: &Stack,
+    command: Command,
+) -> Result<Applied, ErrorBody> {
+    let request = CommandRequest {
+        id: new_id(),
+        actor: stack.creds.user.clone(),
+        at: 0,
+        client: None,
+        command,
+    };
+    instance.execute(request, None).await
+}
+
 /// Two instances, many concurrent MoveJobs of the same daemon and MoveJob of the same
-/// jobs: each job is started exactly once, and every loser is told why.
+/// jobs: each job is started exactly once, every winner's move is in the stream, every
+/// loser is told why, and both instances answered some of them.
 #[tokio::test]
 async fn concurrent_moves_of_the_same_jobs_have_exactly_one_winner() -> Result<()> {
     let stack = Stack::start().await?;
@@ -40,11 +107,15 @@ async fn concurrent_moves_of_the_same_jobs_have_exactly_one_winner() -> Result<(
             }));
         }
     }
-    let mut winners = 0;
+    let sends_count = sends.len() as u64;
+    let mut winners = BTreeSet::new();
     for s in sends {
         let (_, _, reply) = s.await?;
         match reply? {
-            Ok(applied) => winners += usize::from(!applied.events.is_empty()),
+            Ok(applied) if !applied.events.is_empty() => {
+                winners.insert(applied.command);
+            }
+            Ok(_) => {}
             Err(e) => assert!(
                 matches!(
                     (e.code, e.reason.as_str()),
@@ -55,14 +126,22 @@ async fn concurrent_moves_of_the_same_jobs_have_exactly_one_winner() -> Result<(
             ),
         }
     }
-    assert!(winners >= 1);
     let events = stack.events().await?;
     let mut starts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut moves = BTreeSet::new();
     for e in of_type(&events, "JobMoveStarted") {
-        if let Event::JobMoveStarted { job, .. } = e {
+        if let Event::JobMoveStarted { job, move_id, .. } = e {
             *starts.entry(job.to_string()).or_default() += 1;
+            moves.insert(move_id.clone());
         }
     }
+    assert_eq!(winners, moves, "the moves applied are the moves stored");
+    let handled = move_requests_per_instance(&stack.client, 2).await?;
+    assert!(
+        handled.iter().all(|n| *n > 0),
+        "both instances answered move requests: {handled:?}"
+    );
+    assert_eq!(handled.iter().sum::<u64>(), sends_count);
     assert_eq!(starts.len(), 3, "every job moved: {starts:?}");
     assert!(
         starts.values().all(|n| *n == 1),
@@ -100,5 +179,131 @@ async fn a_stale_decision_is_caught_by_the_stream() -> Result<()> {
         (ErrorCode::Conflict, "job_already_moving")
     );
     assert_eq!(stack.last_seq().await?, seq);
+    Ok(())
+}
+
+/// The last two owners removed at once, each through another instance: each instance
+/// sees two owners, but the second removal must not leave none. The rule reads every
+/// user, so a removal expects the last sequence of all users' subjects: the second
+/// append conflicts, the instance catches up, and refuses it as the last owner's.
+#[tokio::test]
+async fn the_last_two_owners_removed_through_two_instances_leave_one() -> Result<()> {
+    let stack = Stack::start().await?;
+    let (second, _) = stack.user("owner2", &[Role::GlobalOwner], None).await?;
+    let mut a = lagging_instance(&stack).await?;
+    let mut b = lagging_instance(&stack).await?;
+    let remove =
+        |user: &handoff_domain::Actor| Command::RemoveUser(RemoveUser { user: user.clone() });
+    execute(&mut a, &stack, remove(&second.user))
+        .await
+        .expect("one of two owners removed");
+    let last = execute(&mut b, &stack, remove(&stack.creds.user))
+        .await
+        .expect_err("the last owner stays");
+    assert_eq!(
+        (last.code, last.reason.as_str()),
+        (ErrorCode::Refused, "last_owner"),
+        "{}",
+        last.message
+    );
+    let events = stack.events().await?;
+    assert_eq!(of_type(&events, "UserRemoved").len(), 1);
+    Ok(())
+}
+
+/// Two failover moves with a limit of one rebuild at a time, through two instances, of
+/// jobs that share no aggregate (two down daemons, two projects whose filters send each
+/// job to a destination of its own): the limit counts every moving job, so a failover
+/// decision expects the last sequence of all jobs' subjects, and the second is refused.
+#[tokio::test]
+async fn the_failover_rebuild_limit_holds_across_two_instances() -> Result<()> {
+    let stack = Stack::start().await?;
+    for (project, source, destination) in [("p1", 1, 2), ("p2", 4, 3)] {
+        stack.apply(register(source, settings(100))).await?;
+        stack
+            .apply(Command::ConfigureProject(ConfigureProject {
+                project: handoff_tests::project(project),
+                daemon_filter: vec![daemon(source), daemon(destination)],
+                label_filter: vec![],
+            }))
+            .await?;
+        stack.apply(replica_set(project, "rs0", 10)).await?;
+    }
+    for n in [2, 3] {
+        stack.apply(register(n, settings(100))).await?;
+    }
+    for n in [1, 4] {
+        stack
+            .apply(Command::ReportDaemonLiveness(ReportDaemonLiveness {
+                daemon: daemon(n),
+                up: false,
+            }))
+            .await?;
+    }
+    let mut a = lagging_instance(&stack).await?;
+    let mut b = lagging_instance(&stack).await?;
+    let failover = |j: &str, from: usize| {
+        Command::FailoverJob(FailoverJob {
+            job: job(j),
+            from: daemon(from),
+            down_for_ms: 60_000,
+            delay_ms: 60_000,
+            max_concurrent_rebuilds: 1,
+            max_down_percent: 100,
+        })
+    };
+    execute(&mut a, &stack, failover("p1/rs0", 1))
+        .await
+        .expect("the first failover");
+    let second = execute(&mut b, &stack, failover("p2/rs0", 4))
+        .await
+        .expect_err("one rebuild at a time");
+    assert_eq!(second.reason, "rebuild_limit", "{}", second.message);
+    let events = stack.events().await?;
+    assert_eq!(of_type(&events, "FailoverDecided").len(), 1);
+    assert_eq!(of_type(&events, "JobMoveStarted").len(), 1);
+    Ok(())
+}
+
+/// A user removed through one instance is no longer authorized by another one that has
+/// not folded the removal yet: authorization reads the stream to its end first.
+#[tokio::test]
+async fn a_user_removed_through_one_instance_is_refused_by_a_lagging_one() -> Result<()> {
+    let stack = Stack::start().await?;
+    fleet(&stack).await?;
+    let (ops, _) = stack.user("ops", &[Role::GlobalBackupAdmin], None).await?;
+    let mut lagging = lagging_instance(&stack).await?;
+    stack
+        .apply(Command::RemoveUser(RemoveUser {
+            user: ops.user.clone(),
+        }))
+        .await?;
+
+    let command = move_jobs(1, 2);
+    let id: CommandId = new_id();
+    let signed = ops.sign_command(&id, &command, None);
+    let endpoint = ENDPOINTS
+        .iter()
+        .find(|e| e.name == endpoint_of(&command))
+        .expect("every command has an endpoint");
+    let request = handoff_command::screen(endpoint, &signed.payload).expect("well formed");
+    let refused = lagging
+        .authenticate(
+            &request,
+            &Signed {
+                subject: &signed.subject,
+                payload: &signed.payload,
+                signature: Some(&signed.signature),
+            },
+            Duration::from_secs(120),
+        )
+        .await
+        .expect_err("a removed user is refused");
+    assert_eq!(
+        (refused.code, refused.reason.as_str()),
+        (ErrorCode::Forbidden, "unknown_user"),
+        "{}",
+        refused.message
+    );
     Ok(())
 }

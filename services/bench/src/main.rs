@@ -285,6 +285,7 @@ async fn move_job() -> Result<(Vec<Duration>, Vec<Duration>)> {
                 payload: bytes::Bytes::from(vec![b'x'; 300]),
                 msg_id: format!("{i}:{k}"),
                 expected_last_subject_seq: 0,
+                expected_subject: None,
             })
             .collect();
         let t = Instant::now();

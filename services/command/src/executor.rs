@@ -287,21 +287,19 @@ impl Executor {
                 ),
             ));
         };
-        self.catch_up(self.appended).await?;
+        // Who may do what is read at the stream's end, not on a model that may lag what
+        // another instance appended (a user removed, a move finished): a change stored
+        // before the request arrived is always seen.
+        self.catch_up_with_stream().await?;
         let actor = &request.actor;
-        let key = match self.user_key(actor) {
-            Some(k) => k,
-            None => {
-                // A user just added through another instance.
-                self.catch_up_with_stream().await?;
-                self.user_key(actor).ok_or_else(|| {
-                    refused(
-                        "unknown_user",
-                        format!("there is no user {actor}: a GLOBAL_OWNER adds users with `handoff user add`"),
-                    )
-                })?
-            }
-        };
+        let key = self.user_key(actor).ok_or_else(|| {
+            refused(
+                "unknown_user",
+                format!(
+                    "there is no user {actor}: a GLOBAL_OWNER adds users with `handoff user add`"
+                ),
+            )
+        })?;
         if let Err(e) =
             handoff_protocol::auth::verify(&key, signed.subject, signed.payload, signature)
         {
@@ -351,18 +349,10 @@ impl Executor {
             let horizon = now.saturating_sub(2 * window);
             self.seen.retain(|_, at| *at >= horizon);
         }
-        let allowed = |model: &Model| {
-            let who = Principal::of(&model.state, actor).ok_or_else(|| {
-                refused("unknown_user", format!("there is no user {actor} any more"))
-            })?;
-            authorize(&who, &request.command, &model.state)
-                .map_err(|f| refused("forbidden", f.to_string()))
-        };
-        if allowed(&self.model).is_err() {
-            // Roles or a move may have changed through another instance.
-            self.catch_up_with_stream().await?;
-        }
-        allowed(&self.model)?;
+        let who = Principal::of(&self.model.state, actor)
+            .ok_or_else(|| refused("unknown_user", format!("there is no user {actor} any more")))?;
+        authorize(&who, &request.command, &self.model.state)
+            .map_err(|f| refused("forbidden", f.to_string()))?;
         Ok(fingerprint)
     }
 
@@ -652,14 +642,39 @@ impl Executor {
                     digest: digest.to_owned(),
                     signature: signature.map(str::to_owned),
                 };
+                let guard = guard_of(event);
                 Outgoing {
-                    expected_last_subject_seq: self.model.last_seq(&subject),
+                    expected_last_subject_seq: match guard {
+                        Some(filter) => self.model.last_seq_of_filter(filter),
+                        None => self.model.last_seq(&subject),
+                    },
+                    expected_subject: guard.map(str::to_owned),
                     msg_id: format!("{}:{}", ctx.command, event.key_within_command()),
                     subject,
                     payload: Bytes::from(envelope.encode()),
                 }
             })
             .collect()
+    }
+}
+
+/// The subjects a rule that reads many aggregates was decided on, guarded by the event
+/// that carries the decision: its append expects their last sequence over all of them
+/// (instead of its own subject's), so a decision another instance made on them meanwhile
+/// is a conflict, and the command is decided again on the caught-up model. Each guarded
+/// event is one whose own subject is under the filter or new (a move's and a failover's
+/// subject are the command's id, which no other command writes).
+fn guard_of(event: &Event) -> Option<&'static str> {
+    match event {
+        // A GLOBAL_OWNER always stays, and a key belongs to one user: every user counts.
+        Event::UserAdded { .. } | Event::UserRemoved { .. } => Some(subjects::USERS),
+        // The rebuild limit counts the jobs moving in the whole fleet.
+        Event::FailoverDecided { .. } => Some(subjects::JOB_EVENTS),
+        // The mass-failure guard counts the daemons that are down.
+        Event::MoveStarted {
+            automatic: true, ..
+        } => Some(subjects::DAEMON_EVENTS),
+        _ => None,
     }
 }
 

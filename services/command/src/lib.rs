@@ -7,9 +7,10 @@
 //!
 //! # How a command flows
 //! 1. The endpoint refuses an oversize or malformed request with a `validation` error.
-//! 2. The request's signature is checked (see `handoff_protocol::auth`): a current user's
-//!    key over the exact bytes, fresh, never seen before, and the user's roles allow the
-//!    command (`handoff_domain::auth`). A refusal (`forbidden`) is itself appended as a
+//! 2. The model catches up with the stream's end, then the request's signature is
+//!    checked (see `handoff_protocol::auth`): a current user's key over the exact bytes,
+//!    fresh, never seen before, and the user's roles allow the command
+//!    (`handoff_domain::auth`). A refusal (`forbidden`) is itself appended as a
 //!    `CommandRefused` event, and nothing else is.
 //! 3. The [`executor`] catches its [`model`] up with what it appended before, and
 //!    answers a command id it already applied with the events of the first time. An
@@ -18,8 +19,9 @@
 //!    and nothing is decided on a model with a hole.
 //! 4. `handoff_domain::decide` returns the events (in atomic units) or a rejection.
 //! 5. Each unit is appended as one atomic batch, every event expecting its subject's
-//!    last sequence as the model saw it. On a conflict the model catches up with the
-//!    stream and the command is decided again.
+//!    last sequence as the model saw it (or, for a rule that reads many aggregates, the
+//!    last sequence of all of them: see `executor::guard_of`). On a conflict the model
+//!    catches up with the stream and the command is decided again.
 //! 6. The reply goes out only after JetStream acknowledged every event.
 //! 7. A job given a new epoch has its fence raised (`handoff_eventlog::fence`), in the
 //!    background once the events are appended, so the data plane's stores refuse its
@@ -173,6 +175,10 @@ impl CommandService {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
+                // Folding first keeps the model close to the stream's end however many
+                // requests wait (each still reads the stream's end before it is
+                // authorized). A stopped model folds nothing more; commands hear why.
+                folded = executor.fold_next(), if !executor.is_stopped() => folded?,
                 next = requests.next() => {
                     let Some((endpoint, request)) = next else { break };
                     let signature = request
@@ -192,8 +198,6 @@ impl CommandService {
                         tracing::warn!(error = %e, "could not send a reply");
                     }
                 }
-                // A stopped model folds nothing more; commands hear why.
-                folded = executor.fold_next(), if !executor.is_stopped() => folded?,
             }
         }
         // Ignored: stopping only unsubscribes; the process is going away either way.

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use handoff_domain::{CommandId, State};
 use handoff_eventlog::Recorded;
 use handoff_protocol::api::AppendedEvent;
+use handoff_protocol::subjects;
 use thiserror::Error;
 
 /// The stream delivered an event that is not the next one: folding it would leave a
@@ -30,11 +31,21 @@ pub struct CommandRecord {
     pub signatures: Vec<String>,
 }
 
+/// The subject filters whose last sequence the model keeps: what the rules that read
+/// many aggregates guard (see `executor::guard_of`).
+pub const GUARDED: [&str; 3] = [
+    subjects::USERS,
+    subjects::JOB_EVENTS,
+    subjects::DAEMON_EVENTS,
+];
+
 /// The fold of the stream up to `applied`.
 #[derive(Default)]
 pub struct Model {
     pub state: State,
     last_seq: HashMap<String, u64>,
+    /// The last sequence over every subject of each [`GUARDED`] filter.
+    last_seq_of_filter: HashMap<&'static str, u64>,
     commands: HashMap<CommandId, CommandRecord>,
     /// The last stream sequence folded in.
     pub applied: u64,
@@ -60,6 +71,11 @@ impl Model {
         self.state.apply(&r.envelope.event);
         self.has_users |= matches!(r.envelope.event, handoff_domain::Event::UserAdded { .. });
         self.last_seq.insert(r.subject.clone(), r.seq);
+        for filter in GUARDED {
+            if r.subject.starts_with(filter.trim_end_matches('>')) {
+                self.last_seq_of_filter.insert(filter, r.seq);
+            }
+        }
         let record = self.commands.entry(r.envelope.command.clone()).or_default();
         record.digest.clone_from(&r.envelope.digest);
         record.events.push(AppendedEvent {
@@ -80,6 +96,12 @@ impl Model {
     /// The last sequence of `subject`, 0 if it has none.
     pub fn last_seq(&self, subject: &str) -> u64 {
         self.last_seq.get(subject).copied().unwrap_or(0)
+    }
+
+    /// The last sequence over every subject of `filter`, one of [`GUARDED`]; 0 if none.
+    pub fn last_seq_of_filter(&self, filter: &str) -> u64 {
+        debug_assert!(GUARDED.contains(&filter), "{filter} is not kept");
+        self.last_seq_of_filter.get(filter).copied().unwrap_or(0)
     }
 
     pub fn command(&self, id: &CommandId) -> Option<&CommandRecord> {

@@ -6,8 +6,9 @@
 //!   byte or age limit.
 //! - **Optimistic concurrency per aggregate**: every message carries
 //!   `Nats-Expected-Last-Subject-Sequence`, the last sequence of its subject that the
-//!   decision was made on (0 for a new aggregate). A stale decision is a
-//!   [`AppendError::Conflict`].
+//!   decision was made on (0 for a new aggregate), or of a filter of many subjects
+//!   ([`Outgoing::expected_subject`]) for a rule that reads many aggregates. A stale
+//!   decision is a [`AppendError::Conflict`].
 //! - **Atomic appends**: [`EventLog::append`] writes its messages as one JetStream atomic
 //!   batch (server 2.12+, `allow_atomic`): all are stored, contiguously, or none. A batch
 //!   holds at most [`MAX_BATCH`] messages and each subject once.
@@ -113,6 +114,12 @@ pub struct Outgoing {
     pub msg_id: String,
     /// The subject's last sequence the decision saw; 0 when it must be empty.
     pub expected_last_subject_seq: u64,
+    /// A subject filter the expectation applies to instead of the message's own subject
+    /// (`Nats-Expected-Last-Subject-Sequence-Subject`, e.g. `handoff.evt.user.>`): its
+    /// last sequence over every matching subject. A rule that reads many aggregates
+    /// (the last owner, the fleet's rebuild limit) guards them all this way; it must
+    /// cover the message's own subject, or that subject goes unguarded.
+    pub expected_subject: Option<String>,
 }
 
 /// Where an append landed.
@@ -391,6 +398,12 @@ impl EventLog {
                 "Nats-Expected-Last-Subject-Sequence",
                 m.expected_last_subject_seq.to_string().as_str(),
             );
+            if let Some(filter) = &m.expected_subject {
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence-Subject",
+                    filter.as_str(),
+                );
+            }
             if let Some(id) = &batch_id {
                 headers.insert("Nats-Batch-Id", id.as_str());
                 headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());

@@ -11,11 +11,43 @@ fn msg(subject: &str, id: &str, expected: u64) -> Outgoing {
         payload: bytes::Bytes::from(format!("{{\"id\":\"{id}\"}}")),
         msg_id: id.to_owned(),
         expected_last_subject_seq: expected,
+        expected_subject: None,
     }
 }
 
 async fn open(server: &NatsServer) -> Result<EventLog> {
     Ok(EventLog::open(server.connect().await?, Config::default()).await?)
+}
+
+/// An expectation on a subject filter holds the last sequence over every matching
+/// subject: a write to any of them since the decision refuses the append, alone or as
+/// the first message of a batch.
+#[tokio::test]
+async fn an_expectation_on_a_filter_guards_every_subject_under_it() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let log = open(&server).await?;
+    let users = |subject: &str, id: &str, expected: u64| Outgoing {
+        expected_subject: Some(format!("{}.user.>", handoff_protocol::subjects::EVENTS)),
+        ..msg(subject, id, expected)
+    };
+    log.append(&[msg("user.a", "c1:a", 0), msg("user.b", "c1:b", 0)])
+        .await?;
+    log.append(&[msg("job.x", "c2:x", 0)]).await?;
+    // user.b is untouched, but user.a moved past what the decision saw (1).
+    let err = log.append(&[users("user.b", "c3:b", 1)]).await.unwrap_err();
+    assert!(matches!(err, AppendError::Conflict { .. }), "{err:?}");
+    let err = log
+        .append(&[users("user.b", "c4:b", 1), msg("job.y", "c4:y", 0)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AppendError::Conflict { .. }), "{err:?}");
+    assert_eq!(log.last_sequence().await?, 3);
+    // The last of all users' subjects is 2; other subjects do not count.
+    let a = log
+        .append(&[users("user.b", "c5:b", 2), msg("job.y", "c5:y", 0)])
+        .await?;
+    assert_eq!((a.first_seq, a.last_seq), (4, 5));
+    Ok(())
 }
 
 /// A batch is stored contiguously, and one stale expectation refuses all of it.

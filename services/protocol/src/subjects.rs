@@ -37,6 +37,8 @@ pub const AUDIT: &str = "handoff.evt.audit.>";
 pub const FAILOVERS: &str = "handoff.evt.failover.>";
 /// Every job's events, as a filter.
 pub const JOB_EVENTS: &str = "handoff.evt.job.>";
+/// Every daemon's events, as a filter.
+pub const DAEMON_EVENTS: &str = "handoff.evt.daemon.>";
 /// A job's event subject is this prefix and the job id.
 pub const JOB_EVENTS_PREFIX: &str = "handoff.evt.job.";
 /// Every rebuild's progress (core NATS, not stored), as a filter.
