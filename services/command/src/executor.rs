@@ -401,13 +401,17 @@ impl Executor {
         }
     }
 
-    /// Records a refused request as a `CommandRefused` event (the audit trail).
+    /// Records a refused request as a `CommandRefused` event (the audit trail), on its
+    /// reason's subject, which other instances' refusals share: a conflict is another
+    /// refusal recorded meanwhile, so this one is appended again after it.
     pub async fn record_refusal(
         &mut self,
         request: &CommandRequest<Command>,
         error: &ErrorBody,
     ) -> Result<(), ErrorBody> {
-        self.check_running()?;
+        // The reason's subject may hold a refusal this instance appended but has not
+        // folded yet.
+        self.catch_up(self.appended).await?;
         let refusal = new_command_id();
         let event = Event::CommandRefused {
             refusal: refusal.clone(),
@@ -418,9 +422,17 @@ impl Executor {
             message: error.message.clone(),
             client: request.client.clone(),
         };
-        self.append_alone(refusal, system_actor(), "refusal", event)
-            .await
-            .map_err(unavailable)
+        for _attempt in 0..MAX_ATTEMPTS {
+            match self
+                .append_alone(refusal.clone(), system_actor(), "refusal", event.clone())
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(AppendError::Conflict { .. }) => self.catch_up_with_stream().await?,
+                Err(e) => return Err(append_failure(e)),
+            }
+        }
+        Err(too_many_conflicts(&refusal))
     }
 
     /// Appends an alert a rejection raised (best effort: the caller hears the rejection

@@ -197,7 +197,8 @@ pub enum Event {
     /// expired, replayed, from an unknown user or a user without the role. `user` is who
     /// the request claimed to be (unverified when the reason is about the signature).
     CommandRefused {
-        /// The refusal's own id (its subject), not the refused command's.
+        /// The refusal's own id (the command id of its envelope), not the refused
+        /// command's.
         refusal: CommandId,
         user: Actor,
         command: String,
@@ -253,8 +254,9 @@ pub enum Aggregate {
     Job(JobId),
     Move(CommandId),
     User(Actor),
-    /// One refused request (by the refusal's id).
-    Audit(CommandId),
+    /// The refused requests of one reason (`unsigned`, `forbidden`, ...): a few subjects
+    /// for the whole trail, however many requests a flood brings.
+    Audit(String),
     /// One alert that is not a daemon's or a job's own event.
     Alert(AlertKey),
     /// One automatic failover decision (by its move's id).
@@ -284,7 +286,7 @@ impl Event {
             | OplogTtlResized { job, .. } => Aggregate::Job(job.clone()),
             MoveStarted { move_id, .. } => Aggregate::Move(move_id.clone()),
             UserAdded { user, .. } | UserRemoved { user } => Aggregate::User(user.clone()),
-            CommandRefused { refusal, .. } => Aggregate::Audit(refusal.clone()),
+            CommandRefused { reason, .. } => Aggregate::Audit(reason.clone()),
             HeadSpaceLow { daemon, .. } | HeadSpaceRecovered { daemon, .. } => {
                 Aggregate::Alert(AlertKey::new(AlertKind::LowHeadFreeSpace, daemon))
             }

@@ -9,7 +9,7 @@
 //! | job       | `handoff.evt.job.<project>/<deployment>[/<shard>]` |
 //! | move      | `handoff.evt.move.<move id>` |
 //! | user      | `handoff.evt.user.<encoded user name>` |
-//! | audit     | `handoff.evt.audit.<refusal id>` (one refused request each) |
+//! | audit     | `handoff.evt.audit.<reason>` (the refused requests of one reason: `unsigned`, `unknown_user`, `bad_signature`, `expired`, `replayed`, `forbidden`) |
 //! | alert     | `handoff.evt.alert.<ALERT_TYPE>.<encoded daemon or job>` (those that are not a daemon's or a job's own events) |
 //! | failover  | `handoff.evt.failover.<move id>` (one automatic decision each) |
 //!
@@ -111,7 +111,7 @@ pub fn aggregate(aggregate: &Aggregate) -> String {
         Aggregate::Job(j) => format!("{EVENTS}.job.{j}"),
         Aggregate::Move(m) => format!("{EVENTS}.move.{m}"),
         Aggregate::User(u) => format!("{EVENTS}.user.{}", token(u.as_str())),
-        Aggregate::Audit(r) => format!("{EVENTS}.audit.{r}"),
+        Aggregate::Audit(reason) => format!("{EVENTS}.audit.{}", token(reason)),
         Aggregate::Alert(a) => format!("{EVENTS}.alert.{}.{}", a.kind, token(&a.about)),
         Aggregate::Failover(m) => format!("{EVENTS}.failover.{m}"),
     }
