@@ -217,3 +217,46 @@ async fn a_refused_completion_is_sent_again_and_the_rebuilt_head_kept() -> Resul
     }
     Ok(())
 }
+
+/// A failed rebuild whose FailJobMove is refused is reported again until it is applied:
+/// the move fails (THEFT_FAILED) and the job goes back to daemon 1, instead of staying
+/// moving with nobody working on it.
+#[tokio::test]
+async fn a_refused_failure_is_sent_again_until_the_move_fails() -> Result<()> {
+    let mut fleet = Fleet::start().await?;
+    // Daemon 1 is lost, so nothing takes a good snapshot after the latest is spoiled.
+    fleet.daemon(1)?.kill()?;
+    let latest = fleet
+        .stores
+        .snapshots(Some(&rs()))
+        .await?
+        .last()
+        .cloned()
+        .ok_or_else(|| anyhow!("no snapshot of p/rs"))?;
+    fleet
+        .stores
+        .put_snapshot_unfenced(&latest, b"{\"id\":\"d1\",\"doc\":{\"not\":\"the data\"}}\n")
+        .await?;
+    fleet.remove_user(2).await?;
+    let move_id = fleet.move_rs_to(2).await?;
+    fleet.refused(2, "FailJobMove").await?;
+    fleet.restore_user(2).await?;
+    let d1 = fleet.id(1);
+    let done = fleet
+        .move_event("the move to fail", |e| {
+            matches!(e, Event::JobMoveFailed { move_id: m, .. } if *m == move_id)
+        })
+        .await
+        .map_err(|e| anyhow!("{e}; daemon 2's log:\n{}", fleet.log("d2")))?;
+    let Event::JobMoveFailed {
+        reason,
+        returned_to,
+        ..
+    } = &done.envelope.event
+    else {
+        unreachable!()
+    };
+    assert!(reason.contains("corrupt"), "{reason}");
+    assert_eq!(returned_to, &d1);
+    Ok(())
+}

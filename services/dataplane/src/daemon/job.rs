@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use super::core::{Assignment, Input, WorkEnd};
 use super::progress::ProgressState;
 use super::{follow, moving, JobError, Shared};
-use crate::head::{Head, HeadError, HeadMeta, HeadStatus};
+use crate::head::{HeadMeta, HeadStatus};
 
 /// A job's running work.
 pub(super) struct Task {
@@ -134,10 +134,20 @@ async fn keep_job(
         });
     }
     let head = shared.heads.head(job)?;
-    let Some(mut meta) = head_to_use(&head, job, a)? else {
-        return Ok(()); // This daemon failed that move; the job went back.
-    };
     let mut progress = ProgressState::new(shared, job, a.epoch, a.move_id());
+    let mut meta = match plan(head.meta()?, job, a) {
+        Plan::ReportFailure { reason } => {
+            return moving::report_failure(shared, job, a, &mut progress, reason, cancelled).await;
+        }
+        Plan::Reuse(meta) => {
+            head.set_meta(&meta)?;
+            meta
+        }
+        Plan::Fresh(meta) => {
+            head.clear()?;
+            meta
+        }
+    };
     if meta.status != HeadStatus::Active {
         let _rebuilding = Rebuilding::count(&shared.rebuilding);
         let _permit = tokio::select! {
@@ -148,8 +158,8 @@ async fn keep_job(
         let rebuilt =
             moving::rebuild(shared, job, a, &head, &mut meta, &mut progress, cancelled).await?;
         if let Err(moving::Unrecoverable(reason)) = rebuilt {
-            moving::fail(shared, job, a, &head, &mut meta, &mut progress, reason).await?;
-            return Ok(());
+            let failed = (&head, &mut meta);
+            return moving::fail(shared, job, a, failed, &mut progress, reason, cancelled).await;
         }
         if *cancelled.borrow() || matches!(meta.status, HeadStatus::Failed { .. }) {
             return Ok(());
@@ -158,41 +168,46 @@ async fn keep_job(
     follow::follow(shared, job, &head, &mut meta, cancelled).await
 }
 
-/// The head's position to go on from, its epoch and status set for `a`; none if this
-/// daemon failed the very move that `a` is (the job went back to its source).
-fn head_to_use(head: &Head, job: &JobId, a: &Assignment) -> Result<Option<HeadMeta>, HeadError> {
+/// What the head on disk means for the work at an assignment.
+#[derive(Debug, PartialEq, Eq)]
+enum Plan {
+    /// This daemon failed the very move the assignment is, and the command service may
+    /// not have heard it: report the failure (again), never rebuild.
+    ReportFailure { reason: String },
+    /// Go on from the head on disk: its position, with its epoch and status set for the
+    /// assignment.
+    Reuse(HeadMeta),
+    /// Empty the head and build it from nothing.
+    Fresh(HeadMeta),
+}
+
+/// Decides what to do with the head on disk (`meta`, none if there is no head) for the
+/// work at `a`.
+fn plan(meta: Option<HeadMeta>, job: &JobId, a: &Assignment) -> Plan {
     let move_id = a.move_id();
-    let mut meta = head.meta()?;
     if let (Some(m), Some(id)) = (&meta, move_id) {
-        if matches!(&m.status, HeadStatus::Failed { move_id: failed, .. } if failed == id.as_str())
+        if let HeadStatus::Failed {
+            move_id: failed,
+            reason,
+        } = &m.status
         {
-            return Ok(None);
+            if failed == id.as_str() {
+                return Plan::ReportFailure {
+                    reason: reason.clone(),
+                };
+            }
         }
     }
     // A head restored here holds consistent data at its position, whatever happened
     // since: it only needs the oplog after it (a job back after a failed move, a move
     // after a restart, a rebuild cut off by a kill).
-    let reusable = meta.as_ref().is_some_and(|m| {
+    let reusable = meta.filter(|m| {
         m.restored_from.is_some()
             && m.epoch <= a.epoch
             && !matches!(m.status, HeadStatus::Failed { .. })
     });
-    if !reusable {
-        head.clear()?;
-        meta = None;
-    }
-    if let Some(m) = &mut meta {
-        let completed = m.status == HeadStatus::Active && m.epoch == a.epoch;
-        if let (Some(id), false) = (move_id, completed) {
-            m.status = HeadStatus::Rebuilding {
-                move_id: id.to_string(),
-            };
-        }
-        m.epoch = a.epoch;
-        head.set_meta(m)?;
-    }
-    Ok(Some(meta.unwrap_or_else(|| {
-        HeadMeta::new(
+    let Some(mut m) = reusable else {
+        return Plan::Fresh(HeadMeta::new(
             job.clone(),
             a.epoch,
             match move_id {
@@ -201,6 +216,62 @@ fn head_to_use(head: &Head, job: &JobId, a: &Assignment) -> Result<Option<HeadMe
                 },
                 None => HeadStatus::Building,
             },
-        )
-    })))
+        ));
+    };
+    let completed = m.status == HeadStatus::Active && m.epoch == a.epoch;
+    if let (Some(id), false) = (move_id, completed) {
+        m.status = HeadStatus::Rebuilding {
+            move_id: id.to_string(),
+        };
+    }
+    m.epoch = a.epoch;
+    Plan::Reuse(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use handoff_domain::event::AssignmentCause;
+    use handoff_domain::CommandId;
+
+    use super::*;
+
+    fn moved(epoch: u64, move_id: &CommandId) -> Assignment {
+        Assignment {
+            epoch,
+            cause: AssignmentCause::Move {
+                move_id: move_id.clone(),
+            },
+        }
+    }
+
+    /// Given a head that records this daemon's failure of a move, when the work at that
+    /// move starts again (a retry, a restart), then the failure is reported again, not
+    /// taken as heard; at another move the head is emptied and rebuilt.
+    #[test]
+    fn a_failure_on_record_is_reported_again_until_heard() {
+        let job = JobId::new("p/rs1").unwrap();
+        let failed = CommandId::new("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
+        let later = CommandId::new("01ARZ3NDEKTSV4RRFFQ69G5FAW").unwrap();
+        let mut meta = HeadMeta::new(
+            job.clone(),
+            2,
+            HeadStatus::Failed {
+                move_id: failed.to_string(),
+                reason: "snapshot s1 of p/rs1 is corrupt".into(),
+            },
+        );
+        meta.restored_from = Some("s1".into());
+        assert_eq!(
+            plan(Some(meta.clone()), &job, &moved(2, &failed)),
+            Plan::ReportFailure {
+                reason: "snapshot s1 of p/rs1 is corrupt".into()
+            }
+        );
+        assert!(matches!(
+            plan(Some(meta), &job, &moved(4, &later)),
+            Plan::Fresh(m) if m.epoch == 4 && m.status == HeadStatus::Rebuilding {
+                move_id: later.to_string()
+            }
+        ));
+    }
 }

@@ -6,12 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use handoff_client::SendError;
+use handoff_client::{Client, SendError};
 use handoff_domain::command::{CompleteJobMove, FailJobMove, ReportJobMovePhase};
 use handoff_domain::event::Aggregate;
 use handoff_domain::model::{HeadPoint, MovePhase};
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, Rejection};
-use handoff_protocol::subjects;
+use handoff_protocol::{subjects, Applied};
 use tokio::sync::{mpsc, watch};
 
 use super::core::{Assignment, Input, MoveEnd};
@@ -146,7 +146,7 @@ async fn finish(
             head: Some(point.clone()),
         });
         // The same id on a retry after a restart: one completion.
-        let id = completion_id(move_id, job);
+        let id = report_id(move_id, job, Report::Completion);
         match shared.client.send(&id, &command).await {
             Ok(_) => {}
             Err(e) if !is_final(&e) => return Err(JobError::Send(e)),
@@ -217,50 +217,81 @@ async fn owner(shared: &Shared, job: &JobId) -> Result<Option<DaemonId>, JobErro
     Ok(owner)
 }
 
-/// A command id derived from a move and a job, so the completion of one job's move has
-/// the same id however often it is sent.
-fn completion_id(move_id: &CommandId, job: &JobId) -> CommandId {
+/// The reports on a move whose id is derived from it.
+#[derive(Clone, Copy)]
+enum Report {
+    Completion = 0xc0de,
+    Failure = 0xfa11,
+}
+
+/// A command id derived from a move, a job and the report, so one job's report on one
+/// move has the same id however often it is sent, and is applied once.
+fn report_id(move_id: &CommandId, job: &JobId, report: Report) -> CommandId {
     let base = ulid::Ulid::from_string(move_id.as_str()).unwrap_or_default();
     let h = crate::checksum::doc_hash(job.as_str(), move_id.as_str().as_bytes());
-    let id = ulid::Ulid::from_parts(base.timestamp_ms(), u128::from(h) << 16 | 0xc0de);
+    let id = ulid::Ulid::from_parts(base.timestamp_ms(), u128::from(h) << 16 | report as u128);
     // A ULID's text is always a valid command id.
     CommandId::new(id.to_string()).expect("a ULID is a command id")
 }
 
-/// Fails the move (THEFT_FAILED) and empties the head; a job that is not moving has
-/// nobody to tell, and tries again.
+/// Fails the move (THEFT_FAILED): empties the head and records the failure in it, then
+/// reports it. A job that is not moving has nobody to tell, and tries again.
 pub(super) async fn fail(
     shared: &Shared,
     job: &JobId,
     a: &Assignment,
-    head: &Head,
-    meta: &mut HeadMeta,
+    (head, meta): (&Head, &mut HeadMeta),
     progress: &mut ProgressState<'_>,
     reason: String,
+    cancelled: &mut watch::Receiver<bool>,
 ) -> Result<(), JobError> {
     let Some(move_id) = a.move_id() else {
         return Err(JobError::Build { reason });
     };
     tracing::error!(%job, move_id = %move_id, reason, "rebuild failed (THEFT_FAILED)");
-    let command = Command::FailJobMove(FailJobMove {
-        job: job.clone(),
-        move_id: move_id.clone(),
-        epoch: a.epoch,
-        reason: reason.chars().take(1000).collect(),
-    });
-    if let Err(e) = shared
-        .client
-        .send(&handoff_client::new_command_id(), &command)
-        .await
-    {
-        tracing::warn!(%job, error = %e, "failing the move was refused");
-    }
+    // On record before it is sent: until the command service has it, every new attempt at
+    // this move (a retry, a restart) reports it again instead of rebuilding.
     head.clear()?;
     meta.status = HeadStatus::Failed {
         move_id: move_id.to_string(),
         reason: reason.clone(),
     };
     head.set_meta(meta)?;
+    report_failure(shared, job, a, progress, reason, cancelled).await
+}
+
+/// Reports the failure of the move `a` is, with the same id each time, until the command
+/// service has it or answers that the move is over ([`is_final`]). Not heard: an error,
+/// so the work is started again and reports it again.
+pub(super) async fn report_failure(
+    shared: &Shared,
+    job: &JobId,
+    a: &Assignment,
+    progress: &mut ProgressState<'_>,
+    reason: String,
+    cancelled: &mut watch::Receiver<bool>,
+) -> Result<(), JobError> {
+    let Some(move_id) = a.move_id() else {
+        return Ok(());
+    };
+    let command = Command::FailJobMove(FailJobMove {
+        job: job.clone(),
+        move_id: move_id.clone(),
+        epoch: a.epoch,
+        reason: reason.chars().take(1000).collect(),
+    });
+    let id = report_id(move_id, job, Report::Failure);
+    match send(&shared.client, &id, &command, cancelled).await {
+        None => return Ok(()),
+        Some(Ok(_)) => {}
+        Some(Err(e)) if is_final(&e) => {
+            tracing::info!(%job, move_id = %move_id, reason = %e, "the move is over already");
+        }
+        Some(Err(e)) => {
+            tracing::warn!(%job, move_id = %move_id, error = %e, "the move's failure is not heard yet");
+            return Err(JobError::Send(e));
+        }
+    }
     progress
         .update(true, |p| {
             p.phase = MovePhase::Failed;
@@ -268,6 +299,28 @@ pub(super) async fn fail(
         })
         .await;
     Ok(())
+}
+
+/// Sends `command` as `id` unless the work is told to stop first (none then): a report
+/// never holds a stop back, however long the command service takes.
+async fn send(
+    client: &Client,
+    id: &CommandId,
+    command: &Command,
+    cancelled: &mut watch::Receiver<bool>,
+) -> Option<Result<Applied, SendError>> {
+    tokio::select! {
+        _ = until_cancelled(cancelled) => None,
+        r = client.send(id, command) => Some(r),
+    }
+}
+
+/// Completes once the work is told to stop (at once if it was already).
+async fn until_cancelled(cancelled: &mut watch::Receiver<bool>) {
+    if cancelled.wait_for(|c| *c).await.is_err() {
+        // The sender is gone with its task's handle: nobody can stop the work any more.
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Watches a released job's events until its move ends, and reports how.
