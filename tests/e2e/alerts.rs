@@ -19,13 +19,13 @@ use handoff_protocol::views::AlertView;
 use handoff_tests::*;
 
 /// Writes a heartbeat for each daemon in the set every 200 ms, until dropped.
-struct Heartbeats {
+pub(crate) struct Heartbeats {
     beating: Arc<Mutex<BTreeSet<DaemonId>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Heartbeats {
-    fn start(stores: Stores, daemons: &[DaemonId]) -> Heartbeats {
+    pub(crate) fn start(stores: Stores, daemons: &[DaemonId]) -> Heartbeats {
         let beating = Arc::new(Mutex::new(daemons.iter().cloned().collect::<BTreeSet<_>>()));
         let set = beating.clone();
         let task = tokio::spawn(async move {
@@ -52,7 +52,7 @@ impl Heartbeats {
     }
 
     /// The daemon stops sending heartbeats (its server is lost).
-    fn lose(&self, d: &DaemonId) {
+    pub(crate) fn lose(&self, d: &DaemonId) {
         self.beating.lock().expect("not poisoned").remove(d);
     }
 }
@@ -76,7 +76,7 @@ async fn start(
 }
 
 /// `handoff monitor ARGS` as the monitor's user.
-async fn monitor(stack: &Stack, dir: &std::path::Path, args: &[&str]) -> Result<Proc> {
+pub(crate) async fn monitor(stack: &Stack, dir: &std::path::Path, args: &[&str]) -> Result<Proc> {
     let creds = stack.user("monitor", &[Role::BackupMonitor], None).await?.1;
     let mut full = vec!["monitor"];
     full.extend_from_slice(args);

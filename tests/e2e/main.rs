@@ -11,6 +11,7 @@ mod concurrency;
 mod dataplane;
 mod idempotency;
 mod lost;
+mod monitor;
 mod moves;
 mod outages;
 mod projector;

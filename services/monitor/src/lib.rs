@@ -4,11 +4,19 @@
 //! failover policy when it is enabled.
 //!
 //! It folds the event stream into the domain state, hears heartbeats and progress as
-//! they arrive, and every tick sends the commands [`watch::Watch`] finds due, signed as
-//! its own user (BACKUP_MONITOR); the policy's moves are signed as the policy's user, so
-//! every automatic decision names the policy as its actor. The command service decides
-//! each one against the state, so a report that is late or repeated changes nothing, and
-//! an operator's move always wins over the policy's pending one.
+//! they arrive, and every tick hands the commands [`watch::Watch`] finds due to a sender
+//! task, which signs them as the monitor's own user (BACKUP_MONITOR); the policy's moves
+//! are signed as the policy's user, so every automatic decision names the policy as its
+//! actor. The command service decides each one against the state, so a report that is
+//! late or repeated changes nothing, and an operator's move always wins over the policy's
+//! pending one.
+//!
+//! The loop itself never waits for the command service: a command retried for minutes
+//! would leave the heartbeats unread meanwhile, and the next tick would take their
+//! silence for the daemons'. It reads whatever is ready before it judges (the tick comes
+//! last), and a tick that comes late (the process or the loop stalled) tells the watch
+//! how long it was deaf, which counts as nobody's silence. The sender's queue is bounded,
+//! and the watch hands out one command per thing at a time.
 //!
 //! Any number of monitors may run: what they send is decided by the state, so two
 //! monitors appending the same DAEMON_DOWN append it once.
@@ -17,12 +25,14 @@
 //! - [`watch`]: the pure core. The state, the clock and what was heard come in; the
 //!   commands that are due go out. Property-tested without a server.
 //! - this file: the shell. It folds the stream, watches the heartbeat bucket and the
-//!   progress subjects, ticks, and sends what the core finds due through the command
-//!   client.
+//!   progress subjects, ticks, and passes what the core finds due to the sender task,
+//!   which sends it through the command client and reports each command back when it
+//!   has landed (and the fold has caught up with what it appended).
 
 pub mod watch;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
@@ -34,8 +44,16 @@ use handoff_protocol::auth::Credentials;
 use handoff_protocol::dataplane::{Progress, HEARTBEATS_BUCKET};
 use handoff_protocol::subjects;
 use thiserror::Error;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 
 pub use watch::{Due, Policy, Settings, Watch};
+
+/// Commands waiting for the sender at most; one found due when the queue is full waits
+/// for a later tick.
+const QUEUE: usize = 256;
+/// Commands the sender sends at once.
+const SENDING: usize = 8;
 
 /// What the monitor runs with.
 #[derive(Clone, Debug)]
@@ -148,24 +166,40 @@ pub async fn run(
     watch.observe(&fold.state, Instant::now());
     let mut heartbeats = watch_heartbeats(&bucket).await?;
     let mut progress = client.subscribe(subjects::PROGRESS).await?;
-    let every =
-        (watch.settings().threshold / 5).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let every = watch.tick();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (queue, queued) = mpsc::channel(QUEUE);
+    let (landed_tx, mut landed) = mpsc::unbounded_channel();
+    let sender = Sender {
+        monitor,
+        policy,
+        landed: landed_tx,
+    };
+    let sending = tokio::spawn(sender.run(queued));
+    // Sent, applied at a sequence the fold has not reached yet: landed once it has.
+    let mut settling: Vec<(String, u64)> = Vec::new();
     tracing::info!(
         threshold_ms = watch.settings().threshold.as_millis() as u64,
         failover = watch.settings().failover.is_some(),
         daemons = fold.state.daemons.len(),
         "monitor running"
     );
-    loop {
+    let result = loop {
+        // Biased: whatever is ready (events, heartbeats, progress, landed commands) is
+        // taken in before a tick judges on it.
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            biased;
+            _ = &mut shutdown => break Ok(()),
             r = fold.reader.next() => {
-                let r = r?;
+                let r = match r {
+                    Ok(r) => r,
+                    Err(e) => break Err(e.into()),
+                };
                 // Observed at the next tick, which is precise enough for every clock here.
                 fold.state.apply(&r.envelope.event);
                 fold.applied = r.seq;
+                settle(&mut watch, &mut settling, fold.applied);
             }
             e = heartbeats.next() => match e {
                 Some(Ok(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
@@ -176,7 +210,10 @@ pub async fn run(
                 Some(_) => {}
                 None => {
                     tracing::warn!("the heartbeat watch ended; watching again");
-                    heartbeats = watch_heartbeats(&bucket).await?;
+                    heartbeats = match watch_heartbeats(&bucket).await {
+                        Ok(h) => h,
+                        Err(e) => break Err(e),
+                    };
                 }
             },
             Some(m) = progress.next() => {
@@ -184,35 +221,107 @@ pub async fn run(
                     watch.progress(&fold.state, &p.job, p.epoch, Instant::now());
                 }
             }
-            _ = tick.tick() => {
-                for due in watch.due(&fold.state, Instant::now()) {
-                    let sender = if due.by_policy { &policy } else { &monitor };
-                    send(sender, &mut fold, &due.command).await;
+            Some(l) = landed.recv() => match l.through {
+                Some(seq) if seq > fold.applied => settling.push((l.key, seq)),
+                _ => watch.landed(&l.key, Instant::now()),
+            },
+            scheduled = tick.tick() => {
+                let (scheduled, now) = (scheduled.into_std(), Instant::now());
+                // A tick this late means nothing ran here meanwhile: deaf, not silence.
+                if now.saturating_duration_since(scheduled) > every {
+                    tracing::warn!(
+                        stalled_ms = now.saturating_duration_since(scheduled).as_millis() as u64,
+                        "the monitor stalled; that time counts as nobody's silence"
+                    );
+                    watch.deaf(scheduled, now);
+                }
+                for due in watch.due(&fold.state, now) {
+                    if let Err(e) = queue.try_send(due) {
+                        let due = e.into_inner();
+                        tracing::warn!(command = due.command.name(), "the send queue is full; due again later");
+                        watch.landed(&due.key, now);
+                    }
+                }
+            }
+        }
+    };
+    sending.abort();
+    result
+}
+
+/// Tells the watch about the commands whose events the fold has reached.
+fn settle(watch: &mut Watch, settling: &mut Vec<(String, u64)>, applied: u64) {
+    if settling.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    settling.retain(|(key, seq)| {
+        let reached = *seq <= applied;
+        if reached {
+            watch.landed(key, now);
+        }
+        !reached
+    });
+}
+
+/// A command that has been sent, applied or not.
+struct Landed {
+    key: String,
+    /// The last sequence it appended, if it was applied and appended anything.
+    through: Option<u64>,
+}
+
+/// Sends what the monitor's loop hands over, off that loop, a few at a time.
+struct Sender {
+    monitor: Client,
+    policy: Client,
+    landed: mpsc::UnboundedSender<Landed>,
+}
+
+impl Sender {
+    async fn run(self, mut queued: mpsc::Receiver<Due>) {
+        let slots = Arc::new(Semaphore::new(SENDING));
+        let mut sends = JoinSet::new();
+        loop {
+            tokio::select! {
+                // Reaped only to free memory: each send reports by itself.
+                Some(_) = sends.join_next(), if !sends.is_empty() => {}
+                due = queued.recv() => {
+                    let Some(due) = due else { return };
+                    let Ok(slot) = slots.clone().acquire_owned().await else { return };
+                    let client = if due.by_policy { self.policy.clone() } else { self.monitor.clone() };
+                    let landed = self.landed.clone();
+                    sends.spawn(async move {
+                        let through = send(&client, &due.command).await;
+                        // Ignored: the monitor's loop is gone, and with it any interest.
+                        let _ = landed.send(Landed { key: due.key, through });
+                        drop(slot);
+                    });
                 }
             }
         }
     }
 }
 
-/// Sends one command and, once applied, folds its events so the next decision sees them.
-async fn send(commands: &Client, fold: &mut Fold, command: &Command) {
+/// Sends one command (retried by the client under its policy); the last sequence it
+/// appended, if any.
+async fn send(commands: &Client, command: &Command) -> Option<u64> {
     let id = new_command_id();
     match commands.send(&id, command).await {
         Ok(applied) => {
-            if let Some(last) = applied.events.iter().map(|e| e.seq).max() {
+            let last = applied.events.iter().map(|e| e.seq).max();
+            if last.is_some() {
                 tracing::info!(
                     command = command.name(),
                     events = applied.events.len(),
                     "reported"
                 );
-                // Not fatal: the stream delivers them later, and the state catches up then.
-                if let Err(e) = fold.until(last).await {
-                    tracing::warn!(error = %e, "the state is behind what was appended");
-                }
             }
+            last
         }
         Err(e) => {
             tracing::info!(command = command.name(), reason = %e.body().reason, message = %e, "not applied");
+            None
         }
     }
 }

@@ -5,6 +5,14 @@
 //!   the monitor starts, and when a daemon first appears, it counts as heard now (a
 //!   fresh grace period). Silent for longer than the threshold while up: DAEMON_DOWN.
 //!   Heard again after it went down: DAEMON_UP.
+//! - Silence counts only while the monitor listens. When it could not (its loop or its
+//!   process stalled: [`Watch::deaf`]), that span counts for nobody's silence, nor for the
+//!   failover delay: the heartbeats that queued up meanwhile are read before anyone is
+//!   judged on them.
+//! - One command per thing at a time: a command handed to the sender is in flight until
+//!   [`Watch::landed`], and nothing more about the same thing is due meanwhile, however
+//!   long the command service takes; after it lands, not again within `resend` (the
+//!   state catches up with what it appended).
 //! - A moving job makes progress when its phase changes or its destination publishes
 //!   progress with the job's current epoch. None for the threshold: MOVE_STUCK.
 //! - LOW_HEAD_FREE_SPACE follows the state's free space against a percentage.
@@ -12,7 +20,7 @@
 //!   for its delay (counted from when this monitor saw it down), no more at once than its
 //!   rebuild limit, and not at all while more than its share of daemons is down.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use handoff_domain::alert::{AlertKey, AlertKind, FLEET};
@@ -61,23 +69,39 @@ impl Default for Settings {
 /// A command the monitor should send now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Due {
+    /// What it is about (`down <daemon>`, `failover <job>`...): one command per key is in
+    /// flight at a time; report it back with [`Watch::landed`].
+    pub key: String,
     pub command: Command,
     /// Sent as the failover policy's user.
     pub by_policy: bool,
+}
+
+/// An instant on the monitor's clock, with how long it had been deaf by then: the time
+/// it listened between two of these is their distance less the deafness between them.
+#[derive(Clone, Copy, Debug)]
+struct Mark {
+    at: Instant,
+    deaf: Duration,
 }
 
 /// The monitor's bookkeeping.
 pub struct Watch {
     settings: Settings,
     /// When each daemon was last heard (or first seen).
-    heard: HashMap<DaemonId, Instant>,
+    heard: HashMap<DaemonId, Mark>,
     /// When this monitor saw each daemon go down (or reported it down).
-    down_since: HashMap<DaemonId, Instant>,
+    down_since: HashMap<DaemonId, Mark>,
+    /// How long the monitor has been deaf in all (see [`Watch::deaf`]).
+    deaf: Duration,
     /// Each moving job's move, phase, and when it last made progress.
     moving: HashMap<JobId, (CommandId, MovePhase, Instant)>,
-    /// When each command was last sent, by what it is about: not repeated within
-    /// `resend`, so a report the state has not caught up with is not sent twice.
+    /// When each command last landed (or was handed over), by what it is about: not
+    /// repeated within `resend`, so a report the state has not caught up with is not sent
+    /// twice.
     sent: HashMap<String, Instant>,
+    /// What is handed to the sender and has not landed yet.
+    in_flight: HashSet<String>,
     resend: Duration,
 }
 
@@ -89,8 +113,10 @@ impl Watch {
             settings,
             heard: HashMap::new(),
             down_since: HashMap::new(),
+            deaf: Duration::ZERO,
             moving: HashMap::new(),
             sent: HashMap::new(),
+            in_flight: HashSet::new(),
             resend,
         }
     }
@@ -99,9 +125,50 @@ impl Watch {
         &self.settings
     }
 
+    /// How often the shell should ask what is due: a fifth of the threshold, between
+    /// 50 ms and a second.
+    pub fn tick(&self) -> Duration {
+        (self.settings.threshold / 5).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    fn mark(&self, at: Instant) -> Mark {
+        Mark {
+            at,
+            deaf: self.deaf,
+        }
+    }
+
+    /// How long the monitor listened from `since` to `now`.
+    fn listened(&self, since: Mark, now: Instant) -> Duration {
+        now.saturating_duration_since(since.at)
+            .saturating_sub(self.deaf.saturating_sub(since.deaf))
+    }
+
     /// A heartbeat of `daemon` arrived.
     pub fn heartbeat(&mut self, daemon: DaemonId, now: Instant) {
-        self.heard.insert(daemon, now);
+        let mark = self.mark(now);
+        self.heard.insert(daemon, mark);
+    }
+
+    /// The monitor could hear nothing from `from` to `to` (its loop or its process
+    /// stalled): a daemon's silence and a failover delay count only the time it listened,
+    /// so the heartbeats that queued up meanwhile are read before anyone is judged.
+    pub fn deaf(&mut self, from: Instant, to: Instant) {
+        self.deaf += to.saturating_duration_since(from);
+    }
+
+    /// The command about `key` that [`Watch::due`] handed out has been sent: applied,
+    /// refused, or given up after its retries. The next one about it may be due after
+    /// `resend`, once the state had the time to show what the command did.
+    pub fn landed(&mut self, key: &str, now: Instant) {
+        if self.in_flight.remove(key) {
+            self.sent.insert(key.to_owned(), now);
+        }
+    }
+
+    /// Commands handed out that have not landed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// The destination of `job`'s move reported progress with `epoch`.
@@ -114,20 +181,21 @@ impl Watch {
 
     /// When the daemon was last heard, if it was since this monitor started.
     pub fn heard(&self, daemon: &DaemonId) -> Option<Instant> {
-        self.heard.get(daemon).copied()
+        self.heard.get(daemon).map(|m| m.at)
     }
 
     /// Brings the bookkeeping in line with the state: daemons and moves seen for the first
     /// time start their clocks now.
     pub fn observe(&mut self, state: &State, now: Instant) {
+        let mark = self.mark(now);
         for (id, d) in &state.daemons {
             match d.status {
                 DaemonStatus::Active(_) => {
-                    self.heard.entry(id.clone()).or_insert(now);
+                    self.heard.entry(id.clone()).or_insert(mark);
                     if d.is_up() {
                         self.down_since.remove(id);
                     } else {
-                        self.down_since.entry(id.clone()).or_insert(now);
+                        self.down_since.entry(id.clone()).or_insert(mark);
                     }
                 }
                 DaemonStatus::Removed => {
@@ -153,11 +221,16 @@ impl Watch {
         self.moving.retain(|job, _| still.contains_key(job));
     }
 
-    fn once(&mut self, key: String, now: Instant) -> bool {
-        match self.sent.get(&key) {
+    /// Whether a command about `key` may go now; if so it is in flight from here.
+    fn once(&mut self, key: &str, now: Instant) -> bool {
+        if self.in_flight.contains(key) {
+            return false;
+        }
+        match self.sent.get(key) {
             Some(at) if now.duration_since(*at) < self.resend => false,
             _ => {
-                self.sent.insert(key, now);
+                self.sent.insert(key.to_owned(), now);
+                self.in_flight.insert(key.to_owned());
                 true
             }
         }
@@ -167,7 +240,8 @@ impl Watch {
     pub fn due(&mut self, state: &State, now: Instant) -> Vec<Due> {
         self.observe(state, now);
         let mut due = Vec::new();
-        let report = |command: Command| Due {
+        let report = |key: String, command: Command| Due {
+            key,
             command,
             by_policy: false,
         };
@@ -177,26 +251,31 @@ impl Watch {
             }
             let heard = self.heard[id];
             if d.is_up() {
-                if now.duration_since(heard) > self.settings.threshold
-                    && self.once(format!("down {id}"), now)
-                {
+                let key = format!("down {id}");
+                if self.listened(heard, now) > self.settings.threshold && self.once(&key, now) {
                     // From now the daemon counts as down here, whatever the stream says
                     // later: a heartbeat after this brings it back up.
-                    self.down_since.insert(id.clone(), now);
-                    due.push(report(Command::ReportDaemonLiveness(
-                        ReportDaemonLiveness {
+                    let mark = self.mark(now);
+                    self.down_since.insert(id.clone(), mark);
+                    due.push(report(
+                        key,
+                        Command::ReportDaemonLiveness(ReportDaemonLiveness {
                             daemon: id.clone(),
                             up: false,
-                        },
-                    )));
+                        }),
+                    ));
                 }
-            } else if heard > self.down_since[id] && self.once(format!("up {id}"), now) {
-                due.push(report(Command::ReportDaemonLiveness(
-                    ReportDaemonLiveness {
-                        daemon: id.clone(),
-                        up: true,
-                    },
-                )));
+            } else {
+                let key = format!("up {id}");
+                if heard.at > self.down_since[id].at && self.once(&key, now) {
+                    due.push(report(
+                        key,
+                        Command::ReportDaemonLiveness(ReportDaemonLiveness {
+                            daemon: id.clone(),
+                            up: true,
+                        }),
+                    ));
+                }
             }
             let total = d.settings.head_space_bytes;
             let low = total > 0
@@ -205,11 +284,15 @@ impl Watch {
             let open = state
                 .alerts
                 .contains(&AlertKey::new(AlertKind::LowHeadFreeSpace, id));
-            if low != open && self.once(format!("space {id}"), now) {
-                due.push(report(Command::ReportHeadSpace(ReportHeadSpace {
-                    daemon: id.clone(),
-                    threshold_percent: self.settings.low_head_free_percent,
-                })));
+            let key = format!("space {id}");
+            if low != open && self.once(&key, now) {
+                due.push(report(
+                    key,
+                    Command::ReportHeadSpace(ReportHeadSpace {
+                        daemon: id.clone(),
+                        threshold_percent: self.settings.low_head_free_percent,
+                    }),
+                ));
             }
         }
         let mut stuck: Vec<(&JobId, &(CommandId, MovePhase, Instant))> =
@@ -227,12 +310,16 @@ impl Watch {
             }
         }
         for (job, move_id, idle) in stuck_due {
-            if self.once(format!("stuck {job}"), now) {
-                due.push(report(Command::ReportMoveStuck(ReportMoveStuck {
-                    job,
-                    move_id,
-                    idle_ms: idle.as_millis() as u64,
-                })));
+            let key = format!("stuck {job}");
+            if self.once(&key, now) {
+                due.push(report(
+                    key,
+                    Command::ReportMoveStuck(ReportMoveStuck {
+                        job,
+                        move_id,
+                        idle_ms: idle.as_millis() as u64,
+                    }),
+                ));
             }
         }
         if let Some(policy) = self.settings.failover.clone() {
@@ -249,8 +336,9 @@ impl Watch {
         let paused = state
             .alerts
             .contains(&AlertKey::new(AlertKind::FailoverPaused, FLEET));
-        if tripped != paused && self.once("guard".into(), now) {
+        if tripped != paused && self.once("guard", now) {
             due.push(Due {
+                key: "guard".into(),
                 command: Command::ReportFailoverGuard(ReportFailoverGuard {
                     max_down_percent: policy.max_down_percent,
                 }),
@@ -267,9 +355,9 @@ impl Watch {
             let Some(since) = self.down_since.get(&daemon).copied() else {
                 continue;
             };
-            let down_for = now.duration_since(since);
+            let down_for = self.listened(since, now);
             // Heard again since: it is about to be reported up, and keeps its jobs.
-            let heard_again = self.heard.get(&daemon).is_some_and(|h| *h > since);
+            let heard_again = self.heard.get(&daemon).is_some_and(|h| h.at > since.at);
             if down_for < policy.delay || heard_again {
                 continue;
             }
@@ -279,11 +367,13 @@ impl Watch {
                 }
                 let on_it = matches!(&state.jobs[job].assignment,
                     Assignment::Assigned { daemon: d } if *d == daemon);
-                if !on_it || !self.once(format!("failover {job}"), now) {
+                let key = format!("failover {job}");
+                if !on_it || !self.once(&key, now) {
                     continue;
                 }
                 budget -= 1;
                 due.push(Due {
+                    key,
                     command: Command::FailoverJob(FailoverJob {
                         job: job.clone(),
                         from: daemon.clone(),

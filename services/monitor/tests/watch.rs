@@ -75,13 +75,15 @@ impl Fleet {
         }));
     }
 
-    /// Applies what the monitor sent (as the command service would).
+    /// Applies what the monitor sent (as the command service would), and tells the
+    /// monitor each has landed.
     fn run(&mut self, watch: &mut Watch, now: Instant) -> Vec<String> {
         let due = watch.due(&self.state, now);
         due.into_iter()
             .map(|d| {
                 let name = describe(&d.command);
                 self.apply(d.command);
+                watch.landed(&d.key, now);
                 name
             })
             .collect()
@@ -299,4 +301,68 @@ fn a_daemon_heard_again_after_the_delay_is_brought_up_not_failed_over() {
     w.heartbeat(d(1), t0 + s(31));
     assert_eq!(f.run(&mut w, t0 + s(32)), vec![format!("up {}", d(1))]);
     assert!(f.run(&mut w, t0 + s(33)).is_empty());
+}
+
+#[test]
+fn a_stall_of_the_monitor_is_not_silence_of_the_daemons() {
+    let mut f = Fleet::new(3, 1);
+    let t0 = Instant::now();
+    let mut w = Watch::new(settings(Some(policy())));
+    w.observe(&f.state, t0);
+    for n in 1..=3 {
+        w.heartbeat(d(n), t0 + s(5));
+    }
+    // The monitor's loop (or its process) stalls for 25 s: the daemons went on sending
+    // heartbeats, which wait unread. Judged before they are read, everybody would be down.
+    w.deaf(t0 + s(5), t0 + s(30));
+    assert!(
+        f.run(&mut w, t0 + s(30)).is_empty(),
+        "no DAEMON_DOWN from a stall"
+    );
+    w.heartbeat(d(2), t0 + s(30));
+    w.heartbeat(d(3), t0 + s(30));
+    // Daemon 1 was silent for no time heard before the stall; after it, the clock runs.
+    assert!(f.run(&mut w, t0 + s(39)).is_empty(), "9 s of listening");
+    w.heartbeat(d(2), t0 + s(40));
+    w.heartbeat(d(3), t0 + s(40));
+    assert_eq!(f.run(&mut w, t0 + s(41)), vec![format!("down {}", d(1))]);
+    // The failover delay counts listening time too: a stall of 30 s moves nothing.
+    for t in [45, 50, 55] {
+        w.heartbeat(d(2), t0 + s(t));
+        w.heartbeat(d(3), t0 + s(t));
+        assert!(f.run(&mut w, t0 + s(t)).is_empty());
+    }
+    w.deaf(t0 + s(55), t0 + s(85));
+    assert!(
+        f.run(&mut w, t0 + s(85)).is_empty(),
+        "14 s of a 20 s delay were heard"
+    );
+    w.heartbeat(d(2), t0 + s(86));
+    w.heartbeat(d(3), t0 + s(86));
+    assert_eq!(f.run(&mut w, t0 + s(92)), vec!["failover p/rs0"]);
+}
+
+#[test]
+fn a_command_in_flight_is_not_handed_out_again_until_it_lands() {
+    let f = Fleet::new(2, 0);
+    let t0 = Instant::now();
+    let mut w = Watch::new(settings(None));
+    w.observe(&f.state, t0);
+    let down = w.due(&f.state, t0 + s(11));
+    assert_eq!(down.len(), 2, "daemons 1 and 2 are both silent");
+    assert_eq!(w.in_flight(), 2);
+    // The command service takes minutes to answer: nothing piles up behind the reports.
+    for t in [20, 60, 300] {
+        assert!(w.due(&f.state, t0 + s(t)).is_empty(), "at {t} s");
+    }
+    // They land without being applied (the command service gave up): due again once
+    // `resend` has passed since, still one per daemon.
+    for d in &down {
+        w.landed(&d.key, t0 + s(301));
+    }
+    assert_eq!(w.in_flight(), 0);
+    assert!(w.due(&f.state, t0 + s(301)).is_empty());
+    let again = w.due(&f.state, t0 + s(310));
+    assert_eq!(again.len(), down.len());
+    assert_eq!(again[0].key, down[0].key);
 }
