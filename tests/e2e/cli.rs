@@ -1,6 +1,6 @@
 //! Every `handoff` subcommand, run as an operator would, against `handoff up`.
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use handoff_domain::command::CompleteJobMove;
 use handoff_domain::{Command, CommandId};
 use handoff_tests::*;
@@ -441,8 +441,6 @@ async fn the_demo_tells_the_story() -> Result<()> {
         "completed",
         "removed",
         "MoveStarted",
-        "equals the source",
-        "yes: equals the source",
         "at its slot",
     ] {
         assert!(
@@ -450,7 +448,50 @@ async fn the_demo_tells_the_story() -> Result<()> {
             "{expected:?} missing from the demo:\n{text}"
         );
     }
+    // Every moved job's rebuilt head equals its source: one line per job of the dry run.
+    let moving: usize = lines
+        .iter()
+        .find_map(|l| l.split_once(" job(s) would move"))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .with_context(|| format!("the dry run's count of jobs:\n{text}"))?;
+    let heads = demo_step(&lines, 6, |l| l.contains(" head at "));
+    assert_eq!(
+        heads.len(),
+        moving,
+        "one checked head per moved job:\n{text}"
+    );
+    for line in &heads {
+        assert!(
+            line.ends_with("  equals the source"),
+            "a head not equal to its source: {line}\n{text}"
+        );
+    }
+    // Every shard and config server of sales/catalog is restored and verified.
+    let restored = demo_step(&lines, 7, |l| l.starts_with("sales/catalog/"));
+    assert_eq!(restored.len(), 3, "shard0, shard1, config:\n{text}");
+    for line in &restored {
+        assert!(
+            line.ends_with("yes: equals the source"),
+            "a restore not verified: {line}\n{text}"
+        );
+    }
+    for wrong in ["DIFFERS", "source point not found"] {
+        assert!(!text.contains(wrong), "{wrong:?} in the demo:\n{text}");
+    }
     Ok(())
+}
+
+/// The lines of the demo's step `n` (from its `== n.` title to the next title) that `keep`.
+fn demo_step(lines: &[String], n: usize, keep: impl Fn(&str) -> bool) -> Vec<&str> {
+    lines
+        .iter()
+        .map(String::as_str)
+        .skip_while(|l| !l.starts_with(&format!("== {n}.")))
+        .skip(1)
+        .take_while(|l| !l.starts_with("== "))
+        .filter(|l| keep(l.trim_start()))
+        .map(str::trim_start)
+        .collect()
 }
 
 /// `--log-format json` logs one JSON object per line, each command with its id, kind,

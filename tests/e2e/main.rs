@@ -14,6 +14,7 @@ mod lost;
 mod monitor;
 mod moves;
 mod outages;
+mod permissions;
 mod projector;
 mod reports;
 mod security;

@@ -328,7 +328,8 @@ async fn violation(errors: &mut mpsc::UnboundedReceiver<String>, subject: &str) 
 /// `handoff up` on a server of its own runs the generated configuration: nothing connects
 /// without a key; a daemon's key can neither append an event nor move jobs nor read another
 /// daemon's assignments; an operator's key calls the endpoints but cannot append to the
-/// stream; the stack itself runs a real rebuild under these permissions.
+/// stream; the stack itself runs a real rebuild under these permissions, and the server
+/// refuses none of its processes anything (its log shows only the test's own violations).
 #[tokio::test]
 async fn the_generated_nats_configuration_walls_off_each_process() -> Result<()> {
     let data = tempfile::tempdir()?;
@@ -451,6 +452,33 @@ async fn the_generated_nats_configuration_walls_off_each_process() -> Result<()>
     for seed in [&operator_seed, &daemon_seed] {
         assert!(!logs.contains(seed.as_str()), "a seed in the daemons' logs");
     }
+    // The stack's own processes never touched a subject they may not: the only
+    // violations the server logged are the ones this test provoked.
+    let provoked = |subject: &str| {
+        subject.starts_with(&format!("{}.", handoff_protocol::subjects::EVENTS))
+            || subject == handoff_protocol::subjects::command("move-jobs")
+            || subject
+                == format!(
+                    "$JS.API.STREAM.PURGE.{}",
+                    handoff_protocol::subjects::STREAM
+                )
+            || subject.ends_with(&handoff_protocol::subjects::daemon(&d2))
+    };
+    let server_log = std::fs::read_to_string(data.path().join("nats").join("server.log"))?;
+    let unexpected: Vec<&str> = server_log
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .filter(|l| {
+            l.split_once("Subject \"")
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .is_none_or(|(subject, _)| !provoked(subject))
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "the stack was refused:\n{}",
+        unexpected.join("\n")
+    );
     up.terminate()?;
     Ok(())
 }
