@@ -112,8 +112,9 @@ pub async fn restore_snapshot(
             snapshot.id, snapshot.job
         )))
     };
-    let unreadable =
-        |e: std::io::Error| StoreError::Invalid(format!("snapshot {} unreadable: {e}", snapshot.id));
+    let unreadable = |e: std::io::Error| {
+        StoreError::Invalid(format!("snapshot {} unreadable: {e}", snapshot.id))
+    };
     head.clear()?;
     meta.restored_from = None;
     let mut reader = tokio::io::BufReader::new(object);

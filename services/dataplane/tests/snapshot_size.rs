@@ -60,9 +60,13 @@ async fn a_snapshot_claiming_any_size_restores_without_allocating_it() -> Result
         assert_eq!(meta.checksum, listed[0].checksum);
 
         let out = dir.path().join(format!("restored{n}"));
-        let restored =
-            restore::restore(&stores, job.as_str(), &Target::Snapshot(listed[0].id.clone()), &out)
-                .await?;
+        let restored = restore::restore(
+            &stores,
+            job.as_str(),
+            &Target::Snapshot(listed[0].id.clone()),
+            &out,
+        )
+        .await?;
         assert_eq!(restored[0].documents, 3);
     }
     Ok(())

@@ -108,10 +108,7 @@ impl Fences {
                 .await
                 .map_err(unavailable)?,
         };
-        Ok(Fences {
-            kv,
-            js: js.clone(),
-        })
+        Ok(Fences { kv, js: js.clone() })
     }
 
     /// The job's fence now.
@@ -216,7 +213,10 @@ impl Fences {
     ) -> Result<(), FenceError> {
         loop {
             let held = self.check(job, epoch).await?;
-            if self.write_beside(job, epoch, held, name, value.clone()).await? {
+            if self
+                .write_beside(job, epoch, held, name, value.clone())
+                .await?
+            {
                 return Ok(());
             }
         }

@@ -29,13 +29,18 @@ async fn a_fence_that_does_not_parse_is_an_error_never_epoch_0() -> Result<()> {
     let job = JobId::new("p/rs1")?;
     fences.raise(&job, 3).await?;
     let held = fences.check(&job, 3).await?;
-    bucket.put(job.as_str(), "{\"epoch\": \"three\"".into()).await?;
+    bucket
+        .put(job.as_str(), "{\"epoch\": \"three\"".into())
+        .await?;
 
     assert!(corrupt(&fences.read(&job).await, &job));
     assert!(corrupt(&fences.check(&job, 1).await, &job));
     assert!(corrupt(&fences.raise(&job, 4).await, &job));
     assert!(corrupt(&fences.commit(&job, 3, held).await, &job));
-    assert!(corrupt(&fences.put_beside(&job, 3, "head", "h".into()).await, &job));
+    assert!(corrupt(
+        &fences.put_beside(&job, 3, "head", "h".into()).await,
+        &job
+    ));
     assert_eq!(fences.read_beside(&job, "head").await?, None);
     // The raise did not overwrite it either.
     let stored = bucket.get(job.as_str()).await?.expect("the corrupt value");
@@ -89,7 +94,11 @@ async fn a_write_beside_the_fence_after_it_rose_is_refused_in_the_same_step() ->
     // between its read and its write only makes it read again.
     let held = fences.check(&job, 2).await?;
     fences.commit(&job, 2, held).await?;
-    assert!(!fences.write_beside(&job, 2, held, "head", "at 2".into()).await?);
+    assert!(
+        !fences
+            .write_beside(&job, 2, held, "head", "at 2".into())
+            .await?
+    );
     fences.put_beside(&job, 2, "head", "at 2".into()).await?;
     assert_eq!(
         fences.read_beside(&job, "head").await?.as_deref(),
