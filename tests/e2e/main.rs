@@ -9,6 +9,7 @@ mod cluster;
 mod command_model;
 mod concurrency;
 mod dataplane;
+mod heartbeats;
 mod idempotency;
 mod lost;
 mod monitor;
