@@ -13,7 +13,8 @@
 //!    they touched are written with the new checkpoint in one atomic batch ([`store`]) by
 //!    a writer thread, in order, while the next batch is folded. Killed at any point,
 //!    the store holds the views of a prefix of the stream, and the projector goes on from
-//!    there: its views equal a rebuild.
+//!    there: its views equal a rebuild. (A crash test can hold the writer between a
+//!    batch's write and its acknowledgement: `HANDOFF_FAILPOINT`, see `Committer`.)
 //! 4. The [`query`] micro service (`handoff-query`, endpoints under `handoff.query.`)
 //!    answers from the store.
 //!
@@ -119,12 +120,34 @@ struct Committer {
     task: tokio::task::JoinHandle<Result<(), StoreError>>,
 }
 
+/// The fault-injection point of crash tests: with `HANDOFF_FAILPOINT` set to
+/// `projector-after-write-past:<seq>`, the writer stops right after it has written (and
+/// flushed) the first batch whose checkpoint is past `<seq>`, before it acknowledges that
+/// batch (publishes its checkpoint), says so on stderr, and waits there until the process
+/// is killed. A test kills it there and knows the kill fell between a view write and its
+/// acknowledgement.
+fn failpoint_after_write_past() -> Option<u64> {
+    std::env::var("HANDOFF_FAILPOINT")
+        .ok()?
+        .strip_prefix("projector-after-write-past:")?
+        .parse()
+        .ok()
+}
+
 impl Committer {
     fn start(store: SledStore, checkpoint: watch::Sender<u64>) -> Self {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<views::Change>, u64)>(2);
+        let failpoint = failpoint_after_write_past();
         let task = tokio::task::spawn_blocking(move || {
             while let Some((changes, seq)) = rx.blocking_recv() {
                 store.commit(views::encode(changes), seq)?;
+                if failpoint.is_some_and(|past| seq > past) {
+                    store.flush()?;
+                    eprintln!("failpoint projector-after-write-past: views written through {seq}, not acknowledged");
+                    loop {
+                        std::thread::park();
+                    }
+                }
                 checkpoint.send_replace(seq);
             }
             store.flush()
