@@ -27,6 +27,11 @@
 //!    background once the events are appended, so the data plane's stores refuse its
 //!    previous owner's writes from then on.
 //!
+//! A move appended in part (cut between two of its units) and left by its caller is
+//! finished by the service itself, at start and every [`Config::interrupted_after`];
+//! while it cannot be, it raises MOVE_INTERRUPTED (`Executor::finish_interrupted`,
+//! decision 0009).
+//!
 //! # Layout
 //! - [`model`]: the fold of the stream the decisions are made on.
 //! - [`executor`]: one command at a time: decide, append, retry on conflict.
@@ -67,6 +72,10 @@ pub struct Config {
     /// At most this many refusals a second are recorded as events; more are only logged
     /// (a flood of bad requests does not flood the stream).
     pub refusals_per_second: u32,
+    /// A command appended in part (a move of several atomic units cut between two) and
+    /// left alone this long is finished by the service itself; while it cannot be, the
+    /// move is MOVE_INTERRUPTED. Also how often the service looks for such commands.
+    pub interrupted_after: Duration,
 }
 
 impl Default for Config {
@@ -77,6 +86,7 @@ impl Default for Config {
             freshness: Duration::from_secs(120),
             bootstrap_owner: None,
             refusals_per_second: 50,
+            interrupted_after: Duration::from_secs(30),
         }
     }
 }
@@ -170,6 +180,13 @@ impl CommandService {
                 .into_iter()
                 .map(|(def, ep)| ep.map(move |r| (def, r)).boxed()),
         );
+        // At start, then every `interrupted_after`: commands appended in part and left.
+        let mut finishing = tokio::time::interval(
+            config
+                .interrupted_after
+                .max(std::time::Duration::from_millis(100)),
+        );
+        finishing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -179,6 +196,11 @@ impl CommandService {
                 // requests wait (each still reads the stream's end before it is
                 // authorized). A stopped model folds nothing more; commands hear why.
                 folded = executor.fold_next(), if !executor.is_stopped() => folded?,
+                // Before requests, so a flood of them cannot hold it back; a call with
+                // nothing appended in part costs nothing.
+                _ = finishing.tick() => {
+                    executor.finish_interrupted(config.interrupted_after).await;
+                }
                 next = requests.next() => {
                     let Some((endpoint, request)) = next else { break };
                     let signature = request

@@ -2,9 +2,9 @@
 //! stream, the last sequence of every subject (the expectations of the next append), and
 //! what every command id appended (to answer a retried command without deciding again).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
-use handoff_domain::{CommandId, State};
+use handoff_domain::{Actor, CommandId, State};
 use handoff_eventlog::Recorded;
 use handoff_protocol::api::AppendedEvent;
 use handoff_protocol::subjects;
@@ -29,6 +29,10 @@ pub struct CommandRecord {
     /// The fingerprints of the signed requests that appended its events: the same
     /// signed request again is a replay.
     pub signatures: Vec<String>,
+    /// Who asked for it.
+    pub actor: Option<Actor>,
+    /// When its latest event was decided (the deciding service's clock, ms).
+    pub last_at: u64,
 }
 
 /// The subject filters whose last sequence the model keeps: what the rules that read
@@ -46,6 +50,8 @@ pub struct Model {
     last_seq: HashMap<String, u64>,
     /// The last sequence over every subject of each [`GUARDED`] filter.
     last_seq_of_filter: HashMap<&'static str, u64>,
+    /// The commands appended in part: some events stored, not the last.
+    incomplete: BTreeSet<CommandId>,
     commands: HashMap<CommandId, CommandRecord>,
     /// The last stream sequence folded in.
     pub applied: u64,
@@ -84,6 +90,13 @@ impl Model {
             kind: r.envelope.event.type_name().to_owned(),
         });
         record.complete |= r.envelope.last;
+        record.actor = Some(r.envelope.actor.clone());
+        record.last_at = r.envelope.at;
+        if record.complete {
+            self.incomplete.remove(&r.envelope.command);
+        } else {
+            self.incomplete.insert(r.envelope.command.clone());
+        }
         if let Some(fp) = &r.envelope.signature {
             if !record.signatures.contains(fp) {
                 record.signatures.push(fp.clone());
@@ -106,6 +119,14 @@ impl Model {
 
     pub fn command(&self, id: &CommandId) -> Option<&CommandRecord> {
         self.commands.get(id)
+    }
+
+    /// The commands appended in part (a move of several units cut between two), oldest
+    /// id first.
+    pub fn incomplete(&self) -> impl Iterator<Item = (&CommandId, &CommandRecord)> {
+        self.incomplete
+            .iter()
+            .filter_map(|id| self.commands.get(id).map(|r| (id, r)))
     }
 }
 

@@ -12,6 +12,7 @@
 //! | BIND_FAILURE | `BindFailed` | the job's `BackupJobCreated` |
 //! | MOVE_STUCK | `MoveStuck` | the job's next phase, completion or failure |
 //! | FAILOVER_PAUSED | `FailoverPaused` | `FailoverResumed` |
+//! | MOVE_INTERRUPTED | `MoveInterrupted` | the move's `MoveResumed` |
 
 use crate::event::Event;
 
@@ -131,6 +132,20 @@ pub fn effects(event: &Event) -> Vec<Effect> {
             ),
         )],
         Event::FailoverResumed { .. } => vec![close(FailoverPaused, &FLEET)],
+        Event::MoveInterrupted {
+            move_id,
+            planned,
+            started,
+            reason,
+        } => vec![open(
+            MoveInterrupted,
+            move_id,
+            format!(
+                "move {move_id} started {started} of its {planned} jobs; the rest waits: \
+                 {reason}; the command service starts it as soon as it can"
+            ),
+        )],
+        Event::MoveResumed { move_id, .. } => vec![close(MoveInterrupted, move_id)],
         _ => vec![],
     }
 }

@@ -106,6 +106,23 @@ pub enum Event {
         /// The destination's epoch for the job.
         epoch: u64,
     },
+    /// MOVE_INTERRUPTED: a move appended in several atomic units stopped after some of
+    /// them, and the rest could not be started since: `started` of its `planned` jobs
+    /// are moving, the others untouched. The command service starts the rest as soon as
+    /// it can.
+    MoveInterrupted {
+        move_id: CommandId,
+        planned: u32,
+        started: u32,
+        /// Why the rest is not started yet.
+        reason: String,
+    },
+    /// The rest of a move appended in part is started (or nothing was left to start):
+    /// the move covers `started` jobs in all. The move command's last event.
+    MoveResumed {
+        move_id: CommandId,
+        started: u32,
+    },
     JobMovePhaseReported {
         job: JobId,
         move_id: CommandId,
@@ -284,7 +301,9 @@ impl Event {
             | JobMoveCompleted { job, .. }
             | JobMoveFailed { job, .. }
             | OplogTtlResized { job, .. } => Aggregate::Job(job.clone()),
-            MoveStarted { move_id, .. } => Aggregate::Move(move_id.clone()),
+            MoveStarted { move_id, .. }
+            | MoveInterrupted { move_id, .. }
+            | MoveResumed { move_id, .. } => Aggregate::Move(move_id.clone()),
             UserAdded { user, .. } | UserRemoved { user } => Aggregate::User(user.clone()),
             CommandRefused { reason, .. } => Aggregate::Audit(reason.clone()),
             HeadSpaceLow { daemon, .. } | HeadSpaceRecovered { daemon, .. } => {
@@ -314,6 +333,8 @@ impl Event {
             JobsReleased { .. } => "JobsReleased",
             MoveStarted { .. } => "MoveStarted",
             JobMoveStarted { .. } => "JobMoveStarted",
+            MoveInterrupted { .. } => "MoveInterrupted",
+            MoveResumed { .. } => "MoveResumed",
             JobMovePhaseReported { .. } => "JobMovePhaseReported",
             JobMoveCompleted { .. } => "JobMoveCompleted",
             JobMoveFailed { .. } => "JobMoveFailed",
@@ -353,6 +374,8 @@ impl Event {
             JobMoveFailed { returned_to, .. } => vec![returned_to],
             UserAdded { daemon, .. } => daemon.iter().collect(),
             ProjectConfigured { .. }
+            | MoveInterrupted { .. }
+            | MoveResumed { .. }
             | JobMovePhaseReported { .. }
             | OplogTtlResized { .. }
             | UserRemoved { .. }
@@ -409,6 +432,9 @@ impl Event {
                 Some(first) => format!("{base}:released:{first}"),
                 None => format!("{base}:released"),
             },
+            // On the move's subject, as its MoveStarted of the same command is.
+            Event::MoveResumed { .. } => format!("{base}:resumed"),
+            Event::MoveInterrupted { .. } => format!("{base}:interrupted"),
             _ => base,
         }
     }

@@ -338,6 +338,8 @@ pub enum AlertKind {
     MoveStuck,
     /// Automatic failover stopped itself: too many daemons are down at once.
     FailoverPaused,
+    /// A move appended in part: some of its jobs started, the rest not yet.
+    MoveInterrupted,
 }
 
 impl AlertKind {
@@ -351,6 +353,7 @@ impl AlertKind {
             AlertKind::BindFailure => "BIND_FAILURE",
             AlertKind::MoveStuck => "MOVE_STUCK",
             AlertKind::FailoverPaused => "FAILOVER_PAUSED",
+            AlertKind::MoveInterrupted => "MOVE_INTERRUPTED",
         }
     }
 }

@@ -105,6 +105,8 @@ pub struct Move {
     pub from: DaemonId,
     pub to: DaemonId,
     pub reason: Option<String>,
+    /// The jobs it covers: as planned when it started, or as started in the end when it
+    /// was interrupted and resumed.
     pub planned: u32,
     /// Started by the failover policy.
     #[serde(default)]
@@ -198,7 +200,8 @@ impl State {
             | Event::MoveStuck { .. }
             | Event::FailoverPaused { .. }
             | Event::FailoverResumed { .. }
-            | Event::FailoverDecided { .. } => {
+            | Event::FailoverDecided { .. }
+            | Event::MoveInterrupted { .. } => {
                 // Alerts (folded above), an audit record, a decision whose move events
                 // follow: no ownership changes.
             }
@@ -246,6 +249,13 @@ impl State {
                 to,
                 epoch,
             } => self.start_job_move(job, move_id, from, to, *epoch),
+            Event::MoveResumed { move_id, started } => {
+                // The move covers what it started in the end: jobs that left the source
+                // by other means meanwhile are not waited for.
+                if let Some(m) = self.moves.get_mut(move_id) {
+                    m.planned = *started;
+                }
+            }
             Event::JobMovePhaseReported {
                 job,
                 move_id,

@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use handoff_domain::alert::{self, AlertKey};
+use handoff_domain::alert::{self, AlertKey, AlertKind};
 use handoff_domain::model::MovePhase;
 use handoff_domain::{CommandId, DaemonId, Event, JobId, ProjectId, State};
 use handoff_eventlog::Recorded;
@@ -432,7 +432,13 @@ impl Views {
         for m in dirty.moves {
             if let (Some(state), Some(view)) = (self.state.moves.get(&m), self.moves.get_mut(&m)) {
                 view.jobs.clone_from(&state.jobs);
-                view.status = move_status(state.planned, &state.jobs);
+                view.planned = state.planned;
+                let interrupted = AlertKey::new(AlertKind::MoveInterrupted, &m);
+                view.status = if self.state.alerts.contains(&interrupted) {
+                    MoveStatus::Interrupted
+                } else {
+                    move_status(state.planned, &state.jobs)
+                };
                 writes.push((move_key(&m), Some(Value::Move(Box::new(view.clone())))));
             }
         }
@@ -442,6 +448,8 @@ impl Views {
 fn move_of(event: &Event) -> Option<&CommandId> {
     match event {
         Event::MoveStarted { move_id, .. }
+        | Event::MoveInterrupted { move_id, .. }
+        | Event::MoveResumed { move_id, .. }
         | Event::JobMoveStarted { move_id, .. }
         | Event::JobMovePhaseReported { move_id, .. }
         | Event::JobMoveCompleted { move_id, .. }

@@ -38,6 +38,9 @@ pub struct JobView {
 #[serde(rename_all = "snake_case")]
 pub enum MoveStatus {
     InProgress,
+    /// Appended in part: some of its jobs are moving, the rest not started yet, and the
+    /// command service starts them as soon as it can (MOVE_INTERRUPTED).
+    Interrupted,
     Completed,
     Failed,
     /// Finished, with some jobs completed and some failed.

@@ -206,6 +206,18 @@ pub fn describe(e: &Event) -> String {
         Event::JobMovePhaseReported { job, phase, .. } => {
             format!("job {job}: {}", crate::output::name(&phase))
         }
+        Event::MoveInterrupted {
+            move_id,
+            planned,
+            started,
+            reason,
+        } => format!(
+            "move {move_id} interrupted: {started} of {planned} jobs started, the rest waits \
+             ({reason}) (MOVE_INTERRUPTED)"
+        ),
+        Event::MoveResumed { move_id, started } => {
+            format!("move {move_id} resumed: all of its {started} jobs started")
+        }
         Event::JobMoveCompleted {
             job,
             daemon,

@@ -1,4 +1,6 @@
 //! Moves: `move-jobs`, `move-job` (with `--dry-run` and `--wait`), `fail-move` and `moves`.
+//! A move's command id is printed (on stderr) before it is sent, so a move cut off can
+//! be sent again with the same id.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +10,7 @@ use handoff_domain::command::{FailJobMove, MoveJob, MoveJobs};
 use handoff_domain::model::MovePhase;
 use handoff_domain::state::Assignment;
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, MovePlan};
-use handoff_protocol::views::{JobView, MoveView};
+use handoff_protocol::views::{JobView, MoveStatus, MoveView};
 use handoff_protocol::{Applied, ErrorBody, ErrorCode};
 use serde_json::json;
 
@@ -121,6 +123,10 @@ pub async fn move_job(ctx: &Context, a: MoveJobArgs) -> Result<(), Failure> {
 async fn run_move(ctx: &Context, command: Command, options: MoveOptions) -> Result<(), Failure> {
     let api = ctx.api().await?;
     let id = command_id(options.id)?;
+    // Before anything is sent: a move cut off half-way (this process killed, handoff
+    // unreachable) is continued by sending it again with this id. On stderr, so that
+    // --json output stays one document.
+    eprintln!("command id {id} (to send it again safely: --id {id})");
     let applied = api.command(&id, &command).await?;
     if ctx.json && !options.wait {
         print_json(&applied);
@@ -417,6 +423,14 @@ pub async fn moves(ctx: &Context) -> Result<(), Failure> {
         ]);
     }
     t.print();
+    for m in list.iter().filter(|m| m.status == MoveStatus::Interrupted) {
+        println!(
+            "\nmove {} interrupted: {} of {} jobs started; the command service starts the rest as soon as it can (MOVE_INTERRUPTED in `handoff alerts` says why it waits)",
+            m.move_id,
+            m.jobs.len(),
+            m.planned
+        );
+    }
     for m in list
         .iter()
         .filter(|m| m.jobs.values().any(|p| !p.is_final()))
