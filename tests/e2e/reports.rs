@@ -1,7 +1,8 @@
-//! A destination daemon's reports on a move, end to end: refused, lost or slow, they are
-//! sent again until the command service takes them, and what they report (a rebuilt head,
-//! a failed rebuild) is kept meanwhile. Each test runs a small fleet of real processes:
-//! the agent, daemon 1 (the job's first owner) and daemon 2 (the destination).
+//! A move's destination in trouble, end to end: its reports on the move, refused, are sent
+//! again until the command service takes them, and what they report (a rebuilt head, a
+//! failed rebuild) is kept meanwhile; a head it kept from before, too old for the oplog
+//! still stored, is restored from the latest snapshot. Each test runs a small fleet of
+//! real processes: the agent, daemon 1 (the job's first owner) and daemon 2.
 //!
 //! A report is refused on purpose by removing daemon 2's user before the move and adding
 //! it back (same key) once the refusal is on record: a refusal that says nothing about the
@@ -243,9 +244,10 @@ async fn a_refused_failure_is_sent_again_until_the_move_fails() -> Result<()> {
     fleet.restore_user(2).await?;
     let d1 = fleet.id(1);
     let done = fleet
-        .move_event("the move to fail", |e| {
-            matches!(e, Event::JobMoveFailed { move_id: m, .. } if *m == move_id)
-        })
+        .move_event(
+            "the move to fail",
+            |e| matches!(e, Event::JobMoveFailed { move_id: m, .. } if *m == move_id),
+        )
         .await
         .map_err(|e| anyhow!("{e}; daemon 2's log:\n{}", fleet.log("d2")))?;
     let Event::JobMoveFailed {
@@ -258,5 +260,43 @@ async fn a_refused_failure_is_sent_again_until_the_move_fails() -> Result<()> {
     };
     assert!(reason.contains("corrupt"), "{reason}");
     assert_eq!(returned_to, &d1);
+    Ok(())
+}
+
+/// A head kept on a daemon that was down (daemon 1, killed) is reused when the job moves
+/// back to it; when the oplog it needs next has been purged meanwhile, it is restored from
+/// the latest snapshot instead of failing the move (THEFT_FAILED).
+#[tokio::test]
+async fn a_kept_head_whose_oplog_is_gone_is_restored_from_the_latest_snapshot() -> Result<()> {
+    let mut fleet = Fleet::start().await?;
+    fleet.daemon(1)?.kill()?;
+    let away = fleet.move_rs_to(2).await?;
+    fleet
+        .move_event(
+            "the move to daemon 2 to complete",
+            |e| matches!(e, Event::JobMoveCompleted { move_id: m, .. } if *m == away),
+        )
+        .await?;
+    let d2 = fleet.id(2);
+    let snapshot = until("a snapshot of p/rs by daemon 2", TIMEOUT, || async {
+        let snaps = fleet.stores.snapshots(Some(&rs())).await?;
+        Ok(snaps.into_iter().find(|s| s.daemon.as_ref() == Some(&d2)))
+    })
+    .await?;
+    // Everything before daemon 2's snapshot goes, daemon 1's next entries with it.
+    fleet.stores.purge_oplog(&rs(), snapshot.oplog_seq).await?;
+    let back = fleet.move_rs_to(1).await?;
+    fleet.start_daemon(1, "d1-again").await?;
+    let done = fleet
+        .move_event("the move back to complete or fail", |e| {
+            matches!(e, Event::JobMoveCompleted { move_id: m, .. }
+                | Event::JobMoveFailed { move_id: m, .. } if *m == back)
+        })
+        .await
+        .map_err(|e| anyhow!("{e}; daemon 1's log:\n{}", fleet.log("d1-again")))?;
+    match &done.envelope.event {
+        Event::JobMoveCompleted { daemon, .. } => assert_eq!(daemon, &fleet.id(1)),
+        other => panic!("the move back did not complete: {other:?}"),
+    }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use handoff_dataplane::daemon::core::{
-    Action, Assignment, Core, Input, MoveEnd, WorkEnd, RETRY_AFTER,
+    Action, Assignment, Core, Input, MoveEnd, Release, WorkEnd, RETRY_AFTER,
 };
 use handoff_domain::event::AssignmentCause;
 use handoff_domain::{CommandId, JobId};
@@ -40,8 +40,34 @@ fn assigned(n: usize, epoch: u64) -> Input {
     }
 }
 
-fn released(n: usize) -> Input {
-    Input::Released { job: job(n) }
+/// The release of a job to the move, by a `JobsReleased` at sequence `seq`.
+fn release(seq: u64) -> Release {
+    Release {
+        move_id: move_id(),
+        seq,
+    }
+}
+
+fn released(n: usize, seq: u64) -> Input {
+    Input::Released {
+        job: job(n),
+        release: release(seq),
+    }
+}
+
+fn watch(n: usize, seq: u64) -> Action {
+    Action::WatchMove {
+        job: job(n),
+        release: release(seq),
+    }
+}
+
+fn move_ended(n: usize, seq: u64, end: MoveEnd) -> Input {
+    Input::MoveEnded {
+        job: job(n),
+        seq,
+        end,
+    }
 }
 
 fn ended(n: usize, epoch: u64, end: WorkEnd) -> Input {
@@ -72,7 +98,7 @@ enum Op {
     Release { job: usize },
     /// The job's work in flight, if any, ends so.
     WorkEnds { job: usize, end: WorkEnd },
-    /// The watched move of the job, if any, ends so.
+    /// The job's watch, if any, ends so.
     MoveEnds { job: usize, end: MoveEnd },
     /// Time passes.
     Wait { ms: u64 },
@@ -116,7 +142,12 @@ struct World {
     finished: HashSet<(JobId, u64)>,
     /// Work in flight: its epoch, and whether it was told to stop.
     work: HashMap<JobId, (u64, bool)>,
-    watching: HashSet<JobId>,
+    /// The watches on moves away, by the sequence of the release each watches.
+    watching: HashMap<JobId, u64>,
+    /// The sequence of the release of each job released while it held it.
+    released_at: HashMap<JobId, u64>,
+    /// The last sequence a release took.
+    seq: u64,
     heads: HashSet<JobId>,
     /// When the failed work of a held job is due again, by the rule.
     retry: HashMap<JobId, Instant>,
@@ -135,7 +166,9 @@ impl World {
             fenced: HashMap::new(),
             finished: HashSet::new(),
             work: HashMap::new(),
-            watching: HashSet::new(),
+            watching: HashMap::new(),
+            released_at: HashMap::new(),
+            seq: 0,
             heads: heads.into_iter().collect(),
             retry: HashMap::new(),
             move_over: HashSet::new(),
@@ -170,6 +203,7 @@ impl World {
                     self.held.insert(j.clone(), *epoch);
                     self.retry.remove(&j);
                     self.move_over.remove(&j);
+                    self.released_at.remove(&j);
                 }
                 let input = Input::Assigned {
                     job: j,
@@ -178,9 +212,13 @@ impl World {
                 self.core.handle(input, self.now)
             }
             Op::Release { job: n } => {
-                self.held.remove(&job(*n));
-                self.retry.remove(&job(*n));
-                self.core.handle(released(*n), self.now)
+                let j = job(*n);
+                self.seq += 1;
+                if self.held.remove(&j).is_some() {
+                    self.released_at.insert(j.clone(), self.seq);
+                }
+                self.retry.remove(&j);
+                self.core.handle(released(*n, self.seq), self.now)
             }
             Op::WorkEnds { job: n, end } => {
                 let j = job(*n);
@@ -202,16 +240,19 @@ impl World {
             }
             Op::MoveEnds { job: n, end } => {
                 let j = job(*n);
-                if !self.watching.remove(&j) {
+                let Some(seq) = self.watching.remove(&j) else {
                     return Ok(());
+                };
+                // Only the end of the move the job was last released to says anything
+                // about its head.
+                if self.released_at.get(&j) == Some(&seq) {
+                    if *end == MoveEnd::CompletedElsewhere {
+                        moved_away = Some(j.clone());
+                    } else {
+                        self.move_over.insert(j.clone());
+                    }
                 }
-                if *end == MoveEnd::CompletedElsewhere {
-                    moved_away = Some(j.clone());
-                } else {
-                    self.move_over.insert(j.clone());
-                }
-                self.core
-                    .handle(Input::MoveEnded { job: j, end: *end }, self.now)
+                self.core.handle(move_ended(*n, seq, *end), self.now)
             }
             Op::Wait { ms } => {
                 self.now += Duration::from_millis(*ms);
@@ -276,10 +317,19 @@ impl World {
                         w.1 = true;
                     }
                 }
-                Action::WatchMove { job } => {
+                Action::WatchMove { job, release } => {
                     prop_assert!(!self.held.contains_key(&job), "{job} watched while ours");
                     prop_assert!(!self.work.contains_key(&job), "{job} watched while working");
-                    prop_assert!(self.watching.insert(job.clone()), "{job} watched twice");
+                    prop_assert_eq!(
+                        self.released_at.get(&job),
+                        Some(&release.seq),
+                        "{} watched at another release than its last",
+                        job
+                    );
+                    prop_assert!(
+                        self.watching.insert(job.clone(), release.seq).is_none(),
+                        "{job} watched twice"
+                    );
                 }
                 Action::DropHead { job } => {
                     // (b) never the head of a job it holds.
@@ -339,7 +389,7 @@ impl World {
             let released = !self.held.contains_key(job);
             if released && !self.work.contains_key(job) && !self.move_over.contains(job) {
                 prop_assert!(
-                    self.watching.contains(job),
+                    self.watching.contains_key(job),
                     "released {job} keeps its head and nobody watches its move"
                 );
             }
@@ -349,7 +399,7 @@ impl World {
             .held
             .keys()
             .chain(self.work.keys())
-            .chain(self.watching.iter())
+            .chain(self.watching.keys())
             .collect();
         prop_assert!(
             self.core.tracked() <= live.len(),
@@ -407,19 +457,15 @@ fn a_released_job_keeps_its_head_until_its_move_completes_elsewhere() {
         vec![start(0, 1)]
     );
     assert_eq!(
-        core.handle(released(0), now),
+        core.handle(released(0, 7), now),
         vec![Action::Stop { job: job(0) }]
     );
     assert_eq!(
         core.handle(ended(0, 1, WorkEnd::Cancelled), now),
-        vec![Action::WatchMove { job: job(0) }]
+        vec![watch(0, 7)]
     );
-    let completed = Input::MoveEnded {
-        job: job(0),
-        end: MoveEnd::CompletedElsewhere,
-    };
     assert_eq!(
-        core.handle(completed, now),
+        core.handle(move_ended(0, 7, MoveEnd::CompletedElsewhere), now),
         vec![Action::DropHead { job: job(0) }]
     );
 }
@@ -430,7 +476,7 @@ fn a_failed_move_away_keeps_the_head() {
     let now = Instant::now();
     let mut core = Core::new();
     core.handle(assigned(0, 1), now);
-    core.handle(released(0), now);
+    core.handle(released(0, 2), now);
     core.handle(
         Input::CaughtUp {
             heads: vec![job(0)],
@@ -438,13 +484,12 @@ fn a_failed_move_away_keeps_the_head() {
         now,
     );
     assert_eq!(core.handle(assigned(0, 2), now), vec![start(0, 2)]);
-    core.handle(released(0), now);
-    core.handle(ended(0, 2, WorkEnd::Cancelled), now);
-    let failed = Input::MoveEnded {
-        job: job(0),
-        end: MoveEnd::Failed,
-    };
-    assert_eq!(core.handle(failed, now), vec![]);
+    core.handle(released(0, 9), now);
+    assert_eq!(
+        core.handle(ended(0, 2, WorkEnd::Cancelled), now),
+        vec![watch(0, 9)]
+    );
+    assert_eq!(core.handle(move_ended(0, 9, MoveEnd::Failed), now), vec![]);
 }
 
 /// Given a released job being watched, when it comes back (its move failed) and then
@@ -460,7 +505,7 @@ fn a_job_that_comes_back_keeps_its_head() {
         },
         now,
     );
-    core.handle(released(0), now);
+    core.handle(released(0, 5), now);
     core.handle(ended(0, 1, WorkEnd::Cancelled), now);
     let back = Input::Assigned {
         job: job(0),
@@ -473,11 +518,37 @@ fn a_job_that_comes_back_keeps_its_head() {
         core.handle(back, now).as_slice(),
         [Action::Start { assignment, .. }] if assignment.epoch == 3
     ));
-    let completed = Input::MoveEnded {
-        job: job(0),
-        end: MoveEnd::CompletedElsewhere,
-    };
-    assert_eq!(core.handle(completed, now), vec![]);
+    assert_eq!(
+        core.handle(move_ended(0, 5, MoveEnd::CompletedElsewhere), now),
+        vec![]
+    );
+}
+
+/// Given a job released, back, and released again to another move while the watch on
+/// the first is still running, when the first move's end is reported, then the head
+/// stays and the second move is watched: only the last release's move decides.
+#[test]
+fn only_the_last_releases_move_decides_the_head() {
+    let now = Instant::now();
+    let mut core = Core::new();
+    core.handle(assigned(0, 1), now);
+    core.handle(Input::CaughtUp { heads: vec![] }, now);
+    core.handle(released(0, 5), now);
+    assert_eq!(
+        core.handle(ended(0, 1, WorkEnd::Cancelled), now),
+        vec![watch(0, 5)]
+    );
+    assert_eq!(core.handle(assigned(0, 3), now), vec![start(0, 3)]);
+    core.handle(released(0, 8), now);
+    assert_eq!(core.handle(ended(0, 3, WorkEnd::Cancelled), now), vec![]);
+    assert_eq!(
+        core.handle(move_ended(0, 5, MoveEnd::CompletedElsewhere), now),
+        vec![watch(0, 8)]
+    );
+    assert_eq!(
+        core.handle(move_ended(0, 8, MoveEnd::CompletedElsewhere), now),
+        vec![Action::DropHead { job: job(0) }]
+    );
 }
 
 /// Given heads on disk for jobs the subject released or never named, when the backlog
@@ -487,7 +558,7 @@ fn a_job_that_comes_back_keeps_its_head() {
 fn heads_on_disk_that_are_not_assigned_are_dropped_at_start() {
     let now = Instant::now();
     let mut core = Core::new();
-    for input in [assigned(0, 1), assigned(1, 1), released(1)] {
+    for input in [assigned(0, 1), assigned(1, 1), released(1, 4)] {
         assert_eq!(core.handle(input, now), vec![]);
     }
     let actions = core.handle(

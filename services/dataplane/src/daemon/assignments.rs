@@ -8,7 +8,7 @@ use handoff_domain::{DaemonId, Event};
 use handoff_eventlog::{EventLog, EventReader, ReadError};
 use handoff_protocol::subjects;
 
-use super::core::{Assignment, Core, Input};
+use super::core::{Assignment, Core, Input, Release};
 
 pub(super) struct Assignments {
     reader: EventReader,
@@ -30,7 +30,7 @@ impl Assignments {
         while seq < self.end {
             let r = self.reader.next().await?;
             seq = r.seq;
-            for input in inputs(&r.envelope.event) {
+            for input in inputs(&r.envelope.event, r.seq) {
                 // Nothing acts before the core is caught up: no action to perform.
                 let actions = core.handle(input, Instant::now());
                 debug_assert!(actions.is_empty(), "{actions:?}");
@@ -41,12 +41,13 @@ impl Assignments {
 
     /// The inputs of the next event on the subject; waits for one.
     pub(super) async fn next(&mut self) -> Result<Vec<Input>, ReadError> {
-        Ok(inputs(&self.reader.next().await?.envelope.event))
+        let r = self.reader.next().await?;
+        Ok(inputs(&r.envelope.event, r.seq))
     }
 }
 
-/// What an event on the daemon's subject tells the core.
-fn inputs(event: &Event) -> Vec<Input> {
+/// What an event on the daemon's subject (at sequence `seq`) tells the core.
+fn inputs(event: &Event, seq: u64) -> Vec<Input> {
     match event {
         Event::JobsAssigned { cause, jobs, .. } => jobs
             .iter()
@@ -58,9 +59,15 @@ fn inputs(event: &Event) -> Vec<Input> {
                 },
             })
             .collect(),
-        Event::JobsReleased { jobs, .. } => jobs
+        Event::JobsReleased { jobs, move_id, .. } => jobs
             .iter()
-            .map(|job| Input::Released { job: job.clone() })
+            .map(|job| Input::Released {
+                job: job.clone(),
+                release: Release {
+                    move_id: move_id.clone(),
+                    seq,
+                },
+            })
             .collect(),
         _ => Vec::new(),
     }

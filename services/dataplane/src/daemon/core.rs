@@ -10,12 +10,15 @@
 //! - At most one piece of work per job: a job's next work starts only once the previous
 //!   one has reported its end.
 //! - A head goes only when the job is not this daemon's: at start for heads no assignment
-//!   names, when a released job's move has completed with another daemon, or when a store
-//!   refused the job's epoch (a newer owner exists). A released job keeps its head until
-//!   its move completes elsewhere, in case the move fails and the job comes back.
+//!   names, when the move a job was last released to has completed with another daemon,
+//!   or when a store refused the job's epoch (a newer owner exists). A released job keeps
+//!   its head until its move completes elsewhere, in case the move fails and the job comes
+//!   back. A release is known by its sequence, so the end of an older move (the job came
+//!   back and left again since) decides nothing.
 //! - Work that failed is started again after [`RETRY_AFTER`], as long as the job is still
 //!   this daemon's at that epoch.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -43,6 +46,14 @@ impl Assignment {
     }
 }
 
+/// A job's release to a move, as the daemon's subject says: the move, and the sequence of
+/// the `JobsReleased` in the stream. The move's end comes after it on the job's subject.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    pub move_id: CommandId,
+    pub seq: u64,
+}
+
 /// What the core is told.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
@@ -50,7 +61,7 @@ pub enum Input {
     /// subject's order).
     Assigned { job: JobId, assignment: Assignment },
     /// A `JobsReleased` on the daemon's subject names the job: it is moving away.
-    Released { job: JobId },
+    Released { job: JobId, release: Release },
     /// The daemon's subject has been read up to its end as it was at start; `heads` are
     /// the jobs with a head on disk. Until this, assignments are only recorded: nothing
     /// starts while the backlog may still release what it assigned.
@@ -62,8 +73,8 @@ pub enum Input {
         epoch: u64,
         end: WorkEnd,
     },
-    /// The move watched by [`Action::WatchMove`] has ended.
-    MoveEnded { job: JobId, end: MoveEnd },
+    /// The move watched by [`Action::WatchMove`] for the release at `seq` has ended.
+    MoveEnded { job: JobId, seq: u64, end: MoveEnd },
 }
 
 /// How a job's work ended.
@@ -102,9 +113,9 @@ pub enum Action {
     /// Tell the job's running work to stop. It still reports [`Input::WorkEnded`] once it
     /// has stopped; until then it may touch the head.
     Stop { job: JobId },
-    /// Watch the released job's events until its move completes or fails, then report
-    /// [`Input::MoveEnded`].
-    WatchMove { job: JobId },
+    /// Watch the job's events after the release until the release's move completes or
+    /// fails, then report [`Input::MoveEnded`] with the release's sequence.
+    WatchMove { job: JobId, release: Release },
     /// Delete the job's head from disk. No work of the job is running.
     DropHead { job: JobId },
 }
@@ -143,8 +154,8 @@ struct Job {
 /// Whether the job is this daemon's.
 #[derive(Debug)]
 enum Hold {
-    /// Released to a move (or never assigned).
-    Released,
+    /// Released to a move.
+    Released { release: Release },
     /// Assigned here; `run` says whether work is wanted at that assignment.
     Assigned { assignment: Assignment, run: Run },
 }
@@ -176,23 +187,15 @@ enum Watch {
     None,
     /// To start once the job's work has stopped.
     Wanted,
-    Watching,
+    /// On the release at this sequence.
+    Watching(u64),
 }
 
 impl Job {
-    fn new() -> Job {
-        Job {
-            newest: None,
-            hold: Hold::Released,
-            work: Work::Idle,
-            watch: Watch::None,
-        }
-    }
-
     fn held_epoch(&self) -> Option<u64> {
         match &self.hold {
             Hold::Assigned { assignment, .. } => Some(assignment.epoch),
-            Hold::Released => None,
+            Hold::Released { .. } => None,
         }
     }
 
@@ -220,9 +223,12 @@ impl Job {
                     assignment: assignment.clone(),
                 });
             }
-            Hold::Released if self.watch == Watch::Wanted => {
-                self.watch = Watch::Watching;
-                out.push(Action::WatchMove { job: id.clone() });
+            Hold::Released { release } if self.watch == Watch::Wanted => {
+                self.watch = Watch::Watching(release.seq);
+                out.push(Action::WatchMove {
+                    job: id.clone(),
+                    release: release.clone(),
+                });
             }
             _ => {}
         }
@@ -239,17 +245,17 @@ impl Core {
         let mut out = Vec::new();
         let touched = match &input {
             Input::Assigned { job, .. }
-            | Input::Released { job }
+            | Input::Released { job, .. }
             | Input::WorkEnded { job, .. }
             | Input::MoveEnded { job, .. } => Some(job.clone()),
             Input::CaughtUp { .. } => None,
         };
         match input {
             Input::Assigned { job, assignment } => self.assigned(job, assignment, &mut out),
-            Input::Released { job } => self.released(job, &mut out),
+            Input::Released { job, release } => self.released(job, release, &mut out),
             Input::CaughtUp { heads } => self.caught_up(heads, &mut out),
             Input::WorkEnded { job, epoch, end } => self.work_ended(job, epoch, end, now, &mut out),
-            Input::MoveEnded { job, end } => self.move_ended(job, end, &mut out),
+            Input::MoveEnded { job, seq, end } => self.move_ended(job, seq, end, &mut out),
         }
         match touched {
             Some(job) => self.forget_if_over(&job),
@@ -270,7 +276,9 @@ impl Core {
             return;
         }
         let over = self.jobs.get(id).is_some_and(|j| {
-            matches!(j.hold, Hold::Released) && j.work == Work::Idle && j.watch == Watch::None
+            matches!(j.hold, Hold::Released { .. })
+                && j.work == Work::Idle
+                && j.watch == Watch::None
         });
         if over {
             if let Some(newest) = self.jobs.remove(id).and_then(|j| j.newest) {
@@ -330,31 +338,39 @@ impl Core {
             return;
         }
         self.past.remove(&id);
-        let job = self.jobs.entry(id.clone()).or_insert_with(|| Job {
-            newest: over,
-            ..Job::new()
-        });
-        if job.newest.is_some_and(|n| assignment.epoch <= n) {
-            return;
-        }
-        job.newest = Some(assignment.epoch);
-        job.hold = Hold::Assigned {
+        let epoch = assignment.epoch;
+        let hold = Hold::Assigned {
             assignment,
             run: Run::Wanted,
+        };
+        let job = match self.jobs.entry(id.clone()) {
+            Entry::Occupied(e) if e.get().newest.is_some_and(|n| epoch <= n) => return,
+            Entry::Occupied(e) => {
+                let job = e.into_mut();
+                job.newest = Some(epoch);
+                job.hold = hold;
+                job
+            }
+            Entry::Vacant(e) => e.insert(Job {
+                newest: Some(epoch),
+                hold,
+                work: Work::Idle,
+                watch: Watch::None,
+            }),
         };
         if self.phase == Phase::Live {
             job.reconcile(&id, out);
         }
     }
 
-    fn released(&mut self, id: JobId, out: &mut Vec<Action>) {
+    fn released(&mut self, id: JobId, release: Release, out: &mut Vec<Action>) {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
         if job.held_epoch().is_none() {
             return;
         }
-        job.hold = Hold::Released;
+        job.hold = Hold::Released { release };
         // A job released in the backlog is watched by nobody: at start, only heads that
         // an assignment names are kept.
         if self.phase == Phase::Live {
@@ -419,22 +435,26 @@ impl Core {
         job.reconcile(&id, out);
     }
 
-    fn move_ended(&mut self, id: JobId, end: MoveEnd, out: &mut Vec<Action>) {
+    fn move_ended(&mut self, id: JobId, seq: u64, end: MoveEnd, out: &mut Vec<Action>) {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        if job.watch != Watch::Watching {
+        if job.watch != Watch::Watching(seq) {
             return;
         }
         job.watch = Watch::None;
-        if let (Hold::Released, MoveEnd::CompletedElsewhere) = (&job.hold, end) {
-            if job.work == Work::Idle {
-                out.push(Action::DropHead { job: id.clone() });
-            } else {
-                // It came back and was released again meanwhile: look again once that
-                // work has stopped.
-                job.watch = Watch::Wanted;
+        match &job.hold {
+            // Back and released again to another move since: that move says what
+            // becomes of the head.
+            Hold::Released { release } if release.seq != seq => job.watch = Watch::Wanted,
+            Hold::Released { .. } if end == MoveEnd::CompletedElsewhere => {
+                if job.work == Work::Idle {
+                    out.push(Action::DropHead { job: id.clone() });
+                } else {
+                    job.watch = Watch::Wanted;
+                }
             }
+            _ => {}
         }
         job.reconcile(&id, out);
     }

@@ -309,11 +309,12 @@ impl Shell {
                         task.cancel();
                     }
                 }
-                Action::WatchMove { job } => {
-                    tracing::info!(%job, "job released to a move; its snapshots stop");
+                Action::WatchMove { job, release } => {
+                    tracing::info!(%job, move_id = %release.move_id, "job released to a move; its snapshots stop");
                     self.watchers.spawn(moving::watch_move(
                         self.shared.clone(),
                         job,
+                        release,
                         self.reports.clone(),
                     ));
                 }

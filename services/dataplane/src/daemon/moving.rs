@@ -14,11 +14,14 @@ use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, Rejection};
 use handoff_protocol::{subjects, Applied};
 use tokio::sync::{mpsc, watch};
 
-use super::core::{Assignment, Input, MoveEnd};
+use super::core::{Assignment, Input, MoveEnd, Release};
 use super::progress::ProgressState;
 use super::{Done, JobError, Shared};
 use crate::head::{Head, HeadMeta, HeadStatus};
 use crate::rebuild::{self, Outcome};
+
+/// How long a watch on a move waits before it reads again after an error.
+const WATCH_RETRY: Duration = Duration::from_secs(1);
 
 /// Why a rebuild cannot finish: the move fails with this reason.
 pub(super) struct Unrecoverable(pub(super) String);
@@ -34,20 +37,31 @@ pub(super) async fn rebuild(
     progress: &mut ProgressState<'_>,
     cancelled: &mut watch::Receiver<bool>,
 ) -> Result<Result<(), Unrecoverable>, JobError> {
-    if meta.restored_from.is_none() {
-        match restore(shared, job, a, head, meta, progress, cancelled).await? {
-            Restored::Yes => {}
-            Restored::Cancelled => return Ok(Ok(())),
-            Restored::No(reason) => return Ok(Err(reason)),
+    // A head kept from before (a restart, a job back after a failed move, a move back to a
+    // daemon that was down) may be older than the oplog still stored, or no longer add up:
+    // then it is built again from the latest snapshot, once.
+    let mut kept = meta.restored_from.is_some();
+    loop {
+        if meta.restored_from.is_none() {
+            match restore(shared, job, a, head, meta, progress, cancelled).await? {
+                Restored::Yes => {}
+                Restored::Cancelled => return Ok(Ok(())),
+                Restored::No(reason) => return Ok(Err(reason)),
+            }
         }
-    }
-    report_phase(shared, job, a, MovePhase::ReplayingOplog).await;
-    progress.phase(MovePhase::ReplayingOplog).await;
-    // Replay until the head holds every stored entry.
-    match rebuild::replay(&shared.stores, job, head, meta, cancelled, progress).await? {
-        Outcome::Done => {}
-        Outcome::Cancelled => return Ok(Ok(())),
-        Outcome::Failed(reason) => return Ok(Err(Unrecoverable(reason))),
+        report_phase(shared, job, a, MovePhase::ReplayingOplog).await;
+        progress.phase(MovePhase::ReplayingOplog).await;
+        // Replay until the head holds every stored entry.
+        match rebuild::replay(&shared.stores, job, head, meta, cancelled, progress).await? {
+            Outcome::Done => break,
+            Outcome::Cancelled => return Ok(Ok(())),
+            Outcome::Failed(reason) if kept => {
+                tracing::warn!(%job, reason, "the head kept here cannot catch up; restoring the latest snapshot");
+                kept = false;
+                meta.restored_from = None;
+            }
+            Outcome::Failed(reason) => return Ok(Err(Unrecoverable(reason))),
+        }
     }
     finish(shared, job, a, head, meta, progress).await
 }
@@ -323,31 +337,55 @@ async fn until_cancelled(cancelled: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Watches a released job's events until its move ends, and reports how.
+/// Watches the job's events after its release until the release's move ends, and
+/// reports how. It reads on from where it is (never only the last event, which may be
+/// anything that came after the end), and starts again after a read error.
 pub(super) async fn watch_move(
     shared: Arc<Shared>,
     job: JobId,
+    release: Release,
     reports: mpsc::UnboundedSender<Input>,
 ) {
     let subject = subjects::aggregate(&Aggregate::Job(job.clone()));
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let Ok(Some(last)) = shared.log.last_event_of(&subject).await else {
-            continue;
-        };
-        let end = match last.envelope.event {
-            Event::JobMoveCompleted { daemon, .. } if daemon != shared.id => {
-                tracing::info!(%job, to = %daemon, "job moved away");
-                MoveEnd::CompletedElsewhere
+    // The move's own events on the job's subject come after the release: the release is
+    // appended with the move's start, in one batch, after the job's `JobMoveStarted`.
+    let mut from = release.seq + 1;
+    let end = 'watch: loop {
+        let mut reader = match shared.log.read_filtered(from, &subject).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%job, error = %e, "cannot watch the job's move; trying again");
+                tokio::time::sleep(WATCH_RETRY).await;
+                continue;
             }
-            Event::JobMoveCompleted { .. } => MoveEnd::CompletedHere,
-            Event::JobMoveFailed { .. } => MoveEnd::Failed,
-            _ => continue,
         };
-        // The daemon is shutting down if nobody listens any more.
-        let _ = reports.send(Input::MoveEnded { job, end });
-        return;
+        loop {
+            match reader.next().await {
+                Ok(r) => {
+                    from = r.seq + 1;
+                    let event = &r.envelope.event;
+                    if let Some(end) = move_end([event], &release.move_id, &shared.id) {
+                        break 'watch end;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%job, error = %e, "the watch on the job's move broke off");
+                    tokio::time::sleep(WATCH_RETRY).await;
+                    continue 'watch;
+                }
+            }
+        }
+    };
+    match end {
+        MoveEnd::CompletedElsewhere => tracing::info!(%job, "job moved away"),
+        MoveEnd::CompletedHere | MoveEnd::Failed => {}
     }
+    // The daemon is shutting down if nobody listens any more.
+    let _ = reports.send(Input::MoveEnded {
+        job,
+        seq: release.seq,
+        end,
+    });
 }
 
 /// Whether a refused report settles it: the move is not the job's current one any more
@@ -360,6 +398,25 @@ fn is_final(e: &SendError) -> bool {
         e,
         SendError::Rejected(Rejection::StaleEpoch { .. } | Rejection::MoveNotInProgress { .. })
     )
+}
+
+/// How the move `move_id` ended for this daemon (`me`), if one of `events` (the job's,
+/// in order) ends it.
+fn move_end<'a>(
+    events: impl IntoIterator<Item = &'a Event>,
+    move_id: &CommandId,
+    me: &DaemonId,
+) -> Option<MoveEnd> {
+    events.into_iter().find_map(|e| match e {
+        Event::JobMoveCompleted {
+            move_id: m, daemon, ..
+        } if m == move_id => Some(match daemon == me {
+            true => MoveEnd::CompletedHere,
+            false => MoveEnd::CompletedElsewhere,
+        }),
+        Event::JobMoveFailed { move_id: m, .. } if m == move_id => Some(MoveEnd::Failed),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
@@ -376,6 +433,59 @@ mod tests {
     /// Only the two answers that say the move is over without this daemon settle a
     /// report; a server's trouble (a full disk, too many batches, an incomplete batch, too
     /// many conflicts), a clock that is off, an outage or any other refusal is retried.
+    /// The end of a watched move is found among the job's events however many follow it
+    /// (a retention change, the next move), and only the watched move's end counts.
+    #[test]
+    fn a_move_ends_with_its_own_completion_or_failure_whatever_follows() {
+        let job = JobId::new("p/rs1").unwrap();
+        let watched = CommandId::new("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
+        let other = CommandId::new("01ARZ3NDEKTSV4RRFFQ69G5FAW").unwrap();
+        let (me, them) = (
+            DaemonId::new("a.test:/h/").unwrap(),
+            DaemonId::new("b.test:/h/").unwrap(),
+        );
+        let completed = |move_id: &CommandId, daemon: &DaemonId| Event::JobMoveCompleted {
+            job: job.clone(),
+            move_id: move_id.clone(),
+            daemon: daemon.clone(),
+            epoch: 3,
+            head: None,
+        };
+        let failed = |move_id: &CommandId| Event::JobMoveFailed {
+            job: job.clone(),
+            move_id: move_id.clone(),
+            reason: "corrupt".into(),
+            returned_to: me.clone(),
+            epoch: 4,
+        };
+        let resized = Event::OplogTtlResized {
+            job: job.clone(),
+            previous_hours: 24,
+            hours: 48,
+            reason: "a rebuild still needs it".into(),
+        };
+        let phase = Event::JobMovePhaseReported {
+            job: job.clone(),
+            move_id: watched.clone(),
+            phase: MovePhase::ReplayingOplog,
+        };
+        let end = |events: &[Event]| move_end(events, &watched, &me);
+        assert_eq!(end(&[phase.clone()]), None);
+        assert_eq!(
+            end(&[phase.clone(), completed(&watched, &them), resized.clone()]),
+            Some(MoveEnd::CompletedElsewhere)
+        );
+        assert_eq!(
+            end(&[completed(&watched, &me), completed(&other, &them)]),
+            Some(MoveEnd::CompletedHere)
+        );
+        assert_eq!(
+            end(&[failed(&watched), resized.clone(), completed(&other, &them)]),
+            Some(MoveEnd::Failed)
+        );
+        assert_eq!(end(&[failed(&other), resized]), None);
+    }
+
     #[test]
     fn only_a_stale_epoch_or_a_move_not_in_progress_is_final() {
         let job = JobId::new("p/rs1").unwrap();
@@ -407,7 +517,11 @@ mod tests {
             }),
             SendError::Unavailable {
                 attempts: 3,
-                last: Outage::Service(ErrorBody::new(ErrorCode::Unavailable, "unavailable", "down")),
+                last: Outage::Service(ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    "unavailable",
+                    "down",
+                )),
             },
         ];
         for e in &retried {
