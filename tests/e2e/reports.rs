@@ -9,14 +9,19 @@
 //! move, like a server's full disk or a clock out of the signature's window.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
+use futures::StreamExt;
+use handoff_dataplane::daemon::Progress;
 use handoff_dataplane::store::Stores;
 use handoff_domain::auth::Role;
 use handoff_domain::command::{AddUser, MoveJob, RemoveUser};
+use handoff_domain::model::MovePhase;
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId};
 use handoff_eventlog::Recorded;
 use handoff_protocol::auth::Credentials;
+use handoff_testkit::Child;
 use handoff_tests::*;
 
 /// An hour of schedule lasts this long here: a 6-hour interval is 1.8 s.
@@ -298,5 +303,74 @@ async fn a_kept_head_whose_oplog_is_gone_is_restored_from_the_latest_snapshot() 
         Event::JobMoveCompleted { daemon, .. } => assert_eq!(daemon, &fleet.id(1)),
         other => panic!("the move back did not complete: {other:?}"),
     }
+    Ok(())
+}
+
+/// With the command service away, a rebuild is not held by its phase reports (best effort,
+/// a few seconds at most): the destination restores and replays, and waits only to
+/// complete. Told to stop while its completion waits, it stops at once rather than after
+/// the completion's retries; started again with the command service back, it completes
+/// the move from the head it kept.
+#[tokio::test]
+async fn a_rebuild_goes_on_and_stops_at_once_while_the_command_service_is_away() -> Result<()> {
+    let mut fleet = Fleet::start().await?;
+    let mut d2 = fleet.daemon(2)?;
+    d2.signal(Signal::Stop)?;
+    let move_id = fleet.move_rs_to(2).await?;
+    let mut progress = fleet
+        .stack
+        .client
+        .subscribe(handoff_protocol::subjects::progress(move_id.as_str()))
+        .await?;
+    fleet
+        .stack
+        .commands
+        .take()
+        .ok_or_else(|| anyhow!("no command service"))?
+        .stop()
+        .await?;
+    d2.signal(Signal::Cont)?;
+    let replaying = tokio::time::timeout(TIMEOUT, async {
+        while let Some(m) = progress.next().await {
+            let p: Progress = serde_json::from_slice(&m.payload)?;
+            if p.phase == MovePhase::ReplayingOplog {
+                return Ok(p);
+            }
+        }
+        Err(anyhow!("the progress subscription ended"))
+    })
+    .await
+    .map_err(|_| {
+        anyhow!(
+            "no replay within {TIMEOUT:?}; daemon 2's log:\n{}",
+            fleet.log("d2")
+        )
+    })??;
+    assert_eq!(replaying.job, rs());
+    until("daemon 2 to send its completion", TIMEOUT, || async {
+        Ok(fleet
+            .log("d2")
+            .contains("completing the move")
+            .then_some(()))
+    })
+    .await?;
+    let stopped = Instant::now();
+    let status = Child::from(d2).terminate(TIMEOUT)?;
+    assert!(status.success(), "daemon 2 stopped with {status}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "daemon 2 took {:?} to stop",
+        stopped.elapsed()
+    );
+    fleet.stack.commands =
+        Some(CommandService::start(&fleet.stack.url(), Default::default()).await?);
+    fleet.start_daemon(2, "d2-again").await?;
+    fleet
+        .move_event(
+            "the move to complete",
+            |e| matches!(e, Event::JobMoveCompleted { move_id: m, .. } if *m == move_id),
+        )
+        .await
+        .map_err(|e| anyhow!("{e}; daemon 2's log:\n{}", fleet.log("d2-again")))?;
     Ok(())
 }

@@ -9,17 +9,18 @@
 //!   a newer one stops the work at the older epoch before it starts its own.
 //! - At most one piece of work per job: a job's next work starts only once the previous
 //!   one has reported its end.
-//! - A head goes only when the job is not this daemon's: at start for heads no assignment
-//!   names, when the move a job was last released to has completed with another daemon,
+//! - A head goes only when the job is not this daemon's: at start for heads no event of
+//!   the backlog names, when the move a job was last released to has completed with another daemon,
 //!   or when a store refused the job's epoch (a newer owner exists). A released job keeps
 //!   its head until its move completes elsewhere, in case the move fails and the job comes
-//!   back. A release is known by its sequence, so the end of an older move (the job came
+//!   back, also across a restart (a job released in the backlog with a head on disk is
+//!   watched from its release once the backlog is read). A release is known by its sequence, so the end of an older move (the job came
 //!   back and left again since) decides nothing.
 //! - Work that failed is started again after [`RETRY_AFTER`], as long as the job is still
 //!   this daemon's at that epoch.
 
 use std::collections::btree_map::Entry;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use handoff_domain::event::AssignmentCause;
@@ -371,12 +372,11 @@ impl Core {
             return;
         }
         job.hold = Hold::Released { release };
-        // A job released in the backlog is watched by nobody: at start, only heads that
-        // an assignment names are kept.
+        if job.watch == Watch::None {
+            job.watch = Watch::Wanted;
+        }
+        // One released in the backlog is watched once the heads on disk are known.
         if self.phase == Phase::Live {
-            if job.watch == Watch::None {
-                job.watch = Watch::Wanted;
-            }
             job.reconcile(&id, out);
         }
     }
@@ -386,16 +386,21 @@ impl Core {
             return;
         }
         self.phase = Phase::Live;
+        // The backlog names every job this daemon held or still holds; a head of any
+        // other job is nobody's here.
+        let mut kept = BTreeSet::new();
         for head in heads {
-            let held = self
-                .jobs
-                .get(&head)
-                .is_some_and(|j| j.held_epoch().is_some());
-            if !held {
+            if self.jobs.contains_key(&head) {
+                kept.insert(head);
+            } else {
                 out.push(Action::DropHead { job: head });
             }
         }
         for (id, job) in &mut self.jobs {
+            // A job released with no head here has nothing to keep: no watch.
+            if matches!(job.hold, Hold::Released { .. }) && !kept.contains(id) {
+                job.watch = Watch::None;
+            }
             job.reconcile(id, out);
         }
     }

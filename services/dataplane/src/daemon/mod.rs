@@ -149,6 +149,8 @@ struct Shared {
     log: EventLog,
     heads: Heads,
     client: Client,
+    /// The same client with the short retries of a best-effort report (a move's phase).
+    phases: Client,
     /// Rebuilds at once: the daemon's number of workers.
     workers: Semaphore,
     /// Heads being built now, for the heartbeat.
@@ -177,6 +179,7 @@ pub async fn run(
         stores,
         log,
         heads,
+        phases: client.clone().with_retry(moving::PHASE_RETRY),
         client,
         workers: Semaphore::new(config.settings.num_workers.max(1) as usize),
         rebuilding: AtomicUsize::new(0),

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use handoff_client::{Client, SendError};
+use handoff_client::{Client, Retry, SendError};
 use handoff_domain::command::{CompleteJobMove, FailJobMove, ReportJobMovePhase};
 use handoff_domain::event::Aggregate;
 use handoff_domain::model::{HeadPoint, MovePhase};
@@ -49,7 +49,7 @@ pub(super) async fn rebuild(
                 Restored::No(reason) => return Ok(Err(reason)),
             }
         }
-        report_phase(shared, job, a, MovePhase::ReplayingOplog).await;
+        report_phase(shared, job, a, MovePhase::ReplayingOplog, cancelled).await;
         progress.phase(MovePhase::ReplayingOplog).await;
         // Replay until the head holds every stored entry.
         match rebuild::replay(&shared.stores, job, head, meta, cancelled, progress).await? {
@@ -63,7 +63,7 @@ pub(super) async fn rebuild(
             Outcome::Failed(reason) => return Ok(Err(Unrecoverable(reason))),
         }
     }
-    finish(shared, job, a, head, meta, progress).await
+    finish(shared, job, a, (head, meta), progress, cancelled).await
 }
 
 enum Restored {
@@ -84,7 +84,7 @@ async fn restore(
     cancelled: &mut watch::Receiver<bool>,
 ) -> Result<Restored, JobError> {
     let moving = a.move_id().is_some();
-    report_phase(shared, job, a, MovePhase::RestoringSnapshot).await;
+    report_phase(shared, job, a, MovePhase::RestoringSnapshot, cancelled).await;
     progress.phase(MovePhase::RestoringSnapshot).await;
     let snaps = loop {
         let snaps = shared.stores.snapshots(Some(job)).await?;
@@ -119,8 +119,25 @@ async fn restore(
     Ok(Restored::No(Unrecoverable(problems.join("; "))))
 }
 
-/// Tells the command service the move's phase; a refusal or an outage only loses a report.
-async fn report_phase(shared: &Shared, job: &JobId, a: &Assignment, phase: MovePhase) {
+/// How a phase report is sent: a few seconds at most, and not at all when no command
+/// service answers, so that it never holds a rebuild that can go on without it.
+pub(super) const PHASE_RETRY: Retry = Retry {
+    attempt_timeout: Duration::from_secs(2),
+    deadline: Duration::from_secs(5),
+    first_backoff: Duration::from_millis(100),
+    max_backoff: Duration::from_secs(1),
+    when_nothing_answers: false,
+};
+
+/// Tells the command service the move's phase, best effort ([`PHASE_RETRY`], given up
+/// when the work is told to stop): a refusal or an outage only loses a report.
+async fn report_phase(
+    shared: &Shared,
+    job: &JobId,
+    a: &Assignment,
+    phase: MovePhase,
+    cancelled: &mut watch::Receiver<bool>,
+) {
     let Some(move_id) = a.move_id() else {
         return;
     };
@@ -130,23 +147,22 @@ async fn report_phase(shared: &Shared, job: &JobId, a: &Assignment, phase: MoveP
         epoch: a.epoch,
         phase,
     });
-    if let Err(e) = shared
-        .client
-        .send(&handoff_client::new_command_id(), &command)
-        .await
-    {
+    let id = handoff_client::new_command_id();
+    if let Some(Err(e)) = send(&shared.phases, &id, &command, cancelled).await {
         tracing::debug!(%job, error = %e, "phase not recorded");
     }
 }
 
-/// Completes the move with the head's point (a move), and marks the head active.
+/// Completes the move with the head's point (a move), and marks the head active. Told to
+/// stop before the command service answers, it leaves the head as it is (rebuilt, not
+/// active): the next work at the move completes it.
 async fn finish(
     shared: &Shared,
     job: &JobId,
     a: &Assignment,
-    head: &Head,
-    meta: &mut HeadMeta,
+    (head, meta): (&Head, &mut HeadMeta),
     progress: &mut ProgressState<'_>,
+    cancelled: &mut watch::Receiver<bool>,
 ) -> Result<Result<(), Unrecoverable>, JobError> {
     if let Some(move_id) = a.move_id() {
         let point = HeadPoint {
@@ -161,10 +177,14 @@ async fn finish(
         });
         // The same id on a retry after a restart: one completion.
         let id = report_id(move_id, job, Report::Completion);
-        match shared.client.send(&id, &command).await {
-            Ok(_) => {}
-            Err(e) if !is_final(&e) => return Err(JobError::Send(e)),
-            Err(e) => return completion_refused(shared, job, move_id, head, meta, e).await,
+        tracing::info!(%job, move_id = %move_id, ts = %point.ts, "head rebuilt and verified; completing the move");
+        match send(&shared.client, &id, &command, cancelled).await {
+            None => return Ok(Ok(())),
+            Some(Ok(_)) => {}
+            Some(Err(e)) if !is_final(&e) => return Err(JobError::Send(e)),
+            Some(Err(e)) => {
+                return completion_refused(shared, job, move_id, head, meta, e).await;
+            }
         }
         tracing::info!(%job, move_id = %move_id, ts = %point.ts, checksum = %point.checksum, "move completed");
         progress
