@@ -20,6 +20,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
+use futures::StreamExt;
 use handoff_dataplane::store::{HeadRecord, SnapshotMeta, Stores};
 use handoff_dataplane::Ts;
 use handoff_domain::alert::AlertKind;
@@ -82,6 +83,8 @@ struct Story {
     snapshots_after: Vec<SnapshotMeta>,
     heads_after: Vec<(JobId, Option<HeadRecord>)>,
     fences_after: Vec<(JobId, u64)>,
+    /// Every head position stored, by anyone, from just before daemon 4 was thawed.
+    head_writes_after: Vec<HeadRecord>,
     stale_completion: Result<(), ErrorBody>,
     daemon_4_log: String,
     events: Vec<Recorded>,
@@ -275,6 +278,7 @@ async fn play(keep: &mut Keep, root: &Path) -> Result<Story> {
         snapshots_after: fenced.snapshots,
         heads_after: fenced.heads,
         fences_after: fenced.fences,
+        head_writes_after: fenced.head_writes,
         stale_completion: fenced.stale_completion,
         daemon_4_log: fenced.log,
         events,
@@ -632,6 +636,7 @@ struct Fenced {
     snapshots: Vec<SnapshotMeta>,
     heads: Vec<(JobId, Option<HeadRecord>)>,
     fences: Vec<(JobId, u64)>,
+    head_writes: Vec<HeadRecord>,
     stale_completion: Result<(), ErrorBody>,
     log: String,
 }
@@ -645,6 +650,23 @@ async fn bring_daemon_4_back(
     pause: &Pause,
     stuck_epoch: u64,
 ) -> Result<Fenced> {
+    // Every head position written from here on, also one overwritten right after: a
+    // write of daemon 4's must be refused, not merely written over.
+    let js = async_nats::jetstream::new(fleet.stack.client.clone());
+    let mut writes = js
+        .get_key_value(handoff_eventlog::fence::BUCKET)
+        .await?
+        .watch("head.>")
+        .await?;
+    let (written, mut head_writes) = tokio::sync::mpsc::unbounded_channel();
+    let recorder = tokio::spawn(async move {
+        while let Some(Ok(entry)) = writes.next().await {
+            if let Ok(record) = serde_json::from_slice::<HeadRecord>(&entry.value) {
+                // Ignored: the receiver goes only once the story has read what it needs.
+                let _ = written.send(record);
+            }
+        }
+    });
     fleet.thaw(4)?;
     fleet.daemon_up(4).await?;
     let every: Vec<&JobId> = lost.iter().chain([&pause.stuck_job]).collect();
@@ -674,6 +696,11 @@ async fn bring_daemon_4_back(
     )
     .await?
     .map(|_| ());
+    recorder.abort();
+    let mut head_writes_seen = Vec::new();
+    while let Ok(record) = head_writes.try_recv() {
+        head_writes_seen.push(record);
+    }
     let stores = &fleet.stores;
     let snapshots = stores.snapshots(None).await?;
     let mut heads = Vec::new();
@@ -686,6 +713,7 @@ async fn bring_daemon_4_back(
         snapshots,
         heads,
         fences,
+        head_writes: head_writes_seen,
         stale_completion,
         log: std::fs::read_to_string(&log4)?,
     })
@@ -895,4 +923,40 @@ fn the_thawed_daemon_is_fenced_and_overwrites_nothing() {
         "daemon 4's log: {}",
         s.daemon_4_log
     );
+    // Refused, not overwritten: no head position of daemon 4's was stored while it was
+    // back, even for a moment.
+    let stored: Vec<_> = s
+        .head_writes_after
+        .iter()
+        .filter(|h| &h.daemon == d4)
+        .collect();
+    assert!(
+        stored.is_empty(),
+        "daemon 4's head positions were stored: {stored:?}"
+    );
+    // The fences fired: each refusal daemon 4 met is logged once, and is of a job it
+    // lost; its start of the stuck move's job, at the move's epoch, was one.
+    let lost: Vec<&JobId> = s
+        .moved
+        .iter()
+        .map(|m| &m.job)
+        .chain([&s.stuck_job])
+        .collect();
+    let refusals: Vec<&str> = s
+        .daemon_4_log
+        .lines()
+        .filter(|l| l.contains("the job is no longer ours"))
+        .collect();
+    assert!(
+        refusals.iter().any(|l| l.contains(s.stuck_job.as_str())),
+        "no refusal of {} in daemon 4's {} refusal(s): {refusals:#?}",
+        s.stuck_job,
+        refusals.len()
+    );
+    for l in &refusals {
+        assert!(
+            lost.iter().any(|j| l.contains(j.as_str())),
+            "a refusal of a job daemon 4 did not lose: {l}"
+        );
+    }
 }

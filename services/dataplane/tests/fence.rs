@@ -2,6 +2,7 @@
 //! a write whose epoch is older than the job's, and keep nothing of it.
 
 use anyhow::Result;
+use futures::StreamExt;
 use handoff_dataplane::store::{HeadRecord, SnapshotMeta, StoreError, Stores};
 use handoff_dataplane::{Checksum, Ts};
 use handoff_domain::{DaemonId, JobId};
@@ -109,5 +110,57 @@ async fn a_head_position_from_an_older_epoch_never_overwrites_the_new_owners() -
     stores.fences.raise(&job, 3).await?;
     let fenced = stores.put_head(&job, &head("new:/h/", 2, 13)).await;
     assert!(matches!(fenced, Err(StoreError::Fenced(_))), "{fenced:?}");
+    Ok(())
+}
+
+/// A daemon that lost a job and writes on (a frozen process thawed) has every write
+/// refused, each one, and none stored even for a moment: a watch on the job's head
+/// position sees only the new owner's, so a refused write is not one that went in and was
+/// written over. Its snapshots are refused too and not kept.
+#[tokio::test]
+async fn every_write_of_the_old_owner_is_refused_not_written_over() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let client = server.connect().await?;
+    let stores = Stores::open(client.clone(), 1).await?;
+    let job = JobId::new("p/rs4")?;
+    stores.put_head(&job, &head("old:/h/", 1, 10)).await?;
+    let mut writes = async_nats::jetstream::new(client)
+        .get_key_value(handoff_eventlog::fence::BUCKET)
+        .await?
+        .watch(format!("head.{job}"))
+        .await?;
+    // The job moves: the command service raises the fence, the new owner writes.
+    stores.fences.raise(&job, 2).await?;
+    stores.put_head(&job, &head("new:/h/", 2, 11)).await?;
+    let mut refused = 0;
+    for seq in 12..17 {
+        match stores.put_head(&job, &head("old:/h/", 1, seq)).await {
+            Err(StoreError::Fenced(_)) => refused += 1,
+            other => panic!("a stale head position was not refused: {other:?}"),
+        }
+        match stores
+            .put_snapshot(&snapshot(&job, 1, "old:/h/"), b"{}\n")
+            .await
+        {
+            Err(StoreError::Fenced(_)) => refused += 1,
+            other => panic!("a stale snapshot was not refused: {other:?}"),
+        }
+    }
+    assert_eq!(refused, 10);
+    assert!(stores.snapshots(Some(&job)).await?.is_empty());
+    // A last write of the new owner's marks the end of what the watch must have seen.
+    stores.put_head(&job, &head("new:/h/", 2, 99)).await?;
+    let mut seen = Vec::new();
+    while seen.last().is_none_or(|h: &HeadRecord| h.applied_seq != 99) {
+        let entry = tokio::time::timeout(std::time::Duration::from_secs(10), writes.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the watch ended"))??;
+        seen.push(serde_json::from_slice::<HeadRecord>(&entry.value)?);
+    }
+    let stored: Vec<(&str, u64)> = seen
+        .iter()
+        .map(|h| (h.daemon.as_str(), h.applied_seq))
+        .collect();
+    assert_eq!(stored, [("new:/h/", 11), ("new:/h/", 99)]);
     Ok(())
 }
