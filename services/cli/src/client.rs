@@ -31,8 +31,20 @@ pub fn client_name() -> String {
     format!("handoff-cli {} on {host}", env!("CARGO_PKG_VERSION"))
 }
 
+/// The servers of a `--nats-url`: one URL, or several separated by commas.
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, Failure> {
+    url.split(',')
+        .map(|u| {
+            u.trim()
+                .parse::<async_nats::ServerAddr>()
+                .map_err(|e| Failure::Usage(format!("--nats-url {u}: {e}")))
+        })
+        .collect()
+}
+
 impl Api {
-    /// Connects to `url`, as the NATS identity of `nats_seed` when given.
+    /// Connects to `url` (several servers of a cluster separated by commas, any of which
+    /// may be down), as the NATS identity of `nats_seed` when given.
     pub async fn connect(
         url: &str,
         creds: Option<Credentials>,
@@ -45,7 +57,7 @@ impl Api {
         let client = options
             .name("handoff-cli")
             .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect(server_addrs(url)?)
             .await
             .map_err(|e| Failure::Usage(format!("cannot connect to NATS at {url}: {e}")))?;
         Ok(Api {

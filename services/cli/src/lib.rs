@@ -52,7 +52,8 @@ Exit codes: 0 done, 1 refused by handoff (the reason is printed), 2 usage or con
 #[derive(Debug, Parser)]
 #[command(name = "handoff", version, after_help = EXAMPLES)]
 pub struct Cli {
-    /// The NATS server [default: nats://127.0.0.1:4222; `up` and `demo` start their own].
+    /// The NATS server, or several of a cluster separated by commas [default:
+    /// nats://127.0.0.1:4222; `up` and `demo` start their own].
     #[arg(long, env = "HANDOFF_NATS_URL", global = true)]
     pub nats_url: Option<String>,
     /// Print JSON (the values on the wire) instead of tables.

@@ -415,7 +415,7 @@ async fn connect(url: &str, seed: Option<String>) -> Result<async_nats::Client, 
         None => async_nats::ConnectOptions::new(),
     };
     options
-        .connect(url)
+        .connect(crate::client::server_addrs(url)?)
         .await
         .map_err(|e| Failure::Usage(format!("cannot connect to NATS at {url}: {e}")))
 }

@@ -1,0 +1,539 @@
+//! The checker: reads only the recorded history, the event stream (folded here, not
+//! through any view of handoff's) and the stores after the run, and reports every
+//! invariant that does not hold, with its evidence.
+//!
+//! 1. Every command answered as applied has its events in the stream, each once; no
+//!    command answered as refused has any.
+//! 2. Folding the stream, no job is held by two daemons after any command, and every job
+//!    ends held by exactly one registered daemon, the one the state names.
+//! 3. Every projector's views equal a fresh rebuild, key for key (done by the caller
+//!    through [`compare_views`]).
+//! 4. Every completed move's head checksum equals the source's at the head's timestamp.
+//! 5. No snapshot is stored after one of a newer epoch of the same job, and each was cut
+//!    by a daemon that held the job at its epoch; no head record names an epoch the job
+//!    has gone past while its fence says so.
+//! 6. Every move has ended, or has an open MOVE_STUCK alert.
+//! 7. No DAEMON_DOWN was raised for a daemon that the nemesis had not silenced.
+//!
+//! The stream checks are pure functions of the history and the events, tested with
+//! histories that break each rule.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use handoff_domain::model::AlertKind;
+use handoff_domain::{CommandId, DaemonId, Event, JobId, State};
+use handoff_eventlog::Recorded;
+
+use crate::nemesis::Silence;
+use crate::workload::{Op, Outcome};
+
+/// One invariant that did not hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub rule: u8,
+    pub evidence: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "violation of rule {}: {}", self.rule, self.evidence)
+    }
+}
+
+fn v(rule: u8, evidence: String) -> Violation {
+    Violation { rule, evidence }
+}
+
+/// Rule 1: applied commands have their events once; refused ones have none.
+pub fn commands(history: &[Op], events: &[Recorded]) -> Vec<Violation> {
+    let mut by_command: HashMap<&CommandId, Vec<&Recorded>> = HashMap::new();
+    for r in events {
+        by_command.entry(&r.envelope.command).or_default().push(r);
+    }
+    let mut out = Vec::new();
+    for op in history {
+        let stored: BTreeSet<u64> = by_command
+            .get(&op.id)
+            .map(|rs| rs.iter().map(|r| r.seq).collect())
+            .unwrap_or_default();
+        match &op.outcome {
+            Outcome::Applied { seqs } => {
+                let answered: BTreeSet<u64> = seqs.iter().copied().collect();
+                if answered != stored {
+                    out.push(v(
+                        1,
+                        format!(
+                            "{} {} (client {}) was answered as applied with events {answered:?}, the stream holds {stored:?}",
+                            op.command, op.id, op.client
+                        ),
+                    ));
+                }
+            }
+            Outcome::Refused { reason } if !stored.is_empty() => out.push(v(
+                1,
+                format!(
+                    "{} {} (client {}) was refused ({reason}) but the stream holds its events {stored:?}",
+                    op.command, op.id, op.client
+                ),
+            )),
+            _ => {}
+        }
+    }
+    // Each command's events once: no two alike on the same subject.
+    for (id, rs) in &by_command {
+        let mut seen: HashMap<(String, String), u64> = HashMap::new();
+        for r in rs {
+            let body = serde_json::to_string(&r.envelope.event).unwrap_or_default();
+            if let Some(first) = seen.insert((r.subject.clone(), body), r.seq) {
+                out.push(v(
+                    1,
+                    format!(
+                        "command {id} appended the same {} on {} twice: sequences {first} and {}",
+                        r.envelope.event.type_name(),
+                        r.subject,
+                        r.seq
+                    ),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Rule 2: one holder per job after every command, and one registered owner at the end.
+pub fn owners(events: &[Recorded], state: &State) -> Vec<Violation> {
+    let mut holders: BTreeMap<JobId, BTreeSet<DaemonId>> = BTreeMap::new();
+    // A move's destination holds the job from its start; a failed move ends that (the
+    // destination is fenced, not released on its own subject).
+    let mut destination: BTreeMap<JobId, DaemonId> = BTreeMap::new();
+    let mut out = Vec::new();
+    let mut reported: BTreeSet<JobId> = BTreeSet::new();
+    for (k, r) in events.iter().enumerate() {
+        match &r.envelope.event {
+            Event::BackupJobCreated { job, daemon, .. } => {
+                holders
+                    .entry(job.clone())
+                    .or_default()
+                    .insert(daemon.clone());
+            }
+            Event::JobsAssigned { daemon, jobs, .. } => {
+                for j in jobs {
+                    holders
+                        .entry(j.job.clone())
+                        .or_default()
+                        .insert(daemon.clone());
+                }
+            }
+            Event::JobsReleased { daemon, jobs, .. } => {
+                for j in jobs {
+                    holders.entry(j.clone()).or_default().remove(daemon);
+                }
+            }
+            Event::JobMoveStarted { job, to, .. } => {
+                destination.insert(job.clone(), to.clone());
+                continue;
+            }
+            Event::JobMoveCompleted { job, .. } => {
+                destination.remove(job);
+                continue;
+            }
+            Event::JobMoveFailed { job, .. } => {
+                if let Some(to) = destination.remove(job) {
+                    holders.entry(job.clone()).or_default().remove(&to);
+                }
+            }
+            _ => continue,
+        }
+        // Judged where a command's events end: a move assigns and releases in one unit.
+        let command_ends = events
+            .get(k + 1)
+            .is_none_or(|next| next.envelope.command != r.envelope.command);
+        if !command_ends {
+            continue;
+        }
+        for (job, held) in &holders {
+            if held.len() > 1 && reported.insert(job.clone()) {
+                out.push(v(
+                    2,
+                    format!("after sequence {} job {job} is held by {held:?}", r.seq),
+                ));
+            }
+        }
+    }
+    for (job, j) in &state.jobs {
+        let held = holders.get(job).cloned().unwrap_or_default();
+        let owner = j.owner();
+        if held.len() != 1 || !held.contains(owner) {
+            out.push(v(
+                2,
+                format!("job {job} ends held by {held:?}, the state names {owner}"),
+            ));
+        }
+        if !state.daemons.contains_key(owner) {
+            out.push(v(
+                2,
+                format!("job {job} ends on {owner}, which is not registered"),
+            ));
+        }
+    }
+    out
+}
+
+/// Rule 6: every move ended, or its MOVE_STUCK is open.
+pub fn moves(state: &State) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for (id, m) in &state.moves {
+        for (job, phase) in &m.jobs {
+            if phase.is_final() {
+                continue;
+            }
+            let stuck = state
+                .alerts
+                .iter()
+                .any(|a| a.kind == AlertKind::MoveStuck && a.about == job.as_str());
+            if !stuck {
+                out.push(v(
+                    6,
+                    format!("move {id} of {job} is still {phase:?} with no MOVE_STUCK alert"),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The nemesis's silences of each daemon, each lengthened to the first heartbeat the run
+/// heard after it (a restarted daemon is silent until it has started), then merged where
+/// they touch.
+pub fn silences_heard(silences: &[Silence], heard: &BTreeMap<usize, Vec<u64>>) -> Vec<Silence> {
+    let mut out: Vec<Silence> = silences
+        .iter()
+        .map(|s| {
+            let back = heard
+                .get(&s.daemon)
+                .and_then(|beats| beats.iter().find(|t| **t > s.to_ms))
+                .copied()
+                .unwrap_or(u64::MAX);
+            Silence {
+                to_ms: back.max(s.to_ms),
+                ..*s
+            }
+        })
+        .collect();
+    out.sort_by_key(|s| (s.daemon, s.from_ms));
+    let mut merged: Vec<Silence> = Vec::new();
+    for s in out {
+        match merged.last_mut() {
+            Some(m) if m.daemon == s.daemon && s.from_ms <= m.to_ms => {
+                m.to_ms = m.to_ms.max(s.to_ms);
+            }
+            _ => merged.push(s),
+        }
+    }
+    merged
+}
+
+/// How late a DAEMON_DOWN may be appended after the silence that earned it ended: the
+/// monitor's report is retried with its id through command-service outages, so a true
+/// report can land after the daemon came back (DAEMON_UP follows it).
+pub const REPORT_DELAY_MS: u64 = 60_000;
+
+/// Rule 7: a DAEMON_DOWN only for a daemon that the nemesis silenced (killed or froze)
+/// for at least the threshold (`down_after_ms`, less `slack_ms` for the monitor's tick),
+/// appended after that much of the silence and at most [`REPORT_DELAY_MS`] after it.
+pub fn downs(
+    events: &[Recorded],
+    daemons: &[DaemonId],
+    silences: &[Silence],
+    down_after_ms: u64,
+    slack_ms: u64,
+    timeline: &[(u64, String)],
+) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for r in events {
+        let Event::DaemonDown { daemon } = &r.envelope.event else {
+            continue;
+        };
+        let Some(n) = daemons.iter().position(|d| d == daemon) else {
+            continue;
+        };
+        let at = r.envelope.at;
+        let earned = down_after_ms.saturating_sub(slack_ms);
+        let silenced = silences.iter().any(|s| {
+            s.daemon == n
+                && s.to_ms.saturating_sub(s.from_ms) >= earned
+                && s.from_ms + earned <= at
+                && at <= s.to_ms.saturating_add(REPORT_DELAY_MS)
+        });
+        if !silenced {
+            let before: Vec<String> = timeline
+                .iter()
+                .filter(|(t, _)| *t + 2 * down_after_ms >= at && *t <= at)
+                .map(|(t, what)| format!("{what} {} ms before", at - t))
+                .collect();
+            out.push(v(
+                7,
+                format!(
+                    "DAEMON_DOWN of {daemon} at sequence {} ({at} ms) while its heartbeats kept coming; faults before it: {before:?}",
+                    r.seq
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// The epochs at which each daemon held each job, by the stream.
+pub fn held_epochs(events: &[Recorded]) -> BTreeSet<(JobId, DaemonId, u64)> {
+    let mut out = BTreeSet::new();
+    for r in events {
+        match &r.envelope.event {
+            Event::BackupJobCreated {
+                job, daemon, epoch, ..
+            } => {
+                out.insert((job.clone(), daemon.clone(), *epoch));
+            }
+            Event::JobsAssigned { daemon, jobs, .. } => {
+                for j in jobs {
+                    out.insert((j.job.clone(), daemon.clone(), j.epoch));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// One stored snapshot, as rule 5 sees it.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub id: String,
+    /// The oplog point it holds, as (seconds, increment).
+    pub ts: (u32, u32),
+    pub epoch: u64,
+    /// Who cut it: a daemon, or none for the agent's initial sync.
+    pub daemon: Option<DaemonId>,
+}
+
+/// Rule 5 for the snapshots of one job: a snapshot holding a later point than one of a
+/// newer epoch was written by an owner that had lost the job (a new owner rebuilds from
+/// the stored oplog, which is ahead of anything the old owner applied before the fence
+/// rose), and each was cut by a daemon that held the job at its epoch.
+pub fn snapshots(
+    job: &JobId,
+    stored: &[Stored],
+    held: &BTreeSet<(JobId, DaemonId, u64)>,
+) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for s in stored {
+        let newer = stored.iter().find(|o| o.ts < s.ts && o.epoch > s.epoch);
+        if let Some(o) = newer {
+            out.push(v(
+                5,
+                format!(
+                    "snapshot {} of {job} at epoch {} holds {:?}, after snapshot {} at epoch {} held {:?}",
+                    s.id, s.epoch, s.ts, o.id, o.epoch, o.ts
+                ),
+            ));
+        }
+        if let Some(d) = &s.daemon {
+            if !held.contains(&(job.clone(), d.clone(), s.epoch)) {
+                out.push(v(
+                    5,
+                    format!(
+                        "snapshot {} of {job} names {d} at epoch {}, which never held it then",
+                        s.id, s.epoch
+                    ),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Rule 3: two dumps of view stores, key for key.
+pub fn compare_views(
+    name: &str,
+    live: &[(Vec<u8>, Vec<u8>)],
+    fresh: &[(Vec<u8>, Vec<u8>)],
+) -> Vec<Violation> {
+    let live: BTreeMap<&[u8], &[u8]> = live.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let fresh: BTreeMap<&[u8], &[u8]> = fresh.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let mut out = Vec::new();
+    for key in live.keys().chain(fresh.keys()).collect::<BTreeSet<_>>() {
+        if live.get(key) != fresh.get(key) {
+            out.push(v(
+                3,
+                format!(
+                    "{name}'s view {} differs from a rebuild: {:?} vs {:?}",
+                    String::from_utf8_lossy(key),
+                    live.get(key)
+                        .map(|b| String::from_utf8_lossy(b).into_owned()),
+                    fresh
+                        .get(key)
+                        .map(|b| String::from_utf8_lossy(b).into_owned()),
+                ),
+            ));
+            if out.len() >= 5 {
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use handoff_domain::event::{AssignedJob, AssignmentCause};
+    use handoff_domain::Actor;
+    use handoff_protocol::{subjects, EventEnvelope};
+
+    fn id(n: u32) -> CommandId {
+        CommandId::new(format!("01J{n:023}")).unwrap()
+    }
+
+    fn daemon(n: u32) -> DaemonId {
+        DaemonId::new(format!("d{n}.example.net:/heads/")).unwrap()
+    }
+
+    fn job() -> JobId {
+        JobId::new("p/rs1").unwrap()
+    }
+
+    fn rec(seq: u64, command: u32, event: Event, at: u64) -> Recorded {
+        Recorded {
+            seq,
+            subject: subjects::aggregate(&event.aggregate()),
+            envelope: EventEnvelope {
+                event,
+                version: 1,
+                command: id(command),
+                actor: Actor::new("admin").unwrap(),
+                at,
+                last: true,
+                digest: String::new(),
+                signature: None,
+            },
+        }
+    }
+
+    fn assigned(d: u32, epoch: u64) -> Event {
+        Event::JobsAssigned {
+            daemon: daemon(d),
+            cause: AssignmentCause::Placement,
+            jobs: vec![AssignedJob { job: job(), epoch }],
+        }
+    }
+
+    fn released(d: u32) -> Event {
+        Event::JobsReleased {
+            daemon: daemon(d),
+            move_id: id(9),
+            jobs: vec![job()],
+        }
+    }
+
+    fn op(command: u32, outcome: Outcome) -> Op {
+        Op {
+            client: 0,
+            id: id(command),
+            command: "MoveJob",
+            outcome,
+        }
+    }
+
+    /// Applied with the events the stream holds: fine; a refused command with events, an
+    /// applied one whose events differ, and an event appended twice are each reported.
+    #[test]
+    fn rule_1_catches_refused_but_stored_and_doubles() {
+        let events = vec![rec(1, 1, assigned(1, 1), 0), rec(2, 2, released(1), 0)];
+        let ok = [op(1, Outcome::Applied { seqs: vec![1] })];
+        assert!(commands(&ok, &events).is_empty());
+        let refused = [op(2, Outcome::Refused { reason: "x".into() })];
+        assert_eq!(commands(&refused, &events).len(), 1);
+        let wrong = [op(1, Outcome::Applied { seqs: vec![1, 2] })];
+        assert_eq!(commands(&wrong, &events).len(), 1);
+        let unknown = [op(2, Outcome::Unknown { why: "t".into() })];
+        assert!(commands(&unknown, &events).is_empty());
+        let twice = vec![rec(1, 1, assigned(1, 1), 0), rec(2, 1, assigned(1, 1), 0)];
+        assert_eq!(commands(&[], &twice).len(), 1);
+    }
+
+    /// A job assigned to a second daemon without a release of the first is held twice.
+    #[test]
+    fn rule_2_catches_two_holders() {
+        let events = vec![rec(1, 1, assigned(1, 1), 0), rec(2, 2, assigned(2, 2), 0)];
+        let found = owners(&events, &State::default());
+        assert!(found.iter().any(|v| v.rule == 2), "{found:?}");
+        let moved = vec![
+            rec(1, 1, assigned(1, 1), 0),
+            rec(2, 2, released(1), 0),
+            rec(3, 2, assigned(2, 2), 0),
+        ];
+        assert!(owners(&moved, &State::default()).is_empty());
+    }
+
+    /// DAEMON_DOWN inside a silence the nemesis made is fine; outside it is reported.
+    #[test]
+    fn rule_7_catches_a_down_without_a_silence() {
+        let down = |at| rec(1, 1, Event::DaemonDown { daemon: daemon(1) }, at);
+        let silences = [Silence {
+            daemon: 0,
+            from_ms: 1_000,
+            to_ms: 9_000,
+        }];
+        let daemons = [daemon(1)];
+        // Silent from 1 s to 9 s; the threshold is 6 s.
+        assert!(downs(&[down(7_000)], &daemons, &silences, 6_000, 500, &[]).is_empty());
+        // Reported late, after the daemon came back: still earned.
+        assert!(downs(&[down(20_000)], &daemons, &silences, 6_000, 500, &[]).is_empty());
+        // Before the silence lasted the threshold, or long after it: not earned.
+        assert_eq!(
+            downs(&[down(3_000)], &daemons, &silences, 6_000, 500, &[]).len(),
+            1
+        );
+        assert_eq!(
+            downs(&[down(90_000)], &daemons, &silences, 6_000, 500, &[]).len(),
+            1
+        );
+        // A silence shorter than the threshold earns none.
+        let short = [Silence {
+            daemon: 0,
+            from_ms: 1_000,
+            to_ms: 3_000,
+        }];
+        assert_eq!(
+            downs(&[down(2_500)], &daemons, &short, 6_000, 500, &[]).len(),
+            1
+        );
+    }
+
+    /// A snapshot of an older epoch holding a later point than a newer epoch's is a
+    /// write by an owner that had lost the job.
+    #[test]
+    fn rule_5_catches_a_stale_snapshot() {
+        let held: BTreeSet<_> = [(job(), daemon(1), 1), (job(), daemon(2), 2)].into();
+        let s = |id: &str, t, epoch, d| Stored {
+            id: id.into(),
+            ts: (t, 0),
+            epoch,
+            daemon: Some(daemon(d)),
+        };
+        let fine = [s("a", 1, 1, 1), s("b", 2, 2, 2)];
+        assert!(snapshots(&job(), &fine, &held).is_empty());
+        let stale = [s("a", 1, 1, 1), s("b", 2, 2, 2), s("c", 3, 1, 1)];
+        assert_eq!(snapshots(&job(), &stale, &held).len(), 1);
+        let stranger = [s("a", 1, 2, 1)];
+        assert_eq!(snapshots(&job(), &stranger, &held).len(), 1);
+    }
+
+    /// Views that differ in one key are reported; equal ones are not.
+    #[test]
+    fn rule_3_compares_key_for_key() {
+        let a = vec![(b"k".to_vec(), b"1".to_vec())];
+        let b = vec![(b"k".to_vec(), b"2".to_vec())];
+        assert!(compare_views("p", &a, &a).is_empty());
+        assert_eq!(compare_views("p", &a, &b).len(), 1);
+    }
+}
