@@ -490,7 +490,7 @@ mod tests {
             phase: MovePhase::ReplayingOplog,
         };
         let end = |events: &[Event]| move_end(events, &watched, &me);
-        assert_eq!(end(&[phase.clone()]), None);
+        assert_eq!(end(std::slice::from_ref(&phase)), None);
         assert_eq!(
             end(&[phase.clone(), completed(&watched, &them), resized.clone()]),
             Some(MoveEnd::CompletedElsewhere)
