@@ -60,14 +60,14 @@ async fn on_a_cluster_a_lost_acknowledgement_retried_is_recognised() -> Result<(
         .await?
         .expect_err("the ack was lost");
     assert_eq!(lost.code, ErrorCode::Unavailable);
-    assert_eq!(log.last_sequence().await?, before + 6);
+    assert_eq!(log.last_sequence().await?, before + 7);
     let retried = send(&client, &id, &move_jobs(1, 2))
         .await?
         .expect("applied");
     assert!(retried.duplicate);
     assert_eq!(
         log.last_sequence().await?,
-        before + 6,
+        before + 7,
         "nothing stored twice"
     );
     Ok(())

@@ -151,7 +151,8 @@ async fn concurrent_moves_of_the_same_jobs_have_exactly_one_winner() -> Result<(
 }
 
 /// An instance that decided on a stale model loses at the append (the stream's
-/// optimistic concurrency), catches up and answers with the conflict.
+/// optimistic concurrency), catches up and answers with the conflict, recorded as the
+/// command's answer and nothing else.
 #[tokio::test]
 async fn a_stale_decision_is_caught_by_the_stream() -> Result<()> {
     let stack = Stack::start().await?;
@@ -161,10 +162,11 @@ async fn a_stale_decision_is_caught_by_the_stream() -> Result<()> {
     let mut stale = Executor::start(log, Duration::from_secs(10)).await?;
     stack.apply(move_jobs(1, 2)).await?;
     let seq = stack.last_seq().await?;
+    let id = new_id();
     let error = stale
         .execute(
             CommandRequest {
-                id: new_id(),
+                id: id.clone(),
                 actor: stack.creds.user.clone(),
                 at: 0,
                 client: None,
@@ -178,7 +180,13 @@ async fn a_stale_decision_is_caught_by_the_stream() -> Result<()> {
         (error.code, error.reason.as_str()),
         (ErrorCode::Conflict, "job_already_moving")
     );
-    assert_eq!(stack.last_seq().await?, seq);
+    let events = stack.events().await?;
+    assert!(
+        matches!(&events[seq as usize..], [r] if matches!(&r.envelope.event,
+            Event::CommandRejected { command_id, .. } if *command_id == id)),
+        "{:?}",
+        &events[seq as usize..]
+    );
     Ok(())
 }
 

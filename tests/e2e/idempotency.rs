@@ -93,7 +93,7 @@ async fn a_lost_acknowledgement_retried_is_recognised_as_applied() -> Result<()>
     let stored = stack.last_seq().await?;
     assert_eq!(
         stored,
-        before + 6,
+        before + 7,
         "the append was stored although its ack was lost"
     );
 
@@ -102,7 +102,7 @@ async fn a_lost_acknowledgement_retried_is_recognised_as_applied() -> Result<()>
         .await?
         .expect("applied");
     assert!(retried.duplicate);
-    assert_eq!(retried.events.len(), 6);
+    assert_eq!(retried.events.len(), 7);
     assert_eq!(stack.last_seq().await?, stored);
     let events = stack.events().await?;
     assert_eq!(of_type(&events, "JobMoveStarted").len(), 3);
@@ -162,8 +162,8 @@ async fn a_large_move_cut_half_way_is_finished_by_its_retry() -> Result<()> {
         .expect("finished");
     assert_eq!(
         done.events.len(),
-        1 + jobs + 4 + 1,
-        "the reply lists every event of the move (two units, each with its release and assignment, and the resumption)"
+        1 + jobs + 4 + 1 + 1,
+        "the reply lists every event of the move (two units, each with its release and assignment, the first with CommandAccepted, and the resumption)"
     );
     assert_eq!(
         done.events.last().map(|e| e.kind.as_str()),
@@ -236,7 +236,7 @@ async fn a_large_move_cut_and_left_is_finished_by_the_command_service() -> Resul
     let data = serde_json::to_value(&interrupted.envelope.event)?["data"].clone();
     assert_eq!(
         (data["planned"].as_u64(), data["started"].as_u64()),
-        (Some(jobs as u64), Some(997)),
+        (Some(jobs as u64), Some(996)),
         "{data}"
     );
     assert!(
@@ -246,7 +246,7 @@ async fn a_large_move_cut_and_left_is_finished_by_the_command_service() -> Resul
     wait_for_checkpoint(&stack.client, interrupted.seq).await?;
     let moves = handoff_ok(&stack.url(), &["moves"])?.stdout;
     assert!(
-        moves.contains("interrupted") && moves.contains(&format!("997 of {jobs}")),
+        moves.contains("interrupted") && moves.contains(&format!("996 of {jobs}")),
         "{moves}"
     );
     let alerts = handoff_ok(&stack.url(), &["alerts"])?.stdout;

@@ -2,6 +2,7 @@
 //! real nats-server per test (ephemeral port, temporary store, `sync_interval: always`).
 
 mod alerts;
+mod answers;
 mod audit;
 mod bad_input;
 mod cli;

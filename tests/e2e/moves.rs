@@ -1,5 +1,5 @@
-//! Moves over the bus: MISSION rule 3's refusals (each appends nothing), dry runs, and a
-//! move carried to completion or failure.
+//! Moves over the bus: MISSION rule 3's refusals (each appends nothing of the move, only
+//! its record), dry runs, and a move carried to completion or failure.
 
 use anyhow::Result;
 use handoff_domain::command::*;
@@ -21,11 +21,13 @@ pub async fn fleet(stack: &Stack) -> Result<()> {
     Ok(())
 }
 
-/// Sends `command`, expects the refusal `reason`, and checks that nothing was appended.
+/// Sends `command`, expects the refusal `reason`, and checks that nothing was appended
+/// but the record of the refusal (`CommandRejected`, decision 0010).
 async fn refused(stack: &Stack, command: Command, code: ErrorCode, reason: &str) -> Result<()> {
     let before = stack.last_seq().await?;
+    let id = new_id();
     let error = stack
-        .send(command)
+        .send_as(&id, &command)
         .await?
         .expect_err("the command should be refused");
     assert_eq!(
@@ -35,15 +37,18 @@ async fn refused(stack: &Stack, command: Command, code: ErrorCode, reason: &str)
         error.message
     );
     assert!(!error.message.is_empty());
-    assert_eq!(
-        stack.last_seq().await?,
-        before,
-        "a refused command appended events"
+    let events = stack.events().await?;
+    let after: Vec<_> = events.iter().filter(|r| r.seq > before).collect();
+    assert!(
+        matches!(&after[..], [r] if matches!(&r.envelope.event,
+            Event::CommandRejected { command_id, rejection, .. }
+                if *command_id == id && rejection.reason_code() == reason)),
+        "a refused command appended events other than its record: {after:?}"
     );
     Ok(())
 }
 
-/// Each refusal of rule 3 arrives with its own code and appends nothing.
+/// Each refusal of rule 3 arrives with its own code and appends nothing but its record.
 #[tokio::test]
 async fn every_refusal_of_rule_3_is_specific_and_appends_nothing() -> Result<()> {
     let stack = Stack::start().await?;
@@ -204,8 +209,8 @@ async fn a_move_runs_to_completion_and_failure() -> Result<()> {
     let seqs: Vec<u64> = applied.events.iter().map(|e| e.seq).collect();
     assert_eq!(
         seqs.len(),
-        6,
-        "MoveStarted, three JobMoveStarted, JobsReleased, JobsAssigned"
+        7,
+        "MoveStarted, three JobMoveStarted, JobsReleased, JobsAssigned, CommandAccepted"
     );
     assert!(
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
@@ -275,8 +280,9 @@ async fn a_move_of_over_a_thousand_jobs_lands_whole() -> Result<()> {
     let stack = Stack::start().await?;
     let jobs = big_fleet(&stack).await?;
     let applied = stack.apply(move_jobs(1, 2)).await?;
-    // Two units, each with the source's release and the destination's assignment.
-    assert_eq!(applied.events.len(), 1 + jobs + 4);
+    // Two units, each with the source's release and the destination's assignment, the
+    // first with the command's CommandAccepted.
+    assert_eq!(applied.events.len(), 1 + jobs + 4 + 1);
     let events = stack.events().await?;
     assert_eq!(of_type(&events, "JobMoveStarted").len(), jobs);
     let assigned: usize = of_type(&events, "JobsAssigned")

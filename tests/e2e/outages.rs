@@ -67,6 +67,6 @@ async fn a_stream_with_every_batch_slot_taken_is_unavailable_then_applies_the_re
     })
     .await?;
     assert!(!applied.duplicate);
-    assert_eq!(stack.last_seq().await?, before + 6);
+    assert_eq!(stack.last_seq().await?, before + 7);
     Ok(())
 }

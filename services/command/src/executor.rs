@@ -1,6 +1,12 @@
 //! Executes one command at a time against the model: look up the command id, decide,
 //! append each unit atomically, and on a conflict catch up with the stream and decide
 //! again. Replies only after JetStream acknowledged every event.
+//!
+//! A command id gets one answer for good, whichever instance answers which attempt
+//! (decision 0010): a rejection is recorded (`CommandRejected`) before it is answered,
+//! and a command's first unit carries its `CommandAccepted`; both go on the id's answer
+//! subject, expecting its last sequence as the model saw it, so of the two only the
+//! first stored can ever be stored.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,7 +22,7 @@ use handoff_domain::{
     decide, Actor, Command, CommandId, Context, Decision, Event, Rejection, UserKey,
 };
 use handoff_eventlog::fence::Fences;
-use handoff_eventlog::{AppendError, EventLog, EventReader, Outgoing, ReadError};
+use handoff_eventlog::{AppendError, Appended, EventLog, EventReader, Outgoing, ReadError};
 use handoff_protocol::api::{AppendedEvent, CommandRequest};
 use handoff_protocol::{
     new_command_id, now_ms, subjects, Applied, DecodeError, ErrorBody, ErrorCode, EventEnvelope,
@@ -101,6 +107,24 @@ fn too_many_conflicts(id: &CommandId) -> ErrorBody {
             "command {id} conflicted with other commands {MAX_ATTEMPTS} times; retry with the same id"
         ),
     )
+}
+
+/// The answer to an id already used for a different command.
+fn id_reused(id: &CommandId) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Validation,
+        "id_reused",
+        format!("command id {id} was already used for a different command; use a new id"),
+    )
+}
+
+/// A dry run only plans: nothing is appended, so nothing binds its id.
+fn is_dry_run(command: &Command) -> bool {
+    match command {
+        Command::MoveJobs(c) => c.dry_run,
+        Command::MoveJob(c) => c.dry_run,
+        _ => false,
+    }
 }
 
 /// A stable digest of a command and its actor (FNV-1a over its JSON), so that an id
@@ -502,7 +526,20 @@ impl Executor {
                     caught_up_with_stream = true;
                     continue;
                 }
-                Err(rejection) => return Err(self.reject(&request, rejection).await),
+                Err(rejection) => {
+                    match self
+                        .reject(&request, &digest, signature.as_deref(), rejection)
+                        .await
+                    {
+                        Some(answer) => return Err(answer),
+                        // Another answer to the same subject came first: it may be this
+                        // id's own (applied, or rejected elsewhere), or the state moved.
+                        None => {
+                            self.catch_up_with_stream().await?;
+                            continue;
+                        }
+                    }
+                }
             };
             let decision = if resuming {
                 self.resumed(&request.id, decision)
@@ -640,25 +677,23 @@ impl Executor {
         (digest(&request) == record.digest).then_some(request)
     }
 
-    /// The answer already given to this command id, if it completed; a refusal if the id
-    /// was used for a different command.
+    /// The answer already given to this command id: its events if it completed, the
+    /// rejection it was answered with (the same code, reason and message), or `id_reused`
+    /// if the id was used for a different command.
     fn earlier_answer(
         &self,
         request: &CommandRequest<Command>,
         digest: &str,
     ) -> Result<Option<Applied>, ErrorBody> {
         let Some(record) = self.model.command(&request.id) else {
-            return Ok(None);
+            return match self.model.rejected(&request.id) {
+                Some(r) if r.digest != digest => Err(id_reused(&request.id)),
+                Some(r) => Err(r.rejection.clone().into()),
+                None => Ok(None),
+            };
         };
         if record.digest != digest {
-            return Err(ErrorBody::new(
-                ErrorCode::Validation,
-                "id_reused",
-                format!(
-                    "command id {} was already used for a different command; use a new id",
-                    request.id
-                ),
-            ));
+            return Err(id_reused(&request.id));
         }
         if !record.complete {
             return Ok(None);
@@ -672,16 +707,70 @@ impl Executor {
         }))
     }
 
-    /// Records the alert a final rejection raises, if any, before the caller hears it.
+    /// The answer to a rejected command, once it is final: the rejection is recorded as
+    /// `CommandRejected` on the id's answer subject, expecting its last sequence as the
+    /// model saw it, then the alert it raises (if any) is appended. `None` when the record
+    /// lost to another append on that subject: the caller catches up and decides again,
+    /// as the id may have been applied or answered meanwhile. A rejection that cannot be
+    /// recorded (an outage) is not final and is answered `unavailable` instead.
+    ///
+    /// Not recorded: a dry run (it appends nothing, so nothing can apply it), and a
+    /// command appended in part (its continuation waits for what the rejection names, and
+    /// the service finishes it, decision 0009).
     async fn reject(
         &mut self,
         request: &CommandRequest<Command>,
+        digest: &str,
+        signature: Option<&str>,
         rejection: Rejection,
-    ) -> ErrorBody {
+    ) -> Option<ErrorBody> {
+        let in_part = self.model.command(&request.id).is_some();
+        if !is_dry_run(&request.command) && !in_part {
+            match self
+                .record_rejection(request, digest, signature, &rejection)
+                .await
+            {
+                Ok(a) if !a.duplicate => {}
+                // A record of this id with the same message id is stored (another
+                // instance's, within the duplicate window): its rejection is the answer.
+                Ok(_) | Err(AppendError::Conflict { .. }) => return None,
+                Err(e) => return Some(append_failure(e)),
+            }
+        }
         if let Some(alert) = alert_of_rejection(&request.command, &rejection, &self.model.state) {
             self.record_alert(&request.actor, alert).await;
         }
-        rejection.into()
+        Some(rejection.into())
+    }
+
+    /// Appends `CommandRejected` for `request`, signed by its actor and with its digest,
+    /// so a later attempt of the id (from any instance) gets the same answer and nothing
+    /// applies it.
+    async fn record_rejection(
+        &mut self,
+        request: &CommandRequest<Command>,
+        digest: &str,
+        signature: Option<&str>,
+        rejection: &Rejection,
+    ) -> Result<Appended, AppendError> {
+        let event = Event::CommandRejected {
+            command_id: request.id.clone(),
+            command: request.command.name().to_owned(),
+            rejection: rejection.clone(),
+        };
+        // The record has an id of its own: the rejected command has no events.
+        let ctx = Context {
+            command: new_command_id(),
+            actor: request.actor.clone(),
+            at_ms: now_ms(),
+        };
+        let mut messages =
+            self.messages(&ctx, digest, std::slice::from_ref(&event), true, signature);
+        // Keyed by the rejected id, so two records of it are not stored twice.
+        messages[0].msg_id = format!("{}:{}", request.id, event.key_within_command());
+        let a = self.log.append(&messages).await?;
+        self.appended = self.appended.max(a.last_seq);
+        Ok(a)
     }
 
     /// Appends the decision's units in order. `None` on a conflict: the caller catches up
@@ -702,9 +791,29 @@ impl Executor {
                 .unwrap_or_default(),
             duplicate: false,
         };
+        // The first unit of a command carries its CommandAccepted, on the answer subject
+        // a rejection of the id is recorded on and expecting that subject's last sequence
+        // as this model saw it: a rejection recorded meanwhile (by another instance,
+        // answering another attempt) makes the unit a conflict, and once the unit is
+        // stored no rejection of the id can be.
+        let accepted = self
+            .model
+            .command(&request.id)
+            .is_none()
+            .then(|| Event::CommandAccepted {
+                command_id: request.id.clone(),
+            });
         let units = decision.units.len();
         for (u, unit) in decision.units.iter().enumerate() {
             let is_last_unit = u + 1 == units;
+            let with_answer: Vec<Event>;
+            let unit: &[Event] = match &accepted {
+                Some(answer) if u == 0 => {
+                    with_answer = unit.iter().chain([answer]).cloned().collect();
+                    &with_answer
+                }
+                _ => unit,
+            };
             let messages = self.messages(ctx, digest, unit, is_last_unit, signature);
             match self.log.append(&messages).await {
                 Ok(a) => {
@@ -744,10 +853,7 @@ impl Executor {
         decision: Decision,
         written: Written,
     ) -> Applied {
-        let dry_run = matches!(
-            &request.command,
-            Command::MoveJobs(c) if c.dry_run
-        ) || matches!(&request.command, Command::MoveJob(c) if c.dry_run);
+        let dry_run = is_dry_run(&request.command);
         if !dry_run {
             // In the background: the reply does not wait for the fences (a fence only
             // rises, so raises may land in any order; the new owner raises it too).

@@ -13,15 +13,20 @@
 //!    (`handoff_domain::auth`). A refusal (`forbidden`) is itself appended as a
 //!    `CommandRefused` event, and nothing else is.
 //! 3. The [`executor`] catches its [`model`] up with what it appended before, and
-//!    answers a command id it already applied with the events of the first time. An
-//!    event the model cannot fold (undecodable, or not the next sequence) stops it for
-//!    good: from then on every command is answered `model_stopped` with the event named,
-//!    and nothing is decided on a model with a hole.
-//! 4. `handoff_domain::decide` returns the events (in atomic units) or a rejection.
+//!    answers a command id it already applied with the events of the first time, and
+//!    one it already rejected with the same rejection. An event the model cannot fold
+//!    (undecodable, or not the next sequence) stops it for good: from then on every
+//!    command is answered `model_stopped` with the event named, and nothing is decided
+//!    on a model with a hole.
+//! 4. `handoff_domain::decide` returns the events (in atomic units) or a rejection. A
+//!    rejection is recorded as `CommandRejected` before it is answered, so every later
+//!    attempt of the id, through any instance, gets it too (decision 0010).
 //! 5. Each unit is appended as one atomic batch, every event expecting its subject's
 //!    last sequence as the model saw it (or, for a rule that reads many aggregates, the
-//!    last sequence of all of them: see `executor::guard_of`). On a conflict the model
-//!    catches up with the stream and the command is decided again.
+//!    last sequence of all of them: see `executor::guard_of`); the first unit also
+//!    holds the command's `CommandAccepted`, which loses to a rejection of the id
+//!    recorded meanwhile. On a conflict the model catches up with the stream and the
+//!    command is decided again.
 //! 6. The reply goes out only after JetStream acknowledged every event.
 //! 7. A job given a new epoch has its fence raised (`handoff_eventlog::fence`), in the
 //!    background once the events are appended, so the data plane's stores refuse its

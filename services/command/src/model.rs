@@ -1,10 +1,12 @@
 //! The command service's picture of the world: the domain state folded from the event
-//! stream, the last sequence of every subject (the expectations of the next append), and
-//! what every command id appended (to answer a retried command without deciding again).
+//! stream, the last sequence of every subject (the expectations of the next append), what
+//! every command id appended (to answer a retried command without deciding again), and
+//! which command ids were answered with a rejection (to answer them so again, decision
+//! 0010).
 
 use std::collections::{BTreeSet, HashMap};
 
-use handoff_domain::{Actor, CommandId, State};
+use handoff_domain::{Actor, CommandId, Event, Rejection, State};
 use handoff_eventlog::Recorded;
 use handoff_protocol::api::AppendedEvent;
 use handoff_protocol::subjects;
@@ -35,6 +37,14 @@ pub struct CommandRecord {
     pub last_at: u64,
 }
 
+/// A command id answered with a domain rejection: its `CommandRejected`.
+#[derive(Clone, Debug)]
+pub struct Rejected {
+    /// The rejected request's digest: the same id with another command is not a retry.
+    pub digest: String,
+    pub rejection: Rejection,
+}
+
 /// The subject filters whose last sequence the model keeps: what the rules that read
 /// many aggregates guard (see `executor::guard_of`).
 pub const GUARDED: [&str; 3] = [
@@ -53,6 +63,8 @@ pub struct Model {
     /// The commands appended in part: some events stored, not the last.
     incomplete: BTreeSet<CommandId>,
     commands: HashMap<CommandId, CommandRecord>,
+    /// The command ids answered with a rejection, by the rejected id.
+    rejected: HashMap<CommandId, Rejected>,
     /// The last stream sequence folded in.
     pub applied: u64,
     /// Whether a user was ever added (even if removed since).
@@ -75,7 +87,22 @@ impl Model {
             });
         }
         self.state.apply(&r.envelope.event);
-        self.has_users |= matches!(r.envelope.event, handoff_domain::Event::UserAdded { .. });
+        self.has_users |= matches!(r.envelope.event, Event::UserAdded { .. });
+        if let Event::CommandRejected {
+            command_id,
+            rejection,
+            ..
+        } = &r.envelope.event
+        {
+            // The first is the answer; the executor never stores a second (the answer
+            // subject's expected sequence), but a fold does not rely on it.
+            self.rejected
+                .entry(command_id.clone())
+                .or_insert_with(|| Rejected {
+                    digest: r.envelope.digest.clone(),
+                    rejection: rejection.clone(),
+                });
+        }
         self.last_seq.insert(r.subject.clone(), r.seq);
         for filter in GUARDED {
             if r.subject.starts_with(filter.trim_end_matches('>')) {
@@ -121,6 +148,11 @@ impl Model {
         self.commands.get(id)
     }
 
+    /// The rejection command `id` was answered with, if it was.
+    pub fn rejected(&self, id: &CommandId) -> Option<&Rejected> {
+        self.rejected.get(id)
+    }
+
     /// The commands appended in part (a move of several units cut between two), oldest
     /// id first.
     pub fn incomplete(&self) -> impl Iterator<Item = (&CommandId, &CommandRecord)> {
@@ -133,8 +165,30 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use handoff_domain::{Actor, DaemonId, Event};
+    use handoff_domain::{Actor, DaemonId};
     use handoff_protocol::EventEnvelope;
+
+    fn rejected(seq: u64, id: &CommandId, digest: &str, rejection: Rejection) -> Recorded {
+        let event = Event::CommandRejected {
+            command_id: id.clone(),
+            command: "MoveJob".into(),
+            rejection,
+        };
+        Recorded {
+            seq,
+            subject: subjects::aggregate(&event.aggregate()),
+            envelope: EventEnvelope {
+                event,
+                version: Event::VERSION,
+                command: handoff_protocol::new_command_id(),
+                actor: Actor::new("admin").unwrap(),
+                at: 0,
+                last: true,
+                digest: digest.into(),
+                signature: None,
+            },
+        }
+    }
 
     fn recorded(seq: u64, n: usize) -> Recorded {
         let daemon = DaemonId::new(format!("backup{n}.example.net:/data/backup/")).unwrap();
@@ -169,5 +223,23 @@ mod tests {
         );
         assert_eq!(model.applied, 2);
         assert_eq!(model.last_seq("handoff.evt.daemon.3"), 0);
+    }
+
+    /// A rejection is indexed by the rejected id with the request's digest, and the first
+    /// one stays the answer; the rejected id has no events of its own.
+    #[test]
+    fn a_rejection_is_the_answer_of_its_id() {
+        let id = handoff_protocol::new_command_id();
+        let down = |n: usize| Rejection::DestinationDown {
+            daemon: DaemonId::new(format!("backup{n}.example.net:/data/backup/")).unwrap(),
+        };
+        let mut model = Model::default();
+        model.apply(&rejected(1, &id, "d1", down(1))).unwrap();
+        model.apply(&rejected(2, &id, "d2", down(2))).unwrap();
+        let r = model.rejected(&id).expect("indexed");
+        assert_eq!((r.digest.as_str(), &r.rejection), ("d1", &down(1)));
+        assert!(model.command(&id).is_none());
+        let subject = subjects::aggregate(&handoff_domain::Aggregate::Answer(id));
+        assert_eq!(model.last_seq(&subject), 2);
     }
 }

@@ -14,6 +14,7 @@ use crate::model::{
     AlertKey, AlertKind, DaemonSettings, HeadPoint, JobSize, JobTarget, MovePhase, MoveScope, Role,
     FLEET,
 };
+use crate::rejection::Rejection;
 
 /// A job handed to a daemon, with the epoch it must attach to everything it writes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +227,22 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<String>,
     },
+    /// The command service took command `command_id` and appends its events: the first
+    /// atomic unit of them holds this too. It and [`Event::CommandRejected`] give a
+    /// command id one answer for good (decision 0010); it changes nothing else.
+    CommandAccepted {
+        command_id: CommandId,
+    },
+    /// The command service answered command `command_id` (a `command`, e.g. `MoveJob`)
+    /// with a domain rejection, and nothing of it was appended: that is its answer for
+    /// good, the same to every later attempt of the id, and no instance applies it any
+    /// more (decision 0010). The envelope is the record's own (its command id is not the
+    /// rejected one); its actor is who signed the request, its digest the request's.
+    CommandRejected {
+        command_id: CommandId,
+        command: String,
+        rejection: Rejection,
+    },
 }
 
 /// A daemon the failover policy could have chosen, as it stood.
@@ -278,6 +295,10 @@ pub enum Aggregate {
     Alert(AlertKey),
     /// One automatic failover decision (by its move's id).
     Failover(CommandId),
+    /// The answer given to one command id, accepted or rejected: many commands share a
+    /// subject (`handoff_protocol::subjects::aggregate`), so rejections add events, never
+    /// subjects.
+    Answer(CommandId),
 }
 
 impl Event {
@@ -315,6 +336,9 @@ impl Event {
                 Aggregate::Alert(AlertKey::new(AlertKind::FailoverPaused, FLEET))
             }
             FailoverDecided { move_id, .. } => Aggregate::Failover(move_id.clone()),
+            CommandAccepted { command_id } | CommandRejected { command_id, .. } => {
+                Aggregate::Answer(command_id.clone())
+            }
         }
     }
 
@@ -349,6 +373,8 @@ impl Event {
             FailoverPaused { .. } => "FailoverPaused",
             FailoverResumed { .. } => "FailoverResumed",
             FailoverDecided { .. } => "FailoverDecided",
+            CommandAccepted { .. } => "CommandAccepted",
+            CommandRejected { .. } => "CommandRejected",
         }
     }
 
@@ -380,6 +406,8 @@ impl Event {
             | OplogTtlResized { .. }
             | UserRemoved { .. }
             | CommandRefused { .. }
+            | CommandAccepted { .. }
+            | CommandRejected { .. }
             | BindFailed { .. }
             | MoveStuck { .. } => vec![],
         }
@@ -421,6 +449,8 @@ impl Event {
             Aggregate::Audit(r) => format!("audit:{r}"),
             Aggregate::Alert(a) => format!("alert:{}:{}", a.kind, a.about),
             Aggregate::Failover(m) => format!("failover:{m}"),
+            // The command's own id is the rest of the key.
+            Aggregate::Answer(_) => "answer".to_owned(),
         };
         match self {
             Event::JobsAssigned { jobs, .. } => match jobs.first() {
@@ -435,6 +465,9 @@ impl Event {
             // On the move's subject, as its MoveStarted of the same command is.
             Event::MoveResumed { .. } => format!("{base}:resumed"),
             Event::MoveInterrupted { .. } => format!("{base}:interrupted"),
+            // Keyed by the rejected command's id (not its record's): a second record of
+            // the same rejection within the duplicate window is not stored.
+            Event::CommandRejected { .. } => format!("{base}:rejected"),
             _ => base,
         }
     }

@@ -41,7 +41,8 @@
 //! The command service validates the request into a [`Command`], calls [`decide()`] with
 //! the state it folded from the stream, and appends the [`Decision`]'s units, each
 //! atomically, with optimistic concurrency on every aggregate the events touch. A
-//! rejection appends nothing.
+//! rejection appends none of the command's events; the service records it as
+//! `CommandRejected`, so the command id keeps that answer (decision 0010).
 
 pub mod alert;
 pub mod auth;

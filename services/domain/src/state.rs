@@ -194,6 +194,8 @@ impl State {
             }
             Event::OplogTtlResized { .. }
             | Event::CommandRefused { .. }
+            | Event::CommandAccepted { .. }
+            | Event::CommandRejected { .. }
             | Event::HeadSpaceLow { .. }
             | Event::HeadSpaceRecovered { .. }
             | Event::BindFailed { .. }
@@ -202,8 +204,8 @@ impl State {
             | Event::FailoverResumed { .. }
             | Event::FailoverDecided { .. }
             | Event::MoveInterrupted { .. } => {
-                // Alerts (folded above), an audit record, a decision whose move events
-                // follow: no ownership changes.
+                // Alerts (folded above), an audit record, the answer given to a command
+                // id, a decision whose move events follow: no ownership changes.
             }
             Event::UserAdded {
                 user,

@@ -12,11 +12,12 @@
 //! | audit     | `handoff.evt.audit.<reason>` (the refused requests of one reason: `unsigned`, `unknown_user`, `bad_signature`, `expired`, `replayed`, `forbidden`) |
 //! | alert     | `handoff.evt.alert.<ALERT_TYPE>.<encoded daemon or job>` (those that are not a daemon's or a job's own events) |
 //! | failover  | `handoff.evt.failover.<move id>` (one automatic decision each) |
+//! | answer    | `handoff.evt.answer.<n>`, `n` = [`answer_bucket`] of the command id: each command's `CommandAccepted` or `CommandRejected`, [`ANSWER_SUBJECTS`] subjects for all of them |
 //!
 //! A daemon id (`host.example.net:/data/backup/`) holds dots, which separate subject
 //! tokens, so it is percent-encoded: every byte outside `[A-Za-z0-9_-]` becomes `%XX`.
 
-use handoff_domain::{Aggregate, DaemonId};
+use handoff_domain::{Aggregate, CommandId, DaemonId};
 
 /// The event stream.
 pub const STREAM: &str = "HANDOFF_EVENTS";
@@ -33,6 +34,10 @@ pub const QUERIES: &str = "handoff.query";
 pub const USERS: &str = "handoff.evt.user.>";
 /// Every refused request, as a filter.
 pub const AUDIT: &str = "handoff.evt.audit.>";
+/// Every command's answer (accepted or rejected), as a filter.
+pub const ANSWERS: &str = "handoff.evt.answer.>";
+/// How many subjects the commands' answers are spread over.
+pub const ANSWER_SUBJECTS: u64 = 256;
 /// Every automatic failover decision, as a filter.
 pub const FAILOVERS: &str = "handoff.evt.failover.>";
 /// Every job's events, as a filter.
@@ -114,7 +119,20 @@ pub fn aggregate(aggregate: &Aggregate) -> String {
         Aggregate::Audit(reason) => format!("{EVENTS}.audit.{}", token(reason)),
         Aggregate::Alert(a) => format!("{EVENTS}.alert.{}.{}", a.kind, token(&a.about)),
         Aggregate::Failover(m) => format!("{EVENTS}.failover.{m}"),
+        Aggregate::Answer(id) => format!("{EVENTS}.answer.{}", answer_bucket(id)),
     }
+}
+
+/// Which of the [`ANSWER_SUBJECTS`] answer subjects holds command `id`'s answer: FNV-1a
+/// (64 bits) of the id's text, modulo their number. Part of the stream's layout: every
+/// instance and every build must compute the same, so it never changes.
+pub fn answer_bucket(id: &CommandId) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.as_str().bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash % ANSWER_SUBJECTS
 }
 
 /// The subject of a daemon's events: its settings, liveness and the jobs assigned to it.
@@ -149,5 +167,24 @@ mod tests {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_=".contains(c)));
         assert_eq!(daemon_from_key(&key), Some(id));
+    }
+
+    /// The answer subject of an id is fixed for good (instances and builds must agree on
+    /// it), and ids spread over all of them.
+    #[test]
+    fn answer_subjects_are_stable_and_bounded() {
+        let id = CommandId::new("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
+        assert_eq!(
+            aggregate(&Aggregate::Answer(id.clone())),
+            format!("handoff.evt.answer.{}", answer_bucket(&id))
+        );
+        assert_eq!(answer_bucket(&id), 64);
+        let buckets: std::collections::BTreeSet<u64> = (0..4096u32)
+            .map(|n| {
+                let id = CommandId::new(format!("01ARZ3NDEKTSV4RRFFQ69{n:05}")).unwrap();
+                answer_bucket(&id)
+            })
+            .collect();
+        assert_eq!(buckets.len() as u64, ANSWER_SUBJECTS);
     }
 }

@@ -293,9 +293,43 @@ fn real_messages_match_their_schemas() {
         &serde_json::from_slice(&refusal.encode()).unwrap(),
     );
     kinds.insert("CommandRefused");
+    // The answers the command service records: a command's first unit holds its
+    // CommandAccepted, a rejection is recorded as CommandRejected.
+    for (event, command) in [
+        (
+            handoff_domain::Event::CommandAccepted { command_id: id(96) },
+            id(96),
+        ),
+        (
+            handoff_domain::Event::CommandRejected {
+                command_id: id(95),
+                command: "MoveJob".into(),
+                rejection: handoff_domain::Rejection::DestinationDown { daemon: d(2) },
+            },
+            id(94),
+        ),
+    ] {
+        kinds.insert(event.type_name());
+        let envelope = EventEnvelope {
+            event,
+            version: handoff_domain::Event::VERSION,
+            command,
+            actor: Actor::new("alice").unwrap(),
+            at: 1,
+            last: true,
+            digest: "0123456789abcdef".into(),
+            signature: Some("fedcba9876543210".into()),
+        };
+        assert_valid(
+            "event.json",
+            &serde_json::from_slice(&envelope.encode()).unwrap(),
+        );
+        let decoded = EventEnvelope::decode(&envelope.encode()).unwrap();
+        assert_eq!(decoded.event, envelope.event, "round trip");
+    }
     assert_eq!(
         kinds.len(),
-        18,
+        20,
         "the story covers every event type: {kinds:?}"
     );
     let refused = decide(

@@ -270,6 +270,17 @@ pub fn describe(e: &Event) -> String {
             "refused {command} {command_id} claimed by {user} from {}: {reason}: {message}",
             client.as_deref().unwrap_or("an unnamed client")
         ),
+        Event::CommandAccepted { command_id } => {
+            format!("command {command_id} accepted: its events are appended with this")
+        }
+        Event::CommandRejected {
+            command_id,
+            command,
+            rejection,
+        } => format!(
+            "{command} {command_id} rejected ({}): {rejection}; every later attempt of the id gets this answer",
+            rejection.reason_code()
+        ),
         Event::JobMoveFailed {
             job,
             reason,

@@ -32,8 +32,10 @@ pub use alerts::alert_of_rejection;
 pub use failover::failover_candidates;
 pub use moves::{Check, MovePlan, PlannedJob};
 
-/// The most events one atomic unit may hold (JetStream's atomic batch limit).
-pub const MAX_EVENTS_PER_UNIT: usize = 1000;
+/// The most events one atomic unit may hold: JetStream's atomic batch limit (1,000) less
+/// the one message the command service adds to a command's first unit, its
+/// `CommandAccepted` (decision 0010).
+pub const MAX_EVENTS_PER_UNIT: usize = 999;
 
 /// Who asks, and when. Supplied by the command service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
