@@ -20,3 +20,4 @@ mod permissions;
 mod projector;
 mod reports;
 mod security;
+mod startup;

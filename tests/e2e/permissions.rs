@@ -619,7 +619,7 @@ async fn each_role_gets_exactly_its_jetstream_calls() -> Result<()> {
     let daemon = async_nats::ConnectOptions::with_nkey(seeds[5].clone())
         .connect(&url)
         .await?;
-    Stores::open(daemon, 1)
+    Stores::bind(daemon)
         .await
         .context("a daemon binds to the data plane's stores")?;
 

@@ -54,6 +54,8 @@ pub async fn measure(initial: u64, entries: u64, runs: usize) -> Result<Data> {
     let dir = tempfile::tempdir()?;
     let mut nats = NatsProcess::start(bin, dir.path(), None).await?;
     let client = async_nats::connect(nats.url()).await?;
+    // The fences are the command service's; the agent's stores bind to them.
+    handoff_eventlog::fence::Fences::open(&jetstream::new(client.clone()), 1).await?;
     let stores = Stores::open(client.clone(), 1).await?;
     let job = JobId::new("bench/rs").expect("valid");
     let mut source = Sim::new(&Config {

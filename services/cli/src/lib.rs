@@ -6,6 +6,9 @@
 //! - [`cmd`]: one module per group of subcommands (fleet, moves, history).
 //! - [`secrets`]: credentials and NATS keys on disk, and the server's authorization.
 //! - [`stack`]: `handoff up`: a nats-server child, the services and a sample fleet.
+//! - [`startup`]: how every service starts: connecting and opening what it needs, tried
+//!   again while the failure passes (a node down, a leader being elected), until it
+//!   starts or is told to stop.
 //! - [`sample`]: the sample fleet.
 //! - [`demo`]: `handoff demo`: the story of a lost daemon, told on a local stack.
 //! - [`output`]: tables, sizes and times for people; `--json` prints the wire values.
@@ -23,6 +26,7 @@ pub mod output;
 pub mod sample;
 pub mod secrets;
 pub mod stack;
+pub mod startup;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -361,28 +365,49 @@ async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
         Cmd::User(c) => cmd::users::user(ctx, c).await,
         Cmd::NatsConfig(a) => cmd::users::nats_config(ctx, a),
         Cmd::CommandService(a) => {
-            let client = ctx.api().await?.client;
+            let mut start = startup::Startup::new("command service");
+            let Some(client) = start.connect(ctx).await? else {
+                return Ok(());
+            };
             let mut config = handoff_command::Config::default();
             config.event_log.replicas = a.replicas;
             config.bootstrap_owner = a.first_owner;
             config.freshness = std::time::Duration::from_secs(a.freshness_secs.max(1));
-            let service = handoff_command::start(client, config)
-                .await
-                .map_err(|e| Failure::Usage(format!("starting the command service: {e}")))?;
+            let started = start
+                .retry("starting the command service", || {
+                    let (client, config) = (client.clone(), config.clone());
+                    async move { Ok(handoff_command::start(client, config).await?) }
+                })
+                .await?;
+            let Some(service) = started else {
+                return Ok(());
+            };
             tracing::info!("command service ready");
             service
-                .run(shutdown_signal())
+                .run(start.shutdown().signalled())
                 .await
                 .map_err(|e| Failure::Usage(e.to_string()))
         }
         Cmd::Projector(a) => {
-            let client = ctx.api().await?.client;
-            let mut config = handoff_projector::Config::new(a.data);
-            config.name = a.name;
-            config.rebuild = a.rebuild;
-            let projector = handoff_projector::start(client, config)
-                .await
-                .map_err(|e| Failure::Usage(format!("starting the projector: {e}")))?;
+            let mut start = startup::Startup::new("projector");
+            let Some(client) = start.connect(ctx).await? else {
+                return Ok(());
+            };
+            let started = start
+                .retry("starting the projector", || {
+                    let client = client.clone();
+                    let mut config = handoff_projector::Config::new(a.data.clone());
+                    config.name = a.name.clone();
+                    config.rebuild = a.rebuild;
+                    async move {
+                        startup::event_stream_exists(&client).await?;
+                        Ok(handoff_projector::start(client, config).await?)
+                    }
+                })
+                .await?;
+            let Some(projector) = started else {
+                return Ok(());
+            };
             tracing::info!("projector ready");
             if a.exit_when_caught_up {
                 let at = projector.run_until_caught_up().await?;
@@ -390,7 +415,7 @@ async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
                 Ok(())
             } else {
                 projector
-                    .run(shutdown_signal())
+                    .run(start.shutdown().signalled())
                     .await
                     .map_err(|e| Failure::Usage(e.to_string()))
             }

@@ -3,11 +3,17 @@
 //! settings, restore leases and daemon heartbeats; the heads' positions live beside the
 //! jobs' fences, in the fence bucket, so that a position is written in one step with its
 //! fence check.
+//!
+//! Who creates what (the NATS permissions allow no one else): the agent creates the data
+//! plane's stores ([`Stores::open`]), the command service the fences; every other process
+//! binds ([`Stores::bind`]) and never creates. A store that is not there yet is
+//! [`StoreError::Missing`], which a service waits out by retrying its start-up.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, kv, object_store, stream};
+use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
+use async_nats::jetstream::{self, consumer, kv, object_store, stream, ErrorCode};
 use futures::{StreamExt, TryStreamExt};
 use handoff_domain::JobId;
 use tokio::io::AsyncReadExt;
@@ -32,8 +38,25 @@ const HEAD_RECORD: &str = "head";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// No answer, or not now (a node down, a stream's leader being elected): try again.
     #[error("the data plane's stores are unavailable: {0}")]
     Unavailable(String),
+    /// A store does not exist yet, and this process does not create it: `owner` does
+    /// when it starts. Try again.
+    #[error("the data plane's store {store} does not exist yet ({owner} creates it)")]
+    Missing {
+        store: &'static str,
+        owner: &'static str,
+    },
+    /// The agent could not create a missing store. The source says whether that passes
+    /// (a timeout, a cluster without a leader or without enough peers) or not (a store of
+    /// the same name with another configuration, more replicas than the server can have).
+    #[error("cannot create the data plane's store {store}: {source}")]
+    Create {
+        store: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
     #[error("snapshot {0} is not in the snapshot store")]
     MissingSnapshot(String),
     #[error("{0}")]
@@ -51,6 +74,14 @@ impl From<FenceError> for StoreError {
             // tried again) until the fence holds an epoch again.
             FenceError::Corrupt { .. } => StoreError::Invalid(e.to_string()),
             FenceError::Unavailable(m) => StoreError::Unavailable(m),
+            FenceError::Missing => StoreError::Missing {
+                store: handoff_eventlog::fence::BUCKET,
+                owner: "the command service",
+            },
+            FenceError::Create { source } => StoreError::Create {
+                store: handoff_eventlog::fence::BUCKET,
+                source: source.into(),
+            },
         }
     }
 }
@@ -76,61 +107,137 @@ pub struct Stores {
     pub fences: Fences,
 }
 
+/// How a process reaches the stores: the agent creates those that are missing, every
+/// other process only binds.
+#[derive(Clone, Copy)]
+enum Reach {
+    Create { replicas: usize },
+    Bind,
+}
+
+/// The agent, which creates the data plane's stores.
+const AGENT: &str = "the agent";
+
+/// Whether getting a store failed because the server says its stream does not exist
+/// (10059), rather than because no answer came.
+fn stream_not_found(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut link = Some(e);
+    while let Some(e) = link {
+        if let Some(get) = e.downcast_ref::<GetStreamError>() {
+            return matches!(get.kind(), GetStreamErrorKind::JetStream(j)
+                if j.error_code() == ErrorCode::STREAM_NOT_FOUND);
+        }
+        link = e.source();
+    }
+    false
+}
+
+/// Gets the store `name` with `get`; only when the server says it is not there, creates
+/// it with `create` if `how` allows, else it is [`StoreError::Missing`]. Any other
+/// failure to get it is [`StoreError::Unavailable`]: never a reason to create.
+async fn reach_store<T, G, GE, C, CE>(
+    name: &'static str,
+    how: Reach,
+    get: impl FnOnce() -> G,
+    create: impl FnOnce(usize) -> C,
+) -> Result<T, StoreError>
+where
+    G: std::future::Future<Output = Result<T, GE>>,
+    GE: std::error::Error + 'static,
+    C: std::future::Future<Output = Result<T, CE>>,
+    CE: std::error::Error + Send + Sync + 'static,
+{
+    match get().await {
+        Ok(store) => Ok(store),
+        Err(e) if stream_not_found(&e) => match how {
+            Reach::Create { replicas } => create(replicas).await.map_err(|e| StoreError::Create {
+                store: name,
+                source: e.into(),
+            }),
+            Reach::Bind => Err(StoreError::Missing {
+                store: name,
+                owner: AGENT,
+            }),
+        },
+        Err(e) => Err(StoreError::Unavailable(format!("{name}: {e}"))),
+    }
+}
+
 impl Stores {
-    /// Opens the stores, creating those that do not exist yet with `replicas` copies.
+    /// Opens the stores as the agent, their owner: creates those that do not exist yet
+    /// with `replicas` copies. The fences are the command service's: bound, never
+    /// created ([`StoreError::Missing`] until it has started).
     pub async fn open(client: async_nats::Client, replicas: usize) -> Result<Stores, StoreError> {
+        Self::reach(client, Reach::Create { replicas }).await
+    }
+
+    /// Binds to the stores as every process but the agent (a daemon, the monitor, the
+    /// operator's restores): never creates one. A store not there yet is
+    /// [`StoreError::Missing`]; a service waits for it by retrying its start-up.
+    pub async fn bind(client: async_nats::Client) -> Result<Stores, StoreError> {
+        Self::reach(client, Reach::Bind).await
+    }
+
+    async fn reach(client: async_nats::Client, how: Reach) -> Result<Stores, StoreError> {
         let js = jetstream::new(client.clone());
-        let oplog = js
-            .get_or_create_stream(stream::Config {
-                name: OPLOG_STREAM.into(),
-                subjects: vec![subjects::OPLOG.into()],
-                storage: stream::StorageType::File,
-                num_replicas: replicas,
-                // Retention purges per job up to a sequence; never an age or size limit,
-                // which could drop entries a head or a restore still needs.
-                deny_delete: true,
-                deny_purge: false,
-                allow_direct: true,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
-        let snapshots = match js.get_object_store(SNAPSHOT_BUCKET).await {
-            Ok(s) => s,
-            Err(_) => js
-                .create_object_store(object_store::Config {
+        let oplog = reach_store(
+            OPLOG_STREAM,
+            how,
+            || js.get_stream(OPLOG_STREAM),
+            |replicas| {
+                js.create_stream(stream::Config {
+                    name: OPLOG_STREAM.into(),
+                    subjects: vec![subjects::OPLOG.into()],
+                    storage: stream::StorageType::File,
+                    num_replicas: replicas,
+                    // Retention purges per job up to a sequence; never an age or size
+                    // limit, which could drop entries a head or a restore still needs.
+                    deny_delete: true,
+                    deny_purge: false,
+                    allow_direct: true,
+                    duplicate_window: Duration::from_secs(120),
+                    ..Default::default()
+                })
+            },
+        )
+        .await?;
+        let snapshots = reach_store(
+            SNAPSHOT_BUCKET,
+            how,
+            || js.get_object_store(SNAPSHOT_BUCKET),
+            |replicas| {
+                js.create_object_store(object_store::Config {
                     bucket: SNAPSHOT_BUCKET.into(),
                     storage: stream::StorageType::File,
                     num_replicas: replicas,
                     ..Default::default()
                 })
-                .await
-                .map_err(unavailable)?,
-        };
+            },
+        )
+        .await?;
+        let js_ref = &js;
         let bucket = |name: &'static str, history: i64| {
-            let js = js.clone();
-            async move {
-                match js.get_key_value(name).await {
-                    Ok(s) => Ok(s),
-                    Err(_) => js
-                        .create_key_value(kv::Config {
-                            bucket: name.into(),
-                            history,
-                            storage: stream::StorageType::File,
-                            num_replicas: replicas,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(unavailable),
-                }
-            }
+            let js = js_ref;
+            reach_store(
+                name,
+                how,
+                move || js.get_key_value(name),
+                move |replicas| {
+                    js.create_key_value(kv::Config {
+                        bucket: name.into(),
+                        history,
+                        storage: stream::StorageType::File,
+                        num_replicas: replicas,
+                        ..Default::default()
+                    })
+                },
+            )
         };
         Ok(Stores {
             config: bucket(CONFIG_BUCKET, 5).await?,
             leases: bucket(LEASES_BUCKET, 1).await?,
             heartbeats: bucket(HEARTBEATS_BUCKET, 1).await?,
-            fences: Fences::open(&js, replicas).await?,
+            fences: Fences::bind(&js).await?,
             client,
             js,
             oplog,

@@ -6,9 +6,15 @@ use futures::StreamExt;
 use handoff_dataplane::store::{HeadRecord, SnapshotMeta, StoreError, Stores};
 use handoff_dataplane::{Checksum, Ts};
 use handoff_domain::{DaemonId, JobId};
-use handoff_eventlog::fence::FenceError;
+use handoff_eventlog::fence::{FenceError, Fences};
 use handoff_protocol::now_ms;
 use handoff_testkit::NatsServer;
+
+/// The stores over `client`, the fences created first (as the command service does).
+async fn stores(client: async_nats::Client) -> Result<Stores> {
+    Fences::open(&async_nats::jetstream::new(client.clone()), 1).await?;
+    Ok(Stores::open(client, 1).await?)
+}
 
 fn snapshot(job: &JobId, epoch: u64, daemon: &str) -> SnapshotMeta {
     SnapshotMeta {
@@ -41,7 +47,7 @@ fn head(daemon: &str, epoch: u64, applied_seq: u64) -> HeadRecord {
 #[tokio::test]
 async fn a_snapshot_from_an_older_epoch_is_refused_and_not_kept() -> Result<()> {
     let server = NatsServer::start().await?;
-    let stores = Stores::open(server.connect().await?, 1).await?;
+    let stores = stores(server.connect().await?).await?;
     let job = JobId::new("p/rs1")?;
     // The owner at epoch 1 stores a snapshot; the job moves (epoch 2).
     stores
@@ -65,7 +71,7 @@ async fn a_snapshot_from_an_older_epoch_is_refused_and_not_kept() -> Result<()> 
 #[tokio::test]
 async fn a_write_committed_after_the_fence_rose_is_refused() -> Result<()> {
     let server = NatsServer::start().await?;
-    let stores = Stores::open(server.connect().await?, 1).await?;
+    let stores = stores(server.connect().await?).await?;
     let job = JobId::new("p/rs2")?;
     stores.fences.raise(&job, 1).await?;
     // A writer reads the fence, is frozen, and the job moves meanwhile.
@@ -93,7 +99,7 @@ async fn a_write_committed_after_the_fence_rose_is_refused() -> Result<()> {
 #[tokio::test]
 async fn a_head_position_from_an_older_epoch_never_overwrites_the_new_owners() -> Result<()> {
     let server = NatsServer::start().await?;
-    let stores = Stores::open(server.connect().await?, 1).await?;
+    let stores = stores(server.connect().await?).await?;
     let job = JobId::new("p/rs3")?;
     stores.put_head(&job, &head("old:/h/", 1, 10)).await?;
     stores.put_head(&job, &head("old:/h/", 1, 11)).await?;
@@ -121,7 +127,7 @@ async fn a_head_position_from_an_older_epoch_never_overwrites_the_new_owners() -
 async fn every_write_of_the_old_owner_is_refused_not_written_over() -> Result<()> {
     let server = NatsServer::start().await?;
     let client = server.connect().await?;
-    let stores = Stores::open(client.clone(), 1).await?;
+    let stores = stores(client.clone()).await?;
     let job = JobId::new("p/rs4")?;
     stores.put_head(&job, &head("old:/h/", 1, 10)).await?;
     let mut writes = async_nats::jetstream::new(client)

@@ -40,7 +40,10 @@ async fn store_claiming(stores: &Stores, job: &JobId, claimed: u64) -> Result<Sn
 #[tokio::test]
 async fn a_snapshot_claiming_any_size_restores_without_allocating_it() -> Result<()> {
     let server = NatsServer::start().await?;
-    let stores = Stores::open(server.connect().await?, 1).await?;
+    let client = server.connect().await?;
+    // The fences are the command service's; the agent's stores bind to them.
+    handoff_eventlog::fence::Fences::open(&async_nats::jetstream::new(client.clone()), 1).await?;
+    let stores = Stores::open(client, 1).await?;
     let dir = tempfile::tempdir()?;
     let heads = Heads::open(&dir.path().join("heads"))?;
     for (n, claimed) in [u64::MAX, 1 << 62, 0].into_iter().enumerate() {

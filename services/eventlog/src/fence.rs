@@ -1,5 +1,7 @@
 //! Fences: each job's current epoch, in the key-value bucket `handoff_fences`, so that
-//! stores outside the event log can refuse a write from a daemon that lost the job.
+//! stores outside the event log can refuse a write from a daemon that lost the job. The
+//! command service creates the bucket ([`Fences::open`]); every other process binds to it
+//! ([`Fences::bind`]) and waits for it while it is missing.
 //!
 //! A fence only rises. The command service raises a job's fence right after it appends
 //! an event that gives the job a new epoch (a move starts, a move fails); the daemon that
@@ -19,7 +21,8 @@
 //! 0: an unknown epoch fences nothing off, so nothing is written under it until someone
 //! puts the job's epoch back (`{"epoch": N}`, N from `handoff job`).
 
-use async_nats::jetstream::{self, context::PublishErrorKind, kv};
+use async_nats::jetstream::context::{CreateKeyValueError, GetStreamError, GetStreamErrorKind};
+use async_nats::jetstream::{self, context::PublishErrorKind, kv, ErrorCode};
 use bytes::Bytes;
 use handoff_domain::JobId;
 use serde::{Deserialize, Serialize};
@@ -74,10 +77,39 @@ pub enum FenceError {
     Corrupt { job: JobId, detail: String },
     #[error("the fences are unavailable: {0}")]
     Unavailable(String),
+    /// The fence bucket does not exist yet, and this process only binds to it
+    /// ([`Fences::bind`]): the command service creates it when it starts. Try again.
+    #[error(
+        "the fence bucket {} does not exist yet (the command service creates it)",
+        BUCKET
+    )]
+    Missing,
+    /// The command service could not create the fence bucket. The source says whether
+    /// that passes (a timeout, a cluster without a leader or without enough peers) or not
+    /// (a bucket of the same name with another configuration).
+    #[error("cannot create the fence bucket {}: {source}", BUCKET)]
+    Create {
+        #[source]
+        source: CreateKeyValueError,
+    },
 }
 
 fn unavailable(e: impl std::fmt::Display) -> FenceError {
     FenceError::Unavailable(e.to_string())
+}
+
+/// Whether getting a store failed because the server says its stream does not exist
+/// (10059), rather than because no answer came.
+fn stream_not_found(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut link = Some(e);
+    while let Some(e) = link {
+        if let Some(get) = e.downcast_ref::<GetStreamError>() {
+            return matches!(get.kind(), GetStreamErrorKind::JetStream(j)
+                if j.error_code() == ErrorCode::STREAM_NOT_FOUND);
+        }
+        link = e.source();
+    }
+    false
 }
 
 /// The key of the record `name` kept beside `job`'s fence.
@@ -93,22 +125,36 @@ pub struct Fences {
 }
 
 impl Fences {
-    /// Opens the bucket, creating it with `replicas` copies if it does not exist.
+    /// Opens the bucket as its owner, the command service: creates it with `replicas`
+    /// copies when it does not exist. Only a bucket the server says is not there is
+    /// created; any other failure to get it is [`FenceError::Unavailable`] (try again).
     pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<Fences, FenceError> {
-        let kv = match js.get_key_value(BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: BUCKET.into(),
-                    history: 1,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(unavailable)?,
-        };
-        Ok(Fences { kv, js: js.clone() })
+        match Self::bind(js).await {
+            Err(FenceError::Missing) => {
+                let kv = js
+                    .create_key_value(kv::Config {
+                        bucket: BUCKET.into(),
+                        history: 1,
+                        storage: jetstream::stream::StorageType::File,
+                        num_replicas: replicas,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|source| FenceError::Create { source })?;
+                Ok(Fences { kv, js: js.clone() })
+            }
+            bound => bound,
+        }
+    }
+
+    /// Binds to the bucket as every process but the command service: never creates it
+    /// (their NATS permissions allow no create). Not there yet: [`FenceError::Missing`].
+    pub async fn bind(js: &jetstream::Context) -> Result<Fences, FenceError> {
+        match js.get_key_value(BUCKET).await {
+            Ok(kv) => Ok(Fences { kv, js: js.clone() }),
+            Err(e) if stream_not_found(&e) => Err(FenceError::Missing),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// The job's fence now.

@@ -16,7 +16,15 @@
 //! silence for the daemons'. It reads whatever is ready before it judges (the tick comes
 //! last), and a tick that comes late (the process or the loop stalled) tells the watch
 //! how long it was deaf, which counts as nobody's silence. The sender's queue is bounded,
-//! and the watch hands out one command per thing at a time.
+//! and the watch hands out one command per thing at a time. When no heartbeat comes from
+//! any daemon for a while, the loop watches the heartbeat bucket again (a watch whose
+//! server died may stall without ending), and the watch takes a silence every daemon
+//! shares for the bucket's, not theirs, up to a cap.
+//!
+//! [`start`] binds to what the monitor reads and never creates it (its NATS permissions
+//! allow no create): the event stream is the command service's, the heartbeat bucket the
+//! agent's. One that is missing is [`Error::Missing`]: like every failure
+//! [`Error::is_transient`] says passes, a reason to start again later, not to give up.
 //!
 //! Any number of monitors may run: what they send is decided by the state, so two
 //! monitors appending the same DAEMON_DOWN append it once.
@@ -24,10 +32,11 @@
 //! # Layout
 //! - [`watch`]: the pure core. The state, the clock and what was heard come in; the
 //!   commands that are due go out. Property-tested without a server.
-//! - this file: the shell. It folds the stream, watches the heartbeat bucket and the
-//!   progress subjects, ticks, and passes what the core finds due to the sender task,
-//!   which sends it through the command client and reports each command back when it
-//!   has landed (and the fold has caught up with what it appended).
+//! - this file: the shell. [`start`] binds to the stream and the heartbeat bucket and
+//!   folds the stream to its end; [`Monitor::run`] goes on folding, watches the heartbeat
+//!   bucket and the progress subjects, ticks, and passes what the core finds due to the
+//!   sender task, which sends it through the command client and reports each command
+//!   back when it has landed (and the fold has caught up with what it appended).
 
 pub mod watch;
 
@@ -64,25 +73,58 @@ pub struct Config {
     pub creds: Credentials,
     /// The failover policy's user, which signs its moves (the monitor's own when none).
     pub policy_creds: Option<Credentials>,
-    /// Replicas of the heartbeat bucket, if the monitor is the first to need it.
+    /// Unused: the monitor binds to the heartbeat bucket, which the agent creates. Kept
+    /// until the callers that still set it stop doing so.
     pub replicas: usize,
 }
 
-/// Why the monitor stopped.
+/// Why the monitor could not start, or stopped.
 #[derive(Debug, Error)]
 pub enum Error {
+    /// Its source says whether it passes.
     #[error("cannot open the event stream: {0}")]
     Open(#[from] handoff_eventlog::OpenError),
+    /// Passes when the stream is unavailable; an event that cannot be decoded does not.
     #[error("cannot read the event stream: {0}")]
     Read(#[from] handoff_eventlog::ReadError),
+    /// Passes when the stream is unavailable.
     #[error("cannot find the end of the event stream: {0}")]
     End(#[from] handoff_eventlog::AppendError),
+    /// Passes: the stream was slow.
     #[error("the event stream did not deliver sequence {0} in time")]
     Behind(u64),
+    /// Passes: what the monitor binds to does not exist yet; `owner` creates it.
+    #[error("{store} does not exist yet ({owner} creates it)")]
+    Missing {
+        store: &'static str,
+        owner: &'static str,
+    },
+    /// Passes: JetStream did not answer, or not now.
+    #[error("JetStream is unavailable: {0}")]
+    Unavailable(String),
+    /// Passes: the heartbeat bucket could not be watched.
     #[error("cannot watch the heartbeat bucket: {0}")]
     Heartbeats(String),
+    /// Passes: the connection is gone for now.
     #[error("cannot hear rebuild progress: {0}")]
     Progress(#[from] async_nats::SubscribeError),
+}
+
+impl Error {
+    /// Whether the failure may pass by itself (try again later), or `None` when only the
+    /// source can tell ([`Error::Open`]: the JetStream error inside).
+    pub fn is_transient(&self) -> Option<bool> {
+        match self {
+            Error::Open(_) => None,
+            Error::Read(e) => Some(matches!(e, handoff_eventlog::ReadError::Unavailable(_))),
+            Error::End(e) => Some(matches!(e, handoff_eventlog::AppendError::Unavailable(_))),
+            Error::Behind(_)
+            | Error::Missing { .. }
+            | Error::Unavailable(_)
+            | Error::Heartbeats(_)
+            | Error::Progress(_) => Some(true),
+        }
+    }
 }
 
 /// Folds the stream into the state the monitor judges on.
@@ -105,24 +147,43 @@ impl Fold {
     }
 }
 
-/// The heartbeat bucket, created if no daemon has made it yet.
-async fn heartbeat_bucket(
-    client: &async_nats::Client,
-    replicas: usize,
-) -> Result<kv::Store, Error> {
-    let js = jetstream::new(client.clone());
-    if let Ok(store) = js.get_key_value(HEARTBEATS_BUCKET).await {
-        return Ok(store);
+/// Whether the server says a stream does not exist (10059).
+fn not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// The event stream must exist before it is attached to: attaching to a missing one
+/// would create it, which is the command service's to do.
+async fn bind_events(js: &jetstream::Context) -> Result<(), Error> {
+    match js.get_stream(subjects::STREAM).await {
+        Ok(_) => Ok(()),
+        Err(e) if not_found(&e) => Err(Error::Missing {
+            store: "the event stream",
+            owner: "the command service",
+        }),
+        Err(e) => Err(Error::Unavailable(e.to_string())),
     }
-    js.create_key_value(kv::Config {
-        bucket: HEARTBEATS_BUCKET.into(),
-        history: 1,
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| Error::Heartbeats(e.to_string()))
+}
+
+/// The heartbeat bucket, which the agent creates.
+async fn heartbeat_bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
+    match js.get_key_value(HEARTBEATS_BUCKET).await {
+        Ok(store) => Ok(store),
+        Err(e) => {
+            let missing = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<jetstream::context::GetStreamError>())
+                .is_some_and(not_found);
+            Err(if missing {
+                Error::Missing {
+                    store: "the heartbeat bucket",
+                    owner: "the agent",
+                }
+            } else {
+                Error::Unavailable(e.to_string())
+            })
+        }
+    }
 }
 
 async fn watch_heartbeats(bucket: &kv::Store) -> Result<kv::Watch, Error> {
@@ -132,18 +193,36 @@ async fn watch_heartbeats(bucket: &kv::Store) -> Result<kv::Watch, Error> {
         .map_err(|e| Error::Heartbeats(e.to_string()))
 }
 
-/// Runs the monitor over `client` until `shutdown` completes.
-pub async fn run(
-    client: async_nats::Client,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), Error> {
-    tokio::pin!(shutdown);
+/// The next heartbeat entry, or never while there is no watch.
+async fn next_heartbeat(
+    watch: &mut Option<kv::Watch>,
+) -> Option<Result<kv::Entry, kv::WatcherError>> {
+    match watch {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A started monitor: bound to the stream and the heartbeat bucket, its state folded to
+/// the stream's end, its watch started.
+pub struct Monitor {
+    monitor: Client,
+    policy: Client,
+    bucket: kv::Store,
+    fold: Fold,
+    watch: Watch,
+    heartbeats: kv::Watch,
+    progress: async_nats::Subscriber,
+}
+
+/// Binds to the event stream and the heartbeat bucket (never creating either) and folds
+/// the stream to its end. Every daemon gets a fresh grace period from here.
+pub async fn start(client: async_nats::Client, config: Config) -> Result<Monitor, Error> {
     let Config {
         settings,
         creds,
         policy_creds,
-        replicas,
+        replicas: _,
     } = config;
     let name = format!(
         "handoff-monitor {}",
@@ -151,7 +230,9 @@ pub async fn run(
     );
     let monitor = Client::new(client.clone(), creds.clone(), name.clone());
     let policy = Client::new(client.clone(), policy_creds.unwrap_or(creds), name);
-    let bucket = heartbeat_bucket(&client, replicas).await?;
+    let js = jetstream::new(client.clone());
+    bind_events(&js).await?;
+    let bucket = heartbeat_bucket(&js).await?;
     let log = EventLog::attach(client.clone(), handoff_eventlog::Config::default()).await?;
     let mut fold = Fold {
         reader: log.read_from(1).await?,
@@ -164,89 +245,142 @@ pub async fn run(
     // Every daemon gets a fresh grace period from now: nothing read back from history
     // says a daemon is silent.
     watch.observe(&fold.state, Instant::now());
-    let mut heartbeats = watch_heartbeats(&bucket).await?;
-    let mut progress = client.subscribe(subjects::PROGRESS).await?;
-    let every = watch.tick();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (queue, queued) = mpsc::channel(QUEUE);
-    let (landed_tx, mut landed) = mpsc::unbounded_channel();
-    let sender = Sender {
+    let heartbeats = watch_heartbeats(&bucket).await?;
+    let progress = client.subscribe(subjects::PROGRESS).await?;
+    Ok(Monitor {
         monitor,
         policy,
-        landed: landed_tx,
-    };
-    let sending = tokio::spawn(sender.run(queued));
-    // Sent, applied at a sequence the fold has not reached yet: landed once it has.
-    let mut settling: Vec<(String, u64)> = Vec::new();
-    tracing::info!(
-        threshold_ms = watch.settings().threshold.as_millis() as u64,
-        failover = watch.settings().failover.is_some(),
-        daemons = fold.state.daemons.len(),
-        "monitor running"
-    );
-    let result = loop {
-        // Biased: whatever is ready (events, heartbeats, progress, landed commands) is
-        // taken in before a tick judges on it.
-        tokio::select! {
-            biased;
-            _ = &mut shutdown => break Ok(()),
-            r = fold.reader.next() => {
-                let r = match r {
-                    Ok(r) => r,
-                    Err(e) => break Err(e.into()),
-                };
-                // Observed at the next tick, which is precise enough for every clock here.
-                fold.state.apply(&r.envelope.event);
-                fold.applied = r.seq;
-                settle(&mut watch, &mut settling, fold.applied);
-            }
-            e = heartbeats.next() => match e {
-                Some(Ok(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
-                    if let Some(d) = subjects::daemon_from_key(&e.key) {
-                        watch.heartbeat(d, Instant::now());
-                    }
-                }
-                Some(_) => {}
-                None => {
-                    tracing::warn!("the heartbeat watch ended; watching again");
-                    heartbeats = match watch_heartbeats(&bucket).await {
-                        Ok(h) => h,
-                        Err(e) => break Err(e),
+        bucket,
+        fold,
+        watch,
+        heartbeats,
+        progress,
+    })
+}
+
+/// Starts the monitor over `client` and runs it until `shutdown` completes.
+pub async fn run(
+    client: async_nats::Client,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    start(client, config).await?.run(shutdown).await
+}
+
+impl Monitor {
+    /// Runs until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        let Monitor {
+            monitor,
+            policy,
+            bucket,
+            mut fold,
+            mut watch,
+            heartbeats,
+            mut progress,
+        } = self;
+        let mut heartbeats = Some(heartbeats);
+        // A new watch being made, off the loop: the bucket may take seconds to answer.
+        let mut rewatching: Option<tokio::task::JoinHandle<Result<kv::Watch, Error>>> = None;
+        let every = watch.tick();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (queue, queued) = mpsc::channel(QUEUE);
+        let (landed_tx, mut landed) = mpsc::unbounded_channel();
+        let sender = Sender {
+            monitor,
+            policy,
+            landed: landed_tx,
+        };
+        let sending = tokio::spawn(sender.run(queued));
+        // Sent, applied at a sequence the fold has not reached yet: landed once it has.
+        let mut settling: Vec<(String, u64)> = Vec::new();
+        tracing::info!(
+            threshold_ms = watch.settings().threshold.as_millis() as u64,
+            failover = watch.settings().failover.is_some(),
+            daemons = fold.state.daemons.len(),
+            "monitor running"
+        );
+        let result = loop {
+            // Biased: whatever is ready (events, heartbeats, progress, landed commands) is
+            // taken in before a tick judges on it.
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                r = fold.reader.next() => {
+                    let r = match r {
+                        Ok(r) => r,
+                        Err(e) => break Err(e.into()),
                     };
+                    // Observed at the next tick, which is precise enough for every clock here.
+                    fold.state.apply(&r.envelope.event);
+                    fold.applied = r.seq;
+                    settle(&mut watch, &mut settling, fold.applied);
                 }
-            },
-            Some(m) = progress.next() => {
-                if let Ok(p) = serde_json::from_slice::<Progress>(&m.payload) {
-                    watch.progress(&fold.state, &p.job, p.epoch, Instant::now());
+                e = next_heartbeat(&mut heartbeats) => match e {
+                    Some(Ok(e)) if e.operation == kv::Operation::Put => {
+                        if let Some(d) = subjects::daemon_from_key(&e.key) {
+                            watch.heartbeat(d, Instant::now());
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        tracing::warn!("the heartbeat watch ended; watching again at the next tick");
+                        heartbeats = None;
+                    }
+                },
+                Some(m) = progress.next() => {
+                    if let Ok(p) = serde_json::from_slice::<Progress>(&m.payload) {
+                        watch.progress(&fold.state, &p.job, p.epoch, Instant::now());
+                    }
                 }
-            }
-            Some(l) = landed.recv() => match l.through {
-                Some(seq) if seq > fold.applied => settling.push((l.key, seq)),
-                _ => watch.landed(&l.key, Instant::now()),
-            },
-            scheduled = tick.tick() => {
-                let (scheduled, now) = (scheduled.into_std(), Instant::now());
-                // A tick this late means nothing ran here meanwhile: deaf, not silence.
-                if now.saturating_duration_since(scheduled) > every {
-                    tracing::warn!(
-                        stalled_ms = now.saturating_duration_since(scheduled).as_millis() as u64,
-                        "the monitor stalled; that time counts as nobody's silence"
-                    );
-                    watch.deaf(scheduled, now);
+                made = async { rewatching.as_mut().expect("guarded by the condition").await }, if rewatching.is_some() => {
+                    rewatching = None;
+                    match made {
+                        Ok(Ok(h)) => heartbeats = Some(h),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "cannot watch the heartbeat bucket; trying again"),
+                        Err(e) => tracing::warn!(error = %e, "watching the heartbeat bucket failed; trying again"),
+                    }
                 }
-                for due in watch.due(&fold.state, now) {
-                    if let Err(e) = queue.try_send(due) {
-                        let due = e.into_inner();
-                        tracing::warn!(command = due.command.name(), "the send queue is full; due again later");
-                        watch.landed(&due.key, now);
+                Some(l) = landed.recv() => match l.through {
+                    Some(seq) if seq > fold.applied => settling.push((l.key, seq)),
+                    _ => watch.landed(&l.key, Instant::now()),
+                },
+                scheduled = tick.tick() => {
+                    let (scheduled, now) = (scheduled.into_std(), Instant::now());
+                    // A tick this late means nothing ran here meanwhile: deaf, not silence.
+                    if now.saturating_duration_since(scheduled) > every {
+                        tracing::warn!(
+                            stalled_ms = now.saturating_duration_since(scheduled).as_millis() as u64,
+                            "the monitor stalled; that time counts as nobody's silence"
+                        );
+                        watch.deaf(scheduled, now);
+                    }
+                    let stalled = watch.rewatch(now);
+                    if (heartbeats.is_none() || stalled) && rewatching.is_none() {
+                        if stalled {
+                            tracing::warn!("no heartbeat from any daemon for a while; watching the heartbeat bucket again");
+                        }
+                        let bucket = bucket.clone();
+                        rewatching = Some(tokio::spawn(async move { watch_heartbeats(&bucket).await }));
+                    }
+                    for due in watch.due(&fold.state, now) {
+                        if let Err(e) = queue.try_send(due) {
+                            let due = e.into_inner();
+                            tracing::warn!(command = due.command.name(), "the send queue is full; due again later");
+                            watch.landed(&due.key, now);
+                        }
                     }
                 }
             }
+        };
+        sending.abort();
+        if let Some(r) = rewatching {
+            r.abort();
         }
-    };
-    sending.abort();
-    result
+        result
+    }
 }
 
 /// Tells the watch about the commands whose events the fold has reached.

@@ -9,6 +9,15 @@
 //!   process stalled: [`Watch::deaf`]), that span counts for nobody's silence, nor for the
 //!   failover delay: the heartbeats that queued up meanwhile are read before anyone is
 //!   judged on them.
+//! - A silence every daemon shares is most likely the heartbeat bucket's (its stream's
+//!   leader moving after a node loss: every put fails for seconds) or the watch's, not
+//!   the daemons'. Once every daemon that is up has missed three of its usual heartbeats
+//!   and nobody at all is heard, the time until the next heartbeat from anyone counts like
+//!   time the monitor could not listen, up to [`Watch::shared_cap`] per silence: the loss
+//!   of every daemon at once is still reported, that much later. A daemon's usual spacing
+//!   is learned from its heartbeats heard in full; until each daemon that is up has one,
+//!   no silence is shared. When nothing is heard for a while, the shell watches the
+//!   bucket again ([`Watch::rewatch`]): a watch whose server died may stall without ending.
 //! - One command per thing at a time: a command handed to the sender is in flight until
 //!   [`Watch::landed`], and nothing more about the same thing is due meanwhile, however
 //!   long the command service takes; after it lands, not again within `resend` (the
@@ -92,8 +101,21 @@ pub struct Watch {
     heard: HashMap<DaemonId, Mark>,
     /// When this monitor saw each daemon go down (or reported it down).
     down_since: HashMap<DaemonId, Mark>,
-    /// How long the monitor has been deaf in all (see [`Watch::deaf`]).
+    /// How long the monitor has been deaf in all (see [`Watch::deaf`]), the silences
+    /// every daemon shared included once they ended.
     deaf: Duration,
+    /// When each daemon's last heartbeat arrived (a first sighting is not one).
+    beats: HashMap<DaemonId, Mark>,
+    /// Each daemon's usual heartbeat spacing: the last gap between two of its heartbeats
+    /// that the monitor heard in full (nothing deaf between them).
+    spacing: HashMap<DaemonId, Duration>,
+    /// The daemons up in the state, whose heartbeats are expected.
+    up: HashSet<DaemonId>,
+    /// The last heartbeat from any daemon (or the start): a silence everybody shares ends
+    /// with the next one.
+    last_any: Option<Mark>,
+    /// How often the heartbeat bucket was watched again during the current silence.
+    rewatched: u32,
     /// Each moving job's move, phase, and when it last made progress.
     moving: HashMap<JobId, (CommandId, MovePhase, Instant)>,
     /// When each command last landed (or was handed over), by what it is about: not
@@ -114,6 +136,11 @@ impl Watch {
             heard: HashMap::new(),
             down_since: HashMap::new(),
             deaf: Duration::ZERO,
+            beats: HashMap::new(),
+            spacing: HashMap::new(),
+            up: HashSet::new(),
+            last_any: None,
+            rewatched: 0,
             moving: HashMap::new(),
             sent: HashMap::new(),
             in_flight: HashSet::new(),
@@ -131,23 +158,102 @@ impl Watch {
         (self.settings.threshold / 5).clamp(Duration::from_millis(50), Duration::from_secs(1))
     }
 
+    /// The most of one silence every daemon shares that counts as the monitor's: five
+    /// thresholds, at most 30 s. Beyond, it is the daemons' silence again.
+    pub fn shared_cap(&self) -> Duration {
+        (self.settings.threshold * 5).min(Duration::from_secs(30))
+    }
+
+    /// How long nothing may be heard from anyone before the shell watches the heartbeat
+    /// bucket again (and again after as long): a quarter of the threshold, from 1 to 10 s.
+    fn rewatch_after(&self) -> Duration {
+        (self.settings.threshold / 4).clamp(Duration::from_secs(1), Duration::from_secs(10))
+    }
+
+    /// How long the monitor has been deaf by `now`, the silence everybody shares so far
+    /// included.
+    fn deaf_by(&self, now: Instant) -> Duration {
+        self.deaf + self.shared(now)
+    }
+
     fn mark(&self, at: Instant) -> Mark {
         Mark {
             at,
-            deaf: self.deaf,
+            deaf: self.deaf_by(at),
         }
     }
 
     /// How long the monitor listened from `since` to `now`.
     fn listened(&self, since: Mark, now: Instant) -> Duration {
         now.saturating_duration_since(since.at)
+            .saturating_sub(self.deaf_by(now).saturating_sub(since.deaf))
+    }
+
+    /// How long the monitor listened from `since` to `now`, counting as deaf only what has
+    /// ended (its stalls, and the shared silences a heartbeat ended).
+    fn quiet(&self, since: Mark, now: Instant) -> Duration {
+        now.saturating_duration_since(since.at)
             .saturating_sub(self.deaf.saturating_sub(since.deaf))
     }
 
-    /// A heartbeat of `daemon` arrived.
+    /// How much of the silence now is everybody's (see the module's notes): none unless
+    /// each daemon that is up has a usual spacing and has missed three heartbeats, from
+    /// the moment the last of them did, up to [`Watch::shared_cap`].
+    fn shared(&self, now: Instant) -> Duration {
+        let Some(last) = self.last_any else {
+            return Duration::ZERO;
+        };
+        if self.up.is_empty() {
+            return Duration::ZERO;
+        }
+        let mut shared = self.quiet(last, now);
+        for daemon in &self.up {
+            let (Some(beat), Some(spacing)) = (self.beats.get(daemon), self.spacing.get(daemon))
+            else {
+                return Duration::ZERO;
+            };
+            let overdue_after = (*spacing * 3).max(self.tick());
+            shared = shared.min(self.quiet(*beat, now).saturating_sub(overdue_after));
+        }
+        shared.min(self.shared_cap())
+    }
+
+    /// A heartbeat of `daemon` arrived: it is heard, and a silence everybody shared ends.
     pub fn heartbeat(&mut self, daemon: DaemonId, now: Instant) {
-        let mark = self.mark(now);
+        self.deaf += self.shared(now);
+        self.rewatched = 0;
+        let mark = Mark {
+            at: now,
+            deaf: self.deaf,
+        };
+        // A gap heard in full tells the daemon's spacing; one with deafness in it does not
+        // (a silence everybody shared would otherwise stretch everybody's spacing).
+        if let Some(last) = self.beats.get(&daemon) {
+            if last.deaf == self.deaf && now > last.at {
+                self.spacing.insert(daemon.clone(), now - last.at);
+            }
+        }
+        self.beats.insert(daemon.clone(), mark);
+        self.last_any = Some(mark);
         self.heard.insert(daemon, mark);
+    }
+
+    /// Whether the shell should watch the heartbeat bucket again: nothing has been heard
+    /// from any daemon for [`Watch::rewatch_after`] while some are up (a watch whose
+    /// server went away can stall without ending), and again after each as long.
+    pub fn rewatch(&mut self, now: Instant) -> bool {
+        let Some(last) = self.last_any else {
+            return false;
+        };
+        if self.up.is_empty() {
+            return false;
+        }
+        let due = self.rewatch_after() * (self.rewatched + 1);
+        if now.saturating_duration_since(last.at) < due {
+            return false;
+        }
+        self.rewatched += 1;
+        true
     }
 
     /// The monitor could hear nothing from `from` to `to` (its loop or its process
@@ -187,6 +293,20 @@ impl Watch {
     /// Brings the bookkeeping in line with the state: daemons and moves seen for the first
     /// time start their clocks now.
     pub fn observe(&mut self, state: &State, now: Instant) {
+        let up: HashSet<DaemonId> = state
+            .daemons
+            .iter()
+            .filter(|(_, d)| matches!(d.status, DaemonStatus::Active(_)) && d.is_up())
+            .map(|(id, _)| id.clone())
+            .collect();
+        if self.last_any.is_none() || (self.up.is_empty() && !up.is_empty()) {
+            // Silence is everybody's only from when somebody was expected.
+            self.last_any = Some(Mark {
+                at: now,
+                deaf: self.deaf,
+            });
+        }
+        self.up = up;
         let mark = self.mark(now);
         for (id, d) in &state.daemons {
             match d.status {
@@ -201,6 +321,8 @@ impl Watch {
                 DaemonStatus::Removed => {
                     self.heard.remove(id);
                     self.down_since.remove(id);
+                    self.beats.remove(id);
+                    self.spacing.remove(id);
                 }
             }
         }

@@ -366,3 +366,110 @@ fn a_command_in_flight_is_not_handed_out_again_until_it_lands() {
     assert_eq!(again.len(), down.len());
     assert_eq!(again[0].key, down[0].key);
 }
+
+/// Every daemon beats each second; `who` beat at each of `from..=to` seconds, and the
+/// monitor judges after each.
+fn beat_and_judge(
+    f: &mut Fleet,
+    w: &mut Watch,
+    t0: Instant,
+    from: u64,
+    to: u64,
+    who: &[usize],
+) -> Vec<(u64, String)> {
+    let mut due = Vec::new();
+    for t in from..=to {
+        for n in who {
+            w.heartbeat(d(*n), t0 + s(t));
+        }
+        due.extend(f.run(w, t0 + s(t)).into_iter().map(|c| (t, c)));
+    }
+    due
+}
+
+/// The heartbeat bucket's stream loses its leader: for 15 s every daemon's heartbeat put
+/// fails, so nobody is heard, longer than the 10 s threshold. A silence every daemon
+/// shares is the bucket's, not theirs: nobody is reported down. Once heartbeats come
+/// again, a daemon that then falls silent is found down after the threshold as usual.
+#[test]
+fn a_silence_every_daemon_shares_is_not_theirs() {
+    let mut f = Fleet::new(3, 1);
+    let t0 = Instant::now();
+    let mut w = Watch::new(settings(Some(policy())));
+    w.observe(&f.state, t0);
+    assert!(beat_and_judge(&mut f, &mut w, t0, 1, 10, &[1, 2, 3]).is_empty());
+    for t in 11..=25 {
+        assert!(f.run(&mut w, t0 + s(t)).is_empty(), "reported at {t} s");
+    }
+    assert!(beat_and_judge(&mut f, &mut w, t0, 26, 30, &[1, 2, 3]).is_empty());
+    // Daemon 1 stops for good at 30 s; the others go on.
+    let due = beat_and_judge(&mut f, &mut w, t0, 31, 45, &[2, 3]);
+    assert_eq!(due, vec![(41, format!("down {}", d(1)))]);
+}
+
+/// Every daemon is lost at once. Their shared silence counts as the monitor's only up to
+/// the cap (30 s here): each is reported down once the threshold has passed beyond it.
+#[test]
+fn the_loss_of_every_daemon_at_once_is_still_reported() {
+    let mut f = Fleet::new(3, 1);
+    let t0 = Instant::now();
+    let mut w = Watch::new(settings(None));
+    w.observe(&f.state, t0);
+    assert_eq!(w.shared_cap(), s(30));
+    assert!(beat_and_judge(&mut f, &mut w, t0, 1, 10, &[1, 2, 3]).is_empty());
+    // Three missed heartbeats (13 s) start the shared silence; 30 s of it are the
+    // monitor's; then 10 s of the daemons' own.
+    for t in 11..=50 {
+        assert!(f.run(&mut w, t0 + s(t)).is_empty(), "reported at {t} s");
+    }
+    let mut down = f.run(&mut w, t0 + s(51));
+    down.sort();
+    assert_eq!(
+        down,
+        (1..=3)
+            .map(|n| format!("down {}", d(n)))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Until each daemon that is up has a usual spacing (two heartbeats heard in full), no
+/// silence is shared: daemon 3 has beaten once when nobody is heard any more, so the
+/// silence of all three is judged on the threshold alone.
+#[test]
+fn no_silence_is_shared_before_every_spacing_is_known() {
+    let mut f = Fleet::new(3, 0);
+    let t0 = Instant::now();
+    let mut w = Watch::new(settings(None));
+    w.observe(&f.state, t0);
+    assert!(beat_and_judge(&mut f, &mut w, t0, 1, 9, &[1, 2]).is_empty());
+    assert!(beat_and_judge(&mut f, &mut w, t0, 10, 10, &[1, 2, 3]).is_empty());
+    assert!(f.run(&mut w, t0 + s(20)).is_empty());
+    let mut down = f.run(&mut w, t0 + s(21));
+    down.sort();
+    assert_eq!(
+        down,
+        (1..=3)
+            .map(|n| format!("down {}", d(n)))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// A watch of the heartbeat bucket whose server died can stall without ending: when
+/// nobody is heard for a quarter of the threshold (2.5 s here), the shell watches the
+/// bucket again, and again after each as long, until a heartbeat comes.
+#[test]
+fn the_heartbeat_watch_is_made_again_when_nobody_is_heard() {
+    let mut f = Fleet::new(2, 0);
+    let t0 = Instant::now();
+    let mut w = Watch::new(settings(None));
+    w.observe(&f.state, t0);
+    assert!(beat_and_judge(&mut f, &mut w, t0, 1, 10, &[1, 2]).is_empty());
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    assert!(!w.rewatch(ms(12_000)));
+    assert!(w.rewatch(ms(12_500)));
+    assert!(!w.rewatch(ms(13_000)), "once per quarter threshold");
+    assert!(w.rewatch(ms(15_000)));
+    w.heartbeat(d(1), ms(16_000));
+    assert!(!w.rewatch(ms(18_000)));
+    assert!(w.rewatch(ms(18_500)));
+}

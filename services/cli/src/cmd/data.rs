@@ -13,6 +13,7 @@ use handoff_domain::{DaemonId, JobId, ProjectId};
 use super::fleet::{daemon_id, job_id, project_id, SettingsArgs};
 use super::print_json;
 use crate::output::{bytes, parse_bytes, time, Table};
+use crate::startup::Startup;
 use crate::{Context, Failure};
 
 fn size(s: &str) -> Result<u64, String> {
@@ -103,9 +104,11 @@ pub struct DaemonRunArgs {
     pub settings: SettingsArgs,
 }
 
-async fn stores(ctx: &Context, replicas: usize) -> Result<Stores, Failure> {
+/// The stores for the operator's commands (restore, snapshots, schedule): bound, never
+/// created, and not waited for.
+async fn stores(ctx: &Context) -> Result<Stores, Failure> {
     let client = ctx.api().await?.client;
-    Stores::open(client, replicas)
+    Stores::bind(client)
         .await
         .map_err(|e| Failure::Usage(e.to_string()))
 }
@@ -126,9 +129,23 @@ fn own_creds(ctx: &Context, role: &str) -> Result<handoff_protocol::auth::Creden
 
 pub async fn run_agent(ctx: &Context, a: AgentArgs) -> Result<(), Failure> {
     let creds = own_creds(ctx, "agent")?;
-    let stores = stores(ctx, a.replicas).await?;
+    let mut start = Startup::new("agent");
+    let Some(client) = start.connect(ctx).await? else {
+        return Ok(());
+    };
+    // The agent creates the data plane's stores; it waits for the fences, which are the
+    // command service's.
+    let started = start
+        .retry("opening the data plane's stores", || {
+            let client = client.clone();
+            async move { Ok(Stores::open(client, a.replicas).await?) }
+        })
+        .await?;
+    let Some(stores) = started else {
+        return Ok(());
+    };
     tracing::info!(user = %creds.user, "agent running");
-    agent::run(stores, a.config(), creds, crate::shutdown_signal())
+    agent::run(stores, a.config(), creds, start.shutdown().signalled())
         .await
         .map_err(|e| Failure::Usage(format!("agent: {e:#}")))
 }
@@ -151,8 +168,21 @@ pub async fn run_daemon(ctx: &Context, a: DaemonRunArgs) -> Result<(), Failure> 
         heartbeat_ms: a.heartbeat_ms,
         creds: own_creds(ctx, "daemon")?,
     };
-    let stores = stores(ctx, 1).await?;
-    daemon::run(stores, config, crate::shutdown_signal())
+    let mut start = Startup::new("daemon");
+    let Some(client) = start.connect(ctx).await? else {
+        return Ok(());
+    };
+    // A daemon binds to the stores and waits for them: the agent creates them.
+    let started = start
+        .retry("binding to the data plane's stores", || {
+            let client = client.clone();
+            async move { Ok(Stores::bind(client).await?) }
+        })
+        .await?;
+    let Some(stores) = started else {
+        return Ok(());
+    };
+    daemon::run(stores, config, start.shutdown().signalled())
         .await
         .map_err(|e| Failure::Usage(format!("daemon: {e:#}")))
 }
@@ -194,7 +224,7 @@ pub async fn restore(ctx: &Context, a: RestoreArgs) -> Result<(), Failure> {
         (_, _, Some(ts)) => Target::OplogTs(ts),
         _ => unreachable!("clap requires one"),
     };
-    let stores = stores(ctx, 1).await?;
+    let stores = stores(ctx).await?;
     let done = restore::restore(&stores, &a.job, &target, &a.out)
         .await
         .map_err(|e| match e {
@@ -248,7 +278,7 @@ pub struct SnapshotsArgs {
 }
 
 pub async fn snapshots(ctx: &Context, a: SnapshotsArgs) -> Result<(), Failure> {
-    let stores = stores(ctx, 1).await?;
+    let stores = stores(ctx).await?;
     let list = stores
         .snapshots(a.job.as_ref())
         .await
@@ -306,7 +336,7 @@ pub struct ScheduleArgs {
 }
 
 pub async fn schedule(ctx: &Context, a: ScheduleArgs) -> Result<(), Failure> {
-    let stores = stores(ctx, 1).await?;
+    let stores = stores(ctx).await?;
     let err = |e: handoff_dataplane::store::StoreError| Failure::Usage(e.to_string());
     let mut settings = stores.settings().await.map_err(err)?;
     let mut s = match &a.job {

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::print_json;
 use crate::output::{parse_duration, time, Table};
+use crate::startup::Startup;
 use crate::{Context, Failure};
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -63,8 +64,9 @@ pub struct MonitorArgs {
     /// (default: the monitor's own --creds).
     #[arg(long)]
     pub policy_creds: Option<std::path::PathBuf>,
-    /// Copies of the data plane's stores, if the monitor creates them.
-    #[arg(long, default_value_t = 1)]
+    /// Ignored: the monitor binds to the heartbeat bucket, which the agent creates with
+    /// the agent's --replicas. Accepted so that scripts that pass it still run.
+    #[arg(long, default_value_t = 1, hide = true)]
     pub replicas: usize,
 }
 
@@ -102,14 +104,28 @@ pub async fn run_monitor(ctx: &Context, a: MonitorArgs) -> Result<(), Failure> {
         ),
         None => None,
     };
-    let client = ctx.api().await?.client;
+    let mut start = Startup::new("monitor");
+    let Some(client) = start.connect(ctx).await? else {
+        return Ok(());
+    };
     let config = handoff_monitor::Config {
         settings,
         creds,
         policy_creds,
         replicas: a.replicas,
     };
-    handoff_monitor::run(client, config, crate::shutdown_signal())
+    // The monitor binds to the event stream and the heartbeat bucket and waits for them.
+    let started = start
+        .retry("starting the monitor", || {
+            let (client, config) = (client.clone(), config.clone());
+            async move { Ok(handoff_monitor::start(client, config).await?) }
+        })
+        .await?;
+    let Some(monitor) = started else {
+        return Ok(());
+    };
+    monitor
+        .run(start.shutdown().signalled())
         .await
         .map_err(|e| Failure::Usage(format!("monitor: {e:#}")))
 }
