@@ -72,3 +72,46 @@ async fn on_a_cluster_a_lost_acknowledgement_retried_is_recognised() -> Result<(
     );
     Ok(())
 }
+
+/// A follower of the stream rides through the loss of the node its client is connected
+/// to: every event appended before, during and after the loss comes once, in order, and
+/// `history` and `watch`-style reads go on (the CLI's readers are followers).
+#[tokio::test]
+async fn a_follower_rides_through_the_loss_of_its_node() -> Result<()> {
+    let mut cluster = NatsCluster::start(3).await?;
+    let mut config = handoff_command::Config::default();
+    config.event_log.replicas = 3;
+    // The command service's node is never the one lost here.
+    let _commands = CommandService::start(&cluster.url(2), config).await?;
+    let writer = cluster.connect().await?;
+    for n in 1..=3 {
+        send(&writer, &new_id(), &register(n, settings(100)))
+            .await?
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+    }
+    let reader_client = cluster.connect().await?;
+    let log = EventLog::attach(reader_client.clone(), Default::default()).await?;
+    let mut follower = handoff_eventlog::Follower::new(log, 1, None);
+    let mut seen = vec![follower.next().await?.seq];
+    // The node the reader is connected to goes away while events keep coming.
+    let port = reader_client.server_info().port;
+    let node = (0..2).find(|i| cluster.port(*i) == port).unwrap_or(0);
+    cluster.kill(node);
+    for n in 4..=6 {
+        send(&writer, &new_id(), &register(n, settings(100)))
+            .await?
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+    }
+    cluster.restart(node).await?;
+    let end = EventLog::attach(writer, Default::default())
+        .await?
+        .last_sequence()
+        .await?;
+    while seen.last().is_some_and(|s| *s < end) {
+        let r = tokio::time::timeout(TIMEOUT, follower.next()).await??;
+        seen.push(r.seq);
+    }
+    let expected: Vec<u64> = (1..=end).collect();
+    assert_eq!(seen, expected, "every event once, in order");
+    Ok(())
+}

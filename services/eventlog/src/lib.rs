@@ -22,8 +22,10 @@
 //! # Layout
 //! - [`EventLog`]: open (creating or updating the stream), append, read.
 //! - [`reader`]: ordered reads of the stream from a sequence, for folds and replays.
+//! - [`follow`]: a reader that rides through outages (a node lost, a leader moving).
 
 pub mod fence;
+pub mod follow;
 pub mod reader;
 
 use std::time::Duration;
@@ -34,6 +36,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use thiserror::Error;
 
+pub use follow::Follower;
 pub use reader::{EventReader, ReadError, Recorded};
 
 use handoff_protocol::EventEnvelope;

@@ -121,6 +121,16 @@ impl NatsCluster {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Stops node `i` at once (SIGKILL), as a lost server.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts node `i` again on its port and store, and waits until it answers.
+    pub async fn restart(&mut self, i: usize) -> Result<()> {
+        Ok(self.nodes[i].restart().await?)
+    }
 }
 
 #[cfg(test)]

@@ -4,12 +4,16 @@
 use clap::Args;
 use handoff_domain::model::MoveScope;
 use handoff_domain::{DaemonId, Event, JobId};
-use handoff_eventlog::Recorded;
+use handoff_eventlog::{Follower, Recorded};
 use serde_json::json;
 
 use super::fleet::{daemon_id, job_id};
 use crate::output::{bytes, parse_since, time};
 use crate::{Context, Failure};
+
+/// How long a reader waits for the event stream to come back before it gives up: a node
+/// lost in a cluster takes a few seconds to be replaced as a stream's leader.
+const OUTAGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Which events to show.
 #[derive(Debug, Args)]
@@ -63,11 +67,11 @@ pub async fn history(ctx: &Context, a: HistoryArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Usage(format!("--since: {e}")))?;
     let api = ctx.api().await?;
     let log = api.log().await?;
-    let end = log.last_sequence().await?;
+    let end = log.last_sequence_within(OUTAGE).await?;
     if end == 0 {
         return Ok(());
     }
-    let mut reader = log.read_from(1).await?;
+    let mut reader = Follower::new(log, 1, None);
     loop {
         let r = reader.next().await?;
         if a.filter.matches(&r.envelope.event) && since.is_none_or(|s| r.envelope.at >= s) {
@@ -82,8 +86,8 @@ pub async fn history(ctx: &Context, a: HistoryArgs) -> Result<(), Failure> {
 pub async fn watch(ctx: &Context, a: WatchArgs) -> Result<(), Failure> {
     let api = ctx.api().await?;
     let log = api.log().await?;
-    let end = log.last_sequence().await?;
-    let mut reader = log.read_from(end + 1).await?;
+    let end = log.last_sequence_within(OUTAGE).await?;
+    let mut reader = Follower::new(log, end + 1, None);
     if !ctx.json {
         eprintln!("watching events after #{end} (Ctrl-C to stop)");
     }

@@ -206,10 +206,8 @@ async fn started_jobs(
     id: &CommandId,
     applied: &Applied,
 ) -> Result<Vec<JobId>, Failure> {
-    let log = api.log().await?;
-    let mut reader = log
-        .read_from(applied.events.first().map_or(1, |e| e.seq))
-        .await?;
+    let from = applied.events.first().map_or(1, |e| e.seq);
+    let mut reader = handoff_eventlog::Follower::new(api.log().await?, from, None);
     let mut jobs = Vec::new();
     for _ in &applied.events {
         let r = reader.next().await?;
@@ -300,10 +298,12 @@ async fn wait(
     jobs: Vec<JobId>,
     from_seq: u64,
 ) -> Result<(), Failure> {
-    let log = api.log().await?;
-    let mut reader = log
-        .read_filtered(from_seq, handoff_protocol::subjects::JOB_EVENTS)
-        .await?;
+    // Rides through a node lost in a cluster: the move goes on meanwhile.
+    let mut reader = handoff_eventlog::Follower::new(
+        api.log().await?,
+        from_seq,
+        Some(handoff_protocol::subjects::JOB_EVENTS),
+    );
     let mut progress = api
         .client
         .subscribe(handoff_protocol::subjects::progress(id.as_str()))
