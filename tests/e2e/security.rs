@@ -369,8 +369,11 @@ async fn the_generated_nats_configuration_walls_off_each_process() -> Result<()>
 
     let (operator, mut operator_errors) = connect_as(&url, &operator_seed).await?;
     let js = async_nats::jetstream::new(operator.clone());
-    let mut stream = js.get_stream(handoff_protocol::subjects::STREAM).await?;
-    let before = stream.info().await?.state.last_sequence;
+    // What the walled-off identities try to write to: daemon 1's subject. (The stack's
+    // own services may append elsewhere meanwhile, e.g. a daemon's registration again.)
+    let own_subject = handoff_protocol::subjects::daemon(&d1);
+    let reader = handoff_eventlog::EventLog::attach(operator.clone(), Default::default()).await?;
+    let before = reader.last_sequence_of(&own_subject).await?;
     // An operator's key: the endpoints answer, the stream cannot be written.
     let status = operator
         .request(handoff_protocol::subjects::query("status"), "{}".into())
@@ -426,9 +429,9 @@ async fn the_generated_nats_configuration_walls_off_each_process() -> Result<()>
     assert!(other.is_err(), "a daemon read another daemon's assignments");
 
     assert_eq!(
-        stream.info().await?.state.last_sequence,
+        reader.last_sequence_of(&own_subject).await?,
         before,
-        "nothing appended"
+        "nothing appended to what they tried to write"
     );
 
     // Under these permissions the data plane works: a move rebuilds for real.
