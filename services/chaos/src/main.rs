@@ -149,7 +149,7 @@ async fn run(args: &Args) -> Result<usize> {
     let (last, end) = tokio::sync::watch::channel(None);
     let checking = tokio::spawn(completions(
         EventLog::attach(admin, Default::default()).await?,
-        Stores::open(d.store_connection().await?, 3).await?,
+        Stores::bind(d.store_connection().await?).await?,
         end,
     ));
 
@@ -331,7 +331,7 @@ async fn check(
         1_000,
         judged.timeline,
     ));
-    let stores = Stores::open(d.store_connection().await?, 3).await?;
+    let stores = Stores::bind(d.store_connection().await?).await?;
     out.extend(check_heads(&stores, &events, &state).await?);
     out.extend(check_views(d, &events).await?);
     Ok(out)

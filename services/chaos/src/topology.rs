@@ -521,7 +521,7 @@ impl Deployment {
         // Creating the stores on a cluster can outlast one request's timeout: again.
         let mut tries = 0;
         let stores = loop {
-            match handoff_dataplane::store::Stores::open(nats.clone(), 3).await {
+            match handoff_dataplane::store::Stores::bind(nats.clone()).await {
                 Ok(s) => break s,
                 Err(e) if tries < 30 => {
                     tries += 1;
