@@ -254,3 +254,30 @@ async fn a_command_applied_elsewhere_is_not_refused_by_a_lagging_instance() -> R
     assert!(rejections_of(&events, &id).is_empty());
     Ok(())
 }
+
+/// A service's report that is refused (here a daemon registering again, as it does at
+/// every restart) is not recorded: its service sends it again while the condition lasts,
+/// and a record per resend would only grow the stream. An operator's refused command is
+/// recorded, once.
+#[tokio::test]
+async fn refused_reports_are_not_recorded_refused_commands_are() -> Result<()> {
+    let stack = Stack::start().await?;
+    stack.apply(register(1, settings(100))).await?;
+    for _ in 0..3 {
+        let again = stack
+            .send_as(&new_id(), &register(1, settings(100)))
+            .await?;
+        assert!(again.is_err(), "a second registration is refused");
+    }
+    let rejected = |events: &[Recorded]| of_type(events, "CommandRejected").len();
+    assert_eq!(rejected(&stack.events().await?), 0, "no record of a report");
+    // Daemon 2 is not registered: the move is refused, and that is recorded.
+    let refused = stack.send_as(&new_id(), &move_jobs(1, 2)).await?;
+    assert!(refused.is_err(), "a move to an unknown daemon is refused");
+    assert_eq!(
+        rejected(&stack.events().await?),
+        1,
+        "one record of a command"
+    );
+    Ok(())
+}

@@ -714,9 +714,13 @@ impl Executor {
     /// as the id may have been applied or answered meanwhile. A rejection that cannot be
     /// recorded (an outage) is not final and is answered `unavailable` instead.
     ///
-    /// Not recorded: a dry run (it appends nothing, so nothing can apply it), and a
-    /// command appended in part (its continuation waits for what the rejection names, and
-    /// the service finishes it, decision 0009).
+    /// Not recorded: a dry run (it appends nothing, so nothing can apply it), a command
+    /// appended in part (its continuation waits for what the rejection names, and the
+    /// service finishes it, decision 0009), and a service's report of what it sees
+    /// ([`reports_what_it_sees`]): those are decided against the state whenever they
+    /// arrive and sent again while the condition lasts, so a late one changes nothing
+    /// the state does not allow, and recording each refusal would add an event per
+    /// resend for as long as the condition lasts.
     async fn reject(
         &mut self,
         request: &CommandRequest<Command>,
@@ -725,7 +729,9 @@ impl Executor {
         rejection: Rejection,
     ) -> Option<ErrorBody> {
         let in_part = self.model.command(&request.id).is_some();
-        if !is_dry_run(&request.command) && !in_part {
+        let recorded =
+            !is_dry_run(&request.command) && !in_part && !reports_what_it_sees(&request.command);
+        if recorded {
             match self
                 .record_rejection(request, digest, signature, &rejection)
                 .await
@@ -929,6 +935,23 @@ fn guard_of(event: &Event) -> Option<&'static str> {
 
 fn system_actor() -> Actor {
     Actor::new(handoff_domain::command::SYSTEM_ACTOR).expect("the system actor is valid")
+}
+
+/// A service's report of what it sees (a daemon's registration and phase, the monitor's
+/// liveness, head space, stuck moves, guard and the failover policy's moves): decided
+/// against the state whenever it arrives, and sent again by its service while the
+/// condition lasts.
+fn reports_what_it_sees(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::RegisterDaemon(_)
+            | Command::ReportJobMovePhase(_)
+            | Command::ReportDaemonLiveness(_)
+            | Command::ReportHeadSpace(_)
+            | Command::ReportMoveStuck(_)
+            | Command::ReportFailoverGuard(_)
+            | Command::FailoverJob(_)
+    )
 }
 
 #[cfg(test)]

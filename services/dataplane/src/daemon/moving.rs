@@ -10,7 +10,7 @@ use handoff_client::{Client, Retry, SendError};
 use handoff_domain::command::{CompleteJobMove, FailJobMove, ReportJobMovePhase};
 use handoff_domain::event::Aggregate;
 use handoff_domain::model::{HeadPoint, MovePhase};
-use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, Rejection};
+use handoff_domain::{Command, CommandId, DaemonId, Event, JobId};
 use handoff_protocol::{subjects, Applied};
 use tokio::sync::{mpsc, watch};
 
@@ -408,16 +408,15 @@ pub(super) async fn watch_move(
     });
 }
 
-/// Whether a refused report settles it: the move is not the job's current one any more
-/// (`move_not_in_progress`) or the job has a newer epoch (`stale_epoch`), so the same
-/// report can never be applied. Everything else (an outage, a server in trouble, a clock
-/// out of the signature's window, too many conflicts, a user not known yet) may pass
-/// later: the report is sent again with the same id, and what it reports is kept.
+/// Whether a refused report settles it: a domain rejection, such as the move not being
+/// the job's current one any more (`move_not_in_progress`) or the job having a newer
+/// epoch (`stale_epoch`). The command service records every domain rejection of these
+/// reports under their id (decision 0010), so the same report can never be applied.
+/// Everything else (an outage, a server in trouble, a clock out of the signature's
+/// window, too many conflicts, a user not known yet) may pass later: the report is sent
+/// again with the same id, and what it reports is kept.
 fn is_final(e: &SendError) -> bool {
-    matches!(
-        e,
-        SendError::Rejected(Rejection::StaleEpoch { .. } | Rejection::MoveNotInProgress { .. })
-    )
+    matches!(e, SendError::Rejected(_))
 }
 
 /// How the move `move_id` ended for this daemon (`me`), if one of `events` (the job's,
@@ -442,6 +441,7 @@ fn move_end<'a>(
 #[cfg(test)]
 mod tests {
     use handoff_client::Outage;
+    use handoff_domain::Rejection;
     use handoff_protocol::{ErrorBody, ErrorCode};
 
     use super::*;
@@ -507,7 +507,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_stale_epoch_or_a_move_not_in_progress_is_final() {
+    fn a_domain_rejection_is_final_a_refusal_or_an_outage_is_not() {
         let job = JobId::new("p/rs1").unwrap();
         let move_id = CommandId::new("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
         let finals = [
@@ -520,6 +520,10 @@ mod tests {
                 job: job.clone(),
                 move_id,
             }),
+            SendError::Rejected(Rejection::NotFound {
+                kind: handoff_domain::rejection::Kind::Job,
+                id: job.to_string(),
+            }),
         ];
         for e in &finals {
             assert!(is_final(e), "{e:?}");
@@ -531,10 +535,6 @@ mod tests {
             refused(ErrorCode::Forbidden, "expired"),
             refused(ErrorCode::Conflict, "too_many_conflicts"),
             refused(ErrorCode::Forbidden, "unknown_user"),
-            SendError::Rejected(Rejection::NotFound {
-                kind: handoff_domain::rejection::Kind::Job,
-                id: job.to_string(),
-            }),
             SendError::Unavailable {
                 attempts: 3,
                 last: Outage::Service(ErrorBody::new(
