@@ -64,6 +64,8 @@ async fn bad_requests_are_refused_and_change_nothing() -> Result<()> {
 #[tokio::test]
 async fn bad_restores_and_schedules_are_refused_and_change_nothing() -> Result<()> {
     let stack = Stack::start().await?;
+    // The data plane's stores, made as the agent makes them: the CLI only binds to them.
+    handoff_dataplane::store::Stores::open(stack.client.clone(), 1).await?;
     let url = stack.url();
     let out = tempfile::tempdir()?;
     let target = out.path().join("r");

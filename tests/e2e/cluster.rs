@@ -98,9 +98,17 @@ async fn a_follower_rides_through_the_loss_of_its_node() -> Result<()> {
     let node = (0..2).find(|i| cluster.port(*i) == port).unwrap_or(0);
     cluster.kill(node);
     for n in 4..=6 {
-        send(&writer, &new_id(), &register(n, settings(100)))
-            .await?
-            .map_err(|e| anyhow::anyhow!(e.message))?;
+        // While the stream's leader is elected again the service answers unavailable:
+        // the same id again, as every client does.
+        let id = new_id();
+        until("the register to be applied", TIMEOUT, || async {
+            match send(&writer, &id, &register(n, settings(100))).await? {
+                Ok(_) => Ok(Some(())),
+                Err(e) if e.code == ErrorCode::Unavailable => Ok(None),
+                Err(e) => Err(anyhow::anyhow!(e.message)),
+            }
+        })
+        .await?;
     }
     cluster.restart(node).await?;
     let end = EventLog::attach(writer, Default::default())
