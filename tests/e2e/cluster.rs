@@ -100,12 +100,14 @@ async fn a_follower_rides_through_the_loss_of_its_node() -> Result<()> {
     for n in 4..=6 {
         // While the stream's leader is elected again the service answers unavailable:
         // the same id again, as every client does.
+        // No answer in time is the same: the append may be stored; the retry finds out.
         let id = new_id();
-        until("the register to be applied", TIMEOUT, || async {
-            match send(&writer, &id, &register(n, settings(100))).await? {
-                Ok(_) => Ok(Some(())),
-                Err(e) if e.code == ErrorCode::Unavailable => Ok(None),
-                Err(e) => Err(anyhow::anyhow!(e.message)),
+        until("the register to be applied", TIMEOUT * 4, || async {
+            match send(&writer, &id, &register(n, settings(100))).await {
+                Ok(Ok(_)) => Ok(Some(())),
+                Ok(Err(e)) if e.code == ErrorCode::Unavailable => Ok(None),
+                Ok(Err(e)) => Err(anyhow::anyhow!(e.message)),
+                Err(_) => Ok(None),
             }
         })
         .await?;
