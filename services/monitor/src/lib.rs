@@ -281,6 +281,10 @@ impl Monitor {
             mut progress,
         } = self;
         let mut heartbeats = Some(heartbeats);
+        // The last revision of each daemon's heartbeat key seen: one per daemon of the
+        // fleet, so bounded by the fleet.
+        let mut last_revision: std::collections::HashMap<String, u64> =
+            std::collections::HashMap::new();
         // A new watch being made, off the loop: the bucket may take seconds to answer.
         let mut rewatching: Option<tokio::task::JoinHandle<Result<kv::Watch, Error>>> = None;
         let every = watch.tick();
@@ -320,8 +324,16 @@ impl Monitor {
                 }
                 e = next_heartbeat(&mut heartbeats) => match e {
                     Some(Ok(e)) if e.operation == kv::Operation::Put => {
-                        if let Some(d) = subjects::daemon_from_key(&e.key) {
-                            watch.heartbeat(d, Instant::now());
+                        // A new watch delivers every key's last value first: only a
+                        // revision newer than the last one seen is a heartbeat heard now.
+                        let newer = last_revision
+                            .get(&e.key)
+                            .is_none_or(|seen| e.revision > *seen);
+                        if newer {
+                            last_revision.insert(e.key.clone(), e.revision);
+                            if let Some(d) = subjects::daemon_from_key(&e.key) {
+                                watch.heartbeat(d, Instant::now());
+                            }
                         }
                     }
                     Some(_) => {}

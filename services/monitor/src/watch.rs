@@ -444,7 +444,15 @@ impl Watch {
                 ));
             }
         }
-        if let Some(policy) = self.settings.failover.clone() {
+        // The policy decides on how many daemons are down: not while a liveness report,
+        // which changes that count, is on its way (it could move a job the guard is
+        // about to pause, the report having been sent before but landing after).
+        let counting = self
+            .in_flight
+            .iter()
+            .chain(due.iter().map(|d| &d.key))
+            .any(|k| k.starts_with("down ") || k.starts_with("up "));
+        if let (Some(policy), false) = (self.settings.failover.clone(), counting) {
             due.extend(self.failover(state, &policy, now));
         }
         due

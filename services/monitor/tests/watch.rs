@@ -473,3 +473,44 @@ fn the_heartbeat_watch_is_made_again_when_nobody_is_heard() {
     assert!(!w.rewatch(ms(18_000)));
     assert!(w.rewatch(ms(18_500)));
 }
+
+/// Three of four daemons fall silent at once. Two DAEMON_DOWN reports land; the third
+/// is still on its way when the policy's delay has run out. With two of four down the
+/// command service would accept a failover (half is not more than half), so the policy
+/// waits for every liveness report in flight: when the third lands, the guard pauses it
+/// and nothing was moved.
+#[test]
+fn the_policy_waits_while_a_liveness_report_is_on_its_way() {
+    let mut f = Fleet::new(4, 1);
+    let t0 = Instant::now();
+    let mut w = Watch::new(settings(Some(policy())));
+    w.observe(&f.state, t0);
+    for t in (1..=60).map(|t| t0 + s(t)) {
+        w.heartbeat(d(4), t);
+    }
+    let downs = w.due(&f.state, t0 + s(11));
+    assert_eq!(downs.len(), 3, "daemons 1, 2 and 3 are silent");
+    let (slow, landed) = downs.split_last().expect("three reports");
+    for due in landed {
+        f.apply(due.command.clone());
+        w.landed(&due.key, t0 + s(11));
+    }
+    // The delay (20 s) runs out for the two already down, with the third report still
+    // in flight.
+    let meanwhile: Vec<String> = w
+        .due(&f.state, t0 + s(35))
+        .iter()
+        .map(|d| describe(&d.command))
+        .collect();
+    assert!(
+        meanwhile.iter().all(|c| !c.starts_with("failover")),
+        "moved while a liveness report was on its way: {meanwhile:?}"
+    );
+    f.apply(slow.command.clone());
+    w.landed(&slow.key, t0 + s(36));
+    assert_eq!(
+        f.run(&mut w, t0 + s(37)),
+        vec!["guard"],
+        "paused, nothing moved"
+    );
+}
