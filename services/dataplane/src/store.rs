@@ -12,13 +12,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
-use async_nats::jetstream::{self, consumer, kv, object_store, stream, ErrorCode};
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use futures::{StreamExt, TryStreamExt};
 use handoff_domain::JobId;
 use tokio::io::AsyncReadExt;
 
-use handoff_eventlog::fence::{FenceError, Fences};
+use handoff_eventlog::fence::{stream_not_found, FenceError, Fences};
 
 use crate::schedule::Schedule;
 use handoff_protocol::subjects;
@@ -117,20 +116,6 @@ enum Reach {
 
 /// The agent, which creates the data plane's stores.
 const AGENT: &str = "the agent";
-
-/// Whether getting a store failed because the server says its stream does not exist
-/// (10059), rather than because no answer came.
-fn stream_not_found(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut link = Some(e);
-    while let Some(e) = link {
-        if let Some(get) = e.downcast_ref::<GetStreamError>() {
-            return matches!(get.kind(), GetStreamErrorKind::JetStream(j)
-                if j.error_code() == ErrorCode::STREAM_NOT_FOUND);
-        }
-        link = e.source();
-    }
-    false
-}
 
 /// Gets the store `name` with `get`; only when the server says it is not there, creates
 /// it with `create` if `how` allows, else it is [`StoreError::Missing`]. Any other

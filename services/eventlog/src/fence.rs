@@ -99,8 +99,8 @@ fn unavailable(e: impl std::fmt::Display) -> FenceError {
 }
 
 /// Whether getting a store failed because the server says its stream does not exist
-/// (10059), rather than because no answer came.
-fn stream_not_found(e: &(dyn std::error::Error + 'static)) -> bool {
+/// (10059), rather than because no answer came: only then may its owner create it.
+pub fn stream_not_found(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut link = Some(e);
     while let Some(e) = link {
         if let Some(get) = e.downcast_ref::<GetStreamError>() {
