@@ -194,7 +194,7 @@ mod tests {
         let daemon = DaemonId::new(format!("backup{n}.example.net:/data/backup/")).unwrap();
         Recorded {
             seq,
-            subject: format!("handoff.evt.daemon.{n}"),
+            subject: format!("{}.daemon.{n}", handoff_protocol::subjects::EVENTS),
             envelope: EventEnvelope {
                 event: Event::DaemonDown { daemon },
                 version: Event::VERSION,
@@ -222,7 +222,8 @@ mod tests {
             Err(Gap { applied: 2, got: 4 })
         );
         assert_eq!(model.applied, 2);
-        assert_eq!(model.last_seq("handoff.evt.daemon.3"), 0);
+        let subject = format!("{}.daemon.3", handoff_protocol::subjects::EVENTS);
+        assert_eq!(model.last_seq(&subject), 0);
     }
 
     /// A rejection is indexed by the rejected id with the request's digest, and the first

@@ -7,6 +7,12 @@
 //! and a command's first unit carries its `CommandAccepted`; both go on the id's answer
 //! subject, expecting its last sequence as the model saw it, so of the two only the
 //! first stored can ever be stored.
+//!
+//! # Layout
+//! - this file: the executor, the fold, deciding and appending.
+//! - `auth`: who signed a request; refusals recorded.
+//! - `answers`: the answer given before to an id; rejections recorded.
+//! - `interrupted`: moves appended in part, finished by the service.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,6 +36,10 @@ use handoff_protocol::{
 use tracing::Instrument;
 
 use crate::model::Model;
+
+mod answers;
+mod auth;
+mod interrupted;
 
 /// How many times a command is decided again after conflicts before giving up.
 const MAX_ATTEMPTS: usize = 8;
@@ -294,174 +304,6 @@ impl Executor {
         self.catch_up(end).await
     }
 
-    /// Checks who signed `request`: a current user, whose key verifies the signature over
-    /// the exact bytes received, signed within `freshness` of now, never seen before, and
-    /// holding a role that may send the command. Returns the signature's fingerprint. A
-    /// refusal has code `forbidden` and one of the reasons `unsigned`, `unknown_user`,
-    /// `bad_signature`, `expired`, `replayed` or `forbidden`.
-    pub async fn authenticate(
-        &mut self,
-        request: &CommandRequest<Command>,
-        signed: &Signed<'_>,
-        freshness: Duration,
-    ) -> Result<String, ErrorBody> {
-        let Some(signature) = signed.signature else {
-            return Err(refused(
-                "unsigned",
-                format!(
-                    "the request carries no {} header: every command is signed with its user's key (handoff signs with --creds)",
-                    handoff_protocol::auth::SIGNATURE_HEADER
-                ),
-            ));
-        };
-        // Who may do what is read at the stream's end, not on a model that may lag what
-        // another instance appended (a user removed, a move finished): a change stored
-        // before the request arrived is always seen.
-        self.catch_up_with_stream().await?;
-        let actor = &request.actor;
-        let key = self.user_key(actor).ok_or_else(|| {
-            refused(
-                "unknown_user",
-                format!(
-                    "there is no user {actor}: a GLOBAL_OWNER adds users with `handoff user add`"
-                ),
-            )
-        })?;
-        if let Err(e) =
-            handoff_protocol::auth::verify(&key, signed.subject, signed.payload, signature)
-        {
-            return Err(refused(
-                "bad_signature",
-                format!("{e}: the request was altered or not signed by {actor}'s key"),
-            ));
-        }
-        let now = now_ms();
-        let window = freshness.as_millis() as u64;
-        if request.at.saturating_add(window) < now {
-            return Err(refused(
-                "expired",
-                format!(
-                    "the request was signed {} s ago; a signature lasts {} s: sign it again (same id)",
-                    (now - request.at) / 1000,
-                    window / 1000
-                ),
-            ));
-        }
-        if request.at > now.saturating_add(window) {
-            return Err(refused(
-                "expired",
-                format!(
-                    "the request is dated {} s in the future, more than the {} s allowed: check the client's clock",
-                    (request.at - now) / 1000,
-                    window / 1000
-                ),
-            ));
-        }
-        let fingerprint = handoff_protocol::auth::fingerprint(signature);
-        let applied_before = self
-            .model
-            .command(&request.id)
-            .is_some_and(|r| r.signatures.contains(&fingerprint));
-        if applied_before || self.seen.contains_key(&fingerprint) {
-            return Err(refused(
-                "replayed",
-                format!(
-                    "this signed request of command {} was received before; a retry is signed again (same id, new time)",
-                    request.id
-                ),
-            ));
-        }
-        self.seen.insert(fingerprint.clone(), request.at);
-        if self.seen.len() > 4096 {
-            let horizon = now.saturating_sub(2 * window);
-            self.seen.retain(|_, at| *at >= horizon);
-        }
-        let who = Principal::of(&self.model.state, actor)
-            .ok_or_else(|| refused("unknown_user", format!("there is no user {actor} any more")))?;
-        authorize(&who, &request.command, &self.model.state)
-            .map_err(|f| refused("forbidden", f.to_string()))?;
-        Ok(fingerprint)
-    }
-
-    fn user_key(&self, user: &Actor) -> Option<UserKey> {
-        self.model.state.users.get(user).map(|u| u.key.clone())
-    }
-
-    /// Whether any user was ever added (the first owner is given only to an empty
-    /// service).
-    pub fn has_users(&self) -> bool {
-        self.model.has_users
-    }
-
-    /// Appends the first owner, as the service itself, when no user was ever added.
-    /// Another instance doing the same at once is harmless: the user's subject must be
-    /// empty, so one append wins.
-    pub async fn bootstrap_owner(
-        &mut self,
-        user: &Actor,
-        key: &UserKey,
-    ) -> Result<bool, ErrorBody> {
-        self.catch_up_with_stream().await?;
-        if self.model.has_users {
-            return Ok(false);
-        }
-        let event = Event::UserAdded {
-            user: user.clone(),
-            roles: [handoff_domain::auth::Role::GlobalOwner].into(),
-            key: key.clone(),
-            daemon: None,
-        };
-        let id = new_command_id();
-        let ctx = Context {
-            command: id,
-            actor: system_actor(),
-            at_ms: now_ms(),
-        };
-        let messages = self.messages(&ctx, "bootstrap", &[event], true, None);
-        match self.log.append(&messages).await {
-            Ok(a) => {
-                self.appended = self.appended.max(a.last_seq);
-                Ok(true)
-            }
-            Err(AppendError::Conflict { .. }) => Ok(false),
-            Err(e) => Err(unavailable(e)),
-        }
-    }
-
-    /// Records a refused request as a `CommandRefused` event (the audit trail), on its
-    /// reason's subject, which other instances' refusals share: a conflict is another
-    /// refusal recorded meanwhile, so this one is appended again after it.
-    pub async fn record_refusal(
-        &mut self,
-        request: &CommandRequest<Command>,
-        error: &ErrorBody,
-    ) -> Result<(), ErrorBody> {
-        // The reason's subject may hold a refusal this instance appended but has not
-        // folded yet.
-        self.catch_up(self.appended).await?;
-        let refusal = new_command_id();
-        let event = Event::CommandRefused {
-            refusal: refusal.clone(),
-            user: request.actor.clone(),
-            command: request.command.name().to_owned(),
-            command_id: request.id.clone(),
-            reason: error.reason.clone(),
-            message: error.message.clone(),
-            client: request.client.clone(),
-        };
-        for _attempt in 0..MAX_ATTEMPTS {
-            match self
-                .append_alone(refusal.clone(), system_actor(), "refusal", event.clone())
-                .await
-            {
-                Ok(()) => return Ok(()),
-                Err(AppendError::Conflict { .. }) => self.catch_up_with_stream().await?,
-                Err(e) => return Err(append_failure(e)),
-            }
-        }
-        Err(too_many_conflicts(&refusal))
-    }
-
     /// Appends an alert a rejection raised (best effort: the caller hears the rejection
     /// either way).
     async fn record_alert(&mut self, actor: &Actor, event: Event) {
@@ -557,226 +399,6 @@ impl Executor {
             return Ok(self.applied(&request, decision, written));
         }
         Err(too_many_conflicts(&request.id))
-    }
-
-    /// A decision that resumes a move appended in part, with its last unit saying so:
-    /// `MoveResumed` with how many jobs the move started in all (which closes
-    /// MOVE_INTERRUPTED, and ends the command even when nothing was left to start).
-    fn resumed(&self, move_id: &CommandId, mut decision: Decision) -> Decision {
-        let Some(m) = self.model.state.moves.get(move_id) else {
-            return decision;
-        };
-        let now_started = decision
-            .events()
-            .filter(|e| matches!(e, Event::JobMoveStarted { move_id: m, .. } if m == move_id))
-            .count();
-        decision.units.push(vec![Event::MoveResumed {
-            move_id: move_id.clone(),
-            started: (m.jobs.len() + now_started) as u32,
-        }]);
-        decision
-    }
-
-    /// Finishes the commands appended in part and left alone for `after` (the caller
-    /// gone: a CLI killed, a client out of retries): each is decided again with its id
-    /// and appended to its end, as a retry by its caller would be. One that cannot be
-    /// finished now (a rejection, an outage) stays for the next call and raises
-    /// MOVE_INTERRUPTED with the reason, once. The service calls this at start and every
-    /// `after`; another instance doing the same at once is harmless (the same ids and
-    /// expectations: one append wins).
-    pub async fn finish_interrupted(&mut self, after: Duration) {
-        if self.stopped.is_some() || self.model.incomplete().next().is_none() {
-            return;
-        }
-        if let Err(e) = self.catch_up_with_stream().await {
-            tracing::warn!(error = %e.message, "cannot look for commands appended in part");
-            return;
-        }
-        let horizon = now_ms().saturating_sub(after.as_millis() as u64);
-        let due: Vec<CommandId> = self
-            .model
-            .incomplete()
-            .filter(|(_, r)| r.last_at <= horizon)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in due {
-            let span = tracing::info_span!("finish", command = %id);
-            self.finish(id).instrument(span).await;
-        }
-    }
-
-    async fn finish(&mut self, id: CommandId) {
-        let Some(request) = self.continuation(&id) else {
-            tracing::warn!("a command appended in part cannot be told again from its events; its caller must send it again with the same id");
-            return;
-        };
-        let error = match self.execute(request, None).await {
-            Ok(applied) => {
-                tracing::info!(
-                    events = applied.events.len(),
-                    "finished a command appended in part"
-                );
-                return;
-            }
-            Err(error) => error,
-        };
-        tracing::warn!(code = ?error.code, reason = %error.reason, message = %error.message, "a command appended in part cannot be finished yet");
-        let interrupted = AlertKey::new(AlertKind::MoveInterrupted, &id);
-        let still_in_part = self.model.command(&id).is_some_and(|r| !r.complete);
-        let Some(m) = self.model.state.moves.get(&id) else {
-            return;
-        };
-        if !still_in_part || self.model.state.alerts.contains(&interrupted) {
-            return;
-        }
-        let event = Event::MoveInterrupted {
-            move_id: id.clone(),
-            planned: m.planned,
-            started: m.jobs.len() as u32,
-            reason: error.message,
-        };
-        match self
-            .append_alone(new_command_id(), system_actor(), "alert", event)
-            .await
-        {
-            // Another instance raised it meanwhile: one is enough.
-            Ok(()) | Err(AppendError::Conflict { .. }) => {}
-            Err(e) => tracing::warn!(error = %e, "could not raise MOVE_INTERRUPTED"),
-        }
-    }
-
-    /// The request of a command appended in part, told again from its events: a move's
-    /// `MoveStarted` says what was asked, the envelopes who asked, and the digest proves
-    /// it is the same command.
-    fn continuation(&self, id: &CommandId) -> Option<CommandRequest<Command>> {
-        let record = self.model.command(id)?;
-        let m = self.model.state.moves.get(id)?;
-        let command = match (&m.scope, m.automatic) {
-            (MoveScope::AllJobsOf { .. }, false) => Command::MoveJobs(MoveJobs {
-                from: m.from.clone(),
-                to: m.to.clone(),
-                reason: m.reason.clone(),
-                dry_run: false,
-            }),
-            (MoveScope::OneJob { job }, false) => Command::MoveJob(MoveJob {
-                job: job.clone(),
-                to: m.to.clone(),
-                reason: m.reason.clone(),
-                dry_run: false,
-            }),
-            // A failover is one unit: never appended in part.
-            (_, true) => return None,
-        };
-        let request = CommandRequest {
-            id: id.clone(),
-            actor: record.actor.clone()?,
-            at: now_ms(),
-            client: None,
-            command,
-        };
-        (digest(&request) == record.digest).then_some(request)
-    }
-
-    /// The answer already given to this command id: its events if it completed, the
-    /// rejection it was answered with (the same code, reason and message), or `id_reused`
-    /// if the id was used for a different command.
-    fn earlier_answer(
-        &self,
-        request: &CommandRequest<Command>,
-        digest: &str,
-    ) -> Result<Option<Applied>, ErrorBody> {
-        let Some(record) = self.model.command(&request.id) else {
-            return match self.model.rejected(&request.id) {
-                Some(r) if r.digest != digest => Err(id_reused(&request.id)),
-                Some(r) => Err(r.rejection.clone().into()),
-                None => Ok(None),
-            };
-        };
-        if record.digest != digest {
-            return Err(id_reused(&request.id));
-        }
-        if !record.complete {
-            return Ok(None);
-        }
-        Ok(Some(Applied {
-            command: request.id.clone(),
-            events: record.events.clone(),
-            duplicate: true,
-            dry_run: false,
-            plan: None,
-        }))
-    }
-
-    /// The answer to a rejected command, once it is final: the rejection is recorded as
-    /// `CommandRejected` on the id's answer subject, expecting its last sequence as the
-    /// model saw it, then the alert it raises (if any) is appended. `None` when the record
-    /// lost to another append on that subject: the caller catches up and decides again,
-    /// as the id may have been applied or answered meanwhile. A rejection that cannot be
-    /// recorded (an outage) is not final and is answered `unavailable` instead.
-    ///
-    /// Not recorded: a dry run (it appends nothing, so nothing can apply it), a command
-    /// appended in part (its continuation waits for what the rejection names, and the
-    /// service finishes it, decision 0009), and a service's report of what it sees
-    /// ([`reports_what_it_sees`]): those are decided against the state whenever they
-    /// arrive and sent again while the condition lasts, so a late one changes nothing
-    /// the state does not allow, and recording each refusal would add an event per
-    /// resend for as long as the condition lasts.
-    async fn reject(
-        &mut self,
-        request: &CommandRequest<Command>,
-        digest: &str,
-        signature: Option<&str>,
-        rejection: Rejection,
-    ) -> Option<ErrorBody> {
-        let in_part = self.model.command(&request.id).is_some();
-        let recorded =
-            !is_dry_run(&request.command) && !in_part && !reports_what_it_sees(&request.command);
-        if recorded {
-            match self
-                .record_rejection(request, digest, signature, &rejection)
-                .await
-            {
-                Ok(a) if !a.duplicate => {}
-                // A record of this id with the same message id is stored (another
-                // instance's, within the duplicate window): its rejection is the answer.
-                Ok(_) | Err(AppendError::Conflict { .. }) => return None,
-                Err(e) => return Some(append_failure(e)),
-            }
-        }
-        if let Some(alert) = alert_of_rejection(&request.command, &rejection, &self.model.state) {
-            self.record_alert(&request.actor, alert).await;
-        }
-        Some(rejection.into())
-    }
-
-    /// Appends `CommandRejected` for `request`, signed by its actor and with its digest,
-    /// so a later attempt of the id (from any instance) gets the same answer and nothing
-    /// applies it.
-    async fn record_rejection(
-        &mut self,
-        request: &CommandRequest<Command>,
-        digest: &str,
-        signature: Option<&str>,
-        rejection: &Rejection,
-    ) -> Result<Appended, AppendError> {
-        let event = Event::CommandRejected {
-            command_id: request.id.clone(),
-            command: request.command.name().to_owned(),
-            rejection: rejection.clone(),
-        };
-        // The record has an id of its own: the rejected command has no events.
-        let ctx = Context {
-            command: new_command_id(),
-            actor: request.actor.clone(),
-            at_ms: now_ms(),
-        };
-        let mut messages =
-            self.messages(&ctx, digest, std::slice::from_ref(&event), true, signature);
-        // Keyed by the rejected id, so two records of it are not stored twice.
-        messages[0].msg_id = format!("{}:{}", request.id, event.key_within_command());
-        let a = self.log.append(&messages).await?;
-        self.appended = self.appended.max(a.last_seq);
-        Ok(a)
     }
 
     /// Appends the decision's units in order. `None` on a conflict: the caller catches up
@@ -935,23 +557,6 @@ fn guard_of(event: &Event) -> Option<&'static str> {
 
 fn system_actor() -> Actor {
     Actor::new(handoff_domain::command::SYSTEM_ACTOR).expect("the system actor is valid")
-}
-
-/// A service's report of what it sees (a daemon's registration and phase, the monitor's
-/// liveness, head space, stuck moves, guard and the failover policy's moves): decided
-/// against the state whenever it arrives, and sent again by its service while the
-/// condition lasts.
-fn reports_what_it_sees(command: &Command) -> bool {
-    matches!(
-        command,
-        Command::RegisterDaemon(_)
-            | Command::ReportJobMovePhase(_)
-            | Command::ReportDaemonLiveness(_)
-            | Command::ReportHeadSpace(_)
-            | Command::ReportMoveStuck(_)
-            | Command::ReportFailoverGuard(_)
-            | Command::FailoverJob(_)
-    )
 }
 
 #[cfg(test)]
