@@ -86,6 +86,20 @@ pub enum HeadError {
     },
 }
 
+impl HeadError {
+    /// The heads' store failed underneath (an I/O error such as a full disk, or
+    /// corruption): sled takes no write after that until it is opened again, so every
+    /// later attempt at any head fails the same way. Only a new process recovers.
+    pub fn store_broken(&self) -> bool {
+        matches!(
+            self,
+            HeadError::Store(
+                sled::Error::Io(_) | sled::Error::Corruption { .. } | sled::Error::ReportableBug(_)
+            )
+        )
+    }
+}
+
 /// Every head of one daemon.
 pub struct Heads {
     db: sled::Db,
@@ -342,5 +356,19 @@ mod tests {
             head.verify(&meta),
             Err(HeadError::Diverged { .. })
         ));
+    }
+
+    /// A full disk breaks the store for good (the daemon must start again); a gap or a
+    /// divergence is about one head only.
+    #[test]
+    fn only_the_stores_own_failures_break_it() {
+        let full = std::io::Error::from_raw_os_error(28);
+        assert!(HeadError::Store(sled::Error::Io(full)).store_broken());
+        assert!(!HeadError::Gap {
+            applied: 1,
+            found: 3
+        }
+        .store_broken());
+        assert!(!HeadError::Store(sled::Error::Unsupported("x".into())).store_broken());
     }
 }

@@ -61,6 +61,11 @@ pub(super) fn spawn(
                 tracing::warn!(%job, epoch, error = %e, "fenced: the job is no longer ours");
                 WorkEnd::Fenced
             }
+            Err(JobError::Head(e)) if e.store_broken() => {
+                tracing::error!(%job, error = %e, "the heads' store is broken; the daemon stops");
+                shared.broken.send_replace(Some(e.to_string()));
+                WorkEnd::Failed
+            }
             Err(e) => {
                 tracing::warn!(%job, error = %e, "job work interrupted; starting again");
                 WorkEnd::Failed

@@ -95,6 +95,11 @@ pub enum DaemonError {
     /// The daemon's subject cannot be read.
     #[error("the daemon's assignments: {0}")]
     Log(#[from] ReadError),
+    /// The heads' store failed underneath a job's work (a full disk, corruption): it takes
+    /// no write until opened again, so the daemon stops to be started again rather than
+    /// retry every job against it forever, heartbeating all the while.
+    #[error("the heads' store is broken ({0}); a restart opens it again")]
+    HeadsBroken(String),
 }
 
 /// Why one attempt at a job's work broke off. Every variant but `Fenced` is worth another
@@ -157,6 +162,8 @@ struct Shared {
     rebuilding: AtomicUsize,
     /// Jobs assigned here, as the core last counted, for the heartbeat.
     jobs: AtomicUsize,
+    /// Set by a job's work that found the heads' store broken ([`HeadError::store_broken`]).
+    broken: watch::Sender<Option<String>>,
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -184,7 +191,9 @@ pub async fn run(
         workers: Semaphore::new(config.settings.num_workers.max(1) as usize),
         rebuilding: AtomicUsize::new(0),
         jobs: AtomicUsize::new(0),
+        broken: watch::channel(None).0,
     });
+    let mut broken = shared.broken.subscribe();
     let heartbeat = tokio::spawn(heartbeat(
         shared.clone(),
         Duration::from_millis(config.heartbeat_ms.max(50)),
@@ -210,6 +219,10 @@ pub async fn run(
         let wake = core.next_due();
         let actions = tokio::select! {
             _ = shutdown.changed() => break Ok(()),
+            Ok(()) = broken.changed() => {
+                let why = broken.borrow().clone().unwrap_or_default();
+                break Err(DaemonError::HeadsBroken(why));
+            }
             inputs = assignments.next() => match inputs {
                 Ok(inputs) => inputs
                     .into_iter()
@@ -230,8 +243,9 @@ pub async fn run(
     };
     shell.stop().await;
     heartbeat.abort();
-    shared.heads.flush().await?;
-    result
+    let flushed = shared.heads.flush().await;
+    result?;
+    Ok(flushed?)
 }
 
 async fn sleep_until(at: Option<Instant>) {
