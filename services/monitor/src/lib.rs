@@ -344,7 +344,7 @@ impl Monitor {
                 },
                 Some(m) = progress.next() => {
                     if let Ok(p) = serde_json::from_slice::<Progress>(&m.payload) {
-                        watch.progress(&fold.state, &p.job, p.epoch, Instant::now());
+                        watch.progress(&fold.state, &p, Instant::now());
                     }
                 }
                 made = async { rewatching.as_mut().expect("guarded by the condition").await }, if rewatching.is_some() => {

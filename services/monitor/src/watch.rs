@@ -23,7 +23,9 @@
 //!   long the command service takes; after it lands, not again within `resend` (the
 //!   state catches up with what it appended).
 //! - A moving job makes progress when its phase changes or its destination publishes
-//!   progress with the job's current epoch. None for the threshold: MOVE_STUCK.
+//!   progress with the job's current epoch that goes further than any before (phase,
+//!   then bytes restored, then entries applied): a rebuild that starts over and over
+//!   republishes the same progress and is stuck. None for the threshold: MOVE_STUCK.
 //! - LOW_HEAD_FREE_SPACE follows the state's free space against a percentage.
 //! - The failover policy, when enabled, moves the jobs of a daemon that has been down
 //!   for its delay (counted from when this monitor saw it down), no more at once than its
@@ -39,6 +41,7 @@ use handoff_domain::command::{
 use handoff_domain::model::MovePhase;
 use handoff_domain::state::{Assignment, DaemonStatus};
 use handoff_domain::{Command, CommandId, DaemonId, JobId, State};
+use handoff_protocol::dataplane::Progress;
 
 /// The automatic failover policy's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +98,15 @@ struct Mark {
 }
 
 /// The monitor's bookkeeping.
+/// A moving job's move, its phase in the state, when it last went further, and the
+/// furthest progress its destination reported.
+struct Moving {
+    move_id: CommandId,
+    phase: MovePhase,
+    last: Instant,
+    furthest: Option<(MovePhase, u64, u64)>,
+}
+
 pub struct Watch {
     settings: Settings,
     /// When each daemon was last heard (or first seen).
@@ -116,8 +128,8 @@ pub struct Watch {
     last_any: Option<Mark>,
     /// How often the heartbeat bucket was watched again during the current silence.
     rewatched: u32,
-    /// Each moving job's move, phase, and when it last made progress.
-    moving: HashMap<JobId, (CommandId, MovePhase, Instant)>,
+    /// Each moving job's move and how far it went.
+    moving: HashMap<JobId, Moving>,
     /// When each command last landed (or was handed over), by what it is about: not
     /// repeated within `resend`, so a report the state has not caught up with is not sent
     /// twice.
@@ -277,11 +289,15 @@ impl Watch {
         self.in_flight.len()
     }
 
-    /// The destination of `job`'s move reported progress with `epoch`.
-    pub fn progress(&mut self, state: &State, job: &JobId, epoch: u64, now: Instant) {
-        let current = state.jobs.get(job).is_some_and(|j| j.epoch == epoch);
-        if let (true, Some(m)) = (current, self.moving.get_mut(job)) {
-            m.2 = now;
+    /// The destination of `job`'s move reported progress `p`.
+    pub fn progress(&mut self, state: &State, p: &Progress, now: Instant) {
+        let current = state.jobs.get(&p.job).is_some_and(|j| j.epoch == p.epoch);
+        let mark = (p.phase, p.snapshot_bytes, p.entries_applied);
+        if let (true, Some(m)) = (current, self.moving.get_mut(&p.job)) {
+            if m.furthest.is_none_or(|f| mark > f) {
+                m.furthest = Some(mark);
+                m.last = now;
+            }
         }
     }
 
@@ -331,12 +347,22 @@ impl Watch {
             if let Assignment::Moving { move_id, phase, .. } = &j.assignment {
                 still.insert(job, ());
                 let fresh = match self.moving.get(job) {
-                    Some((m, p, _)) => m != move_id || p != phase,
+                    Some(m) => &m.move_id != move_id || m.phase != *phase,
                     None => true,
                 };
                 if fresh {
-                    self.moving
-                        .insert(job.clone(), (move_id.clone(), *phase, now));
+                    let furthest = self.moving.get(job).and_then(|m| m.furthest);
+                    self.moving.insert(
+                        job.clone(),
+                        Moving {
+                            move_id: move_id.clone(),
+                            phase: *phase,
+                            last: now,
+                            furthest: furthest.filter(|_| {
+                                self.moving.get(job).is_some_and(|m| &m.move_id == move_id)
+                            }),
+                        },
+                    );
                 }
             }
         }
@@ -417,11 +443,10 @@ impl Watch {
                 ));
             }
         }
-        let mut stuck: Vec<(&JobId, &(CommandId, MovePhase, Instant))> =
-            self.moving.iter().collect();
+        let mut stuck: Vec<(&JobId, &Moving)> = self.moving.iter().collect();
         stuck.sort_by_key(|(job, _)| (*job).clone());
         let mut stuck_due = Vec::new();
-        for (job, (move_id, _, last)) in stuck {
+        for (job, Moving { move_id, last, .. }) in stuck {
             let idle = now.duration_since(*last);
             if idle > self.settings.move_stuck_after
                 && !state

@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use handoff_domain::command::*;
 use handoff_domain::ids::DeploymentName;
-use handoff_domain::model::{DaemonSettings, Deployment, JobSize};
+use handoff_domain::model::{DaemonSettings, Deployment, JobSize, MovePhase};
 use handoff_domain::{decide, Actor, Command, CommandId, Context, DaemonId, JobId, State};
 use handoff_monitor::{Policy, Settings, Watch};
+use handoff_protocol::dataplane::Progress;
 
 const GIB: u64 = 1 << 30;
 
@@ -278,12 +279,87 @@ fn a_move_without_progress_is_stuck_and_progress_resets_the_clock() {
     w.observe(&f.state, t0);
     let job = JobId::new("p/rs0").unwrap();
     let epoch = f.state.jobs[&job].epoch;
-    w.progress(&f.state, &job, epoch, t0 + s(20));
+    let at = |epoch, phase, entries| Progress {
+        move_id: "m".into(),
+        job: job.clone(),
+        daemon: d(2),
+        epoch,
+        phase,
+        snapshot_bytes: 100,
+        snapshot_total: 100,
+        entries_applied: entries,
+        lag_ms: 0,
+        done: None,
+    };
+    w.progress(
+        &f.state,
+        &at(epoch, MovePhase::RestoringSnapshot, 0),
+        t0 + s(10),
+    );
+    w.progress(
+        &f.state,
+        &at(epoch, MovePhase::ReplayingOplog, 5),
+        t0 + s(20),
+    );
     // A report from a daemon that lost the job (an older epoch) is no progress.
-    w.progress(&f.state, &job, epoch - 1, t0 + s(45));
+    w.progress(
+        &f.state,
+        &at(epoch - 1, MovePhase::ReplayingOplog, 9),
+        t0 + s(45),
+    );
+    // Nor is a rebuild started over that gets no further than before.
+    w.progress(
+        &f.state,
+        &at(epoch, MovePhase::RestoringSnapshot, 0),
+        t0 + s(46),
+    );
+    w.progress(
+        &f.state,
+        &at(epoch, MovePhase::ReplayingOplog, 5),
+        t0 + s(47),
+    );
     assert!(f.run(&mut w, t0 + s(45)).is_empty());
     assert_eq!(f.run(&mut w, t0 + s(51)), vec!["stuck p/rs0"]);
     assert!(f.run(&mut w, t0 + s(60)).is_empty(), "raised once");
+}
+
+#[test]
+fn a_rebuild_that_goes_further_is_not_stuck() {
+    let mut f = Fleet::new(2, 1);
+    f.apply(Command::MoveJob(MoveJob {
+        job: JobId::new("p/rs0").unwrap(),
+        to: d(2),
+        reason: None,
+        dry_run: false,
+    }));
+    let t0 = Instant::now();
+    let mut w = Watch::new(Settings {
+        threshold: Duration::from_secs(1000),
+        ..settings(None)
+    });
+    w.observe(&f.state, t0);
+    let job = JobId::new("p/rs0").unwrap();
+    let epoch = f.state.jobs[&job].epoch;
+    for (t, entries) in [(20, 1), (40, 2), (60, 3)] {
+        let p = Progress {
+            move_id: "m".into(),
+            job: job.clone(),
+            daemon: d(2),
+            epoch,
+            phase: MovePhase::ReplayingOplog,
+            snapshot_bytes: 100,
+            snapshot_total: 100,
+            entries_applied: entries,
+            lag_ms: 0,
+            done: None,
+        };
+        w.progress(&f.state, &p, t0 + s(t));
+    }
+    assert!(
+        f.run(&mut w, t0 + s(85)).is_empty(),
+        "went further 25 s ago"
+    );
+    assert_eq!(f.run(&mut w, t0 + s(91)), vec!["stuck p/rs0"]);
 }
 
 #[test]
