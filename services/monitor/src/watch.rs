@@ -500,7 +500,9 @@ impl Watch {
                 by_policy: true,
             });
         }
-        if tripped {
+        // Paused until the state says it resumed: a move sent with the report that lifts
+        // the guard could land before it, a move while FAILOVER_PAUSED is open.
+        if tripped || paused {
             return due;
         }
         let mut budget = policy
