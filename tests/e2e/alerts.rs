@@ -91,12 +91,12 @@ async fn first(stack: &Stack, what: &str, pred: impl Fn(&Event) -> bool) -> Resu
 /// `handoff alerts` once the projector has folded everything appended so far.
 async fn alerts(stack: &Stack, all: bool) -> Result<Vec<AlertView>> {
     wait_for_checkpoint(&stack.client, stack.last_seq().await?).await?;
-    let mut args = vec!["--json", "alerts"];
+    let mut args = vec!["--json", "alerts", "--all"];
     if all {
-        args.push("--all");
+        args.push("--closed");
     }
     Ok(serde_json::from_value(
-        handoff_ok(&stack.url(), &args)?.json()?,
+        handoff_ok(&stack.url(), &args)?.json()?["items"].take(),
     )?)
 }
 

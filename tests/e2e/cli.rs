@@ -20,7 +20,8 @@ async fn listings_show_the_sample_fleet() -> Result<()> {
         assert!(daemons.contains(d), "{daemons}");
     }
     let json = handoff_ok(&url, &["daemons", "--json"])?.json()?;
-    assert_eq!(json.as_array().map(Vec::len), Some(3));
+    assert_eq!(json["items"].as_array().map(Vec::len), Some(3));
+    assert_eq!(json["total"], 3);
 
     let projects = handoff_ok(&url, &["projects"])?.stdout;
     assert!(
@@ -30,18 +31,18 @@ async fn listings_show_the_sample_fleet() -> Result<()> {
 
     let jobs = handoff_ok(&url, &["jobs", "--json"])?.json()?;
     assert_eq!(
-        jobs.as_array().map(Vec::len),
+        jobs["items"].as_array().map(Vec::len),
         Some(5),
         "2 replica sets, 2 shards and config servers"
     );
     let sales = handoff_ok(&url, &["jobs", "--project", "sales", "--json"])?.json()?;
-    assert_eq!(sales.as_array().map(Vec::len), Some(4));
+    assert_eq!(sales["items"].as_array().map(Vec::len), Some(4));
     let on_d1 = handoff_ok(&url, &["jobs", "--daemon", D1, "--json"])?.json()?;
-    assert!(on_d1
+    assert!(on_d1["items"]
         .as_array()
         .is_some_and(|a| a.iter().all(|j| j["owner"] == D1)));
     let moving = handoff_ok(&url, &["jobs", "--moving", "--json"])?.json()?;
-    assert_eq!(moving.as_array().map(Vec::len), Some(0));
+    assert_eq!(moving["items"].as_array().map(Vec::len), Some(0));
 
     let show = handoff_ok(&url, &["daemon", "show", D1])?.stdout;
     assert!(
@@ -49,7 +50,35 @@ async fn listings_show_the_sample_fleet() -> Result<()> {
         "{show}"
     );
     let moves = handoff_ok(&url, &["moves", "--json"])?.json()?;
-    assert_eq!(moves.as_array().map(Vec::len), Some(0));
+    assert_eq!(moves["items"].as_array().map(Vec::len), Some(0));
+
+    // Page by page: two at a time, the cursor of one page opens the next, and --all
+    // gives every page.
+    let first = handoff_ok(&url, &["jobs", "--limit", "2"])?.stdout;
+    assert!(
+        first.contains("2 of 5 jobs; the next page: --cursor"),
+        "{first}"
+    );
+    let page = handoff_ok(&url, &["jobs", "--limit", "2", "--json"])?.json()?;
+    assert_eq!(page["total"], 5);
+    let next = page["next"].as_str().expect("a next page").to_owned();
+    let second =
+        handoff_ok(&url, &["jobs", "--limit", "2", "--cursor", &next, "--json"])?.json()?;
+    let ids = |p: &serde_json::Value| -> Vec<String> {
+        p["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|j| j["job"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    let all = handoff_ok(&url, &["jobs", "--limit", "2", "--all", "--json"])?.json()?;
+    assert_eq!(ids(&all).len(), 5);
+    assert_eq!([ids(&page), ids(&second)].concat(), ids(&all)[..4].to_vec());
+    assert!(all["next"].is_null());
+    let bad = handoff(&url, &["jobs", "--cursor", "zz"])?;
+    assert_eq!(bad.code, 1, "{}", bad.stderr);
+    assert!(bad.stderr.contains("cursor"), "{}", bad.stderr);
     Ok(())
 }
 
@@ -168,9 +197,9 @@ async fn projects_and_jobs_are_created_from_the_command_line() -> Result<()> {
     assert!(sc.stdout.contains("created 3 job(s)"), "{}", sc.stdout);
     up.settle().await?;
     let jobs = handoff_ok(&url, &["jobs", "--project", "billing", "--json"])?.json()?;
-    assert_eq!(jobs.as_array().map(Vec::len), Some(4));
+    assert_eq!(jobs["items"].as_array().map(Vec::len), Some(4));
     let projects = handoff_ok(&url, &["projects", "--json"])?.json()?;
-    assert!(projects.as_array().is_some_and(|p| p
+    assert!(projects["items"].as_array().is_some_and(|p| p
         .iter()
         .any(|p| p["project"] == "billing" && p["label_filter"] == serde_json::json!(["eu"]))));
 
@@ -225,8 +254,7 @@ async fn move_jobs_plans_moves_and_waits() -> Result<()> {
     }
     up.settle().await?;
     assert_eq!(
-        handoff_ok(&url, &["moves", "--json"])?
-            .json()?
+        handoff_ok(&url, &["moves", "--json"])?.json()?["items"]
             .as_array()
             .map(Vec::len),
         Some(0)
@@ -254,7 +282,7 @@ async fn move_jobs_plans_moves_and_waits() -> Result<()> {
     let daemon = up.daemon_user(3)?;
     let move_id = CommandId::new(id.clone())?;
     let jobs = handoff_ok(&url, &["jobs", "--moving", "--json"])?.json()?;
-    for j in jobs.as_array().expect("a list") {
+    for j in jobs["items"].as_array().expect("a list") {
         let job = handoff_domain::JobId::new(j["job"].as_str().expect("an id"))?;
         let epoch = j["epoch"].as_u64().expect("an epoch");
         let complete = Command::CompleteJobMove(CompleteJobMove {
@@ -409,7 +437,10 @@ async fn up_runs_its_own_nats_server_and_stops_it() -> Result<()> {
     let daemons = handoff_ok(&url, &["--nats-key", &key, "daemons", "--json"]);
     let (code, lines) = up.terminate()?;
     assert_eq!(
-        daemons?.json()?.as_array().map(Vec::len).map(|n| n <= 3),
+        daemons?.json()?["items"]
+            .as_array()
+            .map(Vec::len)
+            .map(|n| n <= 3),
         Some(true)
     );
     assert_eq!(code, 0, "{lines:?}");
@@ -585,7 +616,7 @@ async fn up_runs_a_three_node_cluster() -> Result<()> {
     assert_eq!(code, 0, "{lines:?}");
     assert_eq!(info.config.num_replicas, 3);
     assert_eq!(info.cluster.map(|c| c.replicas.len()), Some(2));
-    assert_eq!(daemons.as_array().map(Vec::len), Some(3));
+    assert_eq!(daemons["items"].as_array().map(Vec::len), Some(3));
     Ok(())
 }
 

@@ -288,7 +288,7 @@ async fn a_large_move_cut_and_left_is_finished_by_the_command_service() -> Resul
     assert!(!alerts.contains("MOVE_INTERRUPTED"), "closed: {alerts}");
     let moves = handoff_ok(&stack.url(), &["moves", "--json"])?.stdout;
     let moves: serde_json::Value = serde_json::from_str(&moves)?;
-    let view = moves
+    let view = moves["items"]
         .as_array()
         .and_then(|m| m.iter().find(|m| m["move_id"] == id.as_str()))
         .expect("the move's view");

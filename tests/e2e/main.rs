@@ -19,5 +19,6 @@ mod outages;
 mod permissions;
 mod projector;
 mod reports;
+mod scale;
 mod security;
 mod startup;

@@ -157,25 +157,28 @@ async fn queries_answer_from_the_views() -> Result<()> {
     let assignments = query(c, "assignments", json!({ "daemon": daemon(1) }))
         .await?
         .expect("answered");
-    assert_eq!(assignments.as_array().map(Vec::len), Some(2));
+    assert_eq!(assignments["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(assignments["total"], 2);
     let incoming = query(c, "assignments", json!({ "daemon": daemon(2) }))
         .await?
         .expect("answered");
-    assert_eq!(incoming[0]["moving_in"], json!(move_id));
-    assert_eq!(incoming[0]["epoch"], json!(2));
+    assert_eq!(incoming["items"][0]["moving_in"], json!(move_id));
+    assert_eq!(incoming["items"][0]["epoch"], json!(2));
 
     let moving = query(c, "jobs", json!({ "moving": true }))
         .await?
         .expect("answered");
-    assert_eq!(moving.as_array().map(Vec::len), Some(1));
+    assert_eq!(moving["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(moving["total"], 1);
     let on_1 = query(c, "jobs", json!({ "daemon": daemon(1) }))
         .await?
         .expect("answered");
     assert_eq!(
-        on_1.as_array().map(Vec::len),
+        on_1["items"].as_array().map(Vec::len),
         Some(3),
         "the moving job still involves its source"
     );
+    assert_eq!(on_1["total"], 3);
 
     let mv = query(c, "move", json!({ "move_id": move_id }))
         .await?
@@ -187,7 +190,8 @@ async fn queries_answer_from_the_views() -> Result<()> {
     let history = query(c, "history", json!({ "job": "p1/rs0" }))
         .await?
         .expect("answered");
-    let kinds: Vec<_> = history
+    assert_eq!(history["total"], 6);
+    let kinds: Vec<_> = history["items"]
         .as_array()
         .expect("a list")
         .iter()
@@ -207,7 +211,7 @@ async fn queries_answer_from_the_views() -> Result<()> {
     let by_daemon = query(c, "history", json!({ "daemon": daemon(2) }))
         .await?
         .expect("answered");
-    assert!(by_daemon
+    assert!(by_daemon["items"]
         .as_array()
         .expect("a list")
         .iter()

@@ -6,6 +6,7 @@ use std::time::Duration;
 use handoff_client::{Client, Outage, Retry, SendError};
 use handoff_domain::{Command, CommandId};
 use handoff_eventlog::EventLog;
+use handoff_protocol::api::query::Page;
 use handoff_protocol::auth::Credentials;
 use handoff_protocol::{subjects, Applied, ErrorBody};
 use serde::de::DeserializeOwned;
@@ -107,6 +108,37 @@ impl Api {
         let error: ErrorBody = serde_json::from_value(v["error"].take())
             .map_err(|e| Failure::Usage(format!("unreadable error from the query service: {e}")))?;
         Err(Failure::Refused(error))
+    }
+
+    /// One page of a list query, or with `--all` every page (the largest pages the
+    /// service gives). `body` holds the filters.
+    pub async fn list<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        mut body: Value,
+        paging: &crate::cmd::Paging,
+    ) -> Result<Page<T>, Failure> {
+        let limit = if paging.all {
+            handoff_protocol::api::query::MAX_LIMIT
+        } else {
+            paging.limit
+        };
+        body["limit"] = limit.into();
+        if let Some(c) = &paging.cursor {
+            body["cursor"] = c.clone().into();
+        }
+        let mut page: Page<T> = self.query(name, body.clone()).await?;
+        if !paging.all {
+            return Ok(page);
+        }
+        while let Some(next) = page.next.take() {
+            body["cursor"] = next.into();
+            let more: Page<T> = self.query(name, body.clone()).await?;
+            page.items.extend(more.items);
+            page.total = more.total;
+            page.next = more.next;
+        }
+        Ok(page)
     }
 
     async fn request(&self, subject: String, body: Vec<u8>) -> Result<bytes::Bytes, Failure> {

@@ -63,7 +63,7 @@ async fn wait_liveness(
             let view: handoff_protocol::views::DaemonView = api
                 .query("daemon", serde_json::json!({ "daemon": daemon }))
                 .await?;
-            Ok(view.state.status == DaemonStatus::Active(liveness))
+            Ok(view.status == DaemonStatus::Active(liveness))
         },
     )
     .await
@@ -185,7 +185,7 @@ async fn build_a_fleet(
     .await?;
     settle(api).await?;
     println!("the agent writes to every source and saves its oplog; each daemon keeps a head per job and takes a snapshot every 6 hours (3.6 s here)");
-    cmd::fleet::daemons(ctx).await?;
+    cmd::fleet::daemons(ctx, Default::default()).await?;
     println!();
     cmd::fleet::jobs(
         ctx,
@@ -193,6 +193,7 @@ async fn build_a_fleet(
             daemon: None,
             project: None,
             moving: false,
+            paging: Default::default(),
         },
     )
     .await?;
@@ -214,9 +215,17 @@ async fn lose_a_daemon(
     );
     stack.kill_daemon(lost);
     wait_liveness(api, lost, Liveness::Down).await?;
-    cmd::fleet::daemons(ctx).await?;
+    cmd::fleet::daemons(ctx, Default::default()).await?;
     println!();
-    cmd::monitor::alerts(ctx, cmd::monitor::AlertsArgs { all: false }).await?;
+    cmd::monitor::alerts(
+        ctx,
+        cmd::monitor::AlertsArgs {
+            closed: false,
+            kind: None,
+            paging: Default::default(),
+        },
+    )
+    .await?;
     Ok(())
 }
 
@@ -422,7 +431,7 @@ async fn see_snapshots_resume(
         }
     }
     settle(api).await?;
-    cmd::fleet::daemons(ctx).await?;
+    cmd::fleet::daemons(ctx, Default::default()).await?;
     Ok(())
 }
 
@@ -458,6 +467,6 @@ async fn remove_the_lost_daemon(
     )
     .await?;
     settle(api).await?;
-    cmd::fleet::daemons(ctx).await?;
+    cmd::fleet::daemons(ctx, Default::default()).await?;
     Ok(())
 }

@@ -88,7 +88,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// List daemons: liveness, settings, jobs and head space.
-    Daemons,
+    Daemons(cmd::fleet::DaemonsArgs),
     /// Run a backup daemon (`--id`), or register, configure, remove or show one.
     Daemon(DaemonArgs),
     /// Run the monitor: DAEMON_DOWN and DAEMON_UP from heartbeats, MOVE_STUCK,
@@ -105,7 +105,7 @@ pub enum Cmd {
     /// Show or set the snapshot schedule and retention (and the oplog window).
     Schedule(cmd::data::ScheduleArgs),
     /// List projects and their filters.
-    Projects,
+    Projects(cmd::Paging),
     /// Configure a project's daemon and label filters.
     #[command(subcommand)]
     Project(cmd::fleet::ProjectCmd),
@@ -120,8 +120,8 @@ pub enum Cmd {
     MoveJob(cmd::moves::MoveJobArgs),
     /// Give up a job's move (a lost destination, MOVE_STUCK): back to where it came from.
     FailMove(cmd::moves::FailMoveArgs),
-    /// Moves in progress and recent, with each job's phase.
-    Moves,
+    /// Moves in progress and recent, newest first, with each job's phase.
+    Moves(cmd::moves::MovesArgs),
     /// The audit trail of a job or a daemon, read from the event stream itself.
     History(cmd::history::HistoryArgs),
     /// Print events as they happen.
@@ -339,7 +339,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
     match command {
-        Cmd::Daemons => cmd::fleet::daemons(ctx).await,
+        Cmd::Daemons(a) => cmd::fleet::daemons(ctx, a).await,
         Cmd::Daemon(DaemonArgs {
             command: Some(c), ..
         }) => cmd::fleet::daemon(ctx, c).await,
@@ -350,14 +350,14 @@ async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
         Cmd::Restore(a) => cmd::data::restore(ctx, a).await,
         Cmd::Snapshots(a) => cmd::data::snapshots(ctx, a).await,
         Cmd::Schedule(a) => cmd::data::schedule(ctx, a).await,
-        Cmd::Projects => cmd::fleet::projects(ctx).await,
+        Cmd::Projects(a) => cmd::fleet::projects(ctx, a).await,
         Cmd::Project(c) => cmd::fleet::project(ctx, c).await,
         Cmd::Jobs(a) => cmd::fleet::jobs(ctx, a).await,
         Cmd::Job(c) => cmd::fleet::job(ctx, c).await,
         Cmd::MoveJobs(a) => cmd::moves::move_jobs(ctx, a).await,
         Cmd::MoveJob(a) => cmd::moves::move_job(ctx, a).await,
         Cmd::FailMove(a) => cmd::moves::fail_move(ctx, a).await,
-        Cmd::Moves => cmd::moves::moves(ctx).await,
+        Cmd::Moves(a) => cmd::moves::moves(ctx, a).await,
         Cmd::History(a) => cmd::history::history(ctx, a).await,
         Cmd::Watch(a) => cmd::history::watch(ctx, a).await,
         Cmd::Up(a) => stack::up(ctx, a).await,

@@ -103,6 +103,15 @@ impl NatsProcess {
         Self::start_secured(bin, dir, port, None).await
     }
 
+    /// Like [`start`](Self::start) on any free port, with `extra` appended to the
+    /// configuration (a `max_payload`, say).
+    pub async fn start_configured(bin: PathBuf, dir: &Path, extra: &str) -> Result<Self, Error> {
+        let mut p = Self::spawn_with(bin, dir, None, extra, None)?;
+        p.port = p.read_port().await?;
+        p.wait_ready().await?;
+        Ok(p)
+    }
+
     /// Like [`start`](Self::start), admitting only the users of `security` when given.
     pub async fn start_secured(
         bin: PathBuf,

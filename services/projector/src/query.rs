@@ -4,32 +4,45 @@
 //! | endpoint | request | answer |
 //! |----------|---------|--------|
 //! | `status` | `{}` | `{"checkpoint": N}` |
-//! | `daemons` | `{}` | every daemon view |
+//! | `daemons` | `{"status"?}` | a page of daemon views, by id |
 //! | `daemon` | `{"daemon"}` | one daemon view |
-//! | `assignments` | `{"daemon"}` | the jobs the daemon owns |
-//! | `projects` | `{}` | every project view |
-//! | `jobs` | `{"daemon"?, "project"?, "moving"?}` | job views |
+//! | `assignments` | `{"daemon"}` | a page of the jobs the daemon owns, by id |
+//! | `projects` | `{}` | a page of project views, by id |
+//! | `jobs` | `{"daemon"?, "project"?, "moving"?}` | a page of job views, by id |
 //! | `job` | `{"job"}` | one job view |
-//! | `moves` | `{}` | every move view, newest first |
+//! | `moves` | `{"status"?}` | a page of move views, newest first |
 //! | `move` | `{"move_id"}` | one move view |
-//! | `history` | `{"job"}` or `{"daemon"}` | history entries, oldest first |
-//! | `alerts` | `{"all"?}` | open alerts (with `all`, closed ones too), newest first |
+//! | `history` | `{"job"}` or `{"daemon"}` | a page of history entries, oldest first |
+//! | `alerts` | `{"all"?, "type"?}` | a page of open alerts (with `all`, closed ones too), newest first |
+//!
+//! Every list takes `limit` and `cursor` and answers `{"items", "total", "next"?}`
+//! ([`Page`]). A page reads the keys it returns from the views' indexes, and its total
+//! from a counter ([`views`]), so its cost does not grow with the fleet; the one exception
+//! is a total under two filters at once (`jobs` of a daemon *and* a project, say), which
+//! counts the smaller list. A page stops early rather than outgrow the server's payload
+//! limit; an answer that cannot fit (one record larger than the limit) is an error reply
+//! saying so, never silence.
 
 use async_nats::service::ServiceExt;
 use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
-use handoff_domain::state::Assignment;
+use handoff_domain::model::Liveness;
+use handoff_domain::state::{Assignment, DaemonStatus};
 use handoff_domain::DaemonId;
-use handoff_protocol::api::query::{ByDaemon, ByJob, ByMove, Empty, History, Jobs as JobsFilter};
+use handoff_protocol::api::query::{
+    Alerts, Assignments, ByDaemon, ByJob, ByMove, DaemonFilter, Daemons, Empty, History,
+    Jobs as JobsFilter, Moves, Projects, DEFAULT_LIMIT, MAX_LIMIT,
+};
 use handoff_protocol::api::MAX_REQUEST_BYTES;
 use handoff_protocol::{subjects, ErrorBody, ErrorCode};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
 use crate::store::{SledStore, ViewStore};
-use crate::views::{self, AssignmentView, DaemonView, HistoryEntry, JobView, MoveView};
+use crate::views::{self, AssignmentView, DaemonView, HistoryEntry, JobView};
 use handoff_protocol::EventEnvelope;
 
 pub const SERVICE_NAME: &str = "handoff-query";
@@ -47,6 +60,10 @@ const ENDPOINTS: &[&str] = &[
     "history",
     "alerts",
 ];
+
+/// Bytes of a reply kept for its frame (`{"ok":{"items":[..],"total":..,"next":".."}}`,
+/// the cursor, the service's headers): a page's items fill the payload limit less this.
+const FRAME_BYTES: usize = 4096;
 
 /// The running query service.
 pub struct QueryService {
@@ -86,11 +103,14 @@ impl QueryService {
                     _ = &mut stopped => break,
                     next = requests.next() => {
                         let Some((name, request)) = next else { break };
-                        let answer = match answer(&store, &checkpoint, name, &request.message.payload) {
+                        // The server's limit as this connection learnt it.
+                        let max = client.max_payload();
+                        let q = Query { store: &store, budget: max.saturating_sub(FRAME_BYTES).max(max / 2) };
+                        let answer = match q.answer(&checkpoint, name, &request.message.payload) {
                             Ok(v) => json!({ "ok": v }),
                             Err(e) => json!({ "error": e }),
                         };
-                        let body = serde_json::to_vec(&answer).expect("json values serialize");
+                        let body = fit(serde_json::to_vec(&answer).expect("json values serialize"), max);
                         if let Err(e) = request.respond(Ok(Bytes::from(body))).await {
                             tracing::warn!(error = %e, "could not answer a query");
                         }
@@ -110,6 +130,27 @@ impl QueryService {
     }
 }
 
+/// The reply as is if it fits the server's payload limit, else an error reply saying why
+/// (a reply over the limit would never arrive: the asker would wait for its timeout).
+pub fn fit(body: Vec<u8>, max_payload: usize) -> Vec<u8> {
+    if body.len() + FRAME_BYTES / 2 <= max_payload {
+        return body;
+    }
+    let error = too_large(body.len(), max_payload);
+    serde_json::to_vec(&json!({ "error": error })).expect("json values serialize")
+}
+
+fn too_large(size: usize, max_payload: usize) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Validation,
+        "reply_too_large",
+        format!(
+            "the answer is {size} bytes, more than the server's payload limit of {max_payload} \
+             allows in one reply"
+        ),
+    )
+}
+
 /// Parses a query whose fields are all optional: an empty body is the default.
 fn parse<T: DeserializeOwned + Default>(name: &str, payload: &[u8]) -> Result<T, ErrorBody> {
     if payload.iter().all(u8::is_ascii_whitespace) {
@@ -126,213 +167,470 @@ fn internal(e: impl std::fmt::Display) -> ErrorBody {
     )
 }
 
-fn values(store: &SledStore, prefix: &[u8]) -> Result<Vec<Value>, ErrorBody> {
-    store
-        .scan(prefix)
-        .map_err(internal)?
-        .into_iter()
-        .map(|(_, v)| serde_json::from_slice(&v).map_err(internal))
-        .collect()
+fn not_found(kind: &str, id: &str) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::NotFound,
+        "not_found",
+        format!("unknown {kind} {id}"),
+    )
 }
 
-fn typed<T: DeserializeOwned>(v: Value) -> Result<T, ErrorBody> {
-    serde_json::from_value(v).map_err(internal)
+fn invalid(reason: &str, message: String) -> ErrorBody {
+    ErrorBody::new(ErrorCode::Validation, reason, message)
 }
 
-fn one(store: &SledStore, key: &[u8], kind: &str, id: &str) -> Result<Value, ErrorBody> {
-    match store.get(key).map_err(internal)? {
-        Some(v) => serde_json::from_slice(&v).map_err(internal),
-        None => Err(ErrorBody::new(
-            ErrorCode::NotFound,
-            "not_found",
-            format!("unknown {kind} {id}"),
+/// The page size asked for, checked.
+fn limit(asked: Option<u32>) -> Result<usize, ErrorBody> {
+    match asked.unwrap_or(DEFAULT_LIMIT) {
+        n @ 1..=MAX_LIMIT => Ok(n as usize),
+        n => Err(invalid(
+            "bad_limit",
+            format!("limit {n} is outside 1 to {MAX_LIMIT}"),
         )),
     }
 }
 
-fn answer(
-    store: &SledStore,
-    checkpoint: &watch::Receiver<u64>,
-    name: &str,
-    payload: &[u8],
-) -> Result<Value, ErrorBody> {
-    match name {
-        "status" => status(checkpoint, parse(name, payload)?),
-        "daemons" => daemons(store, parse(name, payload)?),
-        "projects" => projects(store, parse(name, payload)?),
-        "daemon" => daemon(store, parse_required(name, payload)?),
-        "assignments" => assignments(store, parse_required(name, payload)?),
-        "jobs" => jobs(store, parse(name, payload)?),
-        "job" => job(store, parse_required(name, payload)?),
-        "alerts" => alerts(store, parse(name, payload)?),
-        "moves" => moves(store, parse(name, payload)?),
-        "move" => one_move(store, parse_required(name, payload)?),
-        "history" => history(store, parse(name, payload)?),
-        other => Err(ErrorBody::new(
-            ErrorCode::NotFound,
-            "unknown_query",
-            format!("unknown query {other}"),
-        )),
-    }
+/// A cursor is the hexadecimal of the last key's part after the list's prefix.
+fn encode_cursor(prefix: &[u8], key: &[u8]) -> String {
+    let rest = key.strip_prefix(prefix).unwrap_or(key);
+    rest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn status(checkpoint: &watch::Receiver<u64>, _: Empty) -> Result<Value, ErrorBody> {
-    Ok(json!({ "checkpoint": *checkpoint.borrow() }))
-}
-
-fn daemons(store: &SledStore, _: Empty) -> Result<Value, ErrorBody> {
-    Ok(Value::Array(values(store, &views::prefix(&["daemon"]))?))
-}
-
-fn projects(store: &SledStore, _: Empty) -> Result<Value, ErrorBody> {
-    Ok(Value::Array(values(store, &views::prefix(&["project"]))?))
-}
-
-fn daemon(store: &SledStore, q: ByDaemon) -> Result<Value, ErrorBody> {
-    one(
-        store,
-        &views::daemon_key(&q.daemon),
-        "daemon",
-        q.daemon.as_str(),
-    )
-}
-
-fn assignments(store: &SledStore, q: ByDaemon) -> Result<Value, ErrorBody> {
-    let daemon: DaemonView = typed(one(
-        store,
-        &views::daemon_key(&q.daemon),
-        "daemon",
-        q.daemon.as_str(),
-    )?)?;
-    let mut out = Vec::new();
-    for j in &daemon.state.jobs {
-        let job: JobView = typed(one(store, &views::job_key(j), "job", j.as_str())?)?;
-        out.push(AssignmentView {
-            daemon: q.daemon.clone(),
-            job: j.clone(),
-            epoch: job.state.epoch,
-            moving_in: match job.state.assignment {
-                Assignment::Moving { move_id, .. } => Some(move_id),
-                Assignment::Assigned { .. } => None,
-            },
-        });
-    }
-    serde_json::to_value(out).map_err(internal)
-}
-
-fn jobs(store: &SledStore, f: JobsFilter) -> Result<Value, ErrorBody> {
-    let mut out = Vec::new();
-    for v in values(store, &views::prefix(&["job"]))? {
-        let job: JobView = serde_json::from_value(v.clone()).map_err(internal)?;
-        let moving = matches!(job.state.assignment, Assignment::Moving { .. });
-        let involved = |d: &DaemonId| {
-            job.owner == *d
-                || matches!(&job.state.assignment, Assignment::Moving { from, .. } if from == d)
-        };
-        if f.daemon.as_ref().is_some_and(|d| !involved(d))
-            || f.project.as_ref().is_some_and(|p| job.state.project != *p)
-            || f.moving.is_some_and(|m| m != moving)
-        {
-            continue;
-        }
-        out.push(v);
-    }
-    Ok(Value::Array(out))
-}
-
-fn job(store: &SledStore, q: ByJob) -> Result<Value, ErrorBody> {
-    one(store, &views::job_key(&q.job), "job", q.job.as_str())
-}
-
-fn alerts(store: &SledStore, q: handoff_protocol::api::query::Alerts) -> Result<Value, ErrorBody> {
-    let mut alerts: Vec<views::AlertView> = values(store, &views::prefix(&["alert"]))?
-        .into_iter()
-        .map(|v| serde_json::from_value(v).map_err(internal))
-        .filter(|a| !matches!(a, Ok(a) if !q.all && !views::AlertView::is_open(a)))
-        .collect::<Result<_, _>>()?;
-    alerts.sort_by_key(|a| std::cmp::Reverse(a.raised_seq));
-    serde_json::to_value(alerts).map_err(internal)
-}
-
-fn moves(store: &SledStore, _: Empty) -> Result<Value, ErrorBody> {
-    let mut moves: Vec<MoveView> = values(store, &views::prefix(&["move"]))?
-        .into_iter()
-        .map(|v| serde_json::from_value(v).map_err(internal))
-        .collect::<Result<_, _>>()?;
-    moves.sort_by(|a, b| b.move_id.cmp(&a.move_id));
-    serde_json::to_value(moves).map_err(internal)
-}
-
-fn one_move(store: &SledStore, q: ByMove) -> Result<Value, ErrorBody> {
-    one(
-        store,
-        &views::move_key(&q.move_id),
-        "move",
-        q.move_id.as_str(),
-    )
-}
-
-fn history(store: &SledStore, q: History) -> Result<Value, ErrorBody> {
-    let seqs: Vec<u64> = match (&q.job, &q.daemon) {
-        (Some(j), None) => {
-            typed::<JobView>(one(store, &views::job_key(j), "job", j.as_str())?)?.history
-        }
-        (None, Some(d)) => {
-            let mut seqs = Vec::new();
-            for (_, chunk) in store
-                .scan(&views::prefix(&["hist", "daemon", d.as_str()]))
-                .map_err(internal)?
-            {
-                seqs.extend(serde_json::from_slice::<Vec<u64>>(&chunk).map_err(internal)?);
-            }
-            seqs
-        }
-        _ => {
-            return Err(ErrorBody::new(
-                ErrorCode::Validation,
-                "malformed",
-                "history needs exactly one of job or daemon",
-            ))
-        }
+/// The key a cursor of the list under `prefix` stands for.
+fn decode_cursor(prefix: &[u8], cursor: Option<&str>) -> Result<Option<Vec<u8>>, ErrorBody> {
+    let Some(c) = cursor else { return Ok(None) };
+    let bad = || {
+        invalid(
+            "bad_cursor",
+            format!("cursor {c:?} is not one this list gave out"),
+        )
     };
-    serde_json::to_value(history_entries(store, seqs)?).map_err(internal)
+    if c.is_empty() || c.len() % 2 != 0 || c.len() > 2 * MAX_REQUEST_BYTES {
+        return Err(bad());
+    }
+    let mut key = prefix.to_vec();
+    for i in (0..c.len()).step_by(2) {
+        let byte = c
+            .get(i..i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .ok_or_else(bad)?;
+        key.push(byte);
+    }
+    Ok(Some(key))
 }
 
-/// The stored events at `seqs`, in that order.
-fn history_entries(store: &SledStore, seqs: Vec<u64>) -> Result<Vec<HistoryEntry>, ErrorBody> {
-    let mut entries = Vec::new();
-    // The batch holding the last event looked up; histories often stay in one.
-    let mut batch: Option<(Vec<u8>, Vec<u8>)> = None;
-    for seq in seqs {
-        let cached = batch
+/// A list to page through: the keys under `prefix`, from after `cursor`, in key order or
+/// its reverse; `item` turns a key and its value into an item, or `None` for one the
+/// filters leave out.
+struct List<'a> {
+    prefix: Vec<u8>,
+    reverse: bool,
+    limit: Option<u32>,
+    cursor: Option<&'a str>,
+}
+
+/// One query's answer, from the store, within a budget of reply bytes.
+struct Query<'a> {
+    store: &'a SledStore,
+    budget: usize,
+}
+
+impl Query<'_> {
+    fn answer(
+        &self,
+        checkpoint: &watch::Receiver<u64>,
+        name: &str,
+        payload: &[u8],
+    ) -> Result<Value, ErrorBody> {
+        match name {
+            "status" => {
+                let _: Empty = parse(name, payload)?;
+                Ok(json!({ "checkpoint": *checkpoint.borrow() }))
+            }
+            "daemons" => self.daemons(parse(name, payload)?),
+            "projects" => self.projects(parse(name, payload)?),
+            "daemon" => {
+                let q: ByDaemon = parse_required(name, payload)?;
+                self.one(&views::daemon_key(&q.daemon), "daemon", q.daemon.as_str())
+            }
+            "assignments" => self.assignments(parse_required(name, payload)?),
+            "jobs" => self.jobs(parse(name, payload)?),
+            "job" => {
+                let q: ByJob = parse_required(name, payload)?;
+                self.one(&views::job_key(&q.job), "job", q.job.as_str())
+            }
+            "alerts" => self.alerts(parse(name, payload)?),
+            "moves" => self.moves(parse(name, payload)?),
+            "move" => {
+                let q: ByMove = parse_required(name, payload)?;
+                self.one(&views::move_key(&q.move_id), "move", q.move_id.as_str())
+            }
+            "history" => self.history(parse(name, payload)?),
+            other => Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                "unknown_query",
+                format!("unknown query {other}"),
+            )),
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, ErrorBody> {
+        match self.store.get(key).map_err(internal)? {
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(internal),
+            None => Ok(None),
+        }
+    }
+
+    fn one(&self, key: &[u8], kind: &str, id: &str) -> Result<Value, ErrorBody> {
+        let v: Value = self.get(key)?.ok_or_else(|| not_found(kind, id))?;
+        let size = serde_json::to_vec(&v).map_err(internal)?.len();
+        if size > self.budget {
+            return Err(too_large(size, self.budget + FRAME_BYTES));
+        }
+        Ok(v)
+    }
+
+    /// The length of the list under `prefix`, from its counter.
+    fn count(&self, prefix: &[u8]) -> Result<u64, ErrorBody> {
+        match self
+            .store
+            .get(&views::counter_key(prefix))
+            .map_err(internal)?
+        {
+            None => Ok(0),
+            Some(b) => <[u8; 8]>::try_from(b.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| internal("a counter is not 8 bytes")),
+        }
+    }
+
+    /// One page of `list`: up to its limit of items, fewer if the next would outgrow the
+    /// reply's budget.
+    fn page<T: Serialize>(
+        &self,
+        list: List<'_>,
+        total: u64,
+        mut item: impl FnMut(&[u8], &[u8]) -> Result<Option<T>, ErrorBody>,
+    ) -> Result<Value, ErrorBody> {
+        let limit = limit(list.limit)?;
+        let after = decode_cursor(&list.prefix, list.cursor)?;
+        let mut items = Vec::new();
+        let mut used = 0;
+        let mut last: Option<Vec<u8>> = None;
+        let mut more = false;
+        for entry in self
+            .store
+            .range(&list.prefix, after.as_deref(), list.reverse)
+        {
+            let (k, v) = entry.map_err(internal)?;
+            let Some(found) = item(&k, &v)? else {
+                continue;
+            };
+            let encoded = serde_json::to_value(found).map_err(internal)?;
+            let size = serde_json::to_vec(&encoded).map_err(internal)?.len() + 1;
+            if items.len() == limit || used + size > self.budget {
+                if items.is_empty() {
+                    return Err(too_large(size, self.budget + FRAME_BYTES));
+                }
+                more = true;
+                break;
+            }
+            used += size;
+            items.push(encoded);
+            last = Some(k);
+        }
+        let next = match (more, last) {
+            (true, Some(k)) => Some(encode_cursor(&list.prefix, &k)),
+            _ => None,
+        };
+        let mut page = json!({ "items": items, "total": total });
+        if let Some(next) = next {
+            page["next"] = json!(next);
+        }
+        Ok(page)
+    }
+
+    fn daemons(&self, q: Daemons) -> Result<Value, ErrorBody> {
+        let prefix = views::prefix(&["daemon"]);
+        let keep = |d: &DaemonView| match q.status {
+            None => true,
+            Some(DaemonFilter::Up) => d.status == DaemonStatus::Active(Liveness::Up),
+            Some(DaemonFilter::Down) => d.status == DaemonStatus::Active(Liveness::Down),
+            Some(DaemonFilter::Removed) => d.status == DaemonStatus::Removed,
+        };
+        // Daemons are few (a fleet has about a thousand): a filtered total counts them.
+        let total = match q.status {
+            None => self.count(&prefix)?,
+            Some(_) => {
+                let mut n = 0;
+                for entry in self.store.range(&prefix, None, false) {
+                    let (_, v) = entry.map_err(internal)?;
+                    let d: DaemonView = serde_json::from_slice(&v).map_err(internal)?;
+                    n += u64::from(keep(&d));
+                }
+                n
+            }
+        };
+        let list = List {
+            prefix,
+            reverse: false,
+            limit: q.limit,
+            cursor: q.cursor.as_deref(),
+        };
+        self.page(list, total, |_, v| {
+            let d: DaemonView = serde_json::from_slice(v).map_err(internal)?;
+            Ok(keep(&d).then_some(d))
+        })
+    }
+
+    fn projects(&self, q: Projects) -> Result<Value, ErrorBody> {
+        let prefix = views::prefix(&["project"]);
+        let total = self.count(&prefix)?;
+        let list = List {
+            prefix,
+            reverse: false,
+            limit: q.limit,
+            cursor: q.cursor.as_deref(),
+        };
+        self.page(list, total, |_, v| {
+            Ok(Some(serde_json::from_slice::<Value>(v).map_err(internal)?))
+        })
+    }
+
+    /// The jobs a daemon owns: its view's set of jobs, from after the cursor.
+    fn assignments(&self, q: Assignments) -> Result<Value, ErrorBody> {
+        let daemon: DaemonView = self
+            .get(&views::daemon_key(&q.daemon))?
+            .ok_or_else(|| not_found("daemon", q.daemon.as_str()))?;
+        // The daemon's index also holds the jobs moving away from it: those are left out.
+        let list = List {
+            prefix: views::prefix(&["ix", "daemon", q.daemon.as_str()]),
+            reverse: false,
+            limit: q.limit,
+            cursor: q.cursor.as_deref(),
+        };
+        let jobs = views::prefix(&["job"]);
+        let skip = list.prefix.len();
+        self.page(list, daemon.jobs, |k, _| {
+            let mut key = jobs.clone();
+            key.extend_from_slice(&k[skip..]);
+            let job: JobView = self
+                .get(&key)?
+                .ok_or_else(|| internal("an index names a job that has no view"))?;
+            if job.owner != q.daemon {
+                return Ok(None);
+            }
+            Ok(Some(AssignmentView {
+                daemon: q.daemon.clone(),
+                epoch: job.state.epoch,
+                moving_in: match job.state.assignment {
+                    Assignment::Moving { move_id, .. } => Some(move_id),
+                    Assignment::Assigned { .. } => None,
+                },
+                job: job.job,
+            }))
+        })
+    }
+
+    /// Jobs from the smallest index the filters allow; the other filters apply to each.
+    fn jobs(&self, f: JobsFilter) -> Result<Value, ErrorBody> {
+        let by_daemon = f
+            .daemon
             .as_ref()
-            .and_then(|(_, framed)| views::find_framed(framed, seq).map(<[u8]>::to_vec));
+            .map(|d| views::prefix(&["ix", "daemon", d.as_str()]));
+        let moving_only = (f.moving == Some(true)).then(|| views::prefix(&["ix", "moving"]));
+        let by_project = f
+            .project
+            .as_ref()
+            .map(|p| views::prefix(&["ix", "project", p.as_str()]));
+        let all = views::prefix(&["job"]);
+        let mut candidates = Vec::new();
+        for p in [by_daemon, moving_only, by_project].into_iter().flatten() {
+            let n = self.count(&p)?;
+            candidates.push((n, p));
+        }
+        candidates.sort();
+        let (smallest, prefix) = match candidates.first() {
+            Some((n, p)) => (*n, p.clone()),
+            None => (self.count(&all)?, all.clone()),
+        };
+        let keep = |job: &JobView| {
+            let moving = matches!(job.state.assignment, Assignment::Moving { .. });
+            let involved = |d: &DaemonId| {
+                job.owner == *d
+                    || matches!(&job.state.assignment, Assignment::Moving { from, .. } if from == d)
+            };
+            !(f.daemon.as_ref().is_some_and(|d| !involved(d))
+                || f.project.as_ref().is_some_and(|p| job.state.project != *p)
+                || f.moving.is_some_and(|m| m != moving))
+        };
+        let view = |k: &[u8], v: &[u8]| -> Result<JobView, ErrorBody> {
+            if prefix == all {
+                return serde_json::from_slice(v).map_err(internal);
+            }
+            let id = &k[prefix.len()..];
+            let mut key = all.clone();
+            key.extend_from_slice(id);
+            self.get(&key)?
+                .ok_or_else(|| internal("an index names a job that has no view"))
+        };
+        let filters = [f.daemon.is_some(), f.project.is_some(), f.moving.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        let total = match (filters, f.moving) {
+            (0, _) => smallest,
+            (1, Some(true)) | (1, None) => smallest,
+            // Not moving: every job but the moving ones.
+            (1, Some(false)) => {
+                smallest - self.count(&views::prefix(&["ix", "moving"]))?.min(smallest)
+            }
+            _ => {
+                let mut n = 0;
+                for entry in self.store.range(&prefix, None, false) {
+                    let (k, v) = entry.map_err(internal)?;
+                    n += u64::from(keep(&view(&k, &v)?));
+                }
+                n
+            }
+        };
+        let list = List {
+            prefix: prefix.clone(),
+            reverse: false,
+            limit: f.limit,
+            cursor: f.cursor.as_deref(),
+        };
+        self.page(list, total, |k, v| {
+            let job = view(k, v)?;
+            Ok(keep(&job).then_some(job))
+        })
+    }
+
+    fn alerts(&self, q: Alerts) -> Result<Value, ErrorBody> {
+        let prefix = views::alert_index(!q.all, q.kind);
+        let total = self.count(&prefix)?;
+        let list = List {
+            prefix,
+            reverse: true,
+            limit: q.limit,
+            cursor: q.cursor.as_deref(),
+        };
+        let records = views::prefix(&["alert"]);
+        self.page(list, total, |_, record| {
+            let mut key = records.clone();
+            key.extend_from_slice(record);
+            let alert: Value = self
+                .get(&key)?
+                .ok_or_else(|| internal("an index names an alert that has no view"))?;
+            Ok(Some(alert))
+        })
+    }
+
+    fn moves(&self, q: Moves) -> Result<Value, ErrorBody> {
+        let records = views::prefix(&["move"]);
+        let prefix = match q.status {
+            Some(s) => views::prefix(&["ix", "move", s.as_str()]),
+            None => records.clone(),
+        };
+        let total = self.count(&prefix)?;
+        let list = List {
+            prefix: prefix.clone(),
+            reverse: true,
+            limit: q.limit,
+            cursor: q.cursor.as_deref(),
+        };
+        self.page(list, total, |k, v| {
+            if prefix == records {
+                return Ok(Some(serde_json::from_slice::<Value>(v).map_err(internal)?));
+            }
+            let mut key = records.clone();
+            key.extend_from_slice(&k[prefix.len()..]);
+            let m: Value = self
+                .get(&key)?
+                .ok_or_else(|| internal("an index names a move that has no view"))?;
+            Ok(Some(m))
+        })
+    }
+
+    fn history(&self, q: History) -> Result<Value, ErrorBody> {
+        let prefix = match (&q.job, &q.daemon) {
+            (Some(j), None) => {
+                if self
+                    .store
+                    .get(&views::job_key(j))
+                    .map_err(internal)?
+                    .is_none()
+                {
+                    return Err(not_found("job", j.as_str()));
+                }
+                views::prefix(&["jh", j.as_str()])
+            }
+            (None, Some(d)) => {
+                if self
+                    .store
+                    .get(&views::daemon_key(d))
+                    .map_err(internal)?
+                    .is_none()
+                {
+                    return Err(not_found("daemon", d.as_str()));
+                }
+                views::prefix(&["dh", d.as_str()])
+            }
+            _ => {
+                return Err(invalid(
+                    "malformed",
+                    "history needs exactly one of job or daemon".into(),
+                ))
+            }
+        };
+        let total = self.count(&prefix)?;
+        let list = List {
+            prefix: prefix.clone(),
+            reverse: false,
+            limit: q.limit,
+            cursor: q.cursor.as_deref(),
+        };
+        // The chunk holding the last event looked up; histories often stay in one.
+        let mut chunk: Option<Vec<u8>> = None;
+        self.page(list, total, |k, _| {
+            let seq: u64 = std::str::from_utf8(&k[prefix.len()..])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| internal("a history key holds no sequence"))?;
+            Ok(Some(self.entry(seq, &mut chunk)?))
+        })
+    }
+
+    /// The stored event at `seq`.
+    fn entry(&self, seq: u64, chunk: &mut Option<Vec<u8>>) -> Result<HistoryEntry, ErrorBody> {
+        let missing = || internal(format!("history names event {seq}, which is not stored"));
+        let cached = chunk
+            .as_deref()
+            .and_then(|framed| views::find_framed(framed, seq).map(<[u8]>::to_vec));
         let stored = match cached {
             Some(p) => p,
             None => {
-                let k = views::events_key(seq);
-                let framed = store.get(&k).map_err(internal)?.ok_or_else(|| {
-                    internal(format!("history names event {seq}, which is not stored"))
-                })?;
+                let framed = self
+                    .store
+                    .get(&views::events_key(seq))
+                    .map_err(internal)?
+                    .ok_or_else(missing)?;
                 let p = views::find_framed(&framed, seq)
-                    .ok_or_else(|| {
-                        internal(format!("history names event {seq}, which is not stored"))
-                    })?
+                    .ok_or_else(missing)?
                     .to_vec();
-                batch = Some((k, framed));
+                *chunk = Some(framed);
                 p
             }
         };
         let e = EventEnvelope::decode(&stored).map_err(internal)?;
-        entries.push(HistoryEntry {
+        Ok(HistoryEntry {
             seq,
             at: e.at,
             actor: e.actor.to_string(),
             command: e.command,
             event: e.event,
-        });
+        })
     }
-    Ok(entries)
 }
 
 /// Parses a query whose fields are required (an empty body is malformed).
@@ -354,4 +652,40 @@ fn parse_required<T: DeserializeOwned>(name: &str, payload: &[u8]) -> Result<T, 
             format!("malformed {name} query: {e}"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reply that fits goes as it is; one over the limit becomes an error reply that
+    /// says why, itself well within the limit.
+    #[test]
+    fn a_reply_over_the_payload_limit_becomes_an_error_reply() {
+        let small = serde_json::to_vec(&json!({ "ok": { "items": [1, 2], "total": 2 } })).unwrap();
+        assert_eq!(fit(small.clone(), 1 << 20), small);
+        let big = serde_json::to_vec(&json!({ "ok": "x".repeat(2 << 20) })).unwrap();
+        let answer: Value = serde_json::from_slice(&fit(big.clone(), 1 << 20)).unwrap();
+        assert_eq!(answer["error"]["reason"], "reply_too_large");
+        assert_eq!(answer["error"]["code"], "validation");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&big.len().to_string()) && message.contains("1048576"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn cursors_round_trip_and_foreign_ones_are_refused() {
+        let prefix = views::prefix(&["job"]);
+        let key = views::job_key(&handoff_domain::JobId::new("p/rs0").unwrap());
+        let c = encode_cursor(&prefix, &key);
+        assert_eq!(decode_cursor(&prefix, Some(&c)).unwrap(), Some(key));
+        for bad in ["", "z", "zz", "abc"] {
+            let e = decode_cursor(&prefix, Some(bad)).unwrap_err();
+            assert_eq!(e.reason, "bad_cursor", "{bad}");
+        }
+        assert!(limit(Some(0)).is_err() && limit(Some(MAX_LIMIT + 1)).is_err());
+        assert_eq!(limit(None).unwrap(), DEFAULT_LIMIT as usize);
+    }
 }

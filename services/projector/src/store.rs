@@ -35,6 +35,14 @@ pub trait ViewStore: Clone + Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every key starting with `prefix`, in key order.
     fn scan(&self, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
+    /// The keys under `prefix` after `after` (before it, `reverse`), in key order (its
+    /// reverse), as far as the caller reads.
+    fn range<'a>(
+        &'a self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        reverse: bool,
+    ) -> Box<dyn Iterator<Item = Result<Entry, StoreError>> + 'a>;
     /// The last entry whose key is below `key`, if any.
     fn last_below(&self, key: &[u8]) -> Result<Option<Entry>, StoreError>;
     /// Removes everything, checkpoint included.
@@ -80,6 +88,19 @@ impl SledStore {
     fn err(&self, e: sled::Error) -> StoreError {
         classify(&self.path, e)
     }
+}
+
+/// The first key after every key starting with `prefix`; none if there is no such key
+/// (a prefix of 0xff bytes only).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 fn classify(path: &Path, e: sled::Error) -> StoreError {
@@ -133,6 +154,36 @@ impl ViewStore for SledStore {
                     .map_err(|e| self.err(e))
             })
             .collect()
+    }
+
+    fn range<'a>(
+        &'a self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        reverse: bool,
+    ) -> Box<dyn Iterator<Item = Result<Entry, StoreError>> + 'a> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        // Every key under the prefix is below the prefix with its last byte raised.
+        let end = prefix_end(prefix);
+        let low = match (after, reverse) {
+            (Some(a), false) => Excluded(a.to_vec()),
+            _ => Included(prefix.to_vec()),
+        };
+        let high = match (after, reverse, end) {
+            (Some(a), true, _) => Excluded(a.to_vec()),
+            (_, _, Some(e)) => Excluded(e),
+            (_, _, None) => Unbounded,
+        };
+        let iter = self.db.range::<Vec<u8>, _>((low, high));
+        let map = move |r: Result<(sled::IVec, sled::IVec), sled::Error>| {
+            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(|e| classify(&self.path, e))
+        };
+        if reverse {
+            Box::new(iter.rev().map(map))
+        } else {
+            Box::new(iter.map(map))
+        }
     }
 
     fn last_below(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {

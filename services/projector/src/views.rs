@@ -2,24 +2,35 @@
 //!
 //! The projector keeps the domain state in memory (loaded from the store at start) and
 //! folds each event with the domain's own `State::apply`, so the views never disagree
-//! with the rules. After each event it writes the records of everything the event
-//! touched:
+//! with the rules. After each batch it writes the records of everything the batch
+//! touched, the index entries that changed, and the counters of the indexes:
 //!
 //! | key | value |
 //! |-----|-------|
 //! | `daemon\0<daemon>` | [`DaemonView`] |
 //! | `project\0<project>` | [`ProjectView`] |
-//! | `job\0<job>` | [`JobView`], with the sequences of the job's events |
+//! | `job\0<job>` | [`JobView`] |
 //! | `move\0<move>` | [`MoveView`] |
 //! | `alert\0<TYPE>\0<about>` | [`AlertView`]: the last alert of that type about that daemon or job, open or closed |
 //! | `events\0<n>` | events `n*64` to `n*64+63` as stored in the stream, framed |
-//! | `hist\0daemon\0<daemon>\0<n>` | the sequences of the daemon's events among `n*1024` to `n*1024+1023` |
+//! | `jh\0<job>\0<seq>` | (empty) the job's event at `seq`: its history, by range |
+//! | `dh\0<daemon>\0<seq>` | (empty) the daemon's event at `seq` |
+//! | `ix\0daemon\0<daemon>\0<job>` | (empty) a job the daemon owns or that is moving away from it |
+//! | `ix\0moving\0<job>` | (empty) a moving job |
+//! | `ix\0project\0<project>\0<job>` | (empty) a job of the project |
+//! | `ix\0move\0<status>\0<move>` | (empty) a move by its standing |
+//! | `ix\0alert\0<all or open>\0<seq>\0<TYPE>\0<about>` | the alert's key: alerts by the event that raised them |
+//! | `ix\0alert\0kind\0<TYPE>\0<all or open>\0<seq>\0<about>` | the same, by type |
+//! | `n\0<prefix>` | how many keys start with `<prefix>` (8 bytes, big endian) |
 //!
-//! A daemon's view lists the jobs it owns (its assignments); a job's view lists the
-//! sequences of its events (its history). Records are written once per batch however
-//! many of its events touched them, and events are kept in chunks, so a rebuild writes
-//! far fewer records than events. Chunks cover fixed ranges of sequences, so the store's
-//! contents depend only on the events, never on how they were batched.
+//! So a page of any list costs what it holds: a daemon's jobs, the moving jobs, a page of
+//! history are ranges of keys, and every list's total is one counter. Nothing grows in
+//! memory with the history: histories are keys in the store, one per event.
+//!
+//! Records are written once per batch however many of its events touched them, and
+//! events are kept in chunks, so a rebuild writes far fewer records than events. Chunks
+//! cover fixed ranges of sequences, so the store's contents depend only on the events,
+//! never on how they were batched.
 //!
 //! Sequences in keys are 20-digit zero-padded decimals, so key order is stream order.
 
@@ -27,6 +38,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use handoff_domain::alert::{self, AlertKey, AlertKind};
 use handoff_domain::model::MovePhase;
+use handoff_domain::state::Assignment;
 use handoff_domain::{CommandId, DaemonId, Event, JobId, ProjectId, State};
 use handoff_eventlog::Recorded;
 pub use handoff_protocol::views::{
@@ -54,8 +66,45 @@ pub fn alert_key(a: &AlertKey) -> Vec<u8> {
 }
 /// Events per chunk of stored events.
 pub const EVENTS_PER_CHUNK: u64 = 64;
-/// Sequences per chunk of a daemon's history.
-pub const HISTORY_PER_CHUNK: u64 = 1024;
+
+fn seq_text(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
+/// The key of `job`'s event at `seq`.
+pub fn job_history_key(job: &JobId, seq: u64) -> Vec<u8> {
+    key(&["jh", job.as_str(), &seq_text(seq)])
+}
+
+/// The key of `daemon`'s event at `seq`.
+pub fn daemon_history_key(daemon: &DaemonId, seq: u64) -> Vec<u8> {
+    key(&["dh", daemon.as_str(), &seq_text(seq)])
+}
+
+/// The counter of the keys under `prefix` (a [`prefix`]).
+pub fn counter_key(prefix: &[u8]) -> Vec<u8> {
+    let mut k = b"n\0".to_vec();
+    k.extend_from_slice(prefix);
+    k
+}
+
+/// Whether an alert index lists every alert or the open ones.
+fn alert_set(open: bool) -> &'static str {
+    if open {
+        "open"
+    } else {
+        "all"
+    }
+}
+
+/// The prefix of the alerts, newest first by the event that raised them: open ones or
+/// all, of one type or every type.
+pub fn alert_index(open: bool, kind: Option<AlertKind>) -> Vec<u8> {
+    match kind {
+        None => prefix(&["ix", "alert", alert_set(open)]),
+        Some(k) => prefix(&["ix", "alert", "kind", k.as_str(), alert_set(open)]),
+    }
+}
 
 /// The key of the chunk holding event `seq`.
 pub fn events_key(seq: u64) -> Vec<u8> {
@@ -87,15 +136,6 @@ pub fn find_framed(mut framed: &[u8], seq: u64) -> Option<&[u8]> {
     }
     None
 }
-/// The key of the chunk of `d`'s history holding `seq`.
-pub fn history_daemon_key(d: &DaemonId, seq: u64) -> Vec<u8> {
-    key(&[
-        "hist",
-        "daemon",
-        d.as_str(),
-        &format!("{:020}", seq / HISTORY_PER_CHUNK),
-    ])
-}
 
 /// Joins parts with NUL, which no id may contain; a prefix query ends with a NUL.
 pub fn key(parts: &[&str]) -> Vec<u8> {
@@ -117,7 +157,7 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
 /// overlaps the fold of the next batch.
 pub enum Value {
     Bytes(Vec<u8>),
-    Seqs(Vec<u64>),
+    Count(u64),
     Daemon(DaemonView),
     Project(ProjectView),
     Job(Box<JobView>),
@@ -129,7 +169,7 @@ impl Value {
     pub fn encode(self) -> Vec<u8> {
         match self {
             Value::Bytes(b) => b,
-            Value::Seqs(s) => json(&s),
+            Value::Count(n) => n.to_be_bytes().to_vec(),
             Value::Daemon(v) => json(&v),
             Value::Project(v) => json(&v),
             Value::Job(v) => json(&v),
@@ -150,36 +190,135 @@ pub fn encode(changes: Vec<Change>) -> Vec<Write> {
         .collect()
 }
 
+/// Where a record is listed: each entry is a key written (with its value) while the
+/// record belongs there, counted by the counter of `counted` (a prefix of the key). The
+/// record's own key is listed too, to be counted, with no value: the record is written
+/// apart.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Listed {
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    counted: Vec<u8>,
+}
+
+impl Listed {
+    fn under(counted: Vec<u8>, rest: &[&str], value: Vec<u8>) -> Self {
+        let mut key = counted.clone();
+        key.extend_from_slice(&self::key(rest));
+        Listed {
+            key,
+            value: Some(value),
+            counted,
+        }
+    }
+
+    fn record(counted: Vec<u8>, rest: &[&str]) -> Self {
+        Listed {
+            value: None,
+            ..Listed::under(counted, rest, Vec::new())
+        }
+    }
+}
+
+/// The lists a job is in.
+fn job_lists(id: &JobId, job: Option<&handoff_domain::state::Job>) -> Vec<Listed> {
+    let Some(job) = job else { return Vec::new() };
+    let j = id.as_str();
+    let mut out = vec![
+        Listed::record(prefix(&["job"]), &[j]),
+        Listed::under(
+            prefix(&["ix", "daemon", job.owner().as_str()]),
+            &[j],
+            Vec::new(),
+        ),
+        Listed::under(
+            prefix(&["ix", "project", job.project.as_str()]),
+            &[j],
+            Vec::new(),
+        ),
+    ];
+    if let Assignment::Moving { from, .. } = &job.assignment {
+        out.push(Listed::under(prefix(&["ix", "moving"]), &[j], Vec::new()));
+        if from != job.owner() {
+            out.push(Listed::under(
+                prefix(&["ix", "daemon", from.as_str()]),
+                &[j],
+                Vec::new(),
+            ));
+        }
+    }
+    out
+}
+
+/// The lists a move is in.
+fn move_lists(view: Option<&MoveView>) -> Vec<Listed> {
+    let Some(m) = view else { return Vec::new() };
+    let id = m.move_id.as_str();
+    vec![
+        Listed::record(prefix(&["move"]), &[id]),
+        Listed::under(
+            prefix(&["ix", "move", m.status.as_str()]),
+            &[id],
+            Vec::new(),
+        ),
+    ]
+}
+
+/// The lists an alert is in: every alert, and the open ones; of every type and of its own.
+fn alert_lists(view: Option<&AlertView>) -> Vec<Listed> {
+    let Some(a) = view else { return Vec::new() };
+    let kind = a.kind.as_str();
+    let seq = seq_text(a.raised_seq);
+    let record = key(&[kind, &a.about]);
+    let mut out = vec![Listed::record(prefix(&["alert"]), &[kind, &a.about])];
+    let mut sets = vec![false];
+    if a.is_open() {
+        sets.push(true);
+    }
+    for open in sets {
+        out.push(Listed::under(
+            alert_index(open, None),
+            &[&seq, kind, &a.about],
+            record.clone(),
+        ));
+        out.push(Listed::under(
+            alert_index(open, Some(a.kind)),
+            &[&seq, &a.about],
+            record.clone(),
+        ));
+    }
+    out
+}
+
 /// The in-memory state behind the views, with the move metadata the domain state does
-/// not keep, and what changed since the last [`Views::drain`].
+/// not keep, the lists' counters, and what changed since the last [`Views::drain`].
 #[derive(Default)]
 pub struct Views {
     state: State,
     moves: BTreeMap<CommandId, MoveView>,
     /// The last alert of each type about each thing.
     alerts: BTreeMap<AlertKey, AlertView>,
-    /// Each job's events, by sequence.
-    job_history: HashMap<JobId, Vec<u64>>,
     /// The last chunk of events, as stored plus what this batch added.
     events: (u64, Vec<u8>),
-    /// Each daemon's last history chunk.
-    daemon_history: HashMap<DaemonId, (u64, Vec<u64>)>,
+    /// Every list's length, by its counter's key.
+    counts: HashMap<Vec<u8>, u64>,
     dirty: Dirty,
 }
 
 /// Records to write at the end of a batch: each is serialized once however many events
-/// of the batch touched it.
+/// of the batch touched it. The lists of jobs, moves and alerts as they were before the
+/// batch first touched them, to write what changed.
 #[derive(Default)]
 struct Dirty {
     daemons: HashSet<DaemonId>,
     projects: BTreeSet<ProjectId>,
-    jobs: HashSet<JobId>,
-    moves: BTreeSet<CommandId>,
-    alerts: BTreeSet<AlertKey>,
-    /// History chunks to write: the daemons whose last chunk changed, and chunks this
-    /// batch filled up.
-    daemon_history: HashSet<DaemonId>,
-    full_history_chunks: Vec<Change>,
+    jobs: HashMap<JobId, Vec<Listed>>,
+    moves: BTreeMap<CommandId, Vec<Listed>>,
+    alerts: BTreeMap<AlertKey, Vec<Listed>>,
+    /// History keys this batch added.
+    history: Vec<Vec<u8>>,
+    /// Counters changed.
+    counts: BTreeSet<Vec<u8>>,
     /// Event chunks to write: the last one changed, and chunks this batch filled up.
     events: bool,
     full_event_chunks: Vec<Change>,
@@ -195,7 +334,14 @@ impl Views {
         };
         for (_, v) in store.scan(&prefix(&["daemon"]))? {
             let d: DaemonView = serde_json::from_slice(&v).map_err(corrupt)?;
-            views.state.daemons.insert(d.daemon, d.state);
+            // Its jobs come back with the jobs' views, below.
+            let daemon = handoff_domain::state::Daemon {
+                settings: d.settings,
+                status: d.status,
+                jobs: BTreeSet::new(),
+                used_bytes: d.used_bytes,
+            };
+            views.state.daemons.insert(d.daemon, daemon);
         }
         for (_, v) in store.scan(&prefix(&["project"]))? {
             let p: ProjectView = serde_json::from_slice(&v).map_err(corrupt)?;
@@ -203,7 +349,9 @@ impl Views {
         }
         for (_, v) in store.scan(&prefix(&["job"]))? {
             let j: JobView = serde_json::from_slice(&v).map_err(corrupt)?;
-            views.job_history.insert(j.job.clone(), j.history);
+            if let Some(d) = views.state.daemons.get_mut(j.state.owner()) {
+                d.jobs.insert(j.job.clone());
+            }
             views.state.jobs.insert(j.job, j.state);
         }
         let events = prefix(&["events"]);
@@ -212,19 +360,12 @@ impl Views {
                 views.events = (n, v);
             }
         }
-        for (k, v) in store.scan(&prefix(&["hist", "daemon"]))? {
-            let mut parts = k.split(|b| *b == 0).skip(2);
-            let (Some(d), Some(n)) = (parts.next(), parts.next().and_then(parse_number)) else {
-                continue;
-            };
-            let d = std::str::from_utf8(d)
-                .ok()
-                .and_then(|d| DaemonId::new(d).ok());
-            let seqs: Vec<u64> = serde_json::from_slice(&v).map_err(corrupt)?;
-            if let Some(d) = d {
-                // Keys come in order: the last chunk of each daemon wins.
-                views.daemon_history.insert(d, (n, seqs));
-            }
+        for (k, v) in store.scan(&prefix(&["n"]))? {
+            let n = <[u8; 8]>::try_from(v.as_slice()).map_err(|_| StoreError::Corrupt {
+                path: Default::default(),
+                detail: format!("a counter has {} bytes, not 8", v.len()),
+            })?;
+            views.counts.insert(k, u64::from_be_bytes(n));
         }
         for (_, v) in store.scan(&prefix(&["move"]))? {
             let m: MoveView = serde_json::from_slice(&v).map_err(corrupt)?;
@@ -256,17 +397,26 @@ impl Views {
         Ok(views)
     }
 
+    /// How many keys start with `prefix`, as of the last drain.
+    pub fn count(&self, prefix: &[u8]) -> u64 {
+        self.counts.get(&counter_key(prefix)).copied().unwrap_or(0)
+    }
+
     /// Folds one event (`payload` as stored in the stream); what it changed is written by
     /// the next [`Views::drain`].
     pub fn apply(&mut self, r: &Recorded, payload: &[u8]) {
         let event = &r.envelope.event;
         let jobs: Vec<&JobId> = event.jobs();
-        // A job's previous owner loses it: its daemon view changes too.
         for j in &jobs {
-            if let Some(job) = self.state.jobs.get(*j) {
+            let job = self.state.jobs.get(*j);
+            // A job's previous owner loses it: its daemon view changes too.
+            if let Some(job) = job {
                 if !self.dirty.daemons.contains(job.owner()) {
                     self.dirty.daemons.insert(job.owner().clone());
                 }
+            }
+            if !self.dirty.jobs.contains_key(*j) {
+                self.dirty.jobs.insert((*j).clone(), job_lists(j, job));
             }
         }
         self.state.apply(event);
@@ -299,35 +449,19 @@ impl Views {
                     _ => continue,
                 },
             };
-            self.alerts.insert(key.clone(), view);
-            self.dirty.alerts.insert(key);
+            if !self.dirty.alerts.contains_key(&key) {
+                let before = alert_lists(self.alerts.get(&key));
+                self.dirty.alerts.insert(key.clone(), before);
+            }
+            self.alerts.insert(key, view);
         }
         for j in &jobs {
             if self.state.jobs.contains_key(*j) {
-                self.job_history
-                    .entry((*j).clone())
-                    .or_default()
-                    .push(r.seq);
-                if !self.dirty.jobs.contains(*j) {
-                    self.dirty.jobs.insert((*j).clone());
-                }
+                self.history(job_history_key(j, r.seq), prefix(&["jh", j.as_str()]));
             }
         }
         for d in event.daemons() {
-            let chunk = r.seq / HISTORY_PER_CHUNK;
-            let open = self
-                .daemon_history
-                .entry(d.clone())
-                .or_insert((chunk, Vec::new()));
-            if open.0 != chunk {
-                let full = std::mem::replace(open, (chunk, Vec::new()));
-                self.dirty.full_history_chunks.push((
-                    history_daemon_key(d, full.0 * HISTORY_PER_CHUNK),
-                    Some(Value::Seqs(full.1)),
-                ));
-            }
-            open.1.push(r.seq);
-            self.dirty.daemon_history.insert(d.clone());
+            self.history(daemon_history_key(d, r.seq), prefix(&["dh", d.as_str()]));
             if !self.dirty.daemons.contains(d) {
                 self.dirty.daemons.insert(d.clone());
             }
@@ -337,6 +471,10 @@ impl Views {
         }
         if let Some(move_id) = move_of(event) {
             if let Some(m) = self.state.moves.get(move_id) {
+                if !self.dirty.moves.contains_key(move_id) {
+                    let before = move_lists(self.moves.get(move_id));
+                    self.dirty.moves.insert(move_id.clone(), before);
+                }
                 let view = self
                     .moves
                     .entry(move_id.clone())
@@ -355,7 +493,6 @@ impl Views {
                         automatic: m.automatic,
                     });
                 view.updated_at = r.envelope.at;
-                self.dirty.moves.insert(move_id.clone());
             }
         }
 
@@ -374,6 +511,41 @@ impl Views {
         self.dirty.events = true;
     }
 
+    /// Adds a history key, counted under `counted`.
+    fn history(&mut self, key: Vec<u8>, counted: Vec<u8>) {
+        self.dirty.history.push(key);
+        self.counted(counted, true);
+    }
+
+    fn set_count(&mut self, prefix: Vec<u8>, n: usize) {
+        let counter = counter_key(&prefix);
+        self.counts.insert(counter.clone(), n as u64);
+        self.dirty.counts.insert(counter);
+    }
+
+    fn counted(&mut self, prefix: Vec<u8>, added: bool) {
+        let counter = counter_key(&prefix);
+        let n = self.counts.entry(counter.clone()).or_insert(0);
+        *n = if added { *n + 1 } else { n.saturating_sub(1) };
+        self.dirty.counts.insert(counter);
+    }
+
+    /// Writes the list entries that left (`before` but not `after`) and joined.
+    fn relist(&mut self, before: Vec<Listed>, after: Vec<Listed>, writes: &mut Vec<Change>) {
+        let before: BTreeSet<Listed> = before.into_iter().collect();
+        let after: BTreeSet<Listed> = after.into_iter().collect();
+        for gone in before.difference(&after) {
+            writes.push((gone.key.clone(), None));
+            self.counted(gone.counted.clone(), false);
+        }
+        for new in after.difference(&before) {
+            if let Some(value) = &new.value {
+                writes.push((new.key.clone(), Some(Value::Bytes(value.clone()))));
+            }
+            self.counted(new.counted.clone(), true);
+        }
+    }
+
     /// Appends the writes of every record changed since the last drain.
     pub fn drain(&mut self, writes: &mut Vec<Change>) {
         let mut dirty = std::mem::take(&mut self.dirty);
@@ -385,20 +557,26 @@ impl Views {
                 Some(Value::Bytes(bytes.clone())),
             ));
         }
-        writes.append(&mut dirty.full_history_chunks);
-        for d in dirty.daemon_history {
-            if let Some((chunk, seqs)) = self.daemon_history.get(&d) {
-                writes.push((
-                    history_daemon_key(&d, chunk * HISTORY_PER_CHUNK),
-                    Some(Value::Seqs(seqs.clone())),
-                ));
-            }
+        for k in dirty.history.drain(..) {
+            writes.push((k, Some(Value::Bytes(Vec::new()))));
+        }
+        // The counters the history changed; the lists below add theirs.
+        self.dirty.counts = std::mem::take(&mut dirty.counts);
+        // Daemons and projects are all in memory: their counts are the state's.
+        if !dirty.daemons.is_empty() {
+            self.set_count(prefix(&["daemon"]), self.state.daemons.len());
+        }
+        if !dirty.projects.is_empty() {
+            self.set_count(prefix(&["project"]), self.state.projects.len());
         }
         for d in dirty.daemons {
             if let Some(daemon) = self.state.daemons.get(&d) {
                 let view = DaemonView {
                     free_bytes: daemon.free_bytes(),
-                    state: daemon.clone(),
+                    settings: daemon.settings.clone(),
+                    status: daemon.status,
+                    jobs: daemon.jobs.len() as u64,
+                    used_bytes: daemon.used_bytes,
                     daemon: d,
                 };
                 writes.push((daemon_key(&view.daemon), Some(Value::Daemon(view))));
@@ -413,33 +591,55 @@ impl Views {
                 writes.push((project_key(&view.project), Some(Value::Project(view))));
             }
         }
-        for j in dirty.jobs {
+        for (j, before) in dirty.jobs {
+            let after = job_lists(&j, self.state.jobs.get(&j));
+            self.relist(before, after, writes);
             if let Some(job) = self.state.jobs.get(&j) {
                 let view = JobView {
                     owner: job.owner().clone(),
-                    history: self.job_history.get(&j).cloned().unwrap_or_default(),
                     state: job.clone(),
                     job: j,
                 };
                 writes.push((job_key(&view.job), Some(Value::Job(Box::new(view)))));
             }
         }
-        for a in dirty.alerts {
+        for (a, before) in dirty.alerts {
+            let after = alert_lists(self.alerts.get(&a));
+            self.relist(before, after, writes);
             if let Some(view) = self.alerts.get(&a) {
                 writes.push((alert_key(&a), Some(Value::Alert(Box::new(view.clone())))));
             }
         }
-        for m in dirty.moves {
-            if let (Some(state), Some(view)) = (self.state.moves.get(&m), self.moves.get_mut(&m)) {
-                view.jobs.clone_from(&state.jobs);
-                view.planned = state.planned;
-                let interrupted = AlertKey::new(AlertKind::MoveInterrupted, &m);
-                view.status = if self.state.alerts.contains(&interrupted) {
-                    MoveStatus::Interrupted
-                } else {
-                    move_status(state.planned, &state.jobs)
-                };
-                writes.push((move_key(&m), Some(Value::Move(Box::new(view.clone())))));
+        for (m, before) in dirty.moves {
+            let Some(state) = self.state.moves.get(&m) else {
+                continue;
+            };
+            let interrupted = AlertKey::new(AlertKind::MoveInterrupted, &m);
+            let status = if self.state.alerts.contains(&interrupted) {
+                MoveStatus::Interrupted
+            } else {
+                move_status(state.planned, &state.jobs)
+            };
+            let Some(view) = self.moves.get_mut(&m) else {
+                continue;
+            };
+            view.jobs.clone_from(&state.jobs);
+            view.planned = state.planned;
+            view.status = status;
+            let view = view.clone();
+            self.relist(before, move_lists(Some(&view)), writes);
+            writes.push((move_key(&m), Some(Value::Move(Box::new(view)))));
+        }
+        // A counter at zero goes, as it would never have been written by a fold of the
+        // same events in other batches.
+        let counts = std::mem::take(&mut self.dirty.counts);
+        for c in counts {
+            match self.counts.get(&c).copied().unwrap_or(0) {
+                0 => {
+                    self.counts.remove(&c);
+                    writes.push((c, None));
+                }
+                n => writes.push((c, Some(Value::Count(n)))),
             }
         }
     }

@@ -8,6 +8,7 @@ use handoff_domain::command::*;
 use handoff_domain::model::{DaemonSettings, Deployment, JobSize, Shard};
 use handoff_domain::{decide, Actor, Command, CommandId, Context, DaemonId, ProjectId, State};
 use handoff_eventlog::Recorded;
+use handoff_projector::views::{counter_key, prefix};
 use handoff_projector::Views;
 use handoff_protocol::EventEnvelope;
 use proptest::prelude::*;
@@ -66,7 +67,27 @@ fn history() -> Vec<(Recorded, Vec<u8>)> {
     let mut state = State::default();
     let mut out = Vec::new();
     let actor = Actor::new("t").unwrap();
+    // Then ten of the moved jobs complete their move: they leave the moving list.
+    let move_id = CommandId::new(format!("01J{:023}", commands.len() - 1)).unwrap();
+    let completions = (0..10).map(|i| {
+        let job = handoff_domain::JobId::new(format!("p/c0/s{i}")).unwrap();
+        Command::CompleteJobMove(CompleteJobMove {
+            job,
+            move_id: move_id.clone(),
+            epoch: 0,
+            head: Some(handoff_domain::model::HeadPoint {
+                ts: "1:1".into(),
+                checksum: "1-ab".into(),
+            }),
+        })
+    });
+    let commands: Vec<Command> = commands.into_iter().chain(completions).collect();
     for (n, command) in commands.iter().enumerate() {
+        let mut command = command.clone();
+        if let Command::CompleteJobMove(c) = &mut command {
+            c.epoch = state.jobs[&c.job].epoch;
+        }
+        let command = &command;
         let ctx = Context {
             command: CommandId::new(format!("01J{:023}", n)).unwrap(),
             actor: actor.clone(),
@@ -140,4 +161,57 @@ proptest! {
         prop_assert_eq!(whole.len(), batched.len());
         prop_assert!(whole == batched, "the store depends on the batching");
     }
+}
+
+/// Every counter says how many keys its list holds, and the lists hold what the state
+/// says: a daemon's jobs, the moving jobs, each job's history.
+#[test]
+fn counters_and_indexes_agree_with_the_records() {
+    let history = history();
+    let store = fold(&history, &[97]);
+    let mut counters = 0;
+    for (k, v) in store.range(b"n\0".to_vec()..b"n\x01".to_vec()) {
+        let listed = &k[2..];
+        let n = store.keys().filter(|key| key.starts_with(listed)).count() as u64;
+        assert_eq!(
+            u64::from_be_bytes(v.as_slice().try_into().unwrap()),
+            n,
+            "counter of {:?}",
+            String::from_utf8_lossy(listed)
+        );
+        counters += 1;
+    }
+    let mut state = State::default();
+    for (r, _) in &history {
+        state.apply(&r.envelope.event);
+    }
+    let count = |p: &[&str]| {
+        store
+            .get(&counter_key(&prefix(p)))
+            .map(|v| u64::from_be_bytes(v.as_slice().try_into().unwrap()))
+    };
+    assert_eq!(count(&["job"]), Some(state.jobs.len() as u64));
+    assert_eq!(count(&["daemon"]), Some(2));
+    let d2 = &state.daemons[&DaemonId::new("d2:/h/").unwrap()];
+    assert_eq!(
+        count(&["ix", "daemon", "d2:/h/"]),
+        Some(d2.jobs.len() as u64)
+    );
+    assert_eq!(count(&["ix", "moving"]), Some(u64::from(state.moving())));
+    assert!(
+        state.moving() < state.jobs.len() as u32,
+        "some moves completed"
+    );
+    let d1 = &state.daemons[&DaemonId::new("d1:/h/").unwrap()];
+    assert_eq!(
+        count(&["ix", "daemon", "d1:/h/"]),
+        Some(d1.jobs.len() as u64 + u64::from(state.moving()))
+    );
+    let job = state.jobs.keys().next().unwrap();
+    let events = history
+        .iter()
+        .filter(|(r, _)| r.envelope.event.jobs().contains(&job))
+        .count();
+    assert_eq!(count(&["jh", job.as_str()]), Some(events as u64));
+    assert!(counters > 10, "{counters} counters");
 }

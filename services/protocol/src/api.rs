@@ -239,8 +239,19 @@ impl Reply {
 }
 
 /// Queries answered by the projector from its views.
+///
+/// Every list query is paged: `limit` items at most (default [`DEFAULT_LIMIT`], at most
+/// [`MAX_LIMIT`]), fewer when the page would not fit the server's payload limit; `next`
+/// is the opaque cursor of the following page (absent on the last), `total` how many
+/// items the whole list holds. A page costs what it holds, not the size of the fleet.
 pub mod query {
     use super::*;
+    use handoff_domain::alert::AlertKind;
+
+    /// Items per page when a query does not say.
+    pub const DEFAULT_LIMIT: u32 = 100;
+    /// The most items a page may ask for.
+    pub const MAX_LIMIT: u32 = 1000;
 
     /// `handoff.query.job`: one job's view.
     #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
@@ -249,11 +260,22 @@ pub mod query {
         pub job: JobId,
     }
 
-    /// `handoff.query.daemon` and `handoff.query.assignments`.
+    /// `handoff.query.daemon`: one daemon's view.
     #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
     #[serde(deny_unknown_fields)]
     pub struct ByDaemon {
         pub daemon: DaemonId,
+    }
+
+    /// `handoff.query.assignments`: the jobs a daemon owns, by job id.
+    #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct Assignments {
+        pub daemon: DaemonId,
+        #[serde(default)]
+        pub limit: Option<u32>,
+        #[serde(default)]
+        pub cursor: Option<String>,
     }
 
     /// `handoff.query.move`.
@@ -263,7 +285,40 @@ pub mod query {
         pub move_id: CommandId,
     }
 
-    /// `handoff.query.jobs`: job views, filtered; every filter is optional.
+    /// `handoff.query.daemons`: daemon views by id; `status` keeps those `up`, `down`
+    /// or `removed`.
+    #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct Daemons {
+        #[serde(default)]
+        pub status: Option<DaemonFilter>,
+        #[serde(default)]
+        pub limit: Option<u32>,
+        #[serde(default)]
+        pub cursor: Option<String>,
+    }
+
+    /// A daemon's standing, for [`Daemons`].
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum DaemonFilter {
+        Up,
+        Down,
+        Removed,
+    }
+
+    /// `handoff.query.projects`: project views by id.
+    #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct Projects {
+        #[serde(default)]
+        pub limit: Option<u32>,
+        #[serde(default)]
+        pub cursor: Option<String>,
+    }
+
+    /// `handoff.query.jobs`: job views by id, filtered; every filter is optional. `daemon`
+    /// keeps the jobs it owns and those moving away from it.
     #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
     #[serde(deny_unknown_fields)]
     pub struct Jobs {
@@ -273,20 +328,42 @@ pub mod query {
         pub project: Option<handoff_domain::ProjectId>,
         #[serde(default)]
         pub moving: Option<bool>,
+        #[serde(default)]
+        pub limit: Option<u32>,
+        #[serde(default)]
+        pub cursor: Option<String>,
     }
 
-    /// A query without parameters (`status`, `daemons`, `projects`, `moves`): `{}` or
-    /// an empty body.
+    /// `handoff.query.moves`: move views, newest first; `status` keeps one standing.
+    #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct Moves {
+        #[serde(default)]
+        pub status: Option<crate::views::MoveStatus>,
+        #[serde(default)]
+        pub limit: Option<u32>,
+        #[serde(default)]
+        pub cursor: Option<String>,
+    }
+
+    /// `handoff.query.status`'s request: `{}` or an empty body.
     #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
     #[serde(deny_unknown_fields)]
     pub struct Empty {}
 
-    /// `handoff.query.alerts`: open alerts, or every alert's last state with `all`.
+    /// `handoff.query.alerts`: open alerts, or every alert's last state with `all`;
+    /// newest first; `type` keeps one kind.
     #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
     #[serde(deny_unknown_fields)]
     pub struct Alerts {
         #[serde(default)]
         pub all: bool,
+        #[serde(default, rename = "type")]
+        pub kind: Option<AlertKind>,
+        #[serde(default)]
+        pub limit: Option<u32>,
+        #[serde(default)]
+        pub cursor: Option<String>,
     }
 
     /// `handoff.query.status`.
@@ -304,6 +381,17 @@ pub mod query {
         Error(ErrorBody),
     }
 
+    /// One page of a list.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+    pub struct Page<T> {
+        pub items: Vec<T>,
+        /// Items in the whole list (every page), as of this page.
+        pub total: u64,
+        /// The cursor of the next page; absent on the last.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub next: Option<String>,
+    }
+
     /// `handoff.query.history`: events of one job or daemon, oldest first.
     #[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
     #[serde(deny_unknown_fields)]
@@ -312,5 +400,9 @@ pub mod query {
         pub job: Option<JobId>,
         #[serde(default)]
         pub daemon: Option<DaemonId>,
+        #[serde(default)]
+        pub limit: Option<u32>,
+        #[serde(default)]
+        pub cursor: Option<String>,
     }
 }

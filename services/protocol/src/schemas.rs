@@ -27,8 +27,8 @@ pub fn all() -> Vec<(String, Schema)> {
         ),
         (
             "daemons",
-            schema_for!(Empty),
-            schema_for!(QueryReply<Vec<DaemonView>>),
+            schema_for!(Daemons),
+            schema_for!(QueryReply<Page<DaemonView>>),
         ),
         (
             "daemon",
@@ -37,24 +37,24 @@ pub fn all() -> Vec<(String, Schema)> {
         ),
         (
             "assignments",
-            schema_for!(ByDaemon),
-            schema_for!(QueryReply<Vec<AssignmentView>>),
+            schema_for!(Assignments),
+            schema_for!(QueryReply<Page<AssignmentView>>),
         ),
         (
             "projects",
-            schema_for!(Empty),
-            schema_for!(QueryReply<Vec<ProjectView>>),
+            schema_for!(Projects),
+            schema_for!(QueryReply<Page<ProjectView>>),
         ),
         (
             "jobs",
             schema_for!(Jobs),
-            schema_for!(QueryReply<Vec<JobView>>),
+            schema_for!(QueryReply<Page<JobView>>),
         ),
         ("job", schema_for!(ByJob), schema_for!(QueryReply<JobView>)),
         (
             "moves",
-            schema_for!(Empty),
-            schema_for!(QueryReply<Vec<MoveView>>),
+            schema_for!(Moves),
+            schema_for!(QueryReply<Page<MoveView>>),
         ),
         (
             "move",
@@ -64,12 +64,12 @@ pub fn all() -> Vec<(String, Schema)> {
         (
             "history",
             schema_for!(History),
-            schema_for!(QueryReply<Vec<HistoryEntry>>),
+            schema_for!(QueryReply<Page<HistoryEntry>>),
         ),
         (
             "alerts",
             schema_for!(Alerts),
-            schema_for!(QueryReply<Vec<AlertView>>),
+            schema_for!(QueryReply<Page<AlertView>>),
         ),
     ];
     for (name, request, reply) in queries {

@@ -3,16 +3,22 @@
 use std::collections::BTreeMap;
 
 use handoff_domain::alert::AlertKind;
+use handoff_domain::model::DaemonSettings;
 use handoff_domain::model::{MovePhase, MoveScope};
-use handoff_domain::state::{Daemon, Job, Project};
+use handoff_domain::state::{DaemonStatus, Job, Project};
 use handoff_domain::{CommandId, DaemonId, Event, JobId, ProjectId};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DaemonView {
     pub daemon: DaemonId,
-    #[serde(flatten)]
-    pub state: Daemon,
+    pub settings: DaemonSettings,
+    pub status: DaemonStatus,
+    /// How many jobs it owns, those being rebuilt on it included (the `assignments`
+    /// query lists them, page by page): a daemon's view stays small however many it has.
+    pub jobs: u64,
+    /// Head space its jobs use.
+    pub used_bytes: u64,
     pub free_bytes: u64,
 }
 
@@ -27,8 +33,6 @@ pub struct ProjectView {
 pub struct JobView {
     pub job: JobId,
     pub owner: DaemonId,
-    /// The stream sequences of the job's events, oldest first.
-    pub history: Vec<u64>,
     #[serde(flatten)]
     pub state: Job,
 }
@@ -45,6 +49,19 @@ pub enum MoveStatus {
     Failed,
     /// Finished, with some jobs completed and some failed.
     PartlyFailed,
+}
+
+impl MoveStatus {
+    /// Its name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveStatus::InProgress => "in_progress",
+            MoveStatus::Interrupted => "interrupted",
+            MoveStatus::Completed => "completed",
+            MoveStatus::Failed => "failed",
+            MoveStatus::PartlyFailed => "partly_failed",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

@@ -43,12 +43,18 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a fresh server with JetStream on an ephemeral port.
     pub async fn start() -> Result<Self> {
+        Self::start_configured("").await
+    }
+
+    /// Like [`start`](Self::start), with `extra` added to the server's configuration
+    /// (`max_payload: 65536`, say).
+    pub async fn start_configured(extra: &str) -> Result<Self> {
         let bin = handoff_natsd::find_binary(&[PathBuf::from(env!("CARGO_MANIFEST_DIR"))])?;
         let dir = tempfile::Builder::new()
             .prefix("handoff-nats-")
             .tempdir()
             .context("creating the server's temporary directory")?;
-        let process = NatsProcess::start(bin, dir.path(), None).await?;
+        let process = NatsProcess::start_configured(bin, dir.path(), extra).await?;
         Ok(NatsServer { process, dir })
     }
 

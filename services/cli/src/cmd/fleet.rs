@@ -8,10 +8,11 @@ use handoff_domain::ids::DeploymentName;
 use handoff_domain::model::{DaemonSettings, Deployment, HeadDiskType, JobSize, Shard};
 use handoff_domain::state::{Assignment, DaemonStatus};
 use handoff_domain::{Command, DaemonId, JobId, Label, ProjectId};
+use handoff_protocol::api::query::Page;
 use handoff_protocol::views::{AssignmentView, DaemonView, JobView, ProjectView};
 use serde_json::json;
 
-use super::{command_id, print_json};
+use super::{command_id, print_count, print_json, Paging};
 use crate::output::{bytes, parse_bytes, Table};
 use crate::{Context, Failure};
 
@@ -159,6 +160,8 @@ pub struct JobsArgs {
     /// Only jobs being moved.
     #[arg(long)]
     pub moving: bool,
+    #[command(flatten)]
+    pub paging: Paging,
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,12 +215,24 @@ async fn heartbeat_ages(client: &async_nats::Client, daemons: &[DaemonView]) -> 
     ages
 }
 
-pub async fn daemons(ctx: &Context) -> Result<(), Failure> {
+#[derive(Debug, Default, Args)]
+pub struct DaemonsArgs {
+    /// Only daemons that are up, down or removed.
+    #[arg(long, value_parser = ["up", "down", "removed"])]
+    pub status: Option<String>,
+    #[command(flatten)]
+    pub paging: Paging,
+}
+
+pub async fn daemons(ctx: &Context, a: DaemonsArgs) -> Result<(), Failure> {
     let api = ctx.api().await?;
-    let list: Vec<DaemonView> = api.query("daemons", json!({})).await?;
-    let ages = heartbeat_ages(&api.client, &list).await;
+    let page: Page<DaemonView> = api
+        .list("daemons", json!({ "status": a.status }), &a.paging)
+        .await?;
+    let ages = heartbeat_ages(&api.client, &page.items).await;
     if ctx.json {
-        let out: Vec<serde_json::Value> = list
+        let items: Vec<serde_json::Value> = page
+            .items
             .iter()
             .zip(&ages)
             .map(|(d, age)| {
@@ -226,7 +241,7 @@ pub async fn daemons(ctx: &Context) -> Result<(), Failure> {
                 v
             })
             .collect();
-        print_json(&out);
+        print_json(&json!({ "items": items, "total": page.total, "next": page.next }));
         return Ok(());
     }
     let mut t = Table::new(&[
@@ -241,21 +256,22 @@ pub async fn daemons(ctx: &Context) -> Result<(), Failure> {
         "FREE",
         "LABELS",
     ]);
-    for (d, age) in list.into_iter().zip(ages) {
+    for (d, age) in page.items.iter().zip(ages) {
         t.row(vec![
             d.daemon.to_string(),
-            status(d.state.status),
+            status(d.status),
             age.map_or("never".into(), |a| format!("{} ago", crate::output::age(a))),
-            on_off(d.state.settings.assignment_enabled),
-            crate::output::name(&d.state.settings.head_disk_type),
-            d.state.settings.num_workers.to_string(),
-            d.state.jobs.len().to_string(),
-            bytes(d.state.used_bytes),
+            on_off(d.settings.assignment_enabled),
+            crate::output::name(&d.settings.head_disk_type),
+            d.settings.num_workers.to_string(),
+            d.jobs.to_string(),
+            bytes(d.used_bytes),
             bytes(d.free_bytes),
-            labels(&d.state.settings.labels),
+            labels(&d.settings.labels),
         ]);
     }
     t.print();
+    print_count(&page, "daemons");
     Ok(())
 }
 
@@ -315,7 +331,7 @@ pub async fn daemon(ctx: &Context, c: DaemonCmd) -> Result<(), Failure> {
         DaemonCmd::Configure { daemon, settings } => {
             let api = ctx.api().await?;
             let current: DaemonView = api.query("daemon", json!({ "daemon": daemon })).await?;
-            let settings = settings.apply(current.state.settings);
+            let settings = settings.apply(current.settings);
             let msg = format!("configured {daemon}");
             send(
                 ctx,
@@ -358,16 +374,22 @@ pub async fn daemon(ctx: &Context, c: DaemonCmd) -> Result<(), Failure> {
         DaemonCmd::Show { daemon } => {
             let api = ctx.api().await?;
             let view: DaemonView = api.query("daemon", json!({ "daemon": daemon })).await?;
-            let jobs: Vec<AssignmentView> = api
-                .query("assignments", json!({ "daemon": daemon }))
+            let all = Paging {
+                limit: handoff_protocol::api::query::MAX_LIMIT,
+                all: true,
+                cursor: None,
+            };
+            let jobs: Page<AssignmentView> = api
+                .list("assignments", json!({ "daemon": daemon }), &all)
                 .await?;
+            let jobs = jobs.items;
             if ctx.json {
                 print_json(&json!({ "daemon": view, "assignments": jobs }));
                 return Ok(());
             }
-            let s = &view.state.settings;
+            let s = &view.settings;
             println!("daemon              {}", view.daemon);
-            println!("status              {}", status(view.state.status));
+            println!("status              {}", status(view.status));
             println!("assignment          {}", on_off(s.assignment_enabled));
             println!("backup jobs         {}", on_off(s.backup_jobs_enabled));
             println!("restore jobs        {}", on_off(s.restore_jobs_enabled));
@@ -383,7 +405,7 @@ pub async fn daemon(ctx: &Context, c: DaemonCmd) -> Result<(), Failure> {
             println!("workers             {}", s.num_workers);
             println!(
                 "head space          {} used, {} free of {}",
-                bytes(view.state.used_bytes),
+                bytes(view.used_bytes),
                 bytes(view.free_bytes),
                 bytes(s.head_space_bytes)
             );
@@ -403,14 +425,18 @@ pub async fn daemon(ctx: &Context, c: DaemonCmd) -> Result<(), Failure> {
     }
 }
 
-pub async fn projects(ctx: &Context) -> Result<(), Failure> {
-    let list: Vec<ProjectView> = ctx.api().await?.query("projects", json!({})).await?;
+pub async fn projects(ctx: &Context, paging: Paging) -> Result<(), Failure> {
+    let page: Page<ProjectView> = ctx
+        .api()
+        .await?
+        .list("projects", json!({}), &paging)
+        .await?;
     if ctx.json {
-        print_json(&list);
+        print_json(&page);
         return Ok(());
     }
     let mut t = Table::new(&["PROJECT", "DAEMON FILTER", "LABEL FILTER"]);
-    for p in list {
+    for p in &page.items {
         let daemons: Vec<_> = p
             .state
             .daemon_filter
@@ -428,6 +454,7 @@ pub async fn projects(ctx: &Context) -> Result<(), Failure> {
         ]);
     }
     t.print();
+    print_count(&page, "projects");
     Ok(())
 }
 
@@ -462,13 +489,13 @@ pub async fn jobs(ctx: &Context, a: JobsArgs) -> Result<(), Failure> {
     if a.moving {
         filter["moving"] = json!(true);
     }
-    let list: Vec<JobView> = ctx.api().await?.query("jobs", filter).await?;
+    let page: Page<JobView> = ctx.api().await?.list("jobs", filter, &a.paging).await?;
     if ctx.json {
-        print_json(&list);
+        print_json(&page);
         return Ok(());
     }
     let mut t = Table::new(&["JOB", "OWNER", "EPOCH", "HEAD", "STATE"]);
-    for j in list {
+    for j in &page.items {
         let state = match &j.state.assignment {
             Assignment::Assigned { .. } => crate::output::name(&j.state.status),
             Assignment::Moving { from, phase, .. } => {
@@ -484,6 +511,7 @@ pub async fn jobs(ctx: &Context, a: JobsArgs) -> Result<(), Failure> {
         ]);
     }
     t.print();
+    print_count(&page, "jobs");
     Ok(())
 }
 

@@ -17,6 +17,42 @@ pub fn command_id(given: Option<String>) -> Result<CommandId, Failure> {
     CommandId::new(raw).map_err(|e| Failure::Usage(format!("--id: {e}")))
 }
 
+/// How much of a list to show: one page (`--limit`, from `--cursor`) or all of it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Paging {
+    /// Items per page (1 to 1000).
+    #[arg(long, default_value_t = handoff_protocol::api::query::DEFAULT_LIMIT)]
+    pub limit: u32,
+    /// Every page, one after another.
+    #[arg(long, conflicts_with = "cursor")]
+    pub all: bool,
+    /// Start after the page that gave this cursor.
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+impl Default for Paging {
+    fn default() -> Self {
+        Paging {
+            limit: handoff_protocol::api::query::DEFAULT_LIMIT,
+            all: false,
+            cursor: None,
+        }
+    }
+}
+
+/// Prints how much of the list was shown, and how to see the rest.
+pub fn print_count<T>(page: &handoff_protocol::api::query::Page<T>, what: &str) {
+    let shown = page.items.len();
+    match &page.next {
+        Some(next) => println!(
+            "\n{shown} of {} {what}; the next page: --cursor {next} (or --all)",
+            page.total
+        ),
+        None => println!("\n{shown} of {} {what}", page.total),
+    }
+}
+
 /// Prints a value as pretty JSON.
 pub fn print_json<T: serde::Serialize>(value: &T) {
     println!(

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 use handoff_monitor::{Policy, Settings};
+use handoff_protocol::api::query::Page;
 use handoff_protocol::views::AlertView;
 use serde_json::json;
 
@@ -133,26 +134,35 @@ pub async fn run_monitor(ctx: &Context, a: MonitorArgs) -> Result<(), Failure> {
 #[derive(Debug, Args)]
 pub struct AlertsArgs {
     /// Closed alerts too (each type and subject's last one).
-    #[arg(long)]
-    pub all: bool,
+    #[arg(long = "closed")]
+    pub closed: bool,
+    /// Only alerts of this type (DAEMON_DOWN, MOVE_STUCK, ...).
+    #[arg(long = "type")]
+    pub kind: Option<String>,
+    #[command(flatten)]
+    pub paging: super::Paging,
 }
 
 pub async fn alerts(ctx: &Context, a: AlertsArgs) -> Result<(), Failure> {
-    let list: Vec<AlertView> = ctx
+    let page: Page<AlertView> = ctx
         .api()
         .await?
-        .query("alerts", json!({ "all": a.all }))
+        .list(
+            "alerts",
+            json!({ "all": a.closed, "type": a.kind }),
+            &a.paging,
+        )
         .await?;
     if ctx.json {
-        print_json(&list);
+        print_json(&page);
         return Ok(());
     }
-    if list.is_empty() {
-        println!("no {}alerts", if a.all { "" } else { "open " });
+    if page.items.is_empty() {
+        println!("no {}alerts", if a.closed { "" } else { "open " });
         return Ok(());
     }
     let mut t = Table::new(&["TYPE", "ABOUT", "RAISED", "STATUS", "DETAIL"]);
-    for alert in list {
+    for alert in page.items.clone() {
         t.row(vec![
             alert.kind.to_string(),
             alert.about.clone(),
@@ -165,5 +175,6 @@ pub async fn alerts(ctx: &Context, a: AlertsArgs) -> Result<(), Failure> {
         ]);
     }
     t.print();
+    super::print_count(&page, "alerts");
     Ok(())
 }

@@ -10,12 +10,13 @@ use handoff_domain::command::{FailJobMove, MoveJob, MoveJobs};
 use handoff_domain::model::MovePhase;
 use handoff_domain::state::Assignment;
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, MovePlan};
+use handoff_protocol::api::query::Page;
 use handoff_protocol::views::{JobView, MoveStatus, MoveView};
 use handoff_protocol::{Applied, ErrorBody, ErrorCode};
 use serde_json::json;
 
 use super::fleet::{daemon_id, job_id};
-use super::{command_id, print_json};
+use super::{command_id, print_json, Paging};
 use crate::output::{bytes, time, Table};
 use crate::{Context, Failure};
 
@@ -400,16 +401,30 @@ async fn wait(
     Ok(())
 }
 
-pub async fn moves(ctx: &Context) -> Result<(), Failure> {
-    let list: Vec<MoveView> = ctx.api().await?.query("moves", json!({})).await?;
+#[derive(Debug, Args)]
+pub struct MovesArgs {
+    /// Only moves in this standing.
+    #[arg(long, value_parser = ["in_progress", "interrupted", "completed", "failed", "partly_failed"])]
+    pub status: Option<String>,
+    #[command(flatten)]
+    pub paging: Paging,
+}
+
+pub async fn moves(ctx: &Context, a: MovesArgs) -> Result<(), Failure> {
+    let page: Page<MoveView> = ctx
+        .api()
+        .await?
+        .list("moves", json!({ "status": a.status }), &a.paging)
+        .await?;
     if ctx.json {
-        print_json(&list);
+        print_json(&page);
         return Ok(());
     }
+    let list = &page.items;
     let mut t = Table::new(&[
         "MOVE", "STARTED", "STATUS", "FROM", "TO", "JOBS", "BY", "REASON",
     ]);
-    for m in &list {
+    for m in list {
         let done = m.jobs.values().filter(|p| p.is_final()).count();
         t.row(vec![
             m.move_id.to_string(),
@@ -442,5 +457,6 @@ pub async fn moves(ctx: &Context) -> Result<(), Failure> {
         }
         t.print();
     }
+    super::print_count(&page, "moves");
     Ok(())
 }
