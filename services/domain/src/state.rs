@@ -115,6 +115,13 @@ pub struct Move {
     pub jobs: BTreeMap<JobId, MovePhase>,
 }
 
+impl Move {
+    /// Every job it covers has started, and each has completed or failed.
+    pub fn is_over(&self) -> bool {
+        self.jobs.len() as u64 >= u64::from(self.planned) && self.jobs.values().all(|p| p.is_final())
+    }
+}
+
 /// A user as the events made it: its roles and the key its commands are signed with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -131,6 +138,7 @@ pub struct State {
     pub daemons: BTreeMap<DaemonId, Daemon>,
     pub projects: BTreeMap<ProjectId, Project>,
     pub jobs: BTreeMap<JobId, Job>,
+    /// The moves in progress (a move leaves once it is over).
     pub moves: BTreeMap<CommandId, Move>,
     /// Current users, by name (removed ones are gone).
     pub users: BTreeMap<Actor, User>,
@@ -276,6 +284,22 @@ impl State {
                 epoch,
                 ..
             } => self.fail_job_move(job, move_id, returned_to, *epoch),
+        }
+        self.forget_finished_move(event);
+    }
+
+    /// A move leaves the state once it is over (every job it covers started and ended):
+    /// nothing decides on it any more, and the state stays the size of the fleet and the
+    /// moves in progress however long the history.
+    fn forget_finished_move(&mut self, event: &Event) {
+        let move_id = match event {
+            Event::JobMoveCompleted { move_id, .. }
+            | Event::JobMoveFailed { move_id, .. }
+            | Event::MoveResumed { move_id, .. } => move_id,
+            _ => return,
+        };
+        if self.moves.get(move_id).is_some_and(Move::is_over) {
+            self.moves.remove(move_id);
         }
     }
 

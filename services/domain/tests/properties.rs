@@ -277,6 +277,10 @@ fn to_command(op: &Op, state: &State) -> Option<Command> {
 
 /// Every invariant of the state.
 fn check_invariants(state: &State) -> Result<(), TestCaseError> {
+    // The state holds only the moves in progress: it does not grow with the history.
+    for (id, m) in &state.moves {
+        prop_assert!(!m.is_over(), "move {} is over but kept", id);
+    }
     // Never two owners: each job is in exactly one daemon's set, its owner's.
     for (id, job) in &state.jobs {
         let holders: Vec<_> = state

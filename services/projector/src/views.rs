@@ -367,21 +367,34 @@ impl Views {
             })?;
             views.counts.insert(k, u64::from_be_bytes(n));
         }
-        for (_, v) in store.scan(&prefix(&["move"]))? {
-            let m: MoveView = serde_json::from_slice(&v).map_err(corrupt)?;
-            views.state.moves.insert(
-                m.move_id.clone(),
-                handoff_domain::state::Move {
-                    scope: m.scope.clone(),
-                    from: m.from.clone(),
-                    to: m.to.clone(),
-                    reason: m.reason.clone(),
-                    planned: m.planned,
-                    automatic: m.automatic,
-                    jobs: m.jobs.clone(),
-                },
-            );
-            views.moves.insert(m.move_id.clone(), m);
+        // Only the moves in progress: those over are in the store, and nothing changes
+        // them any more.
+        for status in [MoveStatus::InProgress, MoveStatus::Interrupted] {
+            let listed = prefix(&["ix", "move", status.as_str()]);
+            for (k, _) in store.scan(&listed)? {
+                let mut key = prefix(&["move"]);
+                key.extend_from_slice(&k[listed.len()..]);
+                let Some(v) = store.get(&key)? else {
+                    return Err(StoreError::Corrupt {
+                        path: Default::default(),
+                        detail: "a move listed in progress has no view".into(),
+                    });
+                };
+                let m: MoveView = serde_json::from_slice(&v).map_err(corrupt)?;
+                views.state.moves.insert(
+                    m.move_id.clone(),
+                    handoff_domain::state::Move {
+                        scope: m.scope.clone(),
+                        from: m.from.clone(),
+                        to: m.to.clone(),
+                        reason: m.reason.clone(),
+                        planned: m.planned,
+                        automatic: m.automatic,
+                        jobs: m.jobs.clone(),
+                    },
+                );
+                views.moves.insert(m.move_id.clone(), m);
+            }
         }
         for (_, v) in store.scan(&prefix(&["alert"]))? {
             let a: AlertView = serde_json::from_slice(&v).map_err(corrupt)?;
@@ -470,15 +483,11 @@ impl Views {
             self.dirty.projects.insert(project.clone());
         }
         if let Some(move_id) = move_of(event) {
-            if let Some(m) = self.state.moves.get(move_id) {
-                if !self.dirty.moves.contains_key(move_id) {
-                    let before = move_lists(self.moves.get(move_id));
-                    self.dirty.moves.insert(move_id.clone(), before);
-                }
-                let view = self
-                    .moves
-                    .entry(move_id.clone())
-                    .or_insert_with(|| MoveView {
+            // A move gets its view when it starts (the state knows it then); the view
+            // follows its jobs' phases itself, as the state forgets a move once it is over.
+            if !self.moves.contains_key(move_id) {
+                if let Some(m) = self.state.moves.get(move_id) {
+                    let view = MoveView {
                         move_id: move_id.clone(),
                         scope: m.scope.clone(),
                         from: m.from.clone(),
@@ -488,11 +497,22 @@ impl Views {
                         started_at: r.envelope.at,
                         updated_at: r.envelope.at,
                         planned: m.planned,
-                        jobs: BTreeMap::new(),
+                        jobs: m.jobs.clone(),
                         status: MoveStatus::InProgress,
                         automatic: m.automatic,
-                    });
+                    };
+                    self.moves.insert(move_id.clone(), view);
+                    self.dirty.moves.entry(move_id.clone()).or_default();
+                }
+            }
+            if let Some(view) = self.moves.get_mut(move_id) {
+                if !self.dirty.moves.contains_key(move_id) {
+                    self.dirty
+                        .moves
+                        .insert(move_id.clone(), move_lists(Some(view)));
+                }
                 view.updated_at = r.envelope.at;
+                follow_move(view, event);
             }
         }
 
@@ -611,22 +631,23 @@ impl Views {
             }
         }
         for (m, before) in dirty.moves {
-            let Some(state) = self.state.moves.get(&m) else {
-                continue;
-            };
-            let interrupted = AlertKey::new(AlertKind::MoveInterrupted, &m);
-            let status = if self.state.alerts.contains(&interrupted) {
-                MoveStatus::Interrupted
-            } else {
-                move_status(state.planned, &state.jobs)
-            };
+            let interrupted = self
+                .state
+                .alerts
+                .contains(&AlertKey::new(AlertKind::MoveInterrupted, &m));
             let Some(view) = self.moves.get_mut(&m) else {
                 continue;
             };
-            view.jobs.clone_from(&state.jobs);
-            view.planned = state.planned;
-            view.status = status;
+            view.status = if interrupted {
+                MoveStatus::Interrupted
+            } else {
+                move_status(view.planned, &view.jobs)
+            };
             let view = view.clone();
+            // Over: written one last time, and no longer kept in memory.
+            if !matches!(view.status, MoveStatus::InProgress | MoveStatus::Interrupted) {
+                self.moves.remove(&m);
+            }
             self.relist(before, move_lists(Some(&view)), writes);
             writes.push((move_key(&m), Some(Value::Move(Box::new(view)))));
         }
@@ -655,6 +676,27 @@ fn move_of(event: &Event) -> Option<&CommandId> {
         | Event::JobMoveCompleted { move_id, .. }
         | Event::JobMoveFailed { move_id, .. } => Some(move_id),
         _ => None,
+    }
+}
+
+/// What a move's event changes in its view's jobs, as `State::apply` does in the state's.
+fn follow_move(view: &mut MoveView, event: &Event) {
+    let (job, phase) = match event {
+        Event::JobMoveStarted { job, .. } => {
+            view.jobs.insert(job.clone(), MovePhase::Requested);
+            return;
+        }
+        Event::MoveResumed { started, .. } => {
+            view.planned = *started;
+            return;
+        }
+        Event::JobMovePhaseReported { job, phase, .. } => (job, *phase),
+        Event::JobMoveCompleted { job, .. } => (job, MovePhase::Completed),
+        Event::JobMoveFailed { job, .. } => (job, MovePhase::Failed),
+        _ => return,
+    };
+    if let Some(p) = view.jobs.get_mut(job) {
+        *p = phase;
     }
 }
 
