@@ -118,7 +118,8 @@ pub struct Move {
 impl Move {
     /// Every job it covers has started, and each has completed or failed.
     pub fn is_over(&self) -> bool {
-        self.jobs.len() as u64 >= u64::from(self.planned) && self.jobs.values().all(|p| p.is_final())
+        self.jobs.len() as u64 >= u64::from(self.planned)
+            && self.jobs.values().all(|p| p.is_final())
     }
 }
 

@@ -10,7 +10,7 @@
 //! | `projects` | `{}` | a page of project views, by id |
 //! | `jobs` | `{"daemon"?, "project"?, "moving"?}` | a page of job views, by id |
 //! | `job` | `{"job"}` | one job view |
-//! | `moves` | `{"status"?}` | a page of move views, newest first |
+//! | `moves` | `{"status"?}` | a page of moves (their jobs counted by phase), newest first |
 //! | `move` | `{"move_id"}` | one move view |
 //! | `history` | `{"job"}` or `{"daemon"}` | a page of history entries, oldest first |
 //! | `alerts` | `{"all"?, "type"?}` | a page of open alerts (with `all`, closed ones too), newest first |
@@ -42,7 +42,8 @@ use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
 use crate::store::{SledStore, ViewStore};
-use crate::views::{self, AssignmentView, DaemonView, HistoryEntry, JobView};
+use crate::views::{self, AssignmentView, DaemonView, HistoryEntry, JobView, MoveView};
+use handoff_protocol::views::MoveSummary;
 use handoff_protocol::EventEnvelope;
 
 pub const SERVICE_NAME: &str = "handoff-query";
@@ -105,7 +106,7 @@ impl QueryService {
                         let Some((name, request)) = next else { break };
                         // The server's limit as this connection learnt it.
                         let max = client.max_payload();
-                        let q = Query { store: &store, budget: max.saturating_sub(FRAME_BYTES).max(max / 2) };
+                        let q = Query { store: &store, budget: max.saturating_sub(FRAME_BYTES).max(max / 2), max };
                         let answer = match q.answer(&checkpoint, name, &request.message.payload) {
                             Ok(v) => json!({ "ok": v }),
                             Err(e) => json!({ "error": e }),
@@ -233,6 +234,8 @@ struct List<'a> {
 struct Query<'a> {
     store: &'a SledStore,
     budget: usize,
+    /// The server's payload limit.
+    max: usize,
 }
 
 impl Query<'_> {
@@ -285,7 +288,7 @@ impl Query<'_> {
         let v: Value = self.get(key)?.ok_or_else(|| not_found(kind, id))?;
         let size = serde_json::to_vec(&v).map_err(internal)?.len();
         if size > self.budget {
-            return Err(too_large(size, self.budget + FRAME_BYTES));
+            return Err(too_large(size, self.max));
         }
         Ok(v)
     }
@@ -330,7 +333,7 @@ impl Query<'_> {
             let size = serde_json::to_vec(&encoded).map_err(internal)?.len() + 1;
             if items.len() == limit || used + size > self.budget {
                 if items.is_empty() {
-                    return Err(too_large(size, self.budget + FRAME_BYTES));
+                    return Err(too_large(size, self.max));
                 }
                 more = true;
                 break;
@@ -540,15 +543,15 @@ impl Query<'_> {
             cursor: q.cursor.as_deref(),
         };
         self.page(list, total, |k, v| {
-            if prefix == records {
-                return Ok(Some(serde_json::from_slice::<Value>(v).map_err(internal)?));
-            }
-            let mut key = records.clone();
-            key.extend_from_slice(&k[prefix.len()..]);
-            let m: Value = self
-                .get(&key)?
-                .ok_or_else(|| internal("an index names a move that has no view"))?;
-            Ok(Some(m))
+            let m: MoveView = if prefix == records {
+                serde_json::from_slice(v).map_err(internal)?
+            } else {
+                let mut key = records.clone();
+                key.extend_from_slice(&k[prefix.len()..]);
+                self.get(&key)?
+                    .ok_or_else(|| internal("an index names a move that has no view"))?
+            };
+            Ok(Some(MoveSummary::from(m)))
         })
     }
 

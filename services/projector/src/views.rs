@@ -645,7 +645,10 @@ impl Views {
             };
             let view = view.clone();
             // Over: written one last time, and no longer kept in memory.
-            if !matches!(view.status, MoveStatus::InProgress | MoveStatus::Interrupted) {
+            if !matches!(
+                view.status,
+                MoveStatus::InProgress | MoveStatus::Interrupted
+            ) {
                 self.moves.remove(&m);
             }
             self.relist(before, move_lists(Some(&view)), writes);

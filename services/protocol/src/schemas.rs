@@ -54,7 +54,7 @@ pub fn all() -> Vec<(String, Schema)> {
         (
             "moves",
             schema_for!(Moves),
-            schema_for!(QueryReply<Page<MoveView>>),
+            schema_for!(QueryReply<Page<MoveSummary>>),
         ),
         (
             "move",

@@ -82,6 +82,64 @@ pub struct MoveView {
     pub automatic: bool,
 }
 
+/// A move as a list shows it: its jobs counted by phase rather than named, so that a
+/// page of moves stays small however many jobs each moves (`move` names them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct MoveSummary {
+    pub move_id: CommandId,
+    pub scope: MoveScope,
+    pub from: DaemonId,
+    pub to: DaemonId,
+    pub reason: Option<String>,
+    pub actor: String,
+    pub started_at: u64,
+    pub updated_at: u64,
+    pub planned: u32,
+    /// Jobs started, by phase.
+    pub phases: BTreeMap<MovePhase, u32>,
+    pub status: MoveStatus,
+    pub automatic: bool,
+}
+
+impl From<MoveView> for MoveSummary {
+    fn from(m: MoveView) -> Self {
+        let mut phases = BTreeMap::new();
+        for p in m.jobs.values() {
+            *phases.entry(*p).or_insert(0) += 1;
+        }
+        MoveSummary {
+            move_id: m.move_id,
+            scope: m.scope,
+            from: m.from,
+            to: m.to,
+            reason: m.reason,
+            actor: m.actor,
+            started_at: m.started_at,
+            updated_at: m.updated_at,
+            planned: m.planned,
+            phases,
+            status: m.status,
+            automatic: m.automatic,
+        }
+    }
+}
+
+impl MoveSummary {
+    /// Jobs started, in any phase.
+    pub fn started(&self) -> u32 {
+        self.phases.values().sum()
+    }
+
+    /// Jobs completed or failed.
+    pub fn ended(&self) -> u32 {
+        self.phases
+            .iter()
+            .filter(|(p, _)| p.is_final())
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
 /// An alert: open until its resolving event (`closed_at` set then).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AlertView {

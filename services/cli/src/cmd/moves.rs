@@ -11,7 +11,7 @@ use handoff_domain::model::MovePhase;
 use handoff_domain::state::Assignment;
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, MovePlan};
 use handoff_protocol::api::query::Page;
-use handoff_protocol::views::{JobView, MoveStatus, MoveView};
+use handoff_protocol::views::{JobView, MoveStatus, MoveSummary, MoveView};
 use handoff_protocol::{Applied, ErrorBody, ErrorCode};
 use serde_json::json;
 
@@ -411,9 +411,8 @@ pub struct MovesArgs {
 }
 
 pub async fn moves(ctx: &Context, a: MovesArgs) -> Result<(), Failure> {
-    let page: Page<MoveView> = ctx
-        .api()
-        .await?
+    let api = ctx.api().await?;
+    let page: Page<MoveSummary> = api
         .list("moves", json!({ "status": a.status }), &a.paging)
         .await?;
     if ctx.json {
@@ -425,7 +424,7 @@ pub async fn moves(ctx: &Context, a: MovesArgs) -> Result<(), Failure> {
         "MOVE", "STARTED", "STATUS", "FROM", "TO", "JOBS", "BY", "REASON",
     ]);
     for m in list {
-        let done = m.jobs.values().filter(|p| p.is_final()).count();
+        let done = m.ended();
         t.row(vec![
             m.move_id.to_string(),
             time(m.started_at),
@@ -442,20 +441,27 @@ pub async fn moves(ctx: &Context, a: MovesArgs) -> Result<(), Failure> {
         println!(
             "\nmove {} interrupted: {} of {} jobs started; the command service starts the rest as soon as it can (MOVE_INTERRUPTED in `handoff alerts` says why it waits)",
             m.move_id,
-            m.jobs.len(),
+            m.started(),
             m.planned
         );
     }
-    for m in list
-        .iter()
-        .filter(|m| m.jobs.values().any(|p| !p.is_final()))
-    {
+    // Each move in progress, job by job (a move too large for one answer says so).
+    for m in list.iter().filter(|m| m.started() > m.ended()) {
         println!("\nmove {} in progress:", m.move_id);
-        let mut t = Table::new(&["  JOB", "PHASE"]);
-        for (job, phase) in &m.jobs {
-            t.row(vec![format!("  {job}"), crate::output::name(&phase)]);
+        match api
+            .query::<MoveView>("move", json!({ "move_id": m.move_id }))
+            .await
+        {
+            Ok(view) => {
+                let mut t = Table::new(&["  JOB", "PHASE"]);
+                for (job, phase) in &view.jobs {
+                    t.row(vec![format!("  {job}"), crate::output::name(&phase)]);
+                }
+                t.print();
+            }
+            Err(Failure::Refused(e)) => println!("  ({})", e.message),
+            Err(e) => return Err(e),
         }
-        t.print();
     }
     super::print_count(&page, "moves");
     Ok(())
