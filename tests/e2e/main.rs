@@ -19,6 +19,7 @@ mod outages;
 mod permissions;
 mod projector;
 mod reports;
+mod restart;
 mod scale;
 mod security;
 mod startup;

@@ -465,6 +465,44 @@ fn table(d1: &DaemonId, d2: &DaemonId, job: &JobId) -> Vec<Call> {
         "C....D",
     );
 
+    // The command service's own: the answers of old command ids, its model's snapshots.
+    let archive = subjects::COMMAND_ARCHIVE_BUCKET;
+    bucket(&mut t, archive, "C.....", "C.....", "C.....", "......");
+    t.write(
+        "archive a command's answer",
+        format!("$KV.{archive}.{NAME}"),
+        "C.....",
+    );
+    let model_bucket = subjects::MODEL_BUCKET;
+    let model = dp::object_stream(model_bucket);
+    t.store(format!("model snapshots {model_bucket} ({model})"))
+        .stream_calls(
+            &model,
+            ["C.....", "......", "......", "C.....", "C.....", "......"],
+        )
+        .call(
+            "object info (DIRECT.GET of its metadata)",
+            format!("{}.$O.{model_bucket}.M.{NAME}", api("DIRECT.GET", &model)),
+            "",
+            "C.....",
+        )
+        .call(
+            "object read (CONSUMER.CREATE)",
+            api("CONSUMER.CREATE", &model),
+            MISNAMED_CONSUMER,
+            "C.....",
+        )
+        .write(
+            "object put: a chunk",
+            format!("$O.{model_bucket}.C.{NAME}"),
+            "C.....",
+        )
+        .write(
+            "object put: its metadata",
+            format!("$O.{model_bucket}.M.{NAME}"),
+            "C.....",
+        );
+
     t.store("commands, queries, progress")
         .call("move-jobs", subjects::command("move-jobs"), "{}", "..O...")
         .call(
@@ -612,6 +650,8 @@ async fn each_role_gets_exactly_its_jetstream_calls() -> Result<()> {
         .await?;
     let log = EventLog::open(command_service, Default::default()).await?;
     Fences::open(log.jetstream(), 1).await?;
+    handoff_command::archive::Archive::open(log.jetstream(), 1).await?;
+    handoff_command::archive::Snapshots::open(log.jetstream(), 1).await?;
     let agent = async_nats::ConnectOptions::with_nkey(seeds[3].clone())
         .connect(&url)
         .await?;

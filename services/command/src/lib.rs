@@ -41,6 +41,7 @@
 //! - [`model`]: the fold of the stream the decisions are made on.
 //! - [`executor`]: one command at a time: decide, append, retry on conflict.
 
+pub mod archive;
 pub mod executor;
 pub mod model;
 
@@ -81,6 +82,16 @@ pub struct Config {
     /// left alone this long is finished by the service itself; while it cannot be, the
     /// move is MOVE_INTERRUPTED. Also how often the service looks for such commands.
     pub interrupted_after: Duration,
+    /// Keep the model small and start from its snapshot: recent command ids in memory,
+    /// older ones in the command archive (`archive`). Off, the service folds the whole
+    /// stream at start and keeps every id in memory.
+    pub bounded: bool,
+    /// How many recent commands' events the model keeps in memory (in events).
+    pub window: u64,
+    /// How often the service considers saving its model, and how many new events make
+    /// it worth saving. It is also saved when the service stops.
+    pub snapshot_interval: Duration,
+    pub snapshot_after_events: u64,
 }
 
 impl Default for Config {
@@ -92,6 +103,10 @@ impl Default for Config {
             bootstrap_owner: None,
             refusals_per_second: 50,
             interrupted_after: Duration::from_secs(30),
+            bounded: true,
+            window: model::Config::default().window,
+            snapshot_interval: Duration::from_secs(60),
+            snapshot_after_events: 10_000,
         }
     }
 }
@@ -120,7 +135,24 @@ pub async fn start(client: Client, config: Config) -> Result<CommandService, Err
     let fences = handoff_eventlog::fence::Fences::open(log.jetstream(), config.event_log.replicas)
         .await
         .map_err(|e| Error::Service(e.to_string()))?;
-    let mut executor = Executor::start(log, config.read_timeout)
+    let stores = if config.bounded {
+        let js = log.jetstream();
+        let replicas = config.event_log.replicas;
+        Some(executor::Stores {
+            archive: archive::Archive::open(js, replicas)
+                .await
+                .map_err(|e| Error::Service(e.to_string()))?,
+            snapshots: archive::Snapshots::open(js, replicas)
+                .await
+                .map_err(|e| Error::Service(e.to_string()))?,
+            model: model::Config {
+                window: config.window.max(1),
+            },
+        })
+    } else {
+        None
+    };
+    let mut executor = Executor::start_with(log, config.read_timeout, stores)
         .await?
         .with_fences(fences);
     if let Some(why) = executor.stopped() {
@@ -171,6 +203,11 @@ pub async fn start(client: Client, config: Config) -> Result<CommandService, Err
 }
 
 impl CommandService {
+    /// The executor and its model, as started.
+    pub fn executor(&self) -> &Executor {
+        &self.executor
+    }
+
     /// Serves commands until `shutdown` completes, then stops the endpoints.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let CommandService {
@@ -192,6 +229,9 @@ impl CommandService {
                 .max(std::time::Duration::from_millis(100)),
         );
         finishing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut saving =
+            tokio::time::interval(config.snapshot_interval.max(Duration::from_millis(100)));
+        saving.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -205,6 +245,10 @@ impl CommandService {
                 // nothing appended in part costs nothing.
                 _ = finishing.tick() => {
                     executor.finish_interrupted(config.interrupted_after).await;
+                }
+                // Serialised here, stored in the background.
+                _ = saving.tick() => {
+                    executor.save_snapshot(config.snapshot_after_events);
                 }
                 next = requests.next() => {
                     let Some((endpoint, request)) = next else { break };
@@ -229,6 +273,15 @@ impl CommandService {
         }
         // Ignored: stopping only unsubscribes; the process is going away either way.
         let _ = service.stop().await;
+        // Saved on the way out, so the next start folds next to nothing.
+        if let Some(saving) = executor.save_snapshot(1) {
+            if tokio::time::timeout(Duration::from_secs(30), saving)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the command model was not saved within 30 s of stopping");
+            }
+        }
         Ok(())
     }
 }

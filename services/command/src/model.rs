@@ -1,15 +1,23 @@
 //! The command service's picture of the world: the domain state folded from the event
 //! stream, the last sequence of every subject (the expectations of the next append), what
-//! every command id appended (to answer a retried command without deciding again), and
-//! which command ids were answered with a rejection (to answer them so again, decision
-//! 0010).
+//! every recent command id appended (to answer a retried command without deciding again),
+//! and which recent command ids were answered with a rejection (to answer them so again,
+//! decision 0010).
+//!
+//! Its size does not grow with the history: the state holds the fleet and the moves in
+//! progress; a command's record stays in memory until [`Config::window`] events have
+//! been folded after its last one (a command appended in part stays until it completes),
+//! then leaves for the archive (`archiving`, until the executor has stored it in the
+//! command archive: see `crate::archive`). The model is serialisable: the service starts
+//! from a snapshot of it and folds only the events after.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use handoff_domain::{Actor, CommandId, Event, Rejection, State};
 use handoff_eventlog::Recorded;
 use handoff_protocol::api::AppendedEvent;
 use handoff_protocol::subjects;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The stream delivered an event that is not the next one: folding it would leave a
@@ -22,7 +30,7 @@ pub struct Gap {
 }
 
 /// What one command id appended so far.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandRecord {
     pub digest: String,
     pub events: Vec<AppendedEvent>,
@@ -38,7 +46,7 @@ pub struct CommandRecord {
 }
 
 /// A command id answered with a domain rejection: its `CommandRejected`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejected {
     /// The rejected request's digest: the same id with another command is not a retry.
     pub digest: String,
@@ -53,18 +61,55 @@ pub const GUARDED: [&str; 3] = [
     subjects::DAEMON_EVENTS,
 ];
 
+/// The answer a command id got, as the archive keeps it once the id is no longer recent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Archived {
+    /// Its events (it completed).
+    Applied {
+        digest: String,
+        events: Vec<AppendedEvent>,
+    },
+    /// Its rejection.
+    Rejected(Rejected),
+}
+
+/// How long records stay in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// A command's record leaves memory once this many events were folded after its
+    /// last one.
+    pub window: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { window: 100_000 }
+    }
+}
+
 /// The fold of the stream up to `applied`.
-#[derive(Default)]
+#[derive(Default, Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Model {
     pub state: State,
     last_seq: HashMap<String, u64>,
-    /// The last sequence over every subject of each [`GUARDED`] filter.
-    last_seq_of_filter: HashMap<&'static str, u64>,
+    /// The last sequence over every subject of each [`GUARDED`] filter, in its order.
+    last_seq_of_filter: [u64; GUARDED.len()],
     /// The commands appended in part: some events stored, not the last.
     incomplete: BTreeSet<CommandId>,
     commands: HashMap<CommandId, CommandRecord>,
     /// The command ids answered with a rejection, by the rejected id.
     rejected: HashMap<CommandId, Rejected>,
+    /// Each record by the sequence it was last touched at, oldest first, and whether it
+    /// is a rejection's (a command's id appears again each time its record changes; a
+    /// stale entry is skipped).
+    recent: VecDeque<(u64, CommandId, bool)>,
+    /// Records out of the window, until the archive has them ([`Model::archived`]).
+    archiving: BTreeMap<CommandId, Archived>,
+    /// Ids that joined `archiving` since [`Model::take_evicted`].
+    #[serde(skip)]
+    evicted: Vec<CommandId>,
+    pub config: Config,
     /// The last stream sequence folded in.
     pub applied: u64,
     /// Whether a user was ever added (even if removed since).
@@ -72,6 +117,13 @@ pub struct Model {
 }
 
 impl Model {
+    pub fn new(config: Config) -> Self {
+        Model {
+            config,
+            ..Model::default()
+        }
+    }
+
     /// Folds the next event of the stream in. The stream has no holes (nothing is ever
     /// deleted from it), so the next event is the one after [`Model::applied`]: one
     /// already folded (a redelivery) changes nothing, a later one is a [`Gap`] and is not
@@ -96,20 +148,25 @@ impl Model {
         {
             // The first is the answer; the executor never stores a second (the answer
             // subject's expected sequence), but a fold does not rely on it.
-            self.rejected
-                .entry(command_id.clone())
-                .or_insert_with(|| Rejected {
-                    digest: r.envelope.digest.clone(),
-                    rejection: rejection.clone(),
-                });
-        }
-        self.last_seq.insert(r.subject.clone(), r.seq);
-        for filter in GUARDED {
-            if r.subject.starts_with(filter.trim_end_matches('>')) {
-                self.last_seq_of_filter.insert(filter, r.seq);
+            if !self.rejected.contains_key(command_id) && !self.archiving.contains_key(command_id) {
+                self.rejected.insert(
+                    command_id.clone(),
+                    Rejected {
+                        digest: r.envelope.digest.clone(),
+                        rejection: rejection.clone(),
+                    },
+                );
+                self.recent.push_back((r.seq, command_id.clone(), true));
             }
         }
-        let record = self.commands.entry(r.envelope.command.clone()).or_default();
+        self.last_seq.insert(r.subject.clone(), r.seq);
+        for (i, filter) in GUARDED.iter().enumerate() {
+            if r.subject.starts_with(filter.trim_end_matches('>')) {
+                self.last_seq_of_filter[i] = r.seq;
+            }
+        }
+        let id = &r.envelope.command;
+        let record = self.commands.entry(id.clone()).or_default();
         record.digest.clone_from(&r.envelope.digest);
         record.events.push(AppendedEvent {
             seq: r.seq,
@@ -120,17 +177,103 @@ impl Model {
         record.actor = Some(r.envelope.actor.clone());
         record.last_at = r.envelope.at;
         if record.complete {
-            self.incomplete.remove(&r.envelope.command);
+            self.incomplete.remove(id);
         } else {
-            self.incomplete.insert(r.envelope.command.clone());
+            self.incomplete.insert(id.clone());
         }
         if let Some(fp) = &r.envelope.signature {
             if !record.signatures.contains(fp) {
                 record.signatures.push(fp.clone());
             }
         }
+        self.recent.push_back((r.seq, id.clone(), false));
         self.applied = r.seq;
+        self.evict();
         Ok(())
+    }
+
+    /// Moves the records out of the window to `archiving`. A command appended in part
+    /// stays: its next events come later, and the service finishes it from its record.
+    fn evict(&mut self) {
+        let horizon = self.applied.saturating_sub(self.config.window);
+        while let Some((seq, _, _)) = self.recent.front() {
+            if *seq > horizon {
+                break;
+            }
+            let Some((seq, id, rejection)) = self.recent.pop_front() else {
+                break;
+            };
+            if rejection {
+                // A rejection's entry is the only one it gets.
+                if let Some(r) = self.rejected.remove(&id) {
+                    self.archive(id, Archived::Rejected(r));
+                }
+                continue;
+            }
+            let last_event = self
+                .commands
+                .get(&id)
+                .and_then(|r| r.events.last())
+                .map(|e| e.seq);
+            if last_event == Some(seq) && !self.incomplete.contains(&id) {
+                if let Some(r) = self.commands.remove(&id) {
+                    self.archive(
+                        id,
+                        Archived::Applied {
+                            digest: r.digest,
+                            events: r.events,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn archive(&mut self, id: CommandId, answer: Archived) {
+        self.evicted.push(id.clone());
+        self.archiving.insert(id, answer);
+    }
+
+    /// The ids that left the window since the last call, to store in the archive.
+    pub fn take_evicted(&mut self) -> Vec<CommandId> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Every record waiting for the archive (after a start from a snapshot, all of them
+    /// are stored again).
+    pub fn archiving(&self) -> impl Iterator<Item = (&CommandId, &Archived)> {
+        self.archiving.iter()
+    }
+
+    /// A record that left the window, not yet in the archive.
+    pub fn leaving(&self, id: &CommandId) -> Option<&Archived> {
+        self.archiving.get(id)
+    }
+
+    /// The archive holds `id`'s record: it leaves memory.
+    pub fn archived(&mut self, id: &CommandId) {
+        self.archiving.remove(id);
+    }
+
+    /// Whether two models decide alike: everything but the records on their way to the
+    /// archive (which depend on when the archive answered).
+    pub fn decides_as(&self, other: &Model) -> bool {
+        let strip = |m: &Model| Model {
+            archiving: BTreeMap::new(),
+            evicted: Vec::new(),
+            ..m.clone()
+        };
+        strip(self) == strip(other)
+    }
+
+    /// The recent command ids, and their records.
+    pub fn recent_commands(&self) -> impl Iterator<Item = (&CommandId, &CommandRecord)> {
+        self.commands.iter()
+    }
+
+    /// Records in memory (recent, and leaving for the archive).
+    pub fn records(&self) -> usize {
+        self.commands.len() + self.rejected.len() + self.archiving.len()
     }
 
     /// The last sequence of `subject`, 0 if it has none.
@@ -141,7 +284,10 @@ impl Model {
     /// The last sequence over every subject of `filter`, one of [`GUARDED`]; 0 if none.
     pub fn last_seq_of_filter(&self, filter: &str) -> u64 {
         debug_assert!(GUARDED.contains(&filter), "{filter} is not kept");
-        self.last_seq_of_filter.get(filter).copied().unwrap_or(0)
+        GUARDED
+            .iter()
+            .position(|f| *f == filter)
+            .map_or(0, |i| self.last_seq_of_filter[i])
     }
 
     pub fn command(&self, id: &CommandId) -> Option<&CommandRecord> {
@@ -242,5 +388,81 @@ mod tests {
         assert!(model.command(&id).is_none());
         let subject = subjects::aggregate(&handoff_domain::Aggregate::Answer(id));
         assert_eq!(model.last_seq(&subject), 2);
+    }
+
+    use proptest::prelude::*;
+
+    /// A random history: commands of one or several events (some left in part),
+    /// rejections, ids reused across the history.
+    fn history(ops: &[(u8, u8, bool)]) -> Vec<Recorded> {
+        let ids: Vec<CommandId> = (0..40)
+            .map(|_| handoff_protocol::new_command_id())
+            .collect();
+        ops.iter()
+            .enumerate()
+            .map(|(i, (kind, n, last))| {
+                let seq = i as u64 + 1;
+                let id = ids[usize::from(*n) % ids.len()].clone();
+                match kind % 3 {
+                    0 => {
+                        let mut r = recorded(seq, usize::from(*n) % 5);
+                        r.envelope.command = handoff_protocol::new_command_id();
+                        r
+                    }
+                    1 => {
+                        let mut r = recorded(seq, usize::from(*n) % 5);
+                        r.envelope.command = id;
+                        r.envelope.last = *last;
+                        r
+                    }
+                    _ => rejected(
+                        seq,
+                        &id,
+                        "d",
+                        Rejection::DestinationDown {
+                            daemon: DaemonId::new("backup1.example.net:/data/backup/").unwrap(),
+                        },
+                    ),
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// A model saved after any prefix, read back and given the rest equals the model
+        /// that folded everything; between them they sent the same records to the
+        /// archive; and the records in memory stay within the window.
+        #[test]
+        fn a_snapshot_and_its_tail_fold_to_the_whole_fold(
+            ops in proptest::collection::vec((any::<u8>(), any::<u8>(), any::<bool>()), 1..300),
+            window in 1u64..40,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let events = history(&ops);
+            let cut = cut.index(events.len() + 1);
+            let config = Config { window };
+            let mut whole = Model::new(config);
+            for r in &events {
+                whole.apply(r).unwrap();
+            }
+            let mut head = Model::new(config);
+            for r in &events[..cut] {
+                head.apply(r).unwrap();
+            }
+            let mut evicted = head.take_evicted();
+            let saved = serde_json::to_vec(&head).unwrap();
+            let mut resumed: Model = serde_json::from_slice(&saved).unwrap();
+            for r in &events[cut..] {
+                resumed.apply(r).unwrap();
+            }
+            evicted.extend(resumed.take_evicted());
+            prop_assert_eq!(evicted, whole.take_evicted());
+            prop_assert_eq!(&resumed, &whole);
+            prop_assert!(
+                whole.commands.len() + whole.rejected.len()
+                    <= 2 * window as usize + whole.incomplete.len(),
+                "{} records for a window of {}", whole.commands.len() + whole.rejected.len(), window
+            );
+        }
     }
 }

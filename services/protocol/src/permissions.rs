@@ -25,7 +25,7 @@
 //!
 //! | role | JetStream | core NATS |
 //! |------|-----------|-----------|
-//! | command service | owns the event stream: creates and updates it (never purges or deletes it), appends (`handoff.evt.>`), reads it every way; creates the fence bucket, reads and raises fences | serves `handoff.cmd.*` and `$SRV` |
+//! | command service | owns the event stream: creates and updates it (never purges or deletes it), appends (`handoff.evt.>`), reads it every way; creates the fence bucket, reads and raises fences; creates, reads and writes the command archive and the model's snapshots (purging a replaced snapshot's chunks) | serves `handoff.cmd.*` and `$SRV` |
 //! | projector | its durable consumer on the event stream (any name: `--name`), stream info, message get | serves `handoff.query.*` and `$SRV` |
 //! | operator (the CLI) | reads the event stream every way; binds every data plane store; reads the oplog and snapshots (restores), the settings and the heartbeats; writes the settings and schedules (`handoff_dataplane`) and restore leases | calls `handoff.cmd.*`, `handoff.query.*`, hears `handoff.progress.>` |
 //! | agent | reads the job events only; creates the data plane's stores but the fences; writes the oplog, snapshots and the `config` key; purges the oplog (retention) and the snapshot store (an object delete purges its chunks); reads the head records (`head.<job>` beside the fences), leases, settings | `handoff.cmd.resize-oplog-ttl` |
@@ -115,9 +115,19 @@ fn data_plane_stores() -> Vec<String> {
     dp::streams().into_iter().filter(|s| *s != heads).collect()
 }
 
+/// The command service's own stores beside the event stream: the command archive and
+/// the model's snapshots.
+fn command_stores() -> [String; 2] {
+    [
+        dp::kv_stream(subjects::COMMAND_ARCHIVE_BUCKET),
+        dp::object_stream(subjects::MODEL_BUCKET),
+    ]
+}
+
 /// Every stream handoff keeps or kept.
 fn all_streams() -> Vec<String> {
     let mut out = vec![subjects::STREAM.to_owned()];
+    out.extend(command_stores());
     out.extend(dp::streams());
     out
 }
@@ -285,6 +295,19 @@ fn grant(role: &ProcessRole) -> Grant {
                 .creates(&fences)
                 .kv_get(FENCES_BUCKET, ">")
                 .kv_put(FENCES_BUCKET, ">");
+            // The answers of old command ids, and the model's snapshots: saving one
+            // replaces the last (its old chunks purged), loading reads it back.
+            let [archive, model] = command_stores();
+            let bucket = subjects::MODEL_BUCKET;
+            g.creates(&archive)
+                .kv_get(subjects::COMMAND_ARCHIVE_BUCKET, ">")
+                .kv_put(subjects::COMMAND_ARCHIVE_BUCKET, ">")
+                .creates(&model)
+                .publish(format!("$O.{bucket}.C.>"))
+                .publish(format!("$O.{bucket}.M.>"))
+                .last_of(&model, &format!("$O.{bucket}.M.>"))
+                .watches(&model)
+                .stream("PURGE", &model);
         }
         ProcessRole::Projector => {
             // Its durable consumer is `handoff-projector-<name>`, named without a filter;
@@ -479,8 +502,9 @@ mod tests {
         }
     }
 
-    /// Only the agent purges (the oplog and the snapshot store), only the command service
-    /// updates (the event stream), and nobody deletes a stream or a message.
+    /// Only the agent purges the oplog and the snapshot store and only the command service
+    /// its model's snapshots, only the command service updates (the event stream), and
+    /// nobody deletes a stream or a message.
     #[test]
     fn destruction_is_the_owners_alone() {
         for role in roles() {
@@ -501,6 +525,14 @@ mod tests {
                         &stream_call("PURGE", OPLOG_STREAM),
                         &stream_call("PURGE", &dp::object_stream(SNAPSHOT_BUCKET))
                     ]
+                ),
+                // A replaced snapshot of its model: never the event stream.
+                ProcessRole::CommandService => assert_eq!(
+                    purges,
+                    [&stream_call(
+                        "PURGE",
+                        &dp::object_stream(subjects::MODEL_BUCKET)
+                    )]
                 ),
                 _ => assert!(purges.is_empty(), "{} purges {purges:?}", role.name()),
             }

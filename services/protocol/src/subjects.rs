@@ -51,6 +51,14 @@ pub const PROGRESS: &str = "handoff.progress.>";
 /// Every job's oplog subject, as a filter (the oplog store's subjects).
 pub const OPLOG: &str = "handoff.oplog.>";
 
+/// The command archive (key-value): the answer of every command id no longer recent in
+/// the command service's memory, by id.
+pub const COMMAND_ARCHIVE_BUCKET: &str = "handoff_commands";
+/// The command service's model snapshots (object store).
+pub const MODEL_BUCKET: &str = "handoff_model";
+/// The latest snapshot of the command model, in [`MODEL_BUCKET`].
+pub const MODEL_OBJECT: &str = "command-model";
+
 /// A job's oplog subject in the oplog store.
 pub fn oplog(job: &handoff_domain::JobId) -> String {
     format!("handoff.oplog.{job}")

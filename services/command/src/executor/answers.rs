@@ -6,32 +6,54 @@ use super::*;
 impl Executor {
     /// The answer already given to this command id: its events if it completed, the
     /// rejection it was answered with (the same code, reason and message), or `id_reused`
-    /// if the id was used for a different command.
-    pub(super) fn earlier_answer(
-        &self,
+    /// if the id was used for a different command. An id no longer recent is looked up
+    /// in the archive; if that cannot be read, the answer is `unavailable` (never a
+    /// decision made without knowing).
+    pub(super) async fn earlier_answer(
+        &mut self,
         request: &CommandRequest<Command>,
         digest: &str,
     ) -> Result<Option<Applied>, ErrorBody> {
-        let Some(record) = self.model.command(&request.id) else {
-            return match self.model.rejected(&request.id) {
-                Some(r) if r.digest != digest => Err(id_reused(&request.id)),
-                Some(r) => Err(r.rejection.clone().into()),
-                None => Ok(None),
-            };
+        let archived = match self.model.command(&request.id) {
+            Some(record) => {
+                if record.digest != digest {
+                    return Err(id_reused(&request.id));
+                }
+                if !record.complete {
+                    return Ok(None);
+                }
+                return Ok(Some(Applied {
+                    command: request.id.clone(),
+                    events: record.events.clone(),
+                    duplicate: true,
+                    dry_run: false,
+                    plan: None,
+                }));
+            }
+            None => match self.model.rejected(&request.id) {
+                Some(r) => Some(Archived::Rejected(r.clone())),
+                None => match self.model.leaving(&request.id) {
+                    Some(a) => Some(a.clone()),
+                    None => match self.archive.as_ref().map(|a| a.archive.clone()) {
+                        None => None,
+                        Some(archive) => archive.get(&request.id).await.map_err(unavailable)?,
+                    },
+                },
+            },
         };
-        if record.digest != digest {
-            return Err(id_reused(&request.id));
+        match archived {
+            None => Ok(None),
+            Some(Archived::Rejected(r)) if r.digest != digest => Err(id_reused(&request.id)),
+            Some(Archived::Rejected(r)) => Err(r.rejection.into()),
+            Some(Archived::Applied { digest: d, .. }) if d != digest => Err(id_reused(&request.id)),
+            Some(Archived::Applied { events, .. }) => Ok(Some(Applied {
+                command: request.id.clone(),
+                events,
+                duplicate: true,
+                dry_run: false,
+                plan: None,
+            })),
         }
-        if !record.complete {
-            return Ok(None);
-        }
-        Ok(Some(Applied {
-            command: request.id.clone(),
-            events: record.events.clone(),
-            duplicate: true,
-            dry_run: false,
-            plan: None,
-        }))
     }
 
     /// The answer to a rejected command, once it is final: the rejection is recorded as

@@ -35,7 +35,8 @@ use handoff_protocol::{
 };
 use tracing::Instrument;
 
-use crate::model::Model;
+use crate::archive::{Archive, Ignored, Snapshots};
+use crate::model::{self, Archived, Model};
 
 mod answers;
 mod auth;
@@ -62,6 +63,67 @@ pub struct Executor {
     /// the answer to every command from then on. The model is never folded further, so
     /// nothing is decided on it.
     stopped: Option<ErrorBody>,
+    /// Where records out of the model's window go, and come back from.
+    archive: Option<Archiver>,
+    /// Where the model is saved, and the stream sequence it was last saved at.
+    snapshots: Option<(Snapshots, u64)>,
+    /// Where this model came from.
+    origin: Origin,
+}
+
+/// Where a started model came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Folded from the stream's start (no snapshot store, or no snapshot yet).
+    Stream,
+    /// The snapshot at this sequence, then the events after it.
+    Snapshot { applied: u64 },
+    /// A snapshot was there but not used (this says why): folded from the start.
+    Ignored { reason: String },
+}
+
+/// The archive, and the task that stores what leaves the model's window in it.
+struct Archiver {
+    archive: Archive,
+    to_store: tokio::sync::mpsc::UnboundedSender<(CommandId, Archived)>,
+    /// In a mutex only so the executor can be shared while it awaits (it is only ever
+    /// locked without waiting, by the executor itself).
+    stored: std::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<CommandId>>,
+}
+
+impl Archiver {
+    fn start(archive: Archive) -> Self {
+        let (to_store, mut queue) = tokio::sync::mpsc::unbounded_channel::<(CommandId, Archived)>();
+        let (done, stored) = tokio::sync::mpsc::unbounded_channel();
+        let store = archive.clone();
+        tokio::spawn(async move {
+            while let Some((id, answer)) = queue.recv().await {
+                // Until it is stored: the model keeps the record meanwhile, and answers
+                // from it.
+                let mut wait = Duration::from_millis(100);
+                while let Err(e) = store.put(&id, &answer).await {
+                    tracing::warn!(%id, error = %e, "a command's answer not archived yet; again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                if done.send(id).is_err() {
+                    return;
+                }
+            }
+        });
+        Archiver {
+            archive,
+            to_store,
+            stored: std::sync::Mutex::new(stored),
+        }
+    }
+}
+
+/// Where the executor keeps what bounds its memory and start-up.
+pub struct Stores {
+    pub archive: Archive,
+    pub snapshots: Snapshots,
+    pub model: model::Config,
 }
 
 /// What appending a decision wrote, or found written by an earlier attempt.
@@ -153,29 +215,138 @@ pub fn digest(request: &CommandRequest<Command>) -> String {
 impl Executor {
     /// Folds the whole stream, then is ready for commands.
     pub async fn start(log: EventLog, read_timeout: Duration) -> Result<Self, ReadError> {
-        let reader = log.read_from(1).await?;
+        Self::start_with(log, read_timeout, None).await
+    }
+
+    /// Starts from the latest snapshot when `stores` has one that verifies (else from
+    /// the stream's start, saying why), folds the events after it, then is ready.
+    pub async fn start_with(
+        log: EventLog,
+        read_timeout: Duration,
+        stores: Option<Stores>,
+    ) -> Result<Self, ReadError> {
+        let end = log
+            .last_sequence()
+            .await
+            .map_err(|e| ReadError::Unavailable(e.to_string()))?;
+        let config = stores.as_ref().map(|s| s.model).unwrap_or_default();
+        let (model, origin) = match &stores {
+            None => (Model::new(config), Origin::Stream),
+            Some(s) => match s.snapshots.load(end).await {
+                Ok(mut m) => {
+                    m.config = config;
+                    let applied = m.applied;
+                    (m, Origin::Snapshot { applied })
+                }
+                Err(Ignored::None) => (Model::new(config), Origin::Stream),
+                Err(Ignored::Unavailable(e)) => return Err(ReadError::Unavailable(e)),
+                Err(e) => {
+                    tracing::error!(reason = %e, "the command model's snapshot is ignored; folding the whole stream");
+                    (
+                        Model::new(config),
+                        Origin::Ignored {
+                            reason: e.to_string(),
+                        },
+                    )
+                }
+            },
+        };
+        let reader = log.read_from(model.applied + 1).await?;
+        let saved_at = model.applied;
+        let (archive, snapshots) = match stores {
+            Some(s) => (
+                Some(Archiver::start(s.archive)),
+                Some((s.snapshots, saved_at)),
+            ),
+            None => (None, None),
+        };
         let mut executor = Executor {
             log,
             reader,
-            model: Model::default(),
+            model,
             appended: 0,
             read_timeout,
             seen: HashMap::new(),
             fences: None,
             stopped: None,
+            archive,
+            snapshots,
+            origin,
         };
-        let end = executor
-            .log
-            .last_sequence()
-            .await
-            .map_err(|e| ReadError::Unavailable(e.to_string()))?;
+        // What a snapshot held for the archive is stored again (storing twice is harmless).
+        if let Some(a) = &executor.archive {
+            for (id, answer) in executor.model.archiving() {
+                let _ = a.to_store.send((id.clone(), answer.clone()));
+            }
+        }
         match executor.catch_up(end).await {
-            Ok(()) => tracing::info!(applied = executor.model.applied, "command model loaded"),
+            Ok(()) => tracing::info!(
+                applied = executor.model.applied,
+                origin = ?executor.origin,
+                records = executor.model.records(),
+                "command model loaded"
+            ),
             // Started all the same, to answer every command with the reason.
             Err(_) if executor.stopped.is_some() => {}
             Err(e) => return Err(ReadError::Unavailable(e.message)),
         }
         Ok(executor)
+    }
+
+    /// Where the model came from at start.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// The model as folded so far (for tests and diagnostics).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Saves the model if it folded at least `after_events` events since it was last
+    /// saved: serialised now, stored in the background (nothing waits for the store).
+    /// Returns the storing task, if any. A stopped model is never saved.
+    pub fn save_snapshot(&mut self, after_events: u64) -> Option<tokio::task::JoinHandle<()>> {
+        // What the archive stored meanwhile need not be in the snapshot.
+        self.archive_evicted();
+        let (snapshots, saved_at) = self.snapshots.as_mut()?;
+        if self.stopped.is_some()
+            || self.model.applied < saved_at.saturating_add(after_events.max(1))
+        {
+            return None;
+        }
+        let saved = Snapshots::encode(&self.model);
+        *saved_at = saved.applied;
+        let store = snapshots.clone();
+        Some(tokio::spawn(async move {
+            let (applied, bytes) = (saved.applied, saved.bytes.len());
+            match store.save(saved).await {
+                Ok(()) => tracing::info!(applied, bytes, "command model saved"),
+                Err(e) => tracing::warn!(error = %e, "command model not saved"),
+            }
+        }))
+    }
+
+    /// Hands the records that left the model's window to the archive, and lets go of
+    /// those it has stored.
+    fn archive_evicted(&mut self) {
+        let evicted = self.model.take_evicted();
+        let Some(a) = &self.archive else {
+            // Nowhere to keep them: they stay in memory.
+            return;
+        };
+        for id in evicted {
+            if let Some(answer) = self.model.leaving(&id) {
+                let _ = a.to_store.send((id, answer.clone()));
+            }
+        }
+        let stored: Vec<CommandId> = match a.stored.lock() {
+            Ok(mut rx) => std::iter::from_fn(|| rx.try_recv().ok()).collect(),
+            Err(_) => Vec::new(),
+        };
+        for id in stored {
+            self.model.archived(&id);
+        }
     }
 
     /// Whether the model stopped at an event it cannot fold; every command is then
@@ -202,7 +373,10 @@ impl Executor {
         self.check_running()?;
         let (code, problem) = match self.reader.next().await {
             Ok(r) => match self.model.apply(&r) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.archive_evicted();
+                    return Ok(());
+                }
                 Err(gap) => (ErrorCode::Internal, gap.to_string()),
             },
             Err(ReadError::Decode {
@@ -350,7 +524,7 @@ impl Executor {
             .is_some_and(|r| !r.complete && r.digest == digest);
         let mut caught_up_with_stream = false;
         for _attempt in 0..MAX_ATTEMPTS {
-            if let Some(earlier) = self.earlier_answer(&request, &digest)? {
+            if let Some(earlier) = self.earlier_answer(&request, &digest).await? {
                 return Ok(earlier);
             }
             let ctx = Context {
