@@ -11,6 +11,8 @@
 //! - (d) A daemon's rebuild of a head (snapshot restored, then oplog replayed) against a
 //!   raw read of the same object and messages applied to sled (target: at least 70%).
 //! - (e) Rebuild time for three data sizes: it must grow about linearly.
+//! - (f) A fleet of 1,000 daemons and 100,000 jobs and a history past 1,000,000 events:
+//!   list queries, MoveJobs, a failover decision, restart time and memory (`fleet`).
 //!
 //! Each benchmark runs on a fresh nats-server with `sync_interval: always`, as the tests
 //! and the local stack do.
@@ -18,8 +20,10 @@
 //! # Layout
 //! - this file: the command-path benchmarks (a), (b), (c) and the shared [`Bench`] setup.
 //! - `dataplane`: the data plane's benchmarks (d) and (e).
+//! - `fleet`: (f).
 
 mod dataplane;
+mod fleet;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -402,6 +406,9 @@ async fn main() -> Result<()> {
     }
     if run("d") || run("e") {
         bench_de(run("d"), run("e")).await?;
+    }
+    if run("f") {
+        fleet::run().await.context("benchmark (f)")?;
     }
     Ok(())
 }
