@@ -581,7 +581,10 @@ async fn fail_a_move_from_a_corrupt_snapshot(fleet: &Fleet, d3: &mut Proc) -> Re
         .cloned()
         .ok_or_else(|| anyhow!("no snapshot of rs2"))?;
     stores
-        .put_snapshot_unfenced(&bad, b"{\"id\":\"d1\",\"doc\":{\"not\":\"the data\"}}\n")
+        .put_snapshot_unfenced(
+            &bad,
+            &mut &b"{\"id\":\"d1\",\"doc\":{\"not\":\"the data\"}}\n"[..],
+        )
         .await?;
     let failed_move = handoff_ok(
         &fleet.url(),

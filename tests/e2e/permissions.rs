@@ -467,8 +467,14 @@ fn table(d1: &DaemonId, d2: &DaemonId, job: &JobId) -> Vec<Call> {
 
     // The command service's own: the answers of old command ids, its model's snapshots.
     let archive = subjects::COMMAND_ARCHIVE_BUCKET;
-    bucket(&mut t, archive, "C.....", "C.....", "C.....", "......");
-    t.write(
+    bucket(&mut t, archive, "C.....", "C.....", "......", "......");
+    t.call(
+        "get an answer through the leader (STREAM.MSG.GET)",
+        api("STREAM.MSG.GET", &dp::kv_stream(archive)),
+        NO_SUCH_MSG,
+        "C.....",
+    )
+    .write(
         "archive a command's answer",
         format!("$KV.{archive}.{NAME}"),
         "C.....",

@@ -241,7 +241,10 @@ async fn a_refused_failure_is_sent_again_until_the_move_fails() -> Result<()> {
         .ok_or_else(|| anyhow!("no snapshot of p/rs"))?;
     fleet
         .stores
-        .put_snapshot_unfenced(&latest, b"{\"id\":\"d1\",\"doc\":{\"not\":\"the data\"}}\n")
+        .put_snapshot_unfenced(
+            &latest,
+            &mut &b"{\"id\":\"d1\",\"doc\":{\"not\":\"the data\"}}\n"[..],
+        )
         .await?;
     fleet.remove_user(2).await?;
     let move_id = fleet.move_rs_to(2).await?;

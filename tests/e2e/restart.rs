@@ -274,3 +274,36 @@ async fn a_saved_model_that_does_not_verify_is_ignored_and_said_so() -> Result<(
     );
     Ok(())
 }
+
+/// A saved model whose archive was lost (the bucket created again, empty) would leave the
+/// ids it let go of unanswered: it is not used, and the stream is folded from the start.
+#[tokio::test]
+async fn a_saved_model_of_another_archive_is_ignored() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let commands = CommandService::start(&server.url(), bounded()).await?;
+    let client = server.connect().await?;
+    let mut stack = Stack::on(server, client, Some(commands))?;
+    let early = history(&stack).await?;
+    let end = stack.last_seq().await?;
+    stack.commands.take().expect("running").stop().await?;
+    saved_through(&stack.client, end).await?;
+    let js = async_nats::jetstream::new(stack.client.clone());
+    js.delete_key_value(subjects::COMMAND_ARCHIVE_BUCKET)
+        .await?;
+
+    let started = start(&stack.server, bounded()).await?;
+    let Origin::Ignored { reason } = started.executor().origin() else {
+        panic!("started from {:?}", started.executor().origin());
+    };
+    assert!(reason.contains("other stores"), "{reason}");
+    drop(started);
+    // Folded from the start, it archives the old ids again, and answers them.
+    stack.commands = Some(CommandService::start(&stack.server.url(), bounded()).await?);
+    let again = stack
+        .send_as(&early.applied_id, &early.applied)
+        .await?
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    assert!(again.duplicate);
+    assert_eq!(stack.last_seq().await?, end);
+    Ok(())
+}

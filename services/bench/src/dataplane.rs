@@ -81,7 +81,7 @@ pub async fn measure(initial: u64, entries: u64, runs: usize) -> Result<Data> {
         slot_ms: None,
         daemon: None,
     };
-    stores.put_snapshot(&snapshot, &data).await?;
+    stores.put_snapshot(&snapshot, &mut data.as_slice()).await?;
     // The oplog, in messages of at most 512 KiB, published pipelined.
     let js = jetstream::new(client.clone());
     let subject = handoff_protocol::subjects::oplog(&job);

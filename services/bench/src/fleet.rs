@@ -131,10 +131,14 @@ impl Fleet {
         let command_service = Some(Self::command_service(&url, &owner)?);
         let projector = Service::spawn(
             &url,
-            &["projector", "--data", &dir.path().join("views").display().to_string()],
+            &[
+                "projector",
+                "--data",
+                &dir.path().join("views").display().to_string(),
+            ],
         )?;
-        let commands = Client::new(client.clone(), owner.clone(), "handoff-bench")
-            .with_retry(Retry::SERVICE);
+        let commands =
+            Client::new(client.clone(), owner.clone(), "handoff-bench").with_retry(Retry::SERVICE);
         Ok(Fleet {
             nats,
             url,
@@ -196,6 +200,19 @@ impl Fleet {
             16,
         )
         .await?;
+        self.send_all(
+            (0..50)
+                .map(|p| {
+                    Command::ConfigureProject(ConfigureProject {
+                        project: ProjectId::new(format!("p{p:02}")).expect("valid"),
+                        daemon_filter: vec![],
+                        label_filter: vec![],
+                    })
+                })
+                .collect(),
+            8,
+        )
+        .await?;
         let size = JobSize {
             head_size_bytes: 1 << 30,
             oplog_bytes_per_hour: 1 << 20,
@@ -227,7 +244,12 @@ impl Fleet {
         while self.last_seq().await? < events {
             let up = round % 2 == 1;
             let batch = (900..DAEMONS)
-                .map(|n| Command::ReportDaemonLiveness(ReportDaemonLiveness { daemon: daemon(n), up }))
+                .map(|n| {
+                    Command::ReportDaemonLiveness(ReportDaemonLiveness {
+                        daemon: daemon(n),
+                        up,
+                    })
+                })
                 .collect::<Vec<_>>();
             self.send_all(batch, 32).await?;
             round += 1;
@@ -262,7 +284,11 @@ impl Fleet {
         let queries: [(&'static str, &str, serde_json::Value); 5] = [
             ("daemons", "daemons", json!({})),
             ("jobs", "jobs", json!({})),
-            ("jobs of one daemon", "jobs", json!({ "daemon": daemon(450) })),
+            (
+                "jobs of one daemon",
+                "jobs",
+                json!({ "daemon": daemon(450) }),
+            ),
             ("moves", "moves", json!({})),
             ("alerts", "alerts", json!({ "all": true })),
         ];
@@ -273,7 +299,10 @@ impl Fleet {
                 let t = Instant::now();
                 let reply = self
                     .client
-                    .request(handoff_protocol::subjects::query(name), serde_json::to_vec(&body)?.into())
+                    .request(
+                        handoff_protocol::subjects::query(name),
+                        serde_json::to_vec(&body)?.into(),
+                    )
                     .await
                     .with_context(|| format!("query {name}"))?;
                 times.push(t.elapsed());
@@ -324,8 +353,31 @@ impl Fleet {
                 break;
             }
         }
+        // The moves the MoveJobs measures started end here, in this copy of the state
+        // only: the rebuild limit would refuse the failover otherwise.
+        let moving: Vec<_> = state
+            .jobs
+            .iter()
+            .filter_map(|(id, j)| match &j.assignment {
+                handoff_domain::state::Assignment::Moving { move_id, to, .. } => {
+                    Some((id.clone(), move_id.clone(), to.clone(), j.epoch))
+                }
+                _ => None,
+            })
+            .collect();
+        for (job, move_id, daemon, epoch) in moving {
+            state.apply(&handoff_domain::Event::JobMoveCompleted {
+                job,
+                move_id,
+                daemon,
+                epoch,
+                head: None,
+            });
+        }
         let down = daemon(800);
-        state.apply(&handoff_domain::Event::DaemonDown { daemon: down.clone() });
+        state.apply(&handoff_domain::Event::DaemonDown {
+            daemon: down.clone(),
+        });
         let jobs: Vec<_> = state.daemons[&down].jobs.iter().cloned().collect();
         let mut times = Vec::new();
         for job in jobs.iter().cycle().take(100) {
@@ -334,7 +386,7 @@ impl Fleet {
                 from: down.clone(),
                 down_for_ms: 60_000,
                 delay_ms: 30_000,
-                max_concurrent_rebuilds: 1_000_000,
+                max_concurrent_rebuilds: 1024,
                 max_down_percent: 100,
             });
             let ctx = Context {
@@ -437,7 +489,10 @@ fn print(f: &Figures) {
 }
 
 pub async fn run() -> Result<()> {
-    println!("(f) a fleet of {DAEMONS} daemons and {} jobs, built through the signed API", CLUSTERS * 100);
+    println!(
+        "(f) a fleet of {DAEMONS} daemons and {} jobs, built through the signed API",
+        CLUSTERS * 100
+    );
     let mut fleet = Fleet::start().await?;
     let t = Instant::now();
     fleet.build().await.context("building the fleet")?;

@@ -23,7 +23,9 @@ use tokio::io::AsyncReadExt;
 
 use crate::model::{Archived, Model};
 
-/// The snapshot format this build reads and writes.
+/// The snapshot format this build reads and writes. Raised whenever the model's
+/// serialised form or the fold itself (`State::apply`, `Model::apply`) changes: a model
+/// saved by another fold is not the fold of the same events by this one.
 const FORMAT: u32 = 1;
 
 #[derive(Debug, Error)]
@@ -42,6 +44,11 @@ fn unavailable(e: impl std::fmt::Display) -> ArchiveError {
 #[derive(Clone)]
 pub struct Archive {
     kv: kv::Store,
+    /// The bucket's stream, read through its leader: a replica's direct get may lag, and
+    /// an id it does not have yet would be decided again.
+    stream: jetstream::stream::Stream,
+    /// When the bucket was created: a snapshot saved with another archive is not used.
+    created: String,
 }
 
 impl Archive {
@@ -63,15 +70,32 @@ impl Archive {
                 .await
                 .map_err(unavailable)?,
         };
-        Ok(Archive { kv })
+        let mut stream = js
+            .get_stream(handoff_protocol::dataplane::kv_stream(bucket))
+            .await
+            .map_err(unavailable)?;
+        let created = stream
+            .info()
+            .await
+            .map_err(unavailable)?
+            .created
+            .to_string();
+        Ok(Archive {
+            kv,
+            stream,
+            created,
+        })
     }
 
     /// The answer `id` got, if the archive has it.
     pub async fn get(&self, id: &CommandId) -> Result<Option<Archived>, ArchiveError> {
-        match self.kv.get(id.as_str()).await.map_err(unavailable)? {
-            None => Ok(None),
-            Some(bytes) => {
-                serde_json::from_slice(&bytes)
+        use jetstream::stream::LastRawMessageErrorKind;
+        let subject = format!("$KV.{}.{id}", subjects::COMMAND_ARCHIVE_BUCKET);
+        match self.stream.get_last_raw_message_by_subject(&subject).await {
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+            Ok(m) => {
+                serde_json::from_slice(&m.payload)
                     .map(Some)
                     .map_err(|e| ArchiveError::Corrupt {
                         id: id.clone(),
@@ -109,10 +133,37 @@ pub struct Snapshots {
     store: object_store::ObjectStore,
 }
 
+/// What a snapshot was saved against: the event stream's and the archive's creation
+/// times. A snapshot of another stream (one recreated, or restored from a backup) or
+/// saved with another archive (one lost and created again empty, which would no longer
+/// answer the ids the snapshot left to it) is not used.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lineage {
+    pub events_created: String,
+    pub archive_created: String,
+}
+
+impl Lineage {
+    /// The lineage of the stores as they are now.
+    pub async fn of(js: &jetstream::Context, archive: &Archive) -> Result<Self, ArchiveError> {
+        let mut events = js.get_stream(subjects::STREAM).await.map_err(unavailable)?;
+        Ok(Lineage {
+            events_created: events
+                .info()
+                .await
+                .map_err(unavailable)?
+                .created
+                .to_string(),
+            archive_created: archive.created.clone(),
+        })
+    }
+}
+
 /// What a snapshot says of itself, in its object's description.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Header {
     format: u32,
+    lineage: Lineage,
     /// The last stream sequence the model folded.
     applied: u64,
     /// FNV-1a 64 of the model's bytes.
@@ -152,7 +203,15 @@ impl Snapshots {
 
     /// The model as last saved, checked: its digest, its format, and that it folded no
     /// more than the stream holds (`stream_end`).
-    pub async fn load(&self, stream_end: u64) -> Result<Model, Ignored> {
+    pub async fn load(&self, stream_end: u64, lineage: &Lineage) -> Result<Model, Ignored> {
+        // Reading can stall (the chunks purged under the reader by another instance's
+        // save): then it is an outage, and the start is tried again.
+        tokio::time::timeout(Duration::from_secs(120), self.read(stream_end, lineage))
+            .await
+            .map_err(|_| Ignored::Unavailable("reading the snapshot took over 120 s".into()))?
+    }
+
+    async fn read(&self, stream_end: u64, lineage: &Lineage) -> Result<Model, Ignored> {
         let mut object = match self.store.get(subjects::MODEL_OBJECT).await {
             Ok(o) => o,
             Err(e) if e.kind() == object_store::GetErrorKind::NotFound => {
@@ -172,11 +231,17 @@ impl Snapshots {
                 header.format
             )));
         }
+        if header.lineage != *lineage {
+            return Err(Ignored::Invalid(format!(
+                "it was saved against other stores ({:?}, now {:?})",
+                header.lineage, lineage
+            )));
+        }
         let mut bytes = Vec::new();
         object
             .read_to_end(&mut bytes)
             .await
-            .map_err(|e| Ignored::Invalid(format!("unreadable: {e}")))?;
+            .map_err(|e| Ignored::Unavailable(format!("reading it failed: {e}")))?;
         let digest = fnv(&bytes);
         if digest != header.digest || bytes.len() as u64 != header.bytes {
             return Err(Ignored::Invalid(format!(
@@ -204,9 +269,10 @@ impl Snapshots {
     }
 
     /// Saves a model's bytes (from [`Snapshots::encode`]).
-    pub async fn save(&self, saved: Saved) -> Result<(), ArchiveError> {
+    pub async fn save(&self, saved: Saved, lineage: Lineage) -> Result<(), ArchiveError> {
         let header = Header {
             format: FORMAT,
+            lineage,
             applied: saved.applied,
             digest: fnv(&saved.bytes),
             bytes: saved.bytes.len() as u64,

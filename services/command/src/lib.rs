@@ -138,10 +138,14 @@ pub async fn start(client: Client, config: Config) -> Result<CommandService, Err
     let stores = if config.bounded {
         let js = log.jetstream();
         let replicas = config.event_log.replicas;
+        let archive = archive::Archive::open(js, replicas)
+            .await
+            .map_err(|e| Error::Service(e.to_string()))?;
         Some(executor::Stores {
-            archive: archive::Archive::open(js, replicas)
+            lineage: archive::Lineage::of(js, &archive)
                 .await
                 .map_err(|e| Error::Service(e.to_string()))?,
+            archive,
             snapshots: archive::Snapshots::open(js, replicas)
                 .await
                 .map_err(|e| Error::Service(e.to_string()))?,
@@ -274,14 +278,7 @@ impl CommandService {
         // Ignored: stopping only unsubscribes; the process is going away either way.
         let _ = service.stop().await;
         // Saved on the way out, so the next start folds next to nothing.
-        if let Some(saving) = executor.save_snapshot(1) {
-            if tokio::time::timeout(Duration::from_secs(30), saving)
-                .await
-                .is_err()
-            {
-                tracing::warn!("the command model was not saved within 30 s of stopping");
-            }
-        }
+        executor.save_on_stop(Duration::from_secs(30)).await;
         Ok(())
     }
 }

@@ -344,7 +344,9 @@ async fn initial_sync<S: Source>(
         daemon: None,
     };
     // The source's own copy, not a daemon's: no owner's epoch to fence.
-    stores.put_snapshot_unfenced(&meta, &data).await?;
+    stores
+        .put_snapshot_unfenced(&meta, &mut data.as_slice())
+        .await?;
     tracing::info!(%job, bytes = data.len(), checksum = %meta.checksum, "initial sync done");
     Ok(())
 }

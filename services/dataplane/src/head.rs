@@ -267,6 +267,33 @@ impl Head {
         Ok(())
     }
 
+    /// The size of the documents as snapshot lines, and their checksum: one scan,
+    /// nothing kept.
+    pub fn export_size(&self) -> Result<(u64, Checksum), HeadError> {
+        let mut size = 0u64;
+        let mut sum = Checksum::default();
+        let mut line = Vec::new();
+        for kv in self.tree.scan_prefix([DOC]) {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k[1..]);
+            sum.insert(&id, &v);
+            line.clear();
+            crate::snapshot::write_line(&mut line, &id, &v);
+            size += line.len() as u64;
+        }
+        Ok((size, sum))
+    }
+
+    /// The documents as snapshot lines, read as they are uploaded: a buffer of a few
+    /// lines, never one the size of the head.
+    pub fn export_reader(&self) -> ExportReader {
+        ExportReader {
+            docs: self.tree.scan_prefix([DOC]),
+            buf: Vec::new(),
+            at: 0,
+        }
+    }
+
     /// The documents as snapshot lines (`{"id":..,"doc":..}` per line), in id order,
     /// and their checksum.
     pub fn export(&self) -> Result<(Vec<u8>, Checksum), HeadError> {
@@ -279,6 +306,46 @@ impl Head {
             crate::snapshot::write_line(&mut out, &id, &v);
         }
         Ok((out, sum))
+    }
+}
+
+/// A head's documents as snapshot lines, produced as they are read ([`Head::export_reader`]).
+pub struct ExportReader {
+    docs: sled::Iter,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+/// Lines are gathered up to about this much before they are handed over.
+const EXPORT_CHUNK: usize = 64 * 1024;
+
+impl tokio::io::AsyncRead for ExportReader {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.at == this.buf.len() {
+            this.buf.clear();
+            this.at = 0;
+            while this.buf.len() < EXPORT_CHUNK {
+                match this.docs.next() {
+                    None => break,
+                    Some(Err(e)) => {
+                        return std::task::Poll::Ready(Err(std::io::Error::other(e.to_string())))
+                    }
+                    Some(Ok((k, v))) => {
+                        let id = String::from_utf8_lossy(&k[1..]);
+                        crate::snapshot::write_line(&mut this.buf, &id, &v);
+                    }
+                }
+            }
+        }
+        let n = out.remaining().min(this.buf.len() - this.at);
+        out.put_slice(&this.buf[this.at..this.at + n]);
+        this.at += n;
+        std::task::Poll::Ready(Ok(()))
     }
 }
 
@@ -370,5 +437,38 @@ mod tests {
         }
         .store_broken());
         assert!(!HeadError::Store(sled::Error::Unsupported("x".into())).store_broken());
+    }
+
+    /// The streamed export is the export, byte for byte, over chunks of many lines; its
+    /// size and checksum are known before it streams.
+    #[tokio::test]
+    async fn the_streamed_export_is_the_export() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let heads = Heads::open(dir.path()).unwrap();
+        let job = JobId::new("p/rs0").unwrap();
+        let head = heads.head(&job).unwrap();
+        let source = Sim::new(&Config {
+            seed: 7,
+            initial_bytes: 400_000,
+            doc_bytes: 300,
+            ..Config::default()
+        });
+        let docs: Vec<(&str, &[u8])> = source
+            .documents()
+            .into_iter()
+            .map(|(id, d)| (id, d.as_bytes()))
+            .collect();
+        head.load(&empty(&job), &mut Checksum::default(), &docs)
+            .unwrap();
+        let (whole, sum) = head.export().unwrap();
+        assert!(whole.len() > 3 * EXPORT_CHUNK, "{} bytes", whole.len());
+        assert_eq!(head.export_size().unwrap(), (whole.len() as u64, sum));
+        let mut streamed = Vec::new();
+        head.export_reader()
+            .read_to_end(&mut streamed)
+            .await
+            .unwrap();
+        assert!(streamed == whole);
     }
 }

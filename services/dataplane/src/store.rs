@@ -286,7 +286,11 @@ impl Stores {
     /// Stores a snapshot. The metadata goes with the object, so the store alone says what
     /// each snapshot is. Fenced: refused (and nothing kept) if the job's epoch is newer
     /// than the snapshot's, before the upload or when it is committed after it.
-    pub async fn put_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StoreError> {
+    pub async fn put_snapshot(
+        &self,
+        meta: &SnapshotMeta,
+        data: &mut (impl tokio::io::AsyncRead + Unpin),
+    ) -> Result<(), StoreError> {
         let held = self.fences.check(&meta.job, meta.epoch).await?;
         self.put_snapshot_unfenced(meta, data).await?;
         if let Err(e) = self.fences.commit(&meta.job, meta.epoch, held).await {
@@ -304,7 +308,7 @@ impl Stores {
     pub async fn put_snapshot_unfenced(
         &self,
         meta: &SnapshotMeta,
-        data: &[u8],
+        data: &mut (impl tokio::io::AsyncRead + Unpin),
     ) -> Result<(), StoreError> {
         let mut metadata = HashMap::new();
         metadata.insert(
@@ -317,9 +321,8 @@ impl Stores {
             metadata,
             ..Default::default()
         };
-        let mut reader = data;
         self.snapshots
-            .put(object, &mut reader)
+            .put(object, data)
             .await
             .map_err(unavailable)?;
         Ok(())

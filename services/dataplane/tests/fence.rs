@@ -51,17 +51,17 @@ async fn a_snapshot_from_an_older_epoch_is_refused_and_not_kept() -> Result<()> 
     let job = JobId::new("p/rs1")?;
     // The owner at epoch 1 stores a snapshot; the job moves (epoch 2).
     stores
-        .put_snapshot(&snapshot(&job, 1, "old:/h/"), b"{}\n")
+        .put_snapshot(&snapshot(&job, 1, "old:/h/"), &mut &b"{}\n"[..])
         .await?;
     assert_eq!(stores.fences.raise(&job, 2).await?, 2);
     let stale = stores
-        .put_snapshot(&snapshot(&job, 1, "old:/h/"), b"{}\n")
+        .put_snapshot(&snapshot(&job, 1, "old:/h/"), &mut &b"{}\n"[..])
         .await;
     assert!(matches!(stale, Err(StoreError::Fenced(_))), "{stale:?}");
     assert_eq!(stores.snapshots(Some(&job)).await?.len(), 1);
     // The new owner's go in; a fence never goes down.
     stores
-        .put_snapshot(&snapshot(&job, 2, "new:/h/"), b"{}\n")
+        .put_snapshot(&snapshot(&job, 2, "new:/h/"), &mut &b"{}\n"[..])
         .await?;
     assert_eq!(stores.fences.raise(&job, 1).await?, 2);
     assert_eq!(stores.snapshots(Some(&job)).await?.len(), 2);
@@ -145,7 +145,7 @@ async fn every_write_of_the_old_owner_is_refused_not_written_over() -> Result<()
             other => panic!("a stale head position was not refused: {other:?}"),
         }
         match stores
-            .put_snapshot(&snapshot(&job, 1, "old:/h/"), b"{}\n")
+            .put_snapshot(&snapshot(&job, 1, "old:/h/"), &mut &b"{}\n"[..])
             .await
         {
             Err(StoreError::Fenced(_)) => refused += 1,

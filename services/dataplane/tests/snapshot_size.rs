@@ -33,7 +33,9 @@ async fn store_claiming(stores: &Stores, job: &JobId, claimed: u64) -> Result<Sn
         slot_ms: None,
         daemon: None,
     };
-    stores.put_snapshot_unfenced(&meta, &data).await?;
+    stores
+        .put_snapshot_unfenced(&meta, &mut data.as_slice())
+        .await?;
     Ok(meta)
 }
 

@@ -482,19 +482,40 @@ impl State {
         }
     }
 
+    /// The jobs moving now, each with its move's source and destination: read from the
+    /// moves in progress (every moving job is in its move), so it costs the moves in
+    /// progress, not the fleet.
+    pub fn moving_jobs(&self) -> impl Iterator<Item = (&JobId, &DaemonId, &DaemonId)> {
+        self.moves.iter().flat_map(move |(id, m)| {
+            m.jobs
+                .keys()
+                .filter_map(move |j| match self.jobs.get(j).map(|x| &x.assignment) {
+                    Some(Assignment::Moving {
+                        move_id, from, to, ..
+                    }) if move_id == id => Some((j, from, to)),
+                    _ => None,
+                })
+        })
+    }
+
     /// Jobs moving now, in every move.
     pub fn moving(&self) -> u32 {
-        self.jobs
-            .values()
-            .filter(|j| matches!(j.assignment, Assignment::Moving { .. }))
-            .count() as u32
+        self.moving_jobs().count() as u32
+    }
+
+    /// Jobs being rebuilt on each daemon now (a daemon rebuilding none is absent).
+    pub fn rebuilding(&self) -> BTreeMap<&DaemonId, u32> {
+        let mut out = BTreeMap::new();
+        for (_, _, to) in self.moving_jobs() {
+            *out.entry(to).or_insert(0) += 1;
+        }
+        out
     }
 
     /// Jobs being rebuilt on `daemon` now.
     pub fn rebuilding_on(&self, daemon: &DaemonId) -> u32 {
-        self.jobs
-            .values()
-            .filter(|j| matches!(&j.assignment, Assignment::Moving { to, .. } if to == daemon))
+        self.moving_jobs()
+            .filter(|(_, _, to)| *to == daemon)
             .count() as u32
     }
 
@@ -518,11 +539,11 @@ impl State {
 
     /// Jobs currently moving away from `daemon`.
     pub fn jobs_moving_from<'a>(&'a self, daemon: &'a DaemonId) -> impl Iterator<Item = &'a JobId> {
-        self.jobs
-            .iter()
-            .filter_map(move |(id, j)| match &j.assignment {
-                Assignment::Moving { from, .. } if from == daemon => Some(id),
-                _ => None,
-            })
+        let moving: BTreeSet<&JobId> = self
+            .moving_jobs()
+            .filter(move |(_, from, _)| *from == daemon)
+            .map(|(j, _, _)| j)
+            .collect();
+        moving.into_iter()
     }
 }

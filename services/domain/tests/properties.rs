@@ -277,6 +277,13 @@ fn to_command(op: &Op, state: &State) -> Option<Command> {
 
 /// Every invariant of the state.
 fn check_invariants(state: &State) -> Result<(), TestCaseError> {
+    // The moves in progress name every moving job: counting from them is counting all.
+    let moving = state
+        .jobs
+        .values()
+        .filter(|j| matches!(j.assignment, Assignment::Moving { .. }))
+        .count();
+    prop_assert_eq!(state.moving() as usize, moving);
     // The state holds only the moves in progress: it does not grow with the history.
     for (id, m) in &state.moves {
         prop_assert!(!m.is_over(), "move {} is over but kept", id);

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+/// The most sled keeps of the views in memory.
+const CACHE_BYTES: u64 = 64 << 20;
+
 /// The key of the stream checkpoint: the last sequence folded into the views.
 const CHECKPOINT: &[u8] = b"meta\0checkpoint";
 
@@ -61,8 +64,11 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store in `dir`. One process per directory.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        // sled caches up to 1 GiB by default: the views' hot keys fit in far less, and
+        // the projector's memory should not be the cache's.
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|e| classify(dir, e))?;
         Ok(SledStore {

@@ -299,8 +299,10 @@ fn grant(role: &ProcessRole) -> Grant {
             // replaces the last (its old chunks purged), loading reads it back.
             let [archive, model] = command_stores();
             let bucket = subjects::MODEL_BUCKET;
+            // The archive is read through its stream's leader (a replica's direct get
+            // may lag): MSG.GET, never DIRECT.GET.
             g.creates(&archive)
-                .kv_get(subjects::COMMAND_ARCHIVE_BUCKET, ">")
+                .stream("MSG.GET", &archive)
                 .kv_put(subjects::COMMAND_ARCHIVE_BUCKET, ">")
                 .creates(&model)
                 .publish(format!("$O.{bucket}.C.>"))

@@ -35,7 +35,7 @@ use handoff_protocol::{
 };
 use tracing::Instrument;
 
-use crate::archive::{Archive, Ignored, Snapshots};
+use crate::archive::{Archive, Ignored, Lineage, Snapshots};
 use crate::model::{self, Archived, Model};
 
 mod answers;
@@ -66,7 +66,7 @@ pub struct Executor {
     /// Where records out of the model's window go, and come back from.
     archive: Option<Archiver>,
     /// Where the model is saved, and the stream sequence it was last saved at.
-    snapshots: Option<(Snapshots, u64)>,
+    snapshots: Option<Saving>,
     /// Where this model came from.
     origin: Origin,
 }
@@ -93,19 +93,33 @@ struct Archiver {
 
 impl Archiver {
     fn start(archive: Archive) -> Self {
-        let (to_store, mut queue) = tokio::sync::mpsc::unbounded_channel::<(CommandId, Archived)>();
+        let (to_store, queue) = tokio::sync::mpsc::unbounded_channel::<(CommandId, Archived)>();
         let (done, stored) = tokio::sync::mpsc::unbounded_channel();
         let store = archive.clone();
         tokio::spawn(async move {
-            while let Some((id, answer)) = queue.recv().await {
-                // Until it is stored: the model keeps the record meanwhile, and answers
-                // from it.
-                let mut wait = Duration::from_millis(100);
-                while let Err(e) = store.put(&id, &answer).await {
-                    tracing::warn!(%id, error = %e, "a command's answer not archived yet; again");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
+            let queue = futures::stream::unfold(queue, |mut q| async move {
+                q.recv().await.map(|item| (item, q))
+            });
+            // Many at once: a fold from the start evicts records faster than one put at
+            // a time would store them.
+            let mut stored = queue
+                .map(|(id, answer): (CommandId, Archived)| {
+                    let store = store.clone();
+                    async move {
+                        // Until it is stored: the model keeps the record meanwhile, and
+                        // answers from it.
+                        let mut wait = Duration::from_millis(100);
+                        while let Err(e) = store.put(&id, &answer).await {
+                            tracing::warn!(%id, error = %e, "a command's answer not archived yet; again");
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(Duration::from_secs(5));
+                        }
+                        id
+                    }
+                })
+                .buffer_unordered(64)
+                .boxed();
+            while let Some(id) = stored.next().await {
                 if done.send(id).is_err() {
                     return;
                 }
@@ -123,7 +137,17 @@ impl Archiver {
 pub struct Stores {
     pub archive: Archive,
     pub snapshots: Snapshots,
+    /// The stores' lineage now: a snapshot saved against others is not used.
+    pub lineage: Lineage,
     pub model: model::Config,
+}
+
+/// Saving the model: where, the sequence last saved, and the save under way.
+struct Saving {
+    store: Snapshots,
+    lineage: Lineage,
+    saved_at: u64,
+    under_way: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// What appending a decision wrote, or found written by an earlier attempt.
@@ -232,7 +256,7 @@ impl Executor {
         let config = stores.as_ref().map(|s| s.model).unwrap_or_default();
         let (model, origin) = match &stores {
             None => (Model::new(config), Origin::Stream),
-            Some(s) => match s.snapshots.load(end).await {
+            Some(s) => match s.snapshots.load(end, &s.lineage).await {
                 Ok(mut m) => {
                     m.config = config;
                     let applied = m.applied;
@@ -256,7 +280,12 @@ impl Executor {
         let (archive, snapshots) = match stores {
             Some(s) => (
                 Some(Archiver::start(s.archive)),
-                Some((s.snapshots, saved_at)),
+                Some(Saving {
+                    store: s.snapshots,
+                    lineage: s.lineage,
+                    saved_at,
+                    under_way: None,
+                }),
             ),
             None => (None, None),
         };
@@ -304,27 +333,48 @@ impl Executor {
     }
 
     /// Saves the model if it folded at least `after_events` events since it was last
-    /// saved: serialised now, stored in the background (nothing waits for the store).
-    /// Returns the storing task, if any. A stopped model is never saved.
-    pub fn save_snapshot(&mut self, after_events: u64) -> Option<tokio::task::JoinHandle<()>> {
+    /// saved and no save is under way: serialised now, stored in the background (nothing
+    /// waits for the store). A stopped model is never saved.
+    pub fn save_snapshot(&mut self, after_events: u64) {
         // What the archive stored meanwhile need not be in the snapshot.
         self.archive_evicted();
-        let (snapshots, saved_at) = self.snapshots.as_mut()?;
+        let Some(saving) = self.snapshots.as_mut() else {
+            return;
+        };
+        // One at a time: two puts of the object at once could leave the older last.
+        if saving.under_way.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
         if self.stopped.is_some()
-            || self.model.applied < saved_at.saturating_add(after_events.max(1))
+            || self.model.applied < saving.saved_at.saturating_add(after_events.max(1))
         {
-            return None;
+            return;
         }
         let saved = Snapshots::encode(&self.model);
-        *saved_at = saved.applied;
-        let store = snapshots.clone();
-        Some(tokio::spawn(async move {
+        saving.saved_at = saved.applied;
+        let (store, lineage) = (saving.store.clone(), saving.lineage.clone());
+        saving.under_way = Some(tokio::spawn(async move {
             let (applied, bytes) = (saved.applied, saved.bytes.len());
-            match store.save(saved).await {
+            match store.save(saved, lineage).await {
                 Ok(()) => tracing::info!(applied, bytes, "command model saved"),
                 Err(e) => tracing::warn!(error = %e, "command model not saved"),
             }
-        }))
+        }));
+    }
+
+    /// On the way out: waits for the save under way, then saves what is newer.
+    pub async fn save_on_stop(&mut self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        for _ in 0..2 {
+            let under_way = self.snapshots.as_mut().and_then(|s| s.under_way.take());
+            if let Some(t) = under_way {
+                if tokio::time::timeout_at(deadline, t).await.is_err() {
+                    tracing::warn!("the command model was not saved before stopping");
+                    return;
+                }
+            }
+            self.save_snapshot(1);
+        }
     }
 
     /// Hands the records that left the model's window to the archive, and lets go of

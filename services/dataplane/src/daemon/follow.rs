@@ -116,7 +116,8 @@ async fn take_snapshot(
     meta: &HeadMeta,
     slot: u64,
 ) -> Result<(), JobError> {
-    let (data, sum) = head.export()?;
+    // One scan for the size and the check, then the documents stream to the store.
+    let (size_bytes, sum) = head.export_size()?;
     if sum != meta.checksum {
         // The head no longer matches the source: rebuild it rather than store a bad copy.
         head.clear()?;
@@ -135,12 +136,15 @@ async fn take_snapshot(
         n: meta.n,
         oplog_seq: meta.applied_seq,
         checksum: meta.checksum,
-        size_bytes: data.len() as u64,
+        size_bytes,
         taken_at_ms: now_ms(),
         slot_ms: Some(slot),
         daemon: Some(shared.id.clone()),
     };
-    shared.stores.put_snapshot(&snapshot, &data).await?;
+    shared
+        .stores
+        .put_snapshot(&snapshot, &mut head.export_reader())
+        .await?;
     tracing::info!(%job, snapshot = %snapshot.id, ts = %snapshot.ts, checksum = %snapshot.checksum, "snapshot taken");
     Ok(())
 }

@@ -18,6 +18,7 @@ pub fn failover_candidates(state: &State, job: &JobId) -> Vec<Candidate> {
         return vec![];
     };
     let needed = j.size.head_size_bytes;
+    let rebuilding = state.rebuilding();
     let mut candidates: Vec<Candidate> = state
         .daemons
         .iter()
@@ -34,7 +35,7 @@ pub fn failover_candidates(state: &State, job: &JobId) -> Vec<Candidate> {
             daemon: id.clone(),
             free_bytes: d.free_bytes(),
             jobs: d.jobs.len() as u32,
-            rebuilding: state.rebuilding_on(id),
+            rebuilding: rebuilding.get(id).copied().unwrap_or(0),
         })
         .collect();
     candidates.sort_by(|a, b| {
