@@ -26,7 +26,7 @@ use crate::model::{Archived, Model};
 /// The snapshot format this build reads and writes. Raised whenever the model's
 /// serialised form or the fold itself (`State::apply`, `Model::apply`) changes: a model
 /// saved by another fold is not the fold of the same events by this one.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 #[derive(Debug, Error)]
 pub enum ArchiveError {
@@ -131,31 +131,25 @@ pub enum Ignored {
 #[derive(Clone)]
 pub struct Snapshots {
     store: object_store::ObjectStore,
+    /// The event stream, to check a snapshot's last event against it.
+    events: jetstream::stream::Stream,
 }
 
-/// What a snapshot was saved against: the event stream's and the archive's creation
-/// times. A snapshot of another stream (one recreated, or restored from a backup) or
-/// saved with another archive (one lost and created again empty, which would no longer
-/// answer the ids the snapshot left to it) is not used.
+/// What a snapshot was saved against: the archive's creation time. A snapshot saved with
+/// another archive (one lost and created again empty, which would no longer answer the
+/// ids the snapshot left to it) is not used. (The event stream is checked by its events:
+/// the one the model folded last must be the stream's at that sequence.)
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lineage {
-    pub events_created: String,
     pub archive_created: String,
 }
 
 impl Lineage {
     /// The lineage of the stores as they are now.
-    pub async fn of(js: &jetstream::Context, archive: &Archive) -> Result<Self, ArchiveError> {
-        let mut events = js.get_stream(subjects::STREAM).await.map_err(unavailable)?;
-        Ok(Lineage {
-            events_created: events
-                .info()
-                .await
-                .map_err(unavailable)?
-                .created
-                .to_string(),
+    pub fn of(archive: &Archive) -> Self {
+        Lineage {
             archive_created: archive.created.clone(),
-        })
+        }
     }
 }
 
@@ -198,7 +192,8 @@ impl Snapshots {
                 .await
                 .map_err(unavailable)?,
         };
-        Ok(Snapshots { store })
+        let events = js.get_stream(subjects::STREAM).await.map_err(unavailable)?;
+        Ok(Snapshots { store, events })
     }
 
     /// The model as last saved, checked: its digest, its format, and that it folded no
@@ -259,6 +254,26 @@ impl Snapshots {
         }
         let model: Model = serde_json::from_slice(&bytes)
             .map_err(|e| Ignored::Invalid(format!("undecodable: {e}")))?;
+        if model.applied > 0 {
+            // The stream's event at that sequence is the one the model folded last: not a
+            // snapshot of another stream (one recreated, or restored from a backup).
+            let m = self
+                .events
+                .get_raw_message(model.applied)
+                .await
+                .map_err(|e| {
+                    Ignored::Unavailable(format!("reading event {}: {e}", model.applied))
+                })?;
+            let found = handoff_protocol::EventEnvelope::decode(&m.payload)
+                .map(|e| crate::model::event_mark(&m.subject, &e.command))
+                .unwrap_or_default();
+            if found != model.last_event {
+                return Err(Ignored::Invalid(format!(
+                    "it folded {} as event {}, but the stream holds {found} there",
+                    model.last_event, model.applied
+                )));
+            }
+        }
         if model.applied != header.applied {
             return Err(Ignored::Invalid(format!(
                 "the header says {} folded, the model {}",

@@ -142,9 +142,7 @@ pub async fn start(client: Client, config: Config) -> Result<CommandService, Err
             .await
             .map_err(|e| Error::Service(e.to_string()))?;
         Some(executor::Stores {
-            lineage: archive::Lineage::of(js, &archive)
-                .await
-                .map_err(|e| Error::Service(e.to_string()))?,
+            lineage: archive::Lineage::of(&archive),
             archive,
             snapshots: archive::Snapshots::open(js, replicas)
                 .await

@@ -112,8 +112,16 @@ pub struct Model {
     pub config: Config,
     /// The last stream sequence folded in.
     pub applied: u64,
+    /// The last event folded in ([`event_mark`]): a saved model is checked against the
+    /// stream's event at `applied`.
+    pub last_event: String,
     /// Whether a user was ever added (even if removed since).
     pub has_users: bool,
+}
+
+/// What tells one event from another at the same sequence: its subject and its command.
+pub fn event_mark(subject: &str, command: &CommandId) -> String {
+    format!("{subject}#{command}")
 }
 
 impl Model {
@@ -188,6 +196,7 @@ impl Model {
         }
         self.recent.push_back((r.seq, id.clone(), false));
         self.applied = r.seq;
+        self.last_event = event_mark(&r.subject, id);
         self.evict();
         Ok(())
     }

@@ -326,25 +326,33 @@ impl tokio::io::AsyncRead for ExportReader {
         out: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        if this.at == this.buf.len() {
-            this.buf.clear();
-            this.at = 0;
-            while this.buf.len() < EXPORT_CHUNK {
-                match this.docs.next() {
-                    None => break,
-                    Some(Err(e)) => {
-                        return std::task::Poll::Ready(Err(std::io::Error::other(e.to_string())))
-                    }
-                    Some(Ok((k, v))) => {
-                        let id = String::from_utf8_lossy(&k[1..]);
-                        crate::snapshot::write_line(&mut this.buf, &id, &v);
+        // As much as the caller has room for (the object store cuts a chunk per read).
+        while out.remaining() > 0 {
+            if this.at == this.buf.len() {
+                this.buf.clear();
+                this.at = 0;
+                while this.buf.len() < EXPORT_CHUNK {
+                    match this.docs.next() {
+                        None => break,
+                        Some(Err(e)) => {
+                            return std::task::Poll::Ready(Err(std::io::Error::other(
+                                e.to_string(),
+                            )))
+                        }
+                        Some(Ok((k, v))) => {
+                            let id = String::from_utf8_lossy(&k[1..]);
+                            crate::snapshot::write_line(&mut this.buf, &id, &v);
+                        }
                     }
                 }
+                if this.buf.is_empty() {
+                    break;
+                }
             }
+            let n = out.remaining().min(this.buf.len() - this.at);
+            out.put_slice(&this.buf[this.at..this.at + n]);
+            this.at += n;
         }
-        let n = out.remaining().min(this.buf.len() - this.at);
-        out.put_slice(&this.buf[this.at..this.at + n]);
-        this.at += n;
         std::task::Poll::Ready(Ok(()))
     }
 }
