@@ -117,8 +117,11 @@ async fn a_follower_rides_through_the_loss_of_its_node() -> Result<()> {
         .await?
         .last_sequence()
         .await?;
+    // Its node back, the follower's client reconnects and its reader is created again:
+    // on a loaded machine that takes a while, so one deadline for the whole catch-up.
+    let deadline = tokio::time::Instant::now() + TIMEOUT * 4;
     while seen.last().is_some_and(|s| *s < end) {
-        let r = tokio::time::timeout(TIMEOUT, follower.next()).await??;
+        let r = tokio::time::timeout_at(deadline, follower.next()).await??;
         seen.push(r.seq);
     }
     let expected: Vec<u64> = (1..=end).collect();
