@@ -165,7 +165,8 @@ struct Header {
     bytes: u64,
 }
 
-fn fnv(bytes: &[u8]) -> String {
+/// FNV-1a 64 of `bytes`, in hex: the digest of a saved model and of a command.
+pub(crate) fn fnv(bytes: &[u8]) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         hash ^= u64::from(*b);

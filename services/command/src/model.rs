@@ -106,6 +106,10 @@ pub struct Model {
     recent: VecDeque<(u64, CommandId, bool)>,
     /// Records out of the window, until the archive has them ([`Model::archived`]).
     archiving: BTreeMap<CommandId, Archived>,
+    /// Whether any record ever left the window: until one has, no id can be in the
+    /// archive, and nothing needs to ask it.
+    #[serde(default)]
+    pub archived_any: bool,
     /// Ids that joined `archiving` since [`Model::take_evicted`].
     #[serde(skip)]
     evicted: Vec<CommandId>,
@@ -239,6 +243,7 @@ impl Model {
     }
 
     fn archive(&mut self, id: CommandId, answer: Archived) {
+        self.archived_any = true;
         self.evicted.push(id.clone());
         self.archiving.insert(id, answer);
     }

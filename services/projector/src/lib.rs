@@ -22,9 +22,11 @@
 //!
 //! # Layout
 //! - this file: [`Config`], [`start`], the consumer, the reader task and the fold loop.
-//! - [`views`]: the pure fold of events into view records (what each event touches).
+//! - [`views`]: the pure fold of events into view records (what each event touches); its
+//!   keys (`views/keys.rs`) and the lists each record is in (`views/lists.rs`).
 //! - [`store`]: the sled trees, the checkpoint and the writer thread's atomic batches.
-//! - [`query`]: the `handoff-query` micro service answering from the store.
+//! - [`query`]: the `handoff-query` micro service answering from the store; paging and
+//!   the payload limit in `query/page.rs`.
 
 pub mod query;
 pub mod store;

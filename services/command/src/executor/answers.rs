@@ -34,6 +34,8 @@ impl Executor {
                 Some(r) => Some(Archived::Rejected(r.clone())),
                 None => match self.model.leaving(&request.id) {
                     Some(a) => Some(a.clone()),
+                    // Nothing ever left the window: the archive holds none of ours.
+                    None if !self.model.archived_any => None,
                     None => match self.archive.as_ref().map(|a| a.archive.clone()) {
                         None => None,
                         Some(archive) => archive.get(&request.id).await.map_err(unavailable)?,

@@ -38,7 +38,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use handoff_domain::alert::{self, AlertKey, AlertKind};
 use handoff_domain::model::MovePhase;
-use handoff_domain::state::Assignment;
 use handoff_domain::{CommandId, DaemonId, Event, JobId, ProjectId, State};
 use handoff_eventlog::Recorded;
 pub use handoff_protocol::views::{
@@ -49,105 +48,12 @@ use serde::Serialize;
 
 use crate::store::{StoreError, ViewStore, Write};
 
-pub fn daemon_key(d: &DaemonId) -> Vec<u8> {
-    key(&["daemon", d.as_str()])
-}
-pub fn project_key(p: &ProjectId) -> Vec<u8> {
-    key(&["project", p.as_str()])
-}
-pub fn job_key(j: &JobId) -> Vec<u8> {
-    key(&["job", j.as_str()])
-}
-pub fn move_key(m: &CommandId) -> Vec<u8> {
-    key(&["move", m.as_str()])
-}
-pub fn alert_key(a: &AlertKey) -> Vec<u8> {
-    key(&["alert", a.kind.as_str(), &a.about])
-}
-/// Events per chunk of stored events.
-pub const EVENTS_PER_CHUNK: u64 = 64;
+mod keys;
+mod lists;
 
-fn seq_text(seq: u64) -> String {
-    format!("{seq:020}")
-}
-
-/// The key of `job`'s event at `seq`.
-pub fn job_history_key(job: &JobId, seq: u64) -> Vec<u8> {
-    key(&["jh", job.as_str(), &seq_text(seq)])
-}
-
-/// The key of `daemon`'s event at `seq`.
-pub fn daemon_history_key(daemon: &DaemonId, seq: u64) -> Vec<u8> {
-    key(&["dh", daemon.as_str(), &seq_text(seq)])
-}
-
-/// The counter of the keys under `prefix` (a [`prefix`]).
-pub fn counter_key(prefix: &[u8]) -> Vec<u8> {
-    let mut k = b"n\0".to_vec();
-    k.extend_from_slice(prefix);
-    k
-}
-
-/// Whether an alert index lists every alert or the open ones.
-fn alert_set(open: bool) -> &'static str {
-    if open {
-        "open"
-    } else {
-        "all"
-    }
-}
-
-/// The prefix of the alerts, newest first by the event that raised them: open ones or
-/// all, of one type or every type.
-pub fn alert_index(open: bool, kind: Option<AlertKind>) -> Vec<u8> {
-    match kind {
-        None => prefix(&["ix", "alert", alert_set(open)]),
-        Some(k) => prefix(&["ix", "alert", "kind", k.as_str(), alert_set(open)]),
-    }
-}
-
-/// The key of the chunk holding event `seq`.
-pub fn events_key(seq: u64) -> Vec<u8> {
-    key(&["events", &format!("{:020}", seq / EVENTS_PER_CHUNK)])
-}
-
-fn parse_number(digits: &[u8]) -> Option<u64> {
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
-/// Appends one event to a batch's framed events: sequence (8 bytes, big endian), length
-/// (4 bytes, big endian), the payload.
-fn frame(out: &mut Vec<u8>, seq: u64, payload: &[u8]) {
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(payload);
-}
-
-/// The payload of event `seq` among a batch's framed events.
-pub fn find_framed(mut framed: &[u8], seq: u64) -> Option<&[u8]> {
-    while framed.len() >= 12 {
-        let s = u64::from_be_bytes(framed[..8].try_into().ok()?);
-        let len = u32::from_be_bytes(framed[8..12].try_into().ok()?) as usize;
-        let payload = framed.get(12..12 + len)?;
-        if s == seq {
-            return Some(payload);
-        }
-        framed = &framed[12 + len..];
-    }
-    None
-}
-
-/// Joins parts with NUL, which no id may contain; a prefix query ends with a NUL.
-pub fn key(parts: &[&str]) -> Vec<u8> {
-    parts.join("\0").into_bytes()
-}
-
-/// A prefix covering every key under `parts`.
-pub fn prefix(parts: &[&str]) -> Vec<u8> {
-    let mut k = key(parts);
-    k.push(0);
-    k
-}
+pub use keys::*;
+use keys::{frame, parse_number};
+use lists::{alert_lists, job_lists, move_lists, Listed};
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("views always serialize")
@@ -188,106 +94,6 @@ pub fn encode(changes: Vec<Change>) -> Vec<Write> {
         .into_iter()
         .map(|(k, v)| (k, v.map(Value::encode)))
         .collect()
-}
-
-/// Where a record is listed: each entry is a key written (with its value) while the
-/// record belongs there, counted by the counter of `counted` (a prefix of the key). The
-/// record's own key is listed too, to be counted, with no value: the record is written
-/// apart.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Listed {
-    key: Vec<u8>,
-    value: Option<Vec<u8>>,
-    counted: Vec<u8>,
-}
-
-impl Listed {
-    fn under(counted: Vec<u8>, rest: &[&str], value: Vec<u8>) -> Self {
-        let mut key = counted.clone();
-        key.extend_from_slice(&self::key(rest));
-        Listed {
-            key,
-            value: Some(value),
-            counted,
-        }
-    }
-
-    fn record(counted: Vec<u8>, rest: &[&str]) -> Self {
-        Listed {
-            value: None,
-            ..Listed::under(counted, rest, Vec::new())
-        }
-    }
-}
-
-/// The lists a job is in.
-fn job_lists(id: &JobId, job: Option<&handoff_domain::state::Job>) -> Vec<Listed> {
-    let Some(job) = job else { return Vec::new() };
-    let j = id.as_str();
-    let mut out = vec![
-        Listed::record(prefix(&["job"]), &[j]),
-        Listed::under(
-            prefix(&["ix", "daemon", job.owner().as_str()]),
-            &[j],
-            Vec::new(),
-        ),
-        Listed::under(
-            prefix(&["ix", "project", job.project.as_str()]),
-            &[j],
-            Vec::new(),
-        ),
-    ];
-    if let Assignment::Moving { from, .. } = &job.assignment {
-        out.push(Listed::under(prefix(&["ix", "moving"]), &[j], Vec::new()));
-        if from != job.owner() {
-            out.push(Listed::under(
-                prefix(&["ix", "daemon", from.as_str()]),
-                &[j],
-                Vec::new(),
-            ));
-        }
-    }
-    out
-}
-
-/// The lists a move is in.
-fn move_lists(view: Option<&MoveView>) -> Vec<Listed> {
-    let Some(m) = view else { return Vec::new() };
-    let id = m.move_id.as_str();
-    vec![
-        Listed::record(prefix(&["move"]), &[id]),
-        Listed::under(
-            prefix(&["ix", "move", m.status.as_str()]),
-            &[id],
-            Vec::new(),
-        ),
-    ]
-}
-
-/// The lists an alert is in: every alert, and the open ones; of every type and of its own.
-fn alert_lists(view: Option<&AlertView>) -> Vec<Listed> {
-    let Some(a) = view else { return Vec::new() };
-    let kind = a.kind.as_str();
-    let seq = seq_text(a.raised_seq);
-    let record = key(&[kind, &a.about]);
-    let mut out = vec![Listed::record(prefix(&["alert"]), &[kind, &a.about])];
-    let mut sets = vec![false];
-    if a.is_open() {
-        sets.push(true);
-    }
-    for open in sets {
-        out.push(Listed::under(
-            alert_index(open, None),
-            &[&seq, kind, &a.about],
-            record.clone(),
-        ));
-        out.push(Listed::under(
-            alert_index(open, Some(a.kind)),
-            &[&seq, &a.about],
-            record.clone(),
-        ));
-    }
-    out
 }
 
 /// The in-memory state behind the views, with the move metadata the domain state does

@@ -1,0 +1,105 @@
+//! The keys of the view store (see the table in the module's doc), and the framing of
+//! stored events.
+
+use handoff_domain::alert::{AlertKey, AlertKind};
+use handoff_domain::{CommandId, DaemonId, JobId, ProjectId};
+
+pub fn daemon_key(d: &DaemonId) -> Vec<u8> {
+    key(&["daemon", d.as_str()])
+}
+pub fn project_key(p: &ProjectId) -> Vec<u8> {
+    key(&["project", p.as_str()])
+}
+pub fn job_key(j: &JobId) -> Vec<u8> {
+    key(&["job", j.as_str()])
+}
+pub fn move_key(m: &CommandId) -> Vec<u8> {
+    key(&["move", m.as_str()])
+}
+pub fn alert_key(a: &AlertKey) -> Vec<u8> {
+    key(&["alert", a.kind.as_str(), &a.about])
+}
+/// Events per chunk of stored events.
+pub const EVENTS_PER_CHUNK: u64 = 64;
+
+pub(super) fn seq_text(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
+/// The key of `job`'s event at `seq`.
+pub fn job_history_key(job: &JobId, seq: u64) -> Vec<u8> {
+    key(&["jh", job.as_str(), &seq_text(seq)])
+}
+
+/// The key of `daemon`'s event at `seq`.
+pub fn daemon_history_key(daemon: &DaemonId, seq: u64) -> Vec<u8> {
+    key(&["dh", daemon.as_str(), &seq_text(seq)])
+}
+
+/// The counter of the keys under `prefix` (a [`prefix`]).
+pub fn counter_key(prefix: &[u8]) -> Vec<u8> {
+    let mut k = b"n\0".to_vec();
+    k.extend_from_slice(prefix);
+    k
+}
+
+/// Whether an alert index lists every alert or the open ones.
+fn alert_set(open: bool) -> &'static str {
+    if open {
+        "open"
+    } else {
+        "all"
+    }
+}
+
+/// The prefix of the alerts, newest first by the event that raised them: open ones or
+/// all, of one type or every type.
+pub fn alert_index(open: bool, kind: Option<AlertKind>) -> Vec<u8> {
+    match kind {
+        None => prefix(&["ix", "alert", alert_set(open)]),
+        Some(k) => prefix(&["ix", "alert", "kind", k.as_str(), alert_set(open)]),
+    }
+}
+
+/// The key of the chunk holding event `seq`.
+pub fn events_key(seq: u64) -> Vec<u8> {
+    key(&["events", &format!("{:020}", seq / EVENTS_PER_CHUNK)])
+}
+
+pub(super) fn parse_number(digits: &[u8]) -> Option<u64> {
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Appends one event to a batch's framed events: sequence (8 bytes, big endian), length
+/// (4 bytes, big endian), the payload.
+pub(super) fn frame(out: &mut Vec<u8>, seq: u64, payload: &[u8]) {
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The payload of event `seq` among a batch's framed events.
+pub fn find_framed(mut framed: &[u8], seq: u64) -> Option<&[u8]> {
+    while framed.len() >= 12 {
+        let s = u64::from_be_bytes(framed[..8].try_into().ok()?);
+        let len = u32::from_be_bytes(framed[8..12].try_into().ok()?) as usize;
+        let payload = framed.get(12..12 + len)?;
+        if s == seq {
+            return Some(payload);
+        }
+        framed = &framed[12 + len..];
+    }
+    None
+}
+
+/// Joins parts with NUL, which no id may contain; a prefix query ends with a NUL.
+pub fn key(parts: &[&str]) -> Vec<u8> {
+    parts.join("\0").into_bytes()
+}
+
+/// A prefix covering every key under `parts`.
+pub fn prefix(parts: &[&str]) -> Vec<u8> {
+    let mut k = key(parts);
+    k.push(0);
+    k
+}
