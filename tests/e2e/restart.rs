@@ -307,3 +307,51 @@ async fn a_saved_model_of_another_archive_is_ignored() -> Result<()> {
     assert_eq!(stack.last_seq().await?, end);
     Ok(())
 }
+
+/// A save that fails (its store gone) is not taken for done: the model is saved again
+/// once the store is back, on the way out at the latest.
+#[tokio::test]
+async fn a_model_whose_save_failed_is_saved_again() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let commands = CommandService::start(&server.url(), bounded()).await?;
+    let client = server.connect().await?;
+    let mut stack = Stack::on(server, client, Some(commands))?;
+    history(&stack).await?;
+    let end = stack.last_seq().await?;
+    stack.commands.take().expect("running").stop().await?;
+    saved_through(&stack.client, end).await?;
+
+    // An executor that folds the whole stream (its saved model deleted)...
+    let js = async_nats::jetstream::new(stack.client.clone());
+    js.get_object_store(subjects::MODEL_BUCKET)
+        .await?
+        .delete(subjects::MODEL_OBJECT)
+        .await?;
+    let stores = || async {
+        let archive = handoff_command::archive::Archive::open(&js, 1).await?;
+        anyhow::Ok(handoff_command::executor::Stores {
+            lineage: handoff_command::archive::Lineage::of(&archive),
+            archive,
+            snapshots: handoff_command::archive::Snapshots::open(&js, 1).await?,
+            model: handoff_command::model::Config { window: 20 },
+        })
+    };
+    let log = handoff_eventlog::EventLog::open(stack.client.clone(), Default::default()).await?;
+    let mut executor =
+        handoff_command::Executor::start_with(log, Duration::from_secs(5), Some(stores().await?))
+            .await?;
+    assert_eq!(executor.origin(), &Origin::Stream);
+    assert_eq!(executor.saved_at(), Some(0));
+
+    // ... whose store is gone: every try fails, and none counts as saved.
+    js.delete_object_store(subjects::MODEL_BUCKET).await?;
+    executor.save_snapshot(1);
+    executor.save_on_stop(Duration::from_secs(1)).await;
+    assert_eq!(executor.saved_at(), Some(0), "a failed save taken for done");
+
+    // The store back, the model is saved on the way out.
+    stores().await?;
+    executor.save_on_stop(Duration::from_secs(30)).await;
+    assert_eq!(executor.saved_at(), Some(end));
+    saved_through(&stack.client, end).await
+}

@@ -2,6 +2,8 @@
 //! model came from, the task that stores records leaving the model's window in the
 //! command archive, and saving the model.
 
+use futures::FutureExt;
+
 use super::*;
 
 /// Where a started model came from.
@@ -75,12 +77,32 @@ pub struct Stores {
     pub model: model::Config,
 }
 
-/// Saving the model: where, the sequence last saved, and the save under way.
+/// Saving the model: where, the sequence last saved, and the save under way (the
+/// sequence it holds, and whether it was stored).
 pub(super) struct Saving {
     pub(super) store: Snapshots,
     pub(super) lineage: Lineage,
     pub(super) saved_at: u64,
-    pub(super) under_way: Option<tokio::task::JoinHandle<()>>,
+    pub(super) under_way: Option<(u64, tokio::task::JoinHandle<bool>)>,
+}
+
+impl Saving {
+    /// Takes the save under way if it has ended; one that stored its model moves
+    /// `saved_at` on (one that failed leaves it, so the model is saved again). False
+    /// while it is still going.
+    fn settle(&mut self) -> bool {
+        let Some((applied, task)) = self.under_way.take() else {
+            return true;
+        };
+        if !task.is_finished() {
+            self.under_way = Some((applied, task));
+            return false;
+        }
+        if let Some(Ok(true)) = task.now_or_never() {
+            self.saved_at = self.saved_at.max(applied);
+        }
+        true
+    }
 }
 
 impl Executor {
@@ -174,7 +196,7 @@ impl Executor {
             return;
         };
         // One at a time: two puts of the object at once could leave the older last.
-        if saving.under_way.as_ref().is_some_and(|t| !t.is_finished()) {
+        if !saving.settle() {
             return;
         }
         if self.stopped.is_some()
@@ -183,27 +205,63 @@ impl Executor {
             return;
         }
         let saved = Snapshots::encode(&self.model);
-        saving.saved_at = saved.applied;
         let (store, lineage) = (saving.store.clone(), saving.lineage.clone());
-        saving.under_way = Some(tokio::spawn(async move {
-            let (applied, bytes) = (saved.applied, saved.bytes.len());
-            match store.save(saved, lineage).await {
-                Ok(()) => tracing::info!(applied, bytes, "command model saved"),
-                Err(e) => tracing::warn!(error = %e, "command model not saved"),
-            }
-        }));
+        let applied = saved.applied;
+        saving.under_way = Some((
+            applied,
+            tokio::spawn(async move {
+                let bytes = saved.bytes.len();
+                match store.save(saved, lineage).await {
+                    Ok(()) => {
+                        tracing::info!(applied, bytes, "command model saved");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, applied, "command model not saved");
+                        false
+                    }
+                }
+            }),
+        ));
     }
 
-    /// On the way out: waits for the save under way, then saves what is newer.
+    /// The sequence of the latest model stored.
+    pub fn saved_at(&self) -> Option<u64> {
+        self.snapshots.as_ref().map(|s| s.saved_at)
+    }
+
+    /// On the way out: waits for the save under way, then saves what is newer, again
+    /// after a failed try, until `within` has passed.
     pub async fn save_on_stop(&mut self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
-        for _ in 0..2 {
-            let under_way = self.snapshots.as_mut().and_then(|s| s.under_way.take());
-            if let Some(t) = under_way {
-                if tokio::time::timeout_at(deadline, t).await.is_err() {
-                    tracing::warn!("the command model was not saved before stopping");
-                    return;
+        for attempt in 0u32.. {
+            if attempt > 1 {
+                // The last try failed: a moment for the store to come back.
+                tokio::time::sleep_until(
+                    deadline.min(tokio::time::Instant::now() + Duration::from_millis(250)),
+                )
+                .await;
+            }
+            let Some(saving) = self.snapshots.as_mut() else {
+                return;
+            };
+            if let Some((applied, mut task)) = saving.under_way.take() {
+                match tokio::time::timeout_at(deadline, &mut task).await {
+                    Err(_) => {
+                        saving.under_way = Some((applied, task));
+                        tracing::warn!("the command model was not saved before stopping");
+                        return;
+                    }
+                    Ok(Ok(true)) => saving.saved_at = saving.saved_at.max(applied),
+                    Ok(_) => {}
                 }
+            }
+            if self.stopped.is_some() || self.model.applied <= saving.saved_at {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("the command model was not saved before stopping");
+                return;
             }
             self.save_snapshot(1);
         }
