@@ -15,6 +15,8 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use anyhow::{bail, Context as _, Result};
 use async_nats::HeaderMap;
 use handoff_dataplane::store::Stores;
@@ -25,7 +27,7 @@ use handoff_natsd::{NatsProcess, Security};
 use handoff_protocol::auth;
 use handoff_protocol::dataplane::{
     self as dp, CONFIG_BUCKET, FENCES_BUCKET, HEADS_BUCKET, HEARTBEATS_BUCKET, LEASES_BUCKET,
-    OPLOG_STREAM, SNAPSHOT_BUCKET,
+    OPLOG_STREAM, SNAPSHOT_BUCKET, SNAPSHOT_INDEX_BUCKET,
 };
 use handoff_protocol::permissions::{authorization, NatsUser, ProcessRole};
 use handoff_protocol::subjects;
@@ -43,6 +45,8 @@ const ROLES: [&str; 6] = [
 
 /// How long an answer to one call may take.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+/// Calls in flight per role, well under the 128 server errors the client queues.
+const CALLS_AT_ONCE: usize = 32;
 
 /// One call and who may make it: `expected` has one letter per role in [`ROLES`] order
 /// (`C P O A M D`), a dot where the role is denied.
@@ -351,6 +355,52 @@ fn table(d1: &DaemonId, d2: &DaemonId, job: &JobId) -> Vec<Call> {
         .write(
             "object put or delete: its metadata",
             format!("$O.{SNAPSHOT_BUCKET}.M.{NAME}"),
+            "...A.D",
+        );
+
+    let index = dp::kv_stream(SNAPSHOT_INDEX_BUCKET);
+    t.store(format!("snapshot index {SNAPSHOT_INDEX_BUCKET} ({index})"))
+        .stream_calls(
+            &index,
+            ["...A..", "......", "......", "...A..", "..OA.D", "......"],
+        )
+        .call(
+            "get an entry (DIRECT.GET)",
+            format!(
+                "{}.$KV.{SNAPSHOT_INDEX_BUCKET}.{NAME}",
+                api("DIRECT.GET", &index)
+            ),
+            "",
+            "......",
+        )
+        .call(
+            "list a job's snapshots (CONSUMER.CREATE with its keys)",
+            format!(
+                "{}.{NAME}.$KV.{SNAPSHOT_INDEX_BUCKET}.{}",
+                api("CONSUMER.CREATE", &index),
+                dp::snapshot_keys(job.as_str(), true).expect("a job")
+            ),
+            MISNAMED_CONSUMER,
+            "..OA.D",
+        )
+        .call(
+            "CONSUMER.MSG.NEXT",
+            format!("{}.{NAME}", api("CONSUMER.MSG.NEXT", &index)),
+            "",
+            "..OA.D",
+        )
+        .call(
+            "CONSUMER.DELETE",
+            format!("{}.{NAME}", api("CONSUMER.DELETE", &index)),
+            "",
+            "..OA.D",
+        )
+        .write(
+            "index a snapshot, or delete its entry",
+            format!(
+                "$KV.{SNAPSHOT_INDEX_BUCKET}.{}",
+                dp::snapshot_key(job, "01J00000000000000000000000")
+            ),
             "...A.D",
         );
 
@@ -675,8 +725,15 @@ async fn each_role_gets_exactly_its_jetstream_calls() -> Result<()> {
         let (url, calls) = (&url, &calls);
         async move {
             let (client, denied) = connect_as(url, seed).await?;
+            // The client queues the server's errors (the violations) 128 at most and
+            // drops the rest: a few calls at a time, so none is lost.
             let each = calls.iter().map(|c| attempt(&client, &denied, c));
-            Ok::<_, anyhow::Error>(futures::future::join_all(each).await)
+            Ok::<_, anyhow::Error>(
+                futures::stream::iter(each)
+                    .buffered(CALLS_AT_ONCE)
+                    .collect::<Vec<_>>()
+                    .await,
+            )
         }
     });
     for role in futures::future::join_all(tries).await {

@@ -38,6 +38,9 @@ impl Keep {
     }
 }
 
+/// The stack of the thread a story runs on.
+const STORY_STACK: usize = 64 << 20;
+
 /// Plays a module's story once and hands every test its record (`play` returns it with
 /// what must stay alive). The story runs in a thread and runtime of its own that live as
 /// long as the test process: the processes it starts die with the thread that started
@@ -50,9 +53,14 @@ where
 {
     let result = cell.get_or_init(|| {
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
+        // A story is one long future: on the heap, and polled on a roomy stack (an
+        // unoptimised build's frames are large).
+        let story = std::thread::Builder::new()
+            .name("story".into())
+            .stack_size(STORY_STACK);
+        let spawned = story.spawn(move || {
             let rt = tokio::runtime::Runtime::new().expect("a runtime");
-            let (record, _keep) = rt.block_on(play());
+            let (record, _keep) = rt.block_on(Box::pin(play()));
             // Ignored: the receiver waits for this one message and is gone only if the
             // test thread itself died.
             let _ = tx.send(record.map_err(|e| format!("{e:#}")));
@@ -61,6 +69,9 @@ where
                 std::thread::park();
             }
         });
+        if let Err(e) = spawned {
+            return Err(format!("cannot start the story thread: {e}"));
+        }
         rx.recv()
             .unwrap_or_else(|_| Err("the story thread died".into()))
     });

@@ -100,6 +100,9 @@ impl HeadError {
     }
 }
 
+/// The cache of a [`Heads::scratch`] store.
+const SCRATCH_CACHE: u64 = 32 << 20;
+
 /// Every head of one daemon.
 pub struct Heads {
     db: sled::Db,
@@ -113,6 +116,18 @@ impl Heads {
         })?;
         Ok(Heads {
             db: sled::Config::new().path(dir.join("heads")).open()?,
+        })
+    }
+
+    /// A store for one piece of work (a restore to files), removed when it is dropped;
+    /// its cache is capped, so its memory does not grow with the data it holds.
+    pub fn scratch(dir: &Path) -> Result<Heads, HeadError> {
+        Ok(Heads {
+            db: sled::Config::new()
+                .path(dir)
+                .temporary(true)
+                .cache_capacity(SCRATCH_CACHE)
+                .open()?,
         })
     }
 
@@ -252,6 +267,18 @@ impl Head {
             sum.insert(&String::from_utf8_lossy(&k[1..]), &v);
         }
         Ok(sum)
+    }
+
+    /// How many documents the head holds, their bytes, and their checksum: one scan.
+    pub fn tally(&self) -> Result<(u64, u64, Checksum), HeadError> {
+        let (mut docs, mut bytes, mut sum) = (0, 0, Checksum::default());
+        for kv in self.tree.scan_prefix([DOC]) {
+            let (k, v) = kv?;
+            sum.insert(&String::from_utf8_lossy(&k[1..]), &v);
+            docs += 1;
+            bytes += v.len() as u64;
+        }
+        Ok((docs, bytes, sum))
     }
 
     /// Checks the documents against the source's checksum at the head's point.

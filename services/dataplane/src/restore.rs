@@ -18,6 +18,8 @@ use handoff_domain::JobId;
 use serde::Serialize;
 
 use crate::checksum::Checksum;
+use crate::head::{Head, HeadError, HeadMeta, HeadStatus, Heads};
+use crate::rebuild::{restore_snapshot, Outcome, Quiet, RebuildError};
 use crate::oplog::{self, Ts};
 use crate::store::{SnapshotMeta, StoreError, Stores};
 use handoff_protocol::now_ms;
@@ -83,6 +85,9 @@ pub enum RestoreError {
         snapshot: String,
         reason: String,
     },
+    /// A snapshot missing from the store, or whose data does not match its record.
+    #[error("{job}: {reason}")]
+    Unusable { job: JobId, reason: String },
     #[error("{job}: the oplog cannot be replayed: {reason}")]
     Oplog { job: JobId, reason: String },
     #[error(
@@ -94,6 +99,9 @@ pub enum RestoreError {
         restored: Checksum,
         source_checksum: Checksum,
     },
+    /// The disk store the documents are gathered in failed (a full disk).
+    #[error("restore work store: {0}")]
+    Work(#[from] HeadError),
     #[error("cannot write the restore to {path}: {reason}")]
     Write { path: String, reason: String },
 }
@@ -105,12 +113,8 @@ pub async fn restore(
     target: &Target,
     out: &Path,
 ) -> Result<Vec<Restored>, RestoreError> {
-    let all = stores.snapshots(None).await?;
-    let mut jobs: Vec<JobId> = all
-        .iter()
-        .map(|m| m.job.clone())
-        .filter(|j| j.as_str() == what || j.as_str().starts_with(&format!("{what}/")))
-        .collect();
+    let all = stores.snapshots_in(what).await?;
+    let mut jobs: Vec<JobId> = all.iter().map(|m| m.job.clone()).collect();
     jobs.sort();
     jobs.dedup();
     if jobs.is_empty() {
@@ -178,38 +182,35 @@ async fn restore_job(
         Target::Snapshot(_) => None,
         _ => Some(stores.take_lease(job, base.oplog_seq.max(1)).await?),
     };
-    let result = replay(stores, job, base, target).await;
+    let dir = out.join(job.as_str().replace('/', "__"));
+    // The documents are gathered on disk (a store removed when dropped), never in memory.
+    let scratch = Heads::scratch(&dir.join(".restoring"))?;
+    let head = scratch.head(job)?;
+    let result = rebuild_into(stores, job, base, target, &head).await;
     if let Some(l) = lease {
         stores.drop_lease(&l).await;
     }
-    let (docs, checksum, source_checksum, ts, n, applied) = result?;
-    if checksum != source_checksum {
+    let (at, applied) = result?;
+    let (documents, bytes, checksum) = head.tally()?;
+    if checksum != at.checksum {
         return Err(RestoreError::Mismatch {
             job: job.clone(),
-            ts,
+            ts: at.ts,
             restored: checksum,
-            source_checksum,
+            source_checksum: at.checksum,
         });
     }
-    let dir = out.join(job.as_str().replace('/', "__"));
-    let mut ids: Vec<&String> = docs.keys().collect();
-    ids.sort_unstable();
-    let mut data = Vec::new();
-    let mut bytes = 0;
-    for id in ids {
-        crate::snapshot::write_line(&mut data, id, docs[id].as_bytes());
-        bytes += docs[id].len() as u64;
-    }
     let path = dir.join("documents.jsonl");
-    write(&path, &data)?;
+    write_from(&path, head.export_reader()).await?;
+    drop(scratch);
     let restored = Restored {
         job: job.clone(),
         snapshot: base.id.clone(),
-        ts,
-        n,
+        ts: at.ts,
+        n: at.n,
         checksum,
-        source_checksum,
-        documents: docs.len() as u64,
+        source_checksum: at.checksum,
+        documents,
         bytes,
         entries_applied: applied,
         path,
@@ -219,6 +220,98 @@ async fn restore_job(
         &serde_json::to_vec_pretty(&restored).expect("json"),
     )?;
     Ok(restored)
+}
+
+/// Streams `data` into the file at `path`.
+async fn write_from(
+    path: &Path,
+    mut data: impl tokio::io::AsyncRead + Unpin,
+) -> Result<(), RestoreError> {
+    let fail = |e: std::io::Error| RestoreError::Write {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let mut file = tokio::fs::File::create(path).await.map_err(fail)?;
+    tokio::io::copy(&mut data, &mut file).await.map_err(fail)?;
+    tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(fail)
+}
+
+/// Restores `base` into `head` as it streams from the store, then applies the oplog
+/// entries `target` includes: where the head then stands (the source's checksum there),
+/// and how many entries were applied.
+async fn rebuild_into(
+    stores: &Stores,
+    job: &JobId,
+    base: &SnapshotMeta,
+    target: &Target,
+    head: &Head,
+) -> Result<(HeadMeta, u64), RestoreError> {
+    let mut meta = HeadMeta::new(job.clone(), base.epoch, HeadStatus::Building);
+    let outcome = restore_snapshot(stores, head, &mut meta, base, &mut Quiet)
+        .await
+        .map_err(|e| match e {
+            RebuildError::Store(e) => RestoreError::Store(e),
+            RebuildError::Head(e) => RestoreError::Work(e),
+            RebuildError::Oplog(e) => RestoreError::Oplog {
+                job: job.clone(),
+                reason: e.to_string(),
+            },
+        })?;
+    match outcome {
+        Outcome::Done => {}
+        // Missing from the store, or corrupt: the reason says which.
+        Outcome::Failed(reason) => {
+            return Err(RestoreError::Unusable {
+                job: job.clone(),
+                reason,
+            })
+        }
+        Outcome::Cancelled => {
+            return Err(RestoreError::Unusable {
+                job: job.clone(),
+                reason: "the restore was cancelled".into(),
+            })
+        }
+    }
+    if matches!(target, Target::Snapshot(_)) {
+        return Ok((meta, 0));
+    }
+    let oplog_err = |reason: String| RestoreError::Oplog {
+        job: job.clone(),
+        reason,
+    };
+    let Some((last_seq, _)) = stores.oplog_last(job).await? else {
+        return Ok((meta, 0));
+    };
+    let mut messages = stores.read_oplog(job, base.oplog_seq.max(1)).await?;
+    let mut applied = 0u64;
+    loop {
+        let m = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "oplog reader hiccup");
+                continue;
+            }
+            Ok(None) | Err(_) => return Err(oplog_err("the oplog store stopped answering".into())),
+        };
+        let info = m.info().map_err(|e| oplog_err(e.to_string()))?;
+        let seq = info.stream_sequence;
+        let entries = oplog::decode(&m.payload).map_err(|e| oplog_err(e.to_string()))?;
+        // Up to the first entry past the target.
+        let within = entries
+            .iter()
+            .position(|e| e.n > meta.n && !target.includes(e.ts))
+            .unwrap_or(entries.len());
+        applied += match head.apply(&mut meta, seq, &entries[..within]) {
+            Ok(n) => n as u64,
+            Err(e @ HeadError::Gap { .. }) => return Err(oplog_err(e.to_string())),
+            Err(e) => return Err(RestoreError::Work(e)),
+        };
+        if within < entries.len() || seq >= last_seq || info.pending == 0 {
+            break;
+        }
+    }
+    Ok((meta, applied))
 }
 
 type Replayed = (HashMap<String, String>, Checksum, Checksum, Ts, u64, u64);

@@ -1,6 +1,7 @@
 //! The data plane's places on JetStream: the oplog store (a stream with one subject per
-//! job), the snapshot store (an object store), and key-value buckets for the data plane's
-//! settings, restore leases and daemon heartbeats; the heads' positions live beside the
+//! job), the snapshot store (an object store) and its index by job (a key-value bucket,
+//! so that a job's snapshots are listed without reading the whole store), and key-value
+//! buckets for the data plane's settings, restore leases and daemon heartbeats; the heads' positions live beside the
 //! jobs' fences, in the fence bucket, so that a position is written in one step with its
 //! fence check.
 //!
@@ -13,7 +14,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use handoff_domain::JobId;
 use tokio::io::AsyncReadExt;
 
@@ -23,10 +24,11 @@ use crate::schedule::Schedule;
 use handoff_protocol::subjects;
 
 use handoff_protocol::dataplane::SNAPSHOT_META_KEY as META_KEY;
-pub use handoff_protocol::dataplane::{HeadRecord, Heartbeat, Lease, Settings, SnapshotMeta};
 use handoff_protocol::dataplane::{
-    CONFIG_BUCKET, HEARTBEATS_BUCKET, LEASES_BUCKET, OPLOG_STREAM, SNAPSHOT_BUCKET,
+    object_stream, snapshot_key, snapshot_keys, CONFIG_BUCKET, HEARTBEATS_BUCKET, LEASES_BUCKET,
+    OPLOG_STREAM, SNAPSHOT_BUCKET, SNAPSHOT_INDEX_BUCKET,
 };
+pub use handoff_protocol::dataplane::{HeadRecord, Heartbeat, Lease, Settings, SnapshotMeta};
 
 /// The most bytes reserved up front for a snapshot read into memory: a wrong size in its
 /// metadata (2^64 - 1 aborted the daemon) costs no more than this.
@@ -98,6 +100,10 @@ pub struct Stores {
     pub js: jetstream::Context,
     pub oplog: stream::Stream,
     pub snapshots: object_store::ObjectStore,
+    /// The stream behind `snapshots`, to purge what a delete leaves.
+    snapshot_stream: stream::Stream,
+    /// Each snapshot's metadata by job ([`snapshot_key`]).
+    pub snapshot_index: kv::Store,
     pub config: kv::Store,
     pub leases: kv::Store,
     pub heartbeats: kv::Store,
@@ -219,6 +225,11 @@ impl Stores {
             )
         };
         Ok(Stores {
+            snapshot_stream: js
+                .get_stream(object_stream(SNAPSHOT_BUCKET))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("{SNAPSHOT_BUCKET}: {e}")))?,
+            snapshot_index: bucket(SNAPSHOT_INDEX_BUCKET, 1).await?,
             config: bucket(CONFIG_BUCKET, 5).await?,
             leases: bucket(LEASES_BUCKET, 1).await?,
             heartbeats: bucket(HEARTBEATS_BUCKET, 1).await?,
@@ -284,28 +295,36 @@ impl Stores {
     }
 
     /// Stores a snapshot. The metadata goes with the object, so the store alone says what
-    /// each snapshot is. Fenced: refused (and nothing kept) if the job's epoch is newer
-    /// than the snapshot's, before the upload or when it is committed after it.
+    /// each snapshot is, and into the index by job once it is committed. Fenced: refused
+    /// (and nothing kept) if the job's epoch is newer than the snapshot's, before the
+    /// upload or when it is committed after it.
     pub async fn put_snapshot(
         &self,
         meta: &SnapshotMeta,
         data: &mut (impl tokio::io::AsyncRead + Unpin),
     ) -> Result<(), StoreError> {
         let held = self.fences.check(&meta.job, meta.epoch).await?;
-        self.put_snapshot_unfenced(meta, data).await?;
+        self.put_object(meta, data).await?;
         if let Err(e) = self.fences.commit(&meta.job, meta.epoch, held).await {
             // The job moved on while the data was uploaded: take it back out.
-            if let Err(d) = self.delete_snapshot(meta).await {
-                tracing::warn!(snapshot = %meta.id, error = %d, "could not remove a refused snapshot");
-            }
+            self.take_back(meta).await;
             return Err(e.into());
         }
-        Ok(())
+        self.index(meta).await
     }
 
     /// Stores a snapshot without looking at the fence (the agent's initial sync, which
     /// happens before any daemon owns the job, and tests).
     pub async fn put_snapshot_unfenced(
+        &self,
+        meta: &SnapshotMeta,
+        data: &mut (impl tokio::io::AsyncRead + Unpin),
+    ) -> Result<(), StoreError> {
+        self.put_object(meta, data).await?;
+        self.index(meta).await
+    }
+
+    async fn put_object(
         &self,
         meta: &SnapshotMeta,
         data: &mut (impl tokio::io::AsyncRead + Unpin),
@@ -328,23 +347,87 @@ impl Stores {
         Ok(())
     }
 
-    /// The snapshots of one job (or all), oldest first.
+    /// Lists a stored snapshot under its job; one that cannot be is taken back out (an
+    /// object nobody lists would only take room).
+    async fn index(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        let key = snapshot_key(&meta.job, &meta.id);
+        let value = serde_json::to_vec(meta).expect("json");
+        if let Err(e) = self.snapshot_index.put(key, value.into()).await {
+            self.take_back(meta).await;
+            return Err(unavailable(e));
+        }
+        Ok(())
+    }
+
+    async fn take_back(&self, meta: &SnapshotMeta) {
+        if let Err(d) = self.delete_snapshot(meta).await {
+            tracing::warn!(snapshot = %meta.id, error = %d, "could not remove a refused snapshot");
+        }
+    }
+
+    /// The snapshots of one job (or all), oldest first: that job's index keys only.
     pub async fn snapshots(&self, job: Option<&JobId>) -> Result<Vec<SnapshotMeta>, StoreError> {
-        let mut list = self.snapshots.list().await.map_err(unavailable)?;
+        let keys = match job {
+            // A job id is always a valid scope.
+            Some(j) => snapshot_keys(j.as_str(), true).expect("a job is a scope"),
+            None => ">".to_owned(),
+        };
+        self.indexed(&keys).await
+    }
+
+    /// The snapshots of every job in `scope` (a job, a sharded cluster `project/cluster`
+    /// or a project), oldest first: the scope's index keys only.
+    pub async fn snapshots_in(&self, scope: &str) -> Result<Vec<SnapshotMeta>, StoreError> {
+        let keys = snapshot_keys(scope, false).ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "{scope:?} is not a job, a cluster or a project (parts of A-Z, a-z, 0-9, _ and -)"
+            ))
+        })?;
+        self.indexed(&keys).await
+    }
+
+    /// The index entries under `keys`, read from their last values only.
+    async fn indexed(&self, keys: &str) -> Result<Vec<SnapshotMeta>, StoreError> {
+        let consumer = self
+            .snapshot_index
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                filter_subject: format!("$KV.{SNAPSHOT_INDEX_BUCKET}.{keys}"),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
         let mut out = Vec::new();
-        while let Some(info) = list.try_next().await.map_err(unavailable)? {
-            if info.deleted {
-                continue;
-            }
-            let Some(raw) = info.metadata.get(META_KEY) else {
-                continue;
-            };
-            let Ok(meta) = serde_json::from_str::<SnapshotMeta>(raw) else {
-                tracing::warn!(object = %info.name, "snapshot metadata unreadable; skipped");
-                continue;
-            };
-            if job.is_none_or(|j| *j == meta.job) {
-                out.push(meta);
+        if consumer.cached_info().num_pending > 0 {
+            let mut messages = consumer.messages().await.map_err(unavailable)?;
+            loop {
+                let m = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(Some(Err(e))) => return Err(unavailable(e)),
+                    Ok(None) | Err(_) => {
+                        return Err(StoreError::Unavailable(
+                            "the snapshot index stopped answering".into(),
+                        ))
+                    }
+                };
+                let pending = m.info().map_err(unavailable)?.pending;
+                let removed = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("KV-Operation"))
+                    .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+                if !removed {
+                    match serde_json::from_slice::<SnapshotMeta>(&m.payload) {
+                        Ok(meta) => out.push(meta),
+                        Err(e) => {
+                            tracing::warn!(subject = %m.subject, error = %e, "snapshot index entry unreadable; skipped")
+                        }
+                    }
+                }
+                if pending == 0 {
+                    break;
+                }
             }
         }
         out.sort_by_key(|m| (m.ts, m.taken_at_ms));
@@ -384,11 +467,34 @@ impl Stores {
         Ok(data)
     }
 
+    /// Removes a snapshot: from the index first, so no one lists an object that is gone.
+    /// The agent, which may purge, leaves nothing behind; anyone else leaves the stores'
+    /// small delete markers (a refused snapshot taken back).
     pub async fn delete_snapshot(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        let key = snapshot_key(&meta.job, &meta.id);
+        let entry = format!("$KV.{SNAPSHOT_INDEX_BUCKET}.{key}");
+        if self
+            .snapshot_index
+            .stream
+            .purge()
+            .filter(&entry)
+            .await
+            .is_err()
+        {
+            self.snapshot_index.purge(&key).await.map_err(unavailable)?;
+        }
         self.snapshots
             .delete(meta.object_name())
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        // The deleted object's metadata (the delete marker), which would stay forever.
+        use base64::Engine;
+        let name = base64::engine::general_purpose::URL_SAFE.encode(meta.object_name());
+        let marker = format!("$O.{SNAPSHOT_BUCKET}.M.{name}");
+        if let Err(e) = self.snapshot_stream.purge().filter(&marker).await {
+            tracing::debug!(snapshot = %meta.id, error = %e, "delete marker kept");
+        }
+        Ok(())
     }
 
     /// Reads a job's oplog in order from stream sequence `from` (1: from the start).

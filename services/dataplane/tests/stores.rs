@@ -10,7 +10,7 @@ use handoff_dataplane::store::{StoreError, Stores};
 use handoff_eventlog::fence::Fences;
 use handoff_protocol::dataplane::{
     kv_stream, object_stream, CONFIG_BUCKET, FENCES_BUCKET, HEARTBEATS_BUCKET, LEASES_BUCKET,
-    OPLOG_STREAM, SNAPSHOT_BUCKET,
+    OPLOG_STREAM, SNAPSHOT_BUCKET, SNAPSHOT_INDEX_BUCKET,
 };
 use handoff_testkit::NatsServer;
 
@@ -46,6 +46,7 @@ async fn only_the_owner_of_a_store_creates_it() -> Result<()> {
     let mut data_plane = vec![
         OPLOG_STREAM.to_owned(),
         object_stream(SNAPSHOT_BUCKET),
+        kv_stream(SNAPSHOT_INDEX_BUCKET),
         kv_stream(CONFIG_BUCKET),
         kv_stream(LEASES_BUCKET),
         kv_stream(HEARTBEATS_BUCKET),

@@ -60,7 +60,7 @@ use handoff_domain::DaemonId;
 
 use crate::dataplane::{
     self as dp, CONFIG_BUCKET, FENCES_BUCKET, HEADS_BUCKET, HEARTBEATS_BUCKET, LEASES_BUCKET,
-    OPLOG_STREAM, SNAPSHOT_BUCKET,
+    OPLOG_STREAM, SNAPSHOT_BUCKET, SNAPSHOT_INDEX_BUCKET,
 };
 use crate::subjects;
 
@@ -227,17 +227,23 @@ impl Grant {
         self.publish(format!("$KV.{bucket}.{key}"))
     }
 
-    /// Reading the snapshot store: object infos by name, lists and reads.
+    /// Reading the snapshot store: object infos by name, lists and reads; a job's
+    /// snapshots listed from the index (an ordered reader of its keys).
     fn reads_snapshots(&mut self) -> &mut Self {
         let stream = dp::object_stream(SNAPSHOT_BUCKET);
+        let index = dp::kv_stream(SNAPSHOT_INDEX_BUCKET);
         self.last_of(&stream, &format!("$O.{SNAPSHOT_BUCKET}.M.>"))
             .watches(&stream)
+            .reads_all(&index)
+            .deletes_consumers(&index)
     }
 
-    /// Putting objects into the snapshot store: chunks, then the metadata.
+    /// Putting objects into the snapshot store: chunks, then the metadata; then the
+    /// index entry (a delete of either is a put of a marker).
     fn writes_snapshots(&mut self) -> &mut Self {
         self.publish(format!("$O.{SNAPSHOT_BUCKET}.C.>"))
             .publish(format!("$O.{SNAPSHOT_BUCKET}.M.>"))
+            .kv_put(SNAPSHOT_INDEX_BUCKET, ">")
     }
 
     /// Reading the oplog store: ordered readers of a job's subject, its last message.
@@ -352,7 +358,10 @@ fn grant(role: &ProcessRole) -> Grant {
                 .stream("PURGE", OPLOG_STREAM)
                 .reads_snapshots()
                 .writes_snapshots()
+                // An expired snapshot leaves nothing behind: its chunks, its object's
+                // and its index entry's delete markers are purged.
                 .stream("PURGE", &dp::object_stream(SNAPSHOT_BUCKET))
+                .stream("PURGE", &dp::kv_stream(SNAPSHOT_INDEX_BUCKET))
                 .kv_get(CONFIG_BUCKET, ">")
                 .kv_put(CONFIG_BUCKET, "config")
                 // Where each head stands (retention holds the oplog it still needs).

@@ -33,6 +33,9 @@ use schedule::Schedule;
 pub const OPLOG_STREAM: &str = "HANDOFF_OPLOG";
 /// The snapshot store.
 pub const SNAPSHOT_BUCKET: &str = "handoff_snapshots";
+/// Each snapshot's metadata, keyed by its job's parts and its id
+/// ([`snapshot_key`]): a job's snapshots are listed by reading its keys only.
+pub const SNAPSHOT_INDEX_BUCKET: &str = "handoff_snapshot_index";
 /// Data plane settings: `config` and `schedule/<job>`.
 pub const CONFIG_BUCKET: &str = "handoff_dataplane";
 /// Where each job's head stands, by job.
@@ -58,8 +61,35 @@ pub fn object_stream(bucket: &str) -> String {
     format!("OBJ_{bucket}")
 }
 
+/// A snapshot's key in [`SNAPSHOT_INDEX_BUCKET`]: `<project>.<deployment>[.<shard>].<id>`.
+pub fn snapshot_key(job: &handoff_domain::JobId, id: &str) -> String {
+    format!("{}.{id}", job.as_str().replace('/', "."))
+}
+
+/// The keys of the snapshots of `scope`, a job, a sharded cluster (`project/cluster`:
+/// its shards' and config servers' jobs) or a project: `exact` for the job's own only.
+/// None when `scope` is not one (a part outside `[A-Za-z0-9_-]`, empty, or over three).
+pub fn snapshot_keys(scope: &str, exact: bool) -> Option<String> {
+    let parts: Vec<&str> = scope.split('/').collect();
+    let token = |p: &&str| {
+        !p.is_empty()
+            && p.len() <= 64
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
+    if parts.len() > 3 || !parts.iter().all(token) {
+        return None;
+    }
+    Some(format!(
+        "{}.{}",
+        parts.join("."),
+        if exact { "*" } else { ">" }
+    ))
+}
+
 /// Every key-value bucket of the data plane.
-pub const BUCKETS: [&str; 5] = [
+pub const BUCKETS: [&str; 6] = [
+    SNAPSHOT_INDEX_BUCKET,
     CONFIG_BUCKET,
     HEADS_BUCKET,
     LEASES_BUCKET,
