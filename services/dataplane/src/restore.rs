@@ -19,8 +19,8 @@ use serde::Serialize;
 
 use crate::checksum::Checksum;
 use crate::head::{Head, HeadError, HeadMeta, HeadStatus, Heads};
-use crate::rebuild::{restore_snapshot, Outcome, Quiet, RebuildError};
 use crate::oplog::{self, Ts};
+use crate::rebuild::{restore_snapshot, Outcome, Quiet, RebuildError};
 use crate::store::{SnapshotMeta, StoreError, Stores};
 use handoff_protocol::now_ms;
 
@@ -233,7 +233,9 @@ async fn write_from(
     };
     let mut file = tokio::fs::File::create(path).await.map_err(fail)?;
     tokio::io::copy(&mut data, &mut file).await.map_err(fail)?;
-    tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(fail)
+    tokio::io::AsyncWriteExt::flush(&mut file)
+        .await
+        .map_err(fail)
 }
 
 /// Restores `base` into `head` as it streams from the store, then applies the oplog

@@ -76,7 +76,10 @@ async fn a_snapshot_claiming_any_size_restores_without_allocating_it() -> Result
         // Gathered on disk while it ran, and nothing of that left once written.
         let job_dir = out.join(job.as_str().replace('/', "__"));
         assert!(job_dir.join("documents.jsonl").exists());
-        assert!(!job_dir.join(".restoring").exists(), "the work store stayed");
+        assert!(
+            !job_dir.join(".restoring").exists(),
+            "the work store stayed"
+        );
     }
     Ok(())
 }
