@@ -449,6 +449,11 @@ fn table(d1: &DaemonId, d2: &DaemonId, job: &JobId) -> Vec<Call> {
         "..OA..",
     )
     .write(
+        "mark the snapshot index built",
+        format!("$KV.{CONFIG_BUCKET}.{}", dp::SNAPSHOT_INDEX_BUILT),
+        "..OA..",
+    )
+    .write(
         "put a job's schedule",
         format!("$KV.{CONFIG_BUCKET}.schedule/{job}"),
         "..O...",

@@ -133,6 +133,14 @@ async fn run_with<F: Factory>(
         handoff_eventlog::Config::default(),
     )
     .await?;
+    // Before any snapshot expires: those stored before the index existed are listed too.
+    let indexed = stores.index_unindexed().await?;
+    if indexed > 0 {
+        tracing::info!(
+            indexed,
+            "snapshots stored before the snapshot index, indexed"
+        );
+    }
     let mut reader = log.read_filtered(1, JOB_EVENTS).await?;
     let factory = Arc::new(factory);
     let jobs: Arc<Mutex<BTreeSet<JobId>>> = Arc::default();

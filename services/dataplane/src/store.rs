@@ -26,7 +26,7 @@ use handoff_protocol::subjects;
 use handoff_protocol::dataplane::SNAPSHOT_META_KEY as META_KEY;
 use handoff_protocol::dataplane::{
     object_stream, snapshot_key, snapshot_keys, CONFIG_BUCKET, HEARTBEATS_BUCKET, LEASES_BUCKET,
-    OPLOG_STREAM, SNAPSHOT_BUCKET, SNAPSHOT_INDEX_BUCKET,
+    OPLOG_STREAM, SNAPSHOT_BUCKET, SNAPSHOT_INDEX_BUCKET, SNAPSHOT_INDEX_BUILT,
 };
 pub use handoff_protocol::dataplane::{HeadRecord, Heartbeat, Lease, Settings, SnapshotMeta};
 
@@ -102,6 +102,8 @@ pub struct Stores {
     pub snapshots: object_store::ObjectStore,
     /// The stream behind `snapshots`, to purge what a delete leaves.
     snapshot_stream: stream::Stream,
+    /// Opened by the agent, which may purge the stores (no one else may).
+    may_purge: bool,
     /// Each snapshot's metadata by job ([`snapshot_key`]).
     pub snapshot_index: kv::Store,
     pub config: kv::Store,
@@ -230,6 +232,7 @@ impl Stores {
                 .await
                 .map_err(|e| StoreError::Unavailable(format!("{SNAPSHOT_BUCKET}: {e}")))?,
             snapshot_index: bucket(SNAPSHOT_INDEX_BUCKET, 1).await?,
+            may_purge: matches!(how, Reach::Create { .. }),
             config: bucket(CONFIG_BUCKET, 5).await?,
             leases: bucket(LEASES_BUCKET, 1).await?,
             heartbeats: bucket(HEARTBEATS_BUCKET, 1).await?,
@@ -359,10 +362,49 @@ impl Stores {
         Ok(())
     }
 
+    /// Removes the object of a snapshot that was never indexed (refused, or its index
+    /// entry not written): nobody lists it, so only the object is there to remove.
     async fn take_back(&self, meta: &SnapshotMeta) {
-        if let Err(d) = self.delete_snapshot(meta).await {
+        if let Err(d) = self.delete_object(meta).await {
             tracing::warn!(snapshot = %meta.id, error = %d, "could not remove a refused snapshot");
         }
+    }
+
+    /// Indexes the snapshots stored before the index existed: once per deployment (the
+    /// key [`SNAPSHOT_INDEX_BUILT`] says it was done), in one listing of the object store.
+    /// Indexing twice is harmless, so a run cut off is run again. How many it indexed.
+    pub async fn index_unindexed(&self) -> Result<u64, StoreError> {
+        if self
+            .config
+            .get(SNAPSHOT_INDEX_BUILT)
+            .await
+            .map_err(unavailable)?
+            .is_some()
+        {
+            return Ok(0);
+        }
+        let mut list = self.snapshots.list().await.map_err(unavailable)?;
+        let mut indexed = 0;
+        while let Some(info) = list.next().await {
+            let info = info.map_err(unavailable)?;
+            let Some(raw) = info.metadata.get(META_KEY).filter(|_| !info.deleted) else {
+                continue;
+            };
+            let Ok(meta) = serde_json::from_str::<SnapshotMeta>(raw) else {
+                tracing::warn!(object = %info.name, "snapshot metadata unreadable; not indexed");
+                continue;
+            };
+            self.snapshot_index
+                .put(snapshot_key(&meta.job, &meta.id), raw.clone().into())
+                .await
+                .map_err(unavailable)?;
+            indexed += 1;
+        }
+        self.config
+            .put(SNAPSHOT_INDEX_BUILT, "true".into())
+            .await
+            .map_err(unavailable)?;
+        Ok(indexed)
     }
 
     /// The snapshots of one job (or all), oldest first: that job's index keys only.
@@ -388,50 +430,87 @@ impl Stores {
 
     /// The index entries under `keys`, read from their last values only.
     async fn indexed(&self, keys: &str) -> Result<Vec<SnapshotMeta>, StoreError> {
-        let consumer = self
-            .snapshot_index
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
+        let index = &self.snapshot_index.stream;
+        let name = format!("snapshots-{}", ulid::Ulid::new());
+        let mut consumer = index
+            .create_consumer(consumer::pull::Config {
+                name: Some(name.clone()),
                 deliver_policy: consumer::DeliverPolicy::LastPerSubject,
                 filter_subject: format!("$KV.{SNAPSHOT_INDEX_BUCKET}.{keys}"),
+                ack_policy: consumer::AckPolicy::None,
+                memory_storage: true,
+                // Gone by itself if this reader is (it is deleted when done).
+                inactive_threshold: Duration::from_secs(10),
                 ..Default::default()
             })
             .await
             .map_err(unavailable)?;
-        let mut out = Vec::new();
-        if consumer.cached_info().num_pending > 0 {
-            let mut messages = consumer.messages().await.map_err(unavailable)?;
-            loop {
-                let m = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
-                    Ok(Some(Ok(m))) => m,
-                    Ok(Some(Err(e))) => return Err(unavailable(e)),
-                    Ok(None) | Err(_) => {
-                        return Err(StoreError::Unavailable(
-                            "the snapshot index stopped answering".into(),
-                        ))
-                    }
-                };
-                let pending = m.info().map_err(unavailable)?.pending;
-                let removed = m
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get("KV-Operation"))
-                    .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
-                if !removed {
-                    match serde_json::from_slice::<SnapshotMeta>(&m.payload) {
-                        Ok(meta) => out.push(meta),
-                        Err(e) => {
-                            tracing::warn!(subject = %m.subject, error = %e, "snapshot index entry unreadable; skipped")
-                        }
-                    }
-                }
-                if pending == 0 {
-                    break;
-                }
-            }
+        let read = self.read_index(&mut consumer).await;
+        if let Err(e) = index.delete_consumer(&name).await {
+            tracing::debug!(consumer = %name, error = %e, "index reader left to expire");
         }
+        let mut out = read?;
         out.sort_by_key(|m| (m.ts, m.taken_at_ms));
         Ok(out)
+    }
+
+    /// Every entry `consumer` has to deliver: it stops at the last (none pending), or when
+    /// nothing comes and the server says none is pending (purged meanwhile).
+    async fn read_index(
+        &self,
+        consumer: &mut consumer::PullConsumer,
+    ) -> Result<Vec<SnapshotMeta>, StoreError> {
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer.messages().await.map_err(unavailable)?;
+        let mut idle = 0;
+        loop {
+            let m = match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "snapshot index reader hiccup");
+                    continue;
+                }
+                Ok(None) => {
+                    return Err(StoreError::Unavailable(
+                        "the snapshot index reader ended".into(),
+                    ))
+                }
+                Err(_) => match consumer.info().await {
+                    Ok(info) if info.num_pending == 0 => return Ok(out),
+                    Ok(_) if idle < 5 => {
+                        idle += 1;
+                        continue;
+                    }
+                    Ok(_) => {
+                        return Err(StoreError::Unavailable(
+                            "the snapshot index sent nothing for 10 s".into(),
+                        ))
+                    }
+                    Err(e) => return Err(unavailable(e)),
+                },
+            };
+            idle = 0;
+            let pending = m.info().map_err(unavailable)?.pending;
+            let removed = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+            if !removed {
+                match serde_json::from_slice::<SnapshotMeta>(&m.payload) {
+                    Ok(meta) => out.push(meta),
+                    Err(e) => {
+                        tracing::warn!(subject = %m.subject, error = %e, "snapshot index entry unreadable; skipped")
+                    }
+                }
+            }
+            if pending == 0 {
+                return Ok(out);
+            }
+        }
     }
 
     /// A snapshot's data as it streams from the store. Its size is the store's business:
@@ -467,32 +546,44 @@ impl Stores {
         Ok(data)
     }
 
-    /// Removes a snapshot: from the index first, so no one lists an object that is gone.
-    /// The agent, which may purge, leaves nothing behind; anyone else leaves the stores'
-    /// small delete markers (a refused snapshot taken back).
+    /// Removes a snapshot: its object, then its index entry, so that a removal cut off
+    /// half-way is found (and finished) by the next that lists it; a listed snapshot whose
+    /// object is gone is one a restore already refuses as missing. The agent, which may
+    /// purge, leaves nothing behind; anyone else leaves the stores' small delete markers.
     pub async fn delete_snapshot(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        self.delete_object(meta).await?;
         let key = snapshot_key(&meta.job, &meta.id);
-        let entry = format!("$KV.{SNAPSHOT_INDEX_BUCKET}.{key}");
-        if self
-            .snapshot_index
-            .stream
-            .purge()
-            .filter(&entry)
-            .await
-            .is_err()
-        {
+        if self.may_purge {
+            let entry = format!("$KV.{SNAPSHOT_INDEX_BUCKET}.{key}");
+            self.snapshot_index
+                .stream
+                .purge()
+                .filter(&entry)
+                .await
+                .map_err(unavailable)?;
+        } else {
             self.snapshot_index.purge(&key).await.map_err(unavailable)?;
         }
-        self.snapshots
-            .delete(meta.object_name())
-            .await
-            .map_err(unavailable)?;
-        // The deleted object's metadata (the delete marker), which would stay forever.
-        use base64::Engine;
-        let name = base64::engine::general_purpose::URL_SAFE.encode(meta.object_name());
-        let marker = format!("$O.{SNAPSHOT_BUCKET}.M.{name}");
-        if let Err(e) = self.snapshot_stream.purge().filter(&marker).await {
-            tracing::debug!(snapshot = %meta.id, error = %e, "delete marker kept");
+        Ok(())
+    }
+
+    /// Deletes a snapshot's object; one already gone is done.
+    async fn delete_object(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        match self.snapshots.delete(meta.object_name()).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(unavailable(e)),
+        }
+        if self.may_purge {
+            // The deleted object's metadata (its delete marker), which would stay forever.
+            use base64::Engine;
+            let name = base64::engine::general_purpose::URL_SAFE.encode(meta.object_name());
+            let marker = format!("$O.{SNAPSHOT_BUCKET}.M.{name}");
+            self.snapshot_stream
+                .purge()
+                .filter(&marker)
+                .await
+                .map_err(unavailable)?;
         }
         Ok(())
     }

@@ -129,3 +129,44 @@ async fn a_jobs_snapshots_are_listed_from_its_index_keys_only() -> Result<()> {
     );
     Ok(())
 }
+
+/// Snapshots stored before the index existed are indexed once, by the agent at start:
+/// then listed like any other.
+#[tokio::test]
+async fn snapshots_stored_before_the_index_are_indexed_once() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let client = server.connect().await?;
+    let js = jetstream::new(client.clone());
+    handoff_eventlog::fence::Fences::open(&js, 1).await?;
+    let stores = Stores::open(client.clone(), 1).await?;
+    let job = JobId::new("p/rs")?;
+
+    // An object as an earlier version stored it: the metadata on the object only.
+    let old = meta(&job, 1);
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert(
+        handoff_protocol::dataplane::SNAPSHOT_META_KEY.to_owned(),
+        serde_json::to_string(&old)?,
+    );
+    let object = async_nats::jetstream::object_store::ObjectMetadata {
+        name: old.object_name(),
+        metadata,
+        ..Default::default()
+    };
+    stores.snapshots.put(object, &mut &b"{}\n"[..]).await?;
+    let new = store(&stores, &job, 2).await?;
+    assert_eq!(ids(&stores.snapshots(Some(&job)).await?), [&new.id]);
+
+    assert_eq!(stores.index_unindexed().await?, 2);
+    assert_eq!(
+        ids(&stores.snapshots(Some(&job)).await?),
+        [&old.id, &new.id]
+    );
+    assert_eq!(stores.index_unindexed().await?, 0, "indexed once");
+
+    // A process that may not purge (a daemon taking back a snapshot) still unlists it.
+    let bound = Stores::bind(client).await?;
+    bound.delete_snapshot(&old).await.ok();
+    assert_eq!(ids(&stores.snapshots(Some(&job)).await?), [&new.id]);
+    Ok(())
+}

@@ -364,6 +364,7 @@ fn grant(role: &ProcessRole) -> Grant {
                 .stream("PURGE", &dp::kv_stream(SNAPSHOT_INDEX_BUCKET))
                 .kv_get(CONFIG_BUCKET, ">")
                 .kv_put(CONFIG_BUCKET, "config")
+                .kv_put(CONFIG_BUCKET, dp::SNAPSHOT_INDEX_BUILT)
                 // Where each head stands (retention holds the oplog it still needs).
                 .kv_get(FENCES_BUCKET, &format!("{HEAD_RECORDS}.>"))
                 .kv_get(LEASES_BUCKET, ">")

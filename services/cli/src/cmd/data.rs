@@ -228,9 +228,9 @@ pub async fn restore(ctx: &Context, a: RestoreArgs) -> Result<(), Failure> {
     let done = restore::restore(&stores, &a.job, &target, &a.out)
         .await
         .map_err(|e| match e {
-            restore::RestoreError::Store(_) | restore::RestoreError::Write { .. } => {
-                Failure::Usage(e.to_string())
-            }
+            restore::RestoreError::Store(_)
+            | restore::RestoreError::Write { .. }
+            | restore::RestoreError::Work(_) => Failure::Usage(e.to_string()),
             other => Failure::Refused(handoff_protocol::ErrorBody::new(
                 handoff_protocol::ErrorCode::Refused,
                 "restore_failed",

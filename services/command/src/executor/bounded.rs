@@ -91,17 +91,22 @@ impl Saving {
     /// `saved_at` on (one that failed leaves it, so the model is saved again). False
     /// while it is still going.
     fn settle(&mut self) -> bool {
-        let Some((applied, task)) = self.under_way.take() else {
+        let Some((applied, mut task)) = self.under_way.take() else {
             return true;
         };
-        if !task.is_finished() {
-            self.under_way = Some((applied, task));
-            return false;
+        // Finished, yet its result may wait for the task budget: asked again later.
+        match (&mut task).now_or_never() {
+            None => {
+                self.under_way = Some((applied, task));
+                false
+            }
+            Some(result) => {
+                if let Ok(true) = result {
+                    self.saved_at = self.saved_at.max(applied);
+                }
+                true
+            }
         }
-        if let Some(Ok(true)) = task.now_or_never() {
-            self.saved_at = self.saved_at.max(applied);
-        }
-        true
     }
 }
 

@@ -36,7 +36,10 @@ pub const SNAPSHOT_BUCKET: &str = "handoff_snapshots";
 /// Each snapshot's metadata, keyed by its job's parts and its id
 /// ([`snapshot_key`]): a job's snapshots are listed by reading its keys only.
 pub const SNAPSHOT_INDEX_BUCKET: &str = "handoff_snapshot_index";
-/// Data plane settings: `config` and `schedule/<job>`.
+/// The key, in [`CONFIG_BUCKET`], saying every snapshot stored before the index existed
+/// was indexed (the agent does it once).
+pub const SNAPSHOT_INDEX_BUILT: &str = "snapshot-index";
+/// Data plane settings: `config`, `schedule/<job>` and [`SNAPSHOT_INDEX_BUILT`].
 pub const CONFIG_BUCKET: &str = "handoff_dataplane";
 /// Where each job's head stands, by job.
 pub const HEADS_BUCKET: &str = "handoff_heads";
