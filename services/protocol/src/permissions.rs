@@ -514,7 +514,7 @@ mod tests {
         }
     }
 
-    /// Only the agent purges the oplog and the snapshot store and only the command service
+    /// Only the agent purges the oplog, the snapshot store and its index, and only the command service
     /// its model's snapshots, only the command service updates (the event stream), and
     /// nobody deletes a stream or a message.
     #[test]
@@ -535,7 +535,8 @@ mod tests {
                     purges,
                     [
                         &stream_call("PURGE", OPLOG_STREAM),
-                        &stream_call("PURGE", &dp::object_stream(SNAPSHOT_BUCKET))
+                        &stream_call("PURGE", &dp::object_stream(SNAPSHOT_BUCKET)),
+                        &stream_call("PURGE", &dp::kv_stream(SNAPSHOT_INDEX_BUCKET))
                     ]
                 ),
                 // A replaced snapshot of its model: never the event stream.

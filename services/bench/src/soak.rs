@@ -1,0 +1,297 @@
+//! (g) A soak: the local stack (`handoff up`: its nats-server, the services, the agent, the
+//! monitor and the sample fleet's daemon processes) with three jobs moved back and forth
+//! by `handoff move-job --wait`, each move a real rebuild, for `HANDOFF_SOAK_MINUTES`
+//! (default 10). Printed each minute: the moves completed and the resident memory of every
+//! process. Targets: the last minute's move rate within 90% of the first's, and every
+//! handoff process's memory within 1.25x of its figure after the second minute.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::verdict;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// `handoff up` as a child, stopped (as Ctrl-C would) by [`Up::stop`], killed if dropped.
+struct Up {
+    child: Child,
+    reach: Reach,
+}
+
+/// Where the stack answers, and as whom: what a CLI call needs.
+#[derive(Clone)]
+struct Reach {
+    url: String,
+    creds: PathBuf,
+}
+
+impl Up {
+    async fn start(bin: &Path, data: &Path) -> Result<Up> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut child = Command::new(bin)
+            .args(["up", "--data"])
+            .arg(data)
+            .args(["--port", &port.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let (mut url, mut creds) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = tokio::time::timeout(left, lines.next_line()).await else {
+                bail!("handoff up was not up within 180 s");
+            };
+            let Some(line) = line? else {
+                bail!("handoff up ended before it was up");
+            };
+            if let Some(u) = line.trim().strip_prefix("export HANDOFF_NATS_URL=") {
+                url = Some(u.to_owned());
+            }
+            if let Some(c) = line.trim().strip_prefix("export HANDOFF_CREDS=") {
+                creds = Some(PathBuf::from(c));
+            }
+            if line.starts_with("Ctrl-C stops everything") {
+                break;
+            }
+        }
+        // The rest of its output is not read: drained, so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Up {
+            child,
+            reach: Reach {
+                url: url.context("no NATS url printed")?,
+                creds: creds.context("no credentials printed")?,
+            },
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: a signal to our own child's pid.
+            unsafe { libc::kill(pid as i32, libc::SIGINT) };
+        }
+        if tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// A `handoff` CLI call on the stack; its stdout when it succeeded.
+async fn cli(bin: &Path, to: &Reach, args: &[&str]) -> Result<Option<String>> {
+    let out = Command::new(bin)
+        .args(["--nats-url", &to.url, "--creds"])
+        .arg(&to.creds)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    Ok(out
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// The resident memory of a process, from /proc, in MiB.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// `handoff up` and its children (daemons, nats-server), by a name for each.
+fn processes(up: u32) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::from([("handoff up (services, agent, monitor)".to_owned(), up)]);
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let mut daemons = 0;
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((comm, rest)) = stat.split_once(") ").map(|(a, b)| (a, b)) else {
+            continue;
+        };
+        let comm = comm.rsplit('(').next().unwrap_or_default();
+        let ppid: u32 = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if ppid != up {
+            continue;
+        }
+        if comm.starts_with("nats-server") {
+            out.insert(format!("nats-server {pid}"), pid);
+        } else if comm.starts_with("handoff") {
+            daemons += 1;
+            out.insert(format!("daemon process {daemons}"), pid);
+        }
+    }
+    out
+}
+
+fn memory(procs: &BTreeMap<String, u32>) -> BTreeMap<String, f64> {
+    procs
+        .iter()
+        .filter_map(|(name, pid)| Some((name.clone(), rss_mib(*pid)?)))
+        .collect()
+}
+
+pub async fn run() -> Result<()> {
+    let minutes: u64 = std::env::var("HANDOFF_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(10)
+        .max(3);
+    println!("(g) soak: three jobs moved back and forth with real rebuilds on `handoff up`, {minutes} minutes");
+    let bin = std::env::current_exe()?.with_file_name("handoff");
+    if !bin.exists() {
+        bail!("{} is missing: scripts/bench builds it", bin.display());
+    }
+    let data = tempfile::Builder::new().prefix("handoff-soak-").tempdir()?;
+    let up = Up::start(&bin, data.path()).await?;
+    let result = soak(&bin, &up, minutes).await;
+    up.stop().await;
+    result
+}
+
+async fn soak(bin: &Path, up: &Up, minutes: u64) -> Result<()> {
+    let daemons: serde_json::Value = serde_json::from_str(
+        &cli(bin, &up.reach, &["--json", "daemons"])
+            .await?
+            .context("handoff daemons failed")?,
+    )?;
+    let daemons: Vec<String> = daemons["items"]
+        .as_array()
+        .context("no daemons")?
+        .iter()
+        .filter_map(|d| d["daemon"].as_str().map(str::to_owned))
+        .collect();
+    let jobs: serde_json::Value = serde_json::from_str(
+        &cli(bin, &up.reach, &["--json", "jobs"])
+            .await?
+            .context("handoff jobs failed")?,
+    )?;
+    let jobs: Vec<(String, String)> = jobs["items"]
+        .as_array()
+        .context("no jobs")?
+        .iter()
+        .filter_map(|j| {
+            Some((
+                j["job"].as_str()?.to_owned(),
+                j["owner"].as_str()?.to_owned(),
+            ))
+        })
+        .take(3)
+        .collect();
+    if daemons.len() < 2 || jobs.len() < 3 {
+        bail!(
+            "the sample fleet has {} daemons and {} jobs",
+            daemons.len(),
+            jobs.len()
+        );
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + MINUTE * minutes as u32;
+    let mut movers = tokio::task::JoinSet::new();
+    for (job, owner) in jobs {
+        let (bin, reach) = (bin.to_owned(), up.reach.clone());
+        let (daemons, done, failed) = (daemons.clone(), done.clone(), failed.clone());
+        movers.spawn(async move {
+            let mut at = daemons.iter().position(|d| *d == owner).unwrap_or(0);
+            while Instant::now() < end {
+                let to = &daemons[(at + 1) % daemons.len()];
+                match cli(&bin, &reach, &["move-job", &job, "--to", to, "--wait"]).await {
+                    Ok(Some(_)) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                        at = (at + 1) % daemons.len();
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+    let procs = processes(up.pid());
+    let mut rates = Vec::new();
+    let mut after_two = BTreeMap::new();
+    let mut last = BTreeMap::new();
+    let mut counted = 0;
+    for minute in 1..=minutes {
+        tokio::time::sleep_until((end - MINUTE * (minutes - minute) as u32).into()).await;
+        let now = done.load(Ordering::Relaxed);
+        rates.push(now - counted);
+        counted = now;
+        last = memory(&procs);
+        if minute == 2 {
+            after_two = last.clone();
+        }
+        let mem: Vec<String> = last.iter().map(|(n, m)| format!("{n} {m:.0}")).collect();
+        println!(
+            "    minute {minute:>2}: {:>4} moves completed ({} failed so far); MiB: {}",
+            rates.last().copied().unwrap_or(0),
+            failed.load(Ordering::Relaxed),
+            mem.join(", ")
+        );
+    }
+    while movers.join_next().await.is_some() {}
+    let (first, final_rate) = (rates[0] as f64, *rates.last().unwrap_or(&0) as f64);
+    let rate = if first > 0.0 { final_rate / first } else { 0.0 };
+    println!(
+        "    move rate: last minute {final_rate:.0}, first {first:.0}: {:.0}%   target >= 90%: {}",
+        rate * 100.0,
+        verdict(rate >= 0.9)
+    );
+    let mut flat = true;
+    for (name, m2) in &after_two {
+        let Some(end) = last.get(name) else { continue };
+        let ratio = end / m2;
+        let handoff = !name.starts_with("nats-server");
+        if handoff {
+            flat &= ratio <= 1.25;
+        }
+        println!(
+            "    memory of {name}: {m2:.0} MiB after minute 2, {end:.0} MiB at the end ({ratio:.2}x){}",
+            if handoff { "" } else { " (not a handoff process)" }
+        );
+    }
+    println!(
+        "    every handoff process within 1.25x of its memory after minute 2: {}\n",
+        verdict(flat)
+    );
+    Ok(())
+}
