@@ -140,7 +140,7 @@ fn processes(up: u32) -> BTreeMap<String, u32> {
             continue;
         };
         // pid (comm) state ppid ...
-        let Some((comm, rest)) = stat.split_once(") ").map(|(a, b)| (a, b)) else {
+        let Some((comm, rest)) = stat.split_once(") ") else {
             continue;
         };
         let comm = comm.rsplit('(').next().unwrap_or_default();
