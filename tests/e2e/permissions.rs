@@ -371,6 +371,12 @@ fn table(d1: &DaemonId, d2: &DaemonId, job: &JobId) -> Vec<Call> {
                 api("DIRECT.GET", &index)
             ),
             "",
+            "...A.D",
+        )
+        .call(
+            "CONSUMER.CREATE (filter in the body)",
+            api("CONSUMER.CREATE", &index),
+            MISNAMED_CONSUMER,
             "......",
         )
         .call(

@@ -1,9 +1,17 @@
 //! (g) A soak: the local stack (`handoff up`: its nats-server, the services, the agent, the
-//! monitor and the sample fleet's daemon processes) with three jobs moved back and forth
-//! by `handoff move-job --wait`, each move a real rebuild, for `HANDOFF_SOAK_MINUTES`
-//! (default 10). Printed each minute: the moves completed and the resident memory of every
-//! process. Targets: the last minute's move rate within 90% of the first's, and every
-//! handoff process's memory within 1.25x of its figure after the second minute.
+//! monitor and the sample fleet's daemon processes) with every sample job moved round the
+//! daemons by `handoff move-job --wait`, each move a real rebuild, for
+//! `HANDOFF_SOAK_MINUTES` (default 10). Printed each minute: the moves completed and the
+//! resident memory of every process. Targets: the last minute's move rate within 90% of
+//! the first's, and every handoff process's memory within 1.25x of its figure after the
+//! second minute.
+//!
+//! The workload is steady, as a long soak needs: every simulated collection is at its
+//! working size ([`SIZE`]) from the start, and each job rests [`REST`] on a daemon between
+//! its moves, with snapshot slots every [`HOUR_MS`] x 6 ms, so the job is at rest over most
+//! of its slots. A job moved back to back never is: no snapshot is taken while a job moves
+//! (and a missed one waits for the next regular slot), so each of its rebuilds replays
+//! all the oplog since its last snapshot, longer every minute.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +27,12 @@ use tokio::process::{Child, Command};
 use crate::verdict;
 
 const MINUTE: Duration = Duration::from_secs(60);
+/// Each sample job's data: the simulated collection's working size.
+const SIZE: &str = "4MiB";
+/// How long a job stays on a daemon between its moves.
+const REST: Duration = Duration::from_secs(1);
+/// An hour of snapshot schedule: the sample's 6-hour interval lasts 6 s.
+const HOUR_MS: &str = "1000";
 
 /// `handoff up` as a child, stopped (as Ctrl-C would) by [`Up::stop`], killed if dropped.
 struct Up {
@@ -42,6 +56,15 @@ impl Up {
             .args(["up", "--data"])
             .arg(data)
             .args(["--port", &port.to_string()])
+            // Every collection at its working size from the start: a steady workload.
+            .args([
+                "--initial-size",
+                SIZE,
+                "--max-size",
+                SIZE,
+                "--hour-ms",
+                HOUR_MS,
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -175,7 +198,7 @@ pub async fn run() -> Result<()> {
         .and_then(|m| m.parse().ok())
         .unwrap_or(10)
         .max(3);
-    println!("(g) soak: three jobs moved back and forth with real rebuilds on `handoff up`, {minutes} minutes");
+    println!("(g) soak: the sample jobs moved round the daemons with real rebuilds on `handoff up`, {minutes} minutes");
     let bin = std::env::current_exe()?.with_file_name("handoff");
     if !bin.exists() {
         bail!("{} is missing: scripts/bench builds it", bin.display());
@@ -214,7 +237,6 @@ async fn soak(bin: &Path, up: &Up, minutes: u64) -> Result<()> {
                 j["owner"].as_str()?.to_owned(),
             ))
         })
-        .take(3)
         .collect();
     if daemons.len() < 2 || jobs.len() < 3 {
         bail!(
@@ -238,9 +260,13 @@ async fn soak(bin: &Path, up: &Up, minutes: u64) -> Result<()> {
                     Ok(Some(_)) => {
                         done.fetch_add(1, Ordering::Relaxed);
                         at = (at + 1) % daemons.len();
+                        tokio::time::sleep(REST).await;
                     }
                     _ => {
+                        // Counted, then tried again after a pause (the move may have been
+                        // refused for a reason that passes, such as a move still ending).
                         failed.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(REST).await;
                     }
                 }
             }

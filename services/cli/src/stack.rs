@@ -48,6 +48,19 @@ pub struct UpArgs {
     /// The monitor's options (it runs with the data plane).
     #[command(flatten)]
     pub monitor: crate::cmd::monitor::MonitorSettingsArgs,
+    /// The simulated sources of the sample fleet's jobs.
+    #[command(flatten)]
+    pub sim: crate::cmd::data::SimArgs,
+}
+
+impl UpArgs {
+    /// The agent of the sample fleet: the defaults, with the simulated sources asked for.
+    fn agent_config(&self) -> handoff_dataplane::agent::Config {
+        handoff_dataplane::agent::Config {
+            source: handoff_dataplane::agent::SourceConfig::Sim(self.sim.config()),
+            ..Default::default()
+        }
+    }
 }
 
 /// A running stack.
@@ -439,7 +452,7 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
     if !a.no_data_plane {
         let replicas = a.cluster.map_or(1, usize::from);
         stack
-            .start_data_plane(&a.data, a.hour_ms, Default::default(), replicas)
+            .start_data_plane(&a.data, a.hour_ms, a.agent_config(), replicas)
             .await?;
         stack.start_monitor(a.monitor.settings()?, replicas).await?;
     }

@@ -100,6 +100,9 @@ impl HeadError {
     }
 }
 
+/// The cache of a daemon's heads: the pages kept in memory, whatever the heads hold
+/// (sled's default, 1 GiB, would grow a daemon's memory with its data).
+const HEADS_CACHE: u64 = 64 << 20;
 /// The cache of a [`Heads::scratch`] store.
 const SCRATCH_CACHE: u64 = 32 << 20;
 
@@ -115,7 +118,10 @@ impl Heads {
             source,
         })?;
         Ok(Heads {
-            db: sled::Config::new().path(dir.join("heads")).open()?,
+            db: sled::Config::new()
+                .path(dir.join("heads"))
+                .cache_capacity(HEADS_CACHE)
+                .open()?,
         })
     }
 

@@ -177,15 +177,15 @@ async fn restore_job(
                 earliest: snaps.first().map(|m| m.ts).unwrap_or_default(),
             })?,
     };
+    let dir = out.join(job.as_str().replace('/', "__"));
+    // The documents are gathered on disk (a store removed when dropped), never in memory.
+    let scratch = Heads::scratch(&dir.join(".restoring"))?;
+    let head = scratch.head(job)?;
     // Hold the oplog this restore reads until it is done.
     let lease = match target {
         Target::Snapshot(_) => None,
         _ => Some(stores.take_lease(job, base.oplog_seq.max(1)).await?),
     };
-    let dir = out.join(job.as_str().replace('/', "__"));
-    // The documents are gathered on disk (a store removed when dropped), never in memory.
-    let scratch = Heads::scratch(&dir.join(".restoring"))?;
-    let head = scratch.head(job)?;
     let result = rebuild_into(stores, job, base, target, &head).await;
     if let Some(l) = lease {
         stores.drop_lease(&l).await;

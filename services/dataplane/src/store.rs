@@ -355,11 +355,22 @@ impl Stores {
     async fn index(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
         let key = snapshot_key(&meta.job, &meta.id);
         let value = serde_json::to_vec(meta).expect("json");
-        if let Err(e) = self.snapshot_index.put(key, value.into()).await {
-            self.take_back(meta).await;
-            return Err(unavailable(e));
+        let Err(e) = self.snapshot_index.put(key.clone(), value.into()).await else {
+            return Ok(());
+        };
+        // A put that timed out may have landed: then the entry lists the object, which
+        // must stay. Only an entry known to be absent lets the object go.
+        match self.snapshot_index.entry(key).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => Ok(()),
+            Ok(_) => {
+                self.take_back(meta).await;
+                Err(unavailable(e))
+            }
+            Err(read) => {
+                tracing::warn!(snapshot = %meta.id, error = %read, "unknown whether a snapshot was indexed; its object stays");
+                Err(unavailable(e))
+            }
         }
-        Ok(())
     }
 
     /// Removes the object of a snapshot that was never indexed (refused, or its index
@@ -486,7 +497,7 @@ impl Stores {
                     }
                     Ok(_) => {
                         return Err(StoreError::Unavailable(
-                            "the snapshot index sent nothing for 10 s".into(),
+                            "the snapshot index sent nothing for 12 s".into(),
                         ))
                     }
                     Err(e) => return Err(unavailable(e)),

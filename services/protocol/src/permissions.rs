@@ -33,14 +33,14 @@
 //! | daemon | reads its own subject of the event stream and the jobs' subjects; binds the data plane stores; reads the oplog and snapshots; writes snapshots, fences and the head records beside them, and its own heartbeat key | its reports (`register-daemon`, `report-job-move-phase`, `complete-job-move`, `fail-job-move`), publishes `handoff.progress.>` |
 //!
 //! Nobody may delete a stream or a stored message, update a store other than the event
-//! stream, or purge anything but the agent's two (every such call is denied as well as
+//! stream, or purge anything but the agent's three (every such call is denied as well as
 //! left out, so a broader grant added later cannot reach it). Who creates what: the
 //! command service the event stream and the fences, the agent every other store; every
 //! other process binds to the existing ones, so it must start after them (`handoff up`
 //! does so).
 //!
 //! What a subject cannot say, and so these permissions do not restrict:
-//! - A purge's filter and sequence are in its body: the agent may purge its two stores
+//! - A purge's filter and sequence are in its body: the agent may purge its three stores
 //!   whole, not only a job's expired oplog.
 //! - A pull names a consumer by one token, and the event log names its readers by ULID
 //!   (async-nats renames a recreated one `<name>_<n>`): every reader of the event stream
@@ -234,16 +234,19 @@ impl Grant {
         let index = dp::kv_stream(SNAPSHOT_INDEX_BUCKET);
         self.last_of(&stream, &format!("$O.{SNAPSHOT_BUCKET}.M.>"))
             .watches(&stream)
-            .reads_all(&index)
+            .reads_only(&index, &format!("$KV.{SNAPSHOT_INDEX_BUCKET}.>"))
             .deletes_consumers(&index)
     }
 
     /// Putting objects into the snapshot store: chunks, then the metadata; then the
-    /// index entry (a delete of either is a put of a marker).
+    /// index entry (a delete of either is a put of a marker), read back when its put's
+    /// answer was lost.
     fn writes_snapshots(&mut self) -> &mut Self {
+        let index = dp::kv_stream(SNAPSHOT_INDEX_BUCKET);
         self.publish(format!("$O.{SNAPSHOT_BUCKET}.C.>"))
             .publish(format!("$O.{SNAPSHOT_BUCKET}.M.>"))
             .kv_put(SNAPSHOT_INDEX_BUCKET, ">")
+            .last_of(&index, &format!("$KV.{SNAPSHOT_INDEX_BUCKET}.>"))
     }
 
     /// Reading the oplog store: ordered readers of a job's subject, its last message.

@@ -53,7 +53,7 @@ pub enum SourceKind {
 
 /// The simulated source's workload (`--source sim`).
 #[derive(Debug, Args)]
-#[command(next_help_heading = "Simulated source (--source sim)")]
+#[command(next_help_heading = "Simulated source")]
 pub struct SimArgs {
     /// Seed of the simulated workload (the same seed, the same data).
     #[arg(long, default_value_t = 1)]
@@ -67,17 +67,31 @@ pub struct SimArgs {
     /// Writes per second on each job's source.
     #[arg(long, default_value_t = 200)]
     pub ops_per_sec: u32,
+    /// A collection's working size: it grows to this, then stays about this size (at least
+    /// --initial-size; default four times it).
+    #[arg(long, value_parser = size)]
+    pub max_size: Option<u64>,
+}
+
+impl SimArgs {
+    pub fn config(&self) -> sim::Config {
+        sim::Config {
+            seed: self.seed,
+            initial_bytes: self.initial_size,
+            doc_bytes: self.doc_size as usize,
+            ops_per_sec: self.ops_per_sec,
+            max_bytes: self
+                .max_size
+                .unwrap_or(self.initial_size.saturating_mul(4))
+                .max(self.initial_size),
+        }
+    }
 }
 
 impl AgentArgs {
     pub fn config(&self) -> agent::Config {
         let source = match self.source {
-            SourceKind::Sim => agent::SourceConfig::Sim(sim::Config {
-                seed: self.sim.seed,
-                initial_bytes: self.sim.initial_size,
-                doc_bytes: self.sim.doc_size as usize,
-                ops_per_sec: self.sim.ops_per_sec,
-            }),
+            SourceKind::Sim => agent::SourceConfig::Sim(self.sim.config()),
         };
         agent::Config {
             projects: self.projects.clone(),

@@ -37,6 +37,10 @@ pub struct Config {
     pub doc_bytes: usize,
     /// Writes per second on each job's source.
     pub ops_per_sec: u32,
+    /// The collection's working size, in bytes: below it, inserts outnumber deletes (it
+    /// grows); at or above it, deletes outnumber inserts, so it stays about this size for
+    /// as long as the workload runs, as a long-lived database does. Unbounded by default.
+    pub max_bytes: u64,
 }
 
 impl Default for Config {
@@ -46,6 +50,7 @@ impl Default for Config {
             initial_bytes: 1 << 20,
             doc_bytes: 512,
             ops_per_sec: 200,
+            max_bytes: u64::MAX,
         }
     }
 }
@@ -60,6 +65,7 @@ pub struct Sim {
     n: u64,
     doc_bytes: usize,
     bytes: u64,
+    max_bytes: u64,
     /// The document of the last entry, lent to it.
     last_doc: Option<Box<RawValue>>,
 }
@@ -78,6 +84,7 @@ impl Sim {
             n: 0,
             doc_bytes: w.doc_bytes.clamp(32, 256 * 1024),
             bytes: 0,
+            max_bytes: w.max_bytes,
             last_doc: None,
         };
         while s.bytes < w.initial_bytes {
@@ -99,6 +106,7 @@ impl Sim {
             n,
             doc_bytes: w.doc_bytes.clamp(32, 256 * 1024),
             bytes: 0,
+            max_bytes: w.max_bytes,
             docs: HashMap::new(),
             last_doc: None,
         };
@@ -163,13 +171,19 @@ impl Sim {
     /// Performs the next operation of the workload at `ts` and returns its oplog entry.
     pub fn perform(&mut self, ts: Ts) -> Entry<'_> {
         let roll = self.random() % 100;
-        let (op, id, doc) = if self.ids.is_empty() || roll < 45 {
+        // Of every 100 writes: 45 inserts, 40 updates, 15 deletes while the collection is
+        // under its working size; 15 inserts, 40 updates, 45 deletes once it is at it.
+        let (inserts, updates) = match self.bytes < self.max_bytes {
+            true => (45, 85),
+            false => (15, 55),
+        };
+        let (op, id, doc) = if self.ids.is_empty() || roll < inserts {
             let (id, doc) = self.new_doc();
             (Op::Insert, id, Some(doc))
         } else {
             let k = (self.random() % self.ids.len() as u64) as usize;
             let id = self.ids[k].clone();
-            if roll < 85 {
+            if roll < updates {
                 let doc = self.doc(&id);
                 (Op::Update, id, Some(doc))
             } else {
@@ -208,6 +222,11 @@ impl Sim {
 
     pub fn checksum(&self) -> Checksum {
         self.checksum
+    }
+
+    /// The size of its documents, in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Number of the last oplog entry (0 before any).
@@ -396,6 +415,33 @@ mod tests {
                 prop_assert_eq!(sum, e.c);
             }
             prop_assert_eq!(sum, a.checksum());
+        }
+    }
+
+    proptest! {
+        /// Below its working size the collection grows; once there, it stays within a
+        /// few documents of it however long the workload runs.
+        #[test]
+        fn a_collection_keeps_its_working_size(seed in any::<u64>(), grow in 0u64..20_000) {
+            let max_bytes = 20_000;
+            let w = Config { seed, initial_bytes: max_bytes - grow, doc_bytes: 100, max_bytes, ..Config::default() };
+            let mut sim = Sim::new(&w);
+            let mut reached = None;
+            let mut before = sim.bytes();
+            for k in 0..20_000u32 {
+                sim.perform(Ts { t: 1000 + k / 10, i: k % 10 + 1 });
+                if reached.is_none() && sim.bytes() >= max_bytes {
+                    reached = Some(k);
+                }
+                if reached.is_some() {
+                    prop_assert!(sim.bytes().abs_diff(max_bytes) <= 2_000, "{} bytes at write {k}", sim.bytes());
+                } else if k % 1_000 == 999 {
+                    // About 30 bytes more a write on average: 1,000 writes grow it.
+                    prop_assert!(sim.bytes() > before, "did not grow below its working size");
+                    before = sim.bytes();
+                }
+            }
+            prop_assert!(reached.is_some(), "never grew to its working size");
         }
     }
 
