@@ -56,7 +56,8 @@ impl Up {
             .args(["up", "--data"])
             .arg(data)
             .args(["--port", &port.to_string()])
-            // Every collection at its working size from the start: a steady workload.
+            // A steady workload: every collection at its working size from the start, and
+            // snapshot slots short enough that jobs at rest between moves reach them.
             .args([
                 "--initial-size",
                 SIZE,
