@@ -106,6 +106,10 @@ pub enum Event {
         to: DaemonId,
         /// The destination's epoch for the job.
         epoch: u64,
+        /// The move's reason, as its `MoveStarted` gives it: an auditor following the
+        /// job's own subject sees why it moved (who asked is the envelope's actor).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// MOVE_INTERRUPTED: a move appended in several atomic units stopped after some of
     /// them, and the rest could not be started since: `started` of its `planned` jobs

@@ -259,6 +259,7 @@ impl State {
                 from,
                 to,
                 epoch,
+                ..
             } => self.start_job_move(job, move_id, from, to, *epoch),
             Event::MoveResumed { move_id, started } => {
                 // The move covers what it started in the end: jobs that left the source

@@ -197,6 +197,7 @@ proptest! {
                 from: d(1),
                 to: d(3),
                 epoch: 2,
+                reason: None,
             });
         }
         for n in [1, 3] {

@@ -184,7 +184,7 @@ impl ErrorCode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ErrorBody {
     pub code: ErrorCode,
-    /// A finer, stable reason (e.g. `assignment_disabled`, `malformed_json`).
+    /// A finer, stable reason (e.g. `assignment_disabled`, `malformed`, `too_large`): the list is in schemas/README.md.
     pub reason: String,
     /// For people: lower case, says what and why.
     pub message: String,
@@ -247,6 +247,21 @@ impl Reply {
 pub mod query {
     use super::*;
     use handoff_domain::alert::AlertKind;
+
+    /// Every query endpoint (the last token of `handoff.query.<query>`).
+    pub const QUERIES: &[&str] = &[
+        "status",
+        "daemons",
+        "daemon",
+        "assignments",
+        "projects",
+        "jobs",
+        "job",
+        "moves",
+        "move",
+        "history",
+        "alerts",
+    ];
 
     /// Items per page when a query does not say.
     pub const DEFAULT_LIMIT: u32 = 100;

@@ -203,10 +203,15 @@ pub fn describe(e: &Event) -> String {
             from,
             to,
             epoch,
+            reason,
             ..
-        } => {
-            format!("job {job} moving from {from} to {to} (epoch {epoch})")
-        }
+        } => format!(
+            "job {job} moving from {from} to {to} (epoch {epoch}){}",
+            reason
+                .as_deref()
+                .map(|r| format!(", reason: {r}"))
+                .unwrap_or_default()
+        ),
         Event::JobMovePhaseReported { job, phase, .. } => {
             format!("job {job}: {}", crate::output::name(&phase))
         }

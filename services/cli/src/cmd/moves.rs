@@ -129,12 +129,18 @@ async fn run_move(ctx: &Context, command: Command, options: MoveOptions) -> Resu
     // --json output stays one document.
     eprintln!("command id {id} (to send it again safely: --id {id})");
     let applied = api.command(&id, &command).await?;
-    if ctx.json && !options.wait {
-        print_json(&applied);
-        return Ok(());
-    }
-    if !ctx.json {
-        print_applied(&applied);
+    match (ctx.json, options.wait) {
+        (true, false) => {
+            print_json(&applied);
+            return Ok(());
+        }
+        // The reply (with the move's id) first, then one line per phase: one JSON
+        // document per line.
+        (true, true) => println!(
+            "{}",
+            serde_json::to_string(&applied).expect("wire values serialize")
+        ),
+        (false, _) => print_applied(&applied),
     }
     if options.wait {
         let plan = applied.plan.clone();

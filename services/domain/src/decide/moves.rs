@@ -371,6 +371,7 @@ pub(super) fn start_move(
             from: state.jobs[&p.job].owner().clone(),
             to: to.clone(),
             epoch: p.epoch,
+            reason: reason.clone(),
         }));
         unit.push(Event::JobsReleased {
             daemon: from.clone(),

@@ -53,20 +53,6 @@ use page::{too_large, List};
 
 pub const SERVICE_NAME: &str = "handoff-query";
 
-const ENDPOINTS: &[&str] = &[
-    "status",
-    "daemons",
-    "daemon",
-    "assignments",
-    "projects",
-    "jobs",
-    "job",
-    "moves",
-    "move",
-    "history",
-    "alerts",
-];
-
 /// Bytes of a reply kept for its frame (`{"ok":{"items":[..],"total":..,"next":".."}}`,
 /// the cursor, the service's headers): a page's items fill the payload limit less this.
 const FRAME_BYTES: usize = 4096;
@@ -92,7 +78,7 @@ impl QueryService {
             .await?;
         let group = service.group(subjects::QUERIES);
         let mut endpoints = Vec::new();
-        for name in ENDPOINTS {
+        for name in handoff_protocol::api::query::QUERIES {
             let ep = group.endpoint(*name).await?;
             endpoints.push(ep.map(move |r| (*name, r)).boxed());
         }
