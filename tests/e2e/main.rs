@@ -10,6 +10,7 @@ mod cluster;
 mod command_model;
 mod concurrency;
 mod dataplane;
+mod examples;
 mod heartbeats;
 mod idempotency;
 mod lost;

@@ -118,12 +118,14 @@ impl Background {
             Some(u) => command.env("HANDOFF_NATS_URL", u),
             None => command.env_remove("HANDOFF_NATS_URL"),
         };
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+        command.args(args).stderr(Stdio::null());
         let name = format!("handoff {}", args.first().copied().unwrap_or_default());
+        Self::program(name, command)
+    }
+
+    /// Any program (its stderr as `command` sets it), read line by line from stdout.
+    pub fn program(name: String, mut command: Process) -> Result<Self> {
+        command.stdin(Stdio::null()).stdout(Stdio::piped());
         let mut child = Child::spawn(name, &mut command)?;
         let stdout = child.take_stdout().ok_or_else(|| anyhow!("no stdout"))?;
         let (tx, lines) = mpsc::channel();
