@@ -57,6 +57,13 @@ def sign(key, subject, body):
 class Handoff:
     def __init__(self, nc, user, key):
         self.nc, self.user, self.key = nc, user, key
+        self.last_at = 0
+
+    def now_ms(self):
+        # Each request dated later than the one before: a retry signed in the same
+        # millisecond would be the same bytes, and so a replay.
+        self.last_at = max(int(time.time() * 1000), self.last_at + 1)
+        return self.last_at
 
     async def command(self, endpoint, command, command_id=None):
         """Sends a signed command; its `ok` answer, or Refused with the error."""
@@ -65,7 +72,7 @@ class Handoff:
             {
                 "id": command_id or new_id(),
                 "actor": self.user,
-                "at": int(time.time() * 1000),
+                "at": self.now_ms(),
                 "client": "examples/python/client.py",
                 "command": command,
             }
@@ -121,7 +128,7 @@ async def main():
     options = {}
     if creds.get("nats_seed"):
         options["nkeys_seed_str"] = creds["nats_seed"]
-    nc = await nats.connect(args.server, **options)
+    nc = await nats.connect(args.server, connect_timeout=5, max_reconnect_attempts=3, **options)
     api = Handoff(nc, creds["user"], nkeys.from_seed(bytearray(creds["seed"].encode())))
     try:
         await api.command("configure-project", {"project": args.project})
@@ -174,9 +181,16 @@ async def main():
         await nc.close()
 
 
+async def within(seconds):
+    try:
+        await asyncio.wait_for(main(), seconds)
+    except asyncio.TimeoutError:
+        raise Refused(f"not done within {seconds} s")
+
+
 if __name__ == "__main__":
     try:
-        asyncio.run(main())
+        asyncio.run(within(120))
     except Refused as e:
         print(f"refused: {e}", file=sys.stderr)
         sys.exit(1)

@@ -5,6 +5,7 @@ mod alerts;
 mod answers;
 mod audit;
 mod bad_input;
+mod cancel;
 mod cli;
 mod cluster;
 mod command_model;

@@ -219,6 +219,16 @@ async fn run(args: &Args) -> Result<usize> {
         history.len(),
         history.len() - acked - unknown
     );
+    // By command: how many of each were sent and applied.
+    let mut by_command: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for o in &history {
+        let e = by_command.entry(o.command).or_default();
+        e.0 += 1;
+        e.1 += usize::from(matches!(o.outcome, Outcome::Applied { .. }));
+    }
+    for (command, (sent, applied)) in by_command {
+        println!("chaos:     {sent} x {command} ({applied} applied)");
+    }
     println!(
         "chaos: {} faults of {} kinds, {acked} commands acked, {} violations",
         report.faults(),

@@ -1,4 +1,4 @@
-//! The workload: concurrent clients sending MoveJobs, MoveJob and FailJobMove with
+//! The workload: concurrent clients sending MoveJobs, MoveJob, FailJobMove and CancelMove with
 //! destinations drawn at random, each retrying a command after a timeout or `unavailable`
 //! with the same id (the command client does), and recording every command and its final
 //! answer: the history the checker reads. An answer that never came is `Unknown`: the
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use handoff_client::{new_command_id, Client, SendError};
-use handoff_domain::command::{FailJobMove, MoveJob, MoveJobs};
+use handoff_domain::command::{CancelMove, FailJobMove, MoveJob, MoveJobs};
 use handoff_domain::event::Aggregate;
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId};
 use handoff_eventlog::EventLog;
@@ -104,8 +104,8 @@ pub async fn run(
     }
 }
 
-/// The next command: mostly single-job moves, some whole-daemon moves, some gives-up of
-/// a move in progress (found on the job's subject).
+/// The next command: mostly single-job moves, some whole-daemon moves, some gives-up or
+/// cancels of a move in progress (found on the job's subject).
 async fn choose(rng: &mut Rng, fleet: &Fleet, log: &EventLog) -> Option<Command> {
     let reason = Some("chaos".to_owned());
     match rng.below(10) {
@@ -130,6 +130,12 @@ async fn choose(rng: &mut Rng, fleet: &Fleet, log: &EventLog) -> Option<Command>
             let subject = subjects::aggregate(&Aggregate::Job(job.clone()));
             let last = log.last_event_of(&subject).await.ok()??;
             match last.envelope.event {
+                Event::JobMoveStarted { move_id, .. } if rng.below(2) == 0 => {
+                    Some(Command::CancelMove(CancelMove {
+                        move_id,
+                        reason: "chaos cancels".into(),
+                    }))
+                }
                 Event::JobMoveStarted { move_id, epoch, .. } => {
                     Some(Command::FailJobMove(FailJobMove {
                         job,

@@ -120,6 +120,8 @@ pub enum Cmd {
     MoveJob(cmd::moves::MoveJobArgs),
     /// Give up a job's move (a lost destination, MOVE_STUCK): back to where it came from.
     FailMove(cmd::moves::FailMoveArgs),
+    /// Cancel a move: its jobs not yet completed go back where they came from.
+    CancelMove(cmd::moves::CancelMoveArgs),
     /// Moves in progress and recent, newest first, with each job's phase.
     Moves(cmd::moves::MovesArgs),
     /// The audit trail of a job or a daemon, read from the event stream itself.
@@ -357,6 +359,7 @@ async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
         Cmd::MoveJobs(a) => cmd::moves::move_jobs(ctx, a).await,
         Cmd::MoveJob(a) => cmd::moves::move_job(ctx, a).await,
         Cmd::FailMove(a) => cmd::moves::fail_move(ctx, a).await,
+        Cmd::CancelMove(a) => cmd::moves::cancel_move(ctx, a).await,
         Cmd::Moves(a) => cmd::moves::moves(ctx, a).await,
         Cmd::History(a) => cmd::history::history(ctx, a).await,
         Cmd::Watch(a) => cmd::history::watch(ctx, a).await,

@@ -295,6 +295,7 @@ fn record_subjects(span: &tracing::Span, request: &handoff_protocol::CommandRequ
         C::ReportJobMovePhase(c) => (Some(&c.job), None, Some(&c.move_id)),
         C::CompleteJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
         C::FailJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
+        C::CancelMove(c) => (None, None, Some(&c.move_id)),
         C::ResizeOplogTtl(c) => (Some(&c.job), None, None),
         C::AddUser(_) | C::RemoveUser(_) | C::ReportFailoverGuard(_) => (None, None, None),
         C::ReportHeadSpace(c) => (None, Some(&c.daemon), None),

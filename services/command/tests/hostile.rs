@@ -102,6 +102,10 @@ fn samples() -> Vec<Command> {
             epoch: 2,
             reason: "snapshot missing".into(),
         }),
+        Command::CancelMove(CancelMove {
+            move_id: id(1),
+            reason: "not during the sale".into(),
+        }),
         Command::ReportHeadSpace(ReportHeadSpace {
             daemon: d(1),
             threshold_percent: 10,

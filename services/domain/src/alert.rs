@@ -6,13 +6,13 @@
 //! |-------|-----------|-----------|
 //! | DAEMON_DOWN | `DaemonDown` | `DaemonUp`, `DaemonRemoved` |
 //! | DAEMON_UP | `DaemonUp` | itself (informational) |
-//! | THEFT_FAILED | `JobMoveFailed` | the job's next `JobMoveCompleted` |
+//! | THEFT_FAILED | `JobMoveFailed` (not a cancelled one) | the job's next `JobMoveCompleted` |
 //! | LOW_HEAD_FREE_SPACE | `HeadSpaceLow` | `HeadSpaceRecovered`, `DaemonRemoved` |
 //! | OPLOG_TTL_RESIZE | `OplogTtlResized` | itself (informational) |
 //! | BIND_FAILURE | `BindFailed` | the job's `BackupJobCreated` |
 //! | MOVE_STUCK | `MoveStuck` | the job's next phase, completion or failure |
 //! | FAILOVER_PAUSED | `FailoverPaused` | `FailoverResumed` |
-//! | MOVE_INTERRUPTED | `MoveInterrupted` | the move's `MoveResumed` |
+//! | MOVE_INTERRUPTED | `MoveInterrupted` | the move's `MoveResumed` or `MoveCancelled` |
 
 use crate::event::Event;
 
@@ -57,6 +57,12 @@ pub fn effects(event: &Event) -> Vec<Effect> {
         Event::DaemonRemoved { daemon } => {
             vec![close(DaemonDown, daemon), close(LowHeadFreeSpace, daemon)]
         }
+        // Asked for: no THEFT_FAILED.
+        Event::JobMoveFailed {
+            job,
+            cancelled: true,
+            ..
+        } => vec![close(MoveStuck, job)],
         Event::JobMoveFailed {
             job,
             reason,
@@ -145,7 +151,9 @@ pub fn effects(event: &Event) -> Vec<Effect> {
                  {reason}; the command service starts it as soon as it can"
             ),
         )],
-        Event::MoveResumed { move_id, .. } => vec![close(MoveInterrupted, move_id)],
+        Event::MoveResumed { move_id, .. } | Event::MoveCancelled { move_id, .. } => {
+            vec![close(MoveInterrupted, move_id)]
+        }
         _ => vec![],
     }
 }

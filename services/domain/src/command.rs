@@ -192,6 +192,18 @@ pub struct FailJobMove {
     pub reason: String,
 }
 
+/// Give up a move in progress, as an operator asks: each of its jobs not yet completed
+/// goes back to its previous owner with a new epoch (fenced as a failed move, without
+/// THEFT_FAILED: it was asked for); jobs already completed stay where they are, and jobs
+/// of an interrupted move not yet started are not started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CancelMove {
+    pub move_id: CommandId,
+    pub reason: String,
+}
+
 /// Add a user who signs commands with `key` and holds `roles` (GLOBAL_OWNER only). A
 /// BACKUP_DAEMON user is bound to the daemon it runs as.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +246,7 @@ pub enum Command {
     ReportJobMovePhase(ReportJobMovePhase),
     CompleteJobMove(CompleteJobMove),
     FailJobMove(FailJobMove),
+    CancelMove(CancelMove),
     ResizeOplogTtl(ResizeOplogTtl),
     AddUser(AddUser),
     RemoveUser(RemoveUser),
@@ -281,6 +294,7 @@ impl Command {
             Command::ReportJobMovePhase(_) => "ReportJobMovePhase",
             Command::CompleteJobMove(_) => "CompleteJobMove",
             Command::FailJobMove(_) => "FailJobMove",
+            Command::CancelMove(_) => "CancelMove",
             Command::ResizeOplogTtl(_) => "ResizeOplogTtl",
             Command::AddUser(_) => "AddUser",
             Command::RemoveUser(_) => "RemoveUser",
@@ -332,6 +346,7 @@ impl Command {
                 None => Ok(()),
             },
             Command::FailJobMove(c) => check_reason("reason", &c.reason, true),
+            Command::CancelMove(c) => check_reason("reason", &c.reason, true),
             Command::ResizeOplogTtl(c) => {
                 if c.hours <= c.previous_hours {
                     return Err(Invalid::new("hours", "must be more than previous_hours"));

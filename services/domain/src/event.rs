@@ -142,13 +142,24 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         head: Option<HeadPoint>,
     },
-    /// THEFT_FAILED: the job went back to its previous owner with a new epoch.
+    /// THEFT_FAILED: the job went back to its previous owner with a new epoch. Or, with
+    /// `cancelled`, the same return asked for by an operator's `CancelMove` (no alert).
     JobMoveFailed {
         job: JobId,
         move_id: CommandId,
         reason: String,
         returned_to: DaemonId,
         epoch: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cancelled: bool,
+    },
+    /// An operator cancelled the move (`CancelMove`): `cancelled` of its jobs went back
+    /// to their previous owners (each its `JobMoveFailed` with `cancelled`), and none
+    /// of it starts any more. The cancel command's last event.
+    MoveCancelled {
+        move_id: CommandId,
+        reason: String,
+        cancelled: u32,
     },
     /// OPLOG_TTL_RESIZE: the oplog store keeps this job's oplog longer than before.
     OplogTtlResized {
@@ -328,7 +339,8 @@ impl Event {
             | OplogTtlResized { job, .. } => Aggregate::Job(job.clone()),
             MoveStarted { move_id, .. }
             | MoveInterrupted { move_id, .. }
-            | MoveResumed { move_id, .. } => Aggregate::Move(move_id.clone()),
+            | MoveResumed { move_id, .. }
+            | MoveCancelled { move_id, .. } => Aggregate::Move(move_id.clone()),
             UserAdded { user, .. } | UserRemoved { user } => Aggregate::User(user.clone()),
             CommandRefused { reason, .. } => Aggregate::Audit(reason.clone()),
             HeadSpaceLow { daemon, .. } | HeadSpaceRecovered { daemon, .. } => {
@@ -363,6 +375,7 @@ impl Event {
             JobMoveStarted { .. } => "JobMoveStarted",
             MoveInterrupted { .. } => "MoveInterrupted",
             MoveResumed { .. } => "MoveResumed",
+            MoveCancelled { .. } => "MoveCancelled",
             JobMovePhaseReported { .. } => "JobMovePhaseReported",
             JobMoveCompleted { .. } => "JobMoveCompleted",
             JobMoveFailed { .. } => "JobMoveFailed",
@@ -406,6 +419,7 @@ impl Event {
             ProjectConfigured { .. }
             | MoveInterrupted { .. }
             | MoveResumed { .. }
+            | MoveCancelled { .. }
             | JobMovePhaseReported { .. }
             | OplogTtlResized { .. }
             | UserRemoved { .. }
@@ -468,6 +482,7 @@ impl Event {
             },
             // On the move's subject, as its MoveStarted of the same command is.
             Event::MoveResumed { .. } => format!("{base}:resumed"),
+            Event::MoveCancelled { .. } => format!("{base}:cancelled"),
             Event::MoveInterrupted { .. } => format!("{base}:interrupted"),
             // Keyed by the rejected command's id (not its record's): a second record of
             // the same rejection within the duplicate window is not stored.

@@ -199,11 +199,16 @@ pub enum MovePhase {
     ReplayingOplog,
     Completed,
     Failed,
+    /// Back on its previous owner: the move was cancelled (`CancelMove`).
+    Cancelled,
 }
 
 impl MovePhase {
     pub fn is_final(self) -> bool {
-        matches!(self, MovePhase::Completed | MovePhase::Failed)
+        matches!(
+            self,
+            MovePhase::Completed | MovePhase::Failed | MovePhase::Cancelled
+        )
     }
 }
 

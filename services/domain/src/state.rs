@@ -268,6 +268,12 @@ impl State {
                     m.planned = *started;
                 }
             }
+            Event::MoveCancelled { move_id, .. } => {
+                // Nothing more starts: the move covers the jobs it started.
+                if let Some(m) = self.moves.get_mut(move_id) {
+                    m.planned = m.jobs.len() as u32;
+                }
+            }
             Event::JobMovePhaseReported {
                 job,
                 move_id,
@@ -284,8 +290,9 @@ impl State {
                 move_id,
                 returned_to,
                 epoch,
+                cancelled,
                 ..
-            } => self.fail_job_move(job, move_id, returned_to, *epoch),
+            } => self.fail_job_move(job, move_id, returned_to, *epoch, *cancelled),
         }
         self.forget_finished_move(event);
     }
@@ -297,7 +304,8 @@ impl State {
         let move_id = match event {
             Event::JobMoveCompleted { move_id, .. }
             | Event::JobMoveFailed { move_id, .. }
-            | Event::MoveResumed { move_id, .. } => move_id,
+            | Event::MoveResumed { move_id, .. }
+            | Event::MoveCancelled { move_id, .. } => move_id,
             _ => return,
         };
         if self.moves.get(move_id).is_some_and(Move::is_over) {
@@ -414,6 +422,7 @@ impl State {
         move_id: &CommandId,
         returned_to: &DaemonId,
         epoch: u64,
+        cancelled: bool,
     ) {
         let Some(j) = self.jobs.get_mut(job) else {
             return;
@@ -426,7 +435,12 @@ impl State {
         j.epoch = epoch;
         self.release(&owner, job, size);
         self.take(returned_to, job, size);
-        self.set_move_phase(job, move_id, MovePhase::Failed);
+        let phase = if cancelled {
+            MovePhase::Cancelled
+        } else {
+            MovePhase::Failed
+        };
+        self.set_move_phase(job, move_id, phase);
     }
 
     fn take(&mut self, daemon: &DaemonId, job: &JobId, size: u64) {

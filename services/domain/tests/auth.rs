@@ -49,6 +49,10 @@ fn commands() -> Vec<Command> {
         }),
         project("p2"),
         rs("p1", "new", 1),
+        Command::CancelMove(CancelMove {
+            move_id: id(99),
+            reason: "not now".into(),
+        }),
         Command::ReportJobMovePhase(ReportJobMovePhase {
             job: j("p1/rs0"),
             move_id: id(99),
@@ -134,8 +138,8 @@ proptest! {
         for c in commands() {
             let allowed = authorize(&who, &c, &w.state).is_ok();
             let expected = match &c {
-                Command::MoveJobs(_) | Command::MoveJob(_) | Command::ConfigureDaemon(_) | Command::RemoveDaemon(_)
-                | Command::ConfigureProject(_) | Command::CreateBackupJobs(_) => admin,
+                Command::MoveJobs(_) | Command::MoveJob(_) | Command::CancelMove(_) | Command::ConfigureDaemon(_)
+                | Command::RemoveDaemon(_) | Command::ConfigureProject(_) | Command::CreateBackupJobs(_) => admin,
                 Command::ReportDaemonLiveness(_) => admin || monitor,
                 Command::ReportHeadSpace(_) | Command::ReportMoveStuck(_) | Command::ReportFailoverGuard(_)
                 | Command::FailoverJob(_) => monitor,

@@ -211,6 +211,7 @@ proptest! {
                 reason: "given up".into(),
                 returned_to: d(1),
                 epoch: 3,
+                cancelled: false,
             });
             state.apply(&Event::JobsAssigned {
                 daemon: d(1),

@@ -75,6 +75,10 @@ enum Op {
         job: usize,
         stale: bool,
     },
+    /// Cancels the move of the job (an unknown move when the job is not moving).
+    Cancel {
+        job: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -128,6 +132,7 @@ fn op() -> impl Strategy<Value = Op> {
         }),
         (0..32usize, any::<bool>()).prop_map(|(job, stale)| Op::Complete { job, stale }),
         (0..32usize, any::<bool>()).prop_map(|(job, stale)| Op::Fail { job, stale }),
+        (0..32usize).prop_map(|job| Op::Cancel { job }),
     ]
 }
 
@@ -270,6 +275,13 @@ fn to_command(op: &Op, state: &State) -> Option<Command> {
                     epoch
                 },
                 reason: "rebuild failed".into(),
+            })
+        }
+        Op::Cancel { job } => {
+            let (_, move_id, _) = pick_job(state, job)?;
+            Command::CancelMove(CancelMove {
+                move_id: move_id.unwrap_or_else(|| id(999_999)),
+                reason: "not now".into(),
             })
         }
     })

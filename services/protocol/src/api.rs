@@ -82,6 +82,7 @@ endpoints! {
     "report-job-move-phase" => ReportJobMovePhase,
     "complete-job-move" => CompleteJobMove,
     "fail-job-move" => FailJobMove,
+    "cancel-move" => CancelMove,
     "resize-oplog-ttl" => ResizeOplogTtl,
     "add-user" => AddUser,
     "remove-user" => RemoveUser,

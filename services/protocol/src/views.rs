@@ -49,6 +49,8 @@ pub enum MoveStatus {
     Failed,
     /// Finished, with some jobs completed and some failed.
     PartlyFailed,
+    /// Cancelled by an operator: its jobs not completed went back (`CancelMove`).
+    Cancelled,
 }
 
 impl MoveStatus {
@@ -60,6 +62,7 @@ impl MoveStatus {
             MoveStatus::Completed => "completed",
             MoveStatus::Failed => "failed",
             MoveStatus::PartlyFailed => "partly_failed",
+            MoveStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -80,6 +83,17 @@ pub struct MoveView {
     /// Started by the failover policy.
     #[serde(default)]
     pub automatic: bool,
+    /// Who cancelled it, when and why (`CancelMove`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled: Option<Cancellation>,
+}
+
+/// An operator's cancellation of a move.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Cancellation {
+    pub by: String,
+    pub at: u64,
+    pub reason: String,
 }
 
 /// A move as a list shows it: its jobs counted by phase rather than named, so that a
@@ -99,6 +113,8 @@ pub struct MoveSummary {
     pub phases: BTreeMap<MovePhase, u32>,
     pub status: MoveStatus,
     pub automatic: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled: Option<Cancellation>,
 }
 
 impl From<MoveView> for MoveSummary {
@@ -120,6 +136,7 @@ impl From<MoveView> for MoveSummary {
             phases,
             status: m.status,
             automatic: m.automatic,
+            cancelled: m.cancelled,
         }
     }
 }

@@ -51,12 +51,13 @@ fn every_endpoint_and_query_has_a_row() {
     assert_eq!(schemas, queries);
 }
 
-/// One aggregate of each kind. The match makes a new kind fail to compile here until it
-/// is given a sample (and so a subject the README must name).
+/// One aggregate of each kind, named as the README's examples name them, and its index
+/// in the list: a new kind fails to compile in [`kind`] until it is given an index, and
+/// the test fails until it has a sample (and so a subject the README must name).
 fn samples() -> Vec<Aggregate> {
     let id = CommandId::new("01JDQ2Y7Q8M5VZ3K6W8T4N2R9X").unwrap();
-    let all = vec![
-        Aggregate::Daemon(DaemonId::new("backup1.example.net:/data/").unwrap()),
+    vec![
+        Aggregate::Daemon(DaemonId::new("backup1.example.net:/data/backup/").unwrap()),
         Aggregate::Project(ProjectId::new("sales").unwrap()),
         Aggregate::Job(JobId::new("sales/orders").unwrap()),
         Aggregate::Move(id.clone()),
@@ -65,34 +66,64 @@ fn samples() -> Vec<Aggregate> {
         Aggregate::Alert(AlertKey::new(AlertKind::MoveStuck, "sales/orders")),
         Aggregate::Failover(id.clone()),
         Aggregate::Answer(id),
-    ];
-    for a in &all {
-        match a {
-            Aggregate::Daemon(_)
-            | Aggregate::Project(_)
-            | Aggregate::Job(_)
-            | Aggregate::Move(_)
-            | Aggregate::User(_)
-            | Aggregate::Audit(_)
-            | Aggregate::Alert(_)
-            | Aggregate::Failover(_)
-            | Aggregate::Answer(_) => {}
-        }
+    ]
+}
+
+fn kind(a: &Aggregate) -> usize {
+    match a {
+        Aggregate::Daemon(_) => 0,
+        Aggregate::Project(_) => 1,
+        Aggregate::Job(_) => 2,
+        Aggregate::Move(_) => 3,
+        Aggregate::User(_) => 4,
+        Aggregate::Audit(_) => 5,
+        Aggregate::Alert(_) => 6,
+        Aggregate::Failover(_) => 7,
+        Aggregate::Answer(_) => 8,
     }
-    all
+}
+
+/// The rows of the README's subject table ("## Subjects").
+fn subject_rows(readme: &str) -> Vec<&str> {
+    let table = readme
+        .split_once("## Subjects")
+        .expect("schemas/README.md has a Subjects section")
+        .1;
+    table
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .collect()
 }
 
 #[test]
 fn every_subject_and_store_is_named() {
     let readme = readme();
+    let rows = subject_rows(&readme);
     let mut missing = Vec::new();
-    for a in samples() {
-        // `handoff.evt.<kind>.`: the part every subject of the kind starts with.
-        let subject = subjects::aggregate(&a);
-        let kind: Vec<&str> = subject.splitn(4, '.').take(3).collect();
-        let named = format!("`{}.", kind.join("."));
-        if !readme.contains(&named) {
-            missing.push(named);
+    let samples = samples();
+    let kinds: std::collections::BTreeSet<usize> = samples.iter().map(kind).collect();
+    assert_eq!(
+        kinds,
+        (0..9).collect(),
+        "one sample of each kind of aggregate"
+    );
+    for a in &samples {
+        // A row of the subject table for the kind (`handoff.evt.<kind>.`) ...
+        let subject = subjects::aggregate(a);
+        let prefix: Vec<&str> = subject.splitn(4, '.').take(3).collect();
+        let row = format!("| `{}.", prefix.join("."));
+        if !rows.iter().any(|r| r.starts_with(&row)) {
+            missing.push(row);
+        }
+        // ... and, for the kinds whose ids are encoded or hashed, the sample's subject
+        // exactly as the examples write it.
+        if matches!(
+            a,
+            Aggregate::Daemon(_) | Aggregate::Alert(_) | Aggregate::Answer(_)
+        ) && !readme.contains(&subject)
+        {
+            missing.push(subject);
         }
     }
     let others = [
@@ -107,7 +138,7 @@ fn every_subject_and_store_is_named() {
             missing.push(named);
         }
     }
-    let stores = [
+    let names = [
         subjects::STREAM,
         subjects::COMMAND_ARCHIVE_BUCKET,
         subjects::MODEL_BUCKET,
@@ -115,16 +146,57 @@ fn every_subject_and_store_is_named() {
         dataplane::OPLOG_STREAM,
         dataplane::SNAPSHOT_BUCKET,
         dataplane::SNAPSHOT_META_KEY,
+        dataplane::SNAPSHOT_INDEX_BUILT,
+        handoff_protocol::auth::SIGNATURE_HEADER,
+        dataplane::oplog::FIRST_TS,
+        dataplane::oplog::LAST_TS,
+        dataplane::oplog::LAST_N,
+        dataplane::oplog::CHECKSUM,
     ];
-    for s in stores.iter().chain(dataplane::BUCKETS.iter()) {
-        let named = format!("`{s}`");
-        if !readme.contains(&named) {
-            missing.push(named);
+    for s in names.iter().chain(dataplane::BUCKETS.iter()) {
+        if !readme.contains(&format!("`{s}`")) && !readme.contains(&format!("`{s}:")) {
+            missing.push(format!("`{s}`"));
         }
     }
     assert!(
         missing.is_empty(),
         "schemas/README.md does not name {missing:?}"
+    );
+}
+
+/// Every rejection the domain can give (its `type`, as reply.json lists them) is in the
+/// README's table of reasons.
+#[test]
+fn every_rejection_reason_is_in_the_table() {
+    let readme = readme();
+    let table = readme
+        .split_once("| code | reasons |")
+        .expect("schemas/README.md has a table of reasons")
+        .1;
+    let table: String = table
+        .lines()
+        .take_while(|l| l.starts_with('|') || l.is_empty())
+        .collect();
+    let reply = handoff_protocol::schemas::all()
+        .into_iter()
+        .find(|(path, _)| path == "reply.json")
+        .expect("reply.json")
+        .1;
+    let reply = serde_json::to_value(reply).unwrap();
+    let reasons: Vec<String> = reply["$defs"]["Rejection"]["oneOf"]
+        .as_array()
+        .expect("the rejections")
+        .iter()
+        .filter_map(|v| v["properties"]["type"]["const"].as_str().map(str::to_owned))
+        .collect();
+    assert!(reasons.len() > 20, "{reasons:?}");
+    let missing: Vec<&String> = reasons
+        .iter()
+        .filter(|r| !table.contains(&format!("`{r}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "schemas/README.md's table of reasons lacks {missing:?}"
     );
 }
 

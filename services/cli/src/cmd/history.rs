@@ -295,10 +295,25 @@ pub fn describe(e: &Event) -> String {
             reason,
             returned_to,
             epoch,
+            cancelled: true,
+            ..
+        } => format!(
+            "job {job} move cancelled: {reason}; back on {returned_to} (epoch {epoch})"
+        ),
+        Event::JobMoveFailed {
+            job,
+            reason,
+            returned_to,
+            epoch,
             ..
         } => format!(
             "job {job} move failed (THEFT_FAILED): {reason}; back on {returned_to} (epoch {epoch})"
         ),
+        Event::MoveCancelled {
+            move_id,
+            reason,
+            cancelled,
+        } => format!("move {move_id} cancelled: {reason}; {cancelled} job(s) sent back"),
         Event::HeadSpaceLow {
             daemon,
             free_bytes,

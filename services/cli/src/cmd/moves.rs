@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use clap::Args;
 use futures::StreamExt;
-use handoff_domain::command::{FailJobMove, MoveJob, MoveJobs};
+use handoff_domain::command::{CancelMove, FailJobMove, MoveJob, MoveJobs};
 use handoff_domain::model::MovePhase;
 use handoff_domain::state::Assignment;
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, MovePlan};
@@ -69,6 +69,53 @@ pub struct FailMoveArgs {
     /// The command id (a ULID); give the same one to retry safely.
     #[arg(long)]
     pub id: Option<String>,
+}
+
+fn move_id(s: &str) -> Result<CommandId, String> {
+    CommandId::new(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct CancelMoveArgs {
+    /// The move to cancel (its id, from `handoff moves`).
+    #[arg(value_parser = move_id)]
+    pub move_id: CommandId,
+    /// Why (recorded on the move and on each job sent back).
+    #[arg(long)]
+    pub reason: String,
+    /// The command id (a ULID); give the same one to retry safely.
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+/// Cancels a move: each of its jobs not yet completed goes back to the daemon it came
+/// from with a new epoch (the destination is fenced off and drops its partial head);
+/// completed jobs stay. No THEFT_FAILED: it was asked for.
+pub async fn cancel_move(ctx: &Context, a: CancelMoveArgs) -> Result<(), Failure> {
+    let api = ctx.api().await?;
+    let command = Command::CancelMove(CancelMove {
+        move_id: a.move_id.clone(),
+        reason: a.reason,
+    });
+    let applied = api.command(&command_id(a.id)?, &command).await?;
+    if ctx.json {
+        print_json(&applied);
+        return Ok(());
+    }
+    let back = applied
+        .events
+        .iter()
+        .filter(|e| e.kind == "JobMoveFailed")
+        .count();
+    if applied.duplicate {
+        println!("move {} was already cancelled; nothing changed", a.move_id);
+    } else {
+        println!(
+            "move {} cancelled: {back} job(s) going back to the daemon they came from",
+            a.move_id
+        );
+    }
+    Ok(())
 }
 
 /// Gives up a job's move (the destination is lost, or the move is stuck): the job goes
@@ -366,12 +413,20 @@ async fn wait(
                 move_id,
                 reason,
                 returned_to,
+                cancelled,
                 ..
-            } if move_id == id => (
-                job,
-                MovePhase::Failed,
-                format!(" (THEFT_FAILED: {reason}); back on {returned_to}"),
-            ),
+            } if move_id == id => match cancelled {
+                true => (
+                    job,
+                    MovePhase::Cancelled,
+                    format!(" (move cancelled: {reason}); back on {returned_to}"),
+                ),
+                false => (
+                    job,
+                    MovePhase::Failed,
+                    format!(" (THEFT_FAILED: {reason}); back on {returned_to}"),
+                ),
+            },
             _ => continue,
         };
         if let Some(p) = phases.get_mut(job) {
@@ -387,7 +442,18 @@ async fn wait(
             }
         }
     }
-    let failed = phases.values().filter(|p| **p == MovePhase::Failed).count();
+    let count = |phase: MovePhase| phases.values().filter(|p| **p == phase).count();
+    let (failed, cancelled) = (count(MovePhase::Failed), count(MovePhase::Cancelled));
+    if cancelled > 0 {
+        return Err(Failure::Refused(ErrorBody::new(
+            ErrorCode::Refused,
+            "move_cancelled",
+            format!(
+                "move {id} was cancelled: {cancelled} of {} job(s) went back where they came from",
+                phases.len()
+            ),
+        )));
+    }
     if failed > 0 {
         return Err(Failure::Refused(ErrorBody::new(
             ErrorCode::Refused,
@@ -410,7 +476,7 @@ async fn wait(
 #[derive(Debug, Args)]
 pub struct MovesArgs {
     /// Only moves in this standing.
-    #[arg(long, value_parser = ["in_progress", "interrupted", "completed", "failed", "partly_failed"])]
+    #[arg(long, value_parser = ["in_progress", "interrupted", "completed", "failed", "partly_failed", "cancelled"])]
     pub status: Option<String>,
     #[command(flatten)]
     pub paging: Paging,

@@ -477,6 +477,7 @@ mod tests {
             reason: "corrupt".into(),
             returned_to: me.clone(),
             epoch: 4,
+            cancelled: false,
         };
         let resized = Event::OplogTtlResized {
             job: job.clone(),

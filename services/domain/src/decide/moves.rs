@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::{active_daemon, daemon, filter_rejection, Context, Decision, MAX_EVENTS_PER_UNIT};
-use crate::command::{CompleteJobMove, FailJobMove, MoveJob, MoveJobs, ReportJobMovePhase};
+use crate::command::{
+    CancelMove, CompleteJobMove, FailJobMove, MoveJob, MoveJobs, ReportJobMovePhase,
+};
 use crate::event::{AssignedJob, AssignmentCause, Event};
 use crate::ids::{CommandId, DaemonId, JobId};
 use crate::model::{MovePhase, MoveScope};
@@ -166,6 +168,7 @@ pub(super) fn fail(c: &FailJobMove, state: &State) -> Result<Decision, Rejection
             reason: c.reason.clone(),
             returned_to: from.clone(),
             epoch,
+            cancelled: false,
         },
         Event::JobsAssigned {
             daemon: from.clone(),
@@ -178,6 +181,82 @@ pub(super) fn fail(c: &FailJobMove, state: &State) -> Result<Decision, Rejection
             }],
         },
     ]))
+}
+
+/// Cancels a move in progress: each job still moving in it goes back to its previous
+/// owner with a new epoch, in units of at most [`MAX_EVENTS_PER_UNIT`] events, the last
+/// ending with `MoveCancelled`. Decided again after a partial append, it returns the
+/// jobs still moving. An interrupted move whose started jobs are all over is cancelled
+/// too (`MoveCancelled` alone): the rest never starts.
+pub(super) fn cancel(c: &CancelMove, state: &State) -> Result<Decision, Rejection> {
+    // The state keeps a move while it is in progress: one over (or never started) is
+    // not found.
+    let m = state
+        .moves
+        .get(&c.move_id)
+        .ok_or_else(|| Rejection::NotFound {
+            kind: Kind::Move,
+            id: c.move_id.to_string(),
+        })?;
+    // By previous owner, so each unit tells each one once.
+    let moving: Vec<(&JobId, &DaemonId, u64)> = m
+        .jobs
+        .keys()
+        .filter_map(|j| {
+            let job = state.jobs.get(j)?;
+            match &job.assignment {
+                Assignment::Moving { move_id, from, .. } if *move_id == c.move_id => {
+                    Some((j, from, job.epoch + 1))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    let mut units = Vec::new();
+    // Room for one JobsAssigned per previous owner (one but for a failover's jobs) and
+    // the closing MoveCancelled.
+    let per_unit = (MAX_EVENTS_PER_UNIT - 1) / 2;
+    let mut chunks = moving.chunks(per_unit).peekable();
+    if chunks.peek().is_none() {
+        units.push(Vec::new());
+    }
+    for chunk in chunks {
+        let mut unit: Vec<Event> = chunk
+            .iter()
+            .map(|(job, from, epoch)| Event::JobMoveFailed {
+                job: (*job).clone(),
+                move_id: c.move_id.clone(),
+                reason: c.reason.clone(),
+                returned_to: (*from).clone(),
+                epoch: *epoch,
+                cancelled: true,
+            })
+            .collect();
+        let mut back: std::collections::BTreeMap<&DaemonId, Vec<AssignedJob>> = Default::default();
+        for (job, from, epoch) in chunk {
+            back.entry(from).or_default().push(AssignedJob {
+                job: (*job).clone(),
+                epoch: *epoch,
+            });
+        }
+        unit.extend(back.into_iter().map(|(daemon, jobs)| Event::JobsAssigned {
+            daemon: daemon.clone(),
+            cause: AssignmentCause::MoveFailed {
+                move_id: c.move_id.clone(),
+            },
+            jobs,
+        }));
+        units.push(unit);
+    }
+    units
+        .last_mut()
+        .expect("one unit at least")
+        .push(Event::MoveCancelled {
+            move_id: c.move_id.clone(),
+            reason: c.reason.clone(),
+            cancelled: moving.len() as u32,
+        });
+    Ok(Decision { units, plan: None })
 }
 
 /// The job is moving in `move_id` and the reporter holds its current epoch.

@@ -306,6 +306,7 @@ impl Views {
                         jobs: m.jobs.clone(),
                         status: MoveStatus::InProgress,
                         automatic: m.automatic,
+                        cancelled: None,
                     };
                     self.moves.insert(move_id.clone(), view);
                     self.dirty.moves.entry(move_id.clone()).or_default();
@@ -318,6 +319,13 @@ impl Views {
                         .insert(move_id.clone(), move_lists(Some(view)));
                 }
                 view.updated_at = r.envelope.at;
+                if let Event::MoveCancelled { reason, .. } = event {
+                    view.cancelled = Some(handoff_protocol::views::Cancellation {
+                        by: r.envelope.actor.to_string(),
+                        at: r.envelope.at,
+                        reason: reason.clone(),
+                    });
+                }
                 follow_move(view, event);
             }
         }
@@ -444,10 +452,11 @@ impl Views {
             let Some(view) = self.moves.get_mut(&m) else {
                 continue;
             };
-            view.status = if interrupted {
-                MoveStatus::Interrupted
-            } else {
-                move_status(view.planned, &view.jobs)
+            view.status = match move_status(view.planned, &view.jobs) {
+                _ if interrupted => MoveStatus::Interrupted,
+                MoveStatus::InProgress => MoveStatus::InProgress,
+                _ if view.cancelled.is_some() => MoveStatus::Cancelled,
+                over => over,
             };
             let view = view.clone();
             // Over: written one last time, and no longer kept in memory.
@@ -483,7 +492,8 @@ fn move_of(event: &Event) -> Option<&CommandId> {
         | Event::JobMoveStarted { move_id, .. }
         | Event::JobMovePhaseReported { move_id, .. }
         | Event::JobMoveCompleted { move_id, .. }
-        | Event::JobMoveFailed { move_id, .. } => Some(move_id),
+        | Event::JobMoveFailed { move_id, .. }
+        | Event::MoveCancelled { move_id, .. } => Some(move_id),
         _ => None,
     }
 }
@@ -499,8 +509,18 @@ fn follow_move(view: &mut MoveView, event: &Event) {
             view.planned = *started;
             return;
         }
+        // Nothing more starts, as in the state.
+        Event::MoveCancelled { .. } => {
+            view.planned = view.jobs.len() as u32;
+            return;
+        }
         Event::JobMovePhaseReported { job, phase, .. } => (job, *phase),
         Event::JobMoveCompleted { job, .. } => (job, MovePhase::Completed),
+        Event::JobMoveFailed {
+            job,
+            cancelled: true,
+            ..
+        } => (job, MovePhase::Cancelled),
         Event::JobMoveFailed { job, .. } => (job, MovePhase::Failed),
         _ => return,
     };
