@@ -205,7 +205,8 @@ async fn a_move_cancelled_mid_rebuild_leaves_every_job_on_one_daemon_with_its_he
         state.alerts
     );
 
-    // The destination lets each cancelled job go and drops its partial head.
+    // The destination, told on its subject that the jobs went (released), stops its
+    // work on them and drops the partial heads.
     let log = dir.path().join("daemon2.log");
     until("daemon 2 to drop the cancelled heads", TIMEOUT, || async {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -213,7 +214,7 @@ async fn a_move_cancelled_mid_rebuild_leaves_every_job_on_one_daemon_with_its_he
             .iter()
             .all(|j| {
                 text.lines()
-                    .any(|l| l.contains(j.as_str()) && l.contains("dropping"))
+                    .any(|l| l.contains(j.as_str()) && l.contains("dropping its head"))
             })
             .then_some(()))
     })

@@ -337,58 +337,6 @@ async fn move_jobs_plans_moves_and_waits() -> Result<()> {
     Ok(())
 }
 
-/// `--wait --json` prints one JSON document per line: the command's reply (with the move's
-/// id) first, then each job's phases as the move goes.
-#[tokio::test]
-async fn move_with_wait_and_json_prints_the_reply_first() -> Result<()> {
-    let up = Up::start().await?;
-    let url = up.url();
-    let id = ulid::Ulid::new().to_string();
-    let mut wait = Background::spawn(
-        Some(&url),
-        &[
-            "move-job",
-            "sales/orders",
-            "--to",
-            D3,
-            "--id",
-            &id,
-            "--json",
-            "--wait",
-        ],
-    )?;
-    let first: serde_json::Value = serde_json::from_str(&wait.wait_for_line("{")?)?;
-    assert_eq!(first["command"], id.as_str(), "{first}");
-    assert_eq!(first["plan"]["move_id"], id.as_str(), "{first}");
-    let epoch = first["plan"]["jobs"][0]["epoch"]
-        .as_u64()
-        .expect("an epoch");
-    let daemon = up.daemon_user(3)?;
-    let complete = Command::CompleteJobMove(CompleteJobMove {
-        head: rebuilt_head(),
-        job: handoff_domain::JobId::new("sales/orders")?,
-        move_id: CommandId::new(id.clone())?,
-        epoch,
-    });
-    send_command(&up.server.connect().await?, &daemon, &new_id(), &complete)
-        .await?
-        .map_err(|e| anyhow::anyhow!(e.message))?;
-    let (code, lines) = wait.finish()?;
-    assert_eq!(code, 0, "{lines:?}");
-    let documents: Vec<serde_json::Value> = lines
-        .iter()
-        .map(|l| serde_json::from_str(l).with_context(|| format!("not one JSON document: {l}")))
-        .collect::<Result<_>>()?;
-    assert_eq!(documents[0]["command"], id.as_str());
-    let last = documents.last().expect("lines");
-    assert_eq!(
-        (&last["job"], &last["phase"]),
-        (&"sales/orders".into(), &"completed".into()),
-        "{documents:?}"
-    );
-    Ok(())
-}
-
 /// History is read from the stream and filtered by job, daemon and time; watch prints new
 /// events as they come.
 #[tokio::test]

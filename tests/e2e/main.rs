@@ -12,6 +12,7 @@ mod command_model;
 mod concurrency;
 mod dataplane;
 mod examples;
+mod fleet_ops;
 mod heartbeats;
 mod idempotency;
 mod lost;

@@ -310,7 +310,8 @@ async fn move_its_jobs(
         ctx,
         cmd::moves::MoveJobsArgs {
             from: lost.clone(),
-            to: spare.clone(),
+            to: vec![spare.clone()],
+            spread: false,
             options: cmd::moves::MoveOptions {
                 dry_run: false,
                 reason: Some("server lost".into()),

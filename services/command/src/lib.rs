@@ -292,6 +292,7 @@ fn record_subjects(span: &tracing::Span, request: &handoff_protocol::CommandRequ
         C::ConfigureProject(_) | C::CreateBackupJobs(_) => (None, None, None),
         C::MoveJobs(c) => (None, Some(&c.from), Some(&request.id)),
         C::MoveJob(c) => (Some(&c.job), Some(&c.to), Some(&request.id)),
+        C::SpreadJobs(c) => (None, Some(&c.from), Some(&request.id)),
         C::ReportJobMovePhase(c) => (Some(&c.job), None, Some(&c.move_id)),
         C::CompleteJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
         C::FailJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),

@@ -121,6 +121,10 @@ pub struct Model {
     pub last_event: String,
     /// Whether a user was ever added (even if removed since).
     pub has_users: bool,
+    /// The cancels of moves still in progress, by move: a cancel appended in part ends
+    /// when its move does, however the move's last jobs ended.
+    #[serde(default)]
+    cancels: BTreeMap<CommandId, CommandId>,
 }
 
 /// What tells one event from another at the same sequence: its subject and its command.
@@ -199,10 +203,43 @@ impl Model {
             }
         }
         self.recent.push_back((r.seq, id.clone(), false));
+        // A move appended in part and cancelled is over: its command gets no more events,
+        // and its answer is what it appended. It leaves the window from here.
+        if let Event::MoveCancelled { move_id, .. } = &r.envelope.event {
+            self.end(move_id, r.seq);
+            if self.state.moves.contains_key(move_id) {
+                self.cancels.insert(move_id.clone(), id.clone());
+            }
+        }
+        if !self.cancels.is_empty() {
+            let over: Vec<(CommandId, CommandId)> = self
+                .cancels
+                .iter()
+                .filter(|(m, _)| !self.state.moves.contains_key(*m))
+                .map(|(m, c)| (m.clone(), c.clone()))
+                .collect();
+            for (m, cancel) in over {
+                self.cancels.remove(&m);
+                self.end(&cancel, r.seq);
+            }
+        }
         self.applied = r.seq;
         self.last_event = event_mark(&r.subject, id);
         self.evict();
         Ok(())
+    }
+
+    /// Ends a command appended in part that another command finished (a move cancelled,
+    /// a cancel whose move is over): its answer is what it appended; it leaves the window
+    /// from `seq`.
+    fn end(&mut self, id: &CommandId, seq: u64) {
+        if let Some(record) = self.commands.get_mut(id) {
+            if !record.complete {
+                record.complete = true;
+                self.incomplete.remove(id);
+                self.recent.push_back((seq, id.clone(), false));
+            }
+        }
     }
 
     /// Moves the records out of the window to `archiving`. A command appended in part
@@ -228,7 +265,8 @@ impl Model {
                 .get(&id)
                 .and_then(|r| r.events.last())
                 .map(|e| e.seq);
-            if last_event == Some(seq) && !self.incomplete.contains(&id) {
+            // Its last event, or later (a cancelled move's command, ended by another's).
+            if last_event.is_some_and(|last| last <= seq) && !self.incomplete.contains(&id) {
                 if let Some(r) = self.commands.remove(&id) {
                     self.archive(
                         id,
@@ -404,6 +442,40 @@ mod tests {
         assert_eq!(model.last_seq(&subject), 2);
     }
 
+    fn cancelled(seq: u64, move_id: &CommandId) -> Recorded {
+        let event = Event::MoveCancelled {
+            move_id: move_id.clone(),
+            reason: "not now".into(),
+            cancelled: 0,
+        };
+        let mut r = recorded(seq, 1);
+        r.subject = subjects::aggregate(&event.aggregate());
+        r.envelope.event = event;
+        r
+    }
+
+    /// A move appended in part, then cancelled by another command: its command is over
+    /// (answered with what it appended, never finished by the service), and it leaves
+    /// memory with the window like any other.
+    #[test]
+    fn a_cancel_ends_the_command_of_a_move_appended_in_part() {
+        let mut model = Model::new(Config { window: 3 });
+        let move_id = handoff_protocol::new_command_id();
+        let mut part = recorded(1, 1);
+        part.envelope.command = move_id.clone();
+        part.envelope.last = false;
+        model.apply(&part).unwrap();
+        assert_eq!(model.incomplete().count(), 1);
+        model.apply(&cancelled(2, &move_id)).unwrap();
+        assert!(model.command(&move_id).is_some_and(|r| r.complete));
+        assert_eq!(model.incomplete().count(), 0);
+        for seq in 3..10 {
+            model.apply(&recorded(seq, 2)).unwrap();
+        }
+        assert!(model.command(&move_id).is_none(), "still in memory");
+        assert!(model.take_evicted().contains(&move_id));
+    }
+
     use proptest::prelude::*;
 
     /// A random history: commands of one or several events (some left in part),
@@ -417,7 +489,8 @@ mod tests {
             .map(|(i, (kind, n, last))| {
                 let seq = i as u64 + 1;
                 let id = ids[usize::from(*n) % ids.len()].clone();
-                match kind % 3 {
+                match kind % 4 {
+                    3 => cancelled(seq, &id),
                     0 => {
                         let mut r = recorded(seq, usize::from(*n) % 5);
                         r.envelope.command = handoff_protocol::new_command_id();

@@ -102,6 +102,12 @@ fn samples() -> Vec<Command> {
             epoch: 2,
             reason: "snapshot missing".into(),
         }),
+        Command::SpreadJobs(SpreadJobs {
+            from: d(1),
+            to: vec![d(2), d(3)],
+            reason: Some("rebalance".into()),
+            dry_run: false,
+        }),
         Command::CancelMove(CancelMove {
             move_id: id(1),
             reason: "not during the sale".into(),

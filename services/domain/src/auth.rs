@@ -114,6 +114,7 @@ pub fn authorize(who: &Principal, command: &Command, state: &State) -> Result<()
     match command {
         Command::MoveJobs(_)
         | Command::MoveJob(_)
+        | Command::SpreadJobs(_)
         | Command::CancelMove(_)
         | Command::ConfigureDaemon(_)
         | Command::RemoveDaemon(_)

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{Actor, CommandId, DaemonId, Invalid, JobId, Label, ProjectId, UserKey};
 use crate::model::{
     DaemonSettings, Deployment, HeadPoint, JobSize, MovePhase, Role, MAX_DAEMON_FILTER, MAX_LABELS,
-    MAX_OPLOG_TTL_HOURS, MAX_REASON, MAX_SHARDS, MAX_WORKERS,
+    MAX_OPLOG_TTL_HOURS, MAX_REASON, MAX_SHARDS, MAX_SPREAD_TO, MAX_WORKERS,
 };
 
 /// Register a backup daemon (it takes jobs once registered and up).
@@ -130,6 +130,25 @@ pub struct MoveJobs {
     pub dry_run: bool,
 }
 
+/// Move every job of one daemon over several destinations, each job placed by the
+/// failover policy's rules (the fewest rebuilds, then the most free head space, then the
+/// fewest jobs): among `to`, or among every daemon up with assignment enabled when `to`
+/// is empty. One move, one id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SpreadJobs {
+    pub from: DaemonId,
+    /// The destinations allowed (at most 1,000, no repeats); empty: any eligible daemon.
+    #[serde(default)]
+    pub to: Vec<DaemonId>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Check and plan only; append nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
 /// Move one job to another daemon ("Move head").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -243,6 +262,7 @@ pub enum Command {
     CreateBackupJobs(CreateBackupJobs),
     MoveJobs(MoveJobs),
     MoveJob(MoveJob),
+    SpreadJobs(SpreadJobs),
     ReportJobMovePhase(ReportJobMovePhase),
     CompleteJobMove(CompleteJobMove),
     FailJobMove(FailJobMove),
@@ -290,6 +310,7 @@ impl Command {
             Command::ConfigureProject(_) => "ConfigureProject",
             Command::CreateBackupJobs(_) => "CreateBackupJobs",
             Command::MoveJobs(_) => "MoveJobs",
+            Command::SpreadJobs(_) => "SpreadJobs",
             Command::MoveJob(_) => "MoveJob",
             Command::ReportJobMovePhase(_) => "ReportJobMovePhase",
             Command::CompleteJobMove(_) => "CompleteJobMove",
@@ -332,6 +353,20 @@ impl Command {
                 check_reason("reason", c.reason.as_deref().unwrap_or(""), false)
             }
             Command::MoveJob(c) => check_reason("reason", c.reason.as_deref().unwrap_or(""), false),
+            Command::SpreadJobs(c) => {
+                check_reason("reason", c.reason.as_deref().unwrap_or(""), false)?;
+                if c.to.len() > MAX_SPREAD_TO {
+                    return Err(Invalid::new(
+                        "to",
+                        format!("at most {MAX_SPREAD_TO} destinations"),
+                    ));
+                }
+                let distinct: std::collections::BTreeSet<&DaemonId> = c.to.iter().collect();
+                if distinct.len() != c.to.len() {
+                    return Err(Invalid::new("to", "names a daemon twice"));
+                }
+                Ok(())
+            }
             Command::ReportJobMovePhase(c) => {
                 if c.phase.is_final() {
                     return Err(Invalid::new(

@@ -98,6 +98,11 @@ pub enum Event {
         /// Started by the automatic failover policy, not by an operator.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         automatic: bool,
+        /// A spread (`SpreadJobs`): the destinations the operator allowed (empty: any
+        /// eligible daemon). Each job's `JobMoveStarted` says where it goes; `to` is the
+        /// first destination.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spread: Option<Vec<DaemonId>>,
     },
     JobMoveStarted {
         job: JobId,
@@ -153,9 +158,9 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         cancelled: bool,
     },
-    /// An operator cancelled the move (`CancelMove`): `cancelled` of its jobs went back
-    /// to their previous owners (each its `JobMoveFailed` with `cancelled`), and none
-    /// of it starts any more. The cancel command's last event.
+    /// An operator cancelled the move (`CancelMove`): none of it starts any more, and
+    /// the `cancelled` jobs still moving go back to their previous owners (each its
+    /// `JobMoveFailed` with `cancelled`, after it). The cancel command's first event.
     MoveCancelled {
         move_id: CommandId,
         reason: String,

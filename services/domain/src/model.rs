@@ -17,6 +17,8 @@ pub const MAX_DAEMON_FILTER: usize = 256;
 pub const MAX_SHARDS: usize = 256;
 /// Longest reason an operator may give for a move.
 pub const MAX_REASON: usize = 1024;
+/// The most destinations a spread may name.
+pub const MAX_SPREAD_TO: usize = 1000;
 /// Longest an oplog store keeps a job's oplog when it has to grow its retention (14 days).
 pub const MAX_OPLOG_TTL_HOURS: u32 = 14 * 24;
 /// Most workers a daemon may run.

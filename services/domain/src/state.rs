@@ -111,6 +111,13 @@ pub struct Move {
     /// Started by the failover policy.
     #[serde(default)]
     pub automatic: bool,
+    /// A spread over these destinations (empty: any eligible), as `MoveStarted` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<Vec<DaemonId>>,
+    /// Cancelled (`MoveCancelled`), with the reason: nothing more starts, and the jobs
+    /// still moving go back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled: Option<String>,
     /// Each started job's phase.
     pub jobs: BTreeMap<JobId, MovePhase>,
 }
@@ -242,6 +249,7 @@ impl State {
                 reason,
                 jobs,
                 automatic,
+                spread,
             } => {
                 self.moves.entry(move_id.clone()).or_insert_with(|| Move {
                     scope: scope.clone(),
@@ -250,6 +258,8 @@ impl State {
                     reason: reason.clone(),
                     planned: *jobs,
                     automatic: *automatic,
+                    spread: spread.clone(),
+                    cancelled: None,
                     jobs: BTreeMap::new(),
                 });
             }
@@ -268,10 +278,13 @@ impl State {
                     m.planned = *started;
                 }
             }
-            Event::MoveCancelled { move_id, .. } => {
+            Event::MoveCancelled {
+                move_id, reason, ..
+            } => {
                 // Nothing more starts: the move covers the jobs it started.
                 if let Some(m) = self.moves.get_mut(move_id) {
                     m.planned = m.jobs.len() as u32;
+                    m.cancelled = Some(reason.clone());
                 }
             }
             Event::JobMovePhaseReported {

@@ -49,6 +49,12 @@ fn commands() -> Vec<Command> {
         }),
         project("p2"),
         rs("p1", "new", 1),
+        Command::SpreadJobs(SpreadJobs {
+            from: d(1),
+            to: vec![],
+            reason: None,
+            dry_run: false,
+        }),
         Command::CancelMove(CancelMove {
             move_id: id(99),
             reason: "not now".into(),
@@ -138,7 +144,7 @@ proptest! {
         for c in commands() {
             let allowed = authorize(&who, &c, &w.state).is_ok();
             let expected = match &c {
-                Command::MoveJobs(_) | Command::MoveJob(_) | Command::CancelMove(_) | Command::ConfigureDaemon(_)
+                Command::MoveJobs(_) | Command::MoveJob(_) | Command::SpreadJobs(_) | Command::CancelMove(_) | Command::ConfigureDaemon(_)
                 | Command::RemoveDaemon(_) | Command::ConfigureProject(_) | Command::CreateBackupJobs(_) => admin,
                 Command::ReportDaemonLiveness(_) => admin || monitor,
                 Command::ReportHeadSpace(_) | Command::ReportMoveStuck(_) | Command::ReportFailoverGuard(_)

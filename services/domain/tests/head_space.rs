@@ -189,6 +189,7 @@ proptest! {
             reason: None,
             jobs: away as u32,
             automatic: false,
+            spread: None,
         });
         for i in 0..away {
             state.apply(&Event::JobMoveStarted {

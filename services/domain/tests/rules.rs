@@ -4,13 +4,11 @@
 mod common;
 
 use common::*;
-use handoff_domain::alert::AlertKind;
 use handoff_domain::command::*;
 use handoff_domain::event::{AssignmentCause, Event};
 use handoff_domain::model::{HeadDiskType, Liveness, MovePhase};
-use handoff_domain::rejection::Kind;
 use handoff_domain::state::{Assignment, DaemonStatus};
-use handoff_domain::{decide, Command, JobId, Label, Rejection, MAX_EVENTS_PER_UNIT};
+use handoff_domain::{decide, Command, Label, Rejection, MAX_EVENTS_PER_UNIT};
 
 fn refused(w: &mut World, c: Command) -> Rejection {
     let before = w.state.clone();
@@ -502,124 +500,4 @@ fn invalid_values_are_refused() {
         }),
     );
     assert!(matches!(r, Rejection::Invalid(_)));
-}
-
-fn cancel(move_id: &handoff_domain::CommandId) -> Command {
-    Command::CancelMove(CancelMove {
-        move_id: move_id.clone(),
-        reason: "not during the sale".into(),
-    })
-}
-
-/// An operator cancels a move: its jobs not completed go back to their previous owner
-/// with a new epoch, the completed one stays, no THEFT_FAILED is raised, the move is
-/// over, a late report of the destination is refused, and the jobs can move again.
-#[test]
-fn a_cancelled_move_sends_back_its_unfinished_jobs_without_theft_failed() {
-    let mut w = fleet();
-    let move_id = w.ok(move_jobs(1, 2)).plan.unwrap().move_id;
-    w.ok(Command::CompleteJobMove(CompleteJobMove {
-        job: j("p1/rs0"),
-        move_id: move_id.clone(),
-        epoch: 2,
-        head: rebuilt_head(),
-    }));
-    let decision = w.ok(cancel(&move_id));
-    let back: Vec<&JobId> = decision
-        .events()
-        .filter_map(|e| match e {
-            Event::JobMoveFailed {
-                job,
-                cancelled: true,
-                returned_to,
-                epoch: 3,
-                ..
-            } if *returned_to == d(1) => Some(job),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(back, [&j("p1/rs1"), &j("p1/rs2")]);
-    assert!(decision.events().any(|e| matches!(e,
-        Event::JobsAssigned { daemon, jobs, .. } if *daemon == d(1) && jobs.len() == 2)));
-    assert!(matches!(
-        decision.events().last(),
-        Some(Event::MoveCancelled { cancelled: 2, .. })
-    ));
-    for (job, owner, epoch) in [("p1/rs0", 2, 2), ("p1/rs1", 1, 3), ("p1/rs2", 1, 3)] {
-        let job = &w.state.jobs[&j(job)];
-        assert_eq!(job.assignment, Assignment::Assigned { daemon: d(owner) });
-        assert_eq!(job.epoch, epoch);
-    }
-    assert_eq!(w.state.daemons[&d(1)].used_bytes, 20 * GIB);
-    assert_eq!(w.state.daemons[&d(2)].used_bytes, 10 * GIB);
-    assert!(!w.state.moves.contains_key(&move_id), "the move is over");
-    assert!(
-        w.state
-            .alerts
-            .iter()
-            .all(|a| a.kind != AlertKind::TheftFailed),
-        "{:?}",
-        w.state.alerts
-    );
-    let late = refused(
-        &mut w,
-        Command::ReportJobMovePhase(ReportJobMovePhase {
-            job: j("p1/rs1"),
-            move_id: move_id.clone(),
-            epoch: 2,
-            phase: MovePhase::ReplayingOplog,
-        }),
-    );
-    assert!(matches!(late, Rejection::MoveNotInProgress { .. }));
-    assert!(matches!(
-        refused(&mut w, cancel(&move_id)),
-        Rejection::NotFound {
-            kind: Kind::Move,
-            ..
-        }
-    ));
-    w.ok(move_job("p1/rs1", 3));
-}
-
-/// A cancel of more jobs than fit one atomic unit is split into units, each touching an
-/// aggregate once; decided again after the first unit it sends back the rest, and the
-/// move is cancelled once.
-#[test]
-fn a_large_cancel_is_split_into_atomic_units_and_can_continue() {
-    let mut w = World::new();
-    w.ok(register(1, 10_000));
-    w.ok(project("p1"));
-    for c in 0..5 {
-        w.ok(cluster("p1", &format!("c{c}"), 255, 1));
-    }
-    w.ok(register(2, 10_000));
-    let move_id = w.ok(move_jobs(1, 2)).plan.unwrap().move_id;
-    let ctx = w.ctx();
-    let decision = decide(&cancel(&move_id), &ctx, &w.state).unwrap();
-    assert!(decision.units.len() > 1);
-    for unit in &decision.units {
-        assert!(unit.len() <= MAX_EVENTS_PER_UNIT);
-        let mut aggregates: Vec<_> = unit.iter().map(|e| e.aggregate()).collect();
-        aggregates.sort();
-        let n = aggregates.len();
-        aggregates.dedup();
-        assert_eq!(aggregates.len(), n, "a unit touches an aggregate twice");
-    }
-    for e in &decision.units[0] {
-        w.state.apply(e);
-    }
-    let rest = decide(&cancel(&move_id), &ctx, &w.state).unwrap();
-    assert_eq!(rest.units.len(), decision.units.len() - 1);
-    let cancelled = decision.units[0]
-        .iter()
-        .chain(rest.events())
-        .filter(|e| matches!(e, Event::MoveCancelled { .. }))
-        .count();
-    assert_eq!(cancelled, 1);
-    for e in rest.events() {
-        w.state.apply(e);
-    }
-    assert_eq!(w.state.daemons[&d(1)].jobs.len(), 5 * 256);
-    assert!(w.state.daemons[&d(2)].jobs.is_empty());
-    assert!(w.state.moves.is_empty());
 }

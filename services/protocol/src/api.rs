@@ -79,6 +79,7 @@ endpoints! {
     "create-backup-jobs" => CreateBackupJobs,
     "move-jobs" => MoveJobs,
     "move-job" => MoveJob,
+    "spread-jobs" => SpreadJobs,
     "report-job-move-phase" => ReportJobMovePhase,
     "complete-job-move" => CompleteJobMove,
     "fail-job-move" => FailJobMove,

@@ -86,6 +86,10 @@ pub struct MoveView {
     /// Who cancelled it, when and why (`CancelMove`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancelled: Option<Cancellation>,
+    /// A spread: the destinations allowed (empty: any eligible); `to` is the first
+    /// destination, and each job goes where its `JobMoveStarted` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<Vec<DaemonId>>,
 }
 
 /// An operator's cancellation of a move.
@@ -115,6 +119,8 @@ pub struct MoveSummary {
     pub automatic: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancelled: Option<Cancellation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<Vec<DaemonId>>,
 }
 
 impl From<MoveView> for MoveSummary {
@@ -137,6 +143,7 @@ impl From<MoveView> for MoveSummary {
             status: m.status,
             automatic: m.automatic,
             cancelled: m.cancelled,
+            spread: m.spread,
         }
     }
 }

@@ -186,12 +186,18 @@ pub fn describe(e: &Event) -> String {
             reason,
             jobs,
             automatic,
+            spread,
         } => format!(
-            "{}move {move_id} of {} from {from} to {to}: {jobs} job(s){}",
+            "{}move {move_id} of {} from {from} to {}: {jobs} job(s){}",
             if *automatic { "automatic " } else { "" },
             match scope {
                 MoveScope::AllJobsOf { .. } => "all jobs".to_owned(),
                 MoveScope::OneJob { job } => format!("job {job}"),
+            },
+            match spread {
+                None => to.to_string(),
+                Some(over) if over.is_empty() => "any eligible daemon (spread)".to_owned(),
+                Some(over) => format!("{} daemon(s) (spread)", over.len()),
             },
             reason
                 .as_deref()

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use clap::Args;
 use futures::StreamExt;
-use handoff_domain::command::{CancelMove, FailJobMove, MoveJob, MoveJobs};
+use handoff_domain::command::{CancelMove, FailJobMove, MoveJob, MoveJobs, SpreadJobs};
 use handoff_domain::model::MovePhase;
 use handoff_domain::state::Assignment;
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId, MovePlan};
@@ -41,9 +41,14 @@ pub struct MoveJobsArgs {
     /// The daemon whose jobs move (usually a lost one).
     #[arg(long, value_parser = daemon_id)]
     pub from: DaemonId,
-    /// The daemon that takes them.
-    #[arg(long, value_parser = daemon_id)]
-    pub to: DaemonId,
+    /// The daemon that takes them; with --spread, one of the daemons allowed to (repeat
+    /// it; none: any daemon up with assignment enabled).
+    #[arg(long, value_parser = daemon_id, required_unless_present = "spread")]
+    pub to: Vec<DaemonId>,
+    /// Spread the jobs over several daemons, each job placed by the failover policy's
+    /// rules (the fewest rebuilds, then the most free head space): one move, one id.
+    #[arg(long)]
+    pub spread: bool,
     #[command(flatten)]
     pub options: MoveOptions,
 }
@@ -149,12 +154,25 @@ pub async fn fail_move(ctx: &Context, a: FailMoveArgs) -> Result<(), Failure> {
 }
 
 pub async fn move_jobs(ctx: &Context, a: MoveJobsArgs) -> Result<(), Failure> {
-    let command = Command::MoveJobs(MoveJobs {
-        from: a.from,
-        to: a.to,
-        reason: a.options.reason.clone(),
-        dry_run: a.options.dry_run,
-    });
+    let command = match (a.spread, <[DaemonId; 1]>::try_from(a.to)) {
+        (false, Ok([to])) => Command::MoveJobs(MoveJobs {
+            from: a.from,
+            to,
+            reason: a.options.reason.clone(),
+            dry_run: a.options.dry_run,
+        }),
+        (false, Err(_)) => {
+            return Err(Failure::Usage(
+                "--to names one daemon, unless --spread spreads the jobs over several".into(),
+            ))
+        }
+        (true, to) => Command::SpreadJobs(SpreadJobs {
+            from: a.from,
+            to: to.map_or_else(|many| many, Vec::from),
+            reason: a.options.reason.clone(),
+            dry_run: a.options.dry_run,
+        }),
+    };
     run_move(ctx, command, a.options).await
 }
 
@@ -232,12 +250,13 @@ fn print_plan(plan: &MovePlan, dry_run: bool) {
         plan.from,
         plan.to
     );
-    let mut t = Table::new(&["  JOB", "HEAD", "NEW EPOCH"]);
+    let mut t = Table::new(&["  JOB", "HEAD", "NEW EPOCH", "TO"]);
     for j in &plan.jobs {
         t.row(vec![
             format!("  {}", j.job),
             bytes(j.head_size_bytes),
             j.epoch.to_string(),
+            j.to.as_ref().unwrap_or(&plan.to).to_string(),
         ]);
     }
     t.print();
@@ -245,13 +264,25 @@ fn print_plan(plan: &MovePlan, dry_run: bool) {
     for c in &plan.checks {
         println!("  ok  {:<24} {}", c.name, c.detail);
     }
-    println!(
-        "head space on {}: {} free before, {} after (the jobs use {})",
-        plan.to,
-        bytes(plan.destination_free_before),
-        bytes(plan.destination_free_after),
-        bytes(plan.needed_bytes)
-    );
+    if plan.destinations.is_empty() {
+        println!(
+            "head space on {}: {} free before, {} after (the jobs use {})",
+            plan.to,
+            bytes(plan.destination_free_before),
+            bytes(plan.destination_free_after),
+            bytes(plan.needed_bytes)
+        );
+    }
+    for d in &plan.destinations {
+        println!(
+            "head space on {}: {} free before, {} after ({} job(s) using {})",
+            d.daemon,
+            bytes(d.free_before),
+            bytes(d.free_after),
+            d.jobs,
+            bytes(d.needed_bytes)
+        );
+    }
 }
 
 /// The jobs a move started, read from the stream.

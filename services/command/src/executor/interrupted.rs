@@ -94,8 +94,33 @@ impl Executor {
     /// it is the same command.
     pub(super) fn continuation(&self, id: &CommandId) -> Option<CommandRequest<Command>> {
         let record = self.model.command(id)?;
+        // A cancel starts with its `MoveCancelled`, on the cancelled move's subject; the
+        // state keeps the reason while the move's jobs go back.
+        if let Some(first) = record.events.first().filter(|e| e.kind == "MoveCancelled") {
+            let move_id = first
+                .subject
+                .strip_prefix(&format!("{}.move.", subjects::EVENTS))
+                .and_then(|m| CommandId::new(m).ok())?;
+            let reason = self.model.state.moves.get(&move_id)?.cancelled.clone()?;
+            let request = CommandRequest {
+                id: id.clone(),
+                actor: record.actor.clone()?,
+                at: now_ms(),
+                client: None,
+                command: Command::CancelMove(CancelMove { move_id, reason }),
+            };
+            return (digest(&request) == record.digest).then_some(request);
+        }
         let m = self.model.state.moves.get(id)?;
         let command = match (&m.scope, m.automatic) {
+            (MoveScope::AllJobsOf { .. }, false) if m.spread.is_some() => {
+                Command::SpreadJobs(SpreadJobs {
+                    from: m.from.clone(),
+                    to: m.spread.clone().unwrap_or_default(),
+                    reason: m.reason.clone(),
+                    dry_run: false,
+                })
+            }
             (MoveScope::AllJobsOf { .. }, false) => Command::MoveJobs(MoveJobs {
                 from: m.from.clone(),
                 to: m.to.clone(),

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use handoff_domain::auth::{authorize, Principal};
-use handoff_domain::command::{MoveJob, MoveJobs};
+use handoff_domain::command::{CancelMove, MoveJob, MoveJobs, SpreadJobs};
 use handoff_domain::decide::alert_of_rejection;
 use handoff_domain::model::{AlertKey, AlertKind, MoveScope};
 use handoff_domain::{
@@ -146,6 +146,7 @@ fn is_dry_run(command: &Command) -> bool {
     match command {
         Command::MoveJobs(c) => c.dry_run,
         Command::MoveJob(c) => c.dry_run,
+        Command::SpreadJobs(c) => c.dry_run,
         _ => false,
     }
 }
@@ -550,6 +551,9 @@ fn guard_of(event: &Event) -> Option<&'static str> {
         Event::MoveStarted {
             automatic: true, ..
         } => Some(subjects::DAEMON_EVENTS),
+        // A cancel reads which of the move's jobs are moving: a job started meanwhile
+        // (the rest of an interrupted move, by another instance) makes it a conflict.
+        Event::MoveCancelled { .. } => Some(subjects::JOB_EVENTS),
         _ => None,
     }
 }

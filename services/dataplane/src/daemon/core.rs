@@ -96,11 +96,12 @@ pub enum WorkEnd {
 /// How the move of a released job ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoveEnd {
-    /// Completed with another daemon: the job's head here is no longer needed.
+    /// Completed with another daemon, or failed back to another (the destination of a
+    /// cancelled move, released from it): the job's head here is no longer needed.
     CompletedElsewhere,
     /// Completed with this daemon (its assignment arrives on the subject).
     CompletedHere,
-    /// Failed: the job returns to its source, maybe this daemon, which keeps the head.
+    /// Failed: the job returns to this daemon, its source, which keeps the head.
     Failed,
 }
 

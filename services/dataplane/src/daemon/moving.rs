@@ -433,7 +433,16 @@ fn move_end<'a>(
             true => MoveEnd::CompletedHere,
             false => MoveEnd::CompletedElsewhere,
         }),
-        Event::JobMoveFailed { move_id: m, .. } if m == move_id => Some(MoveEnd::Failed),
+        // Back to its source: this daemon keeps its head; any other (the destination of
+        // a cancelled move, released) lets it go.
+        Event::JobMoveFailed {
+            move_id: m,
+            returned_to,
+            ..
+        } if m == move_id => Some(match returned_to == me {
+            true => MoveEnd::Failed,
+            false => MoveEnd::CompletedElsewhere,
+        }),
         _ => None,
     })
 }
@@ -505,6 +514,17 @@ mod tests {
             Some(MoveEnd::Failed)
         );
         assert_eq!(end(&[failed(&other), resized]), None);
+        // Cancelled while this daemon rebuilt it (released from it): back to the source,
+        // so the head here goes.
+        let cancelled = Event::JobMoveFailed {
+            job: job.clone(),
+            move_id: watched.clone(),
+            reason: "not now".into(),
+            returned_to: them.clone(),
+            epoch: 4,
+            cancelled: true,
+        };
+        assert_eq!(end(&[cancelled]), Some(MoveEnd::CompletedElsewhere));
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - `users`: add and remove users (the last GLOBAL_OWNER stays).
 //! - `jobs`: projects and their backup jobs: creation with placement, oplog TTL reports.
 //! - `moves`: the checks of a move, its plan and events, and the destination's reports.
+//! - `spread`: a move of a daemon's jobs over several destinations, placed by the
+//!   failover policy's rules.
 //! - `failover`: the automatic failover policy, which starts a move as `moves` does.
 //! - `alerts`: the monitor's reports that raise and close alerts, and the alert of a
 //!   rejection.
@@ -26,11 +28,12 @@ mod daemons;
 mod failover;
 mod jobs;
 mod moves;
+mod spread;
 mod users;
 
 pub use alerts::alert_of_rejection;
 pub use failover::failover_candidates;
-pub use moves::{Check, MovePlan, PlannedJob};
+pub use moves::{Check, DestinationPlan, MovePlan, PlannedJob};
 
 /// The most events one atomic unit may hold: JetStream's atomic batch limit (1,000) less
 /// the one message the command service adds to a command's first unit, its
@@ -90,6 +93,7 @@ pub fn decide(command: &Command, ctx: &Context, state: &State) -> Result<Decisio
         Command::ResizeOplogTtl(c) => jobs::resize_oplog_ttl(c, state),
         Command::MoveJobs(c) => moves::move_jobs(c, ctx, state),
         Command::MoveJob(c) => moves::move_job(c, ctx, state),
+        Command::SpreadJobs(c) => spread::spread_jobs(c, ctx, state),
         Command::ReportJobMovePhase(c) => moves::report_phase(c, state),
         Command::CompleteJobMove(c) => moves::complete(c, state),
         Command::FailJobMove(c) => moves::fail(c, state),

@@ -21,6 +21,21 @@ pub struct PlannedJob {
     pub head_size_bytes: u64,
     /// The destination's epoch for the job once the move starts.
     pub epoch: u64,
+    /// Where it goes, in a spread (the plan's `to` otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<DaemonId>,
+}
+
+/// One destination of a spread: how many jobs it gets and its head space before and
+/// after.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct DestinationPlan {
+    pub daemon: DaemonId,
+    pub jobs: u32,
+    pub needed_bytes: u64,
+    pub free_before: u64,
+    pub free_after: u64,
 }
 
 /// A check of MISSION rule 3 that the move passed.
@@ -43,8 +58,13 @@ pub struct MovePlan {
     pub checks: Vec<Check>,
     /// Head space the moved jobs use on the source.
     pub needed_bytes: u64,
+    /// The first destination's head space (a spread's every destination is in
+    /// `destinations`).
     pub destination_free_before: u64,
     pub destination_free_after: u64,
+    /// A spread's destinations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<DestinationPlan>,
 }
 
 pub(super) fn move_jobs(c: &MoveJobs, ctx: &Context, state: &State) -> Result<Decision, Rejection> {
@@ -63,7 +83,9 @@ pub(super) fn move_jobs(c: &MoveJobs, ctx: &Context, state: &State) -> Result<De
                     Assignment::Moving { move_id, .. } if *move_id == ctx.command))
         })
         .collect();
-    if continuing && jobs.is_empty() {
+    // A cancelled move starts nothing more.
+    let cancelled = continuing && state.moves[&ctx.command].cancelled.is_some();
+    if continuing && (jobs.is_empty() || cancelled) {
         return Ok(Decision::default());
     }
     if c.from == c.to {
@@ -183,11 +205,13 @@ pub(super) fn fail(c: &FailJobMove, state: &State) -> Result<Decision, Rejection
     ]))
 }
 
-/// Cancels a move in progress: each job still moving in it goes back to its previous
-/// owner with a new epoch, in units of at most [`MAX_EVENTS_PER_UNIT`] events, the last
-/// ending with `MoveCancelled`. Decided again after a partial append, it returns the
-/// jobs still moving. An interrupted move whose started jobs are all over is cancelled
-/// too (`MoveCancelled` alone): the rest never starts.
+/// Cancels a move in progress: `MoveCancelled` first (nothing more starts), then each job
+/// still moving goes back to its previous owner with a new epoch, the destination told
+/// to let it go (`JobsReleased` on its subject, before the job's `JobMoveFailed`: what
+/// a daemon watching the job reads after its release), in units of at most
+/// [`MAX_EVENTS_PER_UNIT`] events. Decided again after a partial append (the move is
+/// cancelled already), it sends back the jobs still moving. Refused when a job would go
+/// back to a daemon that is down or removed (the move of a failover, say).
 pub(super) fn cancel(c: &CancelMove, state: &State) -> Result<Decision, Rejection> {
     // The state keeps a move while it is in progress: one over (or never started) is
     // not found.
@@ -198,47 +222,67 @@ pub(super) fn cancel(c: &CancelMove, state: &State) -> Result<Decision, Rejectio
             kind: Kind::Move,
             id: c.move_id.to_string(),
         })?;
-    // By previous owner, so each unit tells each one once.
-    let moving: Vec<(&JobId, &DaemonId, u64)> = m
+    let moving: Vec<(&JobId, &DaemonId, &DaemonId, u64)> = m
         .jobs
         .keys()
         .filter_map(|j| {
             let job = state.jobs.get(j)?;
             match &job.assignment {
-                Assignment::Moving { move_id, from, .. } if *move_id == c.move_id => {
-                    Some((j, from, job.epoch + 1))
-                }
+                Assignment::Moving {
+                    move_id, from, to, ..
+                } if *move_id == c.move_id => Some((j, from, to, job.epoch + 1)),
                 _ => None,
             }
         })
         .collect();
-    let mut units = Vec::new();
-    // Room for one JobsAssigned per previous owner (one but for a failover's jobs) and
-    // the closing MoveCancelled.
-    let per_unit = (MAX_EVENTS_PER_UNIT - 1) / 2;
-    let mut chunks = moving.chunks(per_unit).peekable();
-    if chunks.peek().is_none() {
-        units.push(Vec::new());
+    for (_, from, _, _) in &moving {
+        let back = active_daemon(state, from)?;
+        if !back.is_up() {
+            return Err(Rejection::DestinationDown {
+                daemon: (*from).clone(),
+            });
+        }
     }
-    for chunk in chunks {
-        let mut unit: Vec<Event> = chunk
-            .iter()
-            .map(|(job, from, epoch)| Event::JobMoveFailed {
-                job: (*job).clone(),
-                move_id: c.move_id.clone(),
-                reason: c.reason.clone(),
-                returned_to: (*from).clone(),
-                epoch: *epoch,
-                cancelled: true,
-            })
-            .collect();
+    let mut units = Vec::new();
+    let mut head = Vec::new();
+    if m.cancelled.is_none() {
+        head.push(Event::MoveCancelled {
+            move_id: c.move_id.clone(),
+            reason: c.reason.clone(),
+            cancelled: moving.len() as u32,
+        });
+    }
+    // Per job one event, plus one per destination and per previous owner it brings to
+    // the unit: at most three per job.
+    let per_unit = (MAX_EVENTS_PER_UNIT - 1) / 3;
+    for chunk in moving.chunks(per_unit) {
+        let mut unit = std::mem::take(&mut head);
+        let mut released: std::collections::BTreeMap<&DaemonId, Vec<JobId>> = Default::default();
         let mut back: std::collections::BTreeMap<&DaemonId, Vec<AssignedJob>> = Default::default();
-        for (job, from, epoch) in chunk {
+        for (job, from, to, epoch) in chunk {
+            released.entry(to).or_default().push((*job).clone());
             back.entry(from).or_default().push(AssignedJob {
                 job: (*job).clone(),
                 epoch: *epoch,
             });
         }
+        unit.extend(released.into_iter().map(|(to, jobs)| Event::JobsReleased {
+            daemon: to.clone(),
+            move_id: c.move_id.clone(),
+            jobs,
+        }));
+        unit.extend(
+            chunk
+                .iter()
+                .map(|(job, from, _, epoch)| Event::JobMoveFailed {
+                    job: (*job).clone(),
+                    move_id: c.move_id.clone(),
+                    reason: c.reason.clone(),
+                    returned_to: (*from).clone(),
+                    epoch: *epoch,
+                    cancelled: true,
+                }),
+        );
         unit.extend(back.into_iter().map(|(daemon, jobs)| Event::JobsAssigned {
             daemon: daemon.clone(),
             cause: AssignmentCause::MoveFailed {
@@ -248,15 +292,74 @@ pub(super) fn cancel(c: &CancelMove, state: &State) -> Result<Decision, Rejectio
         }));
         units.push(unit);
     }
-    units
-        .last_mut()
-        .expect("one unit at least")
-        .push(Event::MoveCancelled {
-            move_id: c.move_id.clone(),
-            reason: c.reason.clone(),
-            cancelled: moving.len() as u32,
-        });
+    if !head.is_empty() {
+        units.push(head);
+    }
     Ok(Decision { units, plan: None })
+}
+
+/// The events of a move's jobs, each to its destination, in atomic units of at most
+/// [`MAX_EVENTS_PER_UNIT`] events: `head` (the move's start) first, then per unit each
+/// job's `JobMoveStarted`, the source's `JobsReleased` and each destination's
+/// `JobsAssigned` (every aggregate once per unit).
+pub(super) fn units_of(
+    state: &State,
+    ctx: &Context,
+    from: &DaemonId,
+    mut head: Vec<Event>,
+    jobs: &[(&PlannedJob, &DaemonId)],
+    reason: &Option<String>,
+) -> Vec<Vec<Event>> {
+    let mut units = Vec::new();
+    let mut rest = jobs;
+    while !rest.is_empty() {
+        // Room for this unit's JobsReleased and, in the first unit, what `head` holds;
+        // each job takes one event, and one more for a destination new to the unit.
+        let room = MAX_EVENTS_PER_UNIT - 1 - head.len();
+        let mut destinations = std::collections::BTreeSet::new();
+        let mut take = 0;
+        for (_, to) in rest {
+            let new = usize::from(!destinations.contains(to));
+            if take + destinations.len() + 1 + new > room {
+                break;
+            }
+            destinations.insert(*to);
+            take += 1;
+        }
+        let (chunk, tail) = rest.split_at(take);
+        rest = tail;
+        let mut unit = std::mem::take(&mut head);
+        unit.extend(chunk.iter().map(|(p, to)| Event::JobMoveStarted {
+            job: p.job.clone(),
+            move_id: ctx.command.clone(),
+            from: state.jobs[&p.job].owner().clone(),
+            to: (*to).clone(),
+            epoch: p.epoch,
+            reason: reason.clone(),
+        }));
+        unit.push(Event::JobsReleased {
+            daemon: from.clone(),
+            move_id: ctx.command.clone(),
+            jobs: chunk.iter().map(|(p, _)| p.job.clone()).collect(),
+        });
+        let mut assigned: std::collections::BTreeMap<&DaemonId, Vec<AssignedJob>> =
+            Default::default();
+        for (p, to) in chunk {
+            assigned.entry(*to).or_default().push(AssignedJob {
+                job: p.job.clone(),
+                epoch: p.epoch,
+            });
+        }
+        unit.extend(assigned.into_iter().map(|(to, jobs)| Event::JobsAssigned {
+            daemon: to.clone(),
+            cause: AssignmentCause::Move {
+                move_id: ctx.command.clone(),
+            },
+            jobs,
+        }));
+        units.push(unit);
+    }
+    units
 }
 
 /// The job is moving in `move_id` and the reporter holds its current epoch.
@@ -294,7 +397,7 @@ fn moving_job(
 }
 
 /// The checks of MISSION rule 3 on a destination for some jobs. Returns the checks passed.
-fn check_destination(
+pub(super) fn check_destination(
     state: &State,
     from: &DaemonId,
     to: &DaemonId,
@@ -402,6 +505,7 @@ pub(super) fn start_move(
                 job: (*j).clone(),
                 head_size_bytes: job.size.head_size_bytes,
                 epoch: job.epoch + 1,
+                to: None,
             }
         })
         .collect();
@@ -415,6 +519,7 @@ pub(super) fn start_move(
         needed_bytes: needed,
         destination_free_before: free,
         destination_free_after: free - needed,
+        destinations: Vec::new(),
     };
     if dry_run {
         return Ok(Decision {
@@ -433,45 +538,11 @@ pub(super) fn start_move(
             reason: reason.clone(),
             jobs: plan.jobs.len() as u32,
             automatic,
+            spread: None,
         });
     }
-    let mut units = Vec::new();
-    let mut rest = plan.jobs.as_slice();
-    while !rest.is_empty() {
-        // Room for this unit's JobsAssigned and JobsReleased and, in the first unit,
-        // MoveStarted.
-        let room = MAX_EVENTS_PER_UNIT - 2 - head.len();
-        let (chunk, tail) = rest.split_at(room.min(rest.len()));
-        rest = tail;
-        let mut unit = std::mem::take(&mut head);
-        unit.extend(chunk.iter().map(|p| Event::JobMoveStarted {
-            job: p.job.clone(),
-            move_id: ctx.command.clone(),
-            from: state.jobs[&p.job].owner().clone(),
-            to: to.clone(),
-            epoch: p.epoch,
-            reason: reason.clone(),
-        }));
-        unit.push(Event::JobsReleased {
-            daemon: from.clone(),
-            move_id: ctx.command.clone(),
-            jobs: chunk.iter().map(|p| p.job.clone()).collect(),
-        });
-        unit.push(Event::JobsAssigned {
-            daemon: to.clone(),
-            cause: AssignmentCause::Move {
-                move_id: ctx.command.clone(),
-            },
-            jobs: chunk
-                .iter()
-                .map(|p| AssignedJob {
-                    job: p.job.clone(),
-                    epoch: p.epoch,
-                })
-                .collect(),
-        });
-        units.push(unit);
-    }
+    let destined: Vec<(&PlannedJob, &DaemonId)> = plan.jobs.iter().map(|p| (p, to)).collect();
+    let units = units_of(state, ctx, from, head, &destined, reason);
     Ok(Decision {
         units,
         plan: Some(plan),

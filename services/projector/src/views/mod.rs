@@ -196,6 +196,8 @@ impl Views {
                         reason: m.reason.clone(),
                         planned: m.planned,
                         automatic: m.automatic,
+                        spread: m.spread.clone(),
+                        cancelled: m.cancelled.as_ref().map(|c| c.reason.clone()),
                         jobs: m.jobs.clone(),
                     },
                 );
@@ -307,6 +309,7 @@ impl Views {
                         status: MoveStatus::InProgress,
                         automatic: m.automatic,
                         cancelled: None,
+                        spread: m.spread.clone(),
                     };
                     self.moves.insert(move_id.clone(), view);
                     self.dirty.moves.entry(move_id.clone()).or_default();

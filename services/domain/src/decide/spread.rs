@@ -1,0 +1,209 @@
+//! A spread: every job of a daemon moved over several destinations in one move, each job
+//! placed by the failover policy's rules (eligible daemons only; the fewest rebuilds,
+//! then the most free head space, then the fewest jobs), counting what the plan has
+//! already put on each. Each destination passes the checks of an operator's move for the
+//! jobs it gets.
+
+use std::collections::BTreeMap;
+
+use super::moves::{check_destination, units_of, DestinationPlan, MovePlan, PlannedJob};
+use super::{active_daemon, daemon, filter_rejection, Context, Decision};
+use crate::command::SpreadJobs;
+use crate::event::Event;
+use crate::ids::{DaemonId, JobId};
+use crate::model::MoveScope;
+use crate::rejection::Rejection;
+use crate::state::{Assignment, State};
+
+/// What a destination holds as the plan fills it.
+struct Room<'a> {
+    daemon: &'a DaemonId,
+    free: u64,
+    rebuilding: u32,
+    jobs: u32,
+}
+
+pub(super) fn spread_jobs(
+    c: &SpreadJobs,
+    ctx: &Context,
+    state: &State,
+) -> Result<Decision, Rejection> {
+    let source = daemon(state, &c.from)?;
+    // Decided again after a partial append, the spread goes on with the jobs not yet
+    // moving in it.
+    let continuing = !c.dry_run && state.moves.contains_key(&ctx.command);
+    let mut jobs: Vec<&JobId> = source
+        .jobs
+        .iter()
+        .chain(state.jobs_moving_from(&c.from))
+        .filter(|j| {
+            !(continuing
+                && matches!(&state.jobs[*j].assignment,
+                    Assignment::Moving { move_id, .. } if *move_id == ctx.command))
+        })
+        .collect();
+    // A cancelled spread starts nothing more.
+    let cancelled = continuing && state.moves[&ctx.command].cancelled.is_some();
+    if continuing && (jobs.is_empty() || cancelled) {
+        return Ok(Decision::default());
+    }
+    if jobs.is_empty() {
+        return Err(Rejection::NothingToMove {
+            daemon: c.from.clone(),
+        });
+    }
+    for j in &jobs {
+        if let Assignment::Moving { move_id, .. } = &state.jobs[*j].assignment {
+            return Err(Rejection::JobAlreadyMoving {
+                job: (*j).clone(),
+                move_id: move_id.clone(),
+            });
+        }
+    }
+    // The destinations allowed: those named, each of which must be able to take jobs
+    // (or the refusal says why), or every daemon up that takes jobs.
+    let rebuilding = state.rebuilding();
+    let mut rooms: Vec<Room> = Vec::new();
+    if c.to.is_empty() {
+        for (id, d) in &state.daemons {
+            if *id != c.from && d.is_up() && d.settings.assignment_enabled {
+                rooms.push(Room {
+                    daemon: id,
+                    free: d.free_bytes(),
+                    rebuilding: rebuilding.get(id).copied().unwrap_or(0),
+                    jobs: d.jobs.len() as u32,
+                });
+            }
+        }
+    } else {
+        for id in &c.to {
+            if *id == c.from {
+                return Err(Rejection::MoveToSelf { daemon: id.clone() });
+            }
+            let d = active_daemon(state, id)?;
+            if !d.is_up() {
+                return Err(Rejection::DestinationDown { daemon: id.clone() });
+            }
+            if !d.settings.assignment_enabled {
+                return Err(Rejection::AssignmentDisabled { daemon: id.clone() });
+            }
+            let (key, _) = state.daemons.get_key_value(id).expect("an active daemon");
+            rooms.push(Room {
+                daemon: key,
+                free: d.free_bytes(),
+                rebuilding: rebuilding.get(id).copied().unwrap_or(0),
+                jobs: d.jobs.len() as u32,
+            });
+        }
+    }
+    // The largest heads first, where the most room is left; ties by id.
+    jobs.sort_by_key(|j| (std::cmp::Reverse(state.jobs[*j].size.head_size_bytes), *j));
+    let mut placed: BTreeMap<&DaemonId, Vec<&JobId>> = BTreeMap::new();
+    let mut destined: Vec<(&JobId, &DaemonId)> = Vec::new();
+    for j in &jobs {
+        let size = state.jobs[*j].size.head_size_bytes;
+        let best = rooms
+            .iter_mut()
+            .filter(|r| {
+                r.free > size
+                    && filter_rejection(state, j, r.daemon, &state.daemons[r.daemon]).is_none()
+            })
+            .min_by_key(|r| {
+                (
+                    r.rebuilding,
+                    std::cmp::Reverse(r.free),
+                    r.jobs,
+                    r.daemon.clone(),
+                )
+            });
+        let Some(best) = best else {
+            return Err(Rejection::BindFailure {
+                job: (*j).clone(),
+                detail: format!(
+                    "no destination of the spread ({}) is up with assignment enabled, room for its {size} bytes left by the jobs placed before it, and passes its project's filters",
+                    if c.to.is_empty() {
+                        "any daemon".to_owned()
+                    } else {
+                        format!("{} daemon(s) named", c.to.len())
+                    }
+                ),
+            });
+        };
+        best.free -= size;
+        best.rebuilding += 1;
+        best.jobs += 1;
+        placed.entry(best.daemon).or_default().push(j);
+        destined.push((j, best.daemon));
+    }
+    // Each destination passes the checks of a move of its jobs.
+    let mut checks = Vec::new();
+    let mut destinations = Vec::new();
+    for (to, its) in &placed {
+        let (passed, needed, free) = check_destination(state, &c.from, to, its)?;
+        checks.extend(passed.into_iter().map(|mut check| {
+            check.name = format!("{}: {}", to, check.name);
+            check
+        }));
+        destinations.push(DestinationPlan {
+            daemon: (*to).clone(),
+            jobs: its.len() as u32,
+            needed_bytes: needed,
+            free_before: free,
+            free_after: free - needed,
+        });
+    }
+    let planned: Vec<PlannedJob> = destined
+        .iter()
+        .map(|(j, to)| PlannedJob {
+            job: (*j).clone(),
+            head_size_bytes: state.jobs[*j].size.head_size_bytes,
+            epoch: state.jobs[*j].epoch + 1,
+            to: Some((*to).clone()),
+        })
+        .collect();
+    let first = &destinations[0];
+    let plan = MovePlan {
+        move_id: ctx.command.clone(),
+        scope: MoveScope::AllJobsOf {
+            daemon: c.from.clone(),
+        },
+        from: c.from.clone(),
+        to: first.daemon.clone(),
+        needed_bytes: destinations.iter().map(|d| d.needed_bytes).sum(),
+        destination_free_before: first.free_before,
+        destination_free_after: first.free_after,
+        jobs: planned,
+        checks,
+        destinations,
+    };
+    if c.dry_run {
+        return Ok(Decision {
+            units: vec![],
+            plan: Some(plan),
+        });
+    }
+    let mut head = Vec::new();
+    if !state.moves.contains_key(&ctx.command) {
+        head.push(Event::MoveStarted {
+            move_id: ctx.command.clone(),
+            scope: plan.scope.clone(),
+            from: c.from.clone(),
+            to: plan.to.clone(),
+            reason: c.reason.clone(),
+            jobs: plan.jobs.len() as u32,
+            automatic: false,
+            spread: Some(c.to.clone()),
+        });
+    }
+    let jobs: Vec<(&PlannedJob, &DaemonId)> = plan
+        .jobs
+        .iter()
+        .zip(&destined)
+        .map(|(p, (_, to))| (p, *to))
+        .collect();
+    let units = units_of(state, ctx, &c.from, head, &jobs, &c.reason);
+    Ok(Decision {
+        units,
+        plan: Some(plan),
+    })
+}

@@ -1,0 +1,112 @@
+//! Fleet operations from the command line, against `handoff up`: a spread of a daemon's
+//! jobs over several daemons, and a move followed with `--wait --json`.
+
+use anyhow::{Context as _, Result};
+use handoff_domain::command::CompleteJobMove;
+use handoff_domain::{Command, CommandId};
+use handoff_tests::*;
+
+const D1: &str = "backup1.example.net:/data/backup/";
+const D2: &str = "backup2.example.net:/data/backup/";
+const D3: &str = "backup3.example.net:/data/backup/";
+
+/// `move-jobs --spread` plans every job of a daemon over the others by the policy's
+/// rules (a dry run shows each job's destination and each destination's head space),
+/// then moves them in one move with one id; `--to` without `--spread` names one daemon.
+#[tokio::test]
+async fn move_jobs_spread_plans_and_moves_over_several_daemons() -> Result<()> {
+    let up = Up::start().await?;
+    let url = up.url();
+    let on_d1 = handoff_ok(&url, &["jobs", "--daemon", D1, "--json"])?.json()?;
+    let jobs = on_d1["total"].as_u64().expect("a total");
+    assert!(jobs >= 2, "{on_d1}");
+    let dry = handoff_ok(&url, &["move-jobs", "--from", D1, "--spread", "--dry-run"])?.stdout;
+    for expected in ["(dry run)", "TO", "head space on", "nothing changed"] {
+        assert!(dry.contains(expected), "{expected:?} missing from:\n{dry}");
+    }
+    assert_eq!(
+        handoff(&url, &["move-jobs", "--from", D1, "--to", D2, "--to", D3])?.code,
+        2
+    );
+    let applied = handoff_ok(
+        &url,
+        &[
+            "--json",
+            "move-jobs",
+            "--from",
+            D1,
+            "--spread",
+            "--to",
+            D2,
+            "--to",
+            D3,
+        ],
+    )?
+    .json()?;
+    let destinations: std::collections::BTreeSet<&str> = applied["plan"]["jobs"]
+        .as_array()
+        .expect("the plan's jobs")
+        .iter()
+        .filter_map(|j| j["to"].as_str())
+        .collect();
+    assert_eq!(destinations, [D2, D3].into(), "{applied}");
+    up.settle().await?;
+    let moving = handoff_ok(&url, &["jobs", "--moving", "--json"])?.json()?;
+    assert_eq!(moving["total"].as_u64(), Some(jobs));
+    let moves = handoff_ok(&url, &["moves", "--json"])?.json()?;
+    assert_eq!(moves["total"], 1, "{moves}");
+    assert_eq!(moves["items"][0]["spread"], serde_json::json!([D2, D3]));
+    Ok(())
+}
+
+/// `--wait --json` prints one JSON document per line: the command's reply (with the move's
+/// id) first, then each job's phases as the move goes.
+#[tokio::test]
+async fn move_with_wait_and_json_prints_the_reply_first() -> Result<()> {
+    let up = Up::start().await?;
+    let url = up.url();
+    let id = ulid::Ulid::new().to_string();
+    let mut wait = Background::spawn(
+        Some(&url),
+        &[
+            "move-job",
+            "sales/orders",
+            "--to",
+            D3,
+            "--id",
+            &id,
+            "--json",
+            "--wait",
+        ],
+    )?;
+    let first: serde_json::Value = serde_json::from_str(&wait.wait_for_line("{")?)?;
+    assert_eq!(first["command"], id.as_str(), "{first}");
+    assert_eq!(first["plan"]["move_id"], id.as_str(), "{first}");
+    let epoch = first["plan"]["jobs"][0]["epoch"]
+        .as_u64()
+        .expect("an epoch");
+    let daemon = up.daemon_user(3)?;
+    let complete = Command::CompleteJobMove(CompleteJobMove {
+        head: rebuilt_head(),
+        job: handoff_domain::JobId::new("sales/orders")?,
+        move_id: CommandId::new(id.clone())?,
+        epoch,
+    });
+    send_command(&up.server.connect().await?, &daemon, &new_id(), &complete)
+        .await?
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let (code, lines) = wait.finish()?;
+    assert_eq!(code, 0, "{lines:?}");
+    let documents: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not one JSON document: {l}")))
+        .collect::<Result<_>>()?;
+    assert_eq!(documents[0]["command"], id.as_str());
+    let last = documents.last().expect("lines");
+    assert_eq!(
+        (&last["job"], &last["phase"]),
+        (&"sales/orders".into(), &"completed".into()),
+        "{documents:?}"
+    );
+    Ok(())
+}
