@@ -363,7 +363,7 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use handoff_domain::{Actor, DaemonId};
+    use handoff_domain::{Actor, Command, DaemonId};
     use handoff_protocol::EventEnvelope;
 
     fn rejected(seq: u64, id: &CommandId, digest: &str, rejection: Rejection) -> Recorded {
@@ -443,15 +443,121 @@ mod tests {
     }
 
     fn cancelled(seq: u64, move_id: &CommandId) -> Recorded {
+        let mut r = recorded(seq, 1);
         let event = Event::MoveCancelled {
             move_id: move_id.clone(),
+            cancel_id: r.envelope.command.clone(),
             reason: "not now".into(),
             cancelled: 0,
         };
-        let mut r = recorded(seq, 1);
         r.subject = subjects::aggregate(&event.aggregate());
         r.envelope.event = event;
         r
+    }
+
+    /// Folds what `command` decides on the model's state as command `id`, its last
+    /// event marked last when `complete`.
+    fn fold_decision(model: &mut Model, id: &CommandId, command: Command, complete: bool) {
+        let ctx = handoff_domain::Context {
+            command: id.clone(),
+            actor: Actor::new("admin").unwrap(),
+            at_ms: 0,
+        };
+        let decision = handoff_domain::decide(&command, &ctx, &model.state).expect("accepted");
+        let events: Vec<Event> = decision.events().cloned().collect();
+        let n = events.len();
+        for (i, event) in events.into_iter().enumerate() {
+            let seq = model.applied + 1;
+            model
+                .apply(&Recorded {
+                    seq,
+                    subject: subjects::aggregate(&event.aggregate()),
+                    envelope: EventEnvelope {
+                        event,
+                        version: Event::VERSION,
+                        command: id.clone(),
+                        actor: ctx.actor.clone(),
+                        at: 0,
+                        last: complete && i + 1 == n,
+                        digest: String::new(),
+                        signature: None,
+                    },
+                })
+                .unwrap();
+        }
+    }
+
+    /// A cancel cut off before its last event ends once its move is over: the service
+    /// does not try to finish it for ever, and it leaves memory with the window.
+    #[test]
+    fn a_cancel_appended_in_part_ends_with_its_move() {
+        use handoff_domain::command::{
+            CancelMove, ConfigureProject, CreateBackupJobs, MoveJob, RegisterDaemon,
+        };
+        use handoff_domain::model::{DaemonSettings, Deployment, JobSize};
+        let mut model = Model::new(Config { window: 3 });
+        let daemon = |n: usize| DaemonId::new(format!("backup{n}.example.net:/data/")).unwrap();
+        let new = handoff_protocol::new_command_id;
+        for n in [1, 2] {
+            let settings = DaemonSettings {
+                head_space_bytes: 1 << 40,
+                ..DaemonSettings::default()
+            };
+            let register = Command::RegisterDaemon(RegisterDaemon {
+                daemon: daemon(n),
+                settings,
+            });
+            fold_decision(&mut model, &new(), register, true);
+        }
+        let project = handoff_domain::ProjectId::new("p").unwrap();
+        let configure = Command::ConfigureProject(ConfigureProject {
+            project: project.clone(),
+            daemon_filter: vec![],
+            label_filter: vec![],
+        });
+        fold_decision(&mut model, &new(), configure, true);
+        let create = Command::CreateBackupJobs(CreateBackupJobs {
+            project,
+            deployment: Deployment::ReplicaSet {
+                name: handoff_domain::ids::DeploymentName::new("rs").unwrap(),
+                size: JobSize {
+                    head_size_bytes: 1 << 30,
+                    oplog_bytes_per_hour: 0,
+                },
+            },
+        });
+        fold_decision(&mut model, &new(), create, true);
+        let job = handoff_domain::JobId::new("p/rs").unwrap();
+        let to = if model.state.jobs[&job].owner() == &daemon(1) {
+            2
+        } else {
+            1
+        };
+        let move_id = new();
+        let move_job = Command::MoveJob(MoveJob {
+            job,
+            to: daemon(to),
+            reason: None,
+            dry_run: false,
+        });
+        fold_decision(&mut model, &move_id, move_job, true);
+        let cancel_id = new();
+        let cancel = Command::CancelMove(CancelMove {
+            move_id: move_id.clone(),
+            reason: "not now".into(),
+        });
+        fold_decision(&mut model, &cancel_id, cancel, false);
+        assert!(
+            !model.state.moves.contains_key(&move_id),
+            "the move is over"
+        );
+        assert!(model.command(&cancel_id).is_some_and(|r| r.complete));
+        assert_eq!(model.incomplete().count(), 0);
+        for _ in 0..5 {
+            let seq = model.applied + 1;
+            model.apply(&recorded(seq, 3)).unwrap();
+        }
+        assert!(model.command(&cancel_id).is_none(), "still in memory");
     }
 
     /// A move appended in part, then cancelled by another command: its command is over

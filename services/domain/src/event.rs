@@ -163,6 +163,8 @@ pub enum Event {
     /// `JobMoveFailed` with `cancelled`, after it). The cancel command's first event.
     MoveCancelled {
         move_id: CommandId,
+        /// The cancel command's id (as its envelope's).
+        cancel_id: CommandId,
         reason: String,
         cancelled: u32,
     },

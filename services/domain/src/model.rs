@@ -191,7 +191,7 @@ pub enum JobStatus {
     Terminating,
 }
 
-/// Where one job's move stands. The last two are final.
+/// Where one job's move stands. The last three are final.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]

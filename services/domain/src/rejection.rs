@@ -83,6 +83,10 @@ pub enum Rejection {
     #[error("cannot move jobs: {daemon} has no jobs")]
     NothingToMove { daemon: DaemonId },
 
+    /// Another command cancelled the move already; the service finishes that cancel.
+    #[error("move {move_id} is already cancelled, by command {by}")]
+    AlreadyCancelled { move_id: CommandId, by: CommandId },
+
     /// The daemon was removed; it takes no jobs and cannot be changed.
     #[error("daemon {daemon} was removed")]
     DaemonRemoved { daemon: DaemonId },
@@ -196,6 +200,7 @@ impl Rejection {
             | JobAlreadyMoving { .. }
             | MoveNotInProgress { .. }
             | StaleEpoch { .. }
+            | AlreadyCancelled { .. }
             | KeyInUse { .. }
             | NotOnDaemon { .. } => RejectionClass::Conflict,
             MoveToSelf { .. }
@@ -228,6 +233,7 @@ impl Rejection {
             StaleEpoch { .. } => "stale_epoch",
             MoveToSelf { .. } => "move_to_self",
             NothingToMove { .. } => "nothing_to_move",
+            AlreadyCancelled { .. } => "already_cancelled",
             DaemonRemoved { .. } => "daemon_removed",
             DestinationDown { .. } => "destination_down",
             AssignmentDisabled { .. } => "assignment_disabled",

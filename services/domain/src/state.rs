@@ -114,12 +114,20 @@ pub struct Move {
     /// A spread over these destinations (empty: any eligible), as `MoveStarted` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread: Option<Vec<DaemonId>>,
-    /// Cancelled (`MoveCancelled`), with the reason: nothing more starts, and the jobs
-    /// still moving go back.
+    /// Cancelled (`MoveCancelled`): nothing more starts, and the jobs still moving go
+    /// back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cancelled: Option<String>,
+    pub cancelled: Option<Cancel>,
     /// Each started job's phase.
     pub jobs: BTreeMap<JobId, MovePhase>,
+}
+
+/// A move's cancellation: which command cancelled it, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Cancel {
+    pub by: CommandId,
+    pub reason: String,
 }
 
 impl Move {
@@ -279,12 +287,18 @@ impl State {
                 }
             }
             Event::MoveCancelled {
-                move_id, reason, ..
+                move_id,
+                cancel_id,
+                reason,
+                ..
             } => {
                 // Nothing more starts: the move covers the jobs it started.
                 if let Some(m) = self.moves.get_mut(move_id) {
                     m.planned = m.jobs.len() as u32;
-                    m.cancelled = Some(reason.clone());
+                    m.cancelled = Some(Cancel {
+                        by: cancel_id.clone(),
+                        reason: reason.clone(),
+                    });
                 }
             }
             Event::JobMovePhaseReported {

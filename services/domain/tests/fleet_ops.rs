@@ -122,17 +122,75 @@ fn a_cancel_never_sends_jobs_back_to_a_daemon_that_is_down() {
     assert!(matches!(r, Rejection::DestinationDown { daemon } if daemon == d(1)));
 }
 
+/// A move appended in part whose started jobs are all over is cancelled with an empty
+/// release on its source (a continuation decided before conflicts there); a second
+/// cancel, by another command, is refused while the same cancel decided again goes on.
+#[test]
+fn a_move_is_cancelled_by_one_command() {
+    let mut w = large_fleet(1);
+    let ctx = w.ctx();
+    let decision = decide(&move_jobs(1, 2), &ctx, &w.state).unwrap();
+    for e in &decision.units[0] {
+        w.state.apply(e);
+    }
+    let started: Vec<JobId> = w.state.moves[&ctx.command].jobs.keys().cloned().collect();
+    for job in &started {
+        w.ok(Command::CompleteJobMove(CompleteJobMove {
+            job: job.clone(),
+            move_id: ctx.command.clone(),
+            epoch: 2,
+            head: rebuilt_head(),
+        }));
+    }
+    let cancel_ctx = w.ctx();
+    let first = decide(&cancel(&ctx.command), &cancel_ctx, &w.state).unwrap();
+    let events: Vec<&Event> = first.events().collect();
+    assert!(
+        matches!(
+            events[..],
+            [
+                Event::MoveCancelled { cancelled: 0, .. },
+                Event::JobsReleased { daemon, jobs, .. }
+            ] if *daemon == d(1) && jobs.is_empty()
+        ),
+        "{events:?}"
+    );
+    for e in first.events() {
+        w.state.apply(e);
+    }
+    assert!(
+        w.state.moves.is_empty(),
+        "nothing more starts: the move is over"
+    );
+}
+
+/// While a cancel's jobs go back (a cancel appended in part), another cancel is refused
+/// with who cancelled; the same cancel decided again sends back the rest.
+#[test]
+fn a_second_cancel_is_refused_while_the_first_goes_on() {
+    let mut w = large_fleet(1);
+    let move_id = w.ok(move_jobs(1, 2)).plan.unwrap().move_id;
+    let ctx = w.ctx();
+    let decision = decide(&cancel(&move_id), &ctx, &w.state).unwrap();
+    for e in &decision.units[0] {
+        w.state.apply(e);
+    }
+    let second = decide(&cancel(&move_id), &w.ctx(), &w.state).unwrap_err();
+    assert!(
+        matches!(&second, Rejection::AlreadyCancelled { by, .. } if *by == ctx.command),
+        "{second:?}"
+    );
+    assert!(!decide(&cancel(&move_id), &ctx, &w.state)
+        .unwrap()
+        .units
+        .is_empty());
+}
+
 /// A move appended in part (its rest not started) is cancelled: what started goes back,
 /// the rest never starts, and the move is over.
 #[test]
 fn a_cancelled_interrupted_move_starts_nothing_more() {
-    let mut w = World::new();
-    w.ok(register(1, 10_000));
-    w.ok(project("p1"));
-    for c in 0..5 {
-        w.ok(cluster("p1", &format!("c{c}"), 255, 1));
-    }
-    w.ok(register(2, 10_000));
+    let mut w = large_fleet(1);
     let ctx = w.ctx();
     let decision = decide(&move_jobs(1, 2), &ctx, &w.state).unwrap();
     for e in &decision.units[0] {
@@ -152,13 +210,7 @@ fn a_cancelled_interrupted_move_starts_nothing_more() {
 /// move is cancelled once.
 #[test]
 fn a_large_cancel_is_split_into_atomic_units_and_can_continue() {
-    let mut w = World::new();
-    w.ok(register(1, 10_000));
-    w.ok(project("p1"));
-    for c in 0..5 {
-        w.ok(cluster("p1", &format!("c{c}"), 255, 1));
-    }
-    w.ok(register(2, 10_000));
+    let mut w = large_fleet(1);
     let move_id = w.ok(move_jobs(1, 2)).plan.unwrap().move_id;
     let ctx = w.ctx();
     let decision = decide(&cancel(&move_id), &ctx, &w.state).unwrap();
@@ -297,14 +349,7 @@ fn a_spread_over_named_destinations_refuses_what_cannot_take_jobs() {
 /// aggregate once; decided again after the first unit it starts the rest, once.
 #[test]
 fn a_large_spread_is_split_into_atomic_units_and_can_continue() {
-    let mut w = World::new();
-    w.ok(register(1, 10_000));
-    w.ok(project("p1"));
-    for c in 0..5 {
-        w.ok(cluster("p1", &format!("c{c}"), 255, 1));
-    }
-    w.ok(register(2, 10_000));
-    w.ok(register(3, 10_000));
+    let mut w = large_fleet(2);
     let ctx = w.ctx();
     let decision = decide(&spread(1, &[], false), &ctx, &w.state).unwrap();
     assert!(decision.units.len() > 1);
@@ -330,4 +375,35 @@ fn a_large_spread_is_split_into_atomic_units_and_can_continue() {
     let (on2, on3) = (w.state.rebuilding_on(&d(2)), w.state.rebuilding_on(&d(3)));
     assert_eq!(on2 + on3, 5 * 256);
     assert!(on2.abs_diff(on3) <= 1, "{on2} and {on3}");
+}
+
+/// With no destination named, a spread goes only where the failover policy may: a
+/// daemon that runs no backup jobs, or whose filters the job's project does not pass,
+/// takes none.
+#[test]
+fn a_spread_to_any_daemon_goes_only_where_the_policy_may() {
+    let mut w = fleet();
+    w.ok(Command::ConfigureDaemon(ConfigureDaemon {
+        daemon: d(3),
+        settings: handoff_domain::model::DaemonSettings {
+            backup_jobs_enabled: false,
+            ..settings(100)
+        },
+    }));
+    let plan = w.ok(spread(1, &[], true)).plan.unwrap();
+    assert!(
+        plan.jobs.iter().all(|p| p.to.as_ref() == Some(&d(2))),
+        "{plan:?}"
+    );
+    w.ok(register(4, 100));
+    w.ok(Command::ConfigureProject(ConfigureProject {
+        project: p("p1"),
+        daemon_filter: vec![d(4)],
+        label_filter: vec![],
+    }));
+    let plan = w.ok(spread(1, &[], true)).plan.unwrap();
+    assert!(
+        plan.jobs.iter().all(|p| p.to.as_ref() == Some(&d(4))),
+        "{plan:?}"
+    );
 }

@@ -424,13 +424,7 @@ fn liveness_reports_are_idempotent() {
 /// and does not start the move twice.
 #[test]
 fn a_large_move_is_split_into_atomic_units_and_can_continue() {
-    let mut w = World::new();
-    w.ok(register(1, 10_000));
-    w.ok(project("p1"));
-    for c in 0..5 {
-        w.ok(cluster("p1", &format!("c{c}"), 255, 1));
-    }
-    w.ok(register(2, 10_000));
+    let mut w = large_fleet(1);
     let ctx = w.ctx();
     let decision = decide(&move_jobs(1, 2), &ctx, &w.state).unwrap();
     assert_eq!(decision.units.len(), 2);

@@ -95,6 +95,8 @@ pub struct MoveView {
 /// An operator's cancellation of a move.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Cancellation {
+    /// The cancel command's id.
+    pub command: CommandId,
     pub by: String,
     pub at: u64,
     pub reason: String,

@@ -319,6 +319,7 @@ pub fn describe(e: &Event) -> String {
             move_id,
             reason,
             cancelled,
+            ..
         } => format!("move {move_id} cancelled: {reason}; {cancelled} job(s) sent back"),
         Event::HeadSpaceLow {
             daemon,

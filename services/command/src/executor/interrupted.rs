@@ -101,7 +101,14 @@ impl Executor {
                 .subject
                 .strip_prefix(&format!("{}.move.", subjects::EVENTS))
                 .and_then(|m| CommandId::new(m).ok())?;
-            let reason = self.model.state.moves.get(&move_id)?.cancelled.clone()?;
+            let reason = self
+                .model
+                .state
+                .moves
+                .get(&move_id)?
+                .cancelled
+                .clone()?
+                .reason;
             let request = CommandRequest {
                 id: id.clone(),
                 actor: record.actor.clone()?,

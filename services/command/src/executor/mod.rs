@@ -551,9 +551,6 @@ fn guard_of(event: &Event) -> Option<&'static str> {
         Event::MoveStarted {
             automatic: true, ..
         } => Some(subjects::DAEMON_EVENTS),
-        // A cancel reads which of the move's jobs are moving: a job started meanwhile
-        // (the rest of an interrupted move, by another instance) makes it a conflict.
-        Event::MoveCancelled { .. } => Some(subjects::JOB_EVENTS),
         _ => None,
     }
 }

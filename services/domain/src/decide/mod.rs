@@ -97,7 +97,7 @@ pub fn decide(command: &Command, ctx: &Context, state: &State) -> Result<Decisio
         Command::ReportJobMovePhase(c) => moves::report_phase(c, state),
         Command::CompleteJobMove(c) => moves::complete(c, state),
         Command::FailJobMove(c) => moves::fail(c, state),
-        Command::CancelMove(c) => moves::cancel(c, state),
+        Command::CancelMove(c) => moves::cancel(c, ctx, state),
         Command::FailoverJob(c) => failover::failover_job(c, ctx, state),
         Command::ReportHeadSpace(c) => alerts::report_head_space(c, state),
         Command::ReportMoveStuck(c) => alerts::report_move_stuck(c, state),

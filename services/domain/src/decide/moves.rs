@@ -67,35 +67,47 @@ pub struct MovePlan {
     pub destinations: Vec<DestinationPlan>,
 }
 
-pub(super) fn move_jobs(c: &MoveJobs, ctx: &Context, state: &State) -> Result<Decision, Rejection> {
-    let source = daemon(state, &c.from)?;
-    // Decided again after a partial append, the move goes on with the jobs not yet moving.
-    let continuing = !c.dry_run && state.moves.contains_key(&ctx.command);
-    // Its jobs, and those already moving away from it (which the checks then refuse:
-    // another move holds them).
+/// The jobs a move of every job of `from` covers: its jobs, and those already moving
+/// away from it (which the checks then refuse: another move holds them). Decided again
+/// after a partial append (`continuing`), the move goes on with the jobs not yet moving
+/// in it; `None` when nothing is left to start, or the move was cancelled meanwhile.
+pub(super) fn jobs_of<'a>(
+    state: &'a State,
+    ctx: &Context,
+    from: &'a DaemonId,
+    dry_run: bool,
+) -> Result<Option<Vec<&'a JobId>>, Rejection> {
+    let source = daemon(state, from)?;
+    let continuing = !dry_run && state.moves.contains_key(&ctx.command);
     let jobs: Vec<&JobId> = source
         .jobs
         .iter()
-        .chain(state.jobs_moving_from(&c.from))
+        .chain(state.jobs_moving_from(from))
         .filter(|j| {
             !(continuing
                 && matches!(&state.jobs[*j].assignment,
                     Assignment::Moving { move_id, .. } if *move_id == ctx.command))
         })
         .collect();
-    // A cancelled move starts nothing more.
     let cancelled = continuing && state.moves[&ctx.command].cancelled.is_some();
     if continuing && (jobs.is_empty() || cancelled) {
-        return Ok(Decision::default());
-    }
-    if c.from == c.to {
-        return Err(Rejection::MoveToSelf {
-            daemon: c.to.clone(),
-        });
+        return Ok(None);
     }
     if jobs.is_empty() {
         return Err(Rejection::NothingToMove {
-            daemon: c.from.clone(),
+            daemon: from.clone(),
+        });
+    }
+    Ok(Some(jobs))
+}
+
+pub(super) fn move_jobs(c: &MoveJobs, ctx: &Context, state: &State) -> Result<Decision, Rejection> {
+    let Some(jobs) = jobs_of(state, ctx, &c.from, c.dry_run)? else {
+        return Ok(Decision::default());
+    };
+    if c.from == c.to {
+        return Err(Rejection::MoveToSelf {
+            daemon: c.to.clone(),
         });
     }
     start_move(
@@ -210,9 +222,10 @@ pub(super) fn fail(c: &FailJobMove, state: &State) -> Result<Decision, Rejection
 /// to let it go (`JobsReleased` on its subject, before the job's `JobMoveFailed`: what
 /// a daemon watching the job reads after its release), in units of at most
 /// [`MAX_EVENTS_PER_UNIT`] events. Decided again after a partial append (the move is
-/// cancelled already), it sends back the jobs still moving. Refused when a job would go
-/// back to a daemon that is down or removed (the move of a failover, say).
-pub(super) fn cancel(c: &CancelMove, state: &State) -> Result<Decision, Rejection> {
+/// cancelled already by this command), it sends back the jobs still moving. Refused when
+/// another command cancelled the move already, or when a job would go back to a daemon
+/// that is down or removed (the move of a failover, say).
+pub(super) fn cancel(c: &CancelMove, ctx: &Context, state: &State) -> Result<Decision, Rejection> {
     // The state keeps a move while it is in progress: one over (or never started) is
     // not found.
     let m = state
@@ -243,14 +256,35 @@ pub(super) fn cancel(c: &CancelMove, state: &State) -> Result<Decision, Rejectio
             });
         }
     }
+    match &m.cancelled {
+        Some(earlier) if earlier.by != ctx.command => {
+            return Err(Rejection::AlreadyCancelled {
+                move_id: c.move_id.clone(),
+                by: earlier.by.clone(),
+            })
+        }
+        _ => {}
+    }
     let mut units = Vec::new();
     let mut head = Vec::new();
     if m.cancelled.is_none() {
         head.push(Event::MoveCancelled {
             move_id: c.move_id.clone(),
+            cancel_id: ctx.command.clone(),
             reason: c.reason.clone(),
             cancelled: moving.len() as u32,
         });
+        if moving.is_empty() {
+            // Only the rest of an interrupted move is left, on its source: an empty
+            // release there says nothing more leaves it, and makes a continuation of the
+            // move decided before this cancel (its units release from the source) a
+            // conflict.
+            head.push(Event::JobsReleased {
+                daemon: m.from.clone(),
+                move_id: c.move_id.clone(),
+                jobs: Vec::new(),
+            });
+        }
     }
     // Per job one event, plus one per destination and per previous owner it brings to
     // the unit: at most three per job.

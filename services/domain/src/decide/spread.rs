@@ -6,11 +6,11 @@
 
 use std::collections::BTreeMap;
 
-use super::moves::{check_destination, units_of, DestinationPlan, MovePlan, PlannedJob};
-use super::{active_daemon, daemon, filter_rejection, Context, Decision};
+use super::moves::{check_destination, jobs_of, units_of, DestinationPlan, MovePlan, PlannedJob};
+use super::{active_daemon, filter_rejection, Context, Decision};
 use crate::command::SpreadJobs;
 use crate::event::Event;
-use crate::ids::{DaemonId, JobId};
+use crate::ids::{DaemonId, JobId, ProjectId};
 use crate::model::MoveScope;
 use crate::rejection::Rejection;
 use crate::state::{Assignment, State};
@@ -28,30 +28,9 @@ pub(super) fn spread_jobs(
     ctx: &Context,
     state: &State,
 ) -> Result<Decision, Rejection> {
-    let source = daemon(state, &c.from)?;
-    // Decided again after a partial append, the spread goes on with the jobs not yet
-    // moving in it.
-    let continuing = !c.dry_run && state.moves.contains_key(&ctx.command);
-    let mut jobs: Vec<&JobId> = source
-        .jobs
-        .iter()
-        .chain(state.jobs_moving_from(&c.from))
-        .filter(|j| {
-            !(continuing
-                && matches!(&state.jobs[*j].assignment,
-                    Assignment::Moving { move_id, .. } if *move_id == ctx.command))
-        })
-        .collect();
-    // A cancelled spread starts nothing more.
-    let cancelled = continuing && state.moves[&ctx.command].cancelled.is_some();
-    if continuing && (jobs.is_empty() || cancelled) {
+    let Some(mut jobs) = jobs_of(state, ctx, &c.from, c.dry_run)? else {
         return Ok(Decision::default());
-    }
-    if jobs.is_empty() {
-        return Err(Rejection::NothingToMove {
-            daemon: c.from.clone(),
-        });
-    }
+    };
     for j in &jobs {
         if let Assignment::Moving { move_id, .. } = &state.jobs[*j].assignment {
             return Err(Rejection::JobAlreadyMoving {
@@ -60,13 +39,20 @@ pub(super) fn spread_jobs(
             });
         }
     }
-    // The destinations allowed: those named, each of which must be able to take jobs
-    // (or the refusal says why), or every daemon up that takes jobs.
+    // The destinations allowed: those named, each of which must be able to take jobs as
+    // an operator's move requires (or the refusal says why; decided again after a
+    // partial append, one that cannot any more is skipped), or, none named, every daemon
+    // the failover policy may choose: up, with assignment and backup jobs enabled.
+    let continuing = state.moves.contains_key(&ctx.command);
     let rebuilding = state.rebuilding();
     let mut rooms: Vec<Room> = Vec::new();
     if c.to.is_empty() {
         for (id, d) in &state.daemons {
-            if *id != c.from && d.is_up() && d.settings.assignment_enabled {
+            if *id != c.from
+                && d.is_up()
+                && d.settings.assignment_enabled
+                && d.settings.backup_jobs_enabled
+            {
                 rooms.push(Room {
                     daemon: id,
                     free: d.free_bytes(),
@@ -80,13 +66,20 @@ pub(super) fn spread_jobs(
             if *id == c.from {
                 return Err(Rejection::MoveToSelf { daemon: id.clone() });
             }
-            let d = active_daemon(state, id)?;
-            if !d.is_up() {
-                return Err(Rejection::DestinationDown { daemon: id.clone() });
+            let unfit = match active_daemon(state, id) {
+                Err(r) => Some(r),
+                Ok(d) if !d.is_up() => Some(Rejection::DestinationDown { daemon: id.clone() }),
+                Ok(d) if !d.settings.assignment_enabled => {
+                    Some(Rejection::AssignmentDisabled { daemon: id.clone() })
+                }
+                Ok(_) => None,
+            };
+            match unfit {
+                Some(_) if continuing => continue,
+                Some(r) => return Err(r),
+                None => {}
             }
-            if !d.settings.assignment_enabled {
-                return Err(Rejection::AssignmentDisabled { daemon: id.clone() });
-            }
+            let d = &state.daemons[id];
             let (key, _) = state.daemons.get_key_value(id).expect("an active daemon");
             rooms.push(Room {
                 daemon: key,
@@ -100,27 +93,27 @@ pub(super) fn spread_jobs(
     jobs.sort_by_key(|j| (std::cmp::Reverse(state.jobs[*j].size.head_size_bytes), *j));
     let mut placed: BTreeMap<&DaemonId, Vec<&JobId>> = BTreeMap::new();
     let mut destined: Vec<(&JobId, &DaemonId)> = Vec::new();
+    // Which rooms pass each project's filters, worked out once per project.
+    let mut passes: BTreeMap<ProjectId, Vec<bool>> = BTreeMap::new();
     for j in &jobs {
         let size = state.jobs[*j].size.head_size_bytes;
+        let fits = passes.entry(j.project()).or_insert_with(|| {
+            rooms
+                .iter()
+                .map(|r| filter_rejection(state, j, r.daemon, &state.daemons[r.daemon]).is_none())
+                .collect()
+        });
         let best = rooms
             .iter_mut()
-            .filter(|r| {
-                r.free > size
-                    && filter_rejection(state, j, r.daemon, &state.daemons[r.daemon]).is_none()
-            })
-            .min_by_key(|r| {
-                (
-                    r.rebuilding,
-                    std::cmp::Reverse(r.free),
-                    r.jobs,
-                    r.daemon.clone(),
-                )
-            });
+            .zip(fits.iter())
+            .filter(|(r, fits)| **fits && r.free > size)
+            .map(|(r, _)| r)
+            .min_by_key(|r| (r.rebuilding, std::cmp::Reverse(r.free), r.jobs, r.daemon));
         let Some(best) = best else {
             return Err(Rejection::BindFailure {
                 job: (*j).clone(),
                 detail: format!(
-                    "no destination of the spread ({}) is up with assignment enabled, room for its {size} bytes left by the jobs placed before it, and passes its project's filters",
+                    "no destination of the spread ({}) is up and takes jobs, has room for its {size} bytes left by the jobs placed before it, and passes its project's filters",
                     if c.to.is_empty() {
                         "any daemon".to_owned()
                     } else {
@@ -169,7 +162,11 @@ pub(super) fn spread_jobs(
         },
         from: c.from.clone(),
         to: first.daemon.clone(),
-        needed_bytes: destinations.iter().map(|d| d.needed_bytes).sum(),
+        // As `check_destination` adds heads up: a sum past u64 counts as u64::MAX.
+        needed_bytes: destinations
+            .iter()
+            .try_fold(0u64, |sum, d| sum.checked_add(d.needed_bytes))
+            .unwrap_or(u64::MAX),
         destination_free_before: first.free_before,
         destination_free_after: first.free_after,
         jobs: planned,

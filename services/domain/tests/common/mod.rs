@@ -181,6 +181,22 @@ pub fn fleet() -> World {
     w
 }
 
+/// Daemon 1 with 1,280 jobs (five sharded clusters of 255 shards and their config
+/// servers, 1 GiB each): more than one atomic unit moves; then daemons 2 to
+/// `1 + destinations`, 10,000 GiB each.
+pub fn large_fleet(destinations: usize) -> World {
+    let mut w = World::new();
+    w.ok(register(1, 10_000));
+    w.ok(project("p1"));
+    for c in 0..5 {
+        w.ok(cluster("p1", &format!("c{c}"), 255, 1));
+    }
+    for n in 0..destinations {
+        w.ok(register(2 + n, 10_000));
+    }
+    w
+}
+
 /// Where a rebuilt head stands, as a destination reports it when it completes a move.
 pub fn rebuilt_head() -> Option<handoff_domain::model::HeadPoint> {
     Some(handoff_domain::model::HeadPoint {

@@ -197,7 +197,10 @@ impl Views {
                         planned: m.planned,
                         automatic: m.automatic,
                         spread: m.spread.clone(),
-                        cancelled: m.cancelled.as_ref().map(|c| c.reason.clone()),
+                        cancelled: m.cancelled.as_ref().map(|c| handoff_domain::state::Cancel {
+                            by: c.command.clone(),
+                            reason: c.reason.clone(),
+                        }),
                         jobs: m.jobs.clone(),
                     },
                 );
@@ -322,8 +325,12 @@ impl Views {
                         .insert(move_id.clone(), move_lists(Some(view)));
                 }
                 view.updated_at = r.envelope.at;
-                if let Event::MoveCancelled { reason, .. } = event {
+                if let Event::MoveCancelled {
+                    reason, cancel_id, ..
+                } = event
+                {
                     view.cancelled = Some(handoff_protocol::views::Cancellation {
+                        command: cancel_id.clone(),
                         by: r.envelope.actor.to_string(),
                         at: r.envelope.at,
                         reason: reason.clone(),
