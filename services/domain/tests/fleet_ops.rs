@@ -123,8 +123,7 @@ fn a_cancel_never_sends_jobs_back_to_a_daemon_that_is_down() {
 }
 
 /// A move appended in part whose started jobs are all over is cancelled with an empty
-/// release on its source (a continuation decided before conflicts there); a second
-/// cancel, by another command, is refused while the same cancel decided again goes on.
+/// release on its source (a continuation decided before conflicts there), and is over.
 #[test]
 fn a_move_is_cancelled_by_one_command() {
     let mut w = large_fleet(1);
@@ -184,6 +183,15 @@ fn a_second_cancel_is_refused_while_the_first_goes_on() {
         .unwrap()
         .units
         .is_empty());
+    // Whatever else stands in its way, a second cancel hears that one is under way.
+    w.ok(Command::ReportDaemonLiveness(ReportDaemonLiveness {
+        daemon: d(1),
+        up: false,
+    }));
+    assert!(matches!(
+        decide(&cancel(&move_id), &w.ctx(), &w.state),
+        Err(Rejection::AlreadyCancelled { .. })
+    ));
 }
 
 /// A move appended in part (its rest not started) is cancelled: what started goes back,

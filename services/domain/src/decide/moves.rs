@@ -248,14 +248,6 @@ pub(super) fn cancel(c: &CancelMove, ctx: &Context, state: &State) -> Result<Dec
             }
         })
         .collect();
-    for (_, from, _, _) in &moving {
-        let back = active_daemon(state, from)?;
-        if !back.is_up() {
-            return Err(Rejection::DestinationDown {
-                daemon: (*from).clone(),
-            });
-        }
-    }
     match &m.cancelled {
         Some(earlier) if earlier.by != ctx.command => {
             return Err(Rejection::AlreadyCancelled {
@@ -264,6 +256,14 @@ pub(super) fn cancel(c: &CancelMove, ctx: &Context, state: &State) -> Result<Dec
             })
         }
         _ => {}
+    }
+    for (_, from, _, _) in &moving {
+        let back = active_daemon(state, from)?;
+        if !back.is_up() {
+            return Err(Rejection::DestinationDown {
+                daemon: (*from).clone(),
+            });
+        }
     }
     let mut units = Vec::new();
     let mut head = Vec::new();
