@@ -129,8 +129,12 @@ async fn services_started_while_jetstream_has_no_leader_start_once_it_has() -> R
         log_of(logs, "stopped")
     );
 
-    nodes[1].restart().await?;
-    nodes[2].restart().await?;
+    // Both nodes at once: one back alone leaves a cluster that elects its leader only
+    // slowly, with its third node still missing.
+    nodes[1].respawn()?;
+    nodes[2].respawn()?;
+    nodes[1].wait_ready().await?;
+    nodes[2].wait_ready().await?;
     said(logs, "command-service", "command service ready").await?;
     said(logs, "projector", "projector ready").await?;
     Ok(())

@@ -10,7 +10,7 @@ use handoff_domain::event::Event;
 use handoff_domain::model::MovePhase;
 use handoff_domain::rejection::Kind;
 use handoff_domain::state::Assignment;
-use handoff_domain::{decide, Command, DaemonId, JobId, Rejection, MAX_EVENTS_PER_UNIT};
+use handoff_domain::{decide, Command, DaemonId, JobId, Rejection};
 
 fn refused(w: &mut World, c: Command) -> Rejection {
     let before = w.state.clone();
@@ -223,14 +223,7 @@ fn a_large_cancel_is_split_into_atomic_units_and_can_continue() {
     let ctx = w.ctx();
     let decision = decide(&cancel(&move_id), &ctx, &w.state).unwrap();
     assert!(decision.units.len() > 1);
-    for unit in &decision.units {
-        assert!(unit.len() <= MAX_EVENTS_PER_UNIT);
-        let mut aggregates: Vec<_> = unit.iter().map(|e| e.aggregate()).collect();
-        aggregates.sort();
-        let n = aggregates.len();
-        aggregates.dedup();
-        assert_eq!(aggregates.len(), n, "a unit touches an aggregate twice");
-    }
+    assert_units_fit(&decision);
     for e in &decision.units[0] {
         w.state.apply(e);
     }
@@ -361,14 +354,7 @@ fn a_large_spread_is_split_into_atomic_units_and_can_continue() {
     let ctx = w.ctx();
     let decision = decide(&spread(1, &[], false), &ctx, &w.state).unwrap();
     assert!(decision.units.len() > 1);
-    for unit in &decision.units {
-        assert!(unit.len() <= MAX_EVENTS_PER_UNIT);
-        let mut aggregates: Vec<_> = unit.iter().map(|e| e.aggregate()).collect();
-        aggregates.sort();
-        let n = aggregates.len();
-        aggregates.dedup();
-        assert_eq!(aggregates.len(), n, "a unit touches an aggregate twice");
-    }
+    assert_units_fit(&decision);
     for e in &decision.units[0] {
         w.state.apply(e);
     }

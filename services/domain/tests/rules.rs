@@ -8,7 +8,7 @@ use handoff_domain::command::*;
 use handoff_domain::event::{AssignmentCause, Event};
 use handoff_domain::model::{HeadDiskType, Liveness, MovePhase};
 use handoff_domain::state::{Assignment, DaemonStatus};
-use handoff_domain::{decide, Command, Label, Rejection, MAX_EVENTS_PER_UNIT};
+use handoff_domain::{decide, Command, Label, Rejection};
 
 fn refused(w: &mut World, c: Command) -> Rejection {
     let before = w.state.clone();
@@ -428,14 +428,7 @@ fn a_large_move_is_split_into_atomic_units_and_can_continue() {
     let ctx = w.ctx();
     let decision = decide(&move_jobs(1, 2), &ctx, &w.state).unwrap();
     assert_eq!(decision.units.len(), 2);
-    for unit in &decision.units {
-        assert!(unit.len() <= MAX_EVENTS_PER_UNIT);
-        let mut aggregates: Vec<_> = unit.iter().map(|e| e.aggregate()).collect();
-        aggregates.sort();
-        let n = aggregates.len();
-        aggregates.dedup();
-        assert_eq!(aggregates.len(), n, "a unit touches an aggregate twice");
-    }
+    assert_units_fit(&decision);
     // The first unit is stored, then the service stops.
     for e in &decision.units[0] {
         w.state.apply(e);

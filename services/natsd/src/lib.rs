@@ -162,9 +162,15 @@ impl NatsProcess {
 
     /// Stops the server at once (SIGKILL) and starts it again on the same port and store.
     pub async fn restart(&mut self) -> Result<(), Error> {
-        self.kill();
-        self.spawn(Some(self.port))?;
+        self.respawn()?;
         self.wait_ready().await
+    }
+
+    /// Kills it and starts it again on the same port and store, without waiting: to bring
+    /// back several nodes of a cluster at once, then wait for each ([`Self::wait_ready`]).
+    pub fn respawn(&mut self) -> Result<(), Error> {
+        self.kill();
+        self.spawn(Some(self.port))
     }
 
     /// Stops the server cleanly (SIGTERM) and waits for it.

@@ -197,6 +197,19 @@ pub fn large_fleet(destinations: usize) -> World {
     w
 }
 
+/// Every unit of `decision` fits one atomic batch: at most [`MAX_EVENTS_PER_UNIT`]
+/// events, each aggregate at most once.
+pub fn assert_units_fit(decision: &Decision) {
+    for unit in &decision.units {
+        assert!(unit.len() <= handoff_domain::MAX_EVENTS_PER_UNIT);
+        let mut aggregates: Vec<_> = unit.iter().map(|e| e.aggregate()).collect();
+        aggregates.sort();
+        let n = aggregates.len();
+        aggregates.dedup();
+        assert_eq!(aggregates.len(), n, "a unit touches an aggregate twice");
+    }
+}
+
 /// Where a rebuilt head stands, as a destination reports it when it completes a move.
 pub fn rebuilt_head() -> Option<handoff_domain::model::HeadPoint> {
     Some(handoff_domain::model::HeadPoint {
