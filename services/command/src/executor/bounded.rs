@@ -239,6 +239,19 @@ impl Executor {
     /// after a failed try, until `within` has passed.
     pub async fn save_on_stop(&mut self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
+        // Everything this service appended is in what it saves: its own last events may
+        // not be folded yet (the fold runs between requests), and a model saved short of
+        // them would be folded again at the next start.
+        if self.stopped.is_none() {
+            let appended = self.appended;
+            match tokio::time::timeout_at(deadline, self.catch_up(appended)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e.message, "stopping short of this service's own appends")
+                }
+                Err(_) => tracing::warn!("stopping short of this service's own appends"),
+            }
+        }
         for attempt in 0u32.. {
             if attempt > 1 {
                 // The last try failed: a moment for the store to come back.
