@@ -110,3 +110,113 @@ async fn move_with_wait_and_json_prints_the_reply_first() -> Result<()> {
     );
     Ok(())
 }
+
+/// `daemon drain` from the command line: refusals say why and change nothing; a drain
+/// disables assignment, and the command service starts its moves (one at a time here:
+/// with no data plane none ends); `--cancel` stops it, and the daemon's history and view
+/// tell both.
+#[tokio::test]
+async fn daemon_drain_starts_its_moves_and_cancel_stops_it() -> Result<()> {
+    let up = Up::start().await?;
+    let url = up.url();
+    // A refusal is recorded as the command's answer (decision 0010), never as an event
+    // about the daemon.
+    let d1_history = || -> Result<usize> {
+        Ok(handoff_ok(&url, &["history", "--daemon", D1, "--json"])?
+            .stdout
+            .lines()
+            .count())
+    };
+    up.settle().await?;
+    let before = d1_history()?;
+    let refused = |args: &[&str], reason: &str| -> Result<()> {
+        let run = handoff(&url, args)?;
+        assert_ne!(run.code, 0, "{args:?} was accepted");
+        let said = format!("{}{}", run.stdout, run.stderr);
+        assert!(
+            said.contains(reason),
+            "{args:?}: {reason:?} missing from {said}"
+        );
+        Ok(())
+    };
+    refused(
+        &["daemon", "drain", "nosuch.example.net:/data/"],
+        "not_found",
+    )?;
+    refused(
+        &["daemon", "drain", D1, "--max-concurrent", "0"],
+        "max_concurrent",
+    )?;
+    refused(&["daemon", "drain", D1, "--cancel"], "--reason")?;
+    refused(
+        &["daemon", "drain", D1, "--cancel", "--reason", "x"],
+        "not_draining",
+    )?;
+    up.settle().await?;
+    assert_eq!(
+        d1_history()?,
+        before,
+        "a refused drain appended events about the daemon"
+    );
+
+    let started = handoff_ok(
+        &url,
+        &[
+            "--json",
+            "daemon",
+            "drain",
+            D1,
+            "--max-concurrent",
+            "1",
+            "--reason",
+            "retiring the host",
+        ],
+    )?
+    .json()?;
+    let id = started["command"]
+        .as_str()
+        .context("the drain's id")?
+        .to_owned();
+    until("the drain's first move", TIMEOUT, || async {
+        let moves = handoff_ok(&url, &["moves", "--json"])?.json()?;
+        Ok((moves["total"] == 1 && moves["items"][0]["drain"] == id.as_str()).then_some(()))
+    })
+    .await?;
+    refused(&["daemon", "drain", D1], "draining")?;
+    refused(
+        &["daemon", "configure", D1, "--assignment-enabled", "true"],
+        "draining",
+    )?;
+    let show = handoff_ok(&url, &["daemon", "show", D1])?.stdout;
+    assert!(
+        show.contains(&format!("drain               {id} in progress")),
+        "{show}"
+    );
+    let listed = handoff_ok(&url, &["daemons"])?.stdout;
+    assert!(listed.contains("draining"), "{listed}");
+
+    handoff_ok(
+        &url,
+        &["daemon", "drain", D1, "--cancel", "--reason", "peak hours"],
+    )?;
+    up.settle().await?;
+    let moves = handoff_ok(&url, &["moves", "--json"])?.json()?;
+    assert_eq!(
+        moves["total"], 1,
+        "one move at a time, and none after the cancel: {moves}"
+    );
+    let history = handoff_ok(&url, &["history", "--daemon", D1])?.stdout;
+    for expected in [
+        format!("drain {id} of {D1} started: assignment disabled"),
+        format!("drain {id} of {D1} cancelled: peak hours"),
+        format!("(drain {id})"),
+    ] {
+        assert!(
+            history.contains(&expected),
+            "{expected:?} missing from:\n{history}"
+        );
+    }
+    let show = handoff_ok(&url, &["daemon", "show", D1])?.stdout;
+    assert!(!show.contains("in progress"), "{show}");
+    Ok(())
+}

@@ -11,6 +11,7 @@ mod cluster;
 mod command_model;
 mod concurrency;
 mod dataplane;
+mod drain;
 mod examples;
 mod fleet_ops;
 mod heartbeats;

@@ -37,6 +37,10 @@
 //! while it cannot be, it raises MOVE_INTERRUPTED (`Executor::finish_interrupted`,
 //! decision 0009).
 //!
+//! A drain in progress is moved along by the service too: its next job's move starts
+//! when fewer than its limit are moving, and it ends when nothing is left
+//! (`Executor::step_drains`, every [`DRAIN_STEP_INTERVAL`] while one is).
+//!
 //! # Layout
 //! - [`model`]: the fold of the stream the decisions are made on.
 //! - [`executor`]: one command at a time: decide, append, retry on conflict.
@@ -63,6 +67,9 @@ pub use executor::Executor;
 
 /// The micro service's name.
 pub const SERVICE_NAME: &str = "handoff-command";
+
+/// How often the service looks at the drains in progress, to start their next moves.
+pub const DRAIN_STEP_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The command service's settings.
 #[derive(Clone, Debug)]
@@ -231,6 +238,9 @@ impl CommandService {
                 .max(std::time::Duration::from_millis(100)),
         );
         finishing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While a drain is in progress: its next moves, as earlier ones end.
+        let mut draining = tokio::time::interval(DRAIN_STEP_INTERVAL);
+        draining.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut saving =
             tokio::time::interval(config.snapshot_interval.max(Duration::from_millis(100)));
         saving.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -247,6 +257,9 @@ impl CommandService {
                 // nothing appended in part costs nothing.
                 _ = finishing.tick() => {
                     executor.finish_interrupted(config.interrupted_after).await;
+                }
+                _ = draining.tick(), if executor.draining() => {
+                    executor.step_drains().await;
                 }
                 // Serialised here, stored in the background.
                 _ = saving.tick() => {
@@ -297,6 +310,9 @@ fn record_subjects(span: &tracing::Span, request: &handoff_protocol::CommandRequ
         C::CompleteJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
         C::FailJobMove(c) => (Some(&c.job), None, Some(&c.move_id)),
         C::CancelMove(c) => (None, None, Some(&c.move_id)),
+        C::DrainDaemon(c) => (None, Some(&c.daemon), None),
+        C::ContinueDrain(c) => (None, Some(&c.daemon), None),
+        C::CancelDrain(c) => (None, Some(&c.daemon), None),
         C::ResizeOplogTtl(c) => (Some(&c.job), None, None),
         C::AddUser(_) | C::RemoveUser(_) | C::ReportFailoverGuard(_) => (None, None, None),
         C::ReportHeadSpace(c) => (None, Some(&c.daemon), None),

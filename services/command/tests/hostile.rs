@@ -112,6 +112,20 @@ fn samples() -> Vec<Command> {
             move_id: id(1),
             reason: "not during the sale".into(),
         }),
+        Command::DrainDaemon(DrainDaemon {
+            daemon: d(1),
+            max_concurrent: 2,
+            reason: Some("retiring the host".into()),
+            dry_run: false,
+        }),
+        Command::ContinueDrain(ContinueDrain {
+            daemon: d(1),
+            drain_id: id(2),
+        }),
+        Command::CancelDrain(CancelDrain {
+            daemon: d(1),
+            reason: "peak hours".into(),
+        }),
         Command::ReportHeadSpace(ReportHeadSpace {
             daemon: d(1),
             threshold_percent: 10,

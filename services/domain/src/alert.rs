@@ -9,7 +9,7 @@
 //! | THEFT_FAILED | `JobMoveFailed` (not a cancelled one) | the job's next `JobMoveCompleted` |
 //! | LOW_HEAD_FREE_SPACE | `HeadSpaceLow` | `HeadSpaceRecovered`, `DaemonRemoved` |
 //! | OPLOG_TTL_RESIZE | `OplogTtlResized` | itself (informational) |
-//! | BIND_FAILURE | `BindFailed` | the job's `BackupJobCreated` |
+//! | BIND_FAILURE | `BindFailed` | the job's `BackupJobCreated` or `JobMoveStarted` |
 //! | MOVE_STUCK | `MoveStuck` | the job's next phase, completion or failure |
 //! | FAILOVER_PAUSED | `FailoverPaused` | `FailoverResumed` |
 //! | MOVE_INTERRUPTED | `MoveInterrupted` | the move's `MoveResumed` or `MoveCancelled` |
@@ -109,7 +109,9 @@ pub fn effects(event: &Event) -> Vec<Effect> {
             job,
             format!("no daemon can take {job}: {detail}"),
         )],
-        Event::BackupJobCreated { job, .. } => vec![close(BindFailure, job)],
+        Event::BackupJobCreated { job, .. } | Event::JobMoveStarted { job, .. } => {
+            vec![close(BindFailure, job)]
+        }
         Event::MoveStuck {
             job,
             move_id,

@@ -223,6 +223,49 @@ pub struct CancelMove {
     pub reason: String,
 }
 
+/// Drain a daemon, as Nomad drains a node: its assignment is disabled at once, then
+/// every job it holds is moved away, one move per job, each placed when it starts by
+/// the failover policy's rules (eligible daemons; the fewest rebuilds, then the most
+/// free head space, then the fewest jobs), no more than `max_concurrent` moving at a
+/// time. The command service starts the moves as earlier ones end (`ContinueDrain`);
+/// the drain ends with `DrainCompleted`, or `DrainCancelled` (`CancelDrain`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DrainDaemon {
+    pub daemon: DaemonId,
+    /// At most this many of its jobs move at a time (1 to 1,024).
+    pub max_concurrent: u32,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Check and plan only (which job goes where, as the fleet stands now); append
+    /// nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Start the next moves of a drain, as many as its limit allows, or end it when nothing
+/// is left. The command service sends it by itself as moves end; an operator may send
+/// it to try again at once (after fixing what refused the last one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ContinueDrain {
+    pub daemon: DaemonId,
+    /// The drain's id: its `DrainDaemon` command's.
+    pub drain_id: CommandId,
+}
+
+/// Stop a drain: no move of it starts any more. The moves in progress go on (cancel
+/// them with `CancelMove`); the daemon's assignment stays disabled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CancelDrain {
+    pub daemon: DaemonId,
+    pub reason: String,
+}
+
 /// Add a user who signs commands with `key` and holds `roles` (GLOBAL_OWNER only). A
 /// BACKUP_DAEMON user is bound to the daemon it runs as.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +310,9 @@ pub enum Command {
     CompleteJobMove(CompleteJobMove),
     FailJobMove(FailJobMove),
     CancelMove(CancelMove),
+    DrainDaemon(DrainDaemon),
+    ContinueDrain(ContinueDrain),
+    CancelDrain(CancelDrain),
     ResizeOplogTtl(ResizeOplogTtl),
     AddUser(AddUser),
     RemoveUser(RemoveUser),
@@ -316,6 +362,9 @@ impl Command {
             Command::CompleteJobMove(_) => "CompleteJobMove",
             Command::FailJobMove(_) => "FailJobMove",
             Command::CancelMove(_) => "CancelMove",
+            Command::DrainDaemon(_) => "DrainDaemon",
+            Command::ContinueDrain(_) => "ContinueDrain",
+            Command::CancelDrain(_) => "CancelDrain",
             Command::ResizeOplogTtl(_) => "ResizeOplogTtl",
             Command::AddUser(_) => "AddUser",
             Command::RemoveUser(_) => "RemoveUser",
@@ -382,6 +431,12 @@ impl Command {
             },
             Command::FailJobMove(c) => check_reason("reason", &c.reason, true),
             Command::CancelMove(c) => check_reason("reason", &c.reason, true),
+            Command::DrainDaemon(c) => {
+                check_range("max_concurrent", c.max_concurrent, 1, MAX_WORKERS)?;
+                check_reason("reason", c.reason.as_deref().unwrap_or(""), false)
+            }
+            Command::ContinueDrain(_) => Ok(()),
+            Command::CancelDrain(c) => check_reason("reason", &c.reason, true),
             Command::ResizeOplogTtl(c) => {
                 if c.hours <= c.previous_hours {
                     return Err(Invalid::new("hours", "must be more than previous_hours"));

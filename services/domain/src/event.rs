@@ -103,6 +103,9 @@ pub enum Event {
         /// first destination.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         spread: Option<Vec<DaemonId>>,
+        /// One job's move of a drain (`ContinueDrain`): the drain's id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drain: Option<CommandId>,
     },
     JobMoveStarted {
         job: JobId,
@@ -167,6 +170,38 @@ pub enum Event {
         cancel_id: CommandId,
         reason: String,
         cancelled: u32,
+    },
+    /// An operator asked to drain the daemon (`DrainDaemon`): its assignment is disabled
+    /// from now on, and its `jobs` move away, one move per job (each `MoveStarted` names
+    /// the drain), at most `max_concurrent` at a time.
+    DrainStarted {
+        daemon: DaemonId,
+        drain_id: CommandId,
+        max_concurrent: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// The jobs it held when the drain started.
+        jobs: u32,
+    },
+    /// The drain ended: no job is left to move. `moved` jobs went away by its moves;
+    /// `left` stayed because their move failed or was cancelled (each says why on its
+    /// job's subject), and are not tried again by this drain.
+    DrainCompleted {
+        daemon: DaemonId,
+        drain_id: CommandId,
+        moved: u32,
+        left: u32,
+    },
+    /// An operator stopped the drain (`CancelDrain`): no move of it starts any more;
+    /// those in progress go on. `waiting` jobs were not started.
+    DrainCancelled {
+        daemon: DaemonId,
+        drain_id: CommandId,
+        /// The cancel command's id (as its envelope's).
+        cancel_id: CommandId,
+        reason: String,
+        moved: u32,
+        waiting: u32,
     },
     /// OPLOG_TTL_RESIZE: the oplog store keeps this job's oplog longer than before.
     OplogTtlResized {
@@ -336,7 +371,10 @@ impl Event {
             | DaemonDown { daemon }
             | DaemonUp { daemon }
             | JobsAssigned { daemon, .. }
-            | JobsReleased { daemon, .. } => Aggregate::Daemon(daemon.clone()),
+            | JobsReleased { daemon, .. }
+            | DrainStarted { daemon, .. }
+            | DrainCompleted { daemon, .. }
+            | DrainCancelled { daemon, .. } => Aggregate::Daemon(daemon.clone()),
             ProjectConfigured { project, .. } => Aggregate::Project(project.clone()),
             BackupJobCreated { job, .. }
             | JobMoveStarted { job, .. }
@@ -383,6 +421,9 @@ impl Event {
             MoveInterrupted { .. } => "MoveInterrupted",
             MoveResumed { .. } => "MoveResumed",
             MoveCancelled { .. } => "MoveCancelled",
+            DrainStarted { .. } => "DrainStarted",
+            DrainCompleted { .. } => "DrainCompleted",
+            DrainCancelled { .. } => "DrainCancelled",
             JobMovePhaseReported { .. } => "JobMovePhaseReported",
             JobMoveCompleted { .. } => "JobMoveCompleted",
             JobMoveFailed { .. } => "JobMoveFailed",
@@ -413,6 +454,9 @@ impl Event {
             | DaemonUp { daemon }
             | JobsAssigned { daemon, .. }
             | JobsReleased { daemon, .. }
+            | DrainStarted { daemon, .. }
+            | DrainCompleted { daemon, .. }
+            | DrainCancelled { daemon, .. }
             | BackupJobCreated { daemon, .. }
             | JobMoveCompleted { daemon, .. }
             | HeadSpaceLow { daemon, .. }

@@ -87,6 +87,22 @@ pub enum Rejection {
     #[error("move {move_id} is already cancelled, by command {by}")]
     AlreadyCancelled { move_id: CommandId, by: CommandId },
 
+    /// The daemon is being drained: wait for the drain to end, or cancel it
+    /// (`CancelDrain`) first.
+    #[error("daemon {daemon} is being drained (drain {drain_id})")]
+    Draining {
+        daemon: DaemonId,
+        drain_id: CommandId,
+    },
+
+    /// The daemon has no drain in progress (or another one than named).
+    #[error("daemon {daemon} has no drain in progress{}", drain_id.as_ref().map(|d| format!(" with id {d}")).unwrap_or_default())]
+    NotDraining {
+        daemon: DaemonId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drain_id: Option<CommandId>,
+    },
+
     /// The daemon was removed; it takes no jobs and cannot be changed.
     #[error("daemon {daemon} was removed")]
     DaemonRemoved { daemon: DaemonId },
@@ -201,6 +217,8 @@ impl Rejection {
             | MoveNotInProgress { .. }
             | StaleEpoch { .. }
             | AlreadyCancelled { .. }
+            | Draining { .. }
+            | NotDraining { .. }
             | KeyInUse { .. }
             | NotOnDaemon { .. } => RejectionClass::Conflict,
             MoveToSelf { .. }
@@ -234,6 +252,8 @@ impl Rejection {
             MoveToSelf { .. } => "move_to_self",
             NothingToMove { .. } => "nothing_to_move",
             AlreadyCancelled { .. } => "already_cancelled",
+            Draining { .. } => "draining",
+            NotDraining { .. } => "not_draining",
             DaemonRemoved { .. } => "daemon_removed",
             DestinationDown { .. } => "destination_down",
             AssignmentDisabled { .. } => "assignment_disabled",

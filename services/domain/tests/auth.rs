@@ -59,6 +59,20 @@ fn commands() -> Vec<Command> {
             move_id: id(99),
             reason: "not now".into(),
         }),
+        Command::DrainDaemon(DrainDaemon {
+            daemon: d(1),
+            max_concurrent: 2,
+            reason: None,
+            dry_run: false,
+        }),
+        Command::ContinueDrain(ContinueDrain {
+            daemon: d(1),
+            drain_id: id(98),
+        }),
+        Command::CancelDrain(CancelDrain {
+            daemon: d(1),
+            reason: "not now".into(),
+        }),
         Command::ReportJobMovePhase(ReportJobMovePhase {
             job: j("p1/rs0"),
             move_id: id(99),
@@ -145,6 +159,7 @@ proptest! {
             let allowed = authorize(&who, &c, &w.state).is_ok();
             let expected = match &c {
                 Command::MoveJobs(_) | Command::MoveJob(_) | Command::SpreadJobs(_) | Command::CancelMove(_) | Command::ConfigureDaemon(_)
+                | Command::DrainDaemon(_) | Command::ContinueDrain(_) | Command::CancelDrain(_)
                 | Command::RemoveDaemon(_) | Command::ConfigureProject(_) | Command::CreateBackupJobs(_) => admin,
                 Command::ReportDaemonLiveness(_) => admin || monitor,
                 Command::ReportHeadSpace(_) | Command::ReportMoveStuck(_) | Command::ReportFailoverGuard(_)

@@ -190,6 +190,7 @@ proptest! {
             jobs: away as u32,
             automatic: false,
             spread: None,
+            drain: None,
         });
         for i in 0..away {
             state.apply(&Event::JobMoveStarted {

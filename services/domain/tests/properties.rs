@@ -79,6 +79,17 @@ enum Op {
     Cancel {
         job: usize,
     },
+    Drain {
+        daemon: usize,
+        max_concurrent: u32,
+    },
+    /// The next step of the daemon's drain (an unknown drain when it has none).
+    DrainStep {
+        daemon: usize,
+    },
+    CancelDrain {
+        daemon: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -133,6 +144,13 @@ fn op() -> impl Strategy<Value = Op> {
         (0..32usize, any::<bool>()).prop_map(|(job, stale)| Op::Complete { job, stale }),
         (0..32usize, any::<bool>()).prop_map(|(job, stale)| Op::Fail { job, stale }),
         (0..32usize).prop_map(|job| Op::Cancel { job }),
+        (d.clone(), 1..3u32).prop_map(|(daemon, max_concurrent)| Op::Drain {
+            daemon,
+            max_concurrent
+        }),
+        d.clone().prop_map(|daemon| Op::DrainStep { daemon }),
+        d.clone().prop_map(|daemon| Op::DrainStep { daemon }),
+        d.clone().prop_map(|daemon| Op::CancelDrain { daemon }),
     ]
 }
 
@@ -284,6 +302,26 @@ fn to_command(op: &Op, state: &State) -> Option<Command> {
                 reason: "not now".into(),
             })
         }
+        Op::Drain {
+            daemon,
+            max_concurrent,
+        } => Command::DrainDaemon(DrainDaemon {
+            daemon: d(daemon),
+            max_concurrent,
+            reason: None,
+            dry_run: false,
+        }),
+        Op::DrainStep { daemon } => Command::ContinueDrain(ContinueDrain {
+            daemon: d(daemon),
+            drain_id: state
+                .drains
+                .get(&d(daemon))
+                .map_or_else(|| id(999_998), |x| x.id.clone()),
+        }),
+        Op::CancelDrain { daemon } => Command::CancelDrain(CancelDrain {
+            daemon: d(daemon),
+            reason: "not now".into(),
+        }),
     })
 }
 
@@ -321,6 +359,26 @@ fn check_invariants(state: &State) -> Result<(), TestCaseError> {
             prop_assert!(from != to);
             prop_assert_eq!(state.moves[move_id].jobs.get(id), Some(phase));
         }
+    }
+    // A daemon draining takes no new jobs, and no more of its drain's moves run at once
+    // than its limit.
+    for (daemon, drain) in &state.drains {
+        prop_assert!(!state.daemons[daemon].settings.assignment_enabled);
+        let running = state
+            .moving_jobs()
+            .filter(|(j, _, _)| match &state.jobs[*j].assignment {
+                Assignment::Moving { move_id, .. } => {
+                    state.moves[move_id].drain.as_ref() == Some(&drain.id)
+                }
+                Assignment::Assigned { .. } => false,
+            })
+            .count();
+        prop_assert!(
+            running as u32 <= drain.max_concurrent,
+            "drain of {} runs {} moves",
+            daemon,
+            running
+        );
     }
     for (id, daemon) in &state.daemons {
         let used: u64 = daemon

@@ -20,6 +20,10 @@ pub struct DaemonView {
     /// Head space its jobs use.
     pub used_bytes: u64,
     pub free_bytes: u64,
+    /// Its drain in progress, if any: the limit, the jobs moved so far and those left
+    /// (their drain move failed or was cancelled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<handoff_domain::state::Drain>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -90,6 +94,9 @@ pub struct MoveView {
     /// destination, and each job goes where its `JobMoveStarted` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread: Option<Vec<DaemonId>>,
+    /// One job's move of this drain (its `DrainDaemon` command's id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<CommandId>,
 }
 
 /// An operator's cancellation of a move.
@@ -123,6 +130,9 @@ pub struct MoveSummary {
     pub cancelled: Option<Cancellation>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread: Option<Vec<DaemonId>>,
+    /// One job's move of this drain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<CommandId>,
 }
 
 impl From<MoveView> for MoveSummary {
@@ -146,6 +156,7 @@ impl From<MoveView> for MoveSummary {
             automatic: m.automatic,
             cancelled: m.cancelled,
             spread: m.spread,
+            drain: m.drain,
         }
     }
 }

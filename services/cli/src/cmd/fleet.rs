@@ -133,6 +133,9 @@ pub enum DaemonCmd {
         #[arg(value_parser = daemon_id)]
         daemon: DaemonId,
     },
+    /// Drain a daemon: assignment disabled at once, then every job moved away a few at a
+    /// time, each placed by the failover policy's rules (--cancel stops it).
+    Drain(super::drain::DrainArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -261,7 +264,10 @@ pub async fn daemons(ctx: &Context, a: DaemonsArgs) -> Result<(), Failure> {
             d.daemon.to_string(),
             status(d.status),
             age.map_or("never".into(), |a| format!("{} ago", crate::output::age(a))),
-            on_off(d.settings.assignment_enabled),
+            match &d.drain {
+                Some(_) => "draining".into(),
+                None => on_off(d.settings.assignment_enabled),
+            },
             crate::output::name(&d.settings.head_disk_type),
             d.settings.num_workers.to_string(),
             d.jobs.to_string(),
@@ -313,6 +319,7 @@ async fn send(
 
 pub async fn daemon(ctx: &Context, c: DaemonCmd) -> Result<(), Failure> {
     match c {
+        DaemonCmd::Drain(a) => super::drain::drain(ctx, a).await,
         DaemonCmd::Register { daemon, settings } => {
             let defaults = DaemonSettings {
                 num_workers: 4,
@@ -391,6 +398,19 @@ pub async fn daemon(ctx: &Context, c: DaemonCmd) -> Result<(), Failure> {
             println!("daemon              {}", view.daemon);
             println!("status              {}", status(view.status));
             println!("assignment          {}", on_off(s.assignment_enabled));
+            if let Some(d) = &view.drain {
+                println!(
+                    "drain               {} in progress: {} job(s) moved, {} left, at most {} at a time{}",
+                    d.id,
+                    d.moved,
+                    d.left.len(),
+                    d.max_concurrent,
+                    d.reason
+                        .as_deref()
+                        .map(|r| format!(", reason: {r}"))
+                        .unwrap_or_default()
+                );
+            }
             println!("backup jobs         {}", on_off(s.backup_jobs_enabled));
             println!("restore jobs        {}", on_off(s.restore_jobs_enabled));
             println!(

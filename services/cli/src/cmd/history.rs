@@ -187,8 +187,9 @@ pub fn describe(e: &Event) -> String {
             jobs,
             automatic,
             spread,
+            drain,
         } => format!(
-            "{}move {move_id} of {} from {from} to {}: {jobs} job(s){}",
+            "{}move {move_id} of {} from {from} to {}: {jobs} job(s){}{}",
             if *automatic { "automatic " } else { "" },
             match scope {
                 MoveScope::AllJobsOf { .. } => "all jobs".to_owned(),
@@ -199,6 +200,10 @@ pub fn describe(e: &Event) -> String {
                 Some(over) if over.is_empty() => "any eligible daemon (spread)".to_owned(),
                 Some(over) => format!("{} daemon(s) (spread)", over.len()),
             },
+            drain
+                .as_ref()
+                .map(|d| format!(" (drain {d})"))
+                .unwrap_or_default(),
             reason
                 .as_deref()
                 .map(|r| format!(", reason: {r}"))
@@ -321,6 +326,42 @@ pub fn describe(e: &Event) -> String {
             cancelled,
             ..
         } => format!("move {move_id} cancelled: {reason}; {cancelled} job(s) sent back"),
+        Event::DrainStarted {
+            daemon,
+            drain_id,
+            max_concurrent,
+            reason,
+            jobs,
+        } => format!(
+            "drain {drain_id} of {daemon} started: assignment disabled, {jobs} job(s) to move, at most {max_concurrent} at a time{}",
+            reason
+                .as_deref()
+                .map(|r| format!(", reason: {r}"))
+                .unwrap_or_default()
+        ),
+        Event::DrainCompleted {
+            daemon,
+            drain_id,
+            moved,
+            left,
+        } => format!(
+            "drain {drain_id} of {daemon} completed: {moved} job(s) moved{}",
+            if *left > 0 {
+                format!(", {left} left (their move failed or was cancelled)")
+            } else {
+                String::new()
+            }
+        ),
+        Event::DrainCancelled {
+            daemon,
+            drain_id,
+            reason,
+            moved,
+            waiting,
+            ..
+        } => format!(
+            "drain {drain_id} of {daemon} cancelled: {reason}; {moved} job(s) moved, {waiting} not started"
+        ),
         Event::HeadSpaceLow {
             daemon,
             free_bytes,
@@ -335,7 +376,7 @@ pub fn describe(e: &Event) -> String {
             daemon, free_bytes, ..
         } => format!("{daemon} has {} head space free again", bytes(*free_bytes)),
         Event::BindFailed { job, detail, .. } => {
-            format!("job {job} not created (BIND_FAILURE): {detail}")
+            format!("job {job} cannot be placed on any daemon (BIND_FAILURE): {detail}")
         }
         Event::MoveStuck {
             job,

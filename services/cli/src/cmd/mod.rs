@@ -1,6 +1,7 @@
 //! The operator's subcommands, one module per group.
 
 pub mod data;
+pub mod drain;
 pub mod fleet;
 pub mod history;
 pub mod monitor;

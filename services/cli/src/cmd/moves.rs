@@ -241,7 +241,7 @@ fn print_applied(applied: &Applied) {
     }
 }
 
-fn print_plan(plan: &MovePlan, dry_run: bool) {
+pub(crate) fn print_plan(plan: &MovePlan, dry_run: bool) {
     println!(
         "move {}{}: {} job(s) from {} to {}",
         plan.move_id,

@@ -13,6 +13,7 @@
 //! - `auth`: who signed a request; refusals recorded.
 //! - `answers`: the answer given before to an id; rejections recorded.
 //! - `interrupted`: moves appended in part, finished by the service.
+//! - `drains`: drains moved along by the service, a move at a time.
 //! - `bounded`: starting from a saved model, archiving records out of the window, saving
 //!   the model (decision 0012).
 
@@ -27,7 +28,7 @@ use handoff_domain::command::{CancelMove, MoveJob, MoveJobs, SpreadJobs};
 use handoff_domain::decide::alert_of_rejection;
 use handoff_domain::model::{AlertKey, AlertKind, MoveScope};
 use handoff_domain::{
-    decide, Actor, Command, CommandId, Context, Decision, Event, Rejection, UserKey,
+    decide, Actor, Command, CommandId, Context, DaemonId, Decision, Event, Rejection, UserKey,
 };
 use handoff_eventlog::fence::Fences;
 use handoff_eventlog::{AppendError, Appended, EventLog, EventReader, Outgoing, ReadError};
@@ -43,6 +44,7 @@ use crate::model::{self, Archived, Model};
 mod answers;
 mod auth;
 mod bounded;
+mod drains;
 mod interrupted;
 
 use bounded::{Archiver, Saving};
@@ -75,6 +77,9 @@ pub struct Executor {
     snapshots: Option<Saving>,
     /// Where this model came from.
     origin: Origin,
+    /// The drains whose next step was refused (or failed), by daemon: tried again after
+    /// a while, the same refusal recorded once.
+    blocked: HashMap<DaemonId, drains::Blocked>,
 }
 
 /// What appending a decision wrote, or found written by an earlier attempt.

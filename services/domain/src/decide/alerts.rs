@@ -84,8 +84,9 @@ pub(super) fn report_failover_guard(
     Ok(Decision::one(event.into_iter().collect()))
 }
 
-/// The alert a rejected command raises, if any: a backup that could not be created for
-/// want of a daemon (BIND_FAILURE), unless that alert is open already. The command
+/// The alert a rejected command raises, if any: a backup that could not be created, or
+/// a drain's job that could not be placed, for want of a daemon (BIND_FAILURE), unless
+/// that alert is open already. The command
 /// service appends it although the command itself appends nothing.
 pub fn alert_of_rejection(
     command: &Command,
@@ -101,6 +102,17 @@ pub fn alert_of_rejection(
             Some(Event::BindFailed {
                 job: job.clone(),
                 project: c.project.clone(),
+                detail: detail.clone(),
+            })
+        }
+        (Command::ContinueDrain(_), Rejection::BindFailure { job, detail })
+            if !state
+                .alerts
+                .contains(&AlertKey::new(AlertKind::BindFailure, job)) =>
+        {
+            Some(Event::BindFailed {
+                job: job.clone(),
+                project: job.project(),
                 detail: detail.clone(),
             })
         }

@@ -22,6 +22,15 @@ pub(super) fn register(c: &RegisterDaemon, state: &State) -> Result<Decision, Re
 
 pub(super) fn configure(c: &ConfigureDaemon, state: &State) -> Result<Decision, Rejection> {
     active_daemon(state, &c.daemon)?;
+    // A drain keeps assignment disabled until it ends.
+    if let Some(drain) = state.drains.get(&c.daemon) {
+        if c.settings.assignment_enabled {
+            return Err(Rejection::Draining {
+                daemon: c.daemon.clone(),
+                drain_id: drain.id.clone(),
+            });
+        }
+    }
     Ok(Decision::one(vec![Event::DaemonConfigured {
         daemon: c.daemon.clone(),
         settings: c.settings.clone(),

@@ -123,6 +123,7 @@ pub(super) fn failover_job(
             reason: &reason,
             dry_run: false,
             automatic: true,
+            drain: None,
         },
     )?;
     let decided = Event::FailoverDecided {

@@ -11,6 +11,8 @@
 //! - `moves`: the checks of a move, its plan and events, and the destination's reports.
 //! - `spread`: a move of a daemon's jobs over several destinations, placed by the
 //!   failover policy's rules.
+//! - `drains`: a daemon's jobs moved away a few at a time, each placed as the failover
+//!   policy places a job.
 //! - `failover`: the automatic failover policy, which starts a move as `moves` does.
 //! - `alerts`: the monitor's reports that raise and close alerts, and the alert of a
 //!   rejection.
@@ -25,6 +27,7 @@ use crate::state::{Daemon, DaemonStatus, State};
 
 mod alerts;
 mod daemons;
+mod drains;
 mod failover;
 mod jobs;
 mod moves;
@@ -98,6 +101,9 @@ pub fn decide(command: &Command, ctx: &Context, state: &State) -> Result<Decisio
         Command::CompleteJobMove(c) => moves::complete(c, state),
         Command::FailJobMove(c) => moves::fail(c, state),
         Command::CancelMove(c) => moves::cancel(c, ctx, state),
+        Command::DrainDaemon(c) => drains::drain(c, ctx, state),
+        Command::ContinueDrain(c) => drains::next(c, ctx, state),
+        Command::CancelDrain(c) => drains::cancel(c, ctx, state),
         Command::FailoverJob(c) => failover::failover_job(c, ctx, state),
         Command::ReportHeadSpace(c) => alerts::report_head_space(c, state),
         Command::ReportMoveStuck(c) => alerts::report_move_stuck(c, state),

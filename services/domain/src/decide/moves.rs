@@ -123,6 +123,7 @@ pub(super) fn move_jobs(c: &MoveJobs, ctx: &Context, state: &State) -> Result<De
             reason: &c.reason,
             dry_run: c.dry_run,
             automatic: false,
+            drain: None,
         },
     )
 }
@@ -153,6 +154,7 @@ pub(super) fn move_job(c: &MoveJob, ctx: &Context, state: &State) -> Result<Deci
             reason: &c.reason,
             dry_run: c.dry_run,
             automatic: false,
+            drain: None,
         },
     )
 }
@@ -513,6 +515,8 @@ pub(super) struct MoveRequest<'a> {
     pub(super) reason: &'a Option<String>,
     pub(super) dry_run: bool,
     pub(super) automatic: bool,
+    /// One job's move of this drain.
+    pub(super) drain: Option<CommandId>,
 }
 
 /// Builds the plan and the events of a move.
@@ -529,6 +533,7 @@ pub(super) fn start_move(
         reason,
         dry_run,
         automatic,
+        drain,
     } = request;
     let (checks, needed, free) = check_destination(state, from, to, &jobs)?;
     let planned: Vec<PlannedJob> = jobs
@@ -573,6 +578,7 @@ pub(super) fn start_move(
             jobs: plan.jobs.len() as u32,
             automatic,
             spread: None,
+            drain,
         });
     }
     let destined: Vec<(&PlannedJob, &DaemonId)> = plan.jobs.iter().map(|p| (p, to)).collect();

@@ -10,10 +10,13 @@ use super::moves::{check_destination, jobs_of, units_of, DestinationPlan, MovePl
 use super::{active_daemon, filter_rejection, Context, Decision};
 use crate::command::SpreadJobs;
 use crate::event::Event;
-use crate::ids::{DaemonId, JobId, ProjectId};
+use crate::ids::{CommandId, DaemonId, JobId, ProjectId};
 use crate::model::MoveScope;
 use crate::rejection::Rejection;
 use crate::state::{Assignment, State};
+
+/// Each job of a plan with the daemon it goes to.
+type Placed<'a> = Vec<(&'a JobId, &'a DaemonId)>;
 
 /// What a destination holds as the plan fills it.
 struct Room<'a> {
@@ -28,7 +31,7 @@ pub(super) fn spread_jobs(
     ctx: &Context,
     state: &State,
 ) -> Result<Decision, Rejection> {
-    let Some(mut jobs) = jobs_of(state, ctx, &c.from, c.dry_run)? else {
+    let Some(jobs) = jobs_of(state, ctx, &c.from, c.dry_run)? else {
         return Ok(Decision::default());
     };
     for j in &jobs {
@@ -39,16 +42,62 @@ pub(super) fn spread_jobs(
             });
         }
     }
+    let continuing = state.moves.contains_key(&ctx.command);
+    let (plan, destined) = plan_spread(state, &ctx.command, &c.from, &c.to, jobs, continuing)?;
+    if c.dry_run {
+        return Ok(Decision {
+            units: vec![],
+            plan: Some(plan),
+        });
+    }
+    let mut head = Vec::new();
+    if !state.moves.contains_key(&ctx.command) {
+        head.push(Event::MoveStarted {
+            move_id: ctx.command.clone(),
+            scope: plan.scope.clone(),
+            from: c.from.clone(),
+            to: plan.to.clone(),
+            reason: c.reason.clone(),
+            jobs: plan.jobs.len() as u32,
+            automatic: false,
+            spread: Some(c.to.clone()),
+            drain: None,
+        });
+    }
+    let jobs: Vec<(&PlannedJob, &DaemonId)> = plan
+        .jobs
+        .iter()
+        .zip(&destined)
+        .map(|(p, (_, to))| (p, *to))
+        .collect();
+    let units = units_of(state, ctx, &c.from, head, &jobs, &c.reason);
+    Ok(Decision {
+        units,
+        plan: Some(plan),
+    })
+}
+
+/// Places `jobs` (not empty, none moving) over `to` (empty: every eligible daemon) and
+/// checks each destination as an operator's move would: the plan of a move `move_id`
+/// away from `from`, and each job with where it goes. Decided again after a partial
+/// append (`continuing`), a named destination that cannot take jobs any more is skipped.
+pub(super) fn plan_spread<'a>(
+    state: &'a State,
+    move_id: &CommandId,
+    from: &DaemonId,
+    to: &'a [DaemonId],
+    mut jobs: Vec<&'a JobId>,
+    continuing: bool,
+) -> Result<(MovePlan, Placed<'a>), Rejection> {
     // The destinations allowed: those named, each of which must be able to take jobs as
     // an operator's move requires (or the refusal says why; decided again after a
     // partial append, one that cannot any more is skipped), or, none named, every daemon
     // the failover policy may choose: up, with assignment and backup jobs enabled.
-    let continuing = state.moves.contains_key(&ctx.command);
     let rebuilding = state.rebuilding();
     let mut rooms: Vec<Room> = Vec::new();
-    if c.to.is_empty() {
+    if to.is_empty() {
         for (id, d) in &state.daemons {
-            if *id != c.from
+            if id != from
                 && d.is_up()
                 && d.settings.assignment_enabled
                 && d.settings.backup_jobs_enabled
@@ -62,8 +111,8 @@ pub(super) fn spread_jobs(
             }
         }
     } else {
-        for id in &c.to {
-            if *id == c.from {
+        for id in to {
+            if id == from {
                 return Err(Rejection::MoveToSelf { daemon: id.clone() });
             }
             let unfit = match active_daemon(state, id) {
@@ -114,10 +163,10 @@ pub(super) fn spread_jobs(
                 job: (*j).clone(),
                 detail: format!(
                     "no destination of the spread ({}) is up and takes jobs, has room for its {size} bytes left by the jobs placed before it, and passes its project's filters",
-                    if c.to.is_empty() {
+                    if to.is_empty() {
                         "any daemon".to_owned()
                     } else {
-                        format!("{} daemon(s) named", c.to.len())
+                        format!("{} daemon(s) named", to.len())
                     }
                 ),
             });
@@ -132,7 +181,7 @@ pub(super) fn spread_jobs(
     let mut checks = Vec::new();
     let mut destinations = Vec::new();
     for (to, its) in &placed {
-        let (passed, needed, free) = check_destination(state, &c.from, to, its)?;
+        let (passed, needed, free) = check_destination(state, from, to, its)?;
         checks.extend(passed.into_iter().map(|mut check| {
             check.name = format!("{}: {}", to, check.name);
             check
@@ -156,11 +205,11 @@ pub(super) fn spread_jobs(
         .collect();
     let first = &destinations[0];
     let plan = MovePlan {
-        move_id: ctx.command.clone(),
+        move_id: move_id.clone(),
         scope: MoveScope::AllJobsOf {
-            daemon: c.from.clone(),
+            daemon: from.clone(),
         },
-        from: c.from.clone(),
+        from: from.clone(),
         to: first.daemon.clone(),
         // As `check_destination` adds heads up: a sum past u64 counts as u64::MAX.
         needed_bytes: destinations
@@ -173,34 +222,5 @@ pub(super) fn spread_jobs(
         checks,
         destinations,
     };
-    if c.dry_run {
-        return Ok(Decision {
-            units: vec![],
-            plan: Some(plan),
-        });
-    }
-    let mut head = Vec::new();
-    if !state.moves.contains_key(&ctx.command) {
-        head.push(Event::MoveStarted {
-            move_id: ctx.command.clone(),
-            scope: plan.scope.clone(),
-            from: c.from.clone(),
-            to: plan.to.clone(),
-            reason: c.reason.clone(),
-            jobs: plan.jobs.len() as u32,
-            automatic: false,
-            spread: Some(c.to.clone()),
-        });
-    }
-    let jobs: Vec<(&PlannedJob, &DaemonId)> = plan
-        .jobs
-        .iter()
-        .zip(&destined)
-        .map(|(p, (_, to))| (p, *to))
-        .collect();
-    let units = units_of(state, ctx, &c.from, head, &jobs, &c.reason);
-    Ok(Decision {
-        units,
-        plan: Some(plan),
-    })
+    Ok((plan, destined))
 }

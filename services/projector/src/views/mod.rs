@@ -147,6 +147,9 @@ impl Views {
                 jobs: BTreeSet::new(),
                 used_bytes: d.used_bytes,
             };
+            if let Some(drain) = d.drain {
+                views.state.drains.insert(d.daemon.clone(), drain);
+            }
             views.state.daemons.insert(d.daemon, daemon);
         }
         for (_, v) in store.scan(&prefix(&["project"]))? {
@@ -197,6 +200,7 @@ impl Views {
                         planned: m.planned,
                         automatic: m.automatic,
                         spread: m.spread.clone(),
+                        drain: m.drain.clone(),
                         cancelled: m.cancelled.as_ref().map(|c| handoff_domain::state::Cancel {
                             by: c.command.clone(),
                             reason: c.reason.clone(),
@@ -241,6 +245,14 @@ impl Views {
             }
             if !self.dirty.jobs.contains_key(*j) {
                 self.dirty.jobs.insert((*j).clone(), job_lists(j, job));
+            }
+        }
+        // A drain's counts change as its moves end: its daemon's view changes too.
+        if let Event::JobMoveCompleted { move_id, .. } | Event::JobMoveFailed { move_id, .. } =
+            event
+        {
+            if let Some(m) = self.state.moves.get(move_id).filter(|m| m.drain.is_some()) {
+                self.dirty.daemons.insert(m.from.clone());
             }
         }
         self.state.apply(event);
@@ -313,6 +325,7 @@ impl Views {
                         automatic: m.automatic,
                         cancelled: None,
                         spread: m.spread.clone(),
+                        drain: m.drain.clone(),
                     };
                     self.moves.insert(move_id.clone(), view);
                     self.dirty.moves.entry(move_id.clone()).or_default();
@@ -421,6 +434,7 @@ impl Views {
                     status: daemon.status,
                     jobs: daemon.jobs.len() as u64,
                     used_bytes: daemon.used_bytes,
+                    drain: self.state.drains.get(&d).cloned(),
                     daemon: d,
                 };
                 writes.push((daemon_key(&view.daemon), Some(Value::Daemon(view))));

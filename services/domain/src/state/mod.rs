@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::alert::{self, Effect};
 use crate::event::Event;
 use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId, UserKey};
+mod reads;
+
 use crate::model::{
     AlertKey, DaemonSettings, JobSize, JobStatus, JobTarget, Liveness, MovePhase, MoveScope, Role,
 };
@@ -118,6 +120,9 @@ pub struct Move {
     /// back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancelled: Option<Cancel>,
+    /// One job's move of this drain (as `MoveStarted` says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<CommandId>,
     /// Each started job's phase.
     pub jobs: BTreeMap<JobId, MovePhase>,
 }
@@ -136,6 +141,20 @@ impl Move {
         self.jobs.len() as u64 >= u64::from(self.planned)
             && self.jobs.values().all(|p| p.is_final())
     }
+}
+
+/// A drain in progress (`DrainStarted`, until `DrainCompleted` or `DrainCancelled`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Drain {
+    pub id: CommandId,
+    pub max_concurrent: u32,
+    pub reason: Option<String>,
+    /// Jobs its moves took away.
+    pub moved: u32,
+    /// Jobs whose move of this drain failed or was cancelled: back on the daemon, and
+    /// not tried again by this drain.
+    pub left: BTreeSet<JobId>,
 }
 
 /// A user as the events made it: its roles and the key its commands are signed with.
@@ -161,6 +180,9 @@ pub struct State {
     /// The open alerts.
     #[serde(default)]
     pub alerts: BTreeSet<AlertKey>,
+    /// The drains in progress, by daemon (a daemon has one at most).
+    #[serde(default)]
+    pub drains: BTreeMap<DaemonId, Drain>,
 }
 
 /// The state before any event.
@@ -188,6 +210,37 @@ impl State {
             Event::DaemonRemoved { daemon } => {
                 if let Some(d) = self.daemons.get_mut(daemon) {
                     d.status = DaemonStatus::Removed;
+                }
+            }
+            Event::DrainStarted {
+                daemon,
+                drain_id,
+                max_concurrent,
+                reason,
+                ..
+            } => {
+                if let Some(d) = self.daemons.get_mut(daemon) {
+                    d.settings.assignment_enabled = false;
+                    self.drains.insert(
+                        daemon.clone(),
+                        Drain {
+                            id: drain_id.clone(),
+                            max_concurrent: *max_concurrent,
+                            reason: reason.clone(),
+                            moved: 0,
+                            left: BTreeSet::new(),
+                        },
+                    );
+                }
+            }
+            Event::DrainCompleted {
+                daemon, drain_id, ..
+            }
+            | Event::DrainCancelled {
+                daemon, drain_id, ..
+            } => {
+                if self.drains.get(daemon).is_some_and(|d| d.id == *drain_id) {
+                    self.drains.remove(daemon);
                 }
             }
             Event::DaemonDown { daemon } => self.set_liveness(daemon, Liveness::Down),
@@ -258,6 +311,7 @@ impl State {
                 jobs,
                 automatic,
                 spread,
+                drain,
             } => {
                 self.moves.entry(move_id.clone()).or_insert_with(|| Move {
                     scope: scope.clone(),
@@ -268,6 +322,7 @@ impl State {
                     automatic: *automatic,
                     spread: spread.clone(),
                     cancelled: None,
+                    drain: drain.clone(),
                     jobs: BTreeMap::new(),
                 });
             }
@@ -440,7 +495,17 @@ impl State {
                 daemon: daemon.clone(),
             };
         }
+        if let Some(drain) = self.drain_of(move_id) {
+            drain.moved += 1;
+        }
         self.set_move_phase(job, move_id, MovePhase::Completed);
+    }
+
+    /// The drain in progress a move belongs to.
+    fn drain_of(&mut self, move_id: &CommandId) -> Option<&mut Drain> {
+        let m = self.moves.get(move_id)?;
+        let id = m.drain.as_ref()?;
+        self.drains.get_mut(&m.from).filter(|d| d.id == *id)
     }
 
     fn fail_job_move(
@@ -462,6 +527,9 @@ impl State {
         j.epoch = epoch;
         self.release(&owner, job, size);
         self.take(returned_to, job, size);
+        if let Some(drain) = self.drain_of(move_id) {
+            drain.left.insert(job.clone());
+        }
         let phase = if cancelled {
             MovePhase::Cancelled
         } else {
@@ -522,70 +590,5 @@ impl State {
                 *p = phase;
             }
         }
-    }
-
-    /// The jobs moving now, each with its move's source and destination: read from the
-    /// moves in progress (every moving job is in its move), so it costs the moves in
-    /// progress, not the fleet.
-    pub fn moving_jobs(&self) -> impl Iterator<Item = (&JobId, &DaemonId, &DaemonId)> {
-        self.moves.iter().flat_map(move |(id, m)| {
-            m.jobs
-                .keys()
-                .filter_map(move |j| match self.jobs.get(j).map(|x| &x.assignment) {
-                    Some(Assignment::Moving {
-                        move_id, from, to, ..
-                    }) if move_id == id => Some((j, from, to)),
-                    _ => None,
-                })
-        })
-    }
-
-    /// Jobs moving now, in every move.
-    pub fn moving(&self) -> u32 {
-        self.moving_jobs().count() as u32
-    }
-
-    /// Jobs being rebuilt on each daemon now (a daemon rebuilding none is absent).
-    pub fn rebuilding(&self) -> BTreeMap<&DaemonId, u32> {
-        let mut out = BTreeMap::new();
-        for (_, _, to) in self.moving_jobs() {
-            *out.entry(to).or_insert(0) += 1;
-        }
-        out
-    }
-
-    /// Jobs being rebuilt on `daemon` now.
-    pub fn rebuilding_on(&self, daemon: &DaemonId) -> u32 {
-        self.moving_jobs()
-            .filter(|(_, _, to)| *to == daemon)
-            .count() as u32
-    }
-
-    /// The daemons that are down, and how many are active (not removed).
-    pub fn down_of_active(&self) -> (Vec<DaemonId>, u32) {
-        let mut down = Vec::new();
-        let mut active = 0;
-        for (id, d) in &self.daemons {
-            match d.status {
-                DaemonStatus::Active(l) => {
-                    active += 1;
-                    if l == Liveness::Down {
-                        down.push(id.clone());
-                    }
-                }
-                DaemonStatus::Removed => {}
-            }
-        }
-        (down, active)
-    }
-
-    /// Jobs currently moving away from `daemon`.
-    pub fn jobs_moving_from<'a>(&'a self, daemon: &'a DaemonId) -> impl Iterator<Item = &'a JobId> {
-        let moving: BTreeSet<&JobId> = self
-            .moving_jobs()
-            .filter(move |(_, from, _)| *from == daemon)
-            .map(|(j, _, _)| j)
-            .collect();
-        moving.into_iter()
     }
 }
