@@ -14,6 +14,9 @@
 //!    has gone past while its fence says so.
 //! 6. Every move has ended, or has an open MOVE_STUCK alert.
 //! 7. No DAEMON_DOWN was raised for a daemon that the nemesis had not silenced.
+//! 8. A drain starts a move only while it is in progress and fewer than its limit of the
+//!    daemon's jobs are moving away; a draining daemon is never a move's destination;
+//!    a drain completes only when its daemon holds no job but those it left.
 //!
 //! The stream checks are pure functions of the history and the events, tested with
 //! histories that break each rule.
@@ -175,6 +178,69 @@ pub fn owners(events: &[Recorded], state: &State) -> Vec<Violation> {
                 format!("job {job} ends on {owner}, which is not registered"),
             ));
         }
+    }
+    out
+}
+
+/// Rule 8: drains keep their limit, take no job, and complete only when done.
+pub fn drains(events: &[Recorded]) -> Vec<Violation> {
+    let mut state = State::default();
+    let mut out = Vec::new();
+    for r in events {
+        let e = &r.envelope.event;
+        match e {
+            Event::JobMoveStarted {
+                job,
+                move_id,
+                from,
+                to,
+                ..
+            } => {
+                if let Some(drain) = state.drains.get(to) {
+                    out.push(v(
+                        8,
+                        format!(
+                            "#{}: {job} moves to {to}, which drains ({})",
+                            r.seq, drain.id
+                        ),
+                    ));
+                }
+                if let Some(id) = state.moves.get(move_id).and_then(|m| m.drain.as_ref()) {
+                    let moving = state.jobs_moving_from(from).count();
+                    match state.drains.get(from).filter(|d| d.id == *id) {
+                        None => out.push(v(
+                            8,
+                            format!("#{}: drain {id} started {job}'s move while not in progress", r.seq),
+                        )),
+                        Some(d) if moving >= d.max_concurrent as usize => out.push(v(
+                            8,
+                            format!(
+                                "#{}: drain {id} started {job}'s move with {moving} moving away already (limit {})",
+                                r.seq, d.max_concurrent
+                            ),
+                        )),
+                        Some(_) => {}
+                    }
+                }
+            }
+            Event::DrainCompleted {
+                daemon, drain_id, ..
+            } => {
+                let left = state.drains.get(daemon).map(|d| &d.left);
+                let held = state.daemons.get(daemon).map(|d| &d.jobs);
+                if let (Some(left), Some(held)) = (left, held) {
+                    let rest: Vec<&JobId> = held.iter().filter(|j| !left.contains(*j)).collect();
+                    if !rest.is_empty() || state.jobs_moving_from(daemon).next().is_some() {
+                        out.push(v(
+                            8,
+                            format!("#{}: drain {drain_id} completed with {rest:?} still on {daemon} or moving away", r.seq),
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+        state.apply(e);
     }
     out
 }
@@ -458,6 +524,96 @@ mod tests {
         assert!(commands(&unknown, &events).is_empty());
         let twice = vec![rec(1, 1, assigned(1, 1), 0), rec(2, 1, assigned(1, 1), 0)];
         assert_eq!(commands(&[], &twice).len(), 1);
+    }
+
+    /// A drain's steps decided in turn keep its limit; a step decided on a state that
+    /// missed the move before it starts one more than the limit, and is reported.
+    #[test]
+    fn rule_8_catches_a_drain_over_its_limit() {
+        use handoff_domain::command::*;
+        use handoff_domain::ids::DeploymentName;
+        use handoff_domain::model::{DaemonSettings, Deployment, JobSize};
+        use handoff_domain::{decide, Command, Context, ProjectId};
+        let settings = DaemonSettings {
+            head_space_bytes: 100 << 30,
+            num_workers: 2,
+            ..DaemonSettings::default()
+        };
+        let mut state = State::default();
+        let mut events = Vec::new();
+        let run =
+            |events: &mut Vec<Recorded>, state: &mut State, n: u32, c: Command, apply: bool| {
+                let ctx = Context {
+                    command: id(n),
+                    actor: Actor::new("admin").unwrap(),
+                    at_ms: 1,
+                };
+                let decision = decide(&c, &ctx, state).expect("accepted");
+                for e in decision.events() {
+                    if apply {
+                        state.apply(e);
+                    }
+                    events.push(rec(events.len() as u64 + 1, n, e.clone(), 1));
+                }
+            };
+        let project = ProjectId::new("p").unwrap();
+        let register = |n| {
+            Command::RegisterDaemon(RegisterDaemon {
+                daemon: daemon(n),
+                settings: settings.clone(),
+            })
+        };
+        run(&mut events, &mut state, 1, register(1), true);
+        run(
+            &mut events,
+            &mut state,
+            2,
+            Command::ConfigureProject(ConfigureProject {
+                project: project.clone(),
+                daemon_filter: vec![],
+                label_filter: vec![],
+            }),
+            true,
+        );
+        for (n, name) in [(3, "rs1"), (4, "rs2")] {
+            let deployment = Deployment::ReplicaSet {
+                name: DeploymentName::new(name).unwrap(),
+                size: JobSize {
+                    head_size_bytes: 1 << 30,
+                    oplog_bytes_per_hour: 0,
+                },
+            };
+            let c = Command::CreateBackupJobs(CreateBackupJobs {
+                project: project.clone(),
+                deployment,
+            });
+            run(&mut events, &mut state, n, c, true);
+        }
+        run(&mut events, &mut state, 5, register(2), true);
+        run(
+            &mut events,
+            &mut state,
+            6,
+            Command::DrainDaemon(DrainDaemon {
+                daemon: daemon(1),
+                max_concurrent: 1,
+                reason: None,
+                dry_run: false,
+            }),
+            true,
+        );
+        let step = Command::ContinueDrain(ContinueDrain {
+            daemon: daemon(1),
+            drain_id: id(6),
+        });
+        let before = state.clone();
+        run(&mut events, &mut state, 7, step.clone(), true);
+        assert!(drains(&events).is_empty(), "{:?}", drains(&events));
+        // Decided on the state before step 7: a second move while one runs.
+        let mut stale = before;
+        run(&mut events, &mut stale, 8, step, false);
+        let found = drains(&events);
+        assert!(found.iter().any(|v| v.rule == 8), "{found:?}");
     }
 
     /// A job assigned to a second daemon without a release of the first is held twice.

@@ -131,9 +131,15 @@ async fn run(args: &Args) -> Result<usize> {
     let log = EventLog::attach(d.connect(&d.keys.operator).await?, Default::default()).await?;
     let history = workload::History::default();
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let registered = fold(&read_all(&log).await?);
     let fleet = Fleet {
         daemons: d.daemons.clone(),
         jobs: d.jobs.clone(),
+        settings: d
+            .daemons
+            .iter()
+            .filter_map(|id| Some((id.clone(), registered.daemons.get(id)?.settings.clone())))
+            .collect(),
     };
     let clients = tokio::spawn(workload::run(
         client,
@@ -336,6 +342,7 @@ async fn check(
     out.extend(checker::commands(judged.history, &events));
     out.extend(checker::owners(&events, &state));
     out.extend(checker::moves(&state));
+    out.extend(checker::drains(&events));
     out.extend(checker::downs(
         &events,
         &d.daemons,

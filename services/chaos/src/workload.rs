@@ -1,5 +1,6 @@
-//! The workload: concurrent clients sending MoveJobs, MoveJob, FailJobMove and CancelMove with
-//! destinations drawn at random, each retrying a command after a timeout or `unavailable`
+//! The workload: concurrent clients sending MoveJobs, MoveJob, FailJobMove, CancelMove,
+//! DrainDaemon, CancelDrain and ConfigureDaemon (assignment enabled again, which a drain
+//! in progress refuses) with daemons drawn at random, each retrying a command after a timeout or `unavailable`
 //! with the same id (the command client does), and recording every command and its final
 //! answer: the history the checker reads. An answer that never came is `Unknown`: the
 //! checker accepts both outcomes for it.
@@ -9,8 +10,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use handoff_client::{new_command_id, Client, SendError};
-use handoff_domain::command::{CancelMove, FailJobMove, MoveJob, MoveJobs};
+use handoff_domain::command::{
+    CancelDrain, CancelMove, ConfigureDaemon, DrainDaemon, FailJobMove, MoveJob, MoveJobs,
+};
 use handoff_domain::event::Aggregate;
+use handoff_domain::model::DaemonSettings;
 use handoff_domain::{Command, CommandId, DaemonId, Event, JobId};
 use handoff_eventlog::EventLog;
 use handoff_protocol::subjects;
@@ -45,6 +49,9 @@ pub type History = Arc<Mutex<Vec<Op>>>;
 pub struct Fleet {
     pub daemons: Vec<DaemonId>,
     pub jobs: Vec<JobId>,
+    /// Each daemon's settings as it registered: sent again to enable its assignment
+    /// after a drain.
+    pub settings: std::collections::BTreeMap<DaemonId, DaemonSettings>,
 }
 
 /// Runs `clients` clients until `stop` turns true; every command lands in `history`.
@@ -105,17 +112,37 @@ pub async fn run(
 }
 
 /// The next command: mostly single-job moves, some whole-daemon moves, some gives-up or
-/// cancels of a move in progress (found on the job's subject).
+/// cancels of a move in progress (found on the job's subject), now and then a drain, its
+/// cancel, or a daemon's assignment enabled again.
 async fn choose(rng: &mut Rng, fleet: &Fleet, log: &EventLog) -> Option<Command> {
     let reason = Some("chaos".to_owned());
-    match rng.below(10) {
-        0..=5 => Some(Command::MoveJob(MoveJob {
+    match rng.below(40) {
+        36 => Some(Command::DrainDaemon(DrainDaemon {
+            daemon: rng.pick(&fleet.daemons).clone(),
+            max_concurrent: 1 + rng.below(2) as u32,
+            reason,
+            dry_run: false,
+        })),
+        37 => Some(Command::CancelDrain(CancelDrain {
+            daemon: rng.pick(&fleet.daemons).clone(),
+            reason: "chaos cancels the drain".into(),
+        })),
+        38 | 39 => {
+            let daemon = rng.pick(&fleet.daemons).clone();
+            let mut settings = fleet.settings.get(&daemon)?.clone();
+            settings.assignment_enabled = true;
+            Some(Command::ConfigureDaemon(ConfigureDaemon {
+                daemon,
+                settings,
+            }))
+        }
+        0..=23 => Some(Command::MoveJob(MoveJob {
             job: rng.pick(&fleet.jobs).clone(),
             to: rng.pick(&fleet.daemons).clone(),
             reason,
             dry_run: false,
         })),
-        6 | 7 => {
+        24..=29 => {
             let from = rng.pick(&fleet.daemons).clone();
             let to = rng.pick(&fleet.daemons).clone();
             Some(Command::MoveJobs(MoveJobs {
