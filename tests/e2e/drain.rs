@@ -258,3 +258,120 @@ async fn a_drain_moves_every_job_two_at_a_time_with_every_head_verified() -> Res
     keep.stack(stack).dir(dir);
     Ok(())
 }
+
+/// The command service's own steps of a drain: it starts the next move when one ends;
+/// when no daemon can take what is left it raises BIND_FAILURE once (`DrainBlocked`) and
+/// records no refusal, however often the step is refused (here sent by an operator too);
+/// it starts the move as soon as a daemon can take the job, closing the alert, and ends
+/// the drain without recording anything more.
+#[tokio::test]
+async fn a_blocked_drain_raises_one_alert_records_no_refusal_and_goes_on() -> Result<()> {
+    use handoff_domain::command::{
+        CompleteJobMove, ContinueDrain, DrainDaemon, ReportDaemonLiveness,
+    };
+    use handoff_domain::Command;
+
+    let stack = Stack::start().await?;
+    stack.apply(register(1, settings(100))).await?;
+    stack.apply(configure_project("p")).await?;
+    for name in ["rs1", "rs2"] {
+        stack.apply(replica_set("p", name, 10)).await?;
+    }
+    stack.apply(register(2, settings(100))).await?;
+    let liveness = |up| {
+        Command::ReportDaemonLiveness(ReportDaemonLiveness {
+            daemon: daemon(2),
+            up,
+        })
+    };
+    let drain_id = stack
+        .apply(Command::DrainDaemon(DrainDaemon {
+            daemon: daemon(1),
+            max_concurrent: 1,
+            reason: None,
+            dry_run: false,
+        }))
+        .await?
+        .command;
+    let started = |job: &'static str| move |r: &handoff_eventlog::Recorded| matches!(&r.envelope.event, Event::JobMoveStarted { job: j, .. } if j.as_str() == job);
+    let first = first_event(&stack, "the drain's first move", TIMEOUT, started("p/rs1")).await?;
+    let Event::JobMoveStarted { move_id, epoch, .. } = first.envelope.event else {
+        unreachable!()
+    };
+    // Daemon 2 goes down, then completes the move: nobody can take rs2 now.
+    stack.apply(liveness(false)).await?;
+    stack
+        .report(
+            2,
+            Command::CompleteJobMove(CompleteJobMove {
+                job: job("p/rs1"),
+                move_id,
+                epoch,
+                head: rebuilt_head(),
+            }),
+        )
+        .await?;
+    first_event(
+        &stack,
+        "BIND_FAILURE on the drain",
+        TIMEOUT,
+        |r| matches!(&r.envelope.event, Event::DrainBlocked { job, .. } if job.as_str() == "p/rs2"),
+    )
+    .await?;
+    // An operator's steps are refused the same way, and recorded nowhere.
+    for _ in 0..3 {
+        let refused = stack
+            .send(Command::ContinueDrain(ContinueDrain {
+                daemon: daemon(1),
+                drain_id: drain_id.clone(),
+            }))
+            .await?
+            .expect_err("nobody can take rs2");
+        assert_eq!(refused.reason, "bind_failure", "{refused:?}");
+    }
+    stack.apply(liveness(true)).await?;
+    let second = first_event(&stack, "the drain's second move", TIMEOUT, started("p/rs2")).await?;
+    let Event::JobMoveStarted { move_id, epoch, .. } = second.envelope.event else {
+        unreachable!()
+    };
+    stack
+        .report(
+            2,
+            Command::CompleteJobMove(CompleteJobMove {
+                job: job("p/rs2"),
+                move_id,
+                epoch,
+                head: rebuilt_head(),
+            }),
+        )
+        .await?;
+    first_event(&stack, "the drain to complete", TIMEOUT, |r| {
+        matches!(
+            &r.envelope.event,
+            Event::DrainCompleted {
+                moved: 2,
+                left: 0,
+                ..
+            }
+        )
+    })
+    .await?;
+    // Anything the service appended in the pass that ended the drain is in the stream
+    // before this command's events (it serves one thing at a time).
+    stack.apply(configure_project("after")).await?;
+    let events = stack.events().await?;
+    let count =
+        |pred: &dyn Fn(&Event) -> bool| events.iter().filter(|r| pred(&r.envelope.event)).count();
+    assert_eq!(
+        count(&|e| matches!(e, Event::CommandRejected { .. })),
+        0,
+        "a drain's refused steps were recorded"
+    );
+    assert_eq!(count(&|e| matches!(e, Event::DrainBlocked { .. })), 1);
+    let state = events.iter().fold(State::default(), |mut s, r| {
+        s.apply(&r.envelope.event);
+        s
+    });
+    assert!(state.alerts.is_empty(), "{:?}", state.alerts);
+    Ok(())
+}

@@ -9,7 +9,8 @@
 //! | THEFT_FAILED | `JobMoveFailed` (not a cancelled one) | the job's next `JobMoveCompleted` |
 //! | LOW_HEAD_FREE_SPACE | `HeadSpaceLow` | `HeadSpaceRecovered`, `DaemonRemoved` |
 //! | OPLOG_TTL_RESIZE | `OplogTtlResized` | itself (informational) |
-//! | BIND_FAILURE | `BindFailed` | the job's `BackupJobCreated` or `JobMoveStarted` |
+//! | BIND_FAILURE | `BindFailed` (a job) | the job's `BackupJobCreated` |
+//! | BIND_FAILURE | `DrainBlocked` (a draining daemon) | the daemon's `JobsReleased`, `DrainCompleted`, `DrainCancelled`, `DaemonRemoved` |
 //! | MOVE_STUCK | `MoveStuck` | the job's next phase, completion or failure |
 //! | FAILOVER_PAUSED | `FailoverPaused` | `FailoverResumed` |
 //! | MOVE_INTERRUPTED | `MoveInterrupted` | the move's `MoveResumed` or `MoveCancelled` |
@@ -55,7 +56,11 @@ pub fn effects(event: &Event) -> Vec<Effect> {
             },
         ],
         Event::DaemonRemoved { daemon } => {
-            vec![close(DaemonDown, daemon), close(LowHeadFreeSpace, daemon)]
+            vec![
+                close(DaemonDown, daemon),
+                close(LowHeadFreeSpace, daemon),
+                close(BindFailure, daemon),
+            ]
         }
         // Asked for: no THEFT_FAILED.
         Event::JobMoveFailed {
@@ -109,9 +114,22 @@ pub fn effects(event: &Event) -> Vec<Effect> {
             job,
             format!("no daemon can take {job}: {detail}"),
         )],
-        Event::BackupJobCreated { job, .. } | Event::JobMoveStarted { job, .. } => {
-            vec![close(BindFailure, job)]
-        }
+        Event::BackupJobCreated { job, .. } => vec![close(BindFailure, job)],
+        Event::DrainBlocked {
+            daemon,
+            drain_id,
+            job,
+            detail,
+        } => vec![open(
+            BindFailure,
+            daemon,
+            format!(
+                "drain {drain_id} of {daemon} cannot place {job} nor any job after it: {detail}"
+            ),
+        )],
+        Event::JobsReleased { daemon, .. }
+        | Event::DrainCompleted { daemon, .. }
+        | Event::DrainCancelled { daemon, .. } => vec![close(BindFailure, daemon)],
         Event::MoveStuck {
             job,
             move_id,

@@ -244,9 +244,10 @@ pub struct DrainDaemon {
     pub dry_run: bool,
 }
 
-/// Start the next moves of a drain, as many as its limit allows, or end it when nothing
-/// is left. The command service sends it by itself as moves end; an operator may send
-/// it to try again at once (after fixing what refused the last one).
+/// Start the next job's move of a drain (one per command) if fewer than its limit are
+/// moving, or end it when nothing is left. The command service sends it by itself as
+/// moves end; an operator may send it to try again at once (after fixing what refused
+/// the last one).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]

@@ -203,6 +203,15 @@ pub enum Event {
         moved: u32,
         waiting: u32,
     },
+    /// BIND_FAILURE of a drain: no daemon can take any job it has left to move (`job`,
+    /// the largest, first). The command service goes on trying; the alert closes when a
+    /// job leaves the daemon (`JobsReleased`) or the drain ends.
+    DrainBlocked {
+        daemon: DaemonId,
+        drain_id: CommandId,
+        job: JobId,
+        detail: String,
+    },
     /// OPLOG_TTL_RESIZE: the oplog store keeps this job's oplog longer than before.
     OplogTtlResized {
         job: JobId,
@@ -392,6 +401,9 @@ impl Event {
                 Aggregate::Alert(AlertKey::new(AlertKind::LowHeadFreeSpace, daemon))
             }
             BindFailed { job, .. } => Aggregate::Alert(AlertKey::new(AlertKind::BindFailure, job)),
+            DrainBlocked { daemon, .. } => {
+                Aggregate::Alert(AlertKey::new(AlertKind::BindFailure, daemon))
+            }
             MoveStuck { job, .. } => Aggregate::Alert(AlertKey::new(AlertKind::MoveStuck, job)),
             FailoverPaused { .. } | FailoverResumed { .. } => {
                 Aggregate::Alert(AlertKey::new(AlertKind::FailoverPaused, FLEET))
@@ -424,6 +436,7 @@ impl Event {
             DrainStarted { .. } => "DrainStarted",
             DrainCompleted { .. } => "DrainCompleted",
             DrainCancelled { .. } => "DrainCancelled",
+            DrainBlocked { .. } => "DrainBlocked",
             JobMovePhaseReported { .. } => "JobMovePhaseReported",
             JobMoveCompleted { .. } => "JobMoveCompleted",
             JobMoveFailed { .. } => "JobMoveFailed",
@@ -457,6 +470,7 @@ impl Event {
             | DrainStarted { daemon, .. }
             | DrainCompleted { daemon, .. }
             | DrainCancelled { daemon, .. }
+            | DrainBlocked { daemon, .. }
             | BackupJobCreated { daemon, .. }
             | JobMoveCompleted { daemon, .. }
             | HeadSpaceLow { daemon, .. }

@@ -241,8 +241,9 @@ fn a_drain_nobody_can_take_is_refused() {
     ));
 }
 
-/// A step no daemon can take now is refused with BIND_FAILURE on the job; once a daemon
-/// can, the next step starts the move, which closes the alert.
+/// A step no daemon can take now is refused; the service raises BIND_FAILURE on the
+/// daemon for it (`DrainBlocked`, once while open); once a daemon can take a job, the
+/// next step starts its move, which closes the alert. A cancel closes it too.
 #[test]
 fn a_blocked_drain_raises_bind_failure_and_goes_on_when_it_can() {
     let mut w = fleet();
@@ -259,10 +260,18 @@ fn a_blocked_drain_raises_bind_failure_and_goes_on_when_it_can() {
         panic!("{rejection:?}");
     };
     let alert = alert_of_rejection(&command, &rejection, &w.state).expect("BIND_FAILURE");
-    assert!(matches!(&alert, Event::BindFailed { job: j, .. } if j == job));
+    assert!(
+        matches!(&alert, Event::DrainBlocked { job: j, daemon, drain_id: id, .. }
+            if j == job && *daemon == d(1) && *id == drain_id),
+        "{alert:?}"
+    );
     w.state.apply(&alert);
-    let key = AlertKey::new(AlertKind::BindFailure, job);
+    let key = AlertKey::new(AlertKind::BindFailure, d(1));
     assert!(w.state.alerts.contains(&key));
+    assert!(
+        alert_of_rejection(&command, &rejection, &w.state).is_none(),
+        "raised once while open"
+    );
     w.ok(Command::ReportDaemonLiveness(ReportDaemonLiveness {
         daemon: d(2),
         up: true,
@@ -274,6 +283,55 @@ fn a_blocked_drain_raises_bind_failure_and_goes_on_when_it_can() {
         !w.state.alerts.contains(&key),
         "the move closes BIND_FAILURE"
     );
+    // Blocked again (2 down again), then cancelled: closed.
+    w.ok(Command::ReportDaemonLiveness(ReportDaemonLiveness {
+        daemon: d(2),
+        up: false,
+    }));
+    let rejection = refused(&mut w, command.clone());
+    let alert = alert_of_rejection(&command, &rejection, &w.state).expect("raised again");
+    w.state.apply(&alert);
+    assert!(w.state.alerts.contains(&key));
+    w.ok(Command::CancelDrain(CancelDrain {
+        daemon: d(1),
+        reason: "later".into(),
+    }));
+    assert!(
+        !w.state.alerts.contains(&key),
+        "the cancel closes BIND_FAILURE"
+    );
+}
+
+/// A daemon removed while its drain is in progress (it held nothing) ends the drain: a
+/// daemon registered again under its id takes jobs as any new one.
+#[test]
+fn a_removed_daemon_has_no_drain_left() {
+    let mut w = World::new();
+    w.ok(register(1, 100));
+    w.ok(register(2, 100));
+    w.ok(drain(1, 1, false));
+    w.ok(Command::RemoveDaemon(RemoveDaemon { daemon: d(1) }));
+    assert!(w.state.drains.is_empty());
+    w.ok(register(1, 100));
+    assert!(w.state.daemons[&d(1)].settings.assignment_enabled);
+}
+
+/// With no destination named, the plan never puts a job back on the daemon an operator
+/// moved it away from, as the moves themselves never do.
+#[test]
+fn the_plan_never_sends_a_job_back_where_an_operator_moved_it_from() {
+    let mut w = World::new();
+    w.ok(register(1, 100));
+    w.ok(project("p1"));
+    w.ok(rs("p1", "rs0", 10));
+    w.ok(register(2, 100));
+    w.ok(register(3, 15));
+    let move_id = w.ok(move_job("p1/rs0", 2)).plan.unwrap().move_id;
+    complete(&mut w, &j("p1/rs0"), &move_id);
+    // 2 now holds rs0, moved there from 1; 1 has the most room, 3 just enough.
+    let plan = w.ok(drain(2, 1, true)).plan.expect("a plan");
+    assert_eq!(plan.jobs.len(), 1);
+    assert_eq!(plan.jobs[0].to, Some(d(3)), "{plan:?}");
 }
 
 /// A cancelled drain starts nothing more; the moves in progress go on.

@@ -403,7 +403,7 @@ pub async fn daemon(ctx: &Context, c: DaemonCmd) -> Result<(), Failure> {
                     "drain               {} in progress: {} job(s) moved, {} left, at most {} at a time{}",
                     d.id,
                     d.moved,
-                    d.left.len(),
+                    d.left,
                     d.max_concurrent,
                     d.reason
                         .as_deref()

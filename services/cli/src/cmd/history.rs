@@ -362,6 +362,14 @@ pub fn describe(e: &Event) -> String {
         } => format!(
             "drain {drain_id} of {daemon} cancelled: {reason}; {moved} job(s) moved, {waiting} not started"
         ),
+        Event::DrainBlocked {
+            daemon,
+            drain_id,
+            job,
+            detail,
+        } => format!(
+            "drain {drain_id} of {daemon} blocked (BIND_FAILURE): cannot place {job} nor any job after it: {detail}"
+        ),
         Event::HeadSpaceLow {
             daemon,
             free_bytes,

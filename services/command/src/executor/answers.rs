@@ -132,9 +132,9 @@ impl Executor {
 }
 
 /// A service's report of what it sees (a daemon's registration and phase, the monitor's
-/// liveness, head space, stuck moves, guard and the failover policy's moves): decided
-/// against the state whenever it arrives, and sent again by its service while the
-/// condition lasts.
+/// liveness, head space, stuck moves, guard and the failover policy's moves, and the
+/// command service's own steps of a drain): decided against the state whenever it
+/// arrives, and sent again by its service while the condition lasts.
 fn reports_what_it_sees(command: &Command) -> bool {
     matches!(
         command,
@@ -145,5 +145,6 @@ fn reports_what_it_sees(command: &Command) -> bool {
             | Command::ReportMoveStuck(_)
             | Command::ReportFailoverGuard(_)
             | Command::FailoverJob(_)
+            | Command::ContinueDrain(_)
     )
 }

@@ -170,7 +170,7 @@ impl Executor {
             archive,
             snapshots,
             origin,
-            blocked: HashMap::new(),
+            drains: Default::default(),
         };
         // What a snapshot held for the archive is stored again (storing twice is harmless).
         if let Some(a) = &executor.archive {

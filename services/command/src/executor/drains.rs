@@ -2,13 +2,18 @@
 //! job's move starts as soon as fewer than its limit are moving, and it ends once
 //! nothing is left (`ContinueDrain`, decided as any command is, in the service's name).
 //!
-//! A step is decided first without appending anything: a drain with nothing to do costs
-//! no event. A refused step is recorded once (and a job no daemon can take raises
-//! BIND_FAILURE), then tried again every [`BLOCKED_RETRY`] without a new record while the
-//! refusal stays the same; a step that failed for another reason (the stream
-//! unavailable) is tried again after [`FAILED_RETRY`]. Two instances stepping the same
-//! drain at once are harmless: every move of a drain appends to the daemon's subject,
-//! so one of them conflicts and decides again on the other's move.
+//! - A step is decided first without appending anything: a drain with nothing to do
+//!   costs no event, and the drains are looked at again only once the model has folded
+//!   something new (or a drain's retry is due).
+//! - A step's refusal is never recorded (the service reports what it sees, as the
+//!   monitor does): the first refusal for want of a daemon raises BIND_FAILURE on the
+//!   daemon (`DrainBlocked`, once while it is open); the drain is tried again after
+//!   [`BLOCKED_RETRY`], or after [`FAILED_RETRY`] when the stream could not be reached.
+//! - At most [`STEPS_PER_CALL`] steps per call, taken round the drains in turn, so
+//!   requests are served between calls however many drains there are.
+//! - Two instances stepping the same drain at once are harmless: every move of a drain
+//!   appends to the daemon's subject, as does its end, so one of them conflicts and
+//!   decides again on the other's move.
 
 use std::time::Instant;
 
@@ -18,14 +23,29 @@ use super::*;
 
 /// How long a drain whose next step was refused waits before it is tried again.
 const BLOCKED_RETRY: Duration = Duration::from_secs(5);
-/// How long a drain whose next step failed (not refused) waits before it is tried again.
+/// How long a drain whose next step failed (the stream unavailable) waits.
 const FAILED_RETRY: Duration = Duration::from_secs(1);
+/// The most steps (each one move started, or a drain ended) one call takes.
+const STEPS_PER_CALL: usize = 16;
 
-/// Why a drain's last step did not happen, and when to try again.
-pub(super) struct Blocked {
-    /// The refusal recorded last (none: the step failed for another reason).
-    refused: Option<Rejection>,
-    until: Instant,
+/// Where the drains stand for the service between calls.
+#[derive(Default)]
+pub(super) struct Stepping {
+    /// Drains not to try before the instant, by daemon (refused or failed last time).
+    blocked: HashMap<DaemonId, Instant>,
+    /// The model's sequence when every drain last had nothing to do: until it moves (or
+    /// a retry is due), there is nothing to look at.
+    idle_at: Option<u64>,
+    /// The daemon stepped last, so the next call starts after it.
+    last: Option<DaemonId>,
+}
+
+/// What one step did.
+enum Step {
+    /// A move started: the drain may have room for another.
+    Started,
+    /// Nothing more for this drain now (nothing to do, it ended, or it waits).
+    Done,
 }
 
 impl Executor {
@@ -35,36 +55,69 @@ impl Executor {
         self.stopped.is_none() && !self.model.state.drains.is_empty()
     }
 
-    /// Starts what each drain in progress may start now (one move per job, up to its
-    /// limit) and ends those with nothing left.
+    /// Starts what the drains in progress may start now (one move per job, up to each
+    /// drain's limit) and ends those with nothing left, at most [`STEPS_PER_CALL`] steps.
     pub async fn step_drains(&mut self) {
         if !self.draining() {
             return;
         }
+        if let Err(e) = self.catch_up(self.appended).await {
+            tracing::warn!(error = %e.message, "cannot look at the drains");
+            return;
+        }
         let now = Instant::now();
-        self.blocked
-            .retain(|daemon, _| self.model.state.drains.contains_key(daemon));
-        let drains: Vec<(DaemonId, CommandId, u32)> = self
-            .model
-            .state
-            .drains
+        let drains = &self.model.state.drains;
+        self.drains.blocked.retain(|d, _| drains.contains_key(d));
+        let retry_due = self.drains.blocked.values().any(|until| *until <= now);
+        if self.drains.idle_at == Some(self.model.applied) && !retry_due {
+            return;
+        }
+        // Round the drains, starting after the one stepped last.
+        let mut order: Vec<(DaemonId, CommandId)> = drains
             .iter()
-            .filter(|(d, _)| self.blocked.get(*d).is_none_or(|b| b.until <= now))
-            .map(|(d, drain)| (d.clone(), drain.id.clone(), drain.max_concurrent))
+            .filter(|(d, _)| {
+                self.drains
+                    .blocked
+                    .get(*d)
+                    .is_none_or(|until| *until <= now)
+            })
+            .map(|(d, drain)| (d.clone(), drain.id.clone()))
             .collect();
-        for (daemon, drain_id, limit) in drains {
+        if let Some(last) = &self.drains.last {
+            let after = order.partition_point(|(d, _)| d <= last);
+            order.rotate_left(after);
+        }
+        let mut budget = STEPS_PER_CALL;
+        let mut all_done = true;
+        for (daemon, drain_id) in order {
             let span = tracing::info_span!("drain", %daemon, drain = %drain_id);
-            // Each step starts one move, and the last one ends the drain.
-            for _ in 0..=limit {
-                if !self.step(&daemon, &drain_id).instrument(span.clone()).await {
+            loop {
+                if budget == 0 {
+                    all_done = false;
                     break;
+                }
+                budget -= 1;
+                self.drains.last = Some(daemon.clone());
+                match self.step(&daemon, &drain_id).instrument(span.clone()).await {
+                    Step::Started => {}
+                    Step::Done => break,
                 }
             }
         }
+        // Nothing left to do until the model moves on: the next calls cost nothing.
+        self.drains.idle_at =
+            (all_done && self.drains.blocked.is_empty()).then_some(self.model.applied);
     }
 
-    /// One step of a drain: true when it appended something (another may follow).
-    async fn step(&mut self, daemon: &DaemonId, drain_id: &CommandId) -> bool {
+    /// One step of a drain.
+    async fn step(&mut self, daemon: &DaemonId, drain_id: &CommandId) -> Step {
+        if let Err(e) = self.catch_up(self.appended).await {
+            tracing::warn!(error = %e.message, "cannot step a drain");
+            self.drains
+                .blocked
+                .insert(daemon.clone(), Instant::now() + FAILED_RETRY);
+            return Step::Done;
+        }
         let command = Command::ContinueDrain(ContinueDrain {
             daemon: daemon.clone(),
             drain_id: drain_id.clone(),
@@ -74,30 +127,23 @@ impl Executor {
             actor: system_actor(),
             at_ms: now_ms(),
         };
-        match decide(&command, &ctx, &self.model.state) {
-            Ok(d) if d.units.is_empty() => {
-                self.blocked.remove(daemon);
-                return false;
-            }
-            Ok(_) => {}
+        let ends = match decide(&command, &ctx, &self.model.state) {
+            Ok(d) if d.units.is_empty() => return Step::Done,
+            Ok(d) => d
+                .events()
+                .any(|e| matches!(e, Event::DrainCompleted { .. })),
             Err(rejection) => {
-                let again = self
-                    .blocked
-                    .get(daemon)
-                    .and_then(|b| b.refused.as_ref())
-                    .is_some_and(|r| *r == rejection);
-                if again {
-                    self.blocked.insert(
-                        daemon.clone(),
-                        Blocked {
-                            refused: Some(rejection),
-                            until: Instant::now() + BLOCKED_RETRY,
-                        },
-                    );
-                    return false;
+                // Raised once while it is open; otherwise only tried again later.
+                let raises = alert_of_rejection(&command, &rejection, &self.model.state);
+                if raises.is_none() {
+                    self.drains
+                        .blocked
+                        .insert(daemon.clone(), Instant::now() + BLOCKED_RETRY);
+                    return Step::Done;
                 }
+                false
             }
-        }
+        };
         let request = CommandRequest {
             id: ctx.command,
             actor: ctx.actor,
@@ -107,35 +153,24 @@ impl Executor {
         };
         match self.execute(request, None).await {
             Ok(applied) => {
-                self.blocked.remove(daemon);
-                !applied.events.is_empty()
+                self.drains.blocked.remove(daemon);
+                if ends || applied.events.is_empty() {
+                    Step::Done
+                } else {
+                    Step::Started
+                }
             }
             Err(error) => {
-                // Refused (on the model as it stands now), or failed for another reason.
-                let ctx = Context {
-                    command: new_command_id(),
-                    actor: system_actor(),
-                    at_ms: now_ms(),
-                };
-                let command = Command::ContinueDrain(ContinueDrain {
-                    daemon: daemon.clone(),
-                    drain_id: drain_id.clone(),
-                });
-                let refused = decide(&command, &ctx, &self.model.state).err();
-                tracing::warn!(code = ?error.code, reason = %error.reason, message = %error.message, "a drain cannot go on yet");
-                let wait = if refused.is_some() {
-                    BLOCKED_RETRY
-                } else {
+                tracing::info!(code = ?error.code, reason = %error.reason, message = %error.message, "a drain cannot go on yet");
+                let wait = if error.code == ErrorCode::Unavailable {
                     FAILED_RETRY
+                } else {
+                    BLOCKED_RETRY
                 };
-                self.blocked.insert(
-                    daemon.clone(),
-                    Blocked {
-                        refused,
-                        until: Instant::now() + wait,
-                    },
-                );
-                false
+                self.drains
+                    .blocked
+                    .insert(daemon.clone(), Instant::now() + wait);
+                Step::Done
             }
         }
     }

@@ -77,9 +77,8 @@ pub struct Executor {
     snapshots: Option<Saving>,
     /// Where this model came from.
     origin: Origin,
-    /// The drains whose next step was refused (or failed), by daemon: tried again after
-    /// a while, the same refusal recorded once.
-    blocked: HashMap<DaemonId, drains::Blocked>,
+    /// Where the drains in progress stand for this instance.
+    drains: drains::Stepping,
 }
 
 /// What appending a decision wrote, or found written by an earlier attempt.
@@ -152,6 +151,7 @@ fn is_dry_run(command: &Command) -> bool {
         Command::MoveJobs(c) => c.dry_run,
         Command::MoveJob(c) => c.dry_run,
         Command::SpreadJobs(c) => c.dry_run,
+        Command::DrainDaemon(c) => c.dry_run,
         _ => false,
     }
 }

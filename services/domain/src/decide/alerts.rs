@@ -105,14 +105,15 @@ pub fn alert_of_rejection(
                 detail: detail.clone(),
             })
         }
-        (Command::ContinueDrain(_), Rejection::BindFailure { job, detail })
+        (Command::ContinueDrain(c), Rejection::BindFailure { job, detail })
             if !state
                 .alerts
-                .contains(&AlertKey::new(AlertKind::BindFailure, job)) =>
+                .contains(&AlertKey::new(AlertKind::BindFailure, &c.daemon)) =>
         {
-            Some(Event::BindFailed {
+            Some(Event::DrainBlocked {
+                daemon: c.daemon.clone(),
+                drain_id: c.drain_id.clone(),
                 job: job.clone(),
-                project: job.project(),
                 detail: detail.clone(),
             })
         }

@@ -6,24 +6,27 @@
 //!   which job would go where, placed as a spread places them. It is refused when the
 //!   plan cannot place every job.
 //! - `next` (`ContinueDrain`, which the command service sends by itself) starts the next
-//!   job's move while fewer than the limit are moving away from the daemon, or ends the
+//!   job's move (one per command) while fewer than the limit are moving away from the
+//!   daemon: the first waiting job, largest first, that some daemon can take. It ends the
 //!   drain (`DrainCompleted`) once no job is left to move and none is moving away or
-//!   arriving. A job whose drain move failed or was cancelled stays, and is not tried
-//!   again by this drain.
+//!   arriving. A job whose drain move failed or was cancelled stays (`left_by_drain`),
+//!   and is not tried again by this drain. When no waiting job can be placed it is
+//!   refused (`bind_failure`), which the service turns into `DrainBlocked`.
 //! - `cancel` stops it (`DrainCancelled`): nothing more starts.
 
 use std::cmp::Reverse;
+use std::collections::BTreeMap;
 
 use super::failover::failover_candidates;
 use super::moves::{start_move, MoveRequest};
 use super::spread::plan_spread;
-use super::{active_daemon, daemon, Context, Decision};
+use super::{active_daemon, daemon, filter_rejection, Context, Decision};
 use crate::command::{CancelDrain, ContinueDrain, DrainDaemon};
 use crate::event::Event;
-use crate::ids::{DaemonId, JobId};
+use crate::ids::{DaemonId, JobId, ProjectId};
 use crate::model::MoveScope;
 use crate::rejection::Rejection;
-use crate::state::{Assignment, Drain, State};
+use crate::state::{Assignment, Daemon, Drain, State};
 
 pub(super) fn drain(c: &DrainDaemon, ctx: &Context, state: &State) -> Result<Decision, Rejection> {
     let d = active_daemon(state, &c.daemon)?;
@@ -83,7 +86,7 @@ pub(super) fn next(c: &ContinueDrain, ctx: &Context, state: &State) -> Result<De
                 daemon: c.daemon.clone(),
                 drain_id: drain.id.clone(),
                 moved: drain.moved,
-                left: drain.left.len() as u32,
+                left: drain.left,
             }]));
         }
         return Ok(Decision::default());
@@ -95,7 +98,34 @@ pub(super) fn next(c: &ContinueDrain, ctx: &Context, state: &State) -> Result<De
         Some(r) => format!("drain of {}: {r}", c.daemon),
         None => format!("drain of {}", c.daemon),
     });
+    // The first waiting job some daemon can take. A job larger than the most room any
+    // eligible daemon passing its project's filters has is passed over at once (worked
+    // out once per project), so a drain nobody can take costs the fleet once per step,
+    // not the fleet for each job.
+    let eligible: Vec<(&DaemonId, &Daemon)> = state
+        .daemons
+        .iter()
+        .filter(|(id, d)| {
+            **id != c.daemon
+                && d.is_up()
+                && d.settings.assignment_enabled
+                && d.settings.backup_jobs_enabled
+        })
+        .collect();
+    let mut most_room: BTreeMap<ProjectId, u64> = BTreeMap::new();
     for job in &waiting {
+        let size = state.jobs[*job].size.head_size_bytes;
+        let room = *most_room.entry(job.project()).or_insert_with(|| {
+            eligible
+                .iter()
+                .filter(|(id, d)| filter_rejection(state, job, id, d).is_none())
+                .map(|(_, d)| d.free_bytes())
+                .max()
+                .unwrap_or(0)
+        });
+        if room <= size {
+            continue;
+        }
         let Some(best) = failover_candidates(state, job).into_iter().next() else {
             continue;
         };
@@ -119,9 +149,8 @@ pub(super) fn next(c: &ContinueDrain, ctx: &Context, state: &State) -> Result<De
     Err(Rejection::BindFailure {
         job: waiting[0].clone(),
         detail: format!(
-            "the drain of {} cannot place any of its {} waiting job(s): no daemon is up with assignment enabled, room for the head and passing the project's filters; it starts them when one is",
-            c.daemon,
-            waiting.len()
+            "the drain of {} cannot place any job it has left: no daemon is up with assignment and backup jobs enabled, room for the head and passing the project's filters (the drain goes on when one is)",
+            c.daemon
         ),
     })
 }
@@ -146,7 +175,7 @@ pub(super) fn cancel(c: &CancelDrain, ctx: &Context, state: &State) -> Result<De
 
 /// The jobs on `daemon` a drain still has to move, the largest heads first (where the
 /// most room is left), ties by id: those assigned to it (not arriving), less those the
-/// drain left.
+/// drain left (`left_by_drain`).
 fn waiting<'a>(state: &'a State, daemon: &DaemonId, drain: Option<&Drain>) -> Vec<&'a JobId> {
     let Some(d) = state.daemons.get(daemon) else {
         return vec![];
@@ -156,7 +185,7 @@ fn waiting<'a>(state: &'a State, daemon: &DaemonId, drain: Option<&Drain>) -> Ve
         .iter()
         .filter(|j| {
             matches!(&state.jobs[*j].assignment, Assignment::Assigned { daemon: on } if on == daemon)
-                && !drain.is_some_and(|dr| dr.left.contains(*j))
+                && drain.is_none_or(|dr| state.jobs[*j].left_by_drain.as_ref() != Some(&dr.id))
         })
         .collect();
     jobs.sort_by_key(|j| (Reverse(state.jobs[*j].size.head_size_bytes), *j));

@@ -1,7 +1,8 @@
 //! A spread: every job of a daemon moved over several destinations in one move, each job
 //! placed by the failover policy's rules (eligible daemons only; the fewest rebuilds,
 //! then the most free head space, then the fewest jobs), counting what the plan has
-//! already put on each. Each destination passes the checks of an operator's move for the
+//! already put on each, and (no destination named) never the daemon an operator moved
+//! the job away from. Each destination passes the checks of an operator's move for the
 //! jobs it gets.
 
 use std::collections::BTreeMap;
@@ -155,7 +156,13 @@ pub(super) fn plan_spread<'a>(
         let best = rooms
             .iter_mut()
             .zip(fits.iter())
-            .filter(|(r, fits)| **fits && r.free > size)
+            // Placed by the policy (none named): never where an operator moved it from.
+            .filter(|(r, fits)| {
+                **fits
+                    && r.free > size
+                    && (!to.is_empty()
+                        || state.jobs[*j].operator_moved_from.as_ref() != Some(r.daemon))
+            })
             .map(|(r, _)| r)
             .min_by_key(|r| (r.rebuilding, std::cmp::Reverse(r.free), r.jobs, r.daemon));
         let Some(best) = best else {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::alert::{self, Effect};
 use crate::event::Event;
 use crate::ids::{Actor, CommandId, DaemonId, JobId, Label, ProjectId, UserKey};
+mod moves;
 mod reads;
 
 use crate::model::{
@@ -88,6 +89,10 @@ pub struct Job {
     /// moves it back there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator_moved_from: Option<DaemonId>,
+    /// The drain whose move of this job failed or was cancelled: that drain leaves it
+    /// where it is (until the job's next move).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_by_drain: Option<CommandId>,
 }
 
 impl Job {
@@ -153,8 +158,8 @@ pub struct Drain {
     /// Jobs its moves took away.
     pub moved: u32,
     /// Jobs whose move of this drain failed or was cancelled: back on the daemon, and
-    /// not tried again by this drain.
-    pub left: BTreeSet<JobId>,
+    /// not tried again by this drain (each marked `left_by_drain`).
+    pub left: u32,
 }
 
 /// A user as the events made it: its roles and the key its commands are signed with.
@@ -211,6 +216,9 @@ impl State {
                 if let Some(d) = self.daemons.get_mut(daemon) {
                     d.status = DaemonStatus::Removed;
                 }
+                // Nothing more to drain; a daemon registered again under the id starts
+                // afresh.
+                self.drains.remove(daemon);
             }
             Event::DrainStarted {
                 daemon,
@@ -228,7 +236,7 @@ impl State {
                             max_concurrent: *max_concurrent,
                             reason: reason.clone(),
                             moved: 0,
-                            left: BTreeSet::new(),
+                            left: 0,
                         },
                     );
                 }
@@ -276,6 +284,7 @@ impl State {
             | Event::HeadSpaceLow { .. }
             | Event::HeadSpaceRecovered { .. }
             | Event::BindFailed { .. }
+            | Event::DrainBlocked { .. }
             | Event::MoveStuck { .. }
             | Event::FailoverPaused { .. }
             | Event::FailoverResumed { .. }
@@ -453,142 +462,9 @@ impl State {
                     daemon: daemon.clone(),
                 },
                 operator_moved_from: None,
+                left_by_drain: None,
             },
         );
         self.take(daemon, job, size.head_size_bytes);
-    }
-
-    fn start_job_move(
-        &mut self,
-        job: &JobId,
-        move_id: &CommandId,
-        from: &DaemonId,
-        to: &DaemonId,
-        epoch: u64,
-    ) {
-        let by_operator = self.moves.get(move_id).is_some_and(|m| !m.automatic);
-        let Some(j) = self.jobs.get_mut(job) else {
-            return;
-        };
-        let size = j.size.head_size_bytes;
-        let owner = j.owner().clone();
-        if by_operator {
-            j.operator_moved_from = Some(from.clone());
-        }
-        j.assignment = Assignment::Moving {
-            from: from.clone(),
-            to: to.clone(),
-            move_id: move_id.clone(),
-            phase: MovePhase::Requested,
-        };
-        j.epoch = epoch;
-        self.release(&owner, job, size);
-        self.take(to, job, size);
-        if let Some(m) = self.moves.get_mut(move_id) {
-            m.jobs.insert(job.clone(), MovePhase::Requested);
-        }
-    }
-
-    fn complete_job_move(&mut self, job: &JobId, move_id: &CommandId, daemon: &DaemonId) {
-        if let Some(j) = self.jobs.get_mut(job) {
-            j.assignment = Assignment::Assigned {
-                daemon: daemon.clone(),
-            };
-        }
-        if let Some(drain) = self.drain_of(move_id) {
-            drain.moved += 1;
-        }
-        self.set_move_phase(job, move_id, MovePhase::Completed);
-    }
-
-    /// The drain in progress a move belongs to.
-    fn drain_of(&mut self, move_id: &CommandId) -> Option<&mut Drain> {
-        let m = self.moves.get(move_id)?;
-        let id = m.drain.as_ref()?;
-        self.drains.get_mut(&m.from).filter(|d| d.id == *id)
-    }
-
-    fn fail_job_move(
-        &mut self,
-        job: &JobId,
-        move_id: &CommandId,
-        returned_to: &DaemonId,
-        epoch: u64,
-        cancelled: bool,
-    ) {
-        let Some(j) = self.jobs.get_mut(job) else {
-            return;
-        };
-        let size = j.size.head_size_bytes;
-        let owner = j.owner().clone();
-        j.assignment = Assignment::Assigned {
-            daemon: returned_to.clone(),
-        };
-        j.epoch = epoch;
-        self.release(&owner, job, size);
-        self.take(returned_to, job, size);
-        if let Some(drain) = self.drain_of(move_id) {
-            drain.left.insert(job.clone());
-        }
-        let phase = if cancelled {
-            MovePhase::Cancelled
-        } else {
-            MovePhase::Failed
-        };
-        self.set_move_phase(job, move_id, phase);
-    }
-
-    fn take(&mut self, daemon: &DaemonId, job: &JobId, size: u64) {
-        if let Some(d) = self.daemons.get_mut(daemon) {
-            if d.jobs.insert(job.clone()) {
-                d.used_bytes = d.used_bytes.saturating_add(size);
-            }
-        }
-    }
-
-    fn release(&mut self, daemon: &DaemonId, job: &JobId, size: u64) {
-        if let Some(d) = self.daemons.get_mut(daemon) {
-            if d.jobs.remove(job) {
-                d.used_bytes = if d.used_bytes == u64::MAX {
-                    // Saturated: the true sum is unknown, so subtracting would undercount.
-                    // Counted again from the jobs it still holds (rare: only heads past
-                    // 16 EiB saturate).
-                    let jobs = &self.jobs;
-                    d.jobs
-                        .iter()
-                        .filter_map(|j| jobs.get(j))
-                        .try_fold(0u64, |sum, j| sum.checked_add(j.size.head_size_bytes))
-                        .unwrap_or(u64::MAX)
-                } else {
-                    d.used_bytes.saturating_sub(size)
-                };
-            }
-        }
-    }
-
-    fn set_phase(&mut self, job: &JobId, move_id: &CommandId, phase: MovePhase) {
-        if let Some(Job {
-            assignment:
-                Assignment::Moving {
-                    move_id: current,
-                    phase: p,
-                    ..
-                },
-            ..
-        }) = self.jobs.get_mut(job)
-        {
-            if current == move_id {
-                *p = phase;
-            }
-        }
-        self.set_move_phase(job, move_id, phase);
-    }
-
-    fn set_move_phase(&mut self, job: &JobId, move_id: &CommandId, phase: MovePhase) {
-        if let Some(m) = self.moves.get_mut(move_id) {
-            if let Some(p) = m.jobs.get_mut(job) {
-                *p = phase;
-            }
-        }
     }
 }
