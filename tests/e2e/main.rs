@@ -17,6 +17,7 @@ mod fleet_ops;
 mod heartbeats;
 mod idempotency;
 mod lost;
+mod metrics;
 mod monitor;
 mod moves;
 mod outages;

@@ -123,6 +123,8 @@ fn owner_context(stack: &Stack) -> Context {
         creds: Some(stack.owner.clone()),
         creds_path: Some(stack.owner_path.clone()),
         nats_seed: stack.keys.as_ref().map(|k| k.operator.clone()),
+        metrics: None,
+        metrics_bound: None,
     }
 }
 

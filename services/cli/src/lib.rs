@@ -22,6 +22,7 @@
 pub mod client;
 pub mod cmd;
 pub mod demo;
+pub mod metrics;
 pub mod output;
 pub mod sample;
 pub mod secrets;
@@ -75,6 +76,11 @@ pub struct Cli {
     /// Log format (logs go to stderr; RUST_LOG sets the level).
     #[arg(long, value_enum, default_value = "text", global = true)]
     pub log_format: LogFormat,
+    /// Serve the process's Prometheus metrics at http://ADDR/metrics (the long-running
+    /// processes: `command-service`, `projector`, `agent`, `monitor`, `daemon`, `up`,
+    /// whose daemons use the ports after it). Keep it on loopback or a private network.
+    #[arg(long, value_name = "ADDR", env = "HANDOFF_METRICS", global = true)]
+    pub metrics: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -241,6 +247,10 @@ pub struct Context {
     pub creds_path: Option<PathBuf>,
     /// The NATS seed to connect with (from --nats-key, else the credentials).
     pub nats_seed: Option<String>,
+    /// Where this process was asked to serve its metrics (`--metrics`), and where it
+    /// does (the port bound, when 0 was asked).
+    pub metrics: Option<std::net::SocketAddr>,
+    pub metrics_bound: Option<std::net::SocketAddr>,
 }
 
 impl Context {
@@ -308,7 +318,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let result = match Context::load(&cli) {
         Err(e) => Err(e),
         Ok((creds, nats_seed)) => {
-            let ctx = Context {
+            let mut ctx = Context {
                 url_given: cli.nats_url.is_some(),
                 url: cli
                     .nats_url
@@ -318,8 +328,22 @@ pub async fn run(cli: Cli) -> ExitCode {
                 creds,
                 creds_path: cli.creds.clone(),
                 nats_seed,
+                metrics: cli.metrics,
+                metrics_bound: None,
             };
-            dispatch(cli.command, &ctx).await
+            match (cli.metrics, services) {
+                (None, _) => dispatch(cli.command, &ctx).await,
+                (Some(_), false) => Err(Failure::Usage(
+                    "--metrics is for the long-running processes (command-service, projector, agent, monitor, daemon, up)".into(),
+                )),
+                (Some(addr), true) => match metrics::serve(addr).await {
+                    Ok(bound) => {
+                        ctx.metrics_bound = Some(bound);
+                        dispatch(cli.command, &ctx).await
+                    }
+                    Err(e) => Err(e),
+                },
+            }
         }
     };
     match result {

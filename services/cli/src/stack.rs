@@ -74,6 +74,9 @@ pub struct Stack {
     pub owner_path: PathBuf,
     /// The processes' NATS keys, when the stack started a server of its own.
     pub keys: Option<NatsKeys>,
+    /// Where this process serves its metrics: daemon `n` serves its own on the port `n`
+    /// after it (or any free port when it is 0).
+    pub metrics: Option<std::net::SocketAddr>,
     secrets: PathBuf,
     nats: Vec<NatsProcess>,
     stops: Vec<oneshot::Sender<()>>,
@@ -167,6 +170,7 @@ impl Stack {
             owner,
             owner_path,
             keys,
+            metrics: None,
             secrets: secrets_dir,
             nats,
             stops: Vec::new(),
@@ -338,6 +342,15 @@ impl Stack {
         let exe = std::env::current_exe()?;
         let mut command = std::process::Command::new(exe);
         handoff_natsd::die_with_parent(&mut command);
+        if let Some(addr) = self.metrics {
+            let port = match addr.port() {
+                0 => 0,
+                p => p.saturating_add(n as u16),
+            };
+            command
+                .arg("--metrics")
+                .arg(std::net::SocketAddr::new(addr.ip(), port).to_string());
+        }
         let child = command
             .args([
                 "--nats-url",
@@ -445,6 +458,7 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
         _ => None,
     };
     let mut stack = Stack::start_with(&a.data, url, a.port, a.cluster, owner).await?;
+    stack.metrics = ctx.metrics;
     let api = stack.api().await?;
     if !a.no_sample {
         seed(&api).await?;
@@ -465,6 +479,16 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
     };
     println!("  NATS          {}{started}", stack.url);
     println!("  data          {}", a.data.display());
+    if let Some(addr) = ctx.metrics_bound {
+        println!(
+            "  metrics       http://{addr}/metrics (the services here){}",
+            if a.no_data_plane {
+                String::new()
+            } else {
+                "; each daemon on the next port after it".to_owned()
+            }
+        );
+    }
     println!("  services      handoff-command (handoff.cmd.*), handoff-query (handoff.query.*)");
     println!(
         "  owner         {} (GLOBAL_OWNER), credentials in {}",

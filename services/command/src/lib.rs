@@ -48,6 +48,7 @@
 pub mod archive;
 pub mod executor;
 pub mod model;
+pub mod telemetry;
 
 use std::future::Future;
 use std::time::Duration;
@@ -278,7 +279,9 @@ impl CommandService {
                         payload: &request.message.payload,
                         signature: signature.as_deref(),
                     };
+                    let started = std::time::Instant::now();
                     let reply = handle(&mut executor, &config, &mut refusals, endpoint, &signed).await;
+                    telemetry::answered(endpoint.name, &reply, started.elapsed().as_secs_f64());
                     let body = serde_json::to_vec(&reply).expect("replies always serialize");
                     if let Err(e) = request.respond(Ok(Bytes::from(body))).await {
                         tracing::warn!(error = %e, "could not send a reply");

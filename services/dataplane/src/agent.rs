@@ -1,7 +1,7 @@
 //! The agent: reads each job's source through the [`Source`] seam (the simulated MongoDB
 //! so far, see [`crate::source`]), performs each new job's initial sync (its first
 //! snapshot), ships the oplog in slices to the oplog store, and grooms the stores (oplog
-//! retention with OPLOG_TTL_RESIZE, snapshot expiry by tier). It never talks to a daemon:
+//! retention with OPLOG_TTL_RESIZE, snapshot expiry by tier: [`crate::groom`]). It never talks to a daemon:
 //! the oplog is saved while a job moves or its daemon is dead.
 //!
 //! A job flows: its `BackupJobCreated` event starts one task → the task carries the job's
@@ -10,7 +10,7 @@
 //! it takes the entries the source has ready, cuts them into messages, and ships a slice
 //! once it is big or old enough, each message exactly once.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,19 +18,17 @@ use async_nats::jetstream::message::PublishMessage;
 use std::future::Future;
 
 use futures::StreamExt;
-use handoff_client::{Client, SendError};
-use handoff_domain::command::ResizeOplogTtl;
-use handoff_domain::{Command, Event, JobId, ProjectId};
+use handoff_client::SendError;
+use handoff_domain::{Event, JobId, ProjectId};
+use handoff_protocol::now_ms;
 use handoff_protocol::subjects::JOB_EVENTS;
-use handoff_protocol::{new_command_id, now_ms};
 use tokio::sync::watch;
 
 use crate::checksum::Checksum;
 use crate::oplog::{self, Ts};
 use crate::restore::{self, RestoreError};
-use crate::retention::{self, Hold};
 use crate::source::{sim, Factory, Resume, Source, SourceError};
-use crate::store::{self, SnapshotMeta, StoreError, Stores};
+use crate::store::{SnapshotMeta, StoreError, Stores};
 
 /// How the agent runs.
 #[derive(Clone, Debug)]
@@ -154,7 +152,9 @@ async fn run_with<F: Factory>(
             ttl.clone(),
             stop.clone(),
         );
-        tasks.spawn(async move { groom_loop(stores, config, creds, jobs, ttl, stop).await });
+        tasks.spawn(async move {
+            crate::groom::groom_loop(stores, config, creds, jobs, ttl, stop).await
+        });
     }
     // The jobs that exist already, and the retention each was grown to.
     let end = log.last_sequence_of(JOB_EVENTS).await?;
@@ -222,7 +222,7 @@ async fn run_with<F: Factory>(
 /// Each job's oplog TTL in hours, as grown by the agent. Its lock (like the jobs set's)
 /// is held for a map operation only, never across an await; it is poisoned only if a
 /// holder panicked, which already ended the agent, hence the `expect`s.
-type Ttl = Arc<Mutex<HashMap<JobId, u32>>>;
+pub(crate) type Ttl = Arc<Mutex<HashMap<JobId, u32>>>;
 
 /// Takes note of a job event: a new job to back up, or a retention that grew.
 fn note(event: &Event, config: &Config, ttl: &Ttl, new: &mut Vec<(JobId, u64)>) {
@@ -403,185 +403,4 @@ async fn ship(
             }
         }
     }
-}
-
-async fn groom_loop(
-    stores: Stores,
-    config: Config,
-    creds: handoff_protocol::auth::Credentials,
-    jobs: Arc<Mutex<BTreeSet<JobId>>>,
-    ttl: Ttl,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), AgentError> {
-    let client = Client::new(stores.client.clone(), creds, "handoff-agent");
-    let mut ticker = tokio::time::interval(Duration::from_millis(config.groom_ms.max(50)));
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return Ok(()),
-            _ = ticker.tick() => {}
-        }
-        let list: Vec<JobId> = jobs.lock().expect("jobs lock").iter().cloned().collect();
-        let (leases, settings) = match (stores.leases().await, stores.settings().await) {
-            (Ok(l), Ok(s)) => (l, s),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "groom skipped");
-                continue;
-            }
-        };
-        for job in list {
-            let hours = ttl.lock().expect("ttl lock").get(&job).copied();
-            match groom(&stores, &client, &settings, &job, hours, &leases).await {
-                Ok(Some(grown)) => {
-                    ttl.lock().expect("ttl lock").insert(job.clone(), grown);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(%job, error = %e, "groom of a job failed; trying again later");
-                }
-            }
-        }
-    }
-}
-
-/// Grooms one job: purges the oplog that nothing needs and expires snapshots. `grown`:
-/// the job's retention if it grew before. Returns the retention if it grows now.
-pub async fn groom(
-    stores: &Stores,
-    client: &Client,
-    settings: &store::Settings,
-    job: &JobId,
-    grown: Option<u32>,
-    leases: &[store::Lease],
-) -> Result<Option<u32>, AgentError> {
-    let hour = settings.hour_ms();
-    let now = now_ms();
-    let hours = grown
-        .unwrap_or(settings.retention.ttl_hours)
-        .max(settings.retention.ttl_hours);
-    let mut resized = None;
-    let snaps = stores.snapshots(Some(job)).await?;
-    let cutoff = now.saturating_sub(u64::from(hours) * hour);
-    let pit_base = snaps.iter().rev().find(|s| s.taken_at_ms <= cutoff);
-    if let Some((first, first_at)) = stores.oplog_first(job).await? {
-        let last = stores.oplog_last(job).await?.map_or(first, |(s, _)| s);
-        let last_at = stores.oplog_time(last).await?.unwrap_or(now);
-        let expired_below = if first_at >= cutoff {
-            first
-        } else if last_at < cutoff {
-            last + 1
-        } else {
-            // Some message is inside the window; if it cannot be found now, purge
-            // nothing this round rather than guess.
-            stores
-                .oplog_first_since(job, cutoff)
-                .await?
-                .unwrap_or(first)
-        };
-        let at =
-            |seq: u64| async move { stores.oplog_time(seq).await.ok().flatten().unwrap_or(now) };
-        let mut holds = Vec::new();
-        if let Some(latest) = snaps.last() {
-            let seq = latest.oplog_seq.max(first);
-            holds.push(Hold {
-                seq,
-                at_ms: at(seq).await,
-                why: "the latest snapshot (where a rebuild starts)".into(),
-                grows: true,
-            });
-        }
-        if let Some(base) = pit_base {
-            holds.push(Hold {
-                seq: base.oplog_seq.max(first),
-                at_ms: 0,
-                why: "the point-in-time window".into(),
-                grows: false,
-            });
-        }
-        if let Some(head) = stores.head(job).await? {
-            let seq = (head.applied_seq + 1).max(first);
-            if seq <= last {
-                holds.push(Hold {
-                    seq,
-                    at_ms: at(seq).await,
-                    why: format!("the head on {}", head.daemon),
-                    grows: true,
-                });
-            }
-        }
-        for l in leases.iter().filter(|l| l.job == *job) {
-            let seq = l.from_seq.max(first);
-            holds.push(Hold {
-                seq,
-                at_ms: at(seq).await,
-                why: "a restore in progress".into(),
-                grows: true,
-            });
-        }
-        let plan = retention::plan(
-            now,
-            hour,
-            hours,
-            &settings.retention,
-            first,
-            expired_below,
-            &holds,
-        );
-        if let Some((new_hours, reason)) = plan.resize {
-            client
-                .send(
-                    &new_command_id(),
-                    &Command::ResizeOplogTtl(ResizeOplogTtl {
-                        job: job.clone(),
-                        previous_hours: hours,
-                        hours: new_hours,
-                        reason: reason.clone(),
-                    }),
-                )
-                .await
-                .map_err(|source| AgentError::Resize {
-                    job: job.clone(),
-                    source,
-                })?;
-            tracing::warn!(%job, hours = new_hours, reason, "oplog retention grown (OPLOG_TTL_RESIZE)");
-            resized = Some(new_hours);
-        }
-        if let Some(below) = plan.purge_below {
-            let purged = stores.purge_oplog(job, below).await?;
-            tracing::debug!(%job, below, purged, "oplog purged");
-        }
-    }
-    expire_snapshots(stores, settings, job, &snaps, pit_base, now).await?;
-    Ok(resized)
-}
-
-/// Deletes the job's snapshots past their tiers' retention; never the latest nor the
-/// point-in-time window's base.
-async fn expire_snapshots(
-    stores: &Stores,
-    settings: &store::Settings,
-    job: &JobId,
-    snaps: &[SnapshotMeta],
-    pit_base: Option<&SnapshotMeta>,
-    now: u64,
-) -> Result<(), AgentError> {
-    let schedule = match stores.own_schedule(job).await? {
-        Some(s) => s,
-        None => settings.schedule.clone(),
-    };
-    let keep: BTreeMap<&str, ()> = snaps
-        .last()
-        .into_iter()
-        .chain(pit_base)
-        .map(|s| (s.id.as_str(), ()))
-        .collect();
-    for s in snaps {
-        if keep.contains_key(s.id.as_str()) {
-            continue;
-        }
-        if schedule.expires_at(s.slot_ms.unwrap_or(s.taken_at_ms)) <= now {
-            stores.delete_snapshot(s).await?;
-            tracing::info!(%job, snapshot = %s.id, "snapshot expired");
-        }
-    }
-    Ok(())
 }

@@ -29,12 +29,14 @@
 
 pub mod agent;
 pub mod daemon;
+pub mod groom;
 pub mod head;
 pub mod rebuild;
 pub mod restore;
 pub mod snapshot;
 pub mod source;
 pub mod store;
+pub mod telemetry;
 
 // The wire formats live in the protocol crate; they are the data plane's vocabulary.
 pub use handoff_protocol::dataplane::{checksum, oplog, retention, schedule};

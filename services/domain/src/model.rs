@@ -350,6 +350,19 @@ pub enum AlertKind {
 }
 
 impl AlertKind {
+    /// Every kind.
+    pub const ALL: [AlertKind; 9] = [
+        AlertKind::DaemonDown,
+        AlertKind::DaemonUp,
+        AlertKind::TheftFailed,
+        AlertKind::LowHeadFreeSpace,
+        AlertKind::OplogTtlResize,
+        AlertKind::BindFailure,
+        AlertKind::MoveStuck,
+        AlertKind::FailoverPaused,
+        AlertKind::MoveInterrupted,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             AlertKind::DaemonDown => "DAEMON_DOWN",

@@ -38,6 +38,7 @@
 //!   sender task, which sends it through the command client and reports each command
 //!   back when it has landed (and the fold has caught up with what it appended).
 
+pub mod telemetry;
 pub mod watch;
 
 use std::future::Future;
@@ -54,6 +55,9 @@ use handoff_protocol::dataplane::{Progress, HEARTBEATS_BUCKET};
 use handoff_protocol::subjects;
 use thiserror::Error;
 use tokio::sync::{mpsc, Semaphore};
+
+/// How often the monitor sets its gauges.
+const GAUGES_EVERY: Duration = Duration::from_secs(1);
 use tokio::task::JoinSet;
 
 pub use watch::{Due, Policy, Settings, Watch};
@@ -288,6 +292,9 @@ impl Monitor {
         // A new watch being made, off the loop: the bucket may take seconds to answer.
         let mut rewatching: Option<tokio::task::JoinHandle<Result<kv::Watch, Error>>> = None;
         let every = watch.tick();
+        let mut gauges_at = Instant::now()
+            .checked_sub(GAUGES_EVERY)
+            .unwrap_or_else(Instant::now);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (queue, queued) = mpsc::channel(QUEUE);
@@ -376,6 +383,10 @@ impl Monitor {
                         }
                         let bucket = bucket.clone();
                         rewatching = Some(tokio::spawn(async move { watch_heartbeats(&bucket).await }));
+                    }
+                    if now.saturating_duration_since(gauges_at) >= GAUGES_EVERY {
+                        gauges_at = now;
+                        telemetry::heard(&watch, &fold.state, now);
                     }
                     for due in watch.due(&fold.state, now) {
                         if let Err(e) = queue.try_send(due) {

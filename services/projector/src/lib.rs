@@ -30,6 +30,7 @@
 
 pub mod query;
 pub mod store;
+pub mod telemetry;
 pub mod views;
 
 use std::future::Future;
@@ -442,12 +443,16 @@ impl Projector {
                 }
             }
             let mut checkpoint = self.applied;
+            let mut pending = 0;
             let mut writes = Vec::new();
             let mut gap = None;
             for delivered in batch {
                 let Delivered {
-                    recorded, payload, ..
+                    recorded,
+                    payload,
+                    pending: after,
                 } = delivered?;
+                pending = after;
                 let seq = recorded.seq;
                 if seq <= checkpoint {
                     continue; // Delivered again; already in the views.
@@ -464,8 +469,10 @@ impl Projector {
             }
             if checkpoint > self.applied {
                 self.views.drain(&mut writes);
+                let folded = checkpoint - self.applied;
                 self.applied = checkpoint;
                 committer.commit(writes, checkpoint).await?;
+                telemetry::folded(folded, checkpoint, pending, self.views.state());
             }
             if let Some(stop) = gap {
                 return Ok(stop);

@@ -252,3 +252,20 @@ fn the_checksum_test_vector_is_what_the_code_computes() {
         "schemas/README.md should state: {stated}"
     );
 }
+
+/// Each error code's name, as metrics label it, is its name on the wire.
+#[test]
+fn error_codes_are_named_as_on_the_wire() {
+    use handoff_protocol::ErrorCode::*;
+    for code in [
+        Validation,
+        NotFound,
+        Conflict,
+        Refused,
+        Forbidden,
+        Unavailable,
+        Internal,
+    ] {
+        assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+    }
+}

@@ -160,8 +160,15 @@ async fn keep_job(
             // The semaphore is never closed, so acquiring only waits.
             p = shared.workers.acquire() => p.expect("the workers' semaphore is never closed"),
         };
+        let mut timed = crate::telemetry::Rebuild::start();
         let rebuilt =
             moving::rebuild(shared, job, a, &head, &mut meta, &mut progress, cancelled).await?;
+        timed.ended(match &rebuilt {
+            Err(_) => "failed",
+            Ok(()) if *cancelled.borrow() => "cancelled",
+            Ok(()) => "completed",
+        });
+        drop(timed);
         if let Err(moving::Unrecoverable(reason)) = rebuilt {
             let failed = (&head, &mut meta);
             return moving::fail(shared, job, a, failed, &mut progress, reason, cancelled).await;

@@ -17,6 +17,8 @@ pub(super) struct ProgressState<'a> {
     shared: &'a Shared,
     p: Option<Progress>,
     last: Instant,
+    /// Snapshot bytes restored so far (reported as a running total).
+    restored: u64,
 }
 
 impl<'a> ProgressState<'a> {
@@ -44,6 +46,7 @@ impl<'a> ProgressState<'a> {
             last: Instant::now()
                 .checked_sub(EVERY)
                 .unwrap_or_else(Instant::now),
+            restored: 0,
         }
     }
 
@@ -80,6 +83,8 @@ impl<'a> ProgressState<'a> {
 
 impl Observer for ProgressState<'_> {
     async fn restored(&mut self, done: u64, total: u64) {
+        crate::telemetry::restored(done.saturating_sub(self.restored));
+        self.restored = done;
         self.update(done == total, |p| {
             p.snapshot_bytes = done;
             p.snapshot_total = total;
@@ -88,6 +93,7 @@ impl Observer for ProgressState<'_> {
     }
 
     async fn applied(&mut self, entries: u64, lag_ms: u64) {
+        crate::telemetry::applied(entries);
         self.update(false, |p| {
             p.entries_applied += entries;
             p.lag_ms = lag_ms;

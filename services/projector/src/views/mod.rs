@@ -225,6 +225,11 @@ impl Views {
         Ok(views)
     }
 
+    /// The fleet's state as the views have folded it.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
     /// How many keys start with `prefix`, as of the last drain.
     pub fn count(&self, prefix: &[u8]) -> u64 {
         self.counts.get(&counter_key(prefix)).copied().unwrap_or(0)
