@@ -12,6 +12,9 @@ use handoff_tests::*;
 
 const D3: &str = "backup3.example.net:/data/backup/";
 
+/// A histogram's series: its family and labels (less `le`).
+type Series = (String, BTreeMap<String, String>);
+
 /// One sample: its name, its labels and its value.
 #[derive(Debug)]
 struct Sample {
@@ -21,7 +24,9 @@ struct Sample {
 }
 
 /// Parses the text exposition format (version 0.0.4): `# HELP` and `# TYPE` lines, and
-/// samples `name{label="value",...} number`. Anything else is an error.
+/// samples `name{label="value",...} number`, each family's samples together and typed
+/// once; a histogram's buckets carry `le`, grow with it, and end at `+Inf` with the
+/// count; a counter is never negative. Anything else is an error.
 fn parse(text: &str) -> Result<(Vec<Sample>, BTreeMap<String, String>)> {
     let mut samples = Vec::new();
     let mut types = BTreeMap::new();
@@ -39,7 +44,9 @@ fn parse(text: &str) -> Result<(Vec<Sample>, BTreeMap<String, String>)> {
             if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
                 bail!("unknown type in {line}");
             }
-            types.insert(name.to_owned(), kind.to_owned());
+            if types.insert(name.to_owned(), kind.to_owned()).is_some() {
+                bail!("{name} typed twice");
+            }
             continue;
         }
         if line.starts_with("# HELP ") {
@@ -48,34 +55,20 @@ fn parse(text: &str) -> Result<(Vec<Sample>, BTreeMap<String, String>)> {
         if line.starts_with('#') {
             bail!("unknown comment: {line}");
         }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .ok_or_else(|| anyhow!("no value: {line}"))?;
-        let value: f64 = match value {
+        let (name, labels, rest) = match line.find(['{', ' ']) {
+            Some(i) if line.as_bytes()[i] == b'{' => {
+                let (labels, rest) =
+                    labels(&line[i + 1..]).with_context(|| format!("bad labels in {line}"))?;
+                (&line[..i], labels, rest)
+            }
+            Some(i) => (&line[..i], BTreeMap::new(), &line[i..]),
+            None => bail!("no value: {line}"),
+        };
+        let value: f64 = match rest.trim() {
             "NaN" => f64::NAN,
             "+Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,
             v => v.parse().with_context(|| format!("bad value in {line}"))?,
-        };
-        let (name, labels) = match series.split_once('{') {
-            None => (series, BTreeMap::new()),
-            Some((name, rest)) => {
-                let body = rest
-                    .strip_suffix('}')
-                    .ok_or_else(|| anyhow!("unclosed labels: {line}"))?;
-                let mut labels = BTreeMap::new();
-                // Values here hold no `",` sequence (ids, reasons, kinds).
-                for pair in body.split("\",").filter(|p| !p.is_empty()) {
-                    let (k, v) = pair
-                        .split_once("=\"")
-                        .ok_or_else(|| anyhow!("bad label {pair:?} in {line}"))?;
-                    if !name_ok(k) {
-                        bail!("bad label name {k:?} in {line}");
-                    }
-                    labels.insert(k.to_owned(), v.trim_end_matches('"').to_owned());
-                }
-                (name, labels)
-            }
         };
         if !name_ok(name) {
             bail!("bad metric name {name:?}");
@@ -86,18 +79,101 @@ fn parse(text: &str) -> Result<(Vec<Sample>, BTreeMap<String, String>)> {
             value,
         });
     }
-    // Every sample belongs to a declared family (a histogram's by its suffixes).
-    for s in &samples {
-        let family = ["_bucket", "_sum", "_count"]
+    let family_of = |s: &Sample| -> String {
+        ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|suffix| s.name.strip_suffix(suffix))
             .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
-            .unwrap_or(&s.name);
-        if !types.contains_key(family) {
+            .unwrap_or(&s.name)
+            .to_owned()
+    };
+    let mut seen: Vec<String> = Vec::new();
+    for s in &samples {
+        let family = family_of(s);
+        let Some(kind) = types.get(&family) else {
             bail!("{} has no TYPE line", s.name);
+        };
+        if seen.last() != Some(&family) {
+            if seen.contains(&family) {
+                bail!("{family}'s samples are not together");
+            }
+            seen.push(family.clone());
+        }
+        if kind == "counter" && (s.value.is_nan() || s.value < 0.0) {
+            bail!("counter {} is {}", s.name, s.value);
+        }
+    }
+    // Each histogram series: buckets by `le`, cumulative, `+Inf` equal to `_count`.
+    let mut series: BTreeMap<Series, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut counts = BTreeMap::new();
+    for s in &samples {
+        let family = family_of(s);
+        if types.get(&family).map(String::as_str) != Some("histogram") {
+            continue;
+        }
+        let mut labels = s.labels.clone();
+        if s.name.ends_with("_bucket") {
+            let le = labels
+                .remove("le")
+                .ok_or_else(|| anyhow!("{} without le", s.name))?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse()?
+            };
+            series
+                .entry((family, labels))
+                .or_default()
+                .push((le, s.value));
+        } else if s.name.ends_with("_count") {
+            counts.insert((family, labels), s.value);
+        }
+    }
+    for (key, buckets) in &series {
+        if !buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1)
+        {
+            bail!("{key:?}: buckets not cumulative: {buckets:?}");
+        }
+        let last = buckets.last().filter(|b| b.0.is_infinite());
+        if last.map(|b| b.1) != counts.get(key).copied() {
+            bail!("{key:?}: the +Inf bucket is not the count");
         }
     }
     Ok((samples, types))
+}
+
+/// `a="x",b="y"} rest` → the labels and what follows the brace.
+fn labels(text: &str) -> Result<(BTreeMap<String, String>, &str)> {
+    let mut out = BTreeMap::new();
+    let mut rest = text;
+    loop {
+        if let Some(after) = rest.strip_prefix('}') {
+            return Ok((out, after));
+        }
+        let (name, after) = rest.split_once("=\"").ok_or_else(|| anyhow!("no value"))?;
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bail!("bad label name {name:?}");
+        }
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next() {
+                Some((_, '\\')) => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, c @ ('\\' | '"'))) => value.push(c),
+                    _ => bail!("bad escape"),
+                },
+                Some((i, '"')) => break i,
+                Some((_, c)) => value.push(c),
+                None => bail!("unclosed value"),
+            }
+        };
+        out.insert(name.to_owned(), value);
+        rest = &after[end + 1..];
+        rest = rest.strip_prefix(',').unwrap_or(rest);
+    }
 }
 
 /// GET http://addr/metrics, over a plain socket.
@@ -210,8 +286,10 @@ async fn every_process_of_up_serves_its_metrics() -> Result<()> {
         let ready = has(
             "handoff_command_duration_seconds_count",
             &[("endpoint", "move-job"), ("outcome", "applied")],
-        ) && has("handoff_command_refusals_total", &[("reason", "not_found")])
-            && has("handoff_projector_events_applied_total", &[])
+        ) && has(
+            "handoff_command_errors_total",
+            &[("code", "not_found"), ("reason", "not_found")],
+        ) && has("handoff_projector_events_applied_total", &[])
             && has("handoff_snapshot_age_seconds", &[("job", "sales/orders")])
             && has("handoff_oplog_window_seconds", &[("job", "sales/orders")])
             && daemons
@@ -223,7 +301,7 @@ async fn every_process_of_up_serves_its_metrics() -> Result<()> {
     for (name, kind) in [
         ("handoff_command_duration_seconds", "histogram"),
         ("handoff_command_events_appended_total", "counter"),
-        ("handoff_command_refusals_total", "counter"),
+        ("handoff_command_errors_total", "counter"),
         ("handoff_projector_lag_events", "gauge"),
         ("handoff_projector_applied_sequence", "gauge"),
         ("handoff_projector_events_applied_total", "counter"),
@@ -235,6 +313,7 @@ async fn every_process_of_up_serves_its_metrics() -> Result<()> {
         ("handoff_daemons", "gauge"),
         ("handoff_snapshot_age_seconds", "gauge"),
         ("handoff_snapshot_age_max_seconds", "gauge"),
+        ("handoff_snapshot_missing_jobs", "gauge"),
         ("handoff_oplog_window_seconds", "gauge"),
     ] {
         assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
@@ -248,6 +327,13 @@ async fn every_process_of_up_serves_its_metrics() -> Result<()> {
     assert_eq!(one("handoff_daemons", &[("status", "up")]), 3.0);
     assert_eq!(one("handoff_alerts_open", &[("kind", "DAEMON_DOWN")]), 0.0);
     assert!(one("handoff_projector_applied_sequence", &[]) > 0.0);
+    assert_eq!(
+        one("handoff_moves_in_progress", &[]),
+        0.0,
+        "the move is over"
+    );
+    assert_eq!(one("handoff_jobs_moving", &[]), 0.0);
+    assert_eq!(one("handoff_snapshot_missing_jobs", &[]), 0.0);
     let age = one("handoff_snapshot_age_max_seconds", &[]);
     assert!(age >= one("handoff_snapshot_age_seconds", &[("job", "sales/orders")]));
     for d in &daemons {
@@ -305,4 +391,37 @@ fn the_parser_refuses_malformed_expositions() {
     assert!(parse("# TYPE a counter\na{b=\"c\" 1\n").is_err());
     assert!(parse("# TYPE 1a counter\n1a 1\n").is_err());
     assert!(parse("# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n").is_ok());
+    assert!(
+        parse("# TYPE a counter\na{b=\"c} 1\n").is_err(),
+        "unclosed quote"
+    );
+    assert!(
+        parse("# TYPE a counter\n# TYPE a gauge\na 1\n").is_err(),
+        "typed twice"
+    );
+    assert!(
+        parse("# TYPE a counter\na -1\n").is_err(),
+        "negative counter"
+    );
+    assert!(
+        parse("# TYPE a gauge\n# TYPE b gauge\na 1\nb 1\na{x=\"y\"} 2\n").is_err(),
+        "interleaved"
+    );
+    let h = |body: &str| parse(&format!("# TYPE h histogram\n{body}"));
+    assert!(h("h_bucket 1\nh_count 1\n").is_err(), "no le");
+    assert!(
+        h("h_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_count 1\n").is_err(),
+        "not cumulative"
+    );
+    assert!(
+        h("h_bucket{le=\"+Inf\"} 2\nh_count 1\n").is_err(),
+        "+Inf is not the count"
+    );
+    assert_eq!(
+        parse("# TYPE a gauge\na{d=\"x\\\"y\",e=\"z\"} 1\n")
+            .unwrap()
+            .0[0]
+            .labels["d"],
+        "x\"y"
+    );
 }

@@ -79,7 +79,7 @@ pub struct Cli {
     /// Serve the process's Prometheus metrics at http://ADDR/metrics (the long-running
     /// processes: `command-service`, `projector`, `agent`, `monitor`, `daemon`, `up`,
     /// whose daemons use the ports after it). Keep it on loopback or a private network.
-    #[arg(long, value_name = "ADDR", env = "HANDOFF_METRICS", global = true)]
+    #[arg(long, value_name = "ADDR", global = true)]
     pub metrics: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     pub command: Cmd,

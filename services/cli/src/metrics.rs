@@ -9,15 +9,17 @@ use std::time::Duration;
 
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::Failure;
 
-/// Histogram buckets, in seconds: from a millisecond (a command) to half an hour (a
-/// large rebuild).
+/// Histogram buckets, in seconds: a command's, half a millisecond to half a minute.
 const SECONDS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    300.0, 1800.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// A rebuild's, ten seconds to a day.
+const REBUILD_SECONDS: &[f64] = &[
+    1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0,
 ];
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -29,6 +31,12 @@ fn recorder() -> Result<PrometheusHandle, Failure> {
     }
     let handle = PrometheusBuilder::new()
         .set_buckets(SECONDS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(handoff_dataplane::telemetry::REBUILD_SECONDS.to_owned()),
+                REBUILD_SECONDS,
+            )
+        })
         .and_then(|b| b.install_recorder())
         .map_err(|e| Failure::Usage(format!("cannot record metrics: {e}")))?;
     handoff_command::telemetry::describe();
@@ -60,9 +68,13 @@ pub async fn serve(addr: SocketAddr) -> Result<SocketAddr, Failure> {
         get(move || {
             let handle = handle.clone();
             async move {
+                // O(series): off the runtime's workers, which serve commands meanwhile.
+                let body = tokio::task::spawn_blocking(move || handle.render())
+                    .await
+                    .unwrap_or_default();
                 (
                     [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-                    handle.render(),
+                    body,
                 )
             }
         }),

@@ -345,7 +345,7 @@ impl Stack {
         if let Some(addr) = self.metrics {
             let port = match addr.port() {
                 0 => 0,
-                p => p.saturating_add(n as u16),
+                p => p + n as u16,
             };
             command
                 .arg("--metrics")
@@ -457,6 +457,14 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
         (Some(c), Some(p)) => Some((c.clone(), p.clone())),
         _ => None,
     };
+    if let Some(addr) = ctx.metrics {
+        if addr.port() > u16::MAX - 3 {
+            return Err(Failure::Usage(format!(
+                "--metrics {addr}: the three daemons serve theirs on the ports after it; choose a port up to {}",
+                u16::MAX - 3
+            )));
+        }
+    }
     let mut stack = Stack::start_with(&a.data, url, a.port, a.cluster, owner).await?;
     stack.metrics = ctx.metrics;
     let api = stack.api().await?;

@@ -6,11 +6,13 @@ use metrics::{describe_counter, describe_histogram, Unit};
 /// Request to reply, by `endpoint` and `outcome` (`applied`, `duplicate`, `dry_run`, or
 /// the error's code: `refused`, `forbidden`, `unavailable`...).
 pub const COMMAND_SECONDS: &str = "handoff_command_duration_seconds";
-/// Events this instance appended for the commands it applied.
+/// Events of the commands this instance answered as applied (not those it appends by
+/// itself: refusal records, alerts, a drain's steps).
 pub const EVENTS_APPENDED: &str = "handoff_command_events_appended_total";
-/// Commands answered with an error, by `reason` (`bind_failure`, `forbidden`,
-/// `event_log_unavailable`...: the reasons table of schemas/README.md).
-pub const REFUSALS: &str = "handoff_command_refusals_total";
+/// Commands answered with an error, by `code` (`refused`, `forbidden`, `unavailable`...)
+/// and `reason` (`bind_failure`, `bad_signature`, `event_log_unavailable`...: the reasons
+/// table of schemas/README.md).
+pub const ERRORS: &str = "handoff_command_errors_total";
 
 /// Describes the metrics (their HELP lines).
 pub fn describe() {
@@ -21,9 +23,12 @@ pub fn describe() {
     );
     describe_counter!(
         EVENTS_APPENDED,
-        "Events this command service instance appended for the commands it applied."
+        "Events of the commands this command service instance answered as applied."
     );
-    describe_counter!(REFUSALS, "Commands answered with an error, by reason.");
+    describe_counter!(
+        ERRORS,
+        "Commands answered with an error, by code and reason."
+    );
 }
 
 /// Records one answered request.
@@ -36,7 +41,8 @@ pub fn answered(endpoint: &'static str, reply: &handoff_protocol::Reply, seconds
             "applied"
         }
         handoff_protocol::Reply::Error(e) => {
-            metrics::counter!(REFUSALS, "reason" => e.reason.clone()).increment(1);
+            metrics::counter!(ERRORS, "code" => e.code.as_str(), "reason" => e.reason.clone())
+                .increment(1);
             e.code.as_str()
         }
     };

@@ -40,7 +40,7 @@ pub(crate) async fn groom_loop(
                 continue;
             }
         };
-        let mut oldest = None;
+        let (mut oldest, mut missing) = (None, 0);
         for job in list {
             let hours = ttl.lock().expect("ttl lock").get(&job).copied();
             match groom(&stores, &client, &settings, &job, hours, &leases).await {
@@ -49,15 +49,14 @@ pub(crate) async fn groom_loop(
                         ttl.lock().expect("ttl lock").insert(job.clone(), grown);
                     }
                     oldest = oldest.max(groomed.snapshot_age_ms);
+                    missing += u64::from(groomed.snapshot_age_ms.is_none());
                 }
                 Err(e) => {
                     tracing::warn!(%job, error = %e, "groom of a job failed; trying again later");
                 }
             }
         }
-        if let Some(ms) = oldest {
-            crate::telemetry::oldest_snapshot(ms);
-        }
+        crate::telemetry::snapshots(oldest, missing);
     }
 }
 

@@ -22,6 +22,8 @@ pub const REBUILDS: &str = "handoff_rebuilds_in_progress";
 pub const SNAPSHOT_AGE: &str = "handoff_snapshot_age_seconds";
 /// The oldest of those, over every job the agent grooms.
 pub const SNAPSHOT_AGE_MAX: &str = "handoff_snapshot_age_max_seconds";
+/// Jobs the agent grooms that have no snapshot yet (their initial sync not done).
+pub const SNAPSHOT_MISSING: &str = "handoff_snapshot_missing_jobs";
 /// The time the oplog store covers for each job, first entry to last, by `job`.
 pub const OPLOG_WINDOW: &str = "handoff_oplog_window_seconds";
 
@@ -52,6 +54,11 @@ pub fn describe() {
         SNAPSHOT_AGE_MAX,
         Unit::Seconds,
         "Seconds since the latest snapshot of the job whose latest is the oldest."
+    );
+    describe_gauge!(
+        SNAPSHOT_MISSING,
+        Unit::Count,
+        "Jobs without any snapshot yet."
     );
     describe_gauge!(
         OPLOG_WINDOW,
@@ -89,6 +96,13 @@ impl Drop for Rebuild {
     }
 }
 
+/// A daemon's metrics exist from its start (at 0), before its first rebuild.
+pub(crate) fn daemon_started() {
+    gauge!(REBUILDS).set(0.0);
+    counter!(REBUILD_BYTES).increment(0);
+    counter!(REBUILD_ENTRIES).increment(0);
+}
+
 pub(crate) fn restored(bytes: u64) {
     counter!(REBUILD_BYTES).increment(bytes);
 }
@@ -101,8 +115,13 @@ pub(crate) fn snapshot_age(job: &JobId, ms: u64) {
     gauge!(SNAPSHOT_AGE, "job" => job.to_string()).set(ms as f64 / 1000.0);
 }
 
-pub(crate) fn oldest_snapshot(ms: u64) {
-    gauge!(SNAPSHOT_AGE_MAX).set(ms as f64 / 1000.0);
+/// After a groom round: the oldest latest snapshot (if any job has one) and how many
+/// jobs have none.
+pub(crate) fn snapshots(oldest_ms: Option<u64>, missing: u64) {
+    if let Some(ms) = oldest_ms {
+        gauge!(SNAPSHOT_AGE_MAX).set(ms as f64 / 1000.0);
+    }
+    gauge!(SNAPSHOT_MISSING).set(missing as f64);
 }
 
 pub(crate) fn oplog_window(job: &JobId, ms: u64) {

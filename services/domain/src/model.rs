@@ -350,7 +350,7 @@ pub enum AlertKind {
 }
 
 impl AlertKind {
-    /// Every kind.
+    /// Every kind (a test matches each against it).
     pub const ALL: [AlertKind; 9] = [
         AlertKind::DaemonDown,
         AlertKind::DaemonUp,
@@ -403,3 +403,28 @@ impl AlertKey {
 
 /// What the fleet as a whole is called in an alert about it.
 pub const FLEET: &str = "fleet";
+
+#[cfg(test)]
+mod tests {
+    use super::AlertKind;
+
+    /// A kind added to the enum without `ALL` fails here: the match below must name it,
+    /// and the count must grow with it.
+    #[test]
+    fn all_alert_kinds_are_listed() {
+        let position = |k: AlertKind| match k {
+            AlertKind::DaemonDown => 0,
+            AlertKind::DaemonUp => 1,
+            AlertKind::TheftFailed => 2,
+            AlertKind::LowHeadFreeSpace => 3,
+            AlertKind::OplogTtlResize => 4,
+            AlertKind::BindFailure => 5,
+            AlertKind::MoveStuck => 6,
+            AlertKind::FailoverPaused => 7,
+            AlertKind::MoveInterrupted => 8,
+        };
+        let listed: Vec<usize> = AlertKind::ALL.iter().map(|k| position(*k)).collect();
+        assert_eq!(listed, (0..AlertKind::ALL.len()).collect::<Vec<_>>());
+        assert_eq!(AlertKind::ALL.len(), 9);
+    }
+}

@@ -35,7 +35,7 @@ pub mod views;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::Client;
@@ -269,6 +269,25 @@ fn deliver(
 }
 
 /// Aborts a task when dropped.
+/// How often the projector measures how far behind the stream it is.
+const LAG_EVERY: Duration = Duration::from_secs(5);
+/// How often, at most, the fold sets the state's gauges.
+const STATE_GAUGES_EVERY: Duration = Duration::from_secs(1);
+
+/// Every [`LAG_EVERY`], the stream's last sequence against the stored views': on a task of
+/// its own, so a fold that stalls still shows its lag growing.
+async fn measure_lag(log: EventLog, checkpoint: watch::Receiver<u64>) {
+    let mut every = tokio::time::interval(LAG_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match log.last_sequence().await {
+            Ok(last) => telemetry::behind(last, *checkpoint.borrow()),
+            Err(e) => tracing::debug!(error = %e, "cannot measure the lag"),
+        }
+    }
+}
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -319,6 +338,11 @@ impl Projector {
     ) -> Result<(), Error> {
         tokio::pin!(shutdown);
         let mut committer = Committer::start(self.store.clone(), self.checkpoint.clone());
+        telemetry::state(self.views.state());
+        let _lag = AbortOnDrop(tokio::spawn(measure_lag(
+            self.log.clone(),
+            self.checkpoint.subscribe(),
+        )));
         let result = async {
             loop {
                 if until.is_some_and(|end| self.applied >= end) {
@@ -420,6 +444,7 @@ impl Projector {
             }
         });
         let _abort_reader = AbortOnDrop(reader);
+        let mut gauges_at = Instant::now();
         loop {
             // Gather while the consumer says more is pending, up to a full batch.
             let mut batch = Vec::new();
@@ -443,16 +468,12 @@ impl Projector {
                 }
             }
             let mut checkpoint = self.applied;
-            let mut pending = 0;
             let mut writes = Vec::new();
             let mut gap = None;
             for delivered in batch {
                 let Delivered {
-                    recorded,
-                    payload,
-                    pending: after,
+                    recorded, payload, ..
                 } = delivered?;
-                pending = after;
                 let seq = recorded.seq;
                 if seq <= checkpoint {
                     continue; // Delivered again; already in the views.
@@ -469,10 +490,13 @@ impl Projector {
             }
             if checkpoint > self.applied {
                 self.views.drain(&mut writes);
-                let folded = checkpoint - self.applied;
+                telemetry::folded(checkpoint - self.applied);
                 self.applied = checkpoint;
                 committer.commit(writes, checkpoint).await?;
-                telemetry::folded(folded, checkpoint, pending, self.views.state());
+                if gauges_at.elapsed() >= STATE_GAUGES_EVERY {
+                    gauges_at = Instant::now();
+                    telemetry::state(self.views.state());
+                }
             }
             if let Some(stop) = gap {
                 return Ok(stop);

@@ -1,6 +1,7 @@
 //! The projector's metrics, through the `metrics` facade (the binary installs the
-//! Prometheus exporter: `--metrics`), set after each batch it folds: how far behind the
-//! stream it is, how fast it folds, and what the fleet's state holds now.
+//! Prometheus exporter: `--metrics`): how far behind the stream it is (measured on a
+//! timer of its own, so a stalled fold shows), how fast it folds, and what the fleet's
+//! state holds (set when the fold starts, then at most once a second as it goes).
 
 use std::collections::BTreeMap;
 
@@ -8,9 +9,9 @@ use handoff_domain::model::AlertKind;
 use handoff_domain::State;
 use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
 
-/// Events in the stream after the last one folded (as the consumer reported it).
+/// The stream's last sequence less the last one whose views are stored.
 pub const LAG: &str = "handoff_projector_lag_events";
-/// The stream sequence of the last event folded.
+/// The stream sequence of the last event whose views are stored.
 pub const APPLIED_SEQUENCE: &str = "handoff_projector_applied_sequence";
 /// Events folded.
 pub const APPLIED: &str = "handoff_projector_events_applied_total";
@@ -28,11 +29,11 @@ pub fn describe() {
     describe_gauge!(
         LAG,
         Unit::Count,
-        "Events in the stream after the last one the projector folded."
+        "The event stream's last sequence less the last one the projector's views hold."
     );
     describe_gauge!(
         APPLIED_SEQUENCE,
-        "Stream sequence of the last event the projector folded."
+        "Stream sequence of the last event the projector's views hold."
     );
     describe_counter!(APPLIED, Unit::Count, "Events the projector folded.");
     describe_gauge!(MOVES, Unit::Count, "Moves in progress.");
@@ -41,11 +42,19 @@ pub fn describe() {
     describe_gauge!(DRAINS, Unit::Count, "Drains in progress.");
 }
 
-/// After a batch: `folded` events up to `sequence`, `pending` after it in the stream.
-pub fn folded(folded: u64, sequence: u64, pending: u64, state: &State) {
-    counter!(APPLIED).increment(folded);
-    gauge!(APPLIED_SEQUENCE).set(sequence as f64);
-    gauge!(LAG).set(pending as f64);
+/// Events folded in a batch.
+pub fn folded(events: u64) {
+    counter!(APPLIED).increment(events);
+}
+
+/// How far behind the stream's `last` sequence the stored views (at `applied`) are.
+pub fn behind(last: u64, applied: u64) {
+    gauge!(APPLIED_SEQUENCE).set(applied as f64);
+    gauge!(LAG).set(last.saturating_sub(applied) as f64);
+}
+
+/// What the fleet's state holds: moves, moving jobs, drains, open alerts by kind.
+pub fn state(state: &State) {
     gauge!(MOVES).set(state.moves.len() as f64);
     gauge!(JOBS_MOVING).set(f64::from(state.moving()));
     gauge!(DRAINS).set(state.drains.len() as f64);

@@ -166,6 +166,8 @@ async fn keep_job(
         timed.ended(match &rebuilt {
             Err(_) => "failed",
             Ok(()) if *cancelled.borrow() => "cancelled",
+            // Its completion refused: the head was dropped.
+            Ok(()) if matches!(meta.status, HeadStatus::Failed { .. }) => "failed",
             Ok(()) => "completed",
         });
         drop(timed);

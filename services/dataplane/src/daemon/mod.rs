@@ -172,6 +172,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
+    crate::telemetry::daemon_started();
     let mut shutdown = crate::shutdown_flag(shutdown);
     let client = Client::new(
         stores.client.clone(),

@@ -83,7 +83,13 @@ impl<'a> ProgressState<'a> {
 
 impl Observer for ProgressState<'_> {
     async fn restored(&mut self, done: u64, total: u64) {
-        crate::telemetry::restored(done.saturating_sub(self.restored));
+        // A restore started over (another snapshot) counts again from its start.
+        let before = if done < self.restored {
+            0
+        } else {
+            self.restored
+        };
+        crate::telemetry::restored(done - before);
         self.restored = done;
         self.update(done == total, |p| {
             p.snapshot_bytes = done;
