@@ -28,3 +28,4 @@ mod restart;
 mod scale;
 mod security;
 mod startup;
+mod web;

@@ -3,8 +3,7 @@
 //! with a real rebuild, a refused command and the data plane's grooming show up in them.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -176,47 +175,13 @@ fn labels(text: &str) -> Result<(BTreeMap<String, String>, &str)> {
     }
 }
 
-/// GET http://addr/metrics, over a plain socket.
+/// GET http://addr/metrics: a 200 in the text format.
 fn scrape(addr: SocketAddr) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no HTTP response: {response}"))?;
-    if !head.starts_with("HTTP/1.1 200")
-        || !head
-            .to_ascii_lowercase()
-            .contains("content-type: text/plain")
-    {
-        bail!("unexpected response head: {head}");
+    let r = http_get(addr, "/metrics")?;
+    if r.status != 200 || !r.head.contains("content-type: text/plain") {
+        bail!("unexpected response: {} {}", r.status, r.head);
     }
-    // A chunked body: the sizes are on lines of their own.
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = body;
-        loop {
-            let (size, after) = rest
-                .split_once("\r\n")
-                .ok_or_else(|| anyhow!("bad chunk"))?;
-            let size = usize::from_str_radix(size.trim(), 16)?;
-            if size == 0 {
-                break;
-            }
-            out.push_str(&after[..size]);
-            rest = &after[size + 2..];
-        }
-        return Ok(out);
-    }
-    Ok(body.to_owned())
+    Ok(r.body)
 }
 
 /// A port with the three after it free, for `up` and its daemons.

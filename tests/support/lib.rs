@@ -14,6 +14,7 @@
 //! - `cli`: the `handoff` binary as a user runs it ([`handoff`], [`handoff_ok`],
 //!   [`handoff_refused`], [`Run`]), in the background ([`Background`]) and as a whole
 //!   `handoff up` ([`Up`]).
+//! - `http`: a plain GET of what `handoff` serves over HTTP ([`http_get`]).
 //! - `procs`: the `handoff` services a story runs ([`Proc`], [`ProjectorProcess`]).
 //! - `wait`: waiting for the projector and for an event, on the test kit's [`until`].
 //! - `oplog`: a job's whole oplog as stored ([`scan_oplog`]).
@@ -25,6 +26,7 @@
 mod cli;
 mod client;
 mod fixtures;
+mod http;
 mod oplog;
 mod procs;
 mod stack;
@@ -37,6 +39,7 @@ pub use cli::{handoff, handoff_bin, handoff_ok, handoff_refused, Background, Run
 pub use client::{query, request, request_signed, send_command};
 pub use fixtures::*;
 pub use handoff_testkit::{until, Signal};
+pub use http::{http_get, Response};
 pub use oplog::{scan_oplog, OplogScan};
 pub use procs::{dump_views, Proc, ProjectorProcess};
 pub use stack::{data_stack, owner, CommandService, Stack};

@@ -28,6 +28,7 @@ pub mod sample;
 pub mod secrets;
 pub mod stack;
 pub mod startup;
+pub mod web;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -138,6 +139,9 @@ pub enum Cmd {
     Up(stack::UpArgs),
     /// Play the story of a lost daemon on a throwaway local stack.
     Demo(demo::DemoArgs),
+    /// Serve the console in a browser (daemons, jobs, moves, alerts, history), as your
+    /// user.
+    Web(web::WebArgs),
     /// Manage users: add (writes a credentials file), list, remove.
     #[command(subcommand)]
     User(cmd::users::UserCmd),
@@ -311,6 +315,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             | Cmd::Up(_)
             | Cmd::Agent(_)
             | Cmd::Monitor(_)
+            | Cmd::Web(_)
             | Cmd::Daemon(DaemonArgs { command: None, .. })
     );
     init_logging(cli.log_format, if services { "info" } else { "warn" });
@@ -334,7 +339,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             match (cli.metrics, services) {
                 (None, _) => dispatch(cli.command, &ctx).await,
                 (Some(_), false) => Err(Failure::Usage(
-                    "--metrics is for the long-running processes (command-service, projector, agent, monitor, daemon, up)".into(),
+                    "--metrics is for the long-running processes (command-service, projector, agent, monitor, daemon, up, web)".into(),
                 )),
                 (Some(addr), true) => match metrics::serve(addr).await {
                     Ok(bound) => {
@@ -389,6 +394,7 @@ async fn dispatch(command: Cmd, ctx: &Context) -> Result<(), Failure> {
         Cmd::Watch(a) => cmd::history::watch(ctx, a).await,
         Cmd::Up(a) => stack::up(ctx, a).await,
         Cmd::Demo(a) => demo::demo(ctx, a).await,
+        Cmd::Web(a) => web::web(ctx, a).await,
         Cmd::User(c) => cmd::users::user(ctx, c).await,
         Cmd::NatsConfig(a) => cmd::users::nats_config(ctx, a),
         Cmd::CommandService(a) => {
