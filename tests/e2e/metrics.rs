@@ -257,6 +257,10 @@ async fn every_process_of_up_serves_its_metrics() -> Result<()> {
         ) && has("handoff_projector_events_applied_total", &[])
             && has("handoff_snapshot_age_seconds", &[("job", "sales/orders")])
             && has("handoff_oplog_window_seconds", &[("job", "sales/orders")])
+            // The state's gauges follow the fold within a second or so.
+            && find(&samples, "handoff_moves_in_progress", &[])
+                .first()
+                .is_some_and(|s| s.value == 0.0)
             && daemons
                 .iter()
                 .all(|d| has("handoff_heartbeat_age_seconds", &[("daemon", d)]));

@@ -61,6 +61,7 @@ async fn the_console_shows_the_fleet_as_its_user_and_escapes_what_it_shows() -> 
         on_d1.contains(&format!("{total} of {total} jobs")),
         "{on_d1}"
     );
+    // With no data plane (`Up::start`), the move stays requested.
     assert!(
         on_d1.contains(&format!("moving to {D3} (requested)")),
         "the job moving away: {on_d1}"
@@ -82,14 +83,38 @@ async fn the_console_shows_the_fleet_as_its_user_and_escapes_what_it_shows() -> 
     );
     assert!(!history.contains("<script>alert"), "{history}");
 
+    assert!(!history.contains("<img"), "{history}");
+
     assert!(get(addr, "/alerts")?.contains("<h1>Alerts</h1>"));
     assert!(
         get(addr, "/history")?.contains("name=\"job\""),
         "a form to pick one"
     );
-    // An unknown job is the query's refusal, said on the page, escaped.
+    // handoff's refusals, said on the page: an unknown job, an invalid one (its text
+    // escaped wherever it shows).
+    let r = http_get(addr, "/history?job=no%2Fsuch")?;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains("no/such"), "{}", r.body);
     let r = http_get(addr, "/history?job=no%2F%3Cb%3E")?;
-    assert_eq!(r.status, 502, "{}", r.body);
-    assert!(!r.body.contains("<b>no"), "{}", r.body);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(!r.body.contains("no/<b>"), "{}", r.body);
+    // Every answer forbids script, framing and caching; another host is refused (a page
+    // elsewhere cannot read the console through DNS rebinding).
+    let r = http_get(addr, "/daemons")?;
+    for header in [
+        "content-security-policy: default-src 'none'",
+        "x-frame-options: deny",
+        "cache-control: no-store",
+        "x-content-type-options: nosniff",
+    ] {
+        assert!(r.head.contains(header), "{header}: {}", r.head);
+    }
+    let r = http_get_as(addr, "/daemons", &format!("evil.example:{}", addr.port()))?;
+    assert_eq!(r.status, 421, "{}", r.body);
+    assert!(!r.body.contains(D1), "{}", r.body);
+    assert_eq!(
+        http_get_as(addr, "/daemons", &format!("localhost:{}", addr.port()))?.status,
+        200
+    );
     Ok(())
 }

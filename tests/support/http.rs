@@ -3,12 +3,12 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 
-/// What a GET answered: the status, the head's lines (lower case) and the body (a
-/// chunked one put together).
+/// What a GET answered: the status, the head's lines (lower case) and the body (as its
+/// `Content-Length` says, or a chunked one put together).
 #[derive(Debug)]
 pub struct Response {
     pub status: u16,
@@ -16,42 +16,96 @@ pub struct Response {
     pub body: String,
 }
 
-/// `GET path` on `addr`, with the connection closed after it.
+/// How long a whole request may take (the console waits up to 35 s for handoff).
+const DEADLINE: Duration = Duration::from_secs(40);
+
+/// `GET path` on `addr`.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<Response> {
+    http_get_as(addr, path, &addr.to_string())
+}
+
+/// `GET path` on `addr` with `host` as the `Host` header.
+pub fn http_get_as(addr: SocketAddr, path: &str, host: &str) -> Result<Response> {
+    get(addr, path, host).with_context(|| format!("GET {path} on {addr}"))
+}
+
+fn get(addr: SocketAddr, path: &str, host: &str) -> Result<Response> {
+    let deadline = Instant::now() + DEADLINE;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no HTTP response: {response}"))?;
-    let head = head.to_ascii_lowercase();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("no complete answer within {DEADLINE:?}");
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP head in {} bytes", raw.len()))?;
+    let head = String::from_utf8(raw[..split].to_vec())?.to_ascii_lowercase();
+    let rest = &raw[split + 4..];
     let status = head
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow!("no status in {head}"))?;
-    let body = if head.contains("transfer-encoding: chunked") {
-        let mut out = String::new();
-        let mut rest = body;
-        loop {
-            let (size, after) = rest
-                .split_once("\r\n")
-                .ok_or_else(|| anyhow!("bad chunk in {body}"))?;
-            let size = usize::from_str_radix(size.trim(), 16)?;
-            if size == 0 {
-                break;
-            }
-            out.push_str(after.get(..size).ok_or_else(|| anyhow!("short chunk"))?);
-            rest = after.get(size + 2..).unwrap_or_default();
-        }
-        out
-    } else {
-        body.to_owned()
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
     };
-    Ok(Response { status, head, body })
+    let body = if header("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
+        dechunk(rest)?
+    } else if let Some(length) = header("content-length:") {
+        let length: usize = length.parse()?;
+        if rest.len() != length {
+            bail!(
+                "the body has {} bytes, Content-Length says {length}",
+                rest.len()
+            );
+        }
+        rest.to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(Response {
+        status,
+        head,
+        body: String::from_utf8(body)?,
+    })
+}
+
+/// A chunked body put together: each chunk's size (hex, extensions after `;`), CRLF,
+/// the bytes, CRLF; a zero size ends it.
+fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| anyhow!("a chunk without its size line"))?;
+        let line = std::str::from_utf8(&rest[..eol])?;
+        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)?;
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if rest.len() < size + 2 || &rest[size..size + 2] != b"\r\n" {
+            bail!("a short or unterminated chunk");
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
 }

@@ -39,7 +39,7 @@ pub use cli::{handoff, handoff_bin, handoff_ok, handoff_refused, Background, Run
 pub use client::{query, request, request_signed, send_command};
 pub use fixtures::*;
 pub use handoff_testkit::{until, Signal};
-pub use http::{http_get, Response};
+pub use http::{http_get, http_get_as, Response};
 pub use oplog::{scan_oplog, OplogScan};
 pub use procs::{dump_views, Proc, ProjectorProcess};
 pub use stack::{data_stack, owner, CommandService, Stack};

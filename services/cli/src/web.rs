@@ -3,13 +3,21 @@
 //! server from the same queries the CLI reads, a page of a list at a time; every text it
 //! shows is escaped, so nothing a daemon id, a reason or a label holds can run as script.
 //! So far the pages read: daemons, jobs, moves, alerts and history.
+//!
+//! Every request passes [`guard`] first: its `Host` must be this console's own (a page
+//! elsewhere cannot read it through DNS rebinding), at most [`CONCURRENT`] are served at
+//! once, each within [`REQUEST_TIMEOUT`], and every answer forbids framing, caching,
+//! sniffing and any script (`Content-Security-Policy`).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use std::time::Duration;
+
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use clap::Args;
@@ -31,28 +39,70 @@ pub struct WebArgs {
     pub listen: SocketAddr,
 }
 
+/// The most requests served at once; more wait their turn.
+const CONCURRENT: usize = 64;
+/// The longest a request may take (a query waits up to 30 s for its answer).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(35);
+
 struct Console {
     api: crate::client::Api,
     /// Who the console acts as.
     user: String,
 }
 
-/// What a list page may be asked for in its address.
+/// What every request passes through: see the module's documentation.
+struct Guard {
+    /// The `Host` values this console answers to.
+    hosts: Vec<String>,
+    permits: tokio::sync::Semaphore,
+}
+
+/// What a list page may be asked for in its address (an empty value counts as none).
 #[derive(Debug, Default, Deserialize)]
 struct Filter {
+    #[serde(default, deserialize_with = "non_empty")]
     cursor: Option<String>,
+    #[serde(default, deserialize_with = "non_empty")]
     daemon: Option<String>,
+    #[serde(default, deserialize_with = "non_empty")]
     project: Option<String>,
+    #[serde(default, deserialize_with = "non_empty")]
     job: Option<String>,
 }
 
+fn non_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v: Option<String> = Option::deserialize(d)?;
+    Ok(v.filter(|s| !s.trim().is_empty()))
+}
+
 pub async fn web(ctx: &Context, a: WebArgs) -> Result<(), Failure> {
+    let Some(creds) = &ctx.creds else {
+        return Err(Failure::Usage(
+            "the console acts as a user: give its credentials (--creds or HANDOFF_CREDS)".into(),
+        ));
+    };
     let api = ctx.api().await?;
-    let user = ctx.creds.as_ref().map_or_else(
-        || "nobody (no credentials)".to_owned(),
-        |c| c.user.to_string(),
-    );
-    let console = Arc::new(Console { api, user });
+    let console = Arc::new(Console {
+        api,
+        user: creds.user.to_string(),
+    });
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .map_err(|e| Failure::Usage(format!("--listen {}: {e}", a.listen)))?;
+    let bound = listener.local_addr()?;
+    if !bound.ip().is_loopback() {
+        tracing::warn!(%bound, "the console listens beyond this machine: anyone who reaches it reads the fleet as you");
+    }
+    let port = bound.port();
+    let guard = Arc::new(Guard {
+        hosts: vec![
+            bound.to_string(),
+            format!("localhost:{port}"),
+            format!("127.0.0.1:{port}"),
+            format!("[::1]:{port}"),
+        ],
+        permits: tokio::sync::Semaphore::new(CONCURRENT),
+    });
     let app = axum::Router::new()
         .route("/", get(|| async { Redirect::to("/daemons") }))
         .route("/daemons", get(daemons))
@@ -60,15 +110,57 @@ pub async fn web(ctx: &Context, a: WebArgs) -> Result<(), Failure> {
         .route("/moves", get(moves))
         .route("/alerts", get(alerts))
         .route("/history", get(history))
-        .with_state(console);
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
-        .map_err(|e| Failure::Usage(format!("--listen {}: {e}", a.listen)))?;
-    println!("console at http://{}/", listener.local_addr()?);
+        .with_state(console)
+        .layer(axum::middleware::from_fn_with_state(guard, guarded));
+    println!("console at http://{bound}/");
     axum::serve(listener, app)
         .with_graceful_shutdown(crate::shutdown_signal())
         .await
         .map_err(|e| Failure::Usage(format!("the console stopped: {e}")))
+}
+
+/// Refuses a request for another host, waits for a permit, bounds the time, and adds the
+/// security headers to whatever is answered.
+async fn guarded(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let mut response = if !guard.hosts.contains(&host) {
+        (
+            StatusCode::MISDIRECTED_REQUEST,
+            "this console answers only to its own address",
+        )
+            .into_response()
+    } else {
+        match guard.permits.acquire().await {
+            Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+            Ok(_permit) => match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+                Ok(r) => r,
+                Err(_) => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "handoff took too long to answer",
+                )
+                    .into_response(),
+            },
+        }
+    };
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
 }
 
 /// Text made safe for HTML, in element content and in quoted attributes alike.
@@ -106,15 +198,12 @@ impl Console {
         query: &str,
         body: Value,
         cursor: Option<String>,
-    ) -> Result<Page<T>, String> {
+    ) -> Result<Page<T>, Failure> {
         let paging = Paging {
             cursor,
             ..Paging::default()
         };
-        self.api
-            .list(query, body, &paging)
-            .await
-            .map_err(|e| e.to_string())
+        self.api.list(query, body, &paging).await
     }
 
     /// The whole page: the navigation, who the console acts as, the content.
@@ -137,9 +226,28 @@ impl Console {
         Html(html).into_response()
     }
 
-    fn failed(&self, title: &str, why: &str) -> Response {
-        let mut page = self.render(title, &format!("<p class=\"error\">{}</p>", esc(why)));
-        *page.status_mut() = StatusCode::BAD_GATEWAY;
+    /// A query's failure: handoff's refusal said as it is (not found, invalid), anything
+    /// else as a gateway error whose detail goes to the log, not to the page.
+    fn failed(&self, title: &str, failure: Failure) -> Response {
+        let (status, said) = match &failure {
+            Failure::Refused(e) => (
+                match e.code {
+                    handoff_protocol::ErrorCode::NotFound => StatusCode::NOT_FOUND,
+                    handoff_protocol::ErrorCode::Validation => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::BAD_GATEWAY,
+                },
+                e.message.clone(),
+            ),
+            Failure::Usage(detail) => {
+                tracing::warn!(%detail, page = title, "a page could not be read");
+                (
+                    StatusCode::BAD_GATEWAY,
+                    "handoff could not be read just now; try again".to_owned(),
+                )
+            }
+        };
+        let mut page = self.render(title, &format!("<p class=\"error\">{}</p>", esc(&said)));
+        *page.status_mut() = status;
         page
     }
 }
@@ -167,11 +275,11 @@ fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String
 fn more<T>(page: &Page<T>, base: &str, what: &str) -> String {
     let mut html = format!("<p>{} of {} {}", page.items.len(), page.total, esc(what));
     if let Some(next) = &page.next {
-        let join = if base.contains('?') { '&' } else { '?' };
+        let join = if base.contains('?') { "&amp;" } else { "?" };
         let _ = write!(
             html,
             " &middot; <a href=\"{}{join}cursor={}\">next page</a>",
-            esc(base),
+            base,
             enc(next)
         );
     }
@@ -186,14 +294,14 @@ fn link(path: &str, key: &str, value: &str) -> String {
 async fn daemons(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Response {
     let page: Page<DaemonView> = match c.page("daemons", json!({}), f.cursor).await {
         Ok(p) => p,
-        Err(e) => return c.failed("Daemons", &e),
+        Err(e) => return c.failed("Daemons", e),
     };
     let rows = page.items.iter().map(|d| {
         let total = d.settings.head_space_bytes.max(1);
-        let used = (d.used_bytes.min(total) * 100 / total) as u32;
+        let used = (u128::from(d.used_bytes.min(total)) * 100 / u128::from(total)) as u32;
         vec![
             link("/jobs", "daemon", d.daemon.as_str()),
-            esc(&format!("{:?}", d.status).to_lowercase()),
+            esc(&crate::cmd::fleet::status(d.status)),
             match &d.drain {
                 Some(drain) => format!("draining ({} moved)", drain.moved),
                 None if d.settings.assignment_enabled => "on".into(),
@@ -234,7 +342,7 @@ async fn jobs(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Respons
     }
     let page: Page<JobView> = match c.page("jobs", body, f.cursor).await {
         Ok(p) => p,
-        Err(e) => return c.failed("Jobs", &e),
+        Err(e) => return c.failed("Jobs", e),
     };
     let rows = page.items.iter().map(|j| {
         vec![
@@ -258,7 +366,7 @@ async fn jobs(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Respons
 async fn moves(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Response {
     let page: Page<MoveSummary> = match c.page("moves", json!({}), f.cursor).await {
         Ok(p) => p,
-        Err(e) => return c.failed("Moves", &e),
+        Err(e) => return c.failed("Moves", e),
     };
     let rows = page.items.iter().map(|m| {
         vec![
@@ -281,7 +389,7 @@ async fn moves(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Respon
 async fn alerts(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Response {
     let page: Page<AlertView> = match c.page("alerts", json!({ "all": true }), f.cursor).await {
         Ok(p) => p,
-        Err(e) => return c.failed("Alerts", &e),
+        Err(e) => return c.failed("Alerts", e),
     };
     let rows = page.items.iter().map(|a| {
         vec![
@@ -312,7 +420,7 @@ async fn history(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Resp
     let base = format!("/history?{key}={}", enc(value));
     let page: Page<HistoryEntry> = match c.page("history", body, f.cursor).await {
         Ok(p) => p,
-        Err(e) => return c.failed(&title, &e),
+        Err(e) => return c.failed(&title, e),
     };
     let rows = page.items.iter().map(|e| {
         vec![

@@ -445,10 +445,13 @@ impl Projector {
         });
         let _abort_reader = AbortOnDrop(reader);
         let mut gauges_at = Instant::now();
+        // A batch folded since the state's gauges were last set.
+        let mut gauges_stale = false;
         loop {
             // Gather while the consumer says more is pending, up to a full batch.
             let mut batch = Vec::new();
             loop {
+                let due = tokio::time::Instant::from_std(gauges_at + STATE_GAUGES_EVERY);
                 let chunk = tokio::select! {
                     biased;
                     _ = &mut *shutdown => return Ok(Stop::Shutdown),
@@ -456,6 +459,14 @@ impl Projector {
                         Some(c) => c,
                         None => return Err(Error::Consumer("the consumer ended".into())),
                     },
+                    // The last batch's state, once a second has passed, even when nothing
+                    // follows it.
+                    _ = tokio::time::sleep_until(due), if gauges_stale && batch.is_empty() => {
+                        gauges_at = Instant::now();
+                        gauges_stale = false;
+                        telemetry::state(self.views.state());
+                        continue;
+                    }
                 };
                 let pending = chunk
                     .iter()
@@ -493,8 +504,10 @@ impl Projector {
                 telemetry::folded(checkpoint - self.applied);
                 self.applied = checkpoint;
                 committer.commit(writes, checkpoint).await?;
+                gauges_stale = true;
                 if gauges_at.elapsed() >= STATE_GAUGES_EVERY {
                     gauges_at = Instant::now();
+                    gauges_stale = false;
                     telemetry::state(self.views.state());
                 }
             }

@@ -9,7 +9,7 @@ use handoff_protocol::Applied;
 use serde_json::json;
 
 use super::fleet::daemon_id;
-use super::moves::print_plan;
+use super::moves::{print_plan, print_reply};
 use super::{command_id, print_json};
 use crate::{Context, Failure};
 
@@ -74,17 +74,9 @@ pub async fn drain(ctx: &Context, a: DrainArgs) -> Result<(), Failure> {
     });
     eprintln!("command id {id} (to send it again safely: --id {id})");
     let applied = api.command(&id, &command).await?;
-    match (ctx.json, a.wait) {
-        (true, false) => {
-            print_json(&applied);
-            return Ok(());
-        }
-        (true, true) => println!(
-            "{}",
-            serde_json::to_string(&applied).expect("wire values serialize")
-        ),
-        (false, _) => print_started(&a.daemon, &applied, a.max_concurrent),
-    }
+    print_reply(ctx.json, a.wait, &applied, |applied| {
+        print_started(&a.daemon, applied, a.max_concurrent)
+    });
     if a.wait {
         let from = applied.events.first().map_or(1, |e| e.seq);
         return follow(ctx, &api, &a.daemon, &id, from).await;

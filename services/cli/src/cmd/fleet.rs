@@ -281,7 +281,7 @@ pub async fn daemons(ctx: &Context, a: DaemonsArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn status(s: DaemonStatus) -> String {
+pub(crate) fn status(s: DaemonStatus) -> String {
     match s {
         DaemonStatus::Active(l) => crate::output::name(&l),
         DaemonStatus::Removed => "removed".into(),

@@ -194,19 +194,7 @@ async fn run_move(ctx: &Context, command: Command, options: MoveOptions) -> Resu
     // --json output stays one document.
     eprintln!("command id {id} (to send it again safely: --id {id})");
     let applied = api.command(&id, &command).await?;
-    match (ctx.json, options.wait) {
-        (true, false) => {
-            print_json(&applied);
-            return Ok(());
-        }
-        // The reply (with the move's id) first, then one line per phase: one JSON
-        // document per line.
-        (true, true) => println!(
-            "{}",
-            serde_json::to_string(&applied).expect("wire values serialize")
-        ),
-        (false, _) => print_applied(&applied),
-    }
+    print_reply(ctx.json, options.wait, &applied, print_applied);
     if options.wait {
         let plan = applied.plan.clone();
         let jobs: Vec<JobId> = match &plan {
@@ -218,6 +206,19 @@ async fn run_move(ctx: &Context, command: Command, options: MoveOptions) -> Resu
         return wait(ctx, &api, &id, jobs, from).await;
     }
     Ok(())
+}
+
+/// Prints a command's reply: for people with `human`, or as JSON: pretty alone, or,
+/// when lines follow it (`--wait`), as the first of one JSON document per line.
+pub(crate) fn print_reply(json: bool, wait: bool, applied: &Applied, human: impl FnOnce(&Applied)) {
+    match (json, wait) {
+        (true, false) => print_json(applied),
+        (true, true) => println!(
+            "{}",
+            serde_json::to_string(applied).expect("wire values serialize")
+        ),
+        (false, _) => human(applied),
+    }
 }
 
 fn print_applied(applied: &Applied) {
