@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 mod command_model;
 mod concurrency;
+mod console;
 mod dataplane;
 mod drain;
 mod examples;

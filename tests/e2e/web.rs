@@ -118,3 +118,157 @@ async fn the_console_shows_the_fleet_as_its_user_and_escapes_what_it_shows() -> 
     );
     Ok(())
 }
+
+/// The events of the stream of `type`, as `handoff history --json` prints them.
+fn events_of_type(url: &str, kind: &str) -> Result<Vec<serde_json::Value>> {
+    let out = handoff_ok(url, &["history", "--json"])?.stdout;
+    let mut found = Vec::new();
+    for line in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        if v["type"] == kind {
+            found.push(v);
+        }
+    }
+    Ok(found)
+}
+
+fn console(url: &str, creds: &std::path::Path) -> Result<(Background, SocketAddr)> {
+    let mut web =
+        Background::spawn_as(Some(url), Some(creds), &["web", "--listen", "127.0.0.1:0"])?;
+    let line = web.wait_for_line("console at")?;
+    let addr = line
+        .trim()
+        .trim_start_matches("console at http://")
+        .trim_end_matches('/')
+        .parse()?;
+    Ok((web, addr))
+}
+
+/// The token a console's pages carry.
+fn token_of(addr: SocketAddr) -> Result<String> {
+    let page = get(addr, "/daemons")?;
+    let at = page
+        .find("name=\"csrf-token\" content=\"")
+        .ok_or_else(|| anyhow!("no token in {page}"))?
+        + "name=\"csrf-token\" content=\"".len();
+    Ok(page[at..at + 64].to_owned())
+}
+
+/// The console's actions are POSTs with its token, from its own pages, signed as its
+/// user and refused as the CLI's would be: no token, a foreign origin or a read-only user
+/// change nothing; a confirmation sent twice moves once.
+#[tokio::test]
+async fn the_consoles_actions_change_only_what_an_allowed_user_confirmed() -> Result<()> {
+    let up = Up::start().await?;
+    let url = up.url();
+    let (_web, addr) = console(&url, &owner().1)?;
+    let token = token_of(addr)?;
+    let id = ulid::Ulid::new().to_string();
+    let move_all = |token: &str| {
+        vec![
+            ("token", token.to_owned()),
+            ("kind", "jobs".to_owned()),
+            ("subject", D1.to_owned()),
+            ("to", D3.to_owned()),
+            ("reason", "from the console".to_owned()),
+            ("id", id.clone()),
+        ]
+    };
+    let post =
+        |addr: SocketAddr, path: &str, headers: &[(&str, &str)], fields: &[(&str, String)]| {
+            let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            http_post_form(addr, path, headers, &fields)
+        };
+
+    // Without the token, or from another site: refused before anything is sent.
+    let r = post(addr, "/confirm", &[], &move_all("0".repeat(64).as_str()))?;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("stale_form"), "{}", r.body);
+    let r = post(
+        addr,
+        "/confirm",
+        &[("Origin", "http://evil.example")],
+        &move_all(&token),
+    )?;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = post(
+        addr,
+        "/confirm",
+        &[("Sec-Fetch-Site", "cross-site")],
+        &move_all(&token),
+    )?;
+    assert_eq!(r.status, 403, "{}", r.body);
+    // A plan is a dry run: refused as the CLI's would be when it cannot be done.
+    let mut to_itself = move_all(&token);
+    to_itself[3].1 = D1.to_owned();
+    let r = post(addr, "/plan", &[], &to_itself)?;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("refused (move_to_self)"), "{}", r.body);
+    let r = post(addr, "/plan", &[], &move_all(&token))?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("id=\"plan\""), "{}", r.body);
+    up.settle().await?;
+    assert!(
+        events_of_type(&url, "MoveStarted")?.is_empty(),
+        "nothing moved yet"
+    );
+
+    // A read-only user's console: its own token, and the command service refuses.
+    let viewer = up.data.path().join("viewer.creds");
+    let viewer_path = viewer.to_string_lossy().into_owned();
+    handoff_ok(
+        &url,
+        &[
+            "user",
+            "add",
+            "viewer",
+            "--role",
+            "GLOBAL_READ_ONLY",
+            "--out",
+            &viewer_path,
+        ],
+    )?;
+    let (_ro, ro) = console(&url, &viewer)?;
+    assert!(!get(ro, "/daemons")?.contains("data-action"));
+    let r = post(ro, "/confirm", &[], &move_all(&token_of(ro)?))?;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(
+        r.body.contains("forbidden") || r.body.contains("may not"),
+        "{}",
+        r.body
+    );
+    up.settle().await?;
+    assert!(
+        events_of_type(&url, "MoveStarted")?.is_empty(),
+        "{}",
+        r.body
+    );
+
+    // Confirmed, twice (a double click, a resent form): one move, with the plan page's id.
+    for _ in 0..2 {
+        let r = post(
+            addr,
+            "/confirm",
+            &[("Origin", &format!("http://{addr}"))],
+            &move_all(&token),
+        )?;
+        assert_eq!(r.status, 303, "{}", r.body);
+        assert!(
+            r.head
+                .contains(&format!("location: /moves/{}", id.to_lowercase())),
+            "{}",
+            r.head
+        );
+    }
+    up.settle().await?;
+    let started = events_of_type(&url, "MoveStarted")?;
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(started[0]["command"], serde_json::json!(id));
+    assert_eq!(started[0]["actor"], serde_json::json!("admin"));
+    let page = get(addr, &format!("/moves/{id}"))?;
+    assert!(
+        page.contains("from the console") && page.contains("id=\"status\""),
+        "{page}"
+    );
+    Ok(())
+}

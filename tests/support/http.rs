@@ -26,17 +26,63 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<Response> {
 
 /// `GET path` on `addr` with `host` as the `Host` header.
 pub fn http_get_as(addr: SocketAddr, path: &str, host: &str) -> Result<Response> {
-    get(addr, path, host).with_context(|| format!("GET {path} on {addr}"))
+    http_request(addr, "GET", path, &[("Host", host)], b"")
+        .with_context(|| format!("GET {path} on {addr}"))
 }
 
-fn get(addr: SocketAddr, path: &str, host: &str) -> Result<Response> {
+/// A POST of an HTML form's fields (percent-encoded here) to `path` on `addr`, with the
+/// extra `headers`.
+pub fn http_post_form(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    fields: &[(&str, &str)],
+) -> Result<Response> {
+    let body = fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    let host = addr.to_string();
+    let mut all = vec![
+        ("Host", host.as_str()),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+    ];
+    all.extend_from_slice(headers);
+    http_request(addr, "POST", path, &all, body.as_bytes())
+        .with_context(|| format!("POST {path} on {addr}"))
+}
+
+fn form_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One request: `method path`, the `headers` (a `Host` among them), the `body` with its
+/// `Content-Length`; the connection closes after the answer.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Response> {
     let deadline = Instant::now() + DEADLINE;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(request.as_bytes())?;
+    stream.write_all(body)?;
     let mut raw = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
@@ -50,6 +96,10 @@ fn get(addr: SocketAddr, path: &str, host: &str) -> Result<Response> {
             break;
         }
         raw.extend_from_slice(&buf[..n]);
+        // A server may keep the connection open after an answer of known length.
+        if complete(&raw) {
+            break;
+        }
     }
     let split = raw
         .windows(4)
@@ -85,6 +135,23 @@ fn get(addr: SocketAddr, path: &str, host: &str) -> Result<Response> {
         head,
         body: String::from_utf8(body)?,
     })
+}
+
+/// Whether `raw` holds a whole answer: its head, and as many bytes as its
+/// `Content-Length` says (or a chunked body's last chunk).
+fn complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let body = raw.len() - split - 4;
+    if head.contains("transfer-encoding: chunked") || head.contains("transfer-encoding:chunked") {
+        return raw.ends_with(b"\r\n0\r\n\r\n");
+    }
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|length| body >= length)
 }
 
 /// A chunked body put together: each chunk's size (hex, extensions after `;`), CRLF,

@@ -14,7 +14,8 @@
 //! - `cli`: the `handoff` binary as a user runs it ([`handoff`], [`handoff_ok`],
 //!   [`handoff_refused`], [`Run`]), in the background ([`Background`]) and as a whole
 //!   `handoff up` ([`Up`]).
-//! - `http`: a plain GET of what `handoff` serves over HTTP ([`http_get`]).
+//! - `http`: plain HTTP requests to what `handoff` serves ([`http_get`], [`http_post_form`]).
+//! - `browser`: headless Chromium through ChromeDriver ([`Browser`]), for the console.
 //! - `procs`: the `handoff` services a story runs ([`Proc`], [`ProjectorProcess`]).
 //! - `wait`: waiting for the projector and for an event, on the test kit's [`until`].
 //! - `oplog`: a job's whole oplog as stored ([`scan_oplog`]).
@@ -23,6 +24,7 @@
 //! A test waits by polling to a deadline ([`until`]), never by sleeping, and every child
 //! process is a [`handoff_testkit::Child`]: it dies with the test.
 
+mod browser;
 mod cli;
 mod client;
 mod fixtures;
@@ -35,11 +37,12 @@ mod wait;
 
 use std::time::Duration;
 
+pub use browser::Browser;
 pub use cli::{handoff, handoff_bin, handoff_ok, handoff_refused, Background, Run, Up};
 pub use client::{query, request, request_signed, send_command};
 pub use fixtures::*;
 pub use handoff_testkit::{until, Signal};
-pub use http::{http_get, http_get_as, Response};
+pub use http::{http_get, http_get_as, http_post_form, http_request, Response};
 pub use oplog::{scan_oplog, OplogScan};
 pub use procs::{dump_views, Proc, ProjectorProcess};
 pub use stack::{data_stack, owner, CommandService, Stack};

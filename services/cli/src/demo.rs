@@ -29,6 +29,12 @@ pub struct DemoArgs {
     /// Client port of the nats-server it starts (0: any free port).
     #[arg(long, default_value_t = 0)]
     pub port: u16,
+    /// Where to serve the console while the story runs (port 0: any free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub web: std::net::SocketAddr,
+    /// After the story, keep the stack and its console up until Ctrl-C.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 fn step(n: usize, title: &str) {
@@ -39,7 +45,28 @@ pub async fn demo(ctx: &Context, a: DemoArgs) -> Result<(), Failure> {
     let dir = tempfile::tempdir()?;
     let url = ctx.url_given.then_some(ctx.url.as_str());
     let mut stack = Stack::start(dir.path(), url, a.port).await?;
+    let console = match crate::web::serve(stack.api().await?, a.web).await {
+        Ok(c) => c,
+        Err(e) => {
+            stack.stop().await;
+            return Err(e);
+        }
+    };
+    println!(
+        "the console: http://{}/ (open it to watch the story{})",
+        console.addr,
+        if a.keep {
+            ""
+        } else {
+            "; --keep keeps it up after the end"
+        }
+    );
     let result = story(&mut stack, dir.path()).await;
+    if a.keep && result.is_ok() {
+        println!("the stack and its console stay up: Ctrl-C stops them");
+        crate::shutdown_signal().await;
+    }
+    console.stop().await;
     stack.stop().await;
     result
 }

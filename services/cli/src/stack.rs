@@ -51,6 +51,9 @@ pub struct UpArgs {
     /// The simulated sources of the sample fleet's jobs.
     #[command(flatten)]
     pub sim: crate::cmd::data::SimArgs,
+    /// Serve the console (`handoff web`) here too, as the stack's owner (port 0: any).
+    #[arg(long, value_name = "ADDR")]
+    pub web: Option<std::net::SocketAddr>,
 }
 
 impl UpArgs {
@@ -479,6 +482,10 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
         stack.start_monitor(a.monitor.settings()?, replicas).await?;
     }
     settle(&api).await?;
+    let console = match a.web {
+        Some(addr) => Some(crate::web::serve(stack.api().await?, addr).await?),
+        None => None,
+    };
     println!("handoff is up");
     let started = match a.cluster {
         _ if url.is_some() => String::new(),
@@ -495,6 +502,12 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
             } else {
                 "; each daemon on the next port after it".to_owned()
             }
+        );
+    }
+    if let Some(console) = &console {
+        println!(
+            "  console       http://{}/ (acting as {})",
+            console.addr, stack.owner.user
         );
     }
     println!("  services      handoff-command (handoff.cmd.*), handoff-query (handoff.query.*)");
@@ -554,6 +567,9 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
     println!("Ctrl-C stops everything.");
     crate::shutdown_signal().await;
     println!("stopping...");
+    if let Some(console) = console {
+        console.stop().await;
+    }
     stack.stop().await;
     Ok(())
 }

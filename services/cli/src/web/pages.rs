@@ -1,0 +1,380 @@
+//! The pages that read: daemons, jobs, moves (and one move), alerts and history.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use handoff_domain::model::MovePhase;
+use handoff_domain::state::Assignment;
+use handoff_protocol::api::query::{Page, Status};
+use handoff_protocol::views::{
+    AlertView, DaemonView, HistoryEntry, JobView, MoveStatus, MoveSummary, MoveView,
+};
+use serde_json::json;
+
+use super::{enc, esc, link, more, table, table_with, Console, Filter, Live};
+use crate::cmd::history::describe;
+use crate::output::{bytes, name, time};
+use crate::Failure;
+
+/// The most jobs of one move the Moves page lists (the move's own page lists them all).
+const JOBS_SHOWN: usize = 50;
+/// The most moves in progress the Moves page lists with their jobs.
+const IN_PROGRESS_SHOWN: u32 = 10;
+
+impl Console {
+    /// The last event folded into the views: a live page follows the stream after it.
+    async fn checkpoint(&self) -> Result<u64, Failure> {
+        let s: Status = self.api.query("status", json!({})).await?;
+        Ok(s.checkpoint)
+    }
+}
+
+/// A head-space bar with its words.
+fn space_bar(free: u64, total: u64) -> String {
+    let total_ = total.max(1);
+    let used =
+        (u128::from(total_.saturating_sub(free.min(total_))) * 100 / u128::from(total_)) as u32;
+    format!(
+        "<div class=\"bar\" title=\"{used}% used\"><div style=\"width:{used}%\"></div></div>{} free of {}",
+        esc(&bytes(free)),
+        esc(&bytes(total))
+    )
+}
+
+pub(super) async fn daemons(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Response {
+    let page: Page<DaemonView> = match c.page("daemons", json!({}), f.cursor).await {
+        Ok(p) => p,
+        Err(e) => return c.failed("Daemons", e).await,
+    };
+    let may_move = c.may_move().await;
+    let rows = page.items.iter().map(|d| {
+        let id = enc(d.daemon.as_str());
+        let mut actions = format!("<a href=\"/history?daemon={id}\">history</a>");
+        if may_move && d.jobs > 0 {
+            let _ = write!(
+                actions,
+                " <a class=\"action\" data-action=\"move-all\" href=\"/move?daemon={id}\">Move all heads</a>\
+                 <a class=\"action\" data-action=\"drain\" href=\"/drain?daemon={id}\">Drain</a>"
+            );
+        }
+        vec![
+            link("/jobs", "daemon", d.daemon.as_str()),
+            esc(&crate::cmd::fleet::status(d.status)),
+            match &d.drain {
+                Some(drain) => format!("draining ({} moved)", drain.moved),
+                None if d.settings.assignment_enabled => "on".into(),
+                None => "off".into(),
+            },
+            d.jobs.to_string(),
+            space_bar(d.free_bytes, d.settings.head_space_bytes),
+            actions,
+        ]
+    });
+    let content = table(
+        &["daemon", "liveness", "assignment", "jobs", "head space", ""],
+        rows,
+    ) + &more(&page, "/daemons", "daemons");
+    c.render("Daemons", &content, None).await
+}
+
+pub(super) async fn jobs(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Response {
+    let mut body = json!({});
+    let mut filter = Vec::new();
+    if let Some(d) = &f.daemon {
+        body["daemon"] = json!(d);
+        filter.push(format!("daemon={}", enc(d)));
+    }
+    if let Some(p) = &f.project {
+        body["project"] = json!(p);
+        filter.push(format!("project={}", enc(p)));
+    }
+    match f.state.as_deref() {
+        Some("moving") => body["moving"] = json!(true),
+        Some("assigned") => body["moving"] = json!(false),
+        Some(other) => {
+            let refusal = handoff_protocol::ErrorBody::new(
+                handoff_protocol::ErrorCode::Validation,
+                "malformed",
+                format!("state {other:?}: a job is assigned or moving"),
+            );
+            return c.failed("Jobs", Failure::Refused(refusal)).await;
+        }
+        None => {}
+    }
+    if let Some(s) = &f.state {
+        filter.push(format!("state={}", enc(s)));
+    }
+    let base = match filter.is_empty() {
+        true => "/jobs".to_owned(),
+        false => format!("/jobs?{}", filter.join("&amp;")),
+    };
+    let page: Page<JobView> = match c.page("jobs", body, f.cursor).await {
+        Ok(p) => p,
+        Err(e) => return c.failed("Jobs", e).await,
+    };
+    let may_move = c.may_move().await;
+    let rows = page.items.iter().map(|j| {
+        let moving = matches!(j.state.assignment, Assignment::Moving { .. });
+        vec![
+            link("/history", "job", j.job.as_str()),
+            link("/jobs", "daemon", j.owner.as_str()),
+            j.state.epoch.to_string(),
+            esc(&match &j.state.assignment {
+                Assignment::Assigned { .. } => "assigned".to_owned(),
+                Assignment::Moving { to, phase, .. } => {
+                    format!("moving to {to} ({})", name(phase))
+                }
+            }),
+            esc(&bytes(j.state.size.head_size_bytes)),
+            if may_move && !moving {
+                format!(
+                    "<a class=\"action\" data-action=\"move-head\" href=\"/move?job={}\">Move head</a>",
+                    enc(j.job.as_str())
+                )
+            } else {
+                String::new()
+            },
+        ]
+    });
+    let selected = |s: &str| {
+        if f.state.as_deref() == Some(s) {
+            " selected"
+        } else {
+            ""
+        }
+    };
+    let form = format!(
+        "<form action=\"/jobs\">daemon <input name=\"daemon\" size=\"36\" value=\"{}\"> \
+         project <input name=\"project\" value=\"{}\"> state <select name=\"state\">\
+         <option value=\"\">any</option><option{}>assigned</option><option{}>moving</option>\
+         </select> <button>filter</button></form>",
+        esc(f.daemon.as_deref().unwrap_or("")),
+        esc(f.project.as_deref().unwrap_or("")),
+        selected("assigned"),
+        selected("moving"),
+    );
+    let content = form
+        + &table(&["job", "owner", "epoch", "state", "head", ""], rows)
+        + &more(&page, &base, "jobs");
+    c.render("Jobs", &content, None).await
+}
+
+/// A job's row of a move: its phase, and a progress bar the live updates fill.
+fn job_row(move_id: &str, job: &str, phase: MovePhase) -> (String, Vec<String>) {
+    (
+        format!(
+            " data-move=\"{}\" data-job=\"{}\"",
+            esc(move_id),
+            esc(job)
+        ),
+        vec![
+            link("/history", "job", job),
+            format!("<span class=\"phase\">{}</span>", esc(&name(&phase))),
+            format!(
+                "<progress class=\"progress\" max=\"1\" value=\"{}\"></progress> <span class=\"detail\"></span>",
+                if phase == MovePhase::Completed { 1 } else { 0 }
+            ),
+        ],
+    )
+}
+
+fn summary_row(m: &MoveSummary) -> Vec<String> {
+    vec![
+        format!(
+            "<a href=\"/moves/{}\">{}</a>",
+            enc(m.move_id.as_str()),
+            esc(m.move_id.as_str())
+        ),
+        esc(&time(m.started_at)),
+        esc(m.status.as_str()),
+        esc(m.from.as_str()),
+        esc(&match &m.spread {
+            Some(_) => format!("spread (first {})", m.to),
+            None => m.to.to_string(),
+        }),
+        esc(&m.actor),
+        esc(m.reason.as_deref().unwrap_or("")),
+    ]
+}
+
+pub(super) async fn moves(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Response {
+    let after = match c.checkpoint().await {
+        Ok(s) => s,
+        Err(e) => return c.failed("Moves", e).await,
+    };
+    let mut content = String::new();
+    if f.cursor.is_none() {
+        let running: Result<Page<MoveSummary>, _> = c
+            .api
+            .query(
+                "moves",
+                json!({ "status": "in_progress", "limit": IN_PROGRESS_SHOWN }),
+            )
+            .await;
+        let running = match running {
+            Ok(p) => p,
+            Err(e) => return c.failed("Moves", e).await,
+        };
+        let _ = write!(content, "<h2>In progress ({})</h2>", running.total);
+        let mut rows = Vec::new();
+        for m in &running.items {
+            let view: MoveView = match c.api.query("move", json!({ "move_id": m.move_id })).await {
+                Ok(v) => v,
+                Err(e) => return c.failed("Moves", e).await,
+            };
+            for (job, phase) in view.jobs.iter().take(JOBS_SHOWN) {
+                let (attrs, mut cells) = job_row(view.move_id.as_str(), job.as_str(), *phase);
+                cells.insert(
+                    0,
+                    format!(
+                        "<a href=\"/moves/{}\">{}</a>",
+                        enc(view.move_id.as_str()),
+                        esc(view.move_id.as_str())
+                    ),
+                );
+                rows.push((attrs, cells));
+            }
+        }
+        content += &table_with(&["move", "job", "phase", "progress"], rows, "running");
+    }
+    let page: Page<MoveSummary> = match c.page("moves", json!({}), f.cursor).await {
+        Ok(p) => p,
+        Err(e) => return c.failed("Moves", e).await,
+    };
+    content += "<h2>All moves, newest first</h2>";
+    content += &table(
+        &["move", "started", "status", "from", "to", "by", "reason"],
+        page.items.iter().map(summary_row),
+    );
+    content += &more(&page, "/moves", "moves");
+    let live = Live(format!("/live/moves?after={after}"));
+    c.render("Moves", &content, Some(live)).await
+}
+
+pub(super) async fn one_move(State(c): State<Arc<Console>>, Path(id): Path<String>) -> Response {
+    let title = format!("Move {id}");
+    let after = match c.checkpoint().await {
+        Ok(s) => s,
+        Err(e) => return c.failed(&title, e).await,
+    };
+    let view: MoveView = match c.api.query("move", json!({ "move_id": id })).await {
+        Ok(v) => v,
+        Err(e) => return c.failed(&title, e).await,
+    };
+    let mut content = format!(
+        "<p>status <b id=\"status\">{}</b> &middot; from {} to {} &middot; {} of {} job(s) started \
+         &middot; by {} at {}{}</p>",
+        esc(view.status.as_str()),
+        link("/jobs", "daemon", view.from.as_str()),
+        match &view.spread {
+            Some(_) => "any eligible daemon (spread)".to_owned(),
+            None => link("/jobs", "daemon", view.to.as_str()),
+        },
+        view.jobs.len(),
+        view.planned,
+        esc(&view.actor),
+        esc(&time(view.started_at)),
+        view.reason
+            .as_deref()
+            .map_or(String::new(), |r| format!(": <q>{}</q>", esc(r))),
+    );
+    if let Some(cancel) = &view.cancelled {
+        let _ = write!(
+            content,
+            "<p>cancelled by {} at {}: <q>{}</q></p>",
+            esc(&cancel.by),
+            esc(&time(cancel.at)),
+            esc(&cancel.reason)
+        );
+    }
+    let rows = view
+        .jobs
+        .iter()
+        .map(|(job, phase)| job_row(view.move_id.as_str(), job.as_str(), *phase));
+    content += &table_with(&["job", "phase", "progress"], rows, "jobs");
+    let running = matches!(
+        view.status,
+        MoveStatus::InProgress | MoveStatus::Interrupted
+    );
+    if running && view.cancelled.is_none() && c.may_move().await {
+        let _ = write!(
+            content,
+            "<form method=\"post\" action=\"/cancel\">{}<input type=\"hidden\" name=\"move_id\" value=\"{}\">\
+             <label>reason <input name=\"reason\" required size=\"40\"></label>\
+             <button data-action=\"cancel\">Cancel this move</button></form>",
+            c.token_field(),
+            esc(view.move_id.as_str())
+        );
+    }
+    let live = running.then(|| {
+        Live(format!(
+            "/live/moves?move={}&after={after}",
+            enc(view.move_id.as_str())
+        ))
+    });
+    c.render(&title, &content, live).await
+}
+
+pub(super) async fn alerts(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Response {
+    let page: Page<AlertView> = match c.page("alerts", json!({ "all": true }), f.cursor).await {
+        Ok(p) => p,
+        Err(e) => return c.failed("Alerts", e).await,
+    };
+    let rows = page.items.iter().map(|a| {
+        vec![
+            esc(a.kind.as_str()),
+            esc(&a.about),
+            esc(&a.detail),
+            esc(&time(a.raised_at)),
+            esc(&a.closed_at.map(time).unwrap_or_else(|| "open".into())),
+        ]
+    });
+    let content = table(&["alert", "about", "detail", "raised", "closed"], rows)
+        + &more(&page, "/alerts", "alerts");
+    c.render("Alerts", &content, None).await
+}
+
+pub(super) async fn history(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Response {
+    let (key, value, body) = match (&f.job, &f.daemon) {
+        (Some(j), _) => ("job", j, json!({ "job": j })),
+        (None, Some(d)) => ("daemon", d, json!({ "daemon": d })),
+        (None, None) => {
+            let form = "<form action=\"/history\"><label>job <input name=\"job\"></label> \
+                        <button>show</button></form><form action=\"/history\"><label>daemon \
+                        <input name=\"daemon\" size=\"40\"></label> <button>show</button></form>";
+            return c.render("History", form, None).await;
+        }
+    };
+    let title = format!("History of {value}");
+    let base = format!("/history?{key}={}", enc(value));
+    let after = match c.checkpoint().await {
+        Ok(s) => s,
+        Err(e) => return c.failed(&title, e).await,
+    };
+    let page: Page<HistoryEntry> = match c.page("history", body, f.cursor).await {
+        Ok(p) => p,
+        Err(e) => return c.failed(&title, e).await,
+    };
+    let rows = page.items.iter().map(|e| {
+        (
+            format!(" data-seq=\"{}\"", e.seq),
+            vec![
+                e.seq.to_string(),
+                esc(&time(e.at)),
+                esc(&e.actor),
+                esc(e.event.type_name()),
+                esc(&describe(&e.event)),
+            ],
+        )
+    });
+    let content = table_with(&["#", "at", "by", "event", "what"], rows, "entries")
+        + &more(&page, &base, "events");
+    // The last page grows as events come.
+    let live = page
+        .next
+        .is_none()
+        .then(|| Live(format!("/live/history?{key}={}&after={after}", enc(value))));
+    c.render(&title, &content, live).await
+}

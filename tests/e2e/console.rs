@@ -1,0 +1,208 @@
+//! The console in a real browser (headless Chromium through ChromeDriver) against `handoff
+//! up --web` with its data plane: Move all heads of a daemon from the Daemons page, the
+//! plan, the confirmation, the move followed live to completed, the history growing live;
+//! a read-only console offers no move; hostile text stays text. Each page is saved as a
+//! PNG under the test's temporary directory (or `HANDOFF_SCREENSHOTS`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use handoff_tests::*;
+use serde_json::json;
+
+const D1: &str = "backup1.example.net:/data/backup/";
+/// A reason that would run script if the console let it through as markup.
+const HOSTILE: &str = "<img src=x onerror=\"window.pwned=1\"><script>window.pwned=1</script>";
+/// How long a real rebuild of the sample's heads may take here.
+const MOVE_LIMIT: Duration = Duration::from_secs(120);
+
+fn console_addr(line: &str) -> Result<SocketAddr> {
+    let start = line
+        .find("http://")
+        .ok_or_else(|| anyhow!("no address in {line:?}"))?;
+    let rest = &line[start + "http://".len()..];
+    Ok(rest[..rest.find('/').unwrap_or(rest.len())].parse()?)
+}
+
+/// Waits until `css` selects something on the browser's page; its first element.
+/// When it never does, the page is saved as `failed.png` and its text is in the error.
+async fn element(browser: &Browser, css: &str, limit: Duration) -> Result<String> {
+    let found = until(&format!("{css} on the page"), limit, || async {
+        Ok(browser.all(css)?.into_iter().next())
+    })
+    .await;
+    found.map_err(|e| {
+        let _ = browser.screenshot("failed");
+        let shown = browser
+            .find("body")
+            .and_then(|b| browser.text(&b))
+            .unwrap_or_default();
+        anyhow!("{e}; the page shows:\n{shown}")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_moves_a_daemons_heads_from_the_console_and_watches_it_live() -> Result<()> {
+    let shots_dir = tempfile::tempdir()?;
+    let shots = std::env::var_os("HANDOFF_SCREENSHOTS")
+        .map_or_else(|| shots_dir.path().to_owned(), Into::into);
+    let mut up = Up::start_with(&["--hour-ms", "600", "--web", "127.0.0.1:0"]).await?;
+    let url = up.url();
+    let addr = console_addr(&up.process.wait_for_line("console")?)?;
+    let base = format!("http://{addr}");
+
+    // Every job of the daemon has a snapshot to be rebuilt from.
+    let listed = handoff_ok(&url, &["jobs", "--daemon", D1, "--json"])?.json()?;
+    let jobs: Vec<String> = listed["items"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no jobs: {listed}"))?
+        .iter()
+        .filter_map(|j| j["job"].as_str().map(str::to_owned))
+        .collect();
+    assert!(jobs.len() >= 2, "{listed}");
+    let stores = handoff_dataplane::store::Stores::open(up.server.connect().await?, 1).await?;
+    for j in &jobs {
+        until(&format!("a snapshot of {j}"), MOVE_LIMIT, || {
+            let stores = stores.clone();
+            async move {
+                let snaps = stores.snapshots(Some(&job(j))).await?;
+                Ok(snaps.iter().any(|s| s.daemon.is_some()).then_some(()))
+            }
+        })
+        .await?;
+    }
+
+    let browser = Browser::start(&shots).await?;
+    browser.open(&format!("{base}/daemons"))?;
+    browser.screenshot("daemons")?;
+    let who = browser.text(&element(&browser, "#user", MOVE_LIMIT).await?)?;
+    assert!(
+        who.contains("admin") && who.contains("GLOBAL_OWNER"),
+        "{who}"
+    );
+
+    // Move all heads: the form, the plan with its checks, the confirmation.
+    let move_all = browser.find(&format!(
+        "a[data-action='move-all'][href='/move?daemon={}']",
+        "backup1.example.net%3A%2Fdata%2Fbackup%2F"
+    ))?;
+    browser.click(&move_all)?;
+    let reason = element(&browser, "#move-form input[name='reason']", MOVE_LIMIT).await?;
+    browser.type_into(&reason, HOSTILE)?;
+    browser.screenshot("move-form")?;
+    browser.click(&browser.find("button[data-action='plan']")?)?;
+    element(&browser, "#plan", MOVE_LIMIT).await?;
+    let plan = browser.text(&browser.find("#plan")?)?;
+    for j in &jobs {
+        assert!(plan.contains(j.as_str()), "{j} in the plan: {plan}");
+    }
+    assert!(
+        plan.contains("head_space") && plan.contains("free before"),
+        "{plan}"
+    );
+    assert!(
+        !browser.all("#checks li")?.is_empty(),
+        "every check is listed"
+    );
+    browser.screenshot("plan")?;
+    // Nothing moved yet: the plan is a dry run.
+    let moving = handoff_ok(&url, &["jobs", "--daemon", D1, "--json"])?.json()?;
+    assert!(
+        !moving.to_string().contains("\"moving\""),
+        "a plan moves nothing: {moving}"
+    );
+    browser.click(&browser.find("button[data-action='confirm']")?)?;
+
+    // The move's own page follows it live: the page turns to completed by itself.
+    let status = element(&browser, "#status", MOVE_LIMIT).await?;
+    let page = browser.url()?;
+    assert!(page.starts_with(&format!("{base}/moves/")), "{page}");
+    assert!(!browser.text(&status)?.is_empty());
+    browser.screenshot("move-in-progress")?;
+    until("the move to show completed", MOVE_LIMIT, || async {
+        let status = browser.find("#status")?;
+        Ok((browser.text(&status)? == "completed").then_some(()))
+    })
+    .await?;
+    let left = handoff_ok(&url, &["jobs", "--daemon", D1, "--json"])?.json()?;
+    assert_eq!(left["total"], json!(0), "every job left {D1}: {left}");
+    browser.screenshot("move-completed")?;
+
+    // The reason is shown as text, and ran nothing.
+    browser.open(&format!("{base}/moves"))?;
+    let moves = browser.text(&browser.find("body")?)?;
+    assert!(moves.contains(HOSTILE), "the reason, as text: {moves}");
+    assert_eq!(
+        browser.script("return typeof window.pwned;")?,
+        json!("undefined")
+    );
+    browser.screenshot("moves")?;
+
+    // The daemon's history holds the move and grows live, without a reload.
+    browser.open(&format!(
+        "{base}/history?daemon=backup1.example.net%3A%2Fdata%2Fbackup%2F"
+    ))?;
+    let history = browser.text(&browser.find("#entries")?)?;
+    assert!(history.contains("MoveStarted"), "{history}");
+    browser.script("window.stayed = true; return null;")?;
+    handoff_ok(
+        &url,
+        &["daemon", "configure", D1, "--assignment-enabled", "false"],
+    )?;
+    until("the new event on the page", MOVE_LIMIT, || async {
+        let rows = browser.text(&browser.find("#entries")?)?;
+        Ok(rows.contains("DaemonConfigured").then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        browser.script("return window.stayed === true;")?,
+        json!(true),
+        "the entry came live, not by loading the page again"
+    );
+    browser.screenshot("history")?;
+
+    // A read-only console offers no move, and handoff refuses one sent anyway.
+    let viewer = up.data.path().join("viewer.creds");
+    let viewer_path = viewer.to_string_lossy().into_owned();
+    handoff_ok(
+        &url,
+        &[
+            "user",
+            "add",
+            "viewer",
+            "--role",
+            "GLOBAL_READ_ONLY",
+            "--out",
+            &viewer_path,
+        ],
+    )?;
+    let mut read_only = Background::spawn_as(
+        Some(&url),
+        Some(&viewer),
+        &["web", "--listen", "127.0.0.1:0"],
+    )?;
+    let ro = console_addr(&read_only.wait_for_line("console at")?)?;
+    browser.open(&format!("http://{ro}/daemons"))?;
+    let who = browser.text(&browser.find("#user")?)?;
+    assert!(
+        who.contains("viewer") && who.contains("GLOBAL_READ_ONLY"),
+        "{who}"
+    );
+    assert!(
+        browser.all("[data-action]")?.is_empty(),
+        "a read-only console offers no action"
+    );
+    browser.open(&format!("http://{ro}/jobs"))?;
+    assert!(browser.all("[data-action]")?.is_empty());
+    browser.screenshot("read-only")?;
+    // The form itself says why, to anyone who opens it by its address.
+    browser.open(&format!(
+        "http://{ro}/move?daemon=backup1.example.net%3A%2Fdata%2Fbackup%2F"
+    ))?;
+    let said = browser.text(&browser.find("#read-only")?)?;
+    assert!(said.contains("GLOBAL_BACKUP_ADMIN"), "{said}");
+    assert!(browser.all("form[action='/plan']")?.is_empty());
+    read_only.terminate()?;
+    Ok(())
+}
