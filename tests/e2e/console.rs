@@ -81,6 +81,22 @@ async fn an_operator_moves_a_daemons_heads_from_the_console_and_watches_it_live(
         who.contains("admin") && who.contains("GLOBAL_OWNER"),
         "{who}"
     );
+    let fleet = browser.text(&browser.find("table")?)?;
+    assert!(fleet.contains("s ago"), "heartbeat ages: {fleet}");
+    // The daemon's jobs, each with its last snapshot.
+    browser.open(&format!(
+        "{base}/jobs?daemon=backup1.example.net%3A%2Fdata%2Fbackup%2F"
+    ))?;
+    let listed = browser.text(&element(&browser, "table", MOVE_LIMIT).await?)?;
+    for j in &jobs {
+        let row = listed
+            .lines()
+            .find(|l| l.starts_with(j.as_str()))
+            .ok_or_else(|| anyhow!("{j} not listed: {listed}"))?;
+        assert!(row.contains(" ago ("), "{j}'s last snapshot: {row}");
+    }
+    browser.screenshot("jobs")?;
+    browser.open(&format!("{base}/daemons"))?;
 
     // Move all heads: the form, the plan with its checks, the confirmation.
     let move_all = browser.find(&format!(

@@ -197,7 +197,10 @@ pub enum JobCmd {
 
 /// How long ago each daemon's last heartbeat reached the heartbeat bucket, by the
 /// server's clock (none: never, or the bucket is not there).
-async fn heartbeat_ages(client: &async_nats::Client, daemons: &[DaemonView]) -> Vec<Option<u64>> {
+pub(crate) async fn heartbeat_ages(
+    client: &async_nats::Client,
+    daemons: &[DaemonView],
+) -> Vec<Option<u64>> {
     let js = async_nats::jetstream::new(client.clone());
     let Ok(kv) = js
         .get_key_value(handoff_protocol::dataplane::HEARTBEATS_BUCKET)
@@ -292,7 +295,7 @@ fn on_off(b: bool) -> String {
     if b { "on" } else { "off" }.into()
 }
 
-fn labels(l: &BTreeSet<Label>) -> String {
+pub(crate) fn labels(l: &BTreeSet<Label>) -> String {
     if l.is_empty() {
         return "-".into();
     }

@@ -76,6 +76,8 @@ struct Console {
     live: Arc<Semaphore>,
     /// Turns true when the console stops: live streams end.
     stopping: watch::Receiver<bool>,
+    /// The data plane's stores, once bound (for the jobs' last snapshots).
+    stores: tokio::sync::OnceCell<handoff_dataplane::store::Stores>,
 }
 
 /// What every request passes through: see the module's documentation.
@@ -135,6 +137,7 @@ pub async fn serve(api: crate::client::Api, listen: SocketAddr) -> Result<Served
         roles: Mutex::new(None),
         live: Arc::new(Semaphore::new(LIVE_STREAMS)),
         stopping: stopping.clone(),
+        stores: tokio::sync::OnceCell::new(),
     });
     let port = addr.port();
     let guard = Arc::new(Guard {

@@ -1,19 +1,25 @@
 //! The pages that read: daemons, jobs, moves (and one move), alerts and history.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
+use futures::StreamExt;
+use handoff_dataplane::store::Stores;
 use handoff_domain::model::MovePhase;
 use handoff_domain::state::Assignment;
+use handoff_domain::JobId;
 use handoff_protocol::api::query::{Page, Status};
+use handoff_protocol::dataplane::SnapshotMeta;
 use handoff_protocol::views::{
     AlertView, DaemonView, HistoryEntry, JobView, MoveStatus, MoveSummary, MoveView,
 };
 use serde_json::json;
 
 use super::{enc, esc, link, more, table, table_with, Console, Filter, Live};
+use crate::cmd::fleet::heartbeat_ages;
 use crate::cmd::history::describe;
 use crate::output::{bytes, name, time};
 use crate::Failure;
@@ -22,8 +28,41 @@ use crate::Failure;
 const JOBS_SHOWN: usize = 50;
 /// The most moves in progress the Moves page lists with their jobs.
 const IN_PROGRESS_SHOWN: u32 = 10;
+/// The open alerts the Daemons page reads to count each daemon's.
+const OPEN_ALERTS_READ: u32 = 1000;
+/// The most snapshot lookups of a Jobs page at once.
+const SNAPSHOT_LOOKUPS: usize = 8;
 
 impl Console {
+    /// Each job's newest snapshot, looked up in the snapshot index by the job's own keys
+    /// (a few at once); none for all when the data plane's stores are not there.
+    async fn last_snapshots(&self, jobs: &[JobView]) -> Vec<Option<SnapshotMeta>> {
+        let stores = self
+            .stores
+            .get_or_try_init(|| Stores::bind(self.api.client.clone()))
+            .await;
+        let Ok(stores) = stores else {
+            return vec![None; jobs.len()];
+        };
+        let ids: Vec<JobId> = jobs.iter().map(|j| j.job.clone()).collect();
+        futures::stream::iter(ids)
+            .map(|job| {
+                let stores = stores.clone();
+                async move {
+                    match stores.snapshots(Some(&job)).await {
+                        Ok(all) => all.into_iter().max_by_key(|m| m.taken_at_ms),
+                        Err(e) => {
+                            tracing::debug!(%job, error = %e, "no snapshot list");
+                            None
+                        }
+                    }
+                }
+            })
+            .buffered(SNAPSHOT_LOOKUPS)
+            .collect()
+            .await
+    }
+
     /// The last event folded into the views: a live page follows the stream after it.
     async fn checkpoint(&self) -> Result<u64, Failure> {
         let s: Status = self.api.query("status", json!({})).await?;
@@ -43,13 +82,37 @@ fn space_bar(free: u64, total: u64) -> String {
     )
 }
 
+/// How many open alerts are about each daemon or job, from the first page of open alerts
+/// (a count shown as "at least" when there are more).
+async fn open_alerts(c: &Console) -> (BTreeMap<String, u32>, bool) {
+    let page: Result<Page<AlertView>, _> = c
+        .api
+        .query("alerts", json!({ "limit": OPEN_ALERTS_READ }))
+        .await;
+    match page {
+        Ok(p) => {
+            let mut by = BTreeMap::new();
+            for a in &p.items {
+                *by.entry(a.about.clone()).or_insert(0) += 1;
+            }
+            (by, p.next.is_some())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the console could not read the open alerts");
+            (BTreeMap::new(), false)
+        }
+    }
+}
+
 pub(super) async fn daemons(State(c): State<Arc<Console>>, Query(f): Query<Filter>) -> Response {
     let page: Page<DaemonView> = match c.page("daemons", json!({}), f.cursor).await {
         Ok(p) => p,
         Err(e) => return c.failed("Daemons", e).await,
     };
     let may_move = c.may_move().await;
-    let rows = page.items.iter().map(|d| {
+    let ages = heartbeat_ages(&c.api.client, &page.items).await;
+    let (alerts, more_alerts) = open_alerts(&c).await;
+    let rows = page.items.iter().zip(ages).map(|(d, age)| {
         let id = enc(d.daemon.as_str());
         let mut actions = format!("<a href=\"/history?daemon={id}\">history</a>");
         if may_move && d.jobs > 0 {
@@ -59,21 +122,46 @@ pub(super) async fn daemons(State(c): State<Arc<Console>>, Query(f): Query<Filte
                  <a class=\"action\" data-action=\"drain\" href=\"/drain?daemon={id}\">Drain</a>"
             );
         }
+        let s = &d.settings;
         vec![
             link("/jobs", "daemon", d.daemon.as_str()),
             esc(&crate::cmd::fleet::status(d.status)),
+            esc(&age.map_or("never".into(), |a| format!("{} ago", crate::output::age(a)))),
             match &d.drain {
                 Some(drain) => format!("draining ({} moved)", drain.moved),
-                None if d.settings.assignment_enabled => "on".into(),
+                None if s.assignment_enabled => "on".into(),
                 None => "off".into(),
             },
+            esc(&format!(
+                "{} disk, {} workers, labels {}",
+                name(&s.head_disk_type),
+                s.num_workers,
+                crate::cmd::fleet::labels(&s.labels)
+            )),
             d.jobs.to_string(),
-            space_bar(d.free_bytes, d.settings.head_space_bytes),
+            space_bar(d.free_bytes, s.head_space_bytes),
+            match alerts.get(d.daemon.as_str()) {
+                Some(n) => format!(
+                    "<a href=\"/alerts\">{}{n} open</a>",
+                    if more_alerts { "at least " } else { "" }
+                ),
+                None => String::new(),
+            },
             actions,
         ]
     });
     let content = table(
-        &["daemon", "liveness", "assignment", "jobs", "head space", ""],
+        &[
+            "daemon",
+            "liveness",
+            "heartbeat",
+            "assignment",
+            "settings",
+            "jobs",
+            "head space",
+            "alerts",
+            "",
+        ],
         rows,
     ) + &more(&page, "/daemons", "daemons");
     c.render("Daemons", &content, None).await
@@ -115,7 +203,8 @@ pub(super) async fn jobs(State(c): State<Arc<Console>>, Query(f): Query<Filter>)
         Err(e) => return c.failed("Jobs", e).await,
     };
     let may_move = c.may_move().await;
-    let rows = page.items.iter().map(|j| {
+    let snapshots = c.last_snapshots(&page.items).await;
+    let rows = page.items.iter().zip(snapshots).map(|(j, snapshot)| {
         let moving = matches!(j.state.assignment, Assignment::Moving { .. });
         vec![
             link("/history", "job", j.job.as_str()),
@@ -128,6 +217,14 @@ pub(super) async fn jobs(State(c): State<Arc<Console>>, Query(f): Query<Filter>)
                 }
             }),
             esc(&bytes(j.state.size.head_size_bytes)),
+            esc(&match snapshot {
+                Some(meta) => format!(
+                    "{} ago ({})",
+                    crate::output::age(handoff_protocol::now_ms().saturating_sub(meta.taken_at_ms)),
+                    bytes(meta.size_bytes)
+                ),
+                None => "none".into(),
+            }),
             if may_move && !moving {
                 format!(
                     "<a class=\"action\" data-action=\"move-head\" href=\"/move?job={}\">Move head</a>",
@@ -155,9 +252,19 @@ pub(super) async fn jobs(State(c): State<Arc<Console>>, Query(f): Query<Filter>)
         selected("assigned"),
         selected("moving"),
     );
-    let content = form
-        + &table(&["job", "owner", "epoch", "state", "head", ""], rows)
-        + &more(&page, &base, "jobs");
+    let content =
+        form + &table(
+            &[
+                "job",
+                "owner",
+                "epoch",
+                "state",
+                "head",
+                "last snapshot",
+                "",
+            ],
+            rows,
+        ) + &more(&page, &base, "jobs");
     c.render("Jobs", &content, None).await
 }
 
