@@ -198,6 +198,24 @@ async fn the_consoles_actions_change_only_what_an_allowed_user_confirmed() -> Re
         &move_all(&token),
     )?;
     assert_eq!(r.status, 403, "{}", r.body);
+    // A live stream is this console's pages' only: its token, and not for another site.
+    let live = |t: &str, headers: &[(&str, &str)]| {
+        let host = addr.to_string();
+        let mut all = vec![("Host", host.as_str())];
+        all.extend_from_slice(headers);
+        http_request(
+            addr,
+            "GET",
+            &format!("/live/moves?after=0&t={t}"),
+            &all,
+            b"",
+        )
+    };
+    assert_eq!(live(&"0".repeat(64), &[])?.status, 403);
+    assert_eq!(
+        live(&token, &[("Sec-Fetch-Site", "cross-site")])?.status,
+        403
+    );
     // A plan is a dry run: refused as the CLI's would be when it cannot be done.
     let mut to_itself = move_all(&token);
     to_itself[3].1 = D1.to_owned();
@@ -265,6 +283,26 @@ async fn the_consoles_actions_change_only_what_an_allowed_user_confirmed() -> Re
     assert_eq!(started.len(), 1, "{started:?}");
     assert_eq!(started[0]["command"], serde_json::json!(id));
     assert_eq!(started[0]["actor"], serde_json::json!("admin"));
+    // Another name it answers to, when asked (behind a proxy, or beyond loopback).
+    let mut named = Background::spawn(
+        Some(&url),
+        &[
+            "web",
+            "--listen",
+            "127.0.0.1:0",
+            "--host",
+            "console.example",
+        ],
+    )?;
+    let line = named.wait_for_line("console at")?;
+    let named: SocketAddr = line
+        .trim()
+        .trim_start_matches("console at http://")
+        .trim_end_matches('/')
+        .parse()?;
+    let as_named = format!("console.example:{}", named.port());
+    assert_eq!(http_get_as(named, "/daemons", &as_named)?.status, 200);
+    assert_eq!(http_get_as(addr, "/daemons", &as_named)?.status, 421);
     let page = get(addr, &format!("/moves/{id}"))?;
     assert!(
         page.contains("from the console") && page.contains("id=\"status\""),

@@ -45,7 +45,11 @@ pub async fn demo(ctx: &Context, a: DemoArgs) -> Result<(), Failure> {
     let dir = tempfile::tempdir()?;
     let url = ctx.url_given.then_some(ctx.url.as_str());
     let mut stack = Stack::start(dir.path(), url, a.port).await?;
-    let console = match crate::web::serve(stack.api().await?, a.web).await {
+    let served = match stack.console_api().await {
+        Ok(api) => crate::web::serve(api, a.web, &[]).await,
+        Err(e) => Err(e),
+    };
+    let console = match served {
         Ok(c) => c,
         Err(e) => {
             stack.stop().await;

@@ -206,6 +206,17 @@ impl Stack {
         crate::client::Api::connect(&self.url, Some(self.owner.clone()), seed).await
     }
 
+    /// The console's connection (`--web`): a user of its own, `console`, a
+    /// GLOBAL_BACKUP_ADMIN (it moves jobs and never manages users), on the operator's
+    /// NATS identity.
+    pub async fn console_api(&self) -> Result<crate::client::Api, Failure> {
+        let seed = self.keys.as_ref().map(|k| k.operator.clone());
+        let (creds, _) = self
+            .process_user("console", vec![Role::GlobalBackupAdmin], None, seed.clone())
+            .await?;
+        crate::client::Api::connect(&self.url, Some(creds), seed).await
+    }
+
     /// The credentials of a process's user (made and added as `roles` on first use),
     /// and their file.
     async fn process_user(
@@ -483,7 +494,7 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
     }
     settle(&api).await?;
     let console = match a.web {
-        Some(addr) => Some(crate::web::serve(stack.api().await?, addr).await?),
+        Some(addr) => Some(crate::web::serve(stack.console_api().await?, addr, &[]).await?),
         None => None,
     };
     println!("handoff is up");
@@ -506,8 +517,8 @@ pub async fn up(ctx: &Context, a: UpArgs) -> Result<(), Failure> {
     }
     if let Some(console) = &console {
         println!(
-            "  console       http://{}/ (acting as {})",
-            console.addr, stack.owner.user
+            "  console       http://{}/ (acting as console, GLOBAL_BACKUP_ADMIN)",
+            console.addr
         );
     }
     println!("  services      handoff-command (handoff.cmd.*), handoff-query (handoff.query.*)");

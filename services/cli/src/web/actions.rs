@@ -26,6 +26,8 @@ use crate::Failure;
 
 /// A drain's moves at once unless the form says otherwise (as the CLI's default).
 const DRAIN_CONCURRENT: u32 = 4;
+/// The most jobs a plan page lists (the checks and the head space cover them all).
+const PLAN_JOBS_SHOWN: usize = 500;
 
 /// What the forms of a move send: which action, about what, where to, why.
 #[derive(Debug, Default, Deserialize)]
@@ -153,7 +155,14 @@ pub(super) async fn drain_form(State(c): State<Arc<Console>>, Query(f): Query<Fi
 
 async fn form_page(c: &Console, form: ActionForm) -> Response {
     let title = title(&form);
-    if !c.may_move().await {
+    let may_move = match c.may_move().await {
+        Some(may) => may,
+        None => {
+            let e = Failure::Usage("the console could not read its user's roles".into());
+            return c.failed(&title, e).await;
+        }
+    };
+    if !may_move {
         let content = "<p id=\"read-only\">You may not move jobs: moves need GLOBAL_OWNER or \
                        GLOBAL_BACKUP_ADMIN.</p>";
         let mut page = c.render(&title, content, None).await;
@@ -296,7 +305,7 @@ fn plan_html(plan: &MovePlan) -> String {
     );
     html += &table(
         &["job", "head", "new epoch", "to"],
-        plan.jobs.iter().map(|j| {
+        plan.jobs.iter().take(PLAN_JOBS_SHOWN).map(|j| {
             vec![
                 esc(j.job.as_str()),
                 esc(&bytes(j.head_size_bytes)),
@@ -305,6 +314,13 @@ fn plan_html(plan: &MovePlan) -> String {
             ]
         }),
     );
+    if plan.jobs.len() > PLAN_JOBS_SHOWN {
+        let _ = write!(
+            html,
+            "<p>the first {PLAN_JOBS_SHOWN} of {} jobs (`--dry-run` of the CLI lists them all)</p>",
+            plan.jobs.len()
+        );
+    }
     html.push_str("<h2>Checks passed</h2><ul id=\"checks\">");
     for check in &plan.checks {
         let _ = write!(

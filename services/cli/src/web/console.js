@@ -1,28 +1,48 @@
 // handoff's console: live updates. A page that follows the stream names it in its body's
 // data-live; the server sends phases, rebuild progress and history entries, and this
-// script writes them into the page as text (never as markup).
+// script writes them into the page as text (never as markup). A stream starts a little
+// before what the page shows, so what it repeats is taken once: a phase never goes
+// back, a history entry already shown is skipped.
 (function () {
   "use strict";
   var live = document.body.getAttribute("data-live");
   if (!live || !window.EventSource) {
     return;
   }
-  var source = new EventSource(live);
+  var ORDER = { requested: 0, restoring_snapshot: 1, replaying_oplog: 2, completed: 3, failed: 3, cancelled: 3 };
+  var checkpoint = Number(document.body.getAttribute("data-checkpoint") || 0);
   var redraw = null;
-  // Draws the page again a little later (a move started or ended): at most once a while.
+  var last = 0;
+  var wait = 1000;
+
+  // Draws the page again a little later (a move started, stopped or ended).
   function later() {
     if (redraw === null) {
       redraw = setTimeout(function () { location.reload(); }, 1500);
     }
   }
+  function rowsOf(move) {
+    var all = document.querySelectorAll("tr[data-move][data-job]");
+    var out = [];
+    for (var i = 0; i < all.length; i++) {
+      if (all[i].getAttribute("data-move") === move) {
+        out.push(all[i]);
+      }
+    }
+    return out;
+  }
   function row(move, job) {
-    var rows = document.querySelectorAll("tr[data-move][data-job]");
+    var rows = rowsOf(move);
     for (var i = 0; i < rows.length; i++) {
-      if (rows[i].getAttribute("data-move") === move && rows[i].getAttribute("data-job") === job) {
+      if (rows[i].getAttribute("data-job") === job) {
         return rows[i];
       }
     }
     return null;
+  }
+  function phaseOf(tr) {
+    var el = tr.querySelector(".phase");
+    return el ? el.textContent : "";
   }
   function text(tr, cls, value) {
     var el = tr.querySelector("." + cls);
@@ -30,30 +50,46 @@
       el.textContent = value;
     }
   }
-  source.addEventListener("phase", function (e) {
+  function seen(e) {
+    var id = Number(e.lastEventId);
+    if (id > last) {
+      last = id;
+    }
+  }
+  function onPhase(e) {
+    seen(e);
     var d = JSON.parse(e.data);
     var tr = row(d.move, d.job);
-    if (tr) {
-      text(tr, "phase", d.phase);
-      if (d.phase === "completed") {
-        tr.querySelector(".progress").value = 1;
-      }
+    if (!tr) {
+      return;
     }
-    if (d.final || !tr) {
+    var before = phaseOf(tr);
+    if ((ORDER[d.phase] || 0) < (ORDER[before] || 0) || before === d.phase) {
+      return;
+    }
+    text(tr, "phase", d.phase);
+    if (d.phase === "completed") {
+      tr.querySelector(".progress").value = 1;
+    }
+    // The move's last shown job reached its end: its standing changed.
+    if (d.final && rowsOf(d.move).every(function (r) { return ORDER[phaseOf(r)] === 3; })) {
       later();
     }
-  });
-  source.addEventListener("progress", function (e) {
+  }
+  function onProgress(e) {
     var d = JSON.parse(e.data);
     var tr = row(d.move, d.job);
-    if (tr) {
-      text(tr, "phase", d.phase);
-      text(tr, "detail", d.detail);
-      tr.querySelector(".progress").value = d.done;
+    if (!tr || ORDER[phaseOf(tr)] === 3) {
+      return;
     }
-  });
-  source.addEventListener("changed", later);
-  source.addEventListener("entry", function (e) {
+    if ((ORDER[d.phase] || 0) > (ORDER[phaseOf(tr)] || 0)) {
+      text(tr, "phase", d.phase);
+    }
+    text(tr, "detail", d.detail);
+    tr.querySelector(".progress").value = d.done;
+  }
+  function onEntry(e) {
+    seen(e);
     var d = JSON.parse(e.data);
     var body = document.getElementById("entries");
     if (!body) {
@@ -71,5 +107,32 @@
       tr.appendChild(td);
     });
     body.appendChild(tr);
-  });
+  }
+  // Opens the stream; if the browser gives it up (an error answer), opens it again
+  // later, from the last event it had.
+  function open() {
+    var url = live;
+    if (last > 0) {
+      url = url.replace(/([?&])after=\d+/, "$1after=" + last);
+    }
+    var source = new EventSource(url);
+    source.addEventListener("open", function () { wait = 1000; });
+    source.addEventListener("phase", onPhase);
+    source.addEventListener("progress", onProgress);
+    source.addEventListener("changed", function (e) {
+      seen(e);
+      // A move the page already shows as it was then changes nothing.
+      if (Number(e.lastEventId) > checkpoint) {
+        later();
+      }
+    });
+    source.addEventListener("entry", onEntry);
+    source.addEventListener("error", function () {
+      if (source.readyState === EventSource.CLOSED) {
+        setTimeout(open, wait);
+        wait = Math.min(wait * 2, 30000);
+      }
+    });
+  }
+  open();
 })();

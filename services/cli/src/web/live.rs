@@ -1,13 +1,16 @@
 //! Live updates: server-sent events from the event stream (and the rebuilds' progress
 //! messages), which `/console.js` folds into the page.
 //!
-//! A page says where its views stood when it was rendered (`after`, the projector's
-//! checkpoint read before its queries); its stream starts after that, so nothing between
-//! the page and the stream is missed, and the script skips what the page already shows.
-//! Each event carries its sequence as its id: a browser that reconnects (the stream ends
-//! after [`LIVE_FOR`], or when the console stops) goes on from the last one it had. At
-//! most [`super::LIVE_STREAMS`] streams are open at once; a client too slow to take its
-//! events loses its stream, not the console's memory.
+//! A page says where its views stood when it was rendered (`after`: a little before the
+//! projector's checkpoint read before its queries); its stream starts after that, so
+//! nothing between the page and the stream is missed, and the script skips what the page
+//! already shows. Each event carries its sequence as its id: a browser that reconnects
+//! (the stream ends after [`LIVE_FOR`], or when the console stops) goes on from the last
+//! one it had. A stream that cannot be served now (all [`super::LIVE_STREAMS`] taken, the
+//! stream out of reach) is answered with a retry time, not an error, so the browser
+//! tries again by itself. A client too slow to take its events loses its stream, not
+//! the console's memory. A stream needs the console's token (`t`): a page elsewhere
+//! cannot hold the permits.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -38,21 +41,24 @@ const SLOW_CLIENT: Duration = Duration::from_secs(5);
 /// Events waiting for their client.
 const BUFFERED: usize = 64;
 
+/// How long a browser waits before it asks again for a stream that could not be served.
+const RETRY: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Deserialize)]
 pub(super) struct MovesLive {
     /// Only this move's jobs (a move's page); else every move's (the Moves page).
     #[serde(rename = "move")]
     move_id: Option<String>,
-    #[serde(default)]
     after: u64,
+    t: String,
 }
 
 #[derive(Debug, Deserialize)]
 pub(super) struct HistoryLive {
     job: Option<String>,
     daemon: Option<String>,
-    #[serde(default)]
     after: u64,
+    t: String,
 }
 
 /// What a stream's client follows.
@@ -78,6 +84,14 @@ pub(super) async fn moves(
     headers: HeaderMap,
     Query(q): Query<MovesLive>,
 ) -> Response {
+    if !c.token_ok(&q.t) {
+        return (StatusCode::FORBIDDEN, "not this console's page").into_response();
+    }
+    if let Some(id) = &q.move_id {
+        if let Err(e) = handoff_domain::CommandId::new(id.clone()) {
+            return (StatusCode::BAD_REQUEST, format!("move: {e}")).into_response();
+        }
+    }
     let after = resumed(&headers, q.after);
     open(c, after, Watch::Moves(q.move_id)).await
 }
@@ -87,6 +101,9 @@ pub(super) async fn history(
     headers: HeaderMap,
     Query(q): Query<HistoryLive>,
 ) -> Response {
+    if !c.token_ok(&q.t) {
+        return (StatusCode::FORBIDDEN, "not this console's page").into_response();
+    }
     let after = resumed(&headers, q.after);
     if q.job.is_none() == q.daemon.is_none() {
         return (StatusCode::BAD_REQUEST, "say one job or one daemon").into_response();
@@ -102,19 +119,25 @@ pub(super) async fn history(
     .await
 }
 
+/// A stream that says only "try again in a while": a browser's `EventSource` closes
+/// for good on an error status, but reconnects by itself when a stream ends.
+fn later() -> Response {
+    let once = futures::stream::iter([Ok::<_, Infallible>(
+        Sse::default().retry(RETRY).comment("later"),
+    )]);
+    axum::response::sse::Sse::new(once).into_response()
+}
+
 async fn open(c: Arc<Console>, after: u64, watch: Watch) -> Response {
     let Ok(permit) = c.live.clone().try_acquire_owned() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many live pages are open; this one shows what it has",
-        )
-            .into_response();
+        tracing::debug!("every live stream is taken: the page asks again later");
+        return later();
     };
     let log = match c.api.log().await {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(error = %e, "a live page could not follow the stream");
-            return StatusCode::BAD_GATEWAY.into_response();
+            return later();
         }
     };
     // The rebuilds' progress: of one move, or of all.
@@ -128,16 +151,12 @@ async fn open(c: Arc<Console>, after: u64, watch: Watch) -> Response {
             Ok(sub) => Some(sub),
             Err(e) => {
                 tracing::warn!(error = %e, "a live page could not follow the rebuilds");
-                return StatusCode::BAD_GATEWAY.into_response();
+                return later();
             }
         },
         None => None,
     };
-    let filter = match &watch {
-        Watch::Moves(Some(_)) => Some(subjects::JOB_EVENTS),
-        _ => None,
-    };
-    let follower = Follower::new(log, after + 1, filter);
+    let follower = Follower::new(log, after + 1, None);
     let (tx, rx) = mpsc::channel(BUFFERED);
     let stopping = c.stopping.clone();
     tokio::spawn(async move {
@@ -287,12 +306,13 @@ fn of_event(watch: &Watch, r: &Recorded) -> Vec<Sse> {
                         MovePhase::Failed
                     },
                 ),
-                // A move starts, stops or resumes: the page draws its lists again.
-                Event::MoveStarted { .. }
-                | Event::MoveCancelled { .. }
-                | Event::MoveInterrupted { .. }
-                | Event::MoveResumed { .. }
-                    if only.is_none() =>
+                // A move starts, stops or resumes: the page draws itself again (a move's
+                // page, for its own move only).
+                Event::MoveStarted { move_id, .. }
+                | Event::MoveCancelled { move_id, .. }
+                | Event::MoveInterrupted { move_id, .. }
+                | Event::MoveResumed { move_id, .. }
+                    if only.as_deref().is_none_or(|m| m == move_id.as_str()) =>
                 {
                     Sse::default().id(id).event("changed").data("{}")
                 }

@@ -32,7 +32,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use clap::Args;
 use handoff_domain::model::Role;
-use handoff_domain::{Actor, Event};
+use handoff_domain::{Actor, Aggregate, Event};
 use handoff_protocol::api::query::Page;
 use handoff_protocol::{subjects, ErrorCode};
 use serde::de::DeserializeOwned;
@@ -48,12 +48,19 @@ pub struct WebArgs {
     /// Where to serve the console. Loopback by default: it acts as your user.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Another name the console answers to (`Host`), as `name` or `name:port` (the
+    /// listening port when none is given): its address behind a proxy, or this host's
+    /// name when it listens beyond loopback. Repeatable.
+    #[arg(long = "host", value_name = "NAME")]
+    pub hosts: Vec<String>,
 }
 
 /// The most requests served at once; more wait their turn.
 const CONCURRENT: usize = 64;
 /// The longest a request may take (a query waits up to 30 s for its answer).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(35);
+/// How long a stop waits for the requests in flight before it drops them.
+const STOP_WITHIN: Duration = Duration::from_secs(5);
 /// The most live streams open at once (each follows the event stream).
 const LIVE_STREAMS: usize = 32;
 /// The largest form a POST may carry.
@@ -72,6 +79,8 @@ struct Console {
     token: String,
     /// The user's roles as last read, and when.
     roles: Mutex<Option<(Instant, Vec<Role>)>>,
+    /// Reads the roles one request at a time.
+    reading_roles: tokio::sync::Mutex<()>,
     /// Permits for live streams.
     live: Arc<Semaphore>,
     /// Turns true when the console stops: live streams end.
@@ -95,24 +104,34 @@ pub struct Served {
 }
 
 impl Served {
-    /// Stops serving: live streams end, requests in flight finish.
+    /// Stops serving: live streams end, requests in flight finish (those still going
+    /// after [`STOP_WITHIN`] are dropped).
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        let mut task = self.task;
+        if tokio::time::timeout(STOP_WITHIN, &mut task).await.is_err() {
+            tracing::warn!("the console's requests did not finish in time: dropped");
+            task.abort();
+        }
     }
 }
 
 pub async fn web(ctx: &Context, a: WebArgs) -> Result<(), Failure> {
     let api = ctx.api().await?;
-    let served = serve(api, a.listen).await?;
+    let served = serve(api, a.listen, &a.hosts).await?;
     println!("console at http://{}/", served.addr);
     crate::shutdown_signal().await;
     served.stop().await;
     Ok(())
 }
 
-/// Serves the console on `listen` as the user of `api`'s credentials.
-pub async fn serve(api: crate::client::Api, listen: SocketAddr) -> Result<Served, Failure> {
+/// Serves the console on `listen` as the user of `api`'s credentials, answering to its
+/// own address, `localhost` and the `hosts` given.
+pub async fn serve(
+    api: crate::client::Api,
+    listen: SocketAddr,
+    hosts: &[String],
+) -> Result<Served, Failure> {
     let user = match &api.creds {
         Some(c) => c.user.clone(),
         None => {
@@ -135,18 +154,33 @@ pub async fn serve(api: crate::client::Api, listen: SocketAddr) -> Result<Served
         user,
         token: random_token()?,
         roles: Mutex::new(None),
+        reading_roles: tokio::sync::Mutex::new(()),
         live: Arc::new(Semaphore::new(LIVE_STREAMS)),
         stopping: stopping.clone(),
         stores: tokio::sync::OnceCell::new(),
     });
     let port = addr.port();
+    let mut names = vec![
+        addr.to_string(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ];
+    for h in hosts {
+        let h = h.trim().to_ascii_lowercase();
+        if h.is_empty() || h.contains(['/', ' ', '@']) {
+            return Err(Failure::Usage(format!(
+                "--host {h:?}: a name, or name:port"
+            )));
+        }
+        let has_port = h
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !h.ends_with(']');
+        names.push(if has_port { h } else { format!("{h}:{port}") });
+    }
     let guard = Arc::new(Guard {
-        hosts: vec![
-            addr.to_string(),
-            format!("localhost:{port}"),
-            format!("127.0.0.1:{port}"),
-            format!("[::1]:{port}"),
-        ],
+        hosts: names,
         permits: Semaphore::new(CONCURRENT),
     });
     let app = axum::Router::new()
@@ -214,9 +248,15 @@ async fn guarded(State(guard): State<Arc<Guard>>, request: Request, next: Next) 
     };
     let host = text(header::HOST.as_str());
     // A browser says where a POST comes from: it must be one of this console's pages.
-    let foreign = request.method() == Method::POST
-        && (matches!(text(header::ORIGIN.as_str()).as_str(), o if !o.is_empty() && o != format!("http://{host}"))
-            || matches!(text("sec-fetch-site").as_str(), "cross-site" | "same-site"));
+    let cross_site = matches!(text("sec-fetch-site").as_str(), "cross-site" | "same-site");
+    // A change, or a live stream (which holds a permit), asked from another site's page.
+    let foreign = match request.method() {
+        &Method::POST => {
+            cross_site
+                || matches!(text(header::ORIGIN.as_str()).as_str(), o if !o.is_empty() && o != format!("http://{host}"))
+        }
+        _ => cross_site && request.uri().path().starts_with("/live/"),
+    };
     let mut response = if !guard.hosts.contains(&host) {
         (
             StatusCode::MISDIRECTED_REQUEST,
@@ -287,8 +327,12 @@ fn enc(text: &str) -> String {
     out
 }
 
-/// A page's live updates: the address of its stream.
-struct Live(String);
+/// A page's live updates: the address of its stream, and the last event its views held
+/// (what the stream repeats up to there changes nothing on the page).
+struct Live {
+    url: String,
+    checkpoint: u64,
+}
 
 impl Console {
     async fn page<T: DeserializeOwned>(
@@ -304,27 +348,34 @@ impl Console {
         self.api.list(query, body, &paging).await
     }
 
-    /// The user's roles, read from the users' subject of the stream (a few seconds old at
-    /// most). Only what the console offers follows them: the command service decides.
-    async fn roles(&self) -> Vec<Role> {
-        if let Some((at, roles)) = &*self.roles.lock().expect("roles lock") {
-            if at.elapsed() < ROLES_FOR {
-                return roles.clone();
-            }
+    /// The user's roles, read from the user's own subject of the stream (a few seconds
+    /// old at most; one reader at a time). Only what the console offers follows them: the
+    /// command service decides. `None` when they could not be read and none are known.
+    async fn roles(&self) -> Option<Vec<Role>> {
+        let fresh = |held: &Option<(Instant, Vec<Role>)>| {
+            held.as_ref()
+                .filter(|(at, _)| at.elapsed() < ROLES_FOR)
+                .map(|(_, roles)| roles.clone())
+        };
+        if let Some(roles) = fresh(&self.roles.lock().expect("roles lock")) {
+            return Some(roles);
         }
+        let _reading = self.reading_roles.lock().await;
+        if let Some(roles) = fresh(&self.roles.lock().expect("roles lock")) {
+            return Some(roles);
+        }
+        let subject = subjects::aggregate(&Aggregate::User(self.user.clone()));
         let read = async {
             let log = self.api.log().await?;
             let mut roles = Vec::new();
             for r in log
-                .events_of(subjects::USERS)
+                .events_of(&subject)
                 .await
                 .map_err(|e| Failure::Usage(e.to_string()))?
             {
                 match r.envelope.event {
-                    Event::UserAdded { user, roles: r, .. } if user == self.user => {
-                        roles = r.into_iter().collect();
-                    }
-                    Event::UserRemoved { user } if user == self.user => roles.clear(),
+                    Event::UserAdded { roles: r, .. } => roles = r.into_iter().collect(),
+                    Event::UserRemoved { .. } => roles.clear(),
                     _ => {}
                 }
             }
@@ -333,27 +384,42 @@ impl Console {
         match read.await {
             Ok(roles) => {
                 *self.roles.lock().expect("roles lock") = Some((Instant::now(), roles.clone()));
-                roles
+                Some(roles)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "the console could not read its user's roles");
-                Vec::new()
+                // What was known stays known until it can be read again.
+                self.roles
+                    .lock()
+                    .expect("roles lock")
+                    .as_ref()
+                    .map(|(_, roles)| roles.clone())
             }
         }
     }
 
-    /// Whether the console offers moves: the user administers backups.
-    async fn may_move(&self) -> bool {
-        self.roles()
-            .await
-            .iter()
-            .any(|r| matches!(r, Role::GlobalOwner | Role::GlobalBackupAdmin))
+    /// Whether the console offers moves: the user administers backups (`None`: the
+    /// roles could not be read just now).
+    async fn may_move(&self) -> Option<bool> {
+        self.roles().await.map(|roles| {
+            roles
+                .iter()
+                .any(|r| matches!(r, Role::GlobalOwner | Role::GlobalBackupAdmin))
+        })
     }
 
     /// The whole page: the navigation, who the console acts as, the content; with `live`,
     /// the page follows its stream.
     async fn render(&self, title: &str, content: &str, live: Option<Live>) -> Response {
-        let roles: Vec<_> = self.roles().await.iter().map(|r| r.as_str()).collect();
+        let roles = match self.roles().await {
+            Some(roles) if roles.is_empty() => "no roles".to_owned(),
+            Some(roles) => roles
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            None => "roles unknown just now".to_owned(),
+        };
         let mut html = String::new();
         let _ = write!(
             html,
@@ -373,12 +439,12 @@ impl Console {
             t = esc(title),
             u = esc(self.user.as_str()),
             token = self.token,
-            r = esc(&if roles.is_empty() {
-                "no roles".to_owned()
-            } else {
-                roles.join(", ")
-            }),
-            live = live.map_or(String::new(), |l| format!(" data-live=\"{}\"", esc(&l.0))),
+            r = esc(&roles),
+            live = live.map_or(String::new(), |l| format!(
+                " data-live=\"{}\" data-checkpoint=\"{}\"",
+                esc(&l.url),
+                l.checkpoint
+            )),
         );
         Html(html).into_response()
     }

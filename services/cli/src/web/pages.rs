@@ -29,7 +29,13 @@ const JOBS_SHOWN: usize = 50;
 /// The most moves in progress the Moves page lists with their jobs.
 const IN_PROGRESS_SHOWN: u32 = 10;
 /// The open alerts the Daemons page reads to count each daemon's.
-const OPEN_ALERTS_READ: u32 = 1000;
+const OPEN_ALERTS_READ: u32 = 200;
+/// The most jobs a move's page lists.
+const MOVE_JOBS_SHOWN: usize = 500;
+/// How far before the views' checkpoint a live page's stream starts: the page's own query
+/// may have been answered by another projector, a little behind the one asked for the
+/// checkpoint. What the stream repeats, the script takes once.
+const LAG_MARGIN: u64 = 1000;
 /// The most snapshot lookups of a Jobs page at once.
 const SNAPSHOT_LOOKUPS: usize = 8;
 
@@ -63,10 +69,24 @@ impl Console {
             .await
     }
 
-    /// The last event folded into the views: a live page follows the stream after it.
+    /// The last event folded into the views, read before a live page's queries.
     async fn checkpoint(&self) -> Result<u64, Failure> {
         let s: Status = self.api.query("status", json!({})).await?;
         Ok(s.checkpoint)
+    }
+
+    /// A page's live stream: `path?query`, with the console's token, from a little
+    /// before `checkpoint` (see [`LAG_MARGIN`]).
+    fn live(&self, path: &str, query: &str, checkpoint: u64) -> Live {
+        Live {
+            url: format!(
+                "{path}?{query}{}after={}&t={}",
+                if query.is_empty() { "" } else { "&" },
+                checkpoint.saturating_sub(LAG_MARGIN),
+                self.token
+            ),
+            checkpoint,
+        }
     }
 }
 
@@ -109,7 +129,7 @@ pub(super) async fn daemons(State(c): State<Arc<Console>>, Query(f): Query<Filte
         Ok(p) => p,
         Err(e) => return c.failed("Daemons", e).await,
     };
-    let may_move = c.may_move().await;
+    let may_move = c.may_move().await.unwrap_or(false);
     let ages = heartbeat_ages(&c.api.client, &page.items).await;
     let (alerts, more_alerts) = open_alerts(&c).await;
     let rows = page.items.iter().zip(ages).map(|(d, age)| {
@@ -202,7 +222,7 @@ pub(super) async fn jobs(State(c): State<Arc<Console>>, Query(f): Query<Filter>)
         Ok(p) => p,
         Err(e) => return c.failed("Jobs", e).await,
     };
-    let may_move = c.may_move().await;
+    let may_move = c.may_move().await.unwrap_or(false);
     let snapshots = c.last_snapshots(&page.items).await;
     let rows = page.items.iter().zip(snapshots).map(|(j, snapshot)| {
         let moving = matches!(j.state.assignment, Assignment::Moving { .. });
@@ -356,7 +376,7 @@ pub(super) async fn moves(State(c): State<Arc<Console>>, Query(f): Query<Filter>
         page.items.iter().map(summary_row),
     );
     content += &more(&page, "/moves", "moves");
-    let live = Live(format!("/live/moves?after={after}"));
+    let live = c.live("/live/moves", "", after);
     c.render("Moves", &content, Some(live)).await
 }
 
@@ -399,13 +419,22 @@ pub(super) async fn one_move(State(c): State<Arc<Console>>, Path(id): Path<Strin
     let rows = view
         .jobs
         .iter()
+        .take(MOVE_JOBS_SHOWN)
         .map(|(job, phase)| job_row(view.move_id.as_str(), job.as_str(), *phase));
     content += &table_with(&["job", "phase", "progress"], rows, "jobs");
+    if view.jobs.len() > MOVE_JOBS_SHOWN {
+        let _ = write!(
+            content,
+            "<p>the first {MOVE_JOBS_SHOWN} of {} jobs (`handoff move {}` lists them all)</p>",
+            view.jobs.len(),
+            esc(view.move_id.as_str())
+        );
+    }
     let running = matches!(
         view.status,
         MoveStatus::InProgress | MoveStatus::Interrupted
     );
-    if running && view.cancelled.is_none() && c.may_move().await {
+    if running && view.cancelled.is_none() && c.may_move().await.unwrap_or(false) {
         let _ = write!(
             content,
             "<form method=\"post\" action=\"/cancel\">{}<input type=\"hidden\" name=\"move_id\" value=\"{}\">\
@@ -416,10 +445,11 @@ pub(super) async fn one_move(State(c): State<Arc<Console>>, Path(id): Path<Strin
         );
     }
     let live = running.then(|| {
-        Live(format!(
-            "/live/moves?move={}&after={after}",
-            enc(view.move_id.as_str())
-        ))
+        c.live(
+            "/live/moves",
+            &format!("move={}", enc(view.move_id.as_str())),
+            after,
+        )
     });
     c.render(&title, &content, live).await
 }
@@ -482,6 +512,6 @@ pub(super) async fn history(State(c): State<Arc<Console>>, Query(f): Query<Filte
     let live = page
         .next
         .is_none()
-        .then(|| Live(format!("/live/history?{key}={}&after={after}", enc(value))));
+        .then(|| c.live("/live/history", &format!("{key}={}", enc(value)), after));
     c.render(&title, &content, live).await
 }
