@@ -457,13 +457,7 @@ async fn up_runs_its_own_nats_server_and_stops_it() -> Result<()> {
 async fn the_demo_tells_the_story() -> Result<()> {
     let mut demo = Background::spawn(None, &["demo"])?;
     // Its console, to watch the story in: it answers as the story runs.
-    let line = demo.wait_for_line("the console: http://")?;
-    let addr: std::net::SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .ok_or_else(|| anyhow::anyhow!("no address in {line:?}"))?
-        .parse()?;
+    let addr = console_addr(&demo.wait_for_line("the console: http://")?)?;
     let daemons = http_get(addr, "/daemons")?;
     assert_eq!(daemons.status, 200, "{}", daemons.body);
     assert!(daemons.body.contains("signed in as"), "{}", daemons.body);

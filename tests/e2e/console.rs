@@ -4,7 +4,6 @@
 //! a read-only console offers no move; hostile text stays text. Each page is saved as a
 //! PNG under the test's temporary directory (or `HANDOFF_SCREENSHOTS`).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
@@ -21,14 +20,6 @@ const D3: &str = "backup3.example.net:/data/backup/";
 const HOSTILE: &str = "<img src=x onerror=\"window.pwned=1\"><script>window.pwned=1</script>";
 /// How long a real rebuild of the sample's heads may take here.
 const MOVE_LIMIT: Duration = Duration::from_secs(120);
-
-fn console_addr(line: &str) -> Result<SocketAddr> {
-    let start = line
-        .find("http://")
-        .ok_or_else(|| anyhow!("no address in {line:?}"))?;
-    let rest = &line[start + "http://".len()..];
-    Ok(rest[..rest.find('/').unwrap_or(rest.len())].parse()?)
-}
 
 /// Waits until `css` selects something on the browser's page; its first element.
 /// When it never does, the page is saved as `failed.png` and its text is in the error.
@@ -162,7 +153,10 @@ async fn an_operator_moves_a_daemons_heads_from_the_console_and_watches_it_live(
         "{base}/history?daemon=backup1.example.net%3A%2Fdata%2Fbackup%2F"
     ))?;
     let history = browser.text(&browser.find("#entries")?)?;
-    assert!(history.contains("MoveStarted"), "{history}");
+    assert!(
+        history.contains("MoveStarted") && history.contains(HOSTILE),
+        "the move, who asked and why: {history}"
+    );
     browser.script("window.stayed = true; return null;")?;
     handoff_ok(
         &url,
@@ -181,20 +175,7 @@ async fn an_operator_moves_a_daemons_heads_from_the_console_and_watches_it_live(
     browser.screenshot("history")?;
 
     // A read-only console offers no move, and handoff refuses one sent anyway.
-    let viewer = up.data.path().join("viewer.creds");
-    let viewer_path = viewer.to_string_lossy().into_owned();
-    handoff_ok(
-        &url,
-        &[
-            "user",
-            "add",
-            "viewer",
-            "--role",
-            "GLOBAL_READ_ONLY",
-            "--out",
-            &viewer_path,
-        ],
-    )?;
+    let viewer = up.user("viewer", "GLOBAL_READ_ONLY")?;
     let mut read_only = Background::spawn_as(
         Some(&url),
         Some(&viewer),

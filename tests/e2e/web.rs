@@ -135,12 +135,7 @@ fn events_of_type(url: &str, kind: &str) -> Result<Vec<serde_json::Value>> {
 fn console(url: &str, creds: &std::path::Path) -> Result<(Background, SocketAddr)> {
     let mut web =
         Background::spawn_as(Some(url), Some(creds), &["web", "--listen", "127.0.0.1:0"])?;
-    let line = web.wait_for_line("console at")?;
-    let addr = line
-        .trim()
-        .trim_start_matches("console at http://")
-        .trim_end_matches('/')
-        .parse()?;
+    let addr = console_addr(&web.wait_for_line("console at")?)?;
     Ok((web, addr))
 }
 
@@ -232,20 +227,7 @@ async fn the_consoles_actions_change_only_what_an_allowed_user_confirmed() -> Re
     );
 
     // A read-only user's console: its own token, and the command service refuses.
-    let viewer = up.data.path().join("viewer.creds");
-    let viewer_path = viewer.to_string_lossy().into_owned();
-    handoff_ok(
-        &url,
-        &[
-            "user",
-            "add",
-            "viewer",
-            "--role",
-            "GLOBAL_READ_ONLY",
-            "--out",
-            &viewer_path,
-        ],
-    )?;
+    let viewer = up.user("viewer", "GLOBAL_READ_ONLY")?;
     let (_ro, ro) = console(&url, &viewer)?;
     assert!(!get(ro, "/daemons")?.contains("data-action"));
     let r = post(ro, "/confirm", &[], &move_all(&token_of(ro)?))?;
@@ -294,12 +276,7 @@ async fn the_consoles_actions_change_only_what_an_allowed_user_confirmed() -> Re
             "console.example",
         ],
     )?;
-    let line = named.wait_for_line("console at")?;
-    let named: SocketAddr = line
-        .trim()
-        .trim_start_matches("console at http://")
-        .trim_end_matches('/')
-        .parse()?;
+    let named = console_addr(&named.wait_for_line("console at")?)?;
     let as_named = format!("console.example:{}", named.port());
     assert_eq!(http_get_as(named, "/daemons", &as_named)?.status, 200);
     assert_eq!(http_get_as(addr, "/daemons", &as_named)?.status, 421);

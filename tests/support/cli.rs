@@ -257,6 +257,20 @@ impl Up {
         Ok(Credentials::load(&path)?)
     }
 
+    /// A user `name` with `role`, added with `handoff user add` on first use; the path of
+    /// its credentials.
+    pub fn user(&self, name: &str, role: &str) -> Result<PathBuf> {
+        let path = self.data.path().join(format!("{name}.creds"));
+        if !path.exists() {
+            let out = path.to_string_lossy().into_owned();
+            handoff_ok(
+                &self.url(),
+                &["user", "add", name, "--role", role, "--out", &out],
+            )?;
+        }
+        Ok(path)
+    }
+
     /// Waits until the projector has folded every event appended so far.
     pub async fn settle(&self) -> Result<()> {
         let client = self.server.connect().await?;
@@ -264,4 +278,14 @@ impl Up {
         wait_for_checkpoint(&client, log.last_sequence().await?).await?;
         Ok(())
     }
+}
+
+/// The address in a line a console prints (`console at http://ADDR/`, `console
+/// http://ADDR/ ...`, `the console: http://ADDR/ ...`).
+pub fn console_addr(line: &str) -> Result<std::net::SocketAddr> {
+    let start = line
+        .find("http://")
+        .ok_or_else(|| anyhow!("no address in {line:?}"))?;
+    let rest = &line[start + "http://".len()..];
+    Ok(rest[..rest.find('/').unwrap_or(rest.len())].parse()?)
 }

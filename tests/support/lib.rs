@@ -38,7 +38,9 @@ mod wait;
 use std::time::Duration;
 
 pub use browser::Browser;
-pub use cli::{handoff, handoff_bin, handoff_ok, handoff_refused, Background, Run, Up};
+pub use cli::{
+    console_addr, handoff, handoff_bin, handoff_ok, handoff_refused, Background, Run, Up,
+};
 pub use client::{query, request, request_signed, send_command};
 pub use fixtures::*;
 pub use handoff_testkit::{until, Signal};
