@@ -21,6 +21,13 @@ const HOSTILE: &str = "<img src=x onerror=\"window.pwned=1\"><script>window.pwne
 /// How long a real rebuild of the sample's heads may take here.
 const MOVE_LIMIT: Duration = Duration::from_secs(120);
 
+/// The text of the first element `css` selects, or none while the page has none (it
+/// may be loading again).
+fn text_of(browser: &Browser, css: &str) -> Option<String> {
+    let element = browser.all(css).ok()?.into_iter().next()?;
+    browser.text(&element).ok()
+}
+
 /// Waits until `css` selects something on the browser's page; its first element.
 /// When it never does, the page is saved as `failed.png` and its text is in the error.
 async fn element(browser: &Browser, css: &str, limit: Duration) -> Result<String> {
@@ -134,8 +141,7 @@ async fn an_operator_moves_a_daemons_heads_from_the_console_and_watches_it_live(
     assert!(!browser.text(&status)?.is_empty());
     browser.screenshot("move-in-progress")?;
     until("the move to show completed", MOVE_LIMIT, || async {
-        let status = browser.find("#status")?;
-        Ok((browser.text(&status)? == "completed").then_some(()))
+        Ok((text_of(&browser, "#status").as_deref() == Some("completed")).then_some(()))
     })
     .await?;
     let left = handoff_ok(&url, &["jobs", "--daemon", D1, "--json"])?.json()?;
@@ -163,7 +169,7 @@ async fn an_operator_moves_a_daemons_heads_from_the_console_and_watches_it_live(
         &["daemon", "configure", D1, "--assignment-enabled", "false"],
     )?;
     until("the new event on the page", MOVE_LIMIT, || async {
-        let rows = browser.text(&browser.find("#entries")?)?;
+        let rows = text_of(&browser, "#entries").unwrap_or_default();
         Ok(rows.contains("DaemonConfigured").then_some(()))
     })
     .await?;
@@ -172,6 +178,18 @@ async fn an_operator_moves_a_daemons_heads_from_the_console_and_watches_it_live(
         json!(true),
         "the entry came live, not by loading the page again"
     );
+    // What the stream repeated of the page (it starts a little before) is shown once.
+    let seqs = browser.script(
+        "return Array.from(document.querySelectorAll('#entries tr[data-seq]'), r => r.getAttribute('data-seq'));",
+    )?;
+    let seqs: Vec<&str> = seqs
+        .as_array()
+        .ok_or_else(|| anyhow!("no rows: {seqs}"))?
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    let distinct: std::collections::BTreeSet<&str> = seqs.iter().copied().collect();
+    assert_eq!(distinct.len(), seqs.len(), "each entry once: {seqs:?}");
     browser.screenshot("history")?;
 
     // A read-only console offers no move, and handoff refuses one sent anyway.
@@ -260,8 +278,8 @@ async fn a_moves_page_follows_each_phase_and_the_rebuilds_progress() -> Result<(
         .await?
         .map_err(|e| anyhow!(e.message))?;
     until("the phase on the page", MOVE_LIMIT, || async {
-        let phase = browser.find("tr[data-job='sales/orders'] .phase")?;
-        Ok((browser.text(&phase)? == "restoring_snapshot").then_some(()))
+        let phase = text_of(&browser, "tr[data-job='sales/orders'] .phase");
+        Ok((phase.as_deref() == Some("restoring_snapshot")).then_some(()))
     })
     .await?;
     // Its progress, as the rebuild publishes it: the bar and the words follow.
@@ -314,8 +332,7 @@ async fn a_moves_page_follows_each_phase_and_the_rebuilds_progress() -> Result<(
         .await?
         .map_err(|e| anyhow!(e.message))?;
     until("the move to show completed", MOVE_LIMIT, || async {
-        let status = browser.find("#status")?;
-        Ok((browser.text(&status)? == "completed").then_some(()))
+        Ok((text_of(&browser, "#status").as_deref() == Some("completed")).then_some(()))
     })
     .await?;
     Ok(())

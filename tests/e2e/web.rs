@@ -206,9 +206,23 @@ async fn the_consoles_actions_change_only_what_an_allowed_user_confirmed() -> Re
             b"",
         )
     };
+    // Its own token, which a page's live address carries (not the forms' token).
+    let moves = get(addr, "/moves")?;
+    let at = moves
+        .find("&amp;t=")
+        .or_else(|| moves.find("?t="))
+        .ok_or_else(|| anyhow!("no live address in {moves}"))?;
+    let at = at + moves[at..].find("t=").unwrap_or(0) + 2;
+    let live_token = moves[at..at + 64].to_owned();
+    assert_ne!(live_token, token);
     assert_eq!(live(&"0".repeat(64), &[])?.status, 403);
     assert_eq!(
-        live(&token, &[("Sec-Fetch-Site", "cross-site")])?.status,
+        live(&token, &[])?.status,
+        403,
+        "the forms' token opens no stream"
+    );
+    assert_eq!(
+        live(&live_token, &[("Sec-Fetch-Site", "cross-site")])?.status,
         403
     );
     // A plan is a dry run: refused as the CLI's would be when it cannot be done.

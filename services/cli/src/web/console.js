@@ -11,14 +11,17 @@
   }
   var ORDER = { requested: 0, restoring_snapshot: 1, replaying_oplog: 2, completed: 3, failed: 3, cancelled: 3 };
   var checkpoint = Number(document.body.getAttribute("data-checkpoint") || 0);
+  // The page lists only some of the jobs moving: those not shown end unseen.
+  var capped = document.getElementById("capped") !== null;
   var redraw = null;
   var last = 0;
   var wait = 1000;
+  var closed = 0;
 
-  // Draws the page again a little later (a move started, stopped or ended).
-  function later() {
+  // Draws the page again after `ms` (a move started, stopped or ended).
+  function later(ms) {
     if (redraw === null) {
-      redraw = setTimeout(function () { location.reload(); }, 1500);
+      redraw = setTimeout(function () { location.reload(); }, ms || 1500);
     }
   }
   function rowsOf(move) {
@@ -61,6 +64,11 @@
     var d = JSON.parse(e.data);
     var tr = row(d.move, d.job);
     if (!tr) {
+      // A job the page does not list reached its end: now and then, the page is drawn
+      // again to show where its move stands.
+      if (d.final && capped && Number(e.lastEventId) > checkpoint) {
+        later(30000);
+      }
       return;
     }
     var before = phaseOf(tr);
@@ -116,12 +124,13 @@
       url = url.replace(/([?&])after=\d+/, "$1after=" + last);
     }
     var source = new EventSource(url);
-    source.addEventListener("open", function () { wait = 1000; });
+    source.addEventListener("open", function () { wait = 1000; closed = 0; });
+    source.addEventListener("at", seen);
     source.addEventListener("phase", onPhase);
     source.addEventListener("progress", onProgress);
     source.addEventListener("changed", function (e) {
       seen(e);
-      // A move the page already shows as it was then changes nothing.
+      // What the page's views already held changes nothing.
       if (Number(e.lastEventId) > checkpoint) {
         later();
       }
@@ -129,6 +138,12 @@
     source.addEventListener("entry", onEntry);
     source.addEventListener("error", function () {
       if (source.readyState === EventSource.CLOSED) {
+        closed += 1;
+        // Refused again and again (the console restarted: a new token): the page anew.
+        if (closed >= 5) {
+          location.reload();
+          return;
+        }
         setTimeout(open, wait);
         wait = Math.min(wait * 2, 30000);
       }

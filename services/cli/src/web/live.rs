@@ -84,7 +84,7 @@ pub(super) async fn moves(
     headers: HeaderMap,
     Query(q): Query<MovesLive>,
 ) -> Response {
-    if !c.token_ok(&q.t) {
+    if !c.live_token_ok(&q.t) {
         return (StatusCode::FORBIDDEN, "not this console's page").into_response();
     }
     if let Some(id) = &q.move_id {
@@ -101,7 +101,7 @@ pub(super) async fn history(
     headers: HeaderMap,
     Query(q): Query<HistoryLive>,
 ) -> Response {
-    if !c.token_ok(&q.t) {
+    if !c.live_token_ok(&q.t) {
         return (StatusCode::FORBIDDEN, "not this console's page").into_response();
     }
     let after = resumed(&headers, q.after);
@@ -216,6 +216,12 @@ async fn follow(
     }
 }
 
+/// An event of the stream that changes nothing on the page: its sequence only, so that
+/// the page reconnects from past it.
+fn passed(id: String) -> Sse {
+    Sse::default().id(id).event("at").data("0")
+}
+
 fn of_progress(p: &Progress) -> Sse {
     let percent = match p.snapshot_total {
         0 => 0.0,
@@ -253,7 +259,7 @@ fn of_event(watch: &Watch, r: &Recorded) -> Vec<Sse> {
                 (None, None) => false,
             };
             if !about {
-                return vec![Sse::default().id(id).comment("")];
+                return vec![passed(id)];
             }
             vec![Sse::default().id(id).event("entry").data(
                 json!({
@@ -271,7 +277,7 @@ fn of_event(watch: &Watch, r: &Recorded) -> Vec<Sse> {
                          job: &handoff_domain::JobId,
                          phase: MovePhase| {
                 if only.as_deref().is_some_and(|m| m != move_id.as_str()) {
-                    return Sse::default().id(id.clone()).comment("");
+                    return passed(id.clone());
                 }
                 Sse::default().id(id.clone()).event("phase").data(
                     json!({
@@ -314,9 +320,12 @@ fn of_event(watch: &Watch, r: &Recorded) -> Vec<Sse> {
                 | Event::MoveResumed { move_id, .. }
                     if only.as_deref().is_none_or(|m| m == move_id.as_str()) =>
                 {
-                    Sse::default().id(id).event("changed").data("{}")
+                    Sse::default().id(id).event("changed").data(
+                        json!({ "move": move_id, "started": matches!(e, Event::MoveStarted { .. }) })
+                            .to_string(),
+                    )
                 }
-                _ => Sse::default().id(id).comment(""),
+                _ => passed(id),
             };
             vec![sse]
         }

@@ -67,6 +67,8 @@ const LIVE_STREAMS: usize = 32;
 const FORM_LIMIT: usize = 16 * 1024;
 /// How long the user's roles, read from the stream, are taken as they are.
 const ROLES_FOR: Duration = Duration::from_secs(5);
+/// The longest a read of the roles may take.
+const ROLES_WITHIN: Duration = Duration::from_secs(5);
 
 /// The console's script: the live updates (no inline script runs on these pages).
 const SCRIPT: &str = include_str!("console.js");
@@ -77,6 +79,9 @@ struct Console {
     user: Actor,
     /// The token every form carries: a page of another site cannot read it.
     token: String,
+    /// The token of the live streams' addresses (apart from the forms', as an address
+    /// may end up in a proxy's log).
+    live_token: String,
     /// The user's roles as last read, and when.
     roles: Mutex<Option<(Instant, Vec<Role>)>>,
     /// Reads the roles one request at a time.
@@ -153,6 +158,7 @@ pub async fn serve(
         api,
         user,
         token: random_token()?,
+        live_token: random_token()?,
         roles: Mutex::new(None),
         reading_roles: tokio::sync::Mutex::new(()),
         live: Arc::new(Semaphore::new(LIVE_STREAMS)),
@@ -167,17 +173,7 @@ pub async fn serve(
         format!("[::1]:{port}"),
     ];
     for h in hosts {
-        let h = h.trim().to_ascii_lowercase();
-        if h.is_empty() || h.contains(['/', ' ', '@']) {
-            return Err(Failure::Usage(format!(
-                "--host {h:?}: a name, or name:port"
-            )));
-        }
-        let has_port = h
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            && !h.ends_with(']');
-        names.push(if has_port { h } else { format!("{h}:{port}") });
+        names.extend(host_names(h, port)?);
     }
     let guard = Arc::new(Guard {
         hosts: names,
@@ -217,6 +213,45 @@ pub async fn serve(
     Ok(Served { addr, stop, task })
 }
 
+/// The `Host` values `--host` NAME admits: `name:port` as given, or a name without a
+/// port with the listening port and alone (the default port of a proxy in front).
+/// An IPv6 address is written in brackets.
+fn host_names(given: &str, port: u16) -> Result<Vec<String>, Failure> {
+    let h = given.trim().to_ascii_lowercase();
+    let bad = || {
+        Failure::Usage(format!(
+            "--host {given:?}: a name or address, optionally with :port ([v6] in brackets)"
+        ))
+    };
+    if h.is_empty() || h.contains(['/', ' ', '@', '?', '#']) {
+        return Err(bad());
+    }
+    let (name, given_port) = match h.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, "")) if !addr.is_empty() => (format!("[{addr}]"), None),
+            Some((addr, rest)) if !addr.is_empty() => {
+                let p = rest.strip_prefix(':').ok_or_else(bad)?;
+                (
+                    format!("[{addr}]"),
+                    Some(p.parse::<u16>().map_err(|_| bad())?),
+                )
+            }
+            _ => return Err(bad()),
+        },
+        None => match h.split_once(':') {
+            None => (h.clone(), None),
+            Some((name, p)) if !name.is_empty() && !p.contains(':') => {
+                (name.to_owned(), Some(p.parse::<u16>().map_err(|_| bad())?))
+            }
+            _ => return Err(bad()),
+        },
+    };
+    Ok(match given_port {
+        Some(p) => vec![format!("{name}:{p}")],
+        None => vec![format!("{name}:{port}"), name],
+    })
+}
+
 /// 256 bits from the system's random source, in hex.
 fn random_token() -> Result<String, Failure> {
     use std::io::Read;
@@ -253,7 +288,8 @@ async fn guarded(State(guard): State<Arc<Guard>>, request: Request, next: Next) 
     let foreign = match request.method() {
         &Method::POST => {
             cross_site
-                || matches!(text(header::ORIGIN.as_str()).as_str(), o if !o.is_empty() && o != format!("http://{host}"))
+                || matches!(text(header::ORIGIN.as_str()).as_str(),
+                    o if !o.is_empty() && o != format!("http://{host}") && o != format!("https://{host}"))
         }
         _ => cross_site && request.uri().path().starts_with("/live/"),
     };
@@ -360,10 +396,17 @@ impl Console {
         if let Some(roles) = fresh(&self.roles.lock().expect("roles lock")) {
             return Some(roles);
         }
-        let _reading = self.reading_roles.lock().await;
-        if let Some(roles) = fresh(&self.roles.lock().expect("roles lock")) {
-            return Some(roles);
-        }
+        let stale = || {
+            self.roles
+                .lock()
+                .expect("roles lock")
+                .as_ref()
+                .map(|(_, roles)| roles.clone())
+        };
+        // One reader at a time: the others take what is known.
+        let Ok(_reading) = self.reading_roles.try_lock() else {
+            return stale();
+        };
         let subject = subjects::aggregate(&Aggregate::User(self.user.clone()));
         let read = async {
             let log = self.api.log().await?;
@@ -381,7 +424,10 @@ impl Console {
             }
             Ok::<_, Failure>(roles)
         };
-        match read.await {
+        match tokio::time::timeout(ROLES_WITHIN, read)
+            .await
+            .unwrap_or_else(|_| Err(Failure::Usage("timed out".into())))
+        {
             Ok(roles) => {
                 *self.roles.lock().expect("roles lock") = Some((Instant::now(), roles.clone()));
                 Some(roles)
@@ -389,11 +435,7 @@ impl Console {
             Err(e) => {
                 tracing::warn!(error = %e, "the console could not read its user's roles");
                 // What was known stays known until it can be read again.
-                self.roles
-                    .lock()
-                    .expect("roles lock")
-                    .as_ref()
-                    .map(|(_, roles)| roles.clone())
+                stale()
             }
         }
     }
@@ -487,9 +529,19 @@ impl Console {
 
     /// Whether `given` is this console's token (compared in constant time).
     fn token_ok(&self, given: &str) -> bool {
-        let (a, b) = (self.token.as_bytes(), given.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+        same(&self.token, given)
     }
+
+    /// Whether `given` is this console's live streams' token.
+    fn live_token_ok(&self, given: &str) -> bool {
+        same(&self.live_token, given)
+    }
+}
+
+/// Whether two secrets are equal, in constant time.
+fn same(secret: &str, given: &str) -> bool {
+    let (a, b) = (secret.as_bytes(), given.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// What a list page may be asked for in its address (an empty value counts as none).
@@ -582,6 +634,32 @@ mod tests {
             "&lt;a href=&quot;x&quot; onclick=&#39;y&#39;&gt;&amp;&lt;/a&gt;"
         );
         assert_eq!(esc("backup1:/data/"), "backup1:/data/");
+    }
+
+    #[test]
+    fn host_names_are_a_name_or_address_with_an_optional_port() {
+        let names = |h: &str| super::host_names(h, 8080).ok();
+        assert_eq!(
+            names("Console.example"),
+            Some(vec![
+                "console.example:8080".into(),
+                "console.example".into()
+            ])
+        );
+        assert_eq!(
+            names("console.example:443"),
+            Some(vec!["console.example:443".into()])
+        );
+        assert_eq!(
+            names("[fe80::1]"),
+            Some(vec!["[fe80::1]:8080".into(), "[fe80::1]".into()])
+        );
+        assert_eq!(names("[::1]:9000"), Some(vec!["[::1]:9000".into()]));
+        for bad in [
+            "", "::1", "fe80::1", "name:abc", "name:1:2", "[::1", "a/b", "[::1]x", ":80",
+        ] {
+            assert_eq!(names(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -83,7 +83,7 @@ impl Console {
                 "{path}?{query}{}after={}&t={}",
                 if query.is_empty() { "" } else { "&" },
                 checkpoint.saturating_sub(LAG_MARGIN),
-                self.token
+                self.live_token
             ),
             checkpoint,
         }
@@ -332,7 +332,8 @@ pub(super) async fn moves(State(c): State<Arc<Console>>, Query(f): Query<Filter>
         Err(e) => return c.failed("Moves", e).await,
     };
     let mut content = String::new();
-    if f.cursor.is_none() {
+    let first_page = f.cursor.is_none();
+    if first_page {
         let running: Result<Page<MoveSummary>, _> = c
             .api
             .query(
@@ -365,6 +366,7 @@ pub(super) async fn moves(State(c): State<Arc<Console>>, Query(f): Query<Filter>
             }
         }
         content += &table_with(&["move", "job", "phase", "progress"], rows, "running");
+        content.push_str("<span id=\"capped\"></span>");
     }
     let page: Page<MoveSummary> = match c.page("moves", json!({}), f.cursor).await {
         Ok(p) => p,
@@ -376,8 +378,9 @@ pub(super) async fn moves(State(c): State<Arc<Console>>, Query(f): Query<Filter>
         page.items.iter().map(summary_row),
     );
     content += &more(&page, "/moves", "moves");
-    let live = c.live("/live/moves", "", after);
-    c.render("Moves", &content, Some(live)).await
+    // The first page follows the moves; a later one stays as it was read.
+    let live = first_page.then(|| c.live("/live/moves", "", after));
+    c.render("Moves", &content, live).await
 }
 
 pub(super) async fn one_move(State(c): State<Arc<Console>>, Path(id): Path<String>) -> Response {
@@ -422,6 +425,10 @@ pub(super) async fn one_move(State(c): State<Arc<Console>>, Path(id): Path<Strin
         .take(MOVE_JOBS_SHOWN)
         .map(|(job, phase)| job_row(view.move_id.as_str(), job.as_str(), *phase));
     content += &table_with(&["job", "phase", "progress"], rows, "jobs");
+    if view.jobs.len() > MOVE_JOBS_SHOWN {
+        // The script then draws the page again now and then as jobs not shown end.
+        content.push_str("<span id=\"capped\"></span>");
+    }
     if view.jobs.len() > MOVE_JOBS_SHOWN {
         let _ = write!(
             content,
