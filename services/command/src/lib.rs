@@ -133,6 +133,8 @@ pub enum Error {
 pub struct CommandService {
     executor: Executor,
     config: Config,
+    /// Its connection: the server's payload limit bounds every reply.
+    client: Client,
     service: async_nats::service::Service,
     endpoints: Vec<(Endpoint, async_nats::service::endpoint::Endpoint)>,
 }
@@ -207,6 +209,7 @@ pub async fn start(client: Client, config: Config) -> Result<CommandService, Err
     Ok(CommandService {
         executor,
         config,
+        client,
         service,
         endpoints,
     })
@@ -223,6 +226,7 @@ impl CommandService {
         let CommandService {
             mut executor,
             config,
+            client,
             service,
             endpoints,
         } = self;
@@ -282,7 +286,7 @@ impl CommandService {
                     let started = std::time::Instant::now();
                     let reply = handle(&mut executor, &config, &mut refusals, endpoint, &signed).await;
                     telemetry::answered(endpoint.name, &reply, started.elapsed().as_secs_f64());
-                    let body = serde_json::to_vec(&reply).expect("replies always serialize");
+                    let body = fit(&reply, client.max_payload());
                     if let Err(e) = request.respond(Ok(Bytes::from(body))).await {
                         tracing::warn!(error = %e, "could not send a reply");
                     }
@@ -331,6 +335,42 @@ fn record_subjects(span: &tracing::Span, request: &handoff_protocol::CommandRequ
     if let Some(m) = move_id {
         span.record("move_id", tracing::field::display(m));
     }
+}
+
+/// Room kept in a reply for the message's own framing.
+const REPLY_FRAME_BYTES: usize = 1024;
+
+/// A reply's body within the server's payload limit: an answer too large to send (the
+/// plan and events of a move of tens of thousands of jobs) becomes the error
+/// `reply_too_large`, which says the command was applied and where to read it, never
+/// silence. Retrying with the same id gives the same answer.
+pub fn fit(reply: &Reply, max_payload: usize) -> Vec<u8> {
+    let body = serde_json::to_vec(reply).expect("replies always serialize");
+    let Reply::Ok(applied) = reply else {
+        return body;
+    };
+    if body.len() + REPLY_FRAME_BYTES <= max_payload {
+        return body;
+    }
+    let error = ErrorBody::new(
+        ErrorCode::Validation,
+        "reply_too_large",
+        format!(
+            "command {} was applied ({} events{}), but its reply of {} bytes is more than the \
+             server's payload limit of {max_payload} allows: its events are in the stream \
+             (`handoff history`), a move is read with `handoff move {}`",
+            applied.command,
+            applied.events.len(),
+            if applied.duplicate {
+                ", appended before"
+            } else {
+                ""
+            },
+            body.len(),
+            applied.command,
+        ),
+    );
+    serde_json::to_vec(&Reply::Error(error)).expect("replies always serialize")
 }
 
 /// Checks a request's size and shape before anything else looks at it: a body too large,
