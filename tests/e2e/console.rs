@@ -152,6 +152,17 @@ async fn an_operator_moves_a_daemons_heads_from_the_console_and_watches_it_live(
     browser.open(&format!("{base}/moves"))?;
     let moves = browser.text(&browser.find("body")?)?;
     assert!(moves.contains(HOSTILE), "the reason, as text: {moves}");
+    assert!(browser.all("img")?.is_empty(), "no element from the reason");
+    // So is a hostile daemon id in an address: handoff refuses it, and the page says so.
+    browser.open(&format!(
+        "{base}/jobs?daemon=%3Cimg%20src%3Dx%20onerror%3D%22window.pwned%3D1%22%3E%3A%2Fd%2F"
+    ))?;
+    let said = text_of(&browser, "#error").unwrap_or_default();
+    assert!(said.starts_with("refused ("), "{said}");
+    assert!(
+        browser.all("img")?.is_empty(),
+        "no element from the address"
+    );
     browser.screenshot("moves")?;
 
     // The daemon's history holds the move and grows live, without a reload.
