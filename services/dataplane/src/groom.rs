@@ -86,7 +86,8 @@ pub async fn groom(
         .unwrap_or(settings.retention.ttl_hours)
         .max(settings.retention.ttl_hours);
     let mut resized = None;
-    let snaps = stores.snapshots(Some(job)).await?;
+    let (snaps, taken_back) = stores.groomed_snapshots(job).await?;
+    stores.clear_taken_back(job, &taken_back).await?;
     let snapshot_age_ms = snaps.last().map(|s| now.saturating_sub(s.taken_at_ms));
     if let Some(ms) = snapshot_age_ms {
         crate::telemetry::snapshot_age(job, ms);

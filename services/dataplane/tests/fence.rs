@@ -170,3 +170,61 @@ async fn every_write_of_the_old_owner_is_refused_not_written_over() -> Result<()
     assert_eq!(stored, [("new:/h/", 11), ("new:/h/", 99)]);
     Ok(())
 }
+
+/// A snapshot refused when it is committed (the job moved during the upload) is taken
+/// back without a purge by a process that may not purge (a daemon): its index key is
+/// marked deleted, and the agent's grooming removes the object and the marker.
+#[tokio::test]
+async fn a_snapshot_refused_after_its_upload_is_removed_by_the_agent_not_the_daemon() -> Result<()>
+{
+    let server = NatsServer::start().await?;
+    let agent = stores(server.connect().await?).await?;
+    let daemon = Stores::bind(server.connect().await?).await?;
+    let watcher = server.connect().await?;
+    let mut purges = watcher.subscribe("$JS.API.STREAM.PURGE.>").await?;
+    watcher.flush().await?;
+    let job = JobId::new("p/rs5")?;
+    agent.fences.raise(&job, 1).await?;
+
+    // The data comes through a pipe whose writer raises the fence before it ends.
+    let (mut writer, mut reader) = tokio::io::duplex(64);
+    let fences = agent.fences.clone();
+    let moved = job.clone();
+    let upload = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        writer.write_all(b"{}\n").await?;
+        fences.raise(&moved, 2).await?;
+        writer.shutdown().await?;
+        anyhow::Ok(())
+    });
+    let meta = snapshot(&job, 1, "old:/h/");
+    let refused = daemon.put_snapshot(&meta, &mut reader).await;
+    upload.await??;
+    assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+    watcher.flush().await?;
+    let mut sent = 0;
+    while let Ok(Some(_)) =
+        tokio::time::timeout(std::time::Duration::from_millis(1), purges.next()).await
+    {
+        sent += 1;
+    }
+    assert_eq!(sent, 0, "the daemon asked for a purge");
+    assert!(agent.snapshots.info(meta.object_name()).await.is_ok());
+    let (listed, taken_back) = agent.groomed_snapshots(&job).await?;
+    assert!(listed.is_empty(), "{listed:?}");
+    assert_eq!(taken_back, std::slice::from_ref(&meta.id));
+
+    // The daemon cannot clear it; the agent's grooming does, and leaves nothing behind.
+    assert_eq!(daemon.clear_taken_back(&job, &taken_back).await?, 0);
+    let creds = handoff_protocol::auth::Credentials::generate(
+        handoff_domain::Actor::new("handoff-agent")?,
+        None,
+    );
+    let client = handoff_client::Client::new(agent.client.clone(), creds, "handoff-agent");
+    let settings = agent.settings().await?;
+    handoff_dataplane::groom::groom(&agent, &client, &settings, &job, None, &[]).await?;
+    assert!(agent.snapshots.info(meta.object_name()).await.is_err());
+    let (listed, taken_back) = agent.groomed_snapshots(&job).await?;
+    assert!(listed.is_empty() && taken_back.is_empty(), "{taken_back:?}");
+    Ok(())
+}

@@ -94,11 +94,41 @@ impl Stores {
     }
 
     /// Removes the object of a snapshot that was never indexed (refused, or its index
-    /// entry not written): nobody lists it, so only the object is there to remove.
+    /// entry not written): nobody lists it, so only the object is there to remove. The
+    /// agent removes it at once; anyone else may not purge (which removing an object
+    /// does), so it marks the snapshot's index key deleted and the agent's grooming of the
+    /// job removes the object ([`Stores::clear_taken_back`]).
     async fn take_back(&self, meta: &SnapshotMeta) {
-        if let Err(d) = self.delete_object(meta).await {
-            tracing::warn!(snapshot = %meta.id, error = %d, "could not remove a refused snapshot");
+        let taken = if self.may_purge {
+            self.delete_object(&meta.object_name()).await
+        } else {
+            let key = snapshot_key(&meta.job, &meta.id);
+            self.snapshot_index.delete(key).await.map_err(unavailable)
+        };
+        if let Err(d) = taken {
+            tracing::warn!(snapshot = %meta.id, error = %d, "could not take back a refused snapshot");
         }
+    }
+
+    /// The agent's part of [`Stores::take_back`]: removes the objects of the job's
+    /// snapshots that were taken back (`ids`, from [`Stores::groomed_snapshots`]), then
+    /// their index keys' markers. How many it removed.
+    pub async fn clear_taken_back(&self, job: &JobId, ids: &[String]) -> Result<u64, StoreError> {
+        if !self.may_purge {
+            return Ok(0);
+        }
+        for id in ids {
+            self.delete_object(&format!("{job}/{id}")).await?;
+            let entry = format!("$KV.{SNAPSHOT_INDEX_BUCKET}.{}", snapshot_key(job, id));
+            self.snapshot_index
+                .stream
+                .purge()
+                .filter(&entry)
+                .await
+                .map_err(unavailable)?;
+            tracing::info!(%job, snapshot = %id, "a refused snapshot's object removed");
+        }
+        Ok(ids.len() as u64)
     }
 
     /// Indexes the snapshots stored before the index existed: once per deployment (the
@@ -145,7 +175,25 @@ impl Stores {
             Some(j) => snapshot_keys(j.as_str(), true).expect("a job is a scope"),
             None => ">".to_owned(),
         };
-        self.indexed(&keys).await
+        Ok(self.indexed(&keys).await?.0)
+    }
+
+    /// What grooming a job reads: its snapshots, oldest first, and the ids of those taken
+    /// back (their index keys marked deleted, their objects maybe still stored).
+    pub async fn groomed_snapshots(
+        &self,
+        job: &JobId,
+    ) -> Result<(Vec<SnapshotMeta>, Vec<String>), StoreError> {
+        let keys = snapshot_keys(job.as_str(), true).expect("a job is a scope");
+        let (listed, removed) = self.indexed(&keys).await?;
+        let prefix = format!("$KV.{SNAPSHOT_INDEX_BUCKET}.{}", snapshot_key(job, ""));
+        let ids = removed
+            .iter()
+            .filter_map(|subject| subject.strip_prefix(&prefix))
+            .filter(|id| !id.is_empty() && !id.contains('.'))
+            .map(str::to_owned)
+            .collect();
+        Ok((listed, ids))
     }
 
     /// The snapshots of every job in `scope` (a job, a sharded cluster `project/cluster`
@@ -156,11 +204,12 @@ impl Stores {
                 "{scope:?} is not a job, a cluster or a project (parts of A-Z, a-z, 0-9, _ and -)"
             ))
         })?;
-        self.indexed(&keys).await
+        Ok(self.indexed(&keys).await?.0)
     }
 
-    /// The index entries under `keys`, read from their last values only.
-    async fn indexed(&self, keys: &str) -> Result<Vec<SnapshotMeta>, StoreError> {
+    /// The index entries under `keys`, read from their last values only, and the subjects
+    /// of the keys whose last value is a delete marker.
+    async fn indexed(&self, keys: &str) -> Result<(Vec<SnapshotMeta>, Vec<String>), StoreError> {
         let index = &self.snapshot_index.stream;
         let name = format!("snapshots-{}", ulid::Ulid::new());
         let mut consumer = index
@@ -180,9 +229,9 @@ impl Stores {
         if let Err(e) = index.delete_consumer(&name).await {
             tracing::debug!(consumer = %name, error = %e, "index reader left to expire");
         }
-        let mut out = read?;
+        let (mut out, removed) = read?;
         out.sort_by_key(|m| (m.ts, m.taken_at_ms));
-        Ok(out)
+        Ok((out, removed))
     }
 
     /// Every entry `consumer` has to deliver: it stops at the last (none pending), or when
@@ -190,10 +239,11 @@ impl Stores {
     async fn read_index(
         &self,
         consumer: &mut consumer::PullConsumer,
-    ) -> Result<Vec<SnapshotMeta>, StoreError> {
+    ) -> Result<(Vec<SnapshotMeta>, Vec<String>), StoreError> {
         let mut out = Vec::new();
+        let mut removed = Vec::new();
         if consumer.cached_info().num_pending == 0 {
-            return Ok(out);
+            return Ok((out, removed));
         }
         let mut messages = consumer.messages().await.map_err(unavailable)?;
         let mut idle = 0;
@@ -210,7 +260,7 @@ impl Stores {
                     ))
                 }
                 Err(_) => match consumer.info().await {
-                    Ok(info) if info.num_pending == 0 => return Ok(out),
+                    Ok(info) if info.num_pending == 0 => return Ok((out, removed)),
                     Ok(_) if idle < 5 => {
                         idle += 1;
                         continue;
@@ -225,12 +275,14 @@ impl Stores {
             };
             idle = 0;
             let pending = m.info().map_err(unavailable)?.pending;
-            let removed = m
+            let gone = m
                 .headers
                 .as_ref()
                 .and_then(|h| h.get("KV-Operation"))
                 .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
-            if !removed {
+            if gone {
+                removed.push(m.subject.to_string());
+            } else {
                 match serde_json::from_slice::<SnapshotMeta>(&m.payload) {
                     Ok(meta) => out.push(meta),
                     Err(e) => {
@@ -239,7 +291,7 @@ impl Stores {
                 }
             }
             if pending == 0 {
-                return Ok(out);
+                return Ok((out, removed));
             }
         }
     }
@@ -282,7 +334,7 @@ impl Stores {
     /// object is gone is one a restore already refuses as missing. The agent, which may
     /// purge, leaves nothing behind; anyone else leaves the stores' small delete markers.
     pub async fn delete_snapshot(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
-        self.delete_object(meta).await?;
+        self.delete_object(&meta.object_name()).await?;
         let key = snapshot_key(&meta.job, &meta.id);
         if self.may_purge {
             let entry = format!("$KV.{SNAPSHOT_INDEX_BUCKET}.{key}");
@@ -298,9 +350,9 @@ impl Stores {
         Ok(())
     }
 
-    /// Deletes a snapshot's object; one already gone is done.
-    async fn delete_object(&self, meta: &SnapshotMeta) -> Result<(), StoreError> {
-        match self.snapshots.delete(meta.object_name()).await {
+    /// Deletes a snapshot's object (`job/id`); one already gone is done.
+    async fn delete_object(&self, name: &str) -> Result<(), StoreError> {
+        match self.snapshots.delete(name).await {
             Ok(()) => {}
             Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(unavailable(e)),
@@ -308,7 +360,7 @@ impl Stores {
         if self.may_purge {
             // The deleted object's metadata (its delete marker), which would stay forever.
             use base64::Engine;
-            let name = base64::engine::general_purpose::URL_SAFE.encode(meta.object_name());
+            let name = base64::engine::general_purpose::URL_SAFE.encode(name);
             let marker = format!("$O.{SNAPSHOT_BUCKET}.M.{name}");
             self.snapshot_stream
                 .purge()
