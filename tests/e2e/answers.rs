@@ -188,6 +188,7 @@ async fn a_rejection_recorded_after_the_instance_caught_up_wins_over_its_decisio
     log.append(&[Outgoing {
         expected_last_subject_seq: log.last_sequence_of(&subject).await?,
         expected_subject: None,
+        expected_last_seq: None,
         msg_id: format!("{}:answer:rejected", request.id),
         payload: envelope.encode().into(),
         subject,

@@ -295,16 +295,22 @@ async fn a_user_removed_through_one_instance_is_refused_by_a_lagging_one() -> Re
         .find(|e| e.name == endpoint_of(&command))
         .expect("every command has an endpoint");
     let request = handoff_command::screen(endpoint, &signed.payload).expect("well formed");
+    let signed = Signed {
+        subject: &signed.subject,
+        payload: &signed.payload,
+        signature: Some(&signed.signature),
+    };
+    // Decided on the lagging model, the append expecting the stream's end is refused:
+    // nothing is stored, and the full way is taken.
+    let log = stack.log().await?;
+    let end = log.last_sequence().await?;
+    let fast = lagging
+        .execute_fast(&request, &signed, Duration::from_secs(120))
+        .await;
+    assert!(fast.is_none(), "decided on a lagging model: {fast:?}");
+    assert_eq!(log.last_sequence().await?, end, "nothing appended");
     let refused = lagging
-        .authenticate(
-            &request,
-            &Signed {
-                subject: &signed.subject,
-                payload: &signed.payload,
-                signature: Some(&signed.signature),
-            },
-            Duration::from_secs(120),
-        )
+        .authenticate(&request, &signed, Duration::from_secs(120))
         .await
         .expect_err("a removed user is refused");
     assert_eq!(
@@ -313,5 +319,59 @@ async fn a_user_removed_through_one_instance_is_refused_by_a_lagging_one() -> Re
         "{}",
         refused.message
     );
+    Ok(())
+}
+
+/// A new allowed command on an instance whose model is at the stream's end is decided and
+/// appended without asking the server where the stream ends (no `STREAM.INFO`); the same
+/// signed request again is then refused as replayed.
+#[tokio::test]
+async fn a_new_command_is_decided_without_reading_the_streams_end() -> Result<()> {
+    use futures::StreamExt;
+    let stack = Stack::start().await?;
+    fleet(&stack).await?;
+    let (ops, _) = stack.user("ops", &[Role::GlobalBackupAdmin], None).await?;
+    let mut instance = lagging_instance(&stack).await?;
+    let mut infos = stack.client.subscribe("$JS.API.STREAM.INFO.>").await?;
+    stack.client.flush().await?;
+
+    let command = move_jobs(1, 2);
+    let id: CommandId = new_id();
+    let signed = ops.sign_command(&id, &command, None);
+    let endpoint = ENDPOINTS
+        .iter()
+        .find(|e| e.name == endpoint_of(&command))
+        .expect("every command has an endpoint");
+    let request = handoff_command::screen(endpoint, &signed.payload).expect("well formed");
+    let signed = Signed {
+        subject: &signed.subject,
+        payload: &signed.payload,
+        signature: Some(&signed.signature),
+    };
+    let applied = instance
+        .execute_fast(&request, &signed, Duration::from_secs(120))
+        .await
+        .expect("decided at once")
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert!(
+        !applied.events.is_empty() && !applied.duplicate,
+        "{applied:?}"
+    );
+    stack.client.flush().await?;
+    let mut asked = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), infos.next()).await {
+        asked += 1;
+    }
+    assert_eq!(asked, 0, "the stream's end was read");
+
+    assert!(instance
+        .execute_fast(&request, &signed, Duration::from_secs(120))
+        .await
+        .is_none());
+    let replayed = instance
+        .authenticate(&request, &signed, Duration::from_secs(120))
+        .await
+        .expect_err("the same signed request again");
+    assert_eq!(replayed.reason, "replayed", "{}", replayed.message);
     Ok(())
 }

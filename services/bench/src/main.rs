@@ -293,6 +293,7 @@ async fn move_job() -> Result<(Vec<Duration>, Vec<Duration>, Vec<Duration>)> {
                 msg_id: format!("{i}:{k}"),
                 expected_last_subject_seq: 0,
                 expected_subject: None,
+                expected_last_seq: None,
             })
             .collect();
         let t = Instant::now();

@@ -59,7 +59,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use handoff_domain::{Actor, Command, UserKey};
 use handoff_eventlog::EventLog;
-use handoff_protocol::api::{CommandRequest, Endpoint, ENDPOINTS, MAX_CLIENT, MAX_REQUEST_BYTES};
+use handoff_protocol::api::{
+    Applied, CommandRequest, Endpoint, ENDPOINTS, MAX_CLIENT, MAX_REQUEST_BYTES,
+};
 use handoff_protocol::{subjects, ErrorBody, ErrorCode, Reply};
 use thiserror::Error;
 use tracing::Instrument;
@@ -477,6 +479,15 @@ async fn handle(
         move_id = tracing::field::Empty,
     );
     record_subjects(&span, &request);
+    // Most commands are new and allowed: decided at once, with no read of the stream's end.
+    if let Some(result) = executor
+        .execute_fast(&request, signed, config.freshness)
+        .instrument(span.clone())
+        .await
+    {
+        let _entered = span.enter();
+        return answer(result);
+    }
     let fingerprint = match executor
         .authenticate(&request, signed, config.freshness)
         .instrument(span.clone())
@@ -499,6 +510,11 @@ async fn handle(
         .instrument(span.clone())
         .await;
     let _entered = span.enter();
+    answer(result)
+}
+
+/// The reply to a command that was decided (logged in the command's span).
+fn answer(result: Result<Applied, ErrorBody>) -> Reply {
     match result {
         Ok(applied) => {
             tracing::info!(

@@ -87,7 +87,10 @@ pub async fn groom(
         .max(settings.retention.ttl_hours);
     let mut resized = None;
     let (snaps, taken_back) = stores.groomed_snapshots(job).await?;
-    stores.clear_taken_back(job, &taken_back).await?;
+    if let Err(e) = stores.clear_taken_back(job, &taken_back).await {
+        // Tried again at the next grooming; the rest of this one goes on.
+        tracing::warn!(%job, error = %e, "refused snapshots not removed");
+    }
     let snapshot_age_ms = snaps.last().map(|s| now.saturating_sub(s.taken_at_ms));
     if let Some(ms) = snapshot_age_ms {
         crate::telemetry::snapshot_age(job, ms);

@@ -226,5 +226,18 @@ async fn a_snapshot_refused_after_its_upload_is_removed_by_the_agent_not_the_dae
     assert!(agent.snapshots.info(meta.object_name()).await.is_err());
     let (listed, taken_back) = agent.groomed_snapshots(&job).await?;
     assert!(listed.is_empty() && taken_back.is_empty(), "{taken_back:?}");
+
+    // A mark on a snapshot the fence allows is not taken at its word: listed again.
+    let good = snapshot(&job, 2, "new:/h/");
+    daemon.put_snapshot(&good, &mut &b"{}\n"[..]).await?;
+    let key = handoff_protocol::dataplane::snapshot_key(&job, &good.id);
+    daemon.snapshot_index.delete(key).await?;
+    assert!(agent.snapshots(Some(&job)).await?.is_empty());
+    handoff_dataplane::groom::groom(&agent, &client, &settings, &job, None, &[]).await?;
+    assert_eq!(
+        agent.snapshots(Some(&job)).await?,
+        std::slice::from_ref(&good)
+    );
+    assert!(agent.snapshots.info(good.object_name()).await.is_ok());
     Ok(())
 }

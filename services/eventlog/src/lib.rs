@@ -123,6 +123,10 @@ pub struct Outgoing {
     /// (the last owner, the fleet's rebuild limit) guards them all this way; it must
     /// cover the message's own subject, or that subject goes unguarded.
     pub expected_subject: Option<String>,
+    /// The stream's last sequence the decision saw (`Nats-Expected-Last-Sequence`): any
+    /// append since, on any subject, makes this one a conflict. Only an append's first
+    /// message may carry it.
+    pub expected_last_seq: Option<u64>,
 }
 
 /// Where an append landed.
@@ -406,6 +410,13 @@ impl EventLog {
                     "Nats-Expected-Last-Subject-Sequence-Subject",
                     filter.as_str(),
                 );
+            }
+            if let Some(seq) = m.expected_last_seq {
+                assert!(
+                    i == 0,
+                    "only an append's first message expects the stream's end"
+                );
+                headers.insert("Nats-Expected-Last-Sequence", seq.to_string().as_str());
             }
             if let Some(id) = &batch_id {
                 headers.insert("Nats-Batch-Id", id.as_str());

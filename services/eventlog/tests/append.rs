@@ -12,6 +12,7 @@ fn msg(subject: &str, id: &str, expected: u64) -> Outgoing {
         msg_id: id.to_owned(),
         expected_last_subject_seq: expected,
         expected_subject: None,
+        expected_last_seq: None,
     }
 }
 
@@ -163,4 +164,32 @@ async fn a_retried_append_is_recognised_on_a_cluster() -> Result<()> {
     };
     let log = EventLog::open(cluster.connect().await?, config).await?;
     retries_are_recognised(&log).await
+}
+
+/// An append expecting the stream's last sequence is refused once anything was appended
+/// since, on any subject, alone or as a batch, and stores nothing; at the end it is stored.
+#[tokio::test]
+async fn an_expectation_on_the_streams_end_guards_every_subject() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let log = open(&server).await?;
+    let at = |subject: &str, id: &str, end: u64| Outgoing {
+        expected_last_seq: Some(end),
+        ..msg(subject, id, 0)
+    };
+    log.append(&[msg("job.a", "c1:a", 0)]).await?;
+    log.append(&[msg("daemon.d", "c2:d", 0)]).await?;
+    // job.b was never written, but the stream moved past 1.
+    let err = log.append(&[at("job.b", "c3:b", 1)]).await.unwrap_err();
+    assert!(matches!(err, AppendError::Conflict { .. }), "{err:?}");
+    let err = log
+        .append(&[at("job.b", "c4:b", 1), msg("job.c", "c4:c", 0)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AppendError::Conflict { .. }), "{err:?}");
+    assert_eq!(log.last_sequence().await?, 2);
+    let a = log
+        .append(&[at("job.b", "c5:b", 2), msg("job.c", "c5:c", 0)])
+        .await?;
+    assert_eq!((a.first_seq, a.last_seq), (3, 4));
+    Ok(())
 }

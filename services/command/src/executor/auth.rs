@@ -14,7 +14,7 @@ impl Executor {
         signed: &Signed<'_>,
         freshness: Duration,
     ) -> Result<String, ErrorBody> {
-        let Some(signature) = signed.signature else {
+        if signed.signature.is_none() {
             return Err(refused(
                 "unsigned",
                 format!(
@@ -22,11 +22,33 @@ impl Executor {
                     handoff_protocol::auth::SIGNATURE_HEADER
                 ),
             ));
-        };
+        }
         // Who may do what is read at the stream's end, not on a model that may lag what
         // another instance appended (a user removed, a move finished): a change stored
         // before the request arrived is always seen.
         self.catch_up_with_stream().await?;
+        let fingerprint = self.check_signature(request, signed, freshness)?;
+        // Received, whatever the role allows: the same signed bytes again are a replay.
+        self.remember(&fingerprint, request.at, freshness);
+        self.check_role(request)?;
+        Ok(fingerprint)
+    }
+
+    /// [`Executor::authenticate`]'s first checks on the model as it is: the signer's key,
+    /// the signature, its age, a replay. Returns the signature's fingerprint, not yet
+    /// remembered.
+    pub(super) fn check_signature(
+        &self,
+        request: &CommandRequest<Command>,
+        signed: &Signed<'_>,
+        freshness: Duration,
+    ) -> Result<String, ErrorBody> {
+        let Some(signature) = signed.signature else {
+            return Err(refused(
+                "unsigned",
+                "the request carries no signature".into(),
+            ));
+        };
         let actor = &request.actor;
         let key = self.user_key(actor).ok_or_else(|| {
             refused(
@@ -80,16 +102,28 @@ impl Executor {
                 ),
             ));
         }
-        self.seen.insert(fingerprint.clone(), request.at);
-        if self.seen.len() > 4096 {
-            let horizon = now.saturating_sub(2 * window);
-            self.seen.retain(|_, at| *at >= horizon);
-        }
+        Ok(fingerprint)
+    }
+
+    /// [`Executor::authenticate`]'s last check on the model as it is: the signer's roles
+    /// allow the command.
+    pub(super) fn check_role(&self, request: &CommandRequest<Command>) -> Result<(), ErrorBody> {
+        let actor = &request.actor;
         let who = Principal::of(&self.model.state, actor)
             .ok_or_else(|| refused("unknown_user", format!("there is no user {actor} any more")))?;
         authorize(&who, &request.command, &self.model.state)
-            .map_err(|f| refused("forbidden", f.to_string()))?;
-        Ok(fingerprint)
+            .map_err(|f| refused("forbidden", f.to_string()))
+    }
+
+    /// Remembers a signature received, so the same signed request is refused as replayed
+    /// within its freshness window (the model keeps those of applied commands for longer).
+    pub(super) fn remember(&mut self, fingerprint: &str, at: u64, freshness: Duration) {
+        self.seen.insert(fingerprint.to_owned(), at);
+        if self.seen.len() > 4096 {
+            let window = freshness.as_millis() as u64;
+            let horizon = now_ms().saturating_sub(2 * window);
+            self.seen.retain(|_, at| *at >= horizon);
+        }
     }
 
     fn user_key(&self, user: &Actor) -> Option<UserKey> {

@@ -45,6 +45,7 @@ mod answers;
 mod auth;
 mod bounded;
 mod drains;
+mod fast;
 mod interrupted;
 
 use bounded::{Archiver, Saving};
@@ -394,7 +395,14 @@ impl Executor {
                 decision
             };
             let Some(written) = self
-                .append_decision(&request, &ctx, &digest, &decision, signature.as_deref())
+                .append_decision(
+                    &request,
+                    &ctx,
+                    &digest,
+                    &decision,
+                    signature.as_deref(),
+                    None,
+                )
                 .await?
             else {
                 self.catch_up_with_stream().await?;
@@ -406,8 +414,8 @@ impl Executor {
         Err(too_many_conflicts(&request.id))
     }
 
-    /// Appends the decision's units in order. `None` on a conflict: the caller catches up
-    /// and decides again.
+    /// Appends the decision's units in order; the first expecting the stream to end at
+    /// `stream_end` if given. `None` on a conflict: the caller catches up and decides again.
     async fn append_decision(
         &mut self,
         request: &CommandRequest<Command>,
@@ -415,6 +423,7 @@ impl Executor {
         digest: &str,
         decision: &Decision,
         signature: Option<&str>,
+        stream_end: Option<u64>,
     ) -> Result<Option<Written>, ErrorBody> {
         let mut written = Written {
             events: self
@@ -447,7 +456,10 @@ impl Executor {
                 }
                 _ => unit,
             };
-            let messages = self.messages(ctx, digest, unit, is_last_unit, signature);
+            let mut messages = self.messages(ctx, digest, unit, is_last_unit, signature);
+            if u == 0 {
+                messages[0].expected_last_seq = stream_end;
+            }
             match self.log.append(&messages).await {
                 Ok(a) => {
                     written.duplicate |= a.duplicate;
@@ -531,6 +543,7 @@ impl Executor {
                         None => self.model.last_seq(&subject),
                     },
                     expected_subject: guard.map(str::to_owned),
+                    expected_last_seq: None,
                     msg_id: format!("{}:{}", ctx.command, event.key_within_command()),
                     subject,
                     payload: Bytes::from(envelope.encode()),

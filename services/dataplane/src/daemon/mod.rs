@@ -288,8 +288,17 @@ async fn heartbeat(shared: Arc<Shared>, every: Duration, mut shutdown: watch::Re
             jobs: shared.jobs.load(Ordering::Relaxed),
             rebuilding: shared.rebuilding.load(Ordering::Relaxed),
         };
-        if let Err(e) = shared.stores.put_heartbeat(&token, &hb).await {
-            tracing::warn!(error = %e, "heartbeat not sent");
+        // A put the server does not answer (its bucket electing a leader, a node gone)
+        // is not waited for past the next beat: one stuck for the client's whole timeout
+        // would be a silence of the daemon's own making.
+        let patience = every.clamp(Duration::from_millis(250), Duration::from_secs(1));
+        match tokio::time::timeout(patience, shared.stores.put_heartbeat(&token, &hb)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat not sent"),
+            Err(_) => tracing::warn!(
+                ?patience,
+                "heartbeat not acknowledged in time; sending the next"
+            ),
         }
         tokio::select! {
             _ = shutdown.changed() => return,

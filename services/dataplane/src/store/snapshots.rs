@@ -110,15 +110,44 @@ impl Stores {
         }
     }
 
-    /// The agent's part of [`Stores::take_back`]: removes the objects of the job's
-    /// snapshots that were taken back (`ids`, from [`Stores::groomed_snapshots`]), then
-    /// their index keys' markers. How many it removed.
+    /// The agent's part of [`Stores::take_back`], for the job's index keys marked deleted
+    /// (`ids`, from [`Stores::groomed_snapshots`]). The object says what it is: one the
+    /// job's fence refuses (an older epoch) is removed; one it allows (its index entry
+    /// was lost, or a daemon marked a good snapshot) is listed again, never destroyed on
+    /// a mark's word. Then the mark goes. How many objects it removed.
     pub async fn clear_taken_back(&self, job: &JobId, ids: &[String]) -> Result<u64, StoreError> {
         if !self.may_purge {
             return Ok(0);
         }
+        let mut removed = 0;
         for id in ids {
-            self.delete_object(&format!("{job}/{id}")).await?;
+            let name = format!("{job}/{id}");
+            let stored = match self.snapshots.info(&name).await {
+                Ok(info) => info
+                    .metadata
+                    .get(META_KEY)
+                    .and_then(|m| serde_json::from_str::<SnapshotMeta>(m).ok())
+                    .filter(|m| m.job == *job && m.id == *id),
+                Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => None,
+                Err(e) => return Err(unavailable(e)),
+            };
+            if let Some(meta) = stored {
+                match self.fences.check(job, meta.epoch).await {
+                    Ok(_) => {
+                        let value = serde_json::to_vec(&meta).expect("json");
+                        let key = snapshot_key(job, id);
+                        self.snapshot_index
+                            .put(key, value.into())
+                            .await
+                            .map_err(unavailable)?;
+                        tracing::warn!(%job, snapshot = %id, "a snapshot marked deleted but allowed by the fence is listed again");
+                        continue;
+                    }
+                    Err(handoff_eventlog::fence::FenceError::Stale { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            self.delete_object(&name).await?;
             let entry = format!("$KV.{SNAPSHOT_INDEX_BUCKET}.{}", snapshot_key(job, id));
             self.snapshot_index
                 .stream
@@ -126,9 +155,10 @@ impl Stores {
                 .filter(&entry)
                 .await
                 .map_err(unavailable)?;
+            removed += 1;
             tracing::info!(%job, snapshot = %id, "a refused snapshot's object removed");
         }
-        Ok(ids.len() as u64)
+        Ok(removed)
     }
 
     /// Indexes the snapshots stored before the index existed: once per deployment (the
