@@ -64,6 +64,33 @@ async fn lagging_instance(stack: &Stack) -> Result<Executor> {
     Ok(Executor::start(log, Duration::from_secs(10)).await?)
 }
 
+/// `command` signed by `user` under a new id, and the request the service screens from it.
+fn signed_by(
+    user: &handoff_protocol::auth::Credentials,
+    command: Command,
+) -> (
+    CommandRequest<Command>,
+    handoff_protocol::auth::SignedRequest,
+) {
+    let id: CommandId = new_id();
+    let signed = user.sign_command(&id, &command, None);
+    let endpoint = ENDPOINTS
+        .iter()
+        .find(|e| e.name == endpoint_of(&command))
+        .expect("every command has an endpoint");
+    let request = handoff_command::screen(endpoint, &signed.payload).expect("well formed");
+    (request, signed)
+}
+
+/// A signed request as the service receives it.
+fn as_received(signed: &handoff_protocol::auth::SignedRequest) -> Signed<'_> {
+    Signed {
+        subject: &signed.subject,
+        payload: &signed.payload,
+        signature: Some(&signed.signature),
+    }
+}
+
 /// Executes `command` as the owner on `instance`, past the signature check.
 async fn execute(
     instance: &mut Executor,
@@ -287,19 +314,8 @@ async fn a_user_removed_through_one_instance_is_refused_by_a_lagging_one() -> Re
         }))
         .await?;
 
-    let command = move_jobs(1, 2);
-    let id: CommandId = new_id();
-    let signed = ops.sign_command(&id, &command, None);
-    let endpoint = ENDPOINTS
-        .iter()
-        .find(|e| e.name == endpoint_of(&command))
-        .expect("every command has an endpoint");
-    let request = handoff_command::screen(endpoint, &signed.payload).expect("well formed");
-    let signed = Signed {
-        subject: &signed.subject,
-        payload: &signed.payload,
-        signature: Some(&signed.signature),
-    };
+    let (request, signed) = signed_by(&ops, move_jobs(1, 2));
+    let signed = as_received(&signed);
     // Decided on the lagging model, the append expecting the stream's end is refused:
     // nothing is stored, and the full way is taken.
     let log = stack.log().await?;
@@ -335,19 +351,8 @@ async fn a_new_command_is_decided_without_reading_the_streams_end() -> Result<()
     let mut infos = stack.client.subscribe("$JS.API.STREAM.INFO.>").await?;
     stack.client.flush().await?;
 
-    let command = move_jobs(1, 2);
-    let id: CommandId = new_id();
-    let signed = ops.sign_command(&id, &command, None);
-    let endpoint = ENDPOINTS
-        .iter()
-        .find(|e| e.name == endpoint_of(&command))
-        .expect("every command has an endpoint");
-    let request = handoff_command::screen(endpoint, &signed.payload).expect("well formed");
-    let signed = Signed {
-        subject: &signed.subject,
-        payload: &signed.payload,
-        signature: Some(&signed.signature),
-    };
+    let (request, signed) = signed_by(&ops, move_jobs(1, 2));
+    let signed = as_received(&signed);
     let applied = instance
         .execute_fast(&request, &signed, Duration::from_secs(120))
         .await
@@ -373,5 +378,61 @@ async fn a_new_command_is_decided_without_reading_the_streams_end() -> Result<()
         .await
         .expect_err("the same signed request again");
     assert_eq!(replayed.reason, "replayed", "{}", replayed.message);
+    Ok(())
+}
+
+/// A command applied through one instance reaches a lagging one: the same signed bytes
+/// are refused as replayed (not answered from the stored batch), and the same id signed
+/// again gets the stored answer, marked duplicate, with nothing appended twice.
+#[tokio::test]
+async fn a_command_applied_elsewhere_is_replayed_or_answered_by_a_lagging_instance() -> Result<()> {
+    let stack = Stack::start().await?;
+    fleet(&stack).await?;
+    let (ops, _) = stack.user("ops", &[Role::GlobalBackupAdmin], None).await?;
+    let mut lagging = lagging_instance(&stack).await?;
+    let command = move_jobs(1, 2);
+    let (request, signed) = signed_by(&ops, command.clone());
+    let first = request_signed(
+        &stack.client,
+        &signed.subject,
+        signed.payload.clone(),
+        Some(&signed.signature),
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let log = stack.log().await?;
+    let end = log.last_sequence().await?;
+
+    let freshness = Duration::from_secs(120);
+    let again = lagging
+        .execute_fast(&request, &as_received(&signed), freshness)
+        .await;
+    assert!(again.is_none(), "answered on the fast path: {again:?}");
+    let replayed = lagging
+        .authenticate(&request, &as_received(&signed), freshness)
+        .await
+        .expect_err("the same signed bytes again");
+    assert_eq!(replayed.reason, "replayed", "{}", replayed.message);
+
+    let resigned = ops.sign_command_at(&request.id, &command, request.at + 1, None);
+    let endpoint = ENDPOINTS
+        .iter()
+        .find(|e| e.name == endpoint_of(&command))
+        .expect("every command has an endpoint");
+    let request = handoff_command::screen(endpoint, &resigned.payload).expect("well formed");
+    let retry = as_received(&resigned);
+    assert!(lagging
+        .execute_fast(&request, &retry, freshness)
+        .await
+        .is_none());
+    let fingerprint = lagging.authenticate(&request, &retry, freshness).await;
+    let fingerprint = fingerprint.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let answer = lagging
+        .execute(request, Some(fingerprint))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert!(answer.duplicate, "{answer:?}");
+    assert_eq!(answer.events, first.events);
+    assert_eq!(log.last_sequence().await?, end, "nothing appended twice");
     Ok(())
 }

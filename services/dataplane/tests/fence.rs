@@ -209,7 +209,7 @@ async fn a_snapshot_refused_after_its_upload_is_removed_by_the_agent_not_the_dae
         sent += 1;
     }
     assert_eq!(sent, 0, "the daemon asked for a purge");
-    assert!(agent.snapshots.info(meta.object_name()).await.is_ok());
+    assert!(!agent.snapshots.info(meta.object_name()).await?.deleted);
     let (listed, taken_back) = agent.groomed_snapshots(&job).await?;
     assert!(listed.is_empty(), "{listed:?}");
     assert_eq!(taken_back, std::slice::from_ref(&meta.id));
@@ -223,6 +223,7 @@ async fn a_snapshot_refused_after_its_upload_is_removed_by_the_agent_not_the_dae
     let client = handoff_client::Client::new(agent.client.clone(), creds, "handoff-agent");
     let settings = agent.settings().await?;
     handoff_dataplane::groom::groom(&agent, &client, &settings, &job, None, &[]).await?;
+    // Nothing left behind: not even the deleted object's metadata.
     assert!(agent.snapshots.info(meta.object_name()).await.is_err());
     let (listed, taken_back) = agent.groomed_snapshots(&job).await?;
     assert!(listed.is_empty() && taken_back.is_empty(), "{taken_back:?}");
@@ -238,6 +239,6 @@ async fn a_snapshot_refused_after_its_upload_is_removed_by_the_agent_not_the_dae
         agent.snapshots(Some(&job)).await?,
         std::slice::from_ref(&good)
     );
-    assert!(agent.snapshots.info(good.object_name()).await.is_ok());
+    assert!(!agent.snapshots.info(good.object_name()).await?.deleted);
     Ok(())
 }

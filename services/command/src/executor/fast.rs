@@ -57,8 +57,10 @@ impl Executor {
         {
             // Something was appended since (or a subject moved): nothing was stored.
             Ok(None) => return None,
-            // Refused as a whole: nothing was stored either.
-            Err(e) if e.reason == "append_refused" => return None,
+            // The id's events were stored after what this model holds (another instance
+            // answered it): the full way finds that answer, or refuses these very signed
+            // bytes as replayed.
+            Ok(Some(written)) if written.duplicate => return None,
             Ok(Some(written)) => written,
             // The append's outcome is unknown (an outage): answered as the full way does,
             // and the signed request is now one that was received.
@@ -68,11 +70,6 @@ impl Executor {
             }
         };
         self.remember(&fingerprint, request.at, freshness);
-        if written.duplicate {
-            // The id's events were stored after what this model holds (a retry that another
-            // instance answered): its answer is the stored one, found the full way.
-            return Some(self.execute(request.clone(), Some(fingerprint)).await);
-        }
         tracing::trace!(command = %request.id, end, "decided at the stream's end");
         Some(Ok(self.applied(request, decision, written)))
     }

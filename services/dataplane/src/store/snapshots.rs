@@ -114,51 +114,59 @@ impl Stores {
     /// (`ids`, from [`Stores::groomed_snapshots`]). The object says what it is: one the
     /// job's fence refuses (an older epoch) is removed; one it allows (its index entry
     /// was lost, or a daemon marked a good snapshot) is listed again, never destroyed on
-    /// a mark's word. Then the mark goes. How many objects it removed.
+    /// a mark's word; one already deleted, or whose metadata nothing can read (so nothing
+    /// can restore it), leaves only its mark to remove. Each id on its own: one that
+    /// fails is tried at the next grooming. How many objects it removed.
     pub async fn clear_taken_back(&self, job: &JobId, ids: &[String]) -> Result<u64, StoreError> {
         if !self.may_purge {
             return Ok(0);
         }
         let mut removed = 0;
         for id in ids {
-            let name = format!("{job}/{id}");
-            let stored = match self.snapshots.info(&name).await {
-                Ok(info) => info
-                    .metadata
-                    .get(META_KEY)
-                    .and_then(|m| serde_json::from_str::<SnapshotMeta>(m).ok())
-                    .filter(|m| m.job == *job && m.id == *id),
-                Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => None,
-                Err(e) => return Err(unavailable(e)),
-            };
-            if let Some(meta) = stored {
-                match self.fences.check(job, meta.epoch).await {
-                    Ok(_) => {
-                        let value = serde_json::to_vec(&meta).expect("json");
-                        let key = snapshot_key(job, id);
-                        self.snapshot_index
-                            .put(key, value.into())
-                            .await
-                            .map_err(unavailable)?;
-                        tracing::warn!(%job, snapshot = %id, "a snapshot marked deleted but allowed by the fence is listed again");
-                        continue;
-                    }
-                    Err(handoff_eventlog::fence::FenceError::Stale { .. }) => {}
-                    Err(e) => return Err(e.into()),
+            match self.clear_one(job, id).await {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%job, snapshot = %id, error = %e, "a snapshot marked deleted not cleared")
                 }
             }
-            self.delete_object(&name).await?;
-            let entry = format!("$KV.{SNAPSHOT_INDEX_BUCKET}.{}", snapshot_key(job, id));
-            self.snapshot_index
-                .stream
-                .purge()
-                .filter(&entry)
-                .await
-                .map_err(unavailable)?;
-            removed += 1;
-            tracing::info!(%job, snapshot = %id, "a refused snapshot's object removed");
         }
         Ok(removed)
+    }
+
+    /// Clears one id of [`Stores::clear_taken_back`]: whether it removed the object.
+    async fn clear_one(&self, job: &JobId, id: &str) -> Result<bool, StoreError> {
+        let name = format!("{job}/{id}");
+        let stored = match self.snapshots.info(&name).await {
+            Ok(info) if info.deleted => None,
+            Ok(info) => info
+                .metadata
+                .get(META_KEY)
+                .and_then(|m| serde_json::from_str::<SnapshotMeta>(m).ok())
+                .filter(|m| m.job == *job && m.id == *id),
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => None,
+            Err(e) => return Err(unavailable(e)),
+        };
+        if let Some(meta) = stored {
+            match self.fences.check(job, meta.epoch).await {
+                Ok(_) => {
+                    let value = serde_json::to_vec(&meta).expect("json");
+                    let key = snapshot_key(job, id);
+                    self.snapshot_index
+                        .put(key, value.into())
+                        .await
+                        .map_err(unavailable)?;
+                    tracing::warn!(%job, snapshot = %id, "a snapshot marked deleted but allowed by the fence is listed again");
+                    return Ok(false);
+                }
+                Err(handoff_eventlog::fence::FenceError::Stale { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.delete_object(&name).await?;
+        self.purge_index_entry(&snapshot_key(job, id)).await?;
+        tracing::info!(%job, snapshot = %id, "a refused snapshot's object removed");
+        Ok(true)
     }
 
     /// Indexes the snapshots stored before the index existed: once per deployment (the
@@ -367,16 +375,22 @@ impl Stores {
         self.delete_object(&meta.object_name()).await?;
         let key = snapshot_key(&meta.job, &meta.id);
         if self.may_purge {
-            let entry = format!("$KV.{SNAPSHOT_INDEX_BUCKET}.{key}");
-            self.snapshot_index
-                .stream
-                .purge()
-                .filter(&entry)
-                .await
-                .map_err(unavailable)?;
+            self.purge_index_entry(&key).await?;
         } else {
             self.snapshot_index.purge(&key).await.map_err(unavailable)?;
         }
+        Ok(())
+    }
+
+    /// Purges every value of an index key, its delete marker too (the agent only).
+    async fn purge_index_entry(&self, key: &str) -> Result<(), StoreError> {
+        let entry = format!("$KV.{SNAPSHOT_INDEX_BUCKET}.{key}");
+        self.snapshot_index
+            .stream
+            .purge()
+            .filter(&entry)
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 
