@@ -235,6 +235,16 @@ async fn run(args: &Args) -> Result<usize> {
     for (command, (sent, applied)) in by_command {
         println!("chaos:     {sent} x {command} ({applied} applied)");
     }
+    // Why the others were refused: the fleet as the faults left it, or the service.
+    let mut reasons: std::collections::BTreeMap<&str, usize> = Default::default();
+    for o in &history {
+        if let Outcome::Refused { reason } = &o.outcome {
+            *reasons.entry(reason.as_str()).or_default() += 1;
+        }
+    }
+    for (reason, n) in reasons {
+        println!("chaos:     refused {n} x {reason}");
+    }
     println!(
         "chaos: {} faults of {} kinds, {acked} commands acked, {} violations",
         report.faults(),
@@ -430,6 +440,27 @@ async fn check_completion(
     Some(violation("the oplog could not be read for 30 s".into()))
 }
 
+/// A read of the stores, tried again for up to 30 s: right after the faults the cluster
+/// may still be electing leaders (a reader's consumer not found, a request timing out).
+async fn patiently<T, E, F, Fut>(mut read: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let mut tries = 0;
+    loop {
+        match read().await {
+            Ok(v) => return Ok(v),
+            Err(_) if tries < 60 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Rule 5: snapshots and head records fenced.
 async fn check_heads(
     stores: &Stores,
@@ -439,8 +470,7 @@ async fn check_heads(
     let mut out = Vec::new();
     let held = checker::held_epochs(events);
     for (job, j) in &state.jobs {
-        let stored: Vec<checker::Stored> = stores
-            .snapshots(Some(job))
+        let stored: Vec<checker::Stored> = patiently(|| stores.snapshots(Some(job)))
             .await?
             .into_iter()
             .map(|s| checker::Stored {
@@ -451,14 +481,14 @@ async fn check_heads(
             })
             .collect();
         out.extend(checker::snapshots(job, &stored, &held));
-        let fence = stores.fences.read(job).await?.epoch;
+        let fence = patiently(|| stores.fences.read(job)).await?.epoch;
         if fence < j.epoch {
             out.push(Violation {
                 rule: 5,
                 evidence: format!("job {job} is at epoch {} but its fence at {fence}", j.epoch),
             });
         }
-        if let Some(h) = stores.head(job).await? {
+        if let Some(h) = patiently(|| stores.head(job)).await? {
             if !held.contains(&(job.clone(), h.daemon.clone(), h.epoch)) || h.epoch > fence {
                 out.push(Violation {
                     rule: 5,
