@@ -503,7 +503,7 @@ fn table(d1: &DaemonId, d2: &DaemonId, job: &JobId) -> Vec<Call> {
         FENCES_BUCKET,
         "C.....",
         "C.OA.D",
-        "C....D",
+        "C..A.D",
         "......",
     );
     t.write(

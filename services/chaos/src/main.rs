@@ -440,24 +440,25 @@ async fn check_completion(
     Some(violation("the oplog could not be read for 30 s".into()))
 }
 
-/// A read of the stores, tried again for up to 30 s: right after the faults the cluster
-/// may still be electing leaders (a reader's consumer not found, a request timing out).
-async fn patiently<T, E, F, Fut>(mut read: F) -> Result<T>
+/// A read of the stores, tried again until `deadline` (shared by the whole check): right
+/// after the faults the cluster may still be electing leaders (a reader's consumer not
+/// found, a request timing out). The last error, if the deadline passes.
+async fn patiently<T, E, F, Fut>(deadline: tokio::time::Instant, mut read: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
-    E: std::error::Error + Send + Sync + 'static,
+    E: std::fmt::Display,
 {
-    let mut tries = 0;
     loop {
-        match read().await {
-            Ok(v) => return Ok(v),
-            Err(_) if tries < 60 => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(e.into()),
+        let error = match tokio::time::timeout_at(deadline, read()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer".to_owned(),
+        };
+        if tokio::time::Instant::now() + Duration::from_millis(500) >= deadline {
+            anyhow::bail!("the stores could not be read before the check's deadline: {error}");
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -469,8 +470,9 @@ async fn check_heads(
 ) -> Result<Vec<Violation>> {
     let mut out = Vec::new();
     let held = checker::held_epochs(events);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for (job, j) in &state.jobs {
-        let stored: Vec<checker::Stored> = patiently(|| stores.snapshots(Some(job)))
+        let stored: Vec<checker::Stored> = patiently(deadline, || stores.snapshots(Some(job)))
             .await?
             .into_iter()
             .map(|s| checker::Stored {
@@ -481,14 +483,14 @@ async fn check_heads(
             })
             .collect();
         out.extend(checker::snapshots(job, &stored, &held));
-        let fence = patiently(|| stores.fences.read(job)).await?.epoch;
+        let fence = patiently(deadline, || stores.fences.read(job)).await?.epoch;
         if fence < j.epoch {
             out.push(Violation {
                 rule: 5,
                 evidence: format!("job {job} is at epoch {} but its fence at {fence}", j.epoch),
             });
         }
-        if let Some(h) = patiently(|| stores.head(job)).await? {
+        if let Some(h) = patiently(deadline, || stores.head(job)).await? {
             if !held.contains(&(job.clone(), h.daemon.clone(), h.epoch)) || h.epoch > fence {
                 out.push(Violation {
                     rule: 5,

@@ -28,7 +28,7 @@
 //! | command service | owns the event stream: creates and updates it (never purges or deletes it), appends (`handoff.evt.>`), reads it every way; creates the fence bucket, reads and raises fences; creates, reads and writes the command archive and the model's snapshots (purging a replaced snapshot's chunks) | serves `handoff.cmd.*` and `$SRV` |
 //! | projector | its durable consumer on the event stream (any name: `--name`), stream info, message get | serves `handoff.query.*` and `$SRV` |
 //! | operator (the CLI) | reads the event stream every way; binds every data plane store; reads the oplog and snapshots (restores), the settings and the heartbeats; writes the settings and schedules (`handoff_dataplane`) and restore leases | calls `handoff.cmd.*`, `handoff.query.*`, hears `handoff.progress.>` |
-//! | agent | reads the job events only; creates the data plane's stores but the fences; writes the oplog, snapshots and the `config` key; purges the oplog (retention) and the snapshot store (an object delete purges its chunks); reads the head records (`head.<job>` beside the fences), leases, settings | `handoff.cmd.resize-oplog-ttl` |
+//! | agent | reads the job events only; creates the data plane's stores but the fences; writes the oplog, snapshots and the `config` key; purges the oplog (retention) and the snapshot store (an object delete purges its chunks); reads the fences and the head records beside them (`head.<job>`), leases, settings | `handoff.cmd.resize-oplog-ttl` |
 //! | monitor | reads the whole event stream; watches the heartbeat bucket | its reports (`report-daemon-liveness`, `report-head-space`, `report-move-stuck`, `report-failover-guard`, `failover-job`), hears `handoff.progress.>` |
 //! | daemon | reads its own subject of the event stream and the jobs' subjects; binds the data plane stores; reads the oplog and snapshots; writes snapshots, fences and the head records beside them, and its own heartbeat key | its reports (`register-daemon`, `report-job-move-phase`, `complete-job-move`, `fail-job-move`), publishes `handoff.progress.>` |
 //!
@@ -95,10 +95,6 @@ pub struct NatsUser {
     pub nkey: String,
     pub role: ProcessRole,
 }
-
-/// The head records' keys in the fence bucket are `head.<job>` (`handoff_dataplane`'s
-/// store names them so).
-const HEAD_RECORDS: &str = "head";
 
 /// A stream call: `$JS.API.STREAM.<op>.<stream>`.
 fn stream_call(op: &str, stream: &str) -> String {
@@ -368,8 +364,9 @@ fn grant(role: &ProcessRole) -> Grant {
                 .kv_get(CONFIG_BUCKET, ">")
                 .kv_put(CONFIG_BUCKET, "config")
                 .kv_put(CONFIG_BUCKET, dp::SNAPSHOT_INDEX_BUILT)
-                // Where each head stands (retention holds the oplog it still needs).
-                .kv_get(FENCES_BUCKET, &format!("{HEAD_RECORDS}.>"))
+                // Where each head stands (retention holds the oplog it still needs), and
+                // the fences (a snapshot marked deleted goes only if its epoch is older).
+                .kv_get(FENCES_BUCKET, ">")
                 .kv_get(LEASES_BUCKET, ">")
                 // Listing the leases' keys asks for its consumer's info to tell the end.
                 .watches(&dp::kv_stream(LEASES_BUCKET))

@@ -279,7 +279,18 @@ async fn register(client: &Client, config: &Config) -> Result<(), DaemonError> {
 async fn heartbeat(shared: Arc<Shared>, every: Duration, mut shutdown: watch::Receiver<bool>) {
     let started = now_ms();
     let token = subjects::daemon_key(&shared.id);
+    // A beat every `every` from the last one's start, however long its put took.
+    let mut beats = tokio::time::interval(every);
+    beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A put the server does not answer (its bucket electing a leader, a node gone) is not
+    // waited for past the next beat: one stuck for the client's whole timeout would be a
+    // silence of the daemon's own making.
+    let patience = every.clamp(Duration::from_millis(250), Duration::from_secs(1));
     loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = beats.tick() => {}
+        }
         let hb = Heartbeat {
             daemon: shared.id.clone(),
             at_ms: now_ms(),
@@ -288,10 +299,6 @@ async fn heartbeat(shared: Arc<Shared>, every: Duration, mut shutdown: watch::Re
             jobs: shared.jobs.load(Ordering::Relaxed),
             rebuilding: shared.rebuilding.load(Ordering::Relaxed),
         };
-        // A put the server does not answer (its bucket electing a leader, a node gone)
-        // is not waited for past the next beat: one stuck for the client's whole timeout
-        // would be a silence of the daemon's own making.
-        let patience = every.clamp(Duration::from_millis(250), Duration::from_secs(1));
         match tokio::time::timeout(patience, shared.stores.put_heartbeat(&token, &hb)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat not sent"),
@@ -299,10 +306,6 @@ async fn heartbeat(shared: Arc<Shared>, every: Duration, mut shutdown: watch::Re
                 ?patience,
                 "heartbeat not acknowledged in time; sending the next"
             ),
-        }
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(every) => {}
         }
     }
 }
