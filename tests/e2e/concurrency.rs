@@ -74,12 +74,19 @@ fn signed_by(
 ) {
     let id: CommandId = new_id();
     let signed = user.sign_command(&id, &command, None);
+    (screened(&signed, &command), signed)
+}
+
+/// The request the service screens from a signed `command`.
+fn screened(
+    signed: &handoff_protocol::auth::SignedRequest,
+    command: &Command,
+) -> CommandRequest<Command> {
     let endpoint = ENDPOINTS
         .iter()
-        .find(|e| e.name == endpoint_of(&command))
+        .find(|e| e.name == endpoint_of(command))
         .expect("every command has an endpoint");
-    let request = handoff_command::screen(endpoint, &signed.payload).expect("well formed");
-    (request, signed)
+    handoff_command::screen(endpoint, &signed.payload).expect("well formed")
 }
 
 /// A signed request as the service receives it.
@@ -415,11 +422,7 @@ async fn a_command_applied_elsewhere_is_replayed_or_answered_by_a_lagging_instan
     assert_eq!(replayed.reason, "replayed", "{}", replayed.message);
 
     let resigned = ops.sign_command_at(&request.id, &command, request.at + 1, None);
-    let endpoint = ENDPOINTS
-        .iter()
-        .find(|e| e.name == endpoint_of(&command))
-        .expect("every command has an endpoint");
-    let request = handoff_command::screen(endpoint, &resigned.payload).expect("well formed");
+    let request = screened(&resigned, &command);
     let retry = as_received(&resigned);
     assert!(lagging
         .execute_fast(&request, &retry, freshness)

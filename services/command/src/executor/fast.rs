@@ -25,7 +25,9 @@ impl Executor {
         if self.check_running().is_err() || self.catch_up(self.appended).await.is_err() {
             return None;
         }
-        if self.model.command(&request.id).is_some() || self.model.rejected(&request.id).is_some() {
+        // An id applied in part is resumed the full way; one rejected or archived is found
+        // by `earlier_answer` below.
+        if self.model.command(&request.id).is_some() {
             return None;
         }
         let fingerprint = self.check_signature(request, signed, freshness).ok()?;
