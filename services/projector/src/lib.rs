@@ -48,7 +48,8 @@ use tokio::sync::watch;
 pub use store::{SledStore, StoreError, ViewStore};
 pub use views::Views;
 
-/// The most events folded into one sled batch. While the projector is behind (a rebuild,
+/// How many events a sled batch gathers: pulls are added until it holds this many, so it
+/// holds at most this plus `PULL_BATCH` - 1. While the projector is behind (a rebuild,
 /// a restart) batches fill up, so a record touched by many events is written once; when
 /// it is live, each batch holds what has arrived. sled frees nothing a batch replaced
 /// until the batch is written, so the batch bounds the projector's peak memory: a rebuild

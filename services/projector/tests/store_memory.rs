@@ -1,7 +1,9 @@
 //! The view store frees what sled replaces as it writes: batch after batch of rewrites
 //! (a rebuild's pattern) leave the process's resident memory about where it was.
 //!
-//! Its own test binary, so no other test allocates while it measures.
+//! Its own test binary, so no other test allocates while it measures. It reads
+//! `/proc/self/status`: Linux only.
+#![cfg(target_os = "linux")]
 
 use handoff_projector::{SledStore, ViewStore};
 
