@@ -16,7 +16,6 @@
 //!   and its resident memory at the end and at its peak (target: under 256 MiB).
 
 use std::path::PathBuf;
-use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -25,12 +24,13 @@ use handoff_client::{new_command_id, Client, Retry};
 use handoff_domain::command::*;
 use handoff_domain::ids::DeploymentName;
 use handoff_domain::model::{DaemonSettings, Deployment, JobSize, Shard};
-use handoff_domain::{Actor, Command, Context, DaemonId, ProjectId, State};
+use handoff_domain::{Actor, Command, CommandId, Context, DaemonId, ProjectId, State};
 use handoff_eventlog::EventLog;
 use handoff_natsd::NatsProcess;
 use handoff_protocol::auth::Credentials;
 use serde_json::json;
 
+use crate::process::Service;
 use crate::{median, ms, p99, verdict};
 
 const DAEMONS: usize = 1000;
@@ -42,70 +42,6 @@ const GROW_MOVES: std::ops::Range<usize> = 400..800;
 
 fn daemon(n: usize) -> DaemonId {
     DaemonId::new(format!("backup{n:04}.fleet:/heads/")).expect("valid")
-}
-
-/// A `handoff` service as its own process.
-struct Service {
-    child: Child,
-}
-
-impl Service {
-    fn spawn(url: &str, args: &[&str]) -> Result<Self> {
-        let bin = std::env::current_exe()?.with_file_name("handoff");
-        if !bin.exists() {
-            bail!("{} is missing: scripts/bench builds it", bin.display());
-        }
-        let child = Process::new(bin)
-            .args(["--nats-url", url])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        Ok(Service { child })
-    }
-
-    /// Resident memory now (from /proc).
-    fn rss_mib(&self) -> f64 {
-        self.status_mib("VmRSS:")
-    }
-
-    /// The most it was ever resident.
-    fn peak_mib(&self) -> f64 {
-        self.status_mib("VmHWM:")
-    }
-
-    fn status_mib(&self, field: &str) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    }
-
-    /// SIGTERM, and waits for the exit (a clean stop: the command service saves its model).
-    fn stop(&mut self) -> Result<()> {
-        let pid = self.child.id().to_string();
-        Process::new("kill").args(["-TERM", &pid]).status()?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            if self.child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.child.kill()?;
-        bail!("the service did not stop within 120 s")
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What one round of measures found.
@@ -173,9 +109,14 @@ impl Fleet {
     }
 
     async fn send(&self, command: Command) -> Result<handoff_protocol::Applied> {
+        self.send_as(&new_command_id(), command).await
+    }
+
+    /// Sends `command` with the id `id`.
+    async fn send_as(&self, id: &CommandId, command: Command) -> Result<handoff_protocol::Applied> {
         let name = command.name();
         self.commands
-            .send(&new_command_id(), &command)
+            .send(id, &command)
             .await
             .map_err(|e| anyhow::anyhow!("{name} refused: {e}"))
     }
@@ -284,16 +225,16 @@ impl Fleet {
     /// Daemon `n`'s jobs moved to daemon `n + 1`, then the move cancelled.
     async fn move_and_cancel(&self, n: usize) -> Result<()> {
         let id = new_command_id();
-        let command = Command::MoveJobs(MoveJobs {
-            from: daemon(n),
-            to: daemon(n + 1),
-            reason: Some("bench history".into()),
-            dry_run: false,
-        });
-        self.commands
-            .send(&id, &command)
-            .await
-            .map_err(|e| anyhow::anyhow!("MoveJobs refused: {e}"))?;
+        self.send_as(
+            &id,
+            Command::MoveJobs(MoveJobs {
+                from: daemon(n),
+                to: daemon(n + 1),
+                reason: Some("bench history".into()),
+                dry_run: false,
+            }),
+        )
+        .await?;
         self.send(Command::CancelMove(CancelMove {
             move_id: id,
             reason: "bench history".into(),

@@ -23,9 +23,12 @@
 //! - this file: the command-path benchmarks (a), (b), (c) and the shared [`Bench`] setup.
 //! - `dataplane`: the data plane's benchmarks (d) and (e).
 //! - `fleet`: (f).
+//! - `soak`: (g).
+//! - `process`: a `handoff` service as a process of its own, and its memory from /proc.
 
 mod dataplane;
 mod fleet;
+mod process;
 mod soak;
 
 use std::path::PathBuf;
@@ -306,9 +309,8 @@ async fn move_job() -> Result<[Vec<Duration>; 4]> {
         batch.push(t.elapsed());
     }
     // And what a request through a service costs on its own: a request and its reply
-    // through the same server, answered at once by a responder on a connection of its
-    // own, as the command service is.
-    // A subject no stream captures: the round trip alone.
+    // through the same server on a subject no stream captures, answered at once by a
+    // responder on a connection of its own, as the command service is.
     let responder = async_nats::connect(b.nats.url()).await?;
     let mut requests = responder.subscribe(ECHO_SUBJECT).await?;
     responder.flush().await?;

@@ -24,6 +24,7 @@ use anyhow::{bail, Context as _, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::process::status_mib;
 use crate::verdict;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -136,19 +137,6 @@ async fn cli(bin: &Path, to: &Reach, args: &[&str]) -> Result<Option<String>> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
-/// The resident memory of a process, from /proc, in MiB.
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
 /// `handoff up` and its children (daemons, nats-server), by a name for each.
 fn processes(up: u32) -> BTreeMap<String, u32> {
     let mut out = BTreeMap::from([("handoff up (services, agent, monitor)".to_owned(), up)]);
@@ -189,7 +177,7 @@ fn processes(up: u32) -> BTreeMap<String, u32> {
 fn memory(procs: &BTreeMap<String, u32>) -> BTreeMap<String, f64> {
     procs
         .iter()
-        .filter_map(|(name, pid)| Some((name.clone(), rss_mib(*pid)?)))
+        .filter_map(|(name, pid)| Some((name.clone(), status_mib(*pid, "VmRSS:")?)))
         .collect()
 }
 
