@@ -3,9 +3,10 @@
 //!
 //! - (a) MoveJobs of 1,000 jobs, request to durable reply, against a raw pipelined
 //!   JetStream publish of the same 1,003 payloads (target: within 2x).
-//! - (b) MoveJob of one job, request to reply, median and p99 over 1,000, against an
-//!   awaited atomic batch of as many messages (the server's own cost of the write; target:
-//!   within 1.25x at p50); also printed: an awaited publish of as many bytes, and a bare
+//! - (b) MoveJob of one job, request to reply, median and p99 over 1,000, each against an
+//!   awaited atomic batch of the very messages it appended, into a stream holding the same
+//!   history (the server's own cost of the write; target: within 1.25x at p50); also
+//!   printed: moves back to back, an awaited publish of as many bytes, and a bare
 //!   request-reply round trip through the same server (what any request through a service
 //!   adds).
 //! - (c) A projector rebuild over 200,000 events against a raw ordered read of the same
@@ -20,15 +21,17 @@
 //! and the local stack do.
 //!
 //! # Layout
-//! - this file: the command-path benchmarks (a), (b), (c) and the shared [`Bench`] setup.
+//! - this file: the benchmarks (a) and (c) and the shared [`Bench`] setup.
 //! - `dataplane`: the data plane's benchmarks (d) and (e).
 //! - `fleet`: (f).
 //! - `soak`: (g).
 //! - `process`: a `handoff` service as a process of its own, and its memory from /proc.
+//! - `single`: (b).
 
 mod dataplane;
 mod fleet;
 mod process;
+mod single;
 mod soak;
 
 use std::path::PathBuf;
@@ -51,11 +54,7 @@ use tokio::sync::oneshot;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const RUNS: usize = 5;
-const MOVES: usize = 1000;
 const REBUILD_EVENTS: u64 = 200_000;
-/// About the size of a signed MoveJob request and of its reply.
-const ECHO_BYTES: usize = 600;
-const ECHO_SUBJECT: &str = "bench.echo";
 
 /// A fresh nats-server and a command service.
 struct Bench {
@@ -249,97 +248,6 @@ async fn move_jobs() -> Result<(Duration, Duration)> {
     Ok((median(&mut ours), median(&mut base)))
 }
 
-/// (b) MoveJob, one job at a time: request-to-reply times of MoveJob, of an awaited
-/// publish of as many bytes, of an awaited atomic batch of as many messages (the server's
-/// own cost of the write), and of a bare request and reply through the same server.
-async fn move_job() -> Result<[Vec<Duration>; 4]> {
-    let b = Bench::start().await?;
-    b.raw_stream().await?;
-    let js = jetstream::new(b.client.clone());
-    let (src, dst) = (daemon("src"), daemon("dst"));
-    let jobs = fleet(&b, "single", &src, &dst, 4).await?;
-    let (mut ours, mut base) = (Vec::new(), Vec::new());
-    let mut size = 0;
-    for job in jobs.iter().take(MOVES) {
-        let t = Instant::now();
-        let applied = b
-            .send(&Command::MoveJob(MoveJob {
-                job: job.clone(),
-                to: dst.clone(),
-                reason: None,
-                dry_run: false,
-            }))
-            .await?;
-        ours.push(t.elapsed());
-        size = applied.events.len();
-    }
-    // A payload as large as the three events a MoveJob appends together.
-    let payload = bytes::Bytes::from(vec![b'x'; 300 * size.max(1)]);
-    for i in 0..MOVES {
-        let t = Instant::now();
-        js.publish(format!("raw.single.{i}"), payload.clone())
-            .await?
-            .await?;
-        base.push(t.elapsed());
-    }
-    // For the explanation: the same three events as one atomic batch, awaited.
-    let log = handoff_eventlog::EventLog::attach(
-        b.client.clone(),
-        handoff_eventlog::Config {
-            stream: "RAWBATCH".into(),
-            subjects: vec!["rawbatch.>".into()],
-            ..Default::default()
-        },
-    )
-    .await?;
-    let mut batch = Vec::new();
-    for i in 0..MOVES {
-        let messages: Vec<handoff_eventlog::Outgoing> = (0..size.max(1))
-            .map(|k| handoff_eventlog::Outgoing {
-                subject: format!("rawbatch.{i}.{k}"),
-                payload: bytes::Bytes::from(vec![b'x'; 300]),
-                msg_id: format!("{i}:{k}"),
-                expected_last_subject_seq: 0,
-                expected_subject: None,
-                expected_last_seq: None,
-            })
-            .collect();
-        let t = Instant::now();
-        log.append(&messages).await?;
-        batch.push(t.elapsed());
-    }
-    // And what a request through a service costs on its own: a request and its reply
-    // through the same server on a subject no stream captures, answered at once by a
-    // responder on a connection of its own, as the command service is.
-    let responder = async_nats::connect(b.nats.url()).await?;
-    let mut requests = responder.subscribe(ECHO_SUBJECT).await?;
-    responder.flush().await?;
-    let answering = tokio::spawn(async move {
-        while let Some(m) = requests.next().await {
-            if let Some(reply) = m.reply {
-                let _ = responder.publish(reply, m.payload).await;
-            }
-        }
-    });
-    let request = bytes::Bytes::from(vec![b'x'; ECHO_BYTES]);
-    // Until the server has the responder's interest (it came on another connection).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(e) = b.client.request(ECHO_SUBJECT, request.clone()).await {
-        if Instant::now() > deadline {
-            bail!("nothing answers the echo: {e}");
-        }
-        tokio::task::yield_now().await;
-    }
-    let mut echo = Vec::new();
-    for _ in 0..MOVES {
-        let t = Instant::now();
-        b.client.request(ECHO_SUBJECT, request.clone()).await?;
-        echo.push(t.elapsed());
-    }
-    answering.abort();
-    Ok([ours, base, batch, echo])
-}
-
 /// Appends about `target` events through the command service: fleets of 1,000 jobs, each
 /// then moved.
 async fn fill(b: &Bench, target: u64) -> Result<u64> {
@@ -434,7 +342,7 @@ async fn main() -> Result<()> {
         bench_a().await?;
     }
     if run("b") {
-        bench_b().await?;
+        single::bench_b().await?;
     }
     if run("c") {
         bench_c().await?;
@@ -534,41 +442,6 @@ async fn bench_a() -> Result<()> {
     let ratio = ours.as_secs_f64() / raw.as_secs_f64();
     println!("(a) MoveJobs of 1,000 jobs, request to durable reply");
     println!("    handoff {}   raw pipelined publish of the same 1,003 payloads {}   ratio {ratio:.2}x   target <= 2x: {}\n", ms(ours), ms(raw), verdict(ratio <= 2.0));
-    Ok(())
-}
-
-async fn bench_b() -> Result<()> {
-    let [mut ours, mut raw, mut batch, mut echo] = move_job().await.context("benchmark (b)")?;
-    let (o50, o99) = (median(&mut ours), p99(&mut ours));
-    let e50 = median(&mut echo);
-    let (r50, r99) = (median(&mut raw), p99(&mut raw));
-    let (b50, b99) = (median(&mut batch), p99(&mut batch));
-    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
-    println!("(b) MoveJob of one job, request to reply, over {MOVES}");
-    println!(
-        "    p50: handoff {}   raw atomic batch of the same messages, awaited {}   ratio {:.2}x   target <= 1.25x: {}",
-        ms(o50),
-        ms(b50),
-        ratio(o50, b50),
-        verdict(ratio(o50, b50) <= 1.25)
-    );
-    println!(
-        "    p99: handoff {}   raw atomic batch {}   ratio {:.2}x",
-        ms(o99),
-        ms(b99),
-        ratio(o99, b99)
-    );
-    println!(
-        "    (a single awaited publish of as many bytes: p50 {}, p99 {})",
-        ms(r50),
-        ms(r99)
-    );
-    println!(
-        "    (a request and its reply through the server, answered at once: p50 {}; the atomic batch plus that round trip {}, handoff {:.2}x of it)\n",
-        ms(e50),
-        ms(b50 + e50),
-        ratio(o50, b50 + e50)
-    );
     Ok(())
 }
 

@@ -294,6 +294,9 @@ impl CommandService {
                     }
                 }
             }
+            // After the reply (and after the steps the service takes on its own), so no
+            // reply queues behind the fences' writes.
+            executor.raise_due_fences();
         }
         // Ignored: stopping only unsubscribes; the process is going away either way.
         let _ = service.stop().await;

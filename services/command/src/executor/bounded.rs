@@ -166,6 +166,7 @@ impl Executor {
             read_timeout,
             seen: HashMap::new(),
             fences: None,
+            fences_due: Vec::new(),
             stopped: None,
             archive,
             snapshots,

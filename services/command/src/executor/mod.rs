@@ -18,7 +18,6 @@
 //!   the model (decision 0012).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -69,6 +68,9 @@ pub struct Executor {
     seen: HashMap<String, u64>,
     /// Raised after each append that gives a job a new epoch.
     fences: Option<Fences>,
+    /// The fences the decisions appended since the last [`Executor::raise_due_fences`]
+    /// call for: raised after the reply is sent, so a reply never waits behind them.
+    fences_due: Vec<(handoff_domain::JobId, u64)>,
     /// Set when the model met an event it cannot fold (undecodable, or after a hole):
     /// the answer to every command from then on. The model is never folded further, so
     /// nothing is decided on it.
@@ -247,23 +249,31 @@ impl Executor {
         self
     }
 
-    /// Raises the fence of every job an event gave a new epoch. Best effort: the daemon
-    /// that gets the job raises it too before it works on it.
-    fn raise_fences<'a>(
-        &self,
-        events: impl Iterator<Item = &'a Event>,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let fences = self.fences.clone();
-        let raise: Vec<(handoff_domain::JobId, u64)> = events
-            .filter_map(|event| match event {
+    /// Notes the fence of every job an event gave a new epoch, to raise once the reply
+    /// is on its way ([`Executor::raise_due_fences`]).
+    fn note_fences<'a>(&mut self, events: impl Iterator<Item = &'a Event>) {
+        if self.fences.is_none() {
+            return;
+        }
+        self.fences_due
+            .extend(events.filter_map(|event| match event {
                 // A new job has no previous owner to fence off: its daemon raises it.
                 Event::JobMoveStarted { job, epoch, .. }
                 | Event::JobMoveFailed { job, epoch, .. } => Some((job.clone(), *epoch)),
                 _ => None,
-            })
-            .collect();
-        async move {
-            let Some(fences) = fences else { return };
+            }));
+    }
+
+    /// Raises, in the background, the fences noted since the last call. Best effort: the
+    /// daemon that gets a job raises its fence too before it works on it, and a fence only
+    /// rises, so raises may land in any order. The service calls it after each reply (and
+    /// after each step it takes on its own), so a reply never queues behind these writes.
+    pub fn raise_due_fences(&mut self) {
+        let (Some(fences), false) = (self.fences.clone(), self.fences_due.is_empty()) else {
+            return;
+        };
+        let raise = std::mem::take(&mut self.fences_due);
+        tokio::spawn(async move {
             futures::stream::iter(raise)
                 .for_each_concurrent(64, |(job, epoch)| {
                     let fences = fences.clone();
@@ -274,7 +284,7 @@ impl Executor {
                     }
                 })
                 .await;
-        }
+        });
     }
 
     /// Folds events until the model has applied `target`.
@@ -494,16 +504,14 @@ impl Executor {
 
     /// The reply to a command whose decision is appended.
     fn applied(
-        &self,
+        &mut self,
         request: &CommandRequest<Command>,
         decision: Decision,
         written: Written,
     ) -> Applied {
         let dry_run = is_dry_run(&request.command);
         if !dry_run {
-            // In the background: the reply does not wait for the fences (a fence only
-            // rises, so raises may land in any order; the new owner raises it too).
-            tokio::spawn(self.raise_fences(decision.events()));
+            self.note_fences(decision.events());
         }
         Applied {
             command: request.id.clone(),

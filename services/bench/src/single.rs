@@ -1,0 +1,197 @@
+//! (b): MoveJob of one job at a time, each against the raw atomic batch of its own
+//! messages.
+
+use std::collections::HashMap;
+
+use super::*;
+
+const MOVES: usize = 1000;
+/// About the size of a signed MoveJob request and of its reply.
+const ECHO_BYTES: usize = 600;
+const ECHO_SUBJECT: &str = "bench.echo";
+
+/// (b) MoveJob, one job at a time: request-to-reply times of MoveJob, each followed by an
+/// awaited atomic batch of the very messages it appended (their subjects under a prefix,
+/// payloads and message ids, each expecting its subject's last sequence as MoveJob's
+/// did, the first the stream's end) into a stream that holds the same history, so the
+/// server does the same work (its own cost of the write); then an awaited publish of as
+/// many bytes, and a bare request and reply through the same server.
+async fn move_job() -> Result<[Vec<Duration>; 5]> {
+    let b = Bench::start().await?;
+    b.raw_stream().await?;
+    let js = jetstream::new(b.client.clone());
+    let (src, dst) = (daemon("src"), daemon("dst"));
+    let jobs = fleet(&b, "single", &src, &dst, 4).await?;
+    let (src2, dst2) = (daemon("src2"), daemon("dst2"));
+    let more = fleet(&b, "again", &src2, &dst2, 4).await?;
+    let log = handoff_eventlog::EventLog::attach(
+        b.client.clone(),
+        handoff_eventlog::Config {
+            stream: "RAWBATCH".into(),
+            subjects: vec!["rawbatch.>".into()],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let events = js.get_stream(handoff_protocol::subjects::STREAM).await?;
+    // The raw stream's copy of the history so far, and where each subject ends there.
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut end = 0;
+    let copy = |m: &async_nats::jetstream::message::StreamMessage, last: &HashMap<String, u64>| {
+        handoff_eventlog::Outgoing {
+            subject: format!("rawbatch.{}", m.subject),
+            payload: m.payload.clone(),
+            msg_id: m
+                .headers
+                .get("Nats-Msg-Id")
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_else(|| m.sequence.to_string()),
+            expected_last_subject_seq: last.get(m.subject.as_str()).copied().unwrap_or(0),
+            expected_subject: None,
+            expected_last_seq: None,
+        }
+    };
+    for seq in 1..=log_end(&events).await? {
+        let m = events.get_raw_message(seq).await?;
+        end = log.append(&[copy(&m, &last)]).await?.last_seq;
+        last.insert(m.subject.to_string(), end);
+    }
+    let fences = handoff_eventlog::fence::Fences::bind(&js).await?;
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    let mut batch = Vec::new();
+    let mut size = 0;
+    for job in jobs.iter().take(MOVES) {
+        let t = Instant::now();
+        let applied = b
+            .send(&Command::MoveJob(MoveJob {
+                job: job.clone(),
+                to: dst.clone(),
+                reason: None,
+                dry_run: false,
+            }))
+            .await?;
+        ours.push(t.elapsed());
+        size = applied.events.len();
+        // Quiet before the raw write: the job's fence, raised after the reply, is stored.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fences.read(job).await?.epoch == 0 {
+            if Instant::now() > deadline {
+                bail!("the fence of {job} was not raised");
+            }
+            tokio::task::yield_now().await;
+        }
+        let mut messages = Vec::new();
+        for e in &applied.events {
+            let m = events.get_raw_message(e.seq).await?;
+            messages.push(copy(&m, &last));
+        }
+        messages[0].expected_last_seq = Some(end);
+        let t = Instant::now();
+        let a = log.append(&messages).await?;
+        batch.push(t.elapsed());
+        for (i, e) in applied.events.iter().enumerate() {
+            last.insert(e.subject.clone(), a.first_seq + i as u64);
+        }
+        end = a.last_seq;
+    }
+    // As many moves of the second fleet's jobs, back to back: each next request meets the
+    // server while the last move's fence is being written, as a client that does not
+    // pause would.
+    let mut back_to_back = Vec::new();
+    for job in more.iter().take(MOVES) {
+        let t = Instant::now();
+        b.send(&Command::MoveJob(MoveJob {
+            job: job.clone(),
+            to: dst2.clone(),
+            reason: None,
+            dry_run: false,
+        }))
+        .await?;
+        back_to_back.push(t.elapsed());
+    }
+    // A payload as large as the events a MoveJob appends together.
+    let payload = bytes::Bytes::from(vec![b'x'; 300 * size.max(1)]);
+    for i in 0..MOVES {
+        let t = Instant::now();
+        js.publish(format!("raw.single.{i}"), payload.clone())
+            .await?
+            .await?;
+        base.push(t.elapsed());
+    }
+    // And what a request through a service costs on its own: a request and its reply
+    // through the same server on a subject no stream captures, answered at once by a
+    // responder on a connection of its own, as the command service is.
+    let responder = async_nats::connect(b.nats.url()).await?;
+    let mut requests = responder.subscribe(ECHO_SUBJECT).await?;
+    responder.flush().await?;
+    let answering = tokio::spawn(async move {
+        while let Some(m) = requests.next().await {
+            if let Some(reply) = m.reply {
+                let _ = responder.publish(reply, m.payload).await;
+            }
+        }
+    });
+    let request = bytes::Bytes::from(vec![b'x'; ECHO_BYTES]);
+    // Until the server has the responder's interest (it came on another connection).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = b.client.request(ECHO_SUBJECT, request.clone()).await {
+        if Instant::now() > deadline {
+            bail!("nothing answers the echo: {e}");
+        }
+        tokio::task::yield_now().await;
+    }
+    let mut echo = Vec::new();
+    for _ in 0..MOVES {
+        let t = Instant::now();
+        b.client.request(ECHO_SUBJECT, request.clone()).await?;
+        echo.push(t.elapsed());
+    }
+    answering.abort();
+    Ok([ours, base, batch, echo, back_to_back])
+}
+
+/// The event stream's last sequence.
+async fn log_end(events: &stream::Stream) -> Result<u64> {
+    Ok(events.get_info().await?.state.last_sequence)
+}
+
+pub(crate) async fn bench_b() -> Result<()> {
+    let [mut ours, mut raw, mut batch, mut echo, mut back] =
+        move_job().await.context("benchmark (b)")?;
+    let (o50, o99) = (median(&mut ours), p99(&mut ours));
+    let e50 = median(&mut echo);
+    let (r50, r99) = (median(&mut raw), p99(&mut raw));
+    let (b50, b99) = (median(&mut batch), p99(&mut batch));
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    println!("(b) MoveJob of one job, request to reply, over {MOVES}");
+    println!(
+        "    p50: handoff {}   raw atomic batch of the same messages, awaited {}   ratio {:.2}x   target <= 1.25x: {}",
+        ms(o50),
+        ms(b50),
+        ratio(o50, b50),
+        verdict(ratio(o50, b50) <= 1.25)
+    );
+    println!(
+        "    p99: handoff {}   raw atomic batch {}   ratio {:.2}x",
+        ms(o99),
+        ms(b99),
+        ratio(o99, b99)
+    );
+    println!(
+        "    (each pair measured on a quiet server: the next write waits until the move's fence is stored; {MOVES} moves of a second fleet back to back, each fence's write overlapping the next request: p50 {}, p99 {})",
+        ms(median(&mut back)),
+        ms(p99(&mut back))
+    );
+    println!(
+        "    (a single awaited publish of as many bytes: p50 {}, p99 {})",
+        ms(r50),
+        ms(r99)
+    );
+    println!(
+        "    (a request and its reply through the server, answered at once: p50 {}; the atomic batch plus that round trip {}, handoff {:.2}x of it)\n",
+        ms(e50),
+        ms(b50 + e50),
+        ratio(o50, b50 + e50)
+    );
+    Ok(())
+}
