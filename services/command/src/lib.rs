@@ -294,8 +294,7 @@ impl CommandService {
                     }
                 }
             }
-            // After the reply (and after the steps the service takes on its own), so no
-            // reply queues behind the fences' writes.
+            // After the reply: the fences' writes go out on the connection behind it.
             executor.raise_due_fences();
         }
         // Ignored: stopping only unsubscribes; the process is going away either way.

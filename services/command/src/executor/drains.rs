@@ -151,7 +151,10 @@ impl Executor {
             client: None,
             command,
         };
-        match self.execute(request, None).await {
+        let executed = self.execute(request, None).await;
+        // Nobody waits for a reply here: the move's fences go out at once.
+        self.raise_due_fences();
+        match executed {
             Ok(applied) => {
                 self.drains.blocked.remove(daemon);
                 if ends || applied.events.is_empty() {

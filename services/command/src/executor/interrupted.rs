@@ -54,7 +54,10 @@ impl Executor {
             tracing::warn!("a command appended in part cannot be told again from its events; its caller must send it again with the same id");
             return;
         };
-        let error = match self.execute(request, None).await {
+        let executed = self.execute(request, None).await;
+        // Nobody waits for a reply here: the fences go out at once.
+        self.raise_due_fences();
+        let error = match executed {
             Ok(applied) => {
                 tracing::info!(
                     events = applied.events.len(),

@@ -66,10 +66,11 @@ pub struct Executor {
     /// signed: a request seen again within the freshness window is a replay (older
     /// ones are refused as expired anyway).
     seen: HashMap<String, u64>,
-    /// Raised after each append that gives a job a new epoch.
+    /// Where the jobs' fences are raised, after each append that gives a job a new epoch.
     fences: Option<Fences>,
     /// The fences the decisions appended since the last [`Executor::raise_due_fences`]
-    /// call for: raised after the reply is sent, so a reply never waits behind them.
+    /// call: the service raises them once the command's reply is sent, so their writes
+    /// go out on the connection after the reply instead of ahead of it.
     fences_due: Vec<(handoff_domain::JobId, u64)>,
     /// Set when the model met an event it cannot fold (undecodable, or after a hole):
     /// the answer to every command from then on. The model is never folded further, so
@@ -243,14 +244,17 @@ impl Executor {
         Err(why)
     }
 
-    /// Raises the jobs' fences after each append that gives a job a new epoch.
+    /// Raises the jobs' fences after each append that gives a job a new epoch: noted by
+    /// the decision, raised by [`Executor::raise_due_fences`], which the caller of
+    /// [`Executor::execute`] and [`Executor::execute_fast`] calls once it has sent the
+    /// reply, or at once where there is none.
     pub fn with_fences(mut self, fences: Fences) -> Self {
         self.fences = Some(fences);
         self
     }
 
     /// Notes the fence of every job an event gave a new epoch, to raise once the reply
-    /// is on its way ([`Executor::raise_due_fences`]).
+    /// (if any) is on its way ([`Executor::raise_due_fences`]).
     fn note_fences<'a>(&mut self, events: impl Iterator<Item = &'a Event>) {
         if self.fences.is_none() {
             return;
@@ -266,8 +270,9 @@ impl Executor {
 
     /// Raises, in the background, the fences noted since the last call. Best effort: the
     /// daemon that gets a job raises its fence too before it works on it, and a fence only
-    /// rises, so raises may land in any order. The service calls it after each reply (and
-    /// after each step it takes on its own), so a reply never queues behind these writes.
+    /// rises, so raises may land in any order. The service calls it after each reply, and
+    /// after each command a drain or an interrupted command's finishing decides, so a
+    /// reply's message goes out before these writes.
     pub fn raise_due_fences(&mut self) {
         let (Some(fences), false) = (self.fences.clone(), self.fences_due.is_empty()) else {
             return;
