@@ -166,7 +166,7 @@ pub(crate) async fn bench_b() -> Result<()> {
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
     println!("(b) MoveJob of one job, request to reply, over {MOVES}");
     println!(
-        "    p50: handoff {}   raw atomic batch of the same messages, awaited {} (each pair on a quiet server: the raw write waits until the move's fence is stored)   ratio {:.2}x   target <= 1.25x: {}",
+        "    p50: handoff {}   raw atomic batch of the same messages, awaited {} (each pair on a quiet server: the raw write waits until the move's fence is stored)   ratio {:.3}x   target <= 1.25x: {}",
         ms(o50),
         ms(b50),
         ratio(o50, b50),
