@@ -217,6 +217,26 @@ async fn a_restart_from_the_saved_model_decides_as_a_fold_from_the_start() -> Re
         end,
         "nothing appended by the retries"
     );
+
+    // With the archive unreadable, a retry of an old id cannot be answered, but a new
+    // id, made after every id that left the window, never asks the archive.
+    js.delete_stream(handoff_protocol::dataplane::kv_stream(
+        subjects::COMMAND_ARCHIVE_BUCKET,
+    ))
+    .await?;
+    let lost = stack
+        .send_as(&early.applied_id, &early.applied)
+        .await?
+        .expect_err("the archive is gone");
+    assert_eq!(
+        lost.code,
+        handoff_protocol::ErrorCode::Unavailable,
+        "{lost:?}"
+    );
+    stack
+        .send_as(&new_id(), &register(9, settings(1)))
+        .await?
+        .map_err(|e| anyhow::anyhow!("a new id asked the archive: {}", e.message))?;
     Ok(())
 }
 

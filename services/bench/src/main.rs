@@ -68,6 +68,11 @@ struct Bench {
 
 impl Bench {
     async fn start() -> Result<Self> {
+        Self::start_with(handoff_command::Config::default()).await
+    }
+
+    /// With the command service's `config` (its first owner set here).
+    async fn start_with(config: handoff_command::Config) -> Result<Self> {
         let bin = handoff_natsd::find_binary(&[
             std::env::current_dir()?,
             PathBuf::from(env!("CARGO_MANIFEST_DIR")),
@@ -78,7 +83,7 @@ impl Bench {
         let owner = Credentials::generate(Actor::new("bench")?, None);
         let config = handoff_command::Config {
             bootstrap_owner: Some((owner.user.clone(), owner.public_key())),
-            ..Default::default()
+            ..config
         };
         let service =
             handoff_command::start(async_nats::connect(nats.url()).await?, config).await?;

@@ -9,6 +9,11 @@ const MOVES: usize = 1000;
 /// About the size of a signed MoveJob request and of its reply.
 const ECHO_BYTES: usize = 600;
 const ECHO_SUBJECT: &str = "bench.echo";
+/// The command service's window (in events): the history before the moves is longer, so
+/// the moves run as in a deployment whose history is past its window (100,000 events by
+/// default): earlier ids leave memory for the command archive as each move is folded,
+/// and a new id must be known not to be there.
+const WINDOW: u64 = 1_000;
 
 /// (b) MoveJob, one job at a time: request-to-reply times of MoveJob, each followed by an
 /// awaited atomic batch of the very messages it appended (their subjects under a prefix,
@@ -17,7 +22,11 @@ const ECHO_SUBJECT: &str = "bench.echo";
 /// server does the same work (its own cost of the write); then an awaited publish of as
 /// many bytes, and a bare request and reply through the same server.
 async fn move_job() -> Result<[Vec<Duration>; 5]> {
-    let b = Bench::start().await?;
+    let b = Bench::start_with(handoff_command::Config {
+        window: WINDOW,
+        ..Default::default()
+    })
+    .await?;
     b.raw_stream().await?;
     let js = jetstream::new(b.client.clone());
     let (src, dst) = (daemon("src"), daemon("dst"));
@@ -88,6 +97,16 @@ async fn move_job() -> Result<[Vec<Duration>; 5]> {
             last.insert(e.subject.clone(), a.first_seq + i as u64);
         }
         end = a.last_seq;
+    }
+    // The moves ran past the window: ids of the history left memory for the archive.
+    let archived = js
+        .get_key_value(handoff_protocol::subjects::COMMAND_ARCHIVE_BUCKET)
+        .await?
+        .status()
+        .await?
+        .values();
+    if archived == 0 {
+        bail!("no command id left the window of {WINDOW} events");
     }
     // As many moves of the second fleet's jobs, back to back: each next request meets the
     // server while the last move's fence is being written, as a client that does not

@@ -294,8 +294,9 @@ impl CommandService {
                     }
                 }
             }
-            // After the reply: the fences' writes go out on the connection behind it.
-            executor.raise_due_fences();
+            // After the reply: the fences' and the archive's writes go out on the
+            // connection behind it.
+            executor.after_turn();
         }
         // Ignored: stopping only unsubscribes; the process is going away either way.
         let _ = service.stop().await;

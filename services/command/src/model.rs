@@ -106,10 +106,10 @@ pub struct Model {
     recent: VecDeque<(u64, CommandId, bool)>,
     /// Records out of the window, until the archive has them ([`Model::archived`]).
     archiving: BTreeMap<CommandId, Archived>,
-    /// Whether any record ever left the window: until one has, no id can be in the
-    /// archive, and nothing needs to ask it.
-    #[serde(default)]
-    pub archived_any: bool,
+    /// The newest time (of its ULID) of any id that ever left the window; `None` while
+    /// none has. An id made later cannot be in the archive, so a new command costs no
+    /// lookup there.
+    archived_newest_ms: Option<u64>,
     /// Ids that joined `archiving` since [`Model::take_evicted`].
     #[serde(skip)]
     evicted: Vec<CommandId>,
@@ -281,9 +281,18 @@ impl Model {
     }
 
     fn archive(&mut self, id: CommandId, answer: Archived) {
-        self.archived_any = true;
+        let ms = id.timestamp_ms();
+        self.archived_newest_ms = Some(self.archived_newest_ms.map_or(ms, |n| n.max(ms)));
         self.evicted.push(id.clone());
         self.archiving.insert(id, answer);
+    }
+
+    /// Whether `id` may be in the archive: an id at least as old left the window. (A
+    /// client that makes an id with a time far ahead only makes the ids after it be
+    /// looked up, as every id was before.)
+    pub fn may_be_archived(&self, id: &CommandId) -> bool {
+        self.archived_newest_ms
+            .is_some_and(|newest| id.timestamp_ms() <= newest)
     }
 
     /// The ids that left the window since the last call, to store in the archive.

@@ -295,3 +295,33 @@ proptest! {
         );
     }
 }
+
+/// An id made at `ms` (a client's clock is its own), the `n`th of that time.
+fn id_at(ms: u64, n: usize) -> CommandId {
+    CommandId::new(ulid::Ulid::from_parts(ms, n as u128).to_string()).unwrap()
+}
+
+proptest! {
+    /// Ids made at any times, folded with any window: every id that left the window may
+    /// be in the archive (it is looked up), and an id made after all of them is not.
+    #[test]
+    fn only_an_id_as_old_as_an_archived_one_is_looked_up(
+        times in proptest::collection::vec(0u64..1 << 20, 1..200),
+        window in 1u64..20,
+    ) {
+        let mut model = Model::new(Config { window });
+        for (i, ms) in times.iter().enumerate() {
+            let mut r = recorded(i as u64 + 1, i % 5);
+            r.envelope.command = id_at(*ms, i);
+            model.apply(&r).unwrap();
+        }
+        let evicted = model.take_evicted();
+        for id in &evicted {
+            prop_assert!(model.may_be_archived(id), "{id} left the window");
+        }
+        let newest = evicted.iter().map(CommandId::timestamp_ms).max();
+        let later = id_at(newest.map_or(0, |n| n + 1), 0);
+        prop_assert!(!model.may_be_archived(&later));
+        prop_assert_eq!(model.may_be_archived(&id_at(0, 0)), !evicted.is_empty());
+    }
+}

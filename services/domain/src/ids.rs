@@ -194,6 +194,18 @@ string_id!(
     check_ulid
 );
 
+impl CommandId {
+    /// The time the id was made, as its ULID says (milliseconds since the Unix epoch):
+    /// the first ten characters. A client chooses its ids, so this is the client's word.
+    pub fn timestamp_ms(&self) -> u64 {
+        const ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+        self.0.as_bytes()[..10].iter().fold(0, |ms, c| {
+            let digit = ALPHABET.iter().position(|a| a == c).unwrap_or(0);
+            ms << 5 | digit as u64
+        })
+    }
+}
+
 /// Crockford base32, 26 characters, first character at most '7' (128 bits).
 fn check_ulid(v: &str) -> Result<(), Invalid> {
     const ALPHABET: &str = "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
@@ -307,6 +319,15 @@ mod tests {
         assert!(CommandId::new("81ARZ3NDEKTSV4RRFFQ69G5FAV").is_err());
         assert!(CommandId::new("01ARZ3NDEKTSV4RRFFQ69G5FA").is_err());
         assert!(CommandId::new("01ARZ3NDEKTSV4RRFFQ69G5FAI").is_err());
+    }
+
+    #[test]
+    fn a_command_id_tells_its_time() {
+        // The ULID specification's example.
+        let id = CommandId::new("01ARYZ6S41TSV4RRFFQ69G5FAV").unwrap();
+        assert_eq!(id.timestamp_ms(), 1_469_918_176_385);
+        let last = CommandId::new("7ZZZZZZZZZZZZZZZZZZZZZZZZZ").unwrap();
+        assert_eq!(last.timestamp_ms(), (1 << 48) - 1);
     }
 
     #[test]

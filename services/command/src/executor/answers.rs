@@ -34,8 +34,9 @@ impl Executor {
                 Some(r) => Some(Archived::Rejected(r.clone())),
                 None => match self.model.leaving(&request.id) {
                     Some(a) => Some(a.clone()),
-                    // Nothing ever left the window: the archive holds none of ours.
-                    None if !self.model.archived_any => None,
+                    // No id that left the window is as young: the archive holds none
+                    // of ours that could be it.
+                    None if !self.model.may_be_archived(&request.id) => None,
                     None => match self.archive.as_ref().map(|a| a.archive.clone()) {
                         None => None,
                         Some(archive) => archive.get(&request.id).await.map_err(unavailable)?,

@@ -179,7 +179,9 @@ impl Executor {
                 let _ = a.to_store.send((id.clone(), answer.clone()));
             }
         }
-        match executor.catch_up(end).await {
+        let caught_up = executor.catch_up(end).await;
+        executor.archive_evicted();
+        match caught_up {
             Ok(()) => tracing::info!(
                 applied = executor.model.applied,
                 origin = ?executor.origin,

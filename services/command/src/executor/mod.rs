@@ -208,11 +208,10 @@ impl Executor {
     async fn fold_one(&mut self) -> Result<(), ErrorBody> {
         self.check_running()?;
         let (code, problem) = match self.reader.next().await {
+            // What left the window goes to the archive after the turn's reply
+            // ([`Executor::after_turn`]).
             Ok(r) => match self.model.apply(&r) {
-                Ok(()) => {
-                    self.archive_evicted();
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err(gap) => (ErrorCode::Internal, gap.to_string()),
             },
             Err(ReadError::Decode {
@@ -290,6 +289,14 @@ impl Executor {
                 })
                 .await;
         });
+    }
+
+    /// Starts the writes a turn of the service's loop left for after its reply (if it
+    /// sent one), so the reply's message goes out first: the fences its decisions raised,
+    /// and the records that left the model's window, to the archive.
+    pub fn after_turn(&mut self) {
+        self.raise_due_fences();
+        self.archive_evicted();
     }
 
     /// Folds events until the model has applied `target`.
