@@ -282,3 +282,38 @@ async fn refused_reports_are_not_recorded_refused_commands_are() -> Result<()> {
     );
     Ok(())
 }
+
+/// A new command id made far ahead of the service's clock (its ULID's time) is refused,
+/// and nothing is stored: such an id, once out of the model's window, would make every
+/// later id be looked up in the command archive until that time. An id made a minute
+/// ahead (a client's clock a little fast) is taken.
+#[tokio::test]
+async fn a_new_id_made_far_in_the_future_is_refused() -> Result<()> {
+    let stack = Stack::start().await?;
+    let end = stack.last_seq().await?;
+    let at = |ahead_ms: u64| {
+        let ulid = ulid::Ulid::from_parts(now_ms() + ahead_ms, rand_bits());
+        handoff_domain::CommandId::new(ulid.to_string()).expect("a ULID")
+    };
+    let ahead = at(3_600_000);
+    let refused = stack
+        .send_as(&ahead, &register(1, settings(10)))
+        .await?
+        .expect_err("an id an hour ahead");
+    assert_eq!(
+        (refused.code, refused.reason.as_str()),
+        (ErrorCode::Validation, "id_in_the_future"),
+        "{refused:?}"
+    );
+    assert_eq!(stack.last_seq().await?, end, "nothing stored");
+    stack
+        .send_as(&at(60_000), &register(1, settings(10)))
+        .await?
+        .map_err(|e| anyhow::anyhow!("an id a minute ahead: {}", e.message))?;
+    Ok(())
+}
+
+/// Random low bits of a ULID, so no two ids of the same millisecond collide.
+fn rand_bits() -> u128 {
+    ulid::Ulid::new().random()
+}

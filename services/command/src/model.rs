@@ -287,9 +287,9 @@ impl Model {
         self.archiving.insert(id, answer);
     }
 
-    /// Whether `id` may be in the archive: an id at least as old left the window. (A
-    /// client that makes an id with a time far ahead only makes the ids after it be
-    /// looked up, as every id was before.)
+    /// Whether `id` may be in the archive: an id at least as old left the window. (A new
+    /// id made more than a few minutes ahead of the service's clock is refused, so one
+    /// made ahead only makes the ids of those minutes be looked up.)
     pub fn may_be_archived(&self, id: &CommandId) -> bool {
         self.archived_newest_ms
             .is_some_and(|newest| id.timestamp_ms() <= newest)

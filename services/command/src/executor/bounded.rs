@@ -6,6 +6,9 @@ use futures::FutureExt;
 
 use super::*;
 
+/// Events folded at start between two hand-overs to the archive.
+const START_STEP: u64 = 1_024;
+
 /// Where a started model came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Origin {
@@ -179,8 +182,16 @@ impl Executor {
                 let _ = a.to_store.send((id.clone(), answer.clone()));
             }
         }
-        let caught_up = executor.catch_up(end).await;
-        executor.archive_evicted();
+        // In steps, handing what leaves the window to the archive as it goes: a fold from
+        // the start must not hold every record of the history at once.
+        let caught_up = loop {
+            let step = executor.model.applied.saturating_add(START_STEP).min(end);
+            let folded = executor.catch_up(step).await;
+            executor.archive_evicted();
+            if folded.is_err() || step >= end {
+                break folded;
+            }
+        };
         match caught_up {
             Ok(()) => tracing::info!(
                 applied = executor.model.applied,

@@ -33,7 +33,9 @@ impl Executor {
         let fingerprint = self.check_signature(request, signed, freshness).ok()?;
         self.check_role(request).ok()?;
         let digest = digest(request);
-        if !matches!(self.earlier_answer(request, &digest).await, Ok(None)) {
+        if !matches!(self.earlier_answer(request, &digest).await, Ok(None))
+            || id_from_the_future(&request.id, now_ms()).is_err()
+        {
             return None;
         }
         let ctx = Context {

@@ -150,6 +150,30 @@ fn id_reused(id: &CommandId) -> ErrorBody {
     )
 }
 
+/// How far ahead of the service's clock a new command id's time (its ULID's) may be. A
+/// client makes an id when it first sends a command, and its requests are refused when
+/// dated more than the freshness window (2 minutes) ahead; an id made far ahead would
+/// make every later id be looked up in the archive until that time (see
+/// [`Model::may_be_archived`]).
+const ID_AHEAD_MS: u64 = 10 * 60 * 1000;
+
+/// The refusal of a new id made too far ahead, if it is.
+fn id_from_the_future(id: &CommandId, now_ms: u64) -> Result<(), ErrorBody> {
+    let ahead = id.timestamp_ms().saturating_sub(now_ms);
+    if ahead <= ID_AHEAD_MS {
+        return Ok(());
+    }
+    Err(ErrorBody::new(
+        ErrorCode::Validation,
+        "id_in_the_future",
+        format!(
+            "command id {id} was made {} s in the future (its time, as a ULID), more than the {} s allowed: make a new id with a correct clock",
+            ahead / 1000,
+            ID_AHEAD_MS / 1000
+        ),
+    ))
+}
+
 /// A dry run only plans: nothing is appended, so nothing binds its id.
 fn is_dry_run(command: &Command) -> bool {
     match command {
@@ -381,6 +405,10 @@ impl Executor {
         for _attempt in 0..MAX_ATTEMPTS {
             if let Some(earlier) = self.earlier_answer(&request, &digest).await? {
                 return Ok(earlier);
+            }
+            // A new id (or one appended in part, which was new when it started).
+            if !resuming {
+                id_from_the_future(&request.id, now_ms())?;
             }
             let ctx = Context {
                 command: request.id.clone(),
