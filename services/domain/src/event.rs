@@ -456,7 +456,13 @@ impl Event {
         }
     }
 
-    /// Every daemon the event concerns, for history by daemon.
+    /// The daemons whose history holds the event: what happens to a daemon itself (its
+    /// registration, settings, liveness, drains, head space, the jobs it is told to take
+    /// or let go of, failover decisions about it, the moves from or to it, a job's move
+    /// failing back to it). A job's creation and the steps of its move (started,
+    /// completed) are in the job's history and in its move's view, not its daemons': a
+    /// daemon holds a hundred jobs, and one move of them all would otherwise put two
+    /// hundred entries in two daemons' histories (and as many keys in the views).
     pub fn daemons(&self) -> Vec<&DaemonId> {
         use Event::*;
         match self {
@@ -471,17 +477,16 @@ impl Event {
             | DrainCompleted { daemon, .. }
             | DrainCancelled { daemon, .. }
             | DrainBlocked { daemon, .. }
-            | BackupJobCreated { daemon, .. }
-            | JobMoveCompleted { daemon, .. }
             | HeadSpaceLow { daemon, .. }
             | HeadSpaceRecovered { daemon, .. } => vec![daemon],
-            MoveStarted { from, to, .. }
-            | JobMoveStarted { from, to, .. }
-            | FailoverDecided { from, to, .. } => vec![from, to],
+            MoveStarted { from, to, .. } | FailoverDecided { from, to, .. } => vec![from, to],
             FailoverPaused { down, .. } | FailoverResumed { down, .. } => down.iter().collect(),
             JobMoveFailed { returned_to, .. } => vec![returned_to],
             UserAdded { daemon, .. } => daemon.iter().collect(),
             ProjectConfigured { .. }
+            | BackupJobCreated { .. }
+            | JobMoveStarted { .. }
+            | JobMoveCompleted { .. }
             | MoveInterrupted { .. }
             | MoveResumed { .. }
             | MoveCancelled { .. }
