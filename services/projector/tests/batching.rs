@@ -13,8 +13,8 @@ use handoff_projector::Views;
 use handoff_protocol::EventEnvelope;
 use proptest::prelude::*;
 
-/// A history of about 1,500 events: a daemon with 750 jobs, moved away, so
-/// event chunks and a daemon's history chunks both fill up.
+/// A history of about 1,500 events: a daemon with 750 jobs, moved away, so many event
+/// chunks fill up and each job's history has several keys.
 fn history() -> Vec<(Recorded, Vec<u8>)> {
     let d = |n: u8| DaemonId::new(format!("d{n}:/h/")).unwrap();
     let p = ProjectId::new("p").unwrap();
@@ -185,6 +185,48 @@ proptest! {
         let batched = fold(&history, &sizes);
         prop_assert_eq!(whole.len(), batched.len());
         prop_assert!(whole == batched, "the store depends on the batching");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// After every batch, not only at the end, the store is the one a single batch of
+    /// the same events gives: a checkpoint never holds a record behind its events (a
+    /// daemon's jobs and bytes as a job is created on it or moves to it, in another batch
+    /// than the events that name the daemon).
+    #[test]
+    fn every_batch_leaves_the_store_of_its_events(sizes in proptest::collection::vec(40..400usize, 1..8)) {
+        let history = history();
+        let mut views = Views::default();
+        let mut store = BTreeMap::new();
+        let mut i = 0;
+        for size in sizes.iter().cycle() {
+            if i >= history.len() {
+                break;
+            }
+            let end = (i + size).min(history.len());
+            for (r, payload) in &history[i..end] {
+                views.apply(r, payload);
+            }
+            let mut changes = Vec::new();
+            views.drain(&mut changes);
+            for (k, v) in handoff_projector::views::encode(changes) {
+                match v {
+                    Some(v) => store.insert(k, v),
+                    None => store.remove(&k),
+                };
+            }
+            i = end;
+            let whole = fold(&history[..end], &[usize::MAX]);
+            let differ: Vec<String> = whole
+                .iter()
+                .filter(|(k, v)| store.get(*k) != Some(*v))
+                .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+                .take(3)
+                .collect();
+            prop_assert!(differ.is_empty() && whole.len() == store.len(), "after event {}: {:?}", end, differ);
+        }
     }
 }
 

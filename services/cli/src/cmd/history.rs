@@ -21,7 +21,9 @@ pub struct Filter {
     /// Only events about this job.
     #[arg(long, value_parser = job_id)]
     pub job: Option<JobId>,
-    /// Only events about this daemon.
+    /// Only events about this daemon itself (registration, liveness, drains, head
+    /// space, assignments, failovers, moves from or to it); each job's creation and move
+    /// steps are in the job's history.
     #[arg(long, value_parser = daemon_id)]
     pub daemon: Option<DaemonId>,
 }

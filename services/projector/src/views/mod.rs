@@ -14,7 +14,7 @@
 //! | `alert\0<TYPE>\0<about>` | [`AlertView`]: the last alert of that type about that daemon or job, open or closed |
 //! | `events\0<n>` | events `n*64` to `n*64+63` as stored in the stream, framed |
 //! | `jh\0<job>\0<seq>` | (empty) the job's event at `seq`: its history, by range |
-//! | `dh\0<daemon>\0<seq>` | (empty) the daemon's event at `seq` |
+//! | `dh\0<daemon>\0<seq>` | (empty) an event of the daemon's history at `seq` (`Event::daemons`) |
 //! | `ix\0daemon\0<daemon>\0<job>` | (empty) a job the daemon owns or that is moving away from it |
 //! | `ix\0moving\0<job>` | (empty) a moving job |
 //! | `ix\0project\0<project>\0<job>` | (empty) a job of the project |
@@ -261,6 +261,15 @@ impl Views {
             }
         }
         self.state.apply(event);
+        // And its owner now gains it (a new job, a move's destination): whether or not the
+        // event is in that daemon's history.
+        for j in &jobs {
+            if let Some(job) = self.state.jobs.get(*j) {
+                if !self.dirty.daemons.contains(job.owner()) {
+                    self.dirty.daemons.insert(job.owner().clone());
+                }
+            }
+        }
         for effect in alert::effects(event) {
             let raised = |key: AlertKey, detail: String| AlertView {
                 kind: key.kind,
