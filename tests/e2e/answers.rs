@@ -296,15 +296,29 @@ async fn a_new_id_made_far_in_the_future_is_refused() -> Result<()> {
         handoff_domain::CommandId::new(ulid.to_string()).expect("a ULID")
     };
     let ahead = at(3_600_000);
-    let refused = stack
-        .send_as(&ahead, &register(1, settings(10)))
+    // The same signed request twice: refused alike, nothing remembered of the first (it
+    // would be a replay) and nothing recorded.
+    let signed = stack.creds.sign_command_at(
+        &ahead,
+        &register(1, settings(10)),
+        now_ms(),
+        Some("handoff-tests"),
+    );
+    for _ in 0..2 {
+        let refused = request_signed(
+            &stack.client,
+            &signed.subject,
+            signed.payload.clone(),
+            Some(&signed.signature),
+        )
         .await?
         .expect_err("an id an hour ahead");
-    assert_eq!(
-        (refused.code, refused.reason.as_str()),
-        (ErrorCode::Validation, "id_in_the_future"),
-        "{refused:?}"
-    );
+        assert_eq!(
+            (refused.code, refused.reason.as_str()),
+            (ErrorCode::Validation, "id_in_the_future"),
+            "{refused:?}"
+        );
+    }
     assert_eq!(stack.last_seq().await?, end, "nothing stored");
     stack
         .send_as(&at(60_000), &register(1, settings(10)))

@@ -61,6 +61,12 @@ pub const GUARDED: [&str; 3] = [
     subjects::DAEMON_EVENTS,
 ];
 
+/// How far ahead of the service's clock a new command id's time (its ULID's) may be: the
+/// command service refuses ids made further ahead, and an id that leaves the window
+/// further ahead of the event at which it leaves does not count towards the newest time
+/// of [`Model::may_be_archived`].
+pub const ID_AHEAD_MS: u64 = 10 * 60 * 1000;
+
 /// The answer a command id got, as the archive keeps it once the id is no longer recent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -110,6 +116,10 @@ pub struct Model {
     /// none has. An id made later cannot be in the archive, so a new command costs no
     /// lookup there.
     archived_newest_ms: Option<u64>,
+    /// Ids that left the window made more than [`ID_AHEAD_MS`] after the event at which
+    /// they left (a client's clock far ahead, an id taken before such ids were refused):
+    /// looked up by name, so they do not push the newest time years ahead.
+    archived_ahead: BTreeSet<CommandId>,
     /// Ids that joined `archiving` since [`Model::take_evicted`].
     #[serde(skip)]
     evicted: Vec<CommandId>,
@@ -225,7 +235,7 @@ impl Model {
         }
         self.applied = r.seq;
         self.last_event = event_mark(&r.subject, id);
-        self.evict();
+        self.evict(r.envelope.at);
         Ok(())
     }
 
@@ -244,7 +254,7 @@ impl Model {
 
     /// Moves the records out of the window to `archiving`. A command appended in part
     /// stays: its next events come later, and the service finishes it from its record.
-    fn evict(&mut self) {
+    fn evict(&mut self, at: u64) {
         let horizon = self.applied.saturating_sub(self.config.window);
         while let Some((seq, _, _)) = self.recent.front() {
             if *seq > horizon {
@@ -256,7 +266,7 @@ impl Model {
             if rejection {
                 // A rejection's entry is the only one it gets.
                 if let Some(r) = self.rejected.remove(&id) {
-                    self.archive(id, Archived::Rejected(r));
+                    self.archive(id, Archived::Rejected(r), at);
                 }
                 continue;
             }
@@ -274,25 +284,33 @@ impl Model {
                             digest: r.digest,
                             events: r.events,
                         },
+                        at,
                     );
                 }
             }
         }
     }
 
-    fn archive(&mut self, id: CommandId, answer: Archived) {
+    /// Sends a record to the archive, at the event made at `at` (ms).
+    fn archive(&mut self, id: CommandId, answer: Archived, at: u64) {
         let ms = id.timestamp_ms();
-        self.archived_newest_ms = Some(self.archived_newest_ms.map_or(ms, |n| n.max(ms)));
+        if ms > at.saturating_add(ID_AHEAD_MS) {
+            self.archived_ahead.insert(id.clone());
+        } else {
+            self.archived_newest_ms = Some(self.archived_newest_ms.map_or(ms, |n| n.max(ms)));
+        }
         self.evicted.push(id.clone());
         self.archiving.insert(id, answer);
     }
 
-    /// Whether `id` may be in the archive: an id at least as old left the window. (A new
-    /// id made more than a few minutes ahead of the service's clock is refused, so one
-    /// made ahead only makes the ids of those minutes be looked up.)
+    /// Whether `id` may be in the archive: an id at least as old left the window, or `id`
+    /// itself did, made far ahead. An id made ahead of the clocks makes the ids of at most
+    /// [`ID_AHEAD_MS`] be looked up.
     pub fn may_be_archived(&self, id: &CommandId) -> bool {
-        self.archived_newest_ms
-            .is_some_and(|newest| id.timestamp_ms() <= newest)
+        self.archived_ahead.contains(id)
+            || self
+                .archived_newest_ms
+                .is_some_and(|newest| id.timestamp_ms() <= newest)
     }
 
     /// The ids that left the window since the last call, to store in the archive.

@@ -196,6 +196,12 @@ pub async fn start(client: Client, config: Config) -> Result<Projector, Error> {
     let store = SledStore::open_or_reset(&config.store_dir)?;
     if config.rebuild {
         store.clear()?;
+    } else if store::other_format(&store)? {
+        tracing::warn!(
+            format = store::VIEWS_FORMAT,
+            "the views were written by another layout; rebuilding them from the stream"
+        );
+        store.clear()?;
     }
     let views = match Views::load(&store) {
         Ok(v) => v,
@@ -206,6 +212,7 @@ pub async fn start(client: Client, config: Config) -> Result<Projector, Error> {
         }
         Err(e) => return Err(e.into()),
     };
+    store::mark_format(&store)?;
     let (checkpoint, _) = watch::channel(store.checkpoint()?);
     let queries = if config.serve_queries {
         Some(

@@ -19,6 +19,26 @@ const CACHE_BYTES: u64 = 8 << 20;
 /// The key of the stream checkpoint: the last sequence folded into the views.
 const CHECKPOINT: &[u8] = b"meta\0checkpoint";
 
+/// The views' layout. Raised whenever the views of the same events change (a key added
+/// or dropped, a record's shape): a store written by another layout is rebuilt from the
+/// stream, never left holding views of two. 2: a daemon's history no longer holds each
+/// job's creation and move steps.
+pub const VIEWS_FORMAT: u32 = 2;
+const FORMAT: &[u8] = b"meta\0format";
+
+/// Whether the store holds views written by another layout than this build's (or by one
+/// that did not say): they must be rebuilt from the stream.
+pub fn other_format(store: &impl ViewStore) -> Result<bool, StoreError> {
+    Ok(store.checkpoint()? > 0
+        && store.get(FORMAT)?.as_deref() != Some(&VIEWS_FORMAT.to_be_bytes()[..]))
+}
+
+/// Records that the store's views are of this build's layout.
+pub fn mark_format(store: &impl ViewStore) -> Result<(), StoreError> {
+    let format = (FORMAT.to_vec(), Some(VIEWS_FORMAT.to_be_bytes().to_vec()));
+    store.commit(vec![format], store.checkpoint()?)
+}
+
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// The store's files are damaged: rebuild the views from the stream.
@@ -228,5 +248,39 @@ impl ViewStore for SledStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map(|_| ()).map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Views of no known layout, or of another, are rebuilt; those of this build's are
+    /// kept; an empty store has nothing to rebuild.
+    #[test]
+    fn views_of_another_layout_are_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        assert!(!other_format(&store).unwrap(), "empty");
+        store
+            .commit(vec![(b"job\0p/a".to_vec(), Some(b"{}".to_vec()))], 7)
+            .unwrap();
+        assert!(
+            other_format(&store).unwrap(),
+            "written before layouts were said"
+        );
+        mark_format(&store).unwrap();
+        assert!(!other_format(&store).unwrap());
+        assert_eq!(
+            store.checkpoint().unwrap(),
+            7,
+            "the mark moves no checkpoint"
+        );
+        let older = (
+            FORMAT.to_vec(),
+            Some((VIEWS_FORMAT - 1).to_be_bytes().to_vec()),
+        );
+        store.commit(vec![older], 7).unwrap();
+        assert!(other_format(&store).unwrap(), "another layout");
     }
 }

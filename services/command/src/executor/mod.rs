@@ -150,17 +150,10 @@ fn id_reused(id: &CommandId) -> ErrorBody {
     )
 }
 
-/// How far ahead of the service's clock a new command id's time (its ULID's) may be. A
-/// client makes an id when it first sends a command, and its requests are refused when
-/// dated more than the freshness window (2 minutes) ahead; an id made far ahead would
-/// make every later id be looked up in the archive until that time (see
-/// [`Model::may_be_archived`]).
-const ID_AHEAD_MS: u64 = 10 * 60 * 1000;
-
 /// The refusal of a new id made too far ahead, if it is.
 fn id_from_the_future(id: &CommandId, now_ms: u64) -> Result<(), ErrorBody> {
     let ahead = id.timestamp_ms().saturating_sub(now_ms);
-    if ahead <= ID_AHEAD_MS {
+    if ahead <= model::ID_AHEAD_MS {
         return Ok(());
     }
     Err(ErrorBody::new(
@@ -169,7 +162,7 @@ fn id_from_the_future(id: &CommandId, now_ms: u64) -> Result<(), ErrorBody> {
         format!(
             "command id {id} was made {} s in the future (its time, as a ULID), more than the {} s allowed: make a new id with a correct clock",
             ahead / 1000,
-            ID_AHEAD_MS / 1000
+            model::ID_AHEAD_MS / 1000
         ),
     ))
 }
@@ -313,6 +306,21 @@ impl Executor {
                 })
                 .await;
         });
+    }
+
+    /// Refuses a request whose id is new and made more than [`model::ID_AHEAD_MS`] ahead
+    /// of this service's clock, before anything about it is remembered (its signature
+    /// included): an id the model holds or may have archived is answered as it was.
+    pub fn refuse_id_ahead(&self, request: &CommandRequest<Command>) -> Result<(), ErrorBody> {
+        let id = &request.id;
+        let known = self.model.command(id).is_some()
+            || self.model.rejected(id).is_some()
+            || self.model.leaving(id).is_some()
+            || self.model.may_be_archived(id);
+        if known {
+            return Ok(());
+        }
+        id_from_the_future(id, now_ms())
     }
 
     /// Starts the writes a turn of the service's loop left for after its reply (if it
