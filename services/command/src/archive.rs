@@ -26,7 +26,7 @@ use crate::model::{Archived, Model};
 /// The snapshot format this build reads and writes. Raised whenever the model's
 /// serialised form or the fold itself (`State::apply`, `Model::apply`) changes: a model
 /// saved by another fold is not the fold of the same events by this one.
-const FORMAT: u32 = 4;
+const FORMAT: u32 = 5;
 
 #[derive(Debug, Error)]
 pub enum ArchiveError {

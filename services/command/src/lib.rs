@@ -482,11 +482,6 @@ async fn handle(
         move_id = tracing::field::Empty,
     );
     record_subjects(&span, &request);
-    if let Err(e) = executor.refuse_id_ahead(&request) {
-        let _entered = span.enter();
-        tracing::warn!(reason = %e.reason, "refused");
-        return Reply::Error(e);
-    }
     // Most commands are new and allowed: decided at once, with no read of the stream's end.
     if let Some(result) = executor
         .execute_fast(&request, signed, config.freshness)

@@ -224,7 +224,8 @@ use proptest::prelude::*;
 /// A random history: commands of one or several events (some left in part),
 /// rejections, ids reused across the history.
 fn history(ops: &[(u8, u8, bool)]) -> Vec<Recorded> {
-    history_with(ops, &mut |_| handoff_protocol::new_command_id())
+    // Made at the events' time (0), as a client's ids are.
+    history_with(ops, &mut |k| id_at(k as u64, k))
 }
 
 /// [`history`] with its ids made by `make` (the `k`th id).

@@ -26,11 +26,13 @@ const CHECKPOINT: &[u8] = b"meta\0checkpoint";
 pub const VIEWS_FORMAT: u32 = 2;
 const FORMAT: &[u8] = b"meta\0format";
 
-/// Whether the store holds views written by another layout than this build's (or by one
-/// that did not say): they must be rebuilt from the stream.
+/// Whether the store holds anything not marked as this build's layout (views of another,
+/// of one that did not say, or what a clear cut short left): rebuilt from the stream.
 pub fn other_format(store: &impl ViewStore) -> Result<bool, StoreError> {
-    Ok(store.checkpoint()? > 0
-        && store.get(FORMAT)?.as_deref() != Some(&VIEWS_FORMAT.to_be_bytes()[..]))
+    if store.get(FORMAT)?.as_deref() == Some(&VIEWS_FORMAT.to_be_bytes()[..]) {
+        return Ok(false);
+    }
+    Ok(store.range(&[], None, false).next().transpose()?.is_some())
 }
 
 /// Records that the store's views are of this build's layout.
@@ -243,6 +245,13 @@ impl ViewStore for SledStore {
     }
 
     fn clear(&self) -> Result<(), StoreError> {
+        // The layout's mark and the checkpoint go first, in a batch of their own: sled
+        // removes the rest one key at a time, and a clear cut short leaves a store without
+        // them, rebuilt at the next start ([`other_format`]).
+        let mut first = sled::Batch::default();
+        first.remove(FORMAT);
+        first.remove(CHECKPOINT);
+        self.db.apply_batch(first).map_err(|e| self.err(e))?;
         self.db.clear().map_err(|e| self.err(e))
     }
 
@@ -255,10 +264,10 @@ impl ViewStore for SledStore {
 mod tests {
     use super::*;
 
-    /// Views of no known layout, or of another, are rebuilt; those of this build's are
-    /// kept; an empty store has nothing to rebuild.
+    /// Views of no known layout, or of another, or left by a clear cut short, are to be
+    /// rebuilt; those of this build's are kept; an empty store has nothing to rebuild.
     #[test]
-    fn views_of_another_layout_are_rebuilt() {
+    fn views_not_marked_as_this_layout_are_to_be_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
         assert!(!other_format(&store).unwrap(), "empty");
@@ -282,5 +291,14 @@ mod tests {
         );
         store.commit(vec![older], 7).unwrap();
         assert!(other_format(&store).unwrap(), "another layout");
+        // A clear's first step, then a crash: the mark and checkpoint gone, views left.
+        mark_format(&store).unwrap();
+        store.commit(vec![(FORMAT.to_vec(), None)], 0).unwrap();
+        assert!(other_format(&store).unwrap(), "a clear cut short");
+        store.clear().unwrap();
+        assert!(
+            !other_format(&store).unwrap(),
+            "cleared: nothing to rebuild"
+        );
     }
 }

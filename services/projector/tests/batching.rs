@@ -149,6 +149,18 @@ fn history() -> Vec<(Recorded, Vec<u8>)> {
 /// Folds the history in batches of the given sizes (cycled) into a map standing for the
 /// store.
 fn fold(history: &[(Recorded, Vec<u8>)], sizes: &[usize]) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    match fold_checking(history, sizes, |_, _| Ok::<_, std::convert::Infallible>(())) {
+        Ok(store) => store,
+        Err(never) => match never {},
+    }
+}
+
+/// [`fold`], calling `check` after each batch with how many events it holds so far.
+fn fold_checking<E>(
+    history: &[(Recorded, Vec<u8>)],
+    sizes: &[usize],
+    mut check: impl FnMut(usize, &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<(), E>,
+) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, E> {
     let mut views = Views::default();
     let mut store = BTreeMap::new();
     let mut i = 0;
@@ -169,8 +181,9 @@ fn fold(history: &[(Recorded, Vec<u8>)], sizes: &[usize]) -> BTreeMap<Vec<u8>, V
             };
         }
         i = end;
+        check(end, &store)?;
     }
-    store
+    Ok(store)
 }
 
 proptest! {
@@ -198,26 +211,7 @@ proptest! {
     #[test]
     fn every_batch_leaves_the_store_of_its_events(sizes in proptest::collection::vec(40..400usize, 1..8)) {
         let history = history();
-        let mut views = Views::default();
-        let mut store = BTreeMap::new();
-        let mut i = 0;
-        for size in sizes.iter().cycle() {
-            if i >= history.len() {
-                break;
-            }
-            let end = (i + size).min(history.len());
-            for (r, payload) in &history[i..end] {
-                views.apply(r, payload);
-            }
-            let mut changes = Vec::new();
-            views.drain(&mut changes);
-            for (k, v) in handoff_projector::views::encode(changes) {
-                match v {
-                    Some(v) => store.insert(k, v),
-                    None => store.remove(&k),
-                };
-            }
-            i = end;
+        fold_checking(&history, &sizes, |end, store| {
             let whole = fold(&history[..end], &[usize::MAX]);
             let differ: Vec<String> = whole
                 .iter()
@@ -226,7 +220,8 @@ proptest! {
                 .take(3)
                 .collect();
             prop_assert!(differ.is_empty() && whole.len() == store.len(), "after event {}: {:?}", end, differ);
-        }
+            Ok(())
+        })?;
     }
 }
 

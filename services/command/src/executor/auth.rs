@@ -7,7 +7,8 @@ impl Executor {
     /// the exact bytes received, signed within `freshness` of now, never seen before, and
     /// holding a role that may send the command. Returns the signature's fingerprint. A
     /// refusal has code `forbidden` and one of the reasons `unsigned`, `unknown_user`,
-    /// `bad_signature`, `expired`, `replayed` or `forbidden`.
+    /// `bad_signature`, `expired`, `replayed` or `forbidden`; a new id made too far ahead
+    /// is `validation`, `id_in_the_future` ([`Executor::refuse_id_ahead`]).
     pub async fn authenticate(
         &mut self,
         request: &CommandRequest<Command>,
@@ -28,6 +29,9 @@ impl Executor {
         // before the request arrived is always seen.
         self.catch_up_with_stream().await?;
         let fingerprint = self.check_signature(request, signed, freshness)?;
+        // Before it is remembered: the same request again is refused alike, not as a
+        // replay.
+        self.refuse_id_ahead(request)?;
         // Received, whatever the role allows: the same signed bytes again are a replay.
         self.remember(&fingerprint, request.at, freshness);
         self.check_role(request)?;

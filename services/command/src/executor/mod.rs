@@ -309,8 +309,8 @@ impl Executor {
     }
 
     /// Refuses a request whose id is new and made more than [`model::ID_AHEAD_MS`] ahead
-    /// of this service's clock, before anything about it is remembered (its signature
-    /// included): an id the model holds or may have archived is answered as it was.
+    /// of this service's clock (called once its signature verified, before it is
+    /// remembered): an id the model holds or may have archived is answered as it was.
     pub fn refuse_id_ahead(&self, request: &CommandRequest<Command>) -> Result<(), ErrorBody> {
         let id = &request.id;
         let known = self.model.command(id).is_some()
