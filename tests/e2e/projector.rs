@@ -108,18 +108,24 @@ async fn a_projector_killed_mid_stream_resumes_and_equals_a_rebuild() -> Result<
     wait_for_checkpoint(&stack.client, end).await?;
     assert!(projector.terminate()?, "the projector did not stop cleanly");
 
-    let rebuilt = dir.path().join("rebuilt");
-    let rebuild = ProjectorProcess::spawn(
-        &stack.url(),
-        &rebuilt,
-        &["--name", "rebuild", "--rebuild", "--exit-when-caught-up"],
-    )?;
-    assert!(rebuild.wait()?, "the rebuild failed");
+    let rebuilt = rebuild_into(&stack.url(), &dir.path().join("rebuilt"))?;
 
     let a = dump_views(&live)?;
     let jobs = a.iter().filter(|(k, _)| k.starts_with(b"job\0")).count();
     assert_eq!(jobs, 23, "the views hold every job");
     assert_same_views(&live, &rebuilt)
+}
+
+/// Rebuilds the views from the whole stream into `dir` (a projector of its own name, gone
+/// once caught up).
+fn rebuild_into(url: &str, dir: &Path) -> Result<std::path::PathBuf> {
+    let rebuild = ProjectorProcess::spawn(
+        url,
+        dir,
+        &["--name", "rebuild", "--rebuild", "--exit-when-caught-up"],
+    )?;
+    anyhow::ensure!(rebuild.wait()?, "the rebuild failed");
+    Ok(dir.to_owned())
 }
 
 /// The views in `live` and `rebuilt` are the same keys and values.
@@ -172,13 +178,7 @@ async fn views_of_another_layout_are_rebuilt_at_start() -> Result<()> {
     let resumed = ProjectorProcess::spawn(&stack.url(), &live, &[])?;
     wait_for_checkpoint(&stack.client, stack.last_seq().await?).await?;
     assert!(resumed.terminate()?, "the projector did not stop cleanly");
-    let rebuilt = dir.path().join("rebuilt");
-    let rebuild = ProjectorProcess::spawn(
-        &stack.url(),
-        &rebuilt,
-        &["--name", "rebuild", "--rebuild", "--exit-when-caught-up"],
-    )?;
-    assert!(rebuild.wait()?, "the rebuild failed");
+    let rebuilt = rebuild_into(&stack.url(), &dir.path().join("rebuilt"))?;
     assert_same_views(&live, &rebuilt)
 }
 
