@@ -256,6 +256,9 @@ async fn every_process_of_up_serves_its_metrics() -> Result<()> {
             &[("code", "not_found"), ("reason", "not_found")],
         ) && has("handoff_projector_events_applied_total", &[])
             && has("handoff_snapshot_age_seconds", &[("job", "sales/orders")])
+            // Set after a daemon's groom round, which comes on a timer of its own.
+            && has("handoff_snapshot_age_max_seconds", &[])
+            && has("handoff_snapshot_missing_jobs", &[])
             && has("handoff_oplog_window_seconds", &[("job", "sales/orders")])
             // The state's gauges follow the fold within a second or so.
             && find(&samples, "handoff_moves_in_progress", &[])
