@@ -10,7 +10,7 @@ use handoff_domain::Command;
 use handoff_projector::{SledStore, ViewStore};
 use handoff_testkit::Child;
 use handoff_tests::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::moves::fleet;
 
@@ -220,6 +220,34 @@ async fn queries_answer_from_the_views() -> Result<()> {
         "the moving job still involves its source"
     );
     assert_eq!(on_1["total"], 3);
+
+    // A project's jobs, and only its own: p1's name starts p10's.
+    stack.apply(configure_project("p10")).await?;
+    stack.apply(replica_set("p10", "rs0", 1)).await?;
+    wait_for_checkpoint(&stack.client, stack.last_seq().await?).await?;
+    for (project, jobs) in [
+        ("p1", vec!["p1/rs0", "p1/rs1", "p1/rs2"]),
+        ("p10", vec!["p10/rs0"]),
+    ] {
+        let page = query(c, "jobs", json!({ "project": project, "limit": 2 }))
+            .await?
+            .expect("answered");
+        assert_eq!(page["total"], jobs.len(), "{project}");
+        let mut listed: Vec<Value> = page["items"].as_array().cloned().unwrap_or_default();
+        if let Some(next) = page.get("next") {
+            let rest = query(
+                c,
+                "jobs",
+                json!({ "project": project, "limit": 2, "cursor": next }),
+            )
+            .await?
+            .expect("answered");
+            assert!(rest.get("next").is_none());
+            listed.extend(rest["items"].as_array().cloned().unwrap_or_default());
+        }
+        let ids: Vec<&str> = listed.iter().filter_map(|j| j["job"].as_str()).collect();
+        assert_eq!(ids, jobs, "{project}");
+    }
 
     let mv = query(c, "move", json!({ "move_id": move_id }))
         .await?

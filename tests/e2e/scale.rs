@@ -2,6 +2,8 @@
 //! 128 KiB. Every list query pages through to exactly its total, in a stable order, and
 //! no reply outgrows the limit: pages hold fewer items when more would not fit.
 
+use std::collections::BTreeSet;
+
 use anyhow::{ensure, Result};
 use handoff_domain::command::CreateBackupJobs;
 use handoff_domain::ids::DeploymentName;
@@ -272,18 +274,32 @@ async fn every_list_pages_through_a_fleet_of_200_daemons_and_20000_jobs() -> Res
         (history.items.len(), history.total),
         (of_job, of_job as u64)
     );
-    let seqs: Vec<u64> = history
-        .items
-        .iter()
-        .map(|h| h["seq"].as_u64().unwrap_or(0))
-        .collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "oldest first");
-    let of_d1 = events
+    let seqs = |items: &[Value]| -> Vec<u64> {
+        items
+            .iter()
+            .map(|h| h["seq"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    assert!(
+        seqs(&history.items).windows(2).all(|w| w[0] < w[1]),
+        "oldest first"
+    );
+    // Exactly the daemon's events, oldest first, seven a page: the pages cross the
+    // blocks a history is stored in.
+    let of_d1: Vec<u64> = events
         .iter()
         .filter(|r| r.envelope.event.daemons().contains(&&daemon(1)))
-        .count();
-    let history = pages(c, "history", json!({ "daemon": d1 }), 1000).await?;
-    assert_eq!((history.items.len(), history.total), (of_d1, of_d1 as u64));
+        .map(|r| r.seq)
+        .collect();
+    let blocks: BTreeSet<u64> = of_d1.iter().map(|s| s / 4096).collect();
+    assert!(
+        blocks.len() > 2,
+        "{} events in blocks {blocks:?}",
+        of_d1.len()
+    );
+    let history = pages(c, "history", json!({ "daemon": d1 }), 7).await?;
+    assert_eq!(history.total, of_d1.len() as u64);
+    assert_eq!(seqs(&history.items), of_d1);
 
     // Ten DAEMON_DOWN, newest first, three a page; of another type, none.
     let alerts = pages(c, "alerts", json!({}), 3).await?;

@@ -22,8 +22,9 @@ const CHECKPOINT: &[u8] = b"meta\0checkpoint";
 /// The views' layout. Raised whenever the views of the same events change (a key added
 /// or dropped, a record's shape): a store written by another layout is rebuilt from the
 /// stream, never left holding views of two. 2: a daemon's history no longer holds each
-/// job's creation and move steps.
-pub const VIEWS_FORMAT: u32 = 2;
+/// job's creation and move steps. 3: a history is kept in blocks of sequences and its
+/// length in its job's or daemon's record; a project's jobs are no longer indexed apart.
+pub const VIEWS_FORMAT: u32 = 3;
 const FORMAT: &[u8] = b"meta\0format";
 
 /// Whether the store holds anything not marked as this build's layout (views of another,

@@ -24,6 +24,9 @@ pub struct DaemonView {
     /// (their drain move failed or was cancelled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<handoff_domain::state::Drain>,
+    /// How many events its history holds (the `history` query pages through them).
+    #[serde(default)]
+    pub history_events: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -37,6 +40,9 @@ pub struct ProjectView {
 pub struct JobView {
     pub job: JobId,
     pub owner: DaemonId,
+    /// How many events its history holds (the `history` query pages through them).
+    #[serde(default)]
+    pub history_events: u64,
     #[serde(flatten)]
     pub state: Job,
 }

@@ -37,7 +37,7 @@ use handoff_protocol::api::query::{
 use handoff_protocol::api::MAX_REQUEST_BYTES;
 use handoff_protocol::{subjects, ErrorBody, ErrorCode};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
@@ -204,12 +204,19 @@ impl Query<'_> {
         }
     }
 
-    /// `not_found` unless the store holds `key`.
-    fn exists(&self, key: &[u8], kind: &str, id: &str) -> Result<(), ErrorBody> {
-        match self.store.get(key).map_err(internal)? {
-            Some(_) => Ok(()),
-            None => Err(not_found(kind, id)),
+    /// The length of the history of the record at `key` (a job's or a daemon's).
+    fn history_length(&self, key: &[u8], kind: &str, id: &str) -> Result<u64, ErrorBody> {
+        #[derive(Deserialize)]
+        struct Record {
+            history_events: u64,
         }
+        let stored = self
+            .store
+            .get(key)
+            .map_err(internal)?
+            .ok_or_else(|| not_found(kind, id))?;
+        let r: Record = serde_json::from_slice(&stored).map_err(internal)?;
+        Ok(r.history_events)
     }
 
     fn one(&self, key: &[u8], kind: &str, id: &str) -> Result<Value, ErrorBody> {
@@ -324,15 +331,17 @@ impl Query<'_> {
             .as_ref()
             .map(|d| views::prefix(&["ix", "daemon", d.as_str()]));
         let moving_only = (f.moving == Some(true)).then(|| views::prefix(&["ix", "moving"]));
-        let by_project = f
-            .project
-            .as_ref()
-            .map(|p| views::prefix(&["ix", "project", p.as_str()]));
         let all = views::prefix(&["job"]);
         let mut candidates = Vec::new();
-        for p in [by_daemon, moving_only, by_project].into_iter().flatten() {
+        for p in [by_daemon, moving_only].into_iter().flatten() {
             let n = self.count(&p)?;
             candidates.push((n, p));
+        }
+        // A project's jobs are the records under its name (a job's id starts with its
+        // project's), counted apart.
+        if let Some(p) = &f.project {
+            let n = self.count(&views::prefix(&["ix", "project", p.as_str()]))?;
+            candidates.push((n, views::project_jobs(p)));
         }
         candidates.sort();
         let (smallest, prefix) = match candidates.first() {
@@ -350,7 +359,7 @@ impl Query<'_> {
                 || f.moving.is_some_and(|m| m != moving))
         };
         let view = |k: &[u8], v: &[u8]| -> Result<JobView, ErrorBody> {
-            if prefix == all {
+            if prefix.starts_with(&all) {
                 return serde_json::from_slice(v).map_err(internal);
             }
             let id = &k[prefix.len()..];
@@ -438,15 +447,16 @@ impl Query<'_> {
     }
 
     fn history(&self, q: History) -> Result<Value, ErrorBody> {
-        let prefix = match (&q.job, &q.daemon) {
-            (Some(j), None) => {
-                self.exists(&views::job_key(j), "job", j.as_str())?;
-                views::prefix(&["jh", j.as_str()])
-            }
-            (None, Some(d)) => {
-                self.exists(&views::daemon_key(d), "daemon", d.as_str())?;
-                views::prefix(&["dh", d.as_str()])
-            }
+        // A history's length is in its job's or daemon's record.
+        let (prefix, total) = match (&q.job, &q.daemon) {
+            (Some(j), None) => (
+                views::job_history(j),
+                self.history_length(&views::job_key(j), "job", j.as_str())?,
+            ),
+            (None, Some(d)) => (
+                views::daemon_history(d),
+                self.history_length(&views::daemon_key(d), "daemon", d.as_str())?,
+            ),
             _ => {
                 return Err(invalid(
                     "malformed",
@@ -454,19 +464,39 @@ impl Query<'_> {
                 ))
             }
         };
-        let total = self.count(&prefix)?;
-        let list = List {
-            prefix: prefix.clone(),
-            reverse: false,
-            limit: q.limit,
-            cursor: q.cursor.as_deref(),
+        // The cursor is the last event's sequence, as the key it would have on its own.
+        let bad_cursor = || invalid("bad_cursor", "a history's cursor is a sequence".into());
+        let after = match page::decode_cursor(&prefix, q.cursor.as_deref())? {
+            None => None,
+            Some(k) => Some(views::parse_number(&k[prefix.len()..]).ok_or_else(bad_cursor)?),
         };
+        // The blocks from the one holding the next event on, each read as its events.
+        let from = after
+            .map(|s| views::history_block(s.saturating_add(1)))
+            .filter(|b| *b > 0)
+            .map(|b| views::history_block_key(&prefix, b - 1));
+        let events = self
+            .store
+            .range(&prefix, from.as_deref(), false)
+            .flat_map(|block| {
+                let seqs = block.map_err(internal).and_then(|(_, v)| {
+                    views::unpack_seqs(&v)
+                        .ok_or_else(|| internal("a history block is not whole sequences"))
+                });
+                let (seqs, failed) = match seqs {
+                    Ok(seqs) => (seqs, None),
+                    Err(e) => (Vec::new(), Some(Err(e))),
+                };
+                let events = seqs
+                    .into_iter()
+                    .filter(move |s| after.is_none_or(|a| *s > a))
+                    .map(|s| Ok((views::history_block_key(&prefix, s), Vec::new())));
+                failed.into_iter().chain(events)
+            });
         // The chunk holding the last event looked up; histories often stay in one.
         let mut chunk: Option<Vec<u8>> = None;
-        self.page(list, total, |k, _| {
-            let seq: u64 = std::str::from_utf8(&k[prefix.len()..])
-                .ok()
-                .and_then(|s| s.parse().ok())
+        self.page_of(&prefix, q.limit, total, events, |k, _| {
+            let seq = views::parse_number(&k[prefix.len()..])
                 .ok_or_else(|| internal("a history key holds no sequence"))?;
             Ok(Some(self.entry(seq, &mut chunk)?))
         })

@@ -84,19 +84,33 @@ impl Query<'_> {
         &self,
         list: List<'_>,
         total: u64,
+        item: impl FnMut(&[u8], &[u8]) -> Result<Option<T>, ErrorBody>,
+    ) -> Result<Value, ErrorBody> {
+        let after = decode_cursor(&list.prefix, list.cursor)?;
+        let entries = self
+            .store
+            .range(&list.prefix, after.as_deref(), list.reverse)
+            .map(|e| e.map_err(internal));
+        self.page_of(&list.prefix, list.limit, total, entries, item)
+    }
+
+    /// A page of `entries`, keys under `prefix` (the next page's cursor is the last one's
+    /// key), as [`Query::page`].
+    pub(super) fn page_of<T: Serialize>(
+        &self,
+        prefix: &[u8],
+        limit: Option<u32>,
+        total: u64,
+        entries: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), ErrorBody>>,
         mut item: impl FnMut(&[u8], &[u8]) -> Result<Option<T>, ErrorBody>,
     ) -> Result<Value, ErrorBody> {
-        let limit = limit(list.limit)?;
-        let after = decode_cursor(&list.prefix, list.cursor)?;
+        let limit = self::limit(limit)?;
         let mut items = Vec::new();
         let mut used = 0;
         let mut last: Option<Vec<u8>> = None;
         let mut more = false;
-        for entry in self
-            .store
-            .range(&list.prefix, after.as_deref(), list.reverse)
-        {
-            let (k, v) = entry.map_err(internal)?;
+        for entry in entries {
+            let (k, v) = entry?;
             let Some(found) = item(&k, &v)? else {
                 continue;
             };
@@ -114,7 +128,7 @@ impl Query<'_> {
             last = Some(k);
         }
         let next = match (more, last) {
-            (true, Some(k)) => Some(encode_cursor(&list.prefix, &k)),
+            (true, Some(k)) => Some(encode_cursor(prefix, &k)),
             _ => None,
         };
         let mut page = json!({ "items": items, "total": total });

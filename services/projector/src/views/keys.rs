@@ -13,6 +13,13 @@ pub fn project_key(p: &ProjectId) -> Vec<u8> {
 pub fn job_key(j: &JobId) -> Vec<u8> {
     key(&["job", j.as_str()])
 }
+/// The prefix of the records of `p`'s jobs: a job's id starts with its project's.
+pub fn project_jobs(p: &ProjectId) -> Vec<u8> {
+    let mut k = prefix(&["job", p.as_str()]);
+    k.pop();
+    k.push(b'/');
+    k
+}
 pub fn move_key(m: &CommandId) -> Vec<u8> {
     key(&["move", m.as_str()])
 }
@@ -22,18 +29,50 @@ pub fn alert_key(a: &AlertKey) -> Vec<u8> {
 /// Events per chunk of stored events.
 pub const EVENTS_PER_CHUNK: u64 = 64;
 
-pub(super) fn seq_text(seq: u64) -> String {
+pub fn seq_text(seq: u64) -> String {
     format!("{seq:020}")
 }
 
-/// The key of `job`'s event at `seq`.
-pub fn job_history_key(job: &JobId, seq: u64) -> Vec<u8> {
-    key(&["jh", job.as_str(), &seq_text(seq)])
+/// Sequences per block of a history: the events of one history within one such range of
+/// sequences are one key.
+pub const HISTORY_BLOCK: u64 = 4096;
+
+/// The prefix of `job`'s history blocks.
+pub fn job_history(job: &JobId) -> Vec<u8> {
+    prefix(&["jh", job.as_str()])
 }
 
-/// The key of `daemon`'s event at `seq`.
-pub fn daemon_history_key(daemon: &DaemonId, seq: u64) -> Vec<u8> {
-    key(&["dh", daemon.as_str(), &seq_text(seq)])
+/// The prefix of `daemon`'s history blocks.
+pub fn daemon_history(daemon: &DaemonId) -> Vec<u8> {
+    prefix(&["dh", daemon.as_str()])
+}
+
+/// The first sequence of the block holding `seq`.
+pub fn history_block(seq: u64) -> u64 {
+    seq / HISTORY_BLOCK * HISTORY_BLOCK
+}
+
+/// The key of the block of the history under `history` (a prefix) starting at `block`.
+pub fn history_block_key(history: &[u8], block: u64) -> Vec<u8> {
+    let mut k = history.to_vec();
+    k.extend_from_slice(seq_text(block).as_bytes());
+    k
+}
+
+/// A block's sequences, 8 bytes each, big endian.
+pub fn pack_seqs(seqs: &[u64]) -> Vec<u8> {
+    seqs.iter().flat_map(|s| s.to_be_bytes()).collect()
+}
+
+/// The sequences of a block; `None` if it is not a whole number of them.
+pub fn unpack_seqs(block: &[u8]) -> Option<Vec<u64>> {
+    if !block.len().is_multiple_of(8) {
+        return None;
+    }
+    let seqs = block
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("chunks of 8")));
+    Some(seqs.collect())
 }
 
 /// The counter of the keys under `prefix` (a [`prefix`]).
@@ -66,7 +105,7 @@ pub fn events_key(seq: u64) -> Vec<u8> {
     key(&["events", &format!("{:020}", seq / EVENTS_PER_CHUNK)])
 }
 
-pub(super) fn parse_number(digits: &[u8]) -> Option<u64> {
+pub fn parse_number(digits: &[u8]) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
@@ -79,17 +118,19 @@ pub(super) fn frame(out: &mut Vec<u8>, seq: u64, payload: &[u8]) {
 }
 
 /// The payload of event `seq` among a batch's framed events.
-pub fn find_framed(mut framed: &[u8], seq: u64) -> Option<&[u8]> {
-    while framed.len() >= 12 {
-        let s = u64::from_be_bytes(framed[..8].try_into().ok()?);
-        let len = u32::from_be_bytes(framed[8..12].try_into().ok()?) as usize;
+pub fn find_framed(framed: &[u8], seq: u64) -> Option<&[u8]> {
+    framed_events(framed).find_map(|(s, payload)| (s == seq).then_some(payload))
+}
+
+/// The framed events, in order, as far as they are whole.
+pub(super) fn framed_events(mut framed: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
+    std::iter::from_fn(move || {
+        let seq = u64::from_be_bytes(framed.get(..8)?.try_into().ok()?);
+        let len = u32::from_be_bytes(framed.get(8..12)?.try_into().ok()?) as usize;
         let payload = framed.get(12..12 + len)?;
-        if s == seq {
-            return Some(payload);
-        }
         framed = &framed[12 + len..];
-    }
-    None
+        Some((seq, payload))
+    })
 }
 
 /// Joins parts with NUL, which no id may contain; a prefix query ends with a NUL.

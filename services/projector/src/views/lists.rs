@@ -8,9 +8,9 @@ use super::keys::{alert_index, key, prefix, seq_text};
 use super::{AlertView, MoveView};
 
 /// Where a record is listed: each entry is a key written (with its value) while the
-/// record belongs there, counted by the counter of `counted` (a prefix of the key). The
-/// record's own key is listed too, to be counted, with no value: the record is written
-/// apart.
+/// record belongs there, counted by the counter of `counted` (a prefix of the key). An
+/// entry with no value is only counted: the record's own key (written apart), and a job in
+/// its project (whose jobs are the records under its name).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct Listed {
     pub(super) key: Vec<u8>,
@@ -48,11 +48,8 @@ pub(super) fn job_lists(id: &JobId, job: Option<&handoff_domain::state::Job>) ->
             &[j],
             Vec::new(),
         ),
-        Listed::under(
-            prefix(&["ix", "project", job.project.as_str()]),
-            &[j],
-            Vec::new(),
-        ),
+        // Counted only: a project's jobs are the records under its name.
+        Listed::record(prefix(&["ix", "project", job.project.as_str()]), &[j]),
     ];
     if let Assignment::Moving { from, .. } = &job.assignment {
         out.push(Listed::under(prefix(&["ix", "moving"]), &[j], Vec::new()));
