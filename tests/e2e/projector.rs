@@ -154,7 +154,7 @@ fn assert_same_views(live: &Path, rebuilt: &Path) -> Result<()> {
 }
 
 /// A store whose views another layout wrote (here: no layout said, and a key this one
-/// no longer writes, a daemon's history entry for a job's step) is rebuilt from the stream
+/// never writes) is rebuilt from the stream
 /// at start, not resumed: it ends equal to a rebuild.
 #[tokio::test]
 async fn views_of_another_layout_are_rebuilt_at_start() -> Result<()> {
@@ -248,6 +248,36 @@ async fn queries_answer_from_the_views() -> Result<()> {
         let ids: Vec<&str> = listed.iter().filter_map(|j| j["job"].as_str()).collect();
         assert_eq!(ids, jobs, "{project}");
     }
+    // With two filters each page reads the smaller list, which may change between pages:
+    // a cursor names a job in any of them. Here the first page reads the project's
+    // records, the second daemon 1's jobs (daemon 1's list is as long, and is read first).
+    let first = query(c, "jobs", json!({ "project": "p1", "limit": 2 }))
+        .await?
+        .expect("answered");
+    let next = first["next"].clone();
+    let rest = query(
+        c,
+        "jobs",
+        json!({ "project": "p1", "daemon": daemon(1), "limit": 2, "cursor": next }),
+    )
+    .await?
+    .expect("answered");
+    assert_eq!(rest["items"][0]["job"], "p1/rs2", "{rest}");
+    assert_eq!(rest["items"].as_array().map(Vec::len), Some(1));
+    // A cursor of another project's list is not one of this list's.
+    let p10 = query(c, "jobs", json!({ "project": "p10", "limit": 1 }))
+        .await?
+        .expect("answered");
+    assert!(p10.get("next").is_none());
+    let foreign = hex(b"p10/rs0");
+    let refused = c
+        .request(
+            handoff_protocol::subjects::query("jobs"),
+            serde_json::to_vec(&json!({ "project": "p1", "cursor": foreign }))?.into(),
+        )
+        .await?;
+    let refused: Value = serde_json::from_slice(&refused.payload)?;
+    assert_eq!(refused["error"]["reason"], "bad_cursor", "{refused}");
 
     let mv = query(c, "move", json!({ "move_id": move_id }))
         .await?
@@ -388,4 +418,8 @@ async fn a_missing_event_stops_the_projector_instead_of_being_skipped() -> Resul
     );
     assert_eq!(*checkpoint.borrow(), 1, "nothing after the gap was folded");
     Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -16,8 +16,10 @@
 //! | `alerts` | `{"all"?, "type"?}` | a page of open alerts (with `all`, closed ones too), newest first |
 //!
 //! Every list takes `limit` and `cursor` and answers `{"items", "total", "next"?}`
-//! ([`Page`]). A page reads the keys it returns from the views' indexes, and its total
-//! from a counter ([`views`]), so its cost does not grow with the fleet; the one exception
+//! ([`Page`]). A page reads the keys it returns from the views' indexes (a project's jobs
+//! from the job records under its name, a history from its blocks), and its total from a
+//! counter or, for a history, its job's or daemon's record ([`views`]), so its cost does
+//! not grow with the fleet or the history; the one exception
 //! is a total under two filters at once (`jobs` of a daemon *and* a project, say), which
 //! counts the smaller list. A page stops early rather than outgrow the server's payload
 //! limit; an answer that cannot fit (one record larger than the limit) is an error reply
@@ -388,13 +390,29 @@ impl Query<'_> {
                 n
             }
         };
-        let list = List {
-            prefix: prefix.clone(),
-            reverse: false,
-            limit: f.limit,
-            cursor: f.cursor.as_deref(),
+        // A cursor is a job's id whichever list a page is read from: with two filters the
+        // smaller list is chosen again for each page, and a project's jobs are the records
+        // under `job\0<project>/`, whose keys hold the whole id too.
+        let base = if prefix.starts_with(&all) {
+            &all
+        } else {
+            &prefix
         };
-        self.page(list, total, |k, v| {
+        let after = page::decode_cursor(base, f.cursor.as_deref())?;
+        if after.as_ref().is_some_and(|a| !a.starts_with(&prefix)) {
+            return Err(invalid(
+                "bad_cursor",
+                format!(
+                    "cursor {:?} names no job this list holds",
+                    f.cursor.unwrap_or_default()
+                ),
+            ));
+        }
+        let entries = self
+            .store
+            .range(&prefix, after.as_deref(), false)
+            .map(|e| e.map_err(internal));
+        self.page_of(base, f.limit, total, entries, |k, v| {
             let job = view(k, v)?;
             Ok(keep(&job).then_some(job))
         })
@@ -479,8 +497,9 @@ impl Query<'_> {
             .store
             .range(&prefix, from.as_deref(), false)
             .flat_map(|block| {
-                let seqs = block.map_err(internal).and_then(|(_, v)| {
-                    views::unpack_seqs(&v)
+                let seqs = block.map_err(internal).and_then(|(k, v)| {
+                    views::block_of_key(&prefix, &k)
+                        .and_then(|b| views::unpack_seqs(b, &v))
                         .ok_or_else(|| internal("a history block is not whole sequences"))
                 });
                 let (seqs, failed) = match seqs {

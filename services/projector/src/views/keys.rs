@@ -36,6 +36,10 @@ pub fn seq_text(seq: u64) -> String {
 /// Sequences per block of a history: the events of one history within one such range of
 /// sequences are one key.
 pub const HISTORY_BLOCK: u64 = 4096;
+const _: () = assert!(
+    HISTORY_BLOCK <= 1 << 16,
+    "a sequence's place in its block is 2 bytes"
+);
 
 /// The prefix of `job`'s history blocks.
 pub fn job_history(job: &JobId) -> Vec<u8> {
@@ -59,20 +63,33 @@ pub fn history_block_key(history: &[u8], block: u64) -> Vec<u8> {
     k
 }
 
-/// A block's sequences, 8 bytes each, big endian.
-pub fn pack_seqs(seqs: &[u64]) -> Vec<u8> {
-    seqs.iter().flat_map(|s| s.to_be_bytes()).collect()
+/// A block's sequences, each as its distance from the block's first (2 bytes, big
+/// endian): a block of 4,096 sequences holds at most 8 KiB.
+pub fn pack_seqs(block: u64, seqs: &[u64]) -> Vec<u8> {
+    seqs.iter()
+        .flat_map(|s| {
+            debug_assert_eq!(history_block(*s), block, "a sequence of another block");
+            ((s - block) as u16).to_be_bytes()
+        })
+        .collect()
 }
 
-/// The sequences of a block; `None` if it is not a whole number of them.
-pub fn unpack_seqs(block: &[u8]) -> Option<Vec<u64>> {
-    if !block.len().is_multiple_of(8) {
+/// The sequences of the block starting at `block`; `None` if they are not whole, or not
+/// of that block.
+pub fn unpack_seqs(block: u64, packed: &[u8]) -> Option<Vec<u64>> {
+    if !packed.len().is_multiple_of(2) {
         return None;
     }
-    let seqs = block
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().expect("chunks of 8")));
-    Some(seqs.collect())
+    packed
+        .chunks_exact(2)
+        .map(|c| u64::from(u16::from_be_bytes([c[0], c[1]])))
+        .map(|offset| (offset < HISTORY_BLOCK).then_some(block + offset))
+        .collect()
+}
+
+/// The first sequence of a history block's key (under `history`, its prefix).
+pub fn block_of_key(history: &[u8], key: &[u8]) -> Option<u64> {
+    parse_number(key.strip_prefix(history)?)
 }
 
 /// The counter of the keys under `prefix` (a [`prefix`]).

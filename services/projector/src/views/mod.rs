@@ -13,7 +13,7 @@
 //! | `move\0<move>` | [`MoveView`] |
 //! | `alert\0<TYPE>\0<about>` | [`AlertView`]: the last alert of that type about that daemon or job, open or closed |
 //! | `events\0<n>` | events `n*64` to `n*64+63` as stored in the stream, framed |
-//! | `jh\0<job>\0<block>` | the sequences (8 bytes each, big endian) of the job's events from `block` to `block + 4095`: its history, by range (its length is in the job's record) |
+//! | `jh\0<job>\0<block>` | the sequences of the job's events from `block` to `block + 4095`, each as its distance from `block` (2 bytes, big endian): its history, by range (its length is in the job's record) |
 //! | `dh\0<daemon>\0<block>` | the same for the daemon's history (`Event::daemons`; its length is in the daemon's record) |
 //! | `ix\0daemon\0<daemon>\0<job>` | (empty) a job the daemon owns or that is moving away from it |
 //! | `ix\0moving\0<job>` | (empty) a moving job |
@@ -33,7 +33,7 @@
 //! rebuild over 202,001 events took 12.5 s with a key per event, 6.5 s with no history
 //! at all, and 9.8 s with blocks of 4,096 (10.6 s with 1,024; `scripts/bench c`). A block
 //! is written again in each batch that adds to it, holding at most 4,096 sequences
-//! (32 KiB). What the fold keeps of the open block is one sequence per event and job or
+//! (8 KiB). What the fold keeps of the open block is one sequence per event and job or
 //! daemon it names there.
 //!
 //! Records are written once per batch however many of its events touched them, and
@@ -277,7 +277,7 @@ impl Views {
         let mut histories = HashMap::new();
         for history in named {
             if let Some(v) = store.get(&history_block_key(&history, block))? {
-                let seqs = unpack_seqs(&v)
+                let seqs = unpack_seqs(block, &v)
                     .ok_or_else(|| corrupt(format!("a history block has {} bytes", v.len())))?;
                 histories.insert(history, seqs);
             }
@@ -300,7 +300,10 @@ impl Views {
     /// the next [`Views::drain`].
     pub fn apply(&mut self, r: &Recorded, payload: &[u8]) {
         let event = &r.envelope.event;
-        let jobs: Vec<&JobId> = event.jobs();
+        // Each once, however many times the event names it.
+        let mut jobs: Vec<&JobId> = event.jobs();
+        jobs.sort_unstable();
+        jobs.dedup();
         for j in &jobs {
             let job = self.state.jobs.get(*j);
             // A job's previous owner loses it: its daemon view changes too.
@@ -377,7 +380,10 @@ impl Views {
                 *self.job_events.entry((*j).clone()).or_default() += 1;
             }
         }
-        for d in event.daemons() {
+        let mut daemons = event.daemons();
+        daemons.sort_unstable();
+        daemons.dedup();
+        for d in daemons {
             if self.state.daemons.contains_key(d) {
                 self.add_history(daemon_history(d), r.seq);
                 *self.daemon_events.entry(d.clone()).or_default() += 1;
@@ -470,7 +476,7 @@ impl Views {
             let key = history_block_key(&history, passed);
             self.dirty
                 .full_history_blocks
-                .push((key, Some(Value::Bytes(pack_seqs(&seqs)))));
+                .push((key, Some(Value::Bytes(pack_seqs(passed, &seqs)))));
         }
     }
 
@@ -525,7 +531,7 @@ impl Views {
                 .get(&history)
                 .map_or(&[][..], Vec::as_slice);
             let key = history_block_key(&history, self.histories.0);
-            writes.push((key, Some(Value::Bytes(pack_seqs(seqs)))));
+            writes.push((key, Some(Value::Bytes(pack_seqs(self.histories.0, seqs)))));
         }
         // The counters changed since the last drain; the lists below add theirs.
         self.dirty.counts = std::mem::take(&mut dirty.counts);
