@@ -48,8 +48,9 @@ pub(super) fn job_lists(id: &JobId, job: Option<&handoff_domain::state::Job>) ->
             &[j],
             Vec::new(),
         ),
-        // Counted only: a project's jobs are the records under its name.
-        Listed::record(prefix(&["ix", "project", job.project.as_str()]), &[j]),
+        // Counted only: a project's jobs are the records under its name, which the id
+        // starts with (so counted by the id's project, as they are listed).
+        Listed::record(prefix(&["ix", "project", id.project().as_str()]), &[j]),
     ];
     if let Assignment::Moving { from, .. } = &job.assignment {
         out.push(Listed::under(prefix(&["ix", "moving"]), &[j], Vec::new()));
