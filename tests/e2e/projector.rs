@@ -264,6 +264,7 @@ async fn queries_answer_from_the_views() -> Result<()> {
     .expect("answered");
     assert_eq!(rest["items"][0]["job"], "p1/rs2", "{rest}");
     assert_eq!(rest["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(rest["total"], 3, "daemon 1's three jobs, all of p1: {rest}");
     // A cursor of another project's list is not one of this list's.
     let p10 = query(c, "jobs", json!({ "project": "p10", "limit": 1 }))
         .await?
@@ -274,6 +275,16 @@ async fn queries_answer_from_the_views() -> Result<()> {
         .request(
             handoff_protocol::subjects::query("jobs"),
             serde_json::to_vec(&json!({ "project": "p1", "cursor": foreign }))?.into(),
+        )
+        .await?;
+    let refused: Value = serde_json::from_slice(&refused.payload)?;
+    assert_eq!(refused["error"]["reason"], "bad_cursor", "{refused}");
+    // The same when the page would read daemon 1's list rather than p1's records.
+    let filter = json!({ "project": "p1", "daemon": daemon(1), "cursor": hex(b"p10/rs0") });
+    let refused = c
+        .request(
+            handoff_protocol::subjects::query("jobs"),
+            serde_json::to_vec(&filter)?.into(),
         )
         .await?;
     let refused: Value = serde_json::from_slice(&refused.payload)?;

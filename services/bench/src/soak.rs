@@ -123,7 +123,8 @@ impl Up {
 }
 
 /// A `handoff` CLI call on the stack; its stdout when it succeeded.
-async fn cli(bin: &Path, to: &Reach, args: &[&str]) -> Result<Option<String>> {
+/// What `handoff` printed: its output, or, when it failed, the last line it said why.
+async fn cli(bin: &Path, to: &Reach, args: &[&str]) -> Result<Result<String, String>> {
     let out = Command::new(bin)
         .args(["--nats-url", &to.url, "--creds"])
         .arg(&to.creds)
@@ -131,10 +132,12 @@ async fn cli(bin: &Path, to: &Reach, args: &[&str]) -> Result<Option<String>> {
         .stdin(Stdio::null())
         .output()
         .await?;
-    Ok(out
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+    if out.status.success() {
+        return Ok(Ok(String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let why = stderr.lines().rev().find(|l| !l.trim().is_empty());
+    Ok(Err(why.unwrap_or("no reason given").to_owned()))
 }
 
 /// `handoff up` and its children (daemons, nats-server), by a name for each.
@@ -203,7 +206,7 @@ async fn soak(bin: &Path, up: &Up, minutes: u64) -> Result<()> {
     let daemons: serde_json::Value = serde_json::from_str(
         &cli(bin, &up.reach, &["--json", "daemons"])
             .await?
-            .context("handoff daemons failed")?,
+            .map_err(|why| anyhow::anyhow!("handoff daemons failed: {why}"))?,
     )?;
     let daemons: Vec<String> = daemons["items"]
         .as_array()
@@ -214,7 +217,7 @@ async fn soak(bin: &Path, up: &Up, minutes: u64) -> Result<()> {
     let jobs: serde_json::Value = serde_json::from_str(
         &cli(bin, &up.reach, &["--json", "jobs"])
             .await?
-            .context("handoff jobs failed")?,
+            .map_err(|why| anyhow::anyhow!("handoff jobs failed: {why}"))?,
     )?;
     let jobs: Vec<(String, String)> = jobs["items"]
         .as_array()
@@ -236,25 +239,39 @@ async fn soak(bin: &Path, up: &Up, minutes: u64) -> Result<()> {
     }
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    // The first few reasons a move failed, to print.
+    let reasons = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let end = Instant::now() + MINUTE * minutes as u32;
     let mut movers = tokio::task::JoinSet::new();
     for (job, owner) in jobs {
         let (bin, reach) = (bin.to_owned(), up.reach.clone());
         let (daemons, done, failed) = (daemons.clone(), done.clone(), failed.clone());
+        let reasons = reasons.clone();
         movers.spawn(async move {
             let mut at = daemons.iter().position(|d| *d == owner).unwrap_or(0);
             while Instant::now() < end {
                 let to = &daemons[(at + 1) % daemons.len()];
                 match cli(&bin, &reach, &["move-job", &job, "--to", to, "--wait"]).await {
-                    Ok(Some(_)) => {
+                    Ok(Ok(_)) => {
                         done.fetch_add(1, Ordering::Relaxed);
                         at = (at + 1) % daemons.len();
                         tokio::time::sleep(REST).await;
                     }
-                    _ => {
+                    failure => {
                         // Counted, then tried again after a pause (the move may have been
                         // refused for a reason that passes, such as a move still ending).
                         failed.fetch_add(1, Ordering::Relaxed);
+                        let why = match failure {
+                            Ok(Err(why)) => why,
+                            Err(e) => format!("handoff did not run: {e}"),
+                            Ok(Ok(_)) => unreachable!("a success is matched above"),
+                        };
+                        {
+                            let mut reasons = reasons.lock().unwrap_or_else(|p| p.into_inner());
+                            if reasons.len() < 5 {
+                                reasons.push(format!("{job} to {to}: {why}"));
+                            }
+                        }
                         tokio::time::sleep(REST).await;
                     }
                 }
@@ -284,6 +301,9 @@ async fn soak(bin: &Path, up: &Up, minutes: u64) -> Result<()> {
         );
     }
     while movers.join_next().await.is_some() {}
+    for why in reasons.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        println!("    a failed move: {why}");
+    }
     let (first, final_rate) = (rates[0] as f64, *rates.last().unwrap_or(&0) as f64);
     let rate = if first > 0.0 { final_rate / first } else { 0.0 };
     println!(

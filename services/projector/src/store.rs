@@ -24,7 +24,9 @@ const CHECKPOINT: &[u8] = b"meta\0checkpoint";
 /// stream, never left holding views of two. 2: a daemon's history no longer holds each
 /// job's creation and move steps. 3: a history is kept in blocks of sequences and its
 /// length in its job's or daemon's record; a project's jobs are no longer indexed apart.
-pub const VIEWS_FORMAT: u32 = 3;
+/// 4: 2 bytes a sequence in a block, and an event naming a job or a daemon twice counted
+/// once.
+pub const VIEWS_FORMAT: u32 = 4;
 const FORMAT: &[u8] = b"meta\0format";
 
 /// Whether the store holds anything not marked as this build's layout (views of another,

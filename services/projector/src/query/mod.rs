@@ -357,7 +357,7 @@ impl Query<'_> {
                     || matches!(&job.state.assignment, Assignment::Moving { from, .. } if from == d)
             };
             !(f.daemon.as_ref().is_some_and(|d| !involved(d))
-                || f.project.as_ref().is_some_and(|p| job.state.project != *p)
+                || f.project.as_ref().is_some_and(|p| job.job.project() != *p)
                 || f.moving.is_some_and(|m| m != moving))
         };
         let view = |k: &[u8], v: &[u8]| -> Result<JobView, ErrorBody> {
@@ -399,7 +399,15 @@ impl Query<'_> {
             &prefix
         };
         let after = page::decode_cursor(base, f.cursor.as_deref())?;
-        if after.as_ref().is_some_and(|a| !a.starts_with(&prefix)) {
+        // The job a cursor names is one of the list's, whichever list is read.
+        let foreign = |a: &Vec<u8>| {
+            let id = String::from_utf8_lossy(&a[base.len()..]);
+            !a.starts_with(&prefix)
+                || f.project
+                    .as_ref()
+                    .is_some_and(|p| !id.starts_with(&format!("{p}/")))
+        };
+        if after.as_ref().is_some_and(foreign) {
             return Err(invalid(
                 "bad_cursor",
                 format!(

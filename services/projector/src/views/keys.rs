@@ -83,13 +83,19 @@ pub fn unpack_seqs(block: u64, packed: &[u8]) -> Option<Vec<u64>> {
     packed
         .chunks_exact(2)
         .map(|c| u64::from(u16::from_be_bytes([c[0], c[1]])))
-        .map(|offset| (offset < HISTORY_BLOCK).then_some(block + offset))
+        .map(|offset| {
+            (offset < HISTORY_BLOCK)
+                .then(|| block.checked_add(offset))
+                .flatten()
+        })
         .collect()
 }
 
-/// The first sequence of a history block's key (under `history`, its prefix).
+/// The first sequence of a history block's key (under `history`, its prefix); `None` if
+/// it is not a block's.
 pub fn block_of_key(history: &[u8], key: &[u8]) -> Option<u64> {
-    parse_number(key.strip_prefix(history)?)
+    let block = parse_number(key.strip_prefix(history)?)?;
+    block.is_multiple_of(HISTORY_BLOCK).then_some(block)
 }
 
 /// The counter of the keys under `prefix` (a [`prefix`]).
@@ -160,4 +166,33 @@ pub fn prefix(parts: &[&str]) -> Vec<u8> {
     let mut k = key(parts);
     k.push(0);
     k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A block packs its sequences and reads them back; a block that is not whole, holds
+    /// a place past its range or past the largest sequence, or whose key is not a block's
+    /// start, reads as nothing (an error for the reader), never a wrong sequence.
+    #[test]
+    fn history_blocks_read_back_or_not_at_all() {
+        let block = history_block(3 * HISTORY_BLOCK + 17);
+        let seqs = [block, block + 1, block + HISTORY_BLOCK - 1];
+        assert_eq!(
+            unpack_seqs(block, &pack_seqs(block, &seqs)),
+            Some(seqs.to_vec())
+        );
+        assert_eq!(unpack_seqs(block, &[0, 1, 2]), None, "not whole");
+        let past = (HISTORY_BLOCK as u16).to_be_bytes();
+        assert_eq!(unpack_seqs(block, &past), None, "past the block");
+        let top = u64::MAX - 2;
+        assert_eq!(unpack_seqs(top, &[0, 9]), None, "past the largest sequence");
+        let history = job_history(&JobId::new("p/rs0").unwrap());
+        let key = history_block_key(&history, block);
+        assert_eq!(block_of_key(&history, &key), Some(block));
+        let inside = history_block_key(&history, block + 1);
+        assert_eq!(block_of_key(&history, &inside), None, "not a block's start");
+        assert_eq!(block_of_key(&history, b"jh\0other"), None);
+    }
 }
