@@ -46,7 +46,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use handoff_domain::alert::{self, AlertKey, AlertKind};
-use handoff_domain::model::MovePhase;
 use handoff_domain::{CommandId, DaemonId, Event, JobId, ProjectId, State};
 use handoff_eventlog::Recorded;
 pub use handoff_protocol::views::{
@@ -57,12 +56,16 @@ use serde::Serialize;
 
 use crate::store::{StoreError, ViewStore, Write};
 
+mod history;
 mod keys;
 mod lists;
+mod moves;
 
+use history::Histories;
+use keys::frame;
 pub use keys::*;
-use keys::{frame, framed_events};
 use lists::{alert_lists, job_lists, move_lists, Listed};
+use moves::{follow_move, move_of, move_status};
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("views always serialize")
@@ -120,9 +123,7 @@ pub struct Views {
     /// The length of each job's and each daemon's history.
     job_events: HashMap<JobId, u64>,
     daemon_events: HashMap<DaemonId, u64>,
-    /// The block of sequences the fold is in, and what it holds of each history (by the
-    /// history's prefix) so far.
-    histories: (u64, HashMap<Vec<u8>, Vec<u64>>),
+    histories: Histories,
     dirty: Dirty,
 }
 
@@ -136,10 +137,6 @@ struct Dirty {
     jobs: HashMap<JobId, Vec<Listed>>,
     moves: BTreeMap<CommandId, Vec<Listed>>,
     alerts: BTreeMap<AlertKey, Vec<Listed>>,
-    /// The histories this batch added to in the current block, by prefix.
-    history: BTreeSet<Vec<u8>>,
-    /// Blocks of histories of a block of sequences this batch passed.
-    full_history_blocks: Vec<Change>,
     /// Counters changed.
     counts: BTreeSet<Vec<u8>>,
     /// Event chunks to write: the last one changed, and chunks this batch filled up.
@@ -243,47 +240,8 @@ impl Views {
             }
             views.alerts.insert(key, a);
         }
-        views.load_history_block(store)?;
+        views.histories = Histories::load(store)?;
         Ok(views)
-    }
-
-    /// What the block of sequences of the store's checkpoint holds of each history: the
-    /// histories its stored events name, as their blocks say (no more than a block's
-    /// events are read).
-    fn load_history_block(&mut self, store: &impl ViewStore) -> Result<(), StoreError> {
-        let checkpoint = store.checkpoint()?;
-        let block = history_block(checkpoint);
-        let corrupt = |detail: String| StoreError::Corrupt {
-            path: Default::default(),
-            detail,
-        };
-        let mut named = BTreeSet::new();
-        let chunks = (block / EVENTS_PER_CHUNK..=checkpoint / EVENTS_PER_CHUNK)
-            .map(|n| n * EVENTS_PER_CHUNK);
-        for chunk in chunks {
-            let Some(framed) = store.get(&events_key(chunk))? else {
-                continue;
-            };
-            for (seq, payload) in framed_events(&framed) {
-                if seq < block || seq > checkpoint {
-                    continue;
-                }
-                let e = handoff_protocol::EventEnvelope::decode(payload)
-                    .map_err(|e| corrupt(format!("unreadable stored event {seq}: {e}")))?;
-                named.extend(e.event.jobs().into_iter().map(job_history));
-                named.extend(e.event.daemons().into_iter().map(daemon_history));
-            }
-        }
-        let mut histories = HashMap::new();
-        for history in named {
-            if let Some(v) = store.get(&history_block_key(&history, block))? {
-                let seqs = unpack_seqs(block, &v)
-                    .ok_or_else(|| corrupt(format!("a history block has {} bytes", v.len())))?;
-                histories.insert(history, seqs);
-            }
-        }
-        self.histories = (block, histories);
-        Ok(())
     }
 
     /// The fleet's state as the views have folded it.
@@ -370,13 +328,9 @@ impl Views {
             self.alerts.insert(key, view);
         }
         // Histories: of what the state holds, as only its records say how long they are.
-        let block = history_block(r.seq);
-        if self.histories.0 != block {
-            self.pass_history_block(block);
-        }
         for j in &jobs {
             if self.state.jobs.contains_key(*j) {
-                self.add_history(job_history(j), r.seq);
+                self.histories.add(job_history(j), r.seq);
                 *self.job_events.entry((*j).clone()).or_default() += 1;
             }
         }
@@ -385,7 +339,7 @@ impl Views {
         daemons.dedup();
         for d in daemons {
             if self.state.daemons.contains_key(d) {
-                self.add_history(daemon_history(d), r.seq);
+                self.histories.add(daemon_history(d), r.seq);
                 *self.daemon_events.entry(d.clone()).or_default() += 1;
                 if !self.dirty.daemons.contains(d) {
                     self.dirty.daemons.insert(d.clone());
@@ -458,28 +412,6 @@ impl Views {
         self.dirty.events = true;
     }
 
-    fn add_history(&mut self, history: Vec<u8>, seq: u64) {
-        self.histories
-            .1
-            .entry(history.clone())
-            .or_default()
-            .push(seq);
-        self.dirty.history.insert(history);
-    }
-
-    /// Moves on to the block of sequences starting at `block`: the histories this batch
-    /// added to in the block passed are written as they ended there.
-    fn pass_history_block(&mut self, block: u64) {
-        let (passed, mut blocks) = std::mem::replace(&mut self.histories, (block, HashMap::new()));
-        for history in std::mem::take(&mut self.dirty.history) {
-            let seqs = blocks.remove(&history).unwrap_or_default();
-            let key = history_block_key(&history, passed);
-            self.dirty
-                .full_history_blocks
-                .push((key, Some(Value::Bytes(pack_seqs(passed, &seqs)))));
-        }
-    }
-
     fn set_count(&mut self, prefix: Vec<u8>, n: usize) {
         let counter = counter_key(&prefix);
         self.counts.insert(counter.clone(), n as u64);
@@ -523,16 +455,7 @@ impl Views {
                 Some(Value::Bytes(bytes.clone())),
             ));
         }
-        writes.append(&mut dirty.full_history_blocks);
-        for history in dirty.history {
-            let seqs = self
-                .histories
-                .1
-                .get(&history)
-                .map_or(&[][..], Vec::as_slice);
-            let key = history_block_key(&history, self.histories.0);
-            writes.push((key, Some(Value::Bytes(pack_seqs(self.histories.0, seqs)))));
-        }
+        self.histories.drain(writes);
         // The counters changed since the last drain; the lists below add theirs.
         self.dirty.counts = std::mem::take(&mut dirty.counts);
         // Daemons and projects are all in memory: their counts are the state's.
@@ -623,62 +546,5 @@ impl Views {
                 n => writes.push((c, Some(Value::Count(n)))),
             }
         }
-    }
-}
-
-fn move_of(event: &Event) -> Option<&CommandId> {
-    match event {
-        Event::MoveStarted { move_id, .. }
-        | Event::MoveInterrupted { move_id, .. }
-        | Event::MoveResumed { move_id, .. }
-        | Event::JobMoveStarted { move_id, .. }
-        | Event::JobMovePhaseReported { move_id, .. }
-        | Event::JobMoveCompleted { move_id, .. }
-        | Event::JobMoveFailed { move_id, .. }
-        | Event::MoveCancelled { move_id, .. } => Some(move_id),
-        _ => None,
-    }
-}
-
-/// What a move's event changes in its view's jobs, as `State::apply` does in the state's.
-fn follow_move(view: &mut MoveView, event: &Event) {
-    let (job, phase) = match event {
-        Event::JobMoveStarted { job, .. } => {
-            view.jobs.insert(job.clone(), MovePhase::Requested);
-            return;
-        }
-        Event::MoveResumed { started, .. } => {
-            view.planned = *started;
-            return;
-        }
-        // Nothing more starts, as in the state.
-        Event::MoveCancelled { .. } => {
-            view.planned = view.jobs.len() as u32;
-            return;
-        }
-        Event::JobMovePhaseReported { job, phase, .. } => (job, *phase),
-        Event::JobMoveCompleted { job, .. } => (job, MovePhase::Completed),
-        Event::JobMoveFailed {
-            job,
-            cancelled: true,
-            ..
-        } => (job, MovePhase::Cancelled),
-        Event::JobMoveFailed { job, .. } => (job, MovePhase::Failed),
-        _ => return,
-    };
-    if let Some(p) = view.jobs.get_mut(job) {
-        *p = phase;
-    }
-}
-
-fn move_status(planned: u32, jobs: &BTreeMap<JobId, MovePhase>) -> MoveStatus {
-    if (jobs.len() as u32) < planned || jobs.values().any(|p| !p.is_final()) {
-        return MoveStatus::InProgress;
-    }
-    let failed = jobs.values().filter(|p| **p == MovePhase::Failed).count();
-    match failed {
-        0 => MoveStatus::Completed,
-        n if n == jobs.len() => MoveStatus::Failed,
-        _ => MoveStatus::PartlyFailed,
     }
 }
